@@ -1,0 +1,3 @@
+"""SegLLM: multi-round reasoning segmentation with conversational mask memory."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,296 @@
+"""Typed, nested configuration of a SegLLM model, saved as config.json inside every checkpoint.
+
+Every part of the model has its own dataclass; :class:`SegLLMConfig` nests them. Configs are
+read back strictly: an unknown key or a value of the wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from segllm.errors import ConfigError
+
+CONFIG_FORMAT = "segllm/1"
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower: any transformers vision model, built from ``hf_config``.
+
+    Attributes:
+        hf_config: a transformers config as a dict (``model_type`` picks the class, e.g.
+            "clip_vision_model", "siglip_vision_model", "dinov2").
+        pretrained_path: a local folder with pretrained weights, read only when a model is
+            *built* (a SegLLM checkpoint stores the tower's weights itself). Never a hub id.
+        select_layer: which hidden state to use (-2 = the second to last, as LLaVA does).
+        drop_cls: drop the first token (CLS) from the patch tokens.
+        pool: how one token summarises an image (for mask memory): "cls" (first token of
+            ``select_layer``) or "mean" (mean of the patch tokens, for towers without CLS).
+        image_size: side of the square input, pixels.
+        resize: "squash" (resize to a square), "center_crop" (shortest side then crop, CLIP's
+            processor) or "pad" (longest side then pad bottom/right).
+        mean, std: normalisation on [0, 1] pixel values.
+    """
+
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    pretrained_path: str | None = None
+    select_layer: int = -2
+    drop_cls: bool = True
+    pool: Literal["cls", "mean"] = "cls"
+    image_size: int = 224
+    resize: Literal["squash", "center_crop", "pad"] = "squash"
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ProjectorConfig:
+    """Vision width -> LLM width. "mlp2x_gelu" is LLaVA-1.5's Linear-GELU-Linear."""
+
+    kind: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+
+
+@dataclass
+class LLMConfig:
+    """The language model: any transformers causal LM, built from ``hf_config``.
+
+    ``pretrained_path`` is a local folder read only when a model is built (never a hub id).
+    """
+
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    pretrained_path: str | None = None
+
+
+@dataclass
+class MemoryConfig:
+    """How earlier masks come back into the LLM input (SegLLM's mask-aware memory).
+
+    Attributes:
+        enabled: when False, earlier rounds are kept as text only (the LISA/GLaMM baseline):
+            referenced masks get no placeholders.
+        use_box: also encode each referenced mask's box (one more token).
+        box_order: "xyxy" or "yxyx" (the released model feeds (y0, x0, y1, x1)).
+        box_norm: boxes are divided by this many pixels of the frame the mask lives in; 0 means
+            by the image's longest side.
+        feature_dropout: training-time probability of dropping a mask/box feature (the released
+            recipe keeps each with probability 0.5, unscaled).
+        inference_scale: multiply mask/box features by this at inference (released: 0.5).
+    """
+
+    enabled: bool = True
+    use_box: bool = True
+    box_order: Literal["xyxy", "yxyx"] = "xyxy"
+    box_norm: float = 0.0
+    feature_dropout: float = 0.0
+    inference_scale: float = 1.0
+
+
+@dataclass
+class PromptHeadConfig:
+    """LLM hidden state at a ``<seg>`` -> ``num_tokens`` prompt tokens of width ``dim``.
+
+    The first ``num_ref_tokens`` are [REF] (the referenced mask), the rest [SEG] (the target).
+    ``hidden_dim`` 0 means the LLM's width.
+    """
+
+    num_tokens: int = 8
+    num_ref_tokens: int = 4
+    dim: int = 256
+    hidden_dim: int = 0
+
+
+@dataclass
+class SamDecoderConfig:
+    """A SAM-style promptable decoder with its own small ViT image encoder (pure PyTorch).
+
+    Attributes:
+        image_size: side of the square input, pixels (image resized longest side + padded).
+        patch_size: ViT patch size; the feature map is image_size / patch_size per side.
+        encoder_dim, encoder_depth, encoder_heads: the image encoder ViT.
+        dim: the decoder's width (= the prompt width).
+        depth, heads, mlp_dim: the two-way transformer.
+        mean, std: normalisation on [0, 1] pixel values.
+    """
+
+    kind: Literal["sam"] = "sam"
+    image_size: int = 256
+    patch_size: int = 16
+    encoder_dim: int = 192
+    encoder_depth: int = 4
+    encoder_heads: int = 3
+    dim: int = 256
+    depth: int = 2
+    heads: int = 8
+    mlp_dim: int = 1024
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TemplateConfig:
+    """How a conversation is rendered into tokens.
+
+    A rendered conversation is ``bos + system + image placeholders`` then, per round,
+    ``user_prefix + [mask, box placeholders per reference] + question + assistant_prefix +
+    answer + eos``. Only ``answer + eos`` carry labels.
+    """
+
+    name: str = "segllm"
+    system: str = ""
+    image_prefix: str = ""
+    image_suffix: str = "\n"
+    user_prefix: str = "USER: "
+    assistant_prefix: str = " ASSISTANT: "
+    round_separator: str = ""
+    image_token: str = "<image>"
+    mask_token: str = "<mask>"
+    box_token: str = "<box>"
+    seg_token: str = "<seg>"
+    max_length: int = 0  # 0 = the LLM's max_position_embeddings
+
+
+@dataclass
+class LossConfig:
+    """Weights of the training loss terms."""
+
+    lm: float = 1.0
+    mask: Literal["bce", "focal"] = "bce"
+    mask_weight: float = 2.0
+    dice_weight: float = 0.5
+    ref_weight: float = 0.5
+    iou_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+PART_NAMES = ("vision", "projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder")
+
+
+@dataclass
+class SegLLMConfig:
+    """The whole model. ``trainable`` names the parts that receive gradients.
+
+    Parts: vision, projector, llm (transformer blocks), embeddings (token embeddings and LM
+    head), memory (box encoder), prompt_head, decoder_encoder (the mask decoder's image
+    encoder) and decoder (the rest of the mask decoder).
+
+    ``inject``: "replace" puts a feature in place of its placeholder's embedding; "add" adds
+    it to the embedding (the released model does this).
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    prompt_head: PromptHeadConfig = field(default_factory=PromptHeadConfig)
+    decoder: SamDecoderConfig = field(default_factory=SamDecoderConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainable: tuple[str, ...] = ("projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder")
+    inject: Literal["replace", "add"] = "replace"
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.trainable if p not in PART_NAMES]
+        if unknown:
+            raise ConfigError(f"trainable names unknown part(s) {unknown}; parts are {list(PART_NAMES)}")
+        if not 0 <= self.prompt_head.num_ref_tokens < self.prompt_head.num_tokens:
+            raise ConfigError("prompt_head.num_ref_tokens must be in [0, num_tokens)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": CONFIG_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SegLLMConfig":
+        data = dict(data)
+        fmt = data.pop("format", CONFIG_FORMAT)
+        if fmt != CONFIG_FORMAT:
+            raise ConfigError(f"config format {fmt!r} is not {CONFIG_FORMAT!r}")
+        return from_dict(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SegLLMConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        return cls.from_dict(data)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, checking every key and type.
+
+    Raises:
+        ConfigError: naming the dotted key that is unknown or has the wrong type.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {_join(where, unknown[0])!r} (known: {sorted(names)})")
+    kwargs = {k: _convert(hints[k], v, _join(where, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

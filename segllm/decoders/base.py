@@ -1,0 +1,152 @@
+"""The interface every mask decoder implements, and the square-frame geometry they share.
+
+A mask decoder sees an image placed in a square frame: resized so its longest side is
+``size`` pixels, then zero-padded at the bottom and right (SAM's ResizeLongestSide + pad).
+It predicts masks in that frame at a lower resolution; :meth:`MaskDecoder.postprocess`
+brings them back to the original image.
+
+Prompts come from the LLM: each ``<seg>`` yields ``K`` prompt tokens of width ``D``, the
+first ``num_ref_tokens`` of which describe the referenced earlier mask ([REF]) and the rest
+the target ([SEG]). A decoder returns two mask channels per prompt: channel 0 for [REF],
+channel 1 for [SEG].
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REF, SEG = 0, 1  # mask channels of DecoderOutput
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where an image of ``height`` x ``width`` pixels sits inside the decoder's square input.
+
+    The image was resized to ``resized_height`` x ``resized_width`` (longest side == ``size``)
+    and placed at the top-left of a ``size`` x ``size`` canvas.
+    """
+
+    height: int
+    width: int
+    resized_height: int
+    resized_width: int
+    size: int
+
+    @classmethod
+    def fit(cls, height: int, width: int, size: int) -> "Frame":
+        scale = size / max(height, width)
+        return cls(
+            height=height,
+            width=width,
+            resized_height=max(1, int(height * scale + 0.5)),
+            resized_width=max(1, int(width * scale + 0.5)),
+            size=size,
+        )
+
+
+@dataclass
+class DecoderOutput:
+    """Raw decoder predictions for N prompts.
+
+    Attributes:
+        mask_logits: [N, 2, h, w] logits in the padded square frame at the decoder's output
+            resolution; channel 0 is [REF], channel 1 is [SEG].
+        iou_scores: [N, 2] predicted IoU of each channel's mask (unbounded regression output;
+            the model's confidence).
+    """
+
+    mask_logits: Tensor
+    iou_scores: Tensor
+
+
+def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Tensor:
+    """Place images into the square frame.
+
+    Args:
+        image: [B, C, H, W] float tensor with H, W == frame.height, frame.width.
+        frame: the target frame.
+        mode: interpolation mode for ``F.interpolate``.
+
+    Returns:
+        [B, C, size, size]; the area outside the resized image is zero.
+    """
+    kwargs = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    resized = F.interpolate(image, size=(frame.resized_height, frame.resized_width), mode=mode, **kwargs)
+    pad_bottom = frame.size - frame.resized_height
+    pad_right = frame.size - frame.resized_width
+    return F.pad(resized, (0, pad_right, 0, pad_bottom))
+
+
+def masks_to_frame(masks: Tensor, frame: Frame, out_size: int) -> Tensor:
+    """Ground-truth masks at the original resolution -> soft targets in the decoder's output frame.
+
+    Args:
+        masks: [M, H, W] bool or float masks at the original image resolution.
+        frame: the frame of that image.
+        out_size: side of the decoder's (square) output logits.
+
+    Returns:
+        [M, out_size, out_size] float in [0, 1] (area-averaged, so edges are soft).
+    """
+    x = masks.float()[:, None]
+    x = resize_and_pad(x, frame)
+    if out_size != frame.size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="area")
+    return x[:, 0].clamp_(0, 1)
+
+
+def logits_to_image(logits: Tensor, frame: Frame) -> Tensor:
+    """Mask logits in the decoder's output frame -> logits at the original image resolution.
+
+    Args:
+        logits: [M, h, w] logits covering the padded square frame.
+        frame: the frame of the image.
+
+    Returns:
+        [M, frame.height, frame.width] logits.
+    """
+    x = F.interpolate(logits[:, None].float(), size=(frame.size, frame.size), mode="bilinear", align_corners=False)
+    x = x[..., : frame.resized_height, : frame.resized_width]
+    x = F.interpolate(x, size=(frame.height, frame.width), mode="bilinear", align_corners=False)
+    return x[:, 0]
+
+
+class MaskDecoder(nn.Module, abc.ABC):
+    """A promptable mask decoder: image features + K prompt tokens -> [REF]/[SEG] masks.
+
+    Subclasses set ``image_size`` (side of the square input), ``num_prompt_tokens`` (K),
+    ``num_ref_tokens`` and ``prompt_dim`` (D) and implement the three abstract methods.
+    """
+
+    image_size: int
+    num_prompt_tokens: int
+    num_ref_tokens: int
+    prompt_dim: int
+
+    @abc.abstractmethod
+    def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
+        """uint8 image [3, H, W] -> normalised input [3, S, S] (S = image_size) and its frame."""
+
+    @abc.abstractmethod
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """[B, 3, S, S] preprocessed images -> image features (cacheable per image), [B, C, h, w]."""
+
+    @abc.abstractmethod
+    def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> DecoderOutput:
+        """Decode N prompts.
+
+        Args:
+            image_features: [B, C, h, w] from :meth:`encode_image`.
+            prompts: [N, K, D] prompt tokens from the prompt head.
+            batch_index: [N] long, which image each prompt belongs to.
+        """
+
+    @property
+    def output_size(self) -> int:
+        """Side of the square ``mask_logits`` this decoder returns."""
+        raise NotImplementedError
