@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -38,7 +37,7 @@ class Frame:
     size: int
 
     @classmethod
-    def fit(cls, height: int, width: int, size: int) -> "Frame":
+    def fit(cls, height: int, width: int, size: int) -> Frame:
         scale = size / max(height, width)
         return cls(
             height=height,

@@ -1,0 +1,62 @@
+"""Wire a SegLLM from its config: every part built, then composed."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from segllm.config import SegLLMConfig
+from segllm.decoders.sam import SamMaskDecoder
+from segllm.errors import ConfigError
+from segllm.model.llm import build_llm, max_positions
+from segllm.model.memory import MaskMemoryEncoder
+from segllm.model.projector import build_projector
+from segllm.model.prompt_head import PromptHead
+from segllm.model.segllm import SegLLM
+from segllm.model.vision import VisionTower, build_vision_model
+from segllm.processor import Processor
+from segllm.tokenizer import add_segllm_tokens
+
+
+def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, load_weights: bool = True) -> SegLLM:
+    """Build a SegLLM.
+
+    Args:
+        config: the model's configuration. Its ``llm.hf_config`` is updated in place to the
+            built LLM's exact config (vocabulary size after adding tokens, special ids).
+        tokenizer: the LLM's tokenizer; the template's tokens are added if missing.
+        load_weights: read pretrained parts from their ``pretrained_path`` folders. A
+            checkpoint loader passes False: the checkpoint holds every weight.
+    """
+    add_segllm_tokens(tokenizer, config.template)
+    vision = VisionTower(build_vision_model(config.vision, load_weights=load_weights), config.vision)
+    llm = build_llm(config.llm, tokenizer, load_weights=load_weights)
+    d_llm = llm.get_input_embeddings().weight.shape[1]
+    projector = build_projector(config.projector, vision.hidden_size, d_llm)
+    memory = MaskMemoryEncoder(config.memory, d_llm)
+    if config.prompt_head.dim != config.decoder.dim:
+        raise ConfigError(f"prompt_head.dim ({config.prompt_head.dim}) must equal decoder.dim ({config.decoder.dim})")
+    prompt_head = PromptHead(config.prompt_head, d_llm)
+    decoder = SamMaskDecoder(
+        config.decoder,
+        num_prompt_tokens=config.prompt_head.num_tokens,
+        num_ref_tokens=config.prompt_head.num_ref_tokens,
+    )
+    processor = Processor(
+        tokenizer,
+        config.template,
+        config.memory,
+        num_image_tokens=vision.num_tokens,
+        max_length=config.template.max_length or max_positions(llm),
+    )
+    model = SegLLM(
+        config=config,
+        vision=vision,
+        projector=projector,
+        llm=llm,
+        memory=memory,
+        prompt_head=prompt_head,
+        decoder=decoder,
+        processor=processor,
+    )
+    model.set_trainable()
+    return model

@@ -1,0 +1,51 @@
+"""The LLM: any transformers causal LM, built from its config or a local folder."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from segllm.config import LLMConfig
+from segllm.errors import ConfigError
+
+
+def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase, *, load_weights: bool = True) -> PreTrainedModel:
+    """A causal LM whose vocabulary covers ``tokenizer`` (embeddings resized when needed).
+
+    Random weights from ``config.hf_config``, or pretrained weights from the local folder
+    ``config.pretrained_path`` when ``load_weights`` is set. ``config.hf_config`` is updated to
+    the built model's config so a checkpoint records the exact shapes.
+    """
+    if load_weights and config.pretrained_path:
+        llm = AutoModelForCausalLM.from_pretrained(config.pretrained_path, local_files_only=True)
+    else:
+        hf = dict(config.hf_config)
+        model_type = hf.pop("model_type", None)
+        if not model_type:
+            raise ConfigError("llm.hf_config needs a model_type (e.g. 'llama', 'qwen2')")
+        hf_cfg = AutoConfig.for_model(model_type, **hf)
+        llm = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+    if llm.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        # mean_resizing initialises new rows at the mean of the old ones (stable start for added tokens)
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=load_weights and bool(config.pretrained_path))
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(llm.config, name, getattr(tokenizer, name))
+    llm.config.use_cache = False
+    config.hf_config = _config_dict(llm.config)
+    return llm
+
+
+def _config_dict(hf_config) -> dict:
+    d = hf_config.to_dict()
+    for k in ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "_attn_implementation_autoset"):
+        d.pop(k, None)
+    return d
+
+
+def max_positions(llm: PreTrainedModel) -> int:
+    """The LLM's context length in tokens."""
+    cfg = llm.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    raise ConfigError("cannot tell the LLM's context length from its config; set template.max_length")

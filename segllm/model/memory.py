@@ -1,0 +1,85 @@
+"""Mask memory: an earlier round's mask becomes LLM input tokens.
+
+Released recipe: apply the mask to the image (background zeroed), crop to the mask's box, pad
+the crop to a square (top-left), run the vision tower and keep one pooled token, project it to
+the LLM width (one token); plus the box through a linear layer (a second token).
+This module owns the cropping and the box encoder; the vision tower and projector it uses are
+the model's own (shared with the image path), passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from segllm.config import MemoryConfig
+from segllm.errors import MaskError
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """Tight boxes of masks, [M, H, W] bool -> [M, 4] float (x0, y0, x1, y1) in pixels, x1/y1
+    exclusive (so a one-pixel mask at (x, y) has box (x, y, x+1, y+1)). Empty masks give zeros."""
+    m = masks.bool()
+    if m.shape[0] == 0:
+        return torch.zeros(0, 4)
+    rows, cols = m.any(dim=2), m.any(dim=1)
+    h, w = m.shape[1:]
+    ar_h = torch.arange(h, device=m.device)
+    ar_w = torch.arange(w, device=m.device)
+    y0 = torch.where(rows, ar_h, h).amin(dim=1)
+    y1 = torch.where(rows, ar_h + 1, 0).amax(dim=1)
+    x0 = torch.where(cols, ar_w, w).amin(dim=1)
+    x1 = torch.where(cols, ar_w + 1, 0).amax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    boxes[~rows.any(dim=1)] = 0
+    return boxes
+
+
+class MaskMemoryEncoder(nn.Module):
+    """Box encoder and crop geometry for mask memory.
+
+    Args:
+        config: memory options.
+        llm_dim: the LLM width (output of the box encoder).
+    """
+
+    def __init__(self, config: MemoryConfig, llm_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.box_head = nn.Linear(4, llm_dim)
+
+    def crop(self, image: Tensor, mask: Tensor) -> Tensor:
+        """The masked crop of one earlier mask.
+
+        Args:
+            image: [3, H, W] uint8.
+            mask: [H, W] bool, same size.
+
+        Returns:
+            [3, s, s] uint8: the image with the background zeroed, cropped to the mask's box
+            and zero-padded at the bottom/right to a square of side s = max(box h, box w).
+        """
+        if mask.shape != image.shape[1:]:
+            raise MaskError(f"mask of shape {tuple(mask.shape)} does not fit an image of {tuple(image.shape[1:])}")
+        x0, y0, x1, y1 = (int(v) for v in mask_boxes(mask[None])[0].tolist())
+        if x1 <= x0 or y1 <= y0:
+            raise MaskError("cannot encode an empty (zero-area) mask")
+        crop = (image * mask.to(image.dtype))[:, y0:y1, x0:x1]
+        side = max(y1 - y0, x1 - x0)
+        out = torch.zeros(3, side, side, dtype=image.dtype, device=image.device)
+        out[:, : y1 - y0, : x1 - x0] = crop
+        return out
+
+    def normalised_boxes(self, masks: Tensor) -> Tensor:
+        """[M, H, W] masks -> [M, 4] boxes for the box encoder, divided by ``box_norm`` (or the
+        longest image side) and in ``box_order``."""
+        boxes = mask_boxes(masks)
+        norm = self.config.box_norm or float(max(masks.shape[-2:]))
+        boxes = boxes / norm
+        if self.config.box_order == "yxyx":
+            boxes = boxes[:, [1, 0, 3, 2]]
+        return boxes
+
+    def encode_boxes(self, boxes: Tensor) -> Tensor:
+        """[M, 4] normalised boxes -> [M, D_llm]."""
+        return self.box_head(boxes.to(self.box_head.weight.dtype))

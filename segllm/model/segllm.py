@@ -1,0 +1,536 @@
+"""SegLLM composed from injected parts.
+
+Data flow of a round::
+
+    image --> vision tower --> projector --> image tokens ----------------\
+    earlier masks --> masked crops --> vision pool --> projector --> mask  +--> LLM --> hidden
+                   \-> boxes --> box encoder ---------------------> box   /           |
+    image --> decoder image encoder --> image features                 hidden before <seg>
+                                              |                              |
+                                              +---- mask decoder <-- prompt head
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from segllm.config import SegLLMConfig
+from segllm.conversation import Conversation, Round
+from segllm.decoders.base import REF, SEG, Frame, MaskDecoder, logits_to_image, masks_to_frame
+from segllm.errors import ConversationError, PlaceholderMismatchError
+from segllm.model.memory import MaskMemoryEncoder, mask_boxes
+from segllm.model.prompt_head import PromptHead
+from segllm.model.vision import VisionTower
+from segllm.processor import IGNORE, Encoded, Processor
+from segllm.train.losses import bce_loss, dice_loss, focal_loss, mask_iou
+
+
+@dataclass
+class Batch:
+    """Model input for B conversations (one image each), padded on the right to length L.
+
+    Attributes:
+        input_ids, attention_mask, labels: [B, L].
+        image_pixels: [B, 3, S, S] vision-tower input.
+        image_pos: [B, N] positions of the N image placeholders.
+        decoder_pixels: [B, 3, Sd, Sd] mask-decoder input; ``frames`` says where each image sits.
+        memory_pixels: [M, 3, S, S] masked crops of the M earlier masks fed back.
+        memory_boxes: [M, 4] their normalised boxes.
+        memory_batch, memory_pos, box_pos: [M] conversation index, mask placeholder position
+            and box placeholder position (-1 when boxes are off) of each.
+        seg_batch, seg_pos: [S] conversation index and position of each ``<seg>`` token.
+        seg_targets, ref_targets: [S, h, w] soft masks in the decoder's output frame
+            (``None`` at inference); ``has_ref``: [S] bool, whether the [REF] half is supervised.
+        encoded: the processor's output per conversation.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    image_pixels: Tensor
+    image_pos: Tensor
+    decoder_pixels: Tensor
+    frames: list[Frame]
+    memory_pixels: Tensor
+    memory_boxes: Tensor
+    memory_batch: Tensor
+    memory_pos: Tensor
+    box_pos: Tensor
+    seg_batch: Tensor
+    seg_pos: Tensor
+    seg_targets: Tensor | None = None
+    ref_targets: Tensor | None = None
+    has_ref: Tensor | None = None
+    encoded: list[Encoded] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to(device) if isinstance(v, Tensor) else v
+        return Batch(**out)
+
+
+@dataclass
+class SegLLMOutput:
+    """Training forward output. Every ``*_loss`` is a scalar tensor (zero when not applicable).
+
+    ``mask_logits``: [S, 2, h, w] decoder logits per ``<seg>`` ([REF], [SEG] channels);
+    ``iou_scores``: [S, 2].
+    """
+
+    loss: Tensor
+    lm_loss: Tensor
+    mask_loss: Tensor
+    dice_loss: Tensor
+    ref_loss: Tensor
+    iou_loss: Tensor
+    mask_logits: Tensor
+    iou_scores: Tensor
+
+
+@dataclass
+class Prediction:
+    """The model's reply to one round.
+
+    Attributes:
+        round: 1-indexed round number.
+        text: the answer text (with ``<seg>`` where masks were produced).
+        masks: [S, H, W] bool, one per ``<seg>``, at the input image's resolution.
+        boxes: [S, 4] float (x0, y0, x1, y1) pixels, x1/y1 exclusive; zeros for an empty mask.
+        scores: [S] the decoder's predicted IoU (confidence) of each mask.
+        token_ids: the answer's token ids (without the end-of-answer token).
+    """
+
+    round: int
+    text: str
+    masks: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    token_ids: list[int]
+
+
+class SegLLM(nn.Module):
+    """A multimodal LLM that segments, with earlier masks fed back into its input.
+
+    All parts are injected (see :func:`segllm.model.builder.build_segllm`).
+
+    Args:
+        config: the whole model's configuration (saved with checkpoints).
+        vision: vision tower (image patches and pooled crops).
+        projector: vision width -> LLM width.
+        llm: a transformers causal LM whose vocabulary has the template's added tokens.
+        memory: mask-memory crop geometry and box encoder.
+        prompt_head: LLM hidden -> K prompt tokens.
+        decoder: the promptable mask decoder.
+        processor: conversation rendering (holds the tokenizer).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: SegLLMConfig,
+        vision: VisionTower,
+        projector: nn.Module,
+        llm: PreTrainedModel,
+        memory: MaskMemoryEncoder,
+        prompt_head: PromptHead,
+        decoder: MaskDecoder,
+        processor: Processor,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.memory = memory
+        self.prompt_head = prompt_head
+        self.decoder = decoder
+        self.processor = processor
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def part_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of each named part (see ``SegLLMConfig.trainable``), by module ownership."""
+        emb = [self.llm.get_input_embeddings()]
+        out_emb = self.llm.get_output_embeddings()
+        if out_emb is not None:
+            emb.append(out_emb)
+        emb_ids = {id(p) for m in emb for p in m.parameters()}
+        enc = self.decoder.image_encoder
+        enc_ids = {id(p) for p in enc.parameters()}
+        return {
+            "vision": list(self.vision.parameters()),
+            "projector": list(self.projector.parameters()),
+            "llm": [p for p in self.llm.parameters() if id(p) not in emb_ids],
+            "embeddings": _unique(p for m in emb for p in m.parameters()),
+            "memory": list(self.memory.parameters()),
+            "prompt_head": list(self.prompt_head.parameters()),
+            "decoder_encoder": list(enc.parameters()),
+            "decoder": [p for p in self.decoder.parameters() if id(p) not in enc_ids],
+        }
+
+    def set_trainable(self, parts: Sequence[str] | None = None) -> None:
+        """Give gradients to exactly the named parts (default: ``config.trainable``)."""
+        parts = tuple(self.config.trainable if parts is None else parts)
+        groups = self.part_parameters()
+        unknown = [p for p in parts if p not in groups]
+        if unknown:
+            raise ValueError(f"unknown part(s) {unknown}; parts are {list(groups)}")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for name in parts:
+            for p in groups[name]:
+                p.requires_grad_(True)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def prepare(self, conversations: Sequence[Conversation], *, open_last: bool = False, targets: bool = True) -> Batch:
+        """Render and preprocess conversations into a :class:`Batch` (on the CPU).
+
+        Args:
+            conversations: B conversations (validated here).
+            open_last: each conversation's last round is to be answered by the model.
+            targets: build ground-truth mask targets for the losses.
+        """
+        encs = [self.processor.encode(c, open_last=open_last) for c in conversations]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.processor.eos_id
+        L = max(len(e) for e in encs)
+        B = len(encs)
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        att = torch.zeros(B, L, dtype=torch.long)
+        lab = torch.full((B, L), IGNORE, dtype=torch.long)
+        for b, e in enumerate(encs):
+            ids[b, : len(e)] = torch.tensor(e.input_ids)
+            lab[b, : len(e)] = torch.tensor(e.labels)
+            att[b, : len(e)] = 1
+        images = [torch.from_numpy(np.ascontiguousarray(c.image)).permute(2, 0, 1) for c in conversations]
+        image_pixels = torch.stack([self.vision.preprocess(im) for im in images])
+        dec = [self.decoder.preprocess(im) for im in images]
+        decoder_pixels = torch.stack([d[0] for d in dec])
+        frames = [d[1] for d in dec]
+
+        crops, boxes, mb, mp, bp = [], [], [], [], []
+        for b, (c, e) in enumerate(zip(conversations, encs)):
+            for item in e.memory:
+                mask = torch.from_numpy(np.asarray(c.rounds[item.ref_round - 1].masks[item.mask_index], dtype=bool))
+                crops.append(self.vision.preprocess(self.memory.crop(images[b], mask)))
+                boxes.append(self.memory.normalised_boxes(mask[None])[0])
+                mb.append(b)
+                mp.append(item.mask_pos)
+                bp.append(item.box_pos)
+        s = self.config.vision.image_size
+        batch = Batch(
+            input_ids=ids,
+            attention_mask=att,
+            labels=lab,
+            image_pixels=image_pixels,
+            image_pos=torch.tensor([e.image_pos for e in encs], dtype=torch.long).view(B, -1),
+            decoder_pixels=decoder_pixels,
+            frames=frames,
+            memory_pixels=torch.stack(crops) if crops else torch.zeros(0, 3, s, s),
+            memory_boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
+            memory_batch=torch.tensor(mb, dtype=torch.long),
+            memory_pos=torch.tensor(mp, dtype=torch.long),
+            box_pos=torch.tensor(bp, dtype=torch.long),
+            seg_batch=torch.tensor([b for b, e in enumerate(encs) for _ in e.segs], dtype=torch.long),
+            seg_pos=torch.tensor([s.pos for e in encs for s in e.segs], dtype=torch.long),
+            encoded=encs,
+        )
+        if targets:
+            out = self.decoder.output_size
+            seg_t, ref_t, has_ref = [], [], []
+            for c, e, fr in zip(conversations, encs, frames):
+                for item in e.segs:
+                    seg_t.append(torch.from_numpy(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)))
+                    if item.ref is not None:
+                        ref_t.append(torch.from_numpy(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)))
+                        has_ref.append(True)
+                    else:
+                        ref_t.append(torch.zeros_like(seg_t[-1]))
+                        has_ref.append(False)
+            if seg_t:
+                per_conv = [len(e.segs) for e in encs]
+                batch.seg_targets = _frame_targets(seg_t, per_conv, frames, out)
+                batch.ref_targets = _frame_targets(ref_t, per_conv, frames, out)
+            else:
+                batch.seg_targets = torch.zeros(0, out, out)
+                batch.ref_targets = torch.zeros(0, out, out)
+            batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
+        return batch
+
+    def embed(self, batch: Batch) -> Tensor:
+        """Token embeddings with image, mask and box features injected: [B, L, D].
+
+        Raises:
+            PlaceholderMismatchError: the placeholders in ``input_ids`` and the features differ
+                in number, or a slot does not hold a placeholder token.
+        """
+        ids = batch.input_ids
+        embeds = self.llm.get_input_embeddings()(ids)
+        B, N = batch.image_pos.shape
+        proc = self.processor
+        vision_grad = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
+            patches = self.vision(batch.image_pixels)
+        if patches.shape[1] != N:
+            raise PlaceholderMismatchError(f"the image gives {patches.shape[1]} features but has {N} placeholders")
+        feats = [self.projector(patches.to(embeds.dtype)).reshape(B * N, -1)]
+        rows = [torch.arange(B, device=ids.device).repeat_interleave(N)]
+        cols = [batch.image_pos.reshape(-1)]
+        expected = [(proc.image_id, batch.image_pos.numel())]
+        M = batch.memory_pos.numel()
+        if M:
+            with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
+                pooled = self.vision.pool(batch.memory_pixels)
+            mfeat = self.projector(pooled.to(embeds.dtype))
+            scale = self._memory_scale(M, embeds)
+            feats.append(mfeat * scale)
+            rows.append(batch.memory_batch)
+            cols.append(batch.memory_pos)
+            expected.append((proc.mask_id, M))
+            has_box = batch.box_pos >= 0
+            if has_box.any():
+                bfeat = self.memory.encode_boxes(batch.memory_boxes[has_box]).to(embeds.dtype)
+                feats.append(bfeat * scale[has_box])
+                rows.append(batch.memory_batch[has_box])
+                cols.append(batch.box_pos[has_box])
+                expected.append((proc.box_id, int(has_box.sum())))
+        rows_t, cols_t, feats_t = torch.cat(rows), torch.cat(cols), torch.cat(feats)
+        self._check_placeholders(ids, batch.attention_mask, rows_t, cols_t, expected)
+        if self.config.inject == "add":
+            return embeds.index_put((rows_t, cols_t), feats_t, accumulate=True)
+        return embeds.index_put((rows_t, cols_t), feats_t)
+
+    def _memory_scale(self, M: int, like: Tensor) -> Tensor:
+        cfg = self.config.memory
+        if self.training and cfg.feature_dropout > 0:
+            keep = torch.rand(M, 1, device=like.device) >= cfg.feature_dropout
+            return keep.to(like.dtype)
+        return torch.full((M, 1), cfg.inference_scale if not self.training else 1.0, device=like.device, dtype=like.dtype)
+
+    def _check_placeholders(self, ids: Tensor, att: Tensor, rows: Tensor, cols: Tensor, expected: list[tuple[int, int]]) -> None:
+        placeholder_ids = {tid for tid, _ in expected} | {self.processor.image_id}
+        if self.config.memory.enabled:
+            placeholder_ids |= {self.processor.mask_id}
+            if self.config.memory.use_box:
+                placeholder_ids |= {self.processor.box_id}
+        is_ph = torch.zeros_like(ids, dtype=torch.bool)
+        for tid in placeholder_ids:
+            is_ph |= ids == tid
+        is_ph &= att.bool()
+        n_tokens, n_feats = int(is_ph.sum()), rows.numel()
+        if n_tokens != n_feats:
+            raise PlaceholderMismatchError(
+                f"{n_tokens} placeholder token(s) in the input but {n_feats} feature(s) to inject "
+                f"({', '.join(f'{n} for token {t}' for t, n in expected)})"
+            )
+        if n_feats and not bool(is_ph[rows, cols].all()):
+            raise PlaceholderMismatchError("a feature slot points at a position that holds no placeholder token")
+
+    # -- training --------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> SegLLMOutput:
+        """Training forward: token cross-entropy on answers plus mask losses for every ``<seg>``."""
+        cfg = self.config.loss
+        embeds = self.embed(batch)
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        labels = batch.labels[:, 1:]
+        sel = labels != IGNORE
+        zero = hidden.sum() * 0
+        if sel.any():
+            logits = self.llm.get_output_embeddings()(hidden[:, :-1][sel])
+            lm_loss = F.cross_entropy(logits.float(), labels[sel])
+        else:
+            lm_loss = zero
+        mask_logits, iou = self._decode(hidden, batch)
+        S = mask_logits.shape[0]
+        if S and batch.seg_targets is not None:
+            tgt = batch.seg_targets.to(mask_logits.device)
+            seg_l = mask_logits[:, SEG]
+            if cfg.mask == "focal":
+                m_loss = focal_loss(seg_l, tgt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+            else:
+                m_loss = bce_loss(seg_l, tgt)
+            d_loss = dice_loss(seg_l, tgt)
+            ref_loss = zero
+            has_ref = batch.has_ref.to(mask_logits.device)
+            if has_ref.any():
+                rl, rt = mask_logits[has_ref, REF], batch.ref_targets.to(mask_logits.device)[has_ref]
+                ref_loss = (focal_loss(rl, rt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma) if cfg.mask == "focal" else bce_loss(rl, rt)) + dice_loss(rl, rt)
+            with torch.no_grad():
+                true_iou = mask_iou(seg_l, tgt)
+            iou_loss = F.mse_loss(iou[:, SEG].float(), true_iou)
+        else:
+            m_loss = d_loss = ref_loss = iou_loss = zero
+        loss = (
+            cfg.lm * lm_loss
+            + cfg.mask_weight * m_loss
+            + cfg.dice_weight * d_loss
+            + cfg.ref_weight * ref_loss
+            + cfg.iou_weight * iou_loss
+        )
+        return SegLLMOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou)
+
+    def _decode(self, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Mask logits [S, 2, h, w] and IoU scores [S, 2] for every ``<seg>`` of the batch."""
+        seg_hidden = hidden[batch.seg_batch, batch.seg_pos - 1]  # the state that predicts <seg>
+        prompts = self.prompt_head(seg_hidden)
+        feats = self.encode_decoder_image(batch.decoder_pixels)
+        out = self.decoder(feats, prompts.to(feats.dtype), batch.seg_batch)
+        return out.mask_logits, out.iou_scores
+
+    def encode_decoder_image(self, pixels: Tensor) -> Tensor:
+        """[B, 3, Sd, Sd] -> the decoder's image features (computed once per image at inference)."""
+        p = next(self.decoder.parameters())
+        grad = any(q.requires_grad for q in self.decoder.image_encoder.parameters())
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.decoder.encode_image(pixels.to(device=p.device, dtype=p.dtype))
+
+    # -- inference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, conversation: Conversation, *, max_new_tokens: int = 32, answer: str | None = None) -> Prediction:
+        """Answer the last round of ``conversation``.
+
+        Earlier rounds must have their answers and masks (ground truth or earlier predictions);
+        the last round's answer is generated greedily, or taken from ``answer`` (teacher-forced,
+        e.g. ``"<seg>"``, as the released demo does). Runs the whole conversation (no cache);
+        :class:`segllm.session.Session` reuses work across rounds.
+        """
+        if not conversation.rounds:
+            raise ConversationError("conversation has no rounds")
+        last = conversation.rounds[-1]
+        if answer is not None or last.answer is not None:
+            text = answer if answer is not None else last.answer
+            seg_count = text.count("<seg>")
+            forced = Round(last.question, last.refs, text, [np.ones(conversation.size, bool)] * seg_count)
+            conv = Conversation(conversation.image, conversation.rounds[:-1] + [forced])
+            batch = self.prepare([conv], targets=False).to(self.device)
+            hidden = self.llm.get_decoder()(inputs_embeds=self.embed(batch), use_cache=False).last_hidden_state
+            enc, last = batch.encoded[0], len(conv.rounds) - 1
+            start = enc.round_spans[-1][0]
+            u_len = len(self.processor.user_ids(conv, last, start)[0])
+            token_ids = enc.input_ids[start + u_len : -1]
+            pos = torch.tensor([s.pos for s in enc.segs if s.round_index == last], dtype=torch.long, device=hidden.device)
+            seg_hidden = hidden[0, pos - 1]
+            return self._prediction(len(conv.rounds), token_ids, seg_hidden, batch)
+        batch = self.prepare([conversation], open_last=True, targets=False).to(self.device)
+        embeds = self.embed(batch)
+        token_ids, seg_hidden, _ = self.generate(embeds, max_new_tokens=max_new_tokens, num_rounds=len(conversation.rounds))
+        return self._prediction(len(conversation.rounds), token_ids, seg_hidden, batch)
+
+    @torch.no_grad()
+    def generate(self, embeds: Tensor, *, max_new_tokens: int, past_key_values=None, past_length: int = 0, num_rounds: int = 1):
+        """Greedy decoding from input embeddings [1, T, D] on top of an optional key/value cache.
+
+        The answer always ends with the end-of-answer token, which is fed through the LLM too,
+        so the returned cache covers exactly what the processor renders for this round.
+
+        Returns:
+            (answer token ids without the end token, [S, D] hidden states that predicted each
+            ``<seg>``, the key/value cache after the answer)
+        """
+        from transformers import DynamicCache
+
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        proc = self.processor
+        decoder = self.llm.get_decoder()
+        head = self.llm.get_output_embeddings()
+        emb = self.llm.get_input_embeddings()
+        proc.check_length(past_length + embeds.shape[1] + 1, num_rounds, reserve=0)
+        budget = min(max_new_tokens, proc.max_length - past_length - embeds.shape[1] - 1)
+        tokens: list[int] = []
+        seg_hidden: list[Tensor] = []
+        cur = embeds
+        prefilled = False
+        while len(tokens) < budget:
+            out = decoder(inputs_embeds=cur, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            prefilled = True
+            h = out.last_hidden_state[:, -1]
+            nxt = int(head(h).argmax(-1))
+            tokens.append(nxt)
+            if nxt == proc.eos_id:
+                break
+            if nxt == proc.seg_id:
+                seg_hidden.append(h[0])
+            cur = emb(torch.tensor([[nxt]], device=embeds.device))
+        # the cache now holds embeds + tokens[:-1]; feed the rest, ending with the end token
+        rest = tokens[-1:] if tokens else []
+        if not tokens or tokens[-1] != proc.eos_id:
+            tokens.append(proc.eos_id)
+            rest = rest + [proc.eos_id]
+        tail = emb(torch.tensor([rest], device=embeds.device))
+        if not prefilled:
+            tail = torch.cat([embeds, tail], dim=1)
+        cache = decoder(inputs_embeds=tail, past_key_values=cache, use_cache=True).past_key_values
+        hs = torch.stack(seg_hidden) if seg_hidden else embeds.new_zeros(0, embeds.shape[-1])
+        return tokens[:-1], hs, cache
+
+    def _prediction(self, round_number: int, token_ids: list[int], seg_hidden: Tensor, batch: Batch) -> Prediction:
+        frame = batch.frames[0]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        for t in (self.tokenizer.eos_token, self.tokenizer.pad_token):
+            if t:
+                text = text.replace(t, "")
+        masks, boxes, scores = self.decode_masks(seg_hidden, batch.decoder_pixels[:1], frame)
+        return Prediction(round_number, text.strip(), masks, boxes, scores, list(token_ids))
+
+    @torch.no_grad()
+    def decode_masks(self, seg_hidden: Tensor, decoder_pixels_or_features: Tensor, frame: Frame, *, features: bool = False):
+        """Masks at the image's resolution from the hidden states that predicted ``<seg>``.
+
+        Args:
+            seg_hidden: [S, D] LLM hidden states.
+            decoder_pixels_or_features: [1, 3, Sd, Sd] decoder input, or its features when
+                ``features`` is set (so a session computes them once per image).
+            frame: where the image sits in the decoder frame.
+
+        Returns:
+            masks [S, H, W] bool, boxes [S, 4] float32, scores [S] float32 (numpy).
+        """
+        S = seg_hidden.shape[0]
+        h, w = frame.height, frame.width
+        if S == 0:
+            return np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        feats = decoder_pixels_or_features if features else self.encode_decoder_image(decoder_pixels_or_features)
+        prompts = self.prompt_head(seg_hidden.to(self.prompt_head.mlp[0].weight.dtype))
+        out = self.decoder(feats, prompts.to(feats.dtype), torch.zeros(S, dtype=torch.long, device=feats.device))
+        logits = logits_to_image(out.mask_logits[:, SEG], frame)
+        masks = logits > 0
+        boxes = mask_boxes(masks.cpu())
+        return masks.cpu().numpy(), boxes.numpy().astype(np.float32), out.iou_scores[:, SEG].float().cpu().numpy()
+
+
+def _frame_targets(masks: list[Tensor], per_conv: list[int], frames: list[Frame], out: int) -> Tensor:
+    res, i = [], 0
+    for n, fr in zip(per_conv, frames):
+        if n:
+            res.append(masks_to_frame(torch.stack(masks[i : i + n]), fr, out))
+        i += n
+    return torch.cat(res)
+
+
+def _unique(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out

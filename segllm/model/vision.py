@@ -1,0 +1,105 @@
+"""The vision tower: any transformers vision model (CLIP, SigLIP, DINOv2, ...) plus its preprocessing.
+
+It turns an image into patch tokens for the LLM (``forward``) and an image crop into one
+pooled token for mask memory (``pool``). Preprocessing runs in torch (no torchvision).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from segllm.config import VisionConfig
+from segllm.errors import ConfigError, ImageError
+
+
+def build_vision_model(config: VisionConfig, *, load_weights: bool = True) -> PreTrainedModel:
+    """A transformers vision model from ``config.hf_config`` (random weights) or, when
+    ``load_weights`` and ``config.pretrained_path`` is set, from that local folder."""
+    if load_weights and config.pretrained_path:
+        return AutoModel.from_pretrained(config.pretrained_path, local_files_only=True)
+    hf = dict(config.hf_config)
+    model_type = hf.pop("model_type", None)
+    if not model_type:
+        raise ConfigError("vision.hf_config needs a model_type (e.g. 'clip_vision_model', 'dinov2')")
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **hf))
+
+
+class VisionTower(nn.Module):
+    """Wraps a transformers vision model.
+
+    Args:
+        model: the transformers model (its hidden states are read at ``config.select_layer``).
+        config: preprocessing and feature selection.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: VisionConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self._num_tokens: int | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "hidden_size", None) or cfg.vision_config.hidden_size)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of patch tokens per image (found once by a forward pass on a blank image)."""
+        if self._num_tokens is None:
+            with torch.no_grad():
+                p = next(self.model.parameters())
+                blank = torch.zeros(1, 3, self.config.image_size, self.config.image_size, device=p.device, dtype=p.dtype)
+                self._num_tokens = int(self.forward(blank).shape[1])
+        return self._num_tokens
+
+    def preprocess(self, image: Tensor) -> Tensor:
+        """uint8 image [3, H, W] -> normalised float input [3, S, S] (S = config.image_size)."""
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ImageError(f"vision tower expects a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
+        s = self.config.image_size
+        x = image[None].float() / 255.0
+        h, w = x.shape[-2:]
+        if self.config.resize == "squash":
+            x = _resize(x, s, s)
+        elif self.config.resize == "center_crop":
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            x = _resize(x, nh, nw)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            x = x[..., top : top + s, left : left + s]
+        else:  # pad: longest side to s, pad bottom/right with the mean colour (zero after normalising)
+            scale = s / max(h, w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            x = _resize(x, nh, nw)
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+            return F.pad(x, (0, s - nw, 0, s - nh))[0]
+        return ((x - self.mean.to(x.device)) / self.std.to(x.device))[0]
+
+    def _hidden(self, pixels: Tensor) -> Tensor:
+        p = next(self.model.parameters())
+        out = self.model(pixel_values=pixels.to(device=p.device, dtype=p.dtype), output_hidden_states=True)
+        return out.hidden_states[self.config.select_layer]
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """[B, 3, S, S] preprocessed images -> patch tokens [B, N, Dv]."""
+        h = self._hidden(pixels)
+        return h[:, 1:] if self.config.drop_cls else h
+
+    def pool(self, pixels: Tensor) -> Tensor:
+        """[B, 3, S, S] preprocessed crops -> one token each, [B, Dv] (CLS or mean of patches)."""
+        h = self._hidden(pixels)
+        if self.config.pool == "cls":
+            return h[:, 0]
+        return (h[:, 1:] if self.config.drop_cls else h).mean(dim=1)
+
+
+def _resize(x: Tensor, h: int, w: int) -> Tensor:
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+    return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)

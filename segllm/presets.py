@@ -1,0 +1,81 @@
+"""Ready-made model configurations.
+
+``tiny``: a few hundred thousand parameters, for tests (builds in well under a second).
+``small``: the size of the bundled default model (CPU-trainable).
+Both use a LLaMA-layout LLM and a CLIP-layout vision tower built from config, so any
+transformers model of those families plugs into the same places.
+"""
+
+from __future__ import annotations
+
+from segllm.config import (
+    LLMConfig,
+    MemoryConfig,
+    PromptHeadConfig,
+    SamDecoderConfig,
+    SegLLMConfig,
+    TemplateConfig,
+    VisionConfig,
+)
+
+
+def llama_config(*, vocab_size: int, hidden: int, layers: int, heads: int, ffn: int, context: int = 2048) -> dict:
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": context,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
+
+
+def clip_vision_config(*, image_size: int, patch: int, hidden: int, layers: int, heads: int) -> dict:
+    return {
+        "model_type": "clip_vision_model",
+        "image_size": image_size,
+        "patch_size": patch,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 4,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "projection_dim": hidden,
+    }
+
+
+def tiny_config(vocab_size: int = 512, *, memory: bool = True) -> SegLLMConfig:
+    """A model small enough for unit tests (64 px images, 2-layer LLaMA of width 64)."""
+    return SegLLMConfig(
+        vision=VisionConfig(
+            hf_config=clip_vision_config(image_size=64, patch=16, hidden=32, layers=2, heads=2),
+            image_size=64,
+        ),
+        llm=LLMConfig(hf_config=llama_config(vocab_size=vocab_size, hidden=64, layers=2, heads=4, ffn=128, context=512)),
+        memory=MemoryConfig(enabled=memory),
+        prompt_head=PromptHeadConfig(num_tokens=4, num_ref_tokens=2, dim=32),
+        decoder=SamDecoderConfig(
+            image_size=64, patch_size=8, encoder_dim=32, encoder_depth=1, encoder_heads=2, dim=32, depth=1, heads=2, mlp_dim=64
+        ),
+        template=TemplateConfig(),
+    )
+
+
+def small_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig:
+    """The bundled default model's shape: 128 px images, a 4-layer LLaMA of width 256."""
+    return SegLLMConfig(
+        vision=VisionConfig(
+            hf_config=clip_vision_config(image_size=128, patch=16, hidden=192, layers=4, heads=3),
+            image_size=128,
+        ),
+        llm=LLMConfig(hf_config=llama_config(vocab_size=vocab_size, hidden=256, layers=4, heads=4, ffn=768, context=1024)),
+        memory=MemoryConfig(enabled=memory),
+        prompt_head=PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=128),
+        decoder=SamDecoderConfig(
+            image_size=128, patch_size=8, encoder_dim=128, encoder_depth=4, encoder_heads=4, dim=128, depth=2, heads=4, mlp_dim=512
+        ),
+        template=TemplateConfig(),
+    )

@@ -1,0 +1,218 @@
+"""Conversation -> token ids, labels and slots (where each injected feature and each ``<seg>`` sits).
+
+The rendering is built piece by piece from token ids, never by re-splitting a rendered
+string: a round's tokens are ``user(round) + answer(round)``, and a whole conversation is
+``prefix + user(1) + answer(1) + ... + user(n) [+ answer(n)]``. Because of that, the tokens of
+the first k rounds are exactly a prefix of the tokens of k+1 rounds, which is what lets a
+session keep the LLM's key/value cache across rounds. Labels come from roles: only answer
+tokens (and the end-of-answer token) are trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from segllm.config import MemoryConfig, TemplateConfig
+from segllm.conversation import SEG, Conversation, Round
+from segllm.errors import ContextTooLongError, ConversationError
+
+IGNORE = -100
+
+
+@dataclass
+class MemoryItem:
+    """One earlier mask fed back into the LLM input.
+
+    ``ref_round`` is 1-indexed, ``mask_index`` indexes that round's masks; ``mask_pos`` and
+    ``box_pos`` are token positions (``box_pos`` is -1 when boxes are not used).
+    """
+
+    round_index: int
+    ref_round: int
+    mask_index: int
+    mask_pos: int
+    box_pos: int
+
+
+@dataclass
+class SegItem:
+    """One ``<seg>`` of an answer: its round (0-based), index in the round, token position, and
+    the (1-indexed round, mask index) of the mask its [REF] half is supervised with, if any."""
+
+    round_index: int
+    index: int
+    pos: int
+    ref: tuple[int, int] | None
+
+
+@dataclass
+class Encoded:
+    """A rendered conversation.
+
+    Attributes:
+        input_ids: token ids, length L.
+        labels: length L; IGNORE except on answer tokens.
+        image_pos: positions of the image placeholders (num_image_tokens of them).
+        memory: the earlier masks fed back, in token order.
+        segs: the ``<seg>`` tokens of the answers, in token order.
+        round_spans: (start, end) token span of each round (user turn + answer).
+        prefix_len: number of tokens before the first round.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    image_pos: list[int]
+    memory: list[MemoryItem] = field(default_factory=list)
+    segs: list[SegItem] = field(default_factory=list)
+    round_spans: list[tuple[int, int]] = field(default_factory=list)
+    prefix_len: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Processor:
+    """Renders conversations into tokens for one tokenizer and template.
+
+    Args:
+        tokenizer: a transformers tokenizer that has the template's added tokens.
+        template: the rendering template.
+        memory: whether (and how) earlier masks become placeholders.
+        num_image_tokens: how many placeholders the image takes (the vision tower's patch count).
+        max_length: the LLM's context in tokens.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: TemplateConfig,
+        memory: MemoryConfig,
+        *,
+        num_image_tokens: int,
+        max_length: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.memory = memory
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        ids = tokenizer.convert_tokens_to_ids(
+            [template.image_token, template.mask_token, template.box_token, template.seg_token]
+        )
+        unk = tokenizer.unk_token_id
+        for name, tok, i in zip(("image", "mask", "box", "seg"), (template.image_token, template.mask_token, template.box_token, template.seg_token), ids):
+            if i is None or (unk is not None and i == unk and tok != tokenizer.unk_token):
+                raise ConversationError(f"the tokenizer has no {name} token {tok!r}; call segllm.tokenizer.add_segllm_tokens")
+        self.image_id, self.mask_id, self.box_id, self.seg_id = ids
+        if tokenizer.eos_token_id is None:
+            raise ConversationError("the tokenizer has no end-of-sequence token")
+        self.eos_id = tokenizer.eos_token_id
+        self.bos_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self._prefix_cache: list[int] | None = None
+
+    # -- pieces ---------------------------------------------------------------------------
+    def text_ids(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Token ids of plain text. Unless ``allow_special``, special-token strings typed by a
+        user (e.g. "<image>") are split into ordinary characters so they cannot forge slots."""
+        if not text:
+            return []
+        return list(
+            self.tokenizer(text, add_special_tokens=False, split_special_tokens=not allow_special).input_ids
+        )
+
+    def prefix_ids(self) -> tuple[list[int], list[int]]:
+        """Tokens before the first round, and the image placeholder positions within them."""
+        t = self.template
+        head = self.bos_ids + self.text_ids(t.system) + self.text_ids(t.image_prefix)
+        image_pos = list(range(len(head), len(head) + self.num_image_tokens))
+        ids = head + [self.image_id] * self.num_image_tokens + self.text_ids(t.image_suffix)
+        return ids, image_pos
+
+    def user_ids(self, conv: Conversation, round_index: int, offset: int) -> tuple[list[int], list[MemoryItem]]:
+        """Tokens of round ``round_index``'s user turn (up to the assistant prefix), placed at ``offset``."""
+        t = self.template
+        rnd = conv.rounds[round_index]
+        ids = self.text_ids(t.round_separator if round_index > 0 else "") + self.text_ids(t.user_prefix)
+        items: list[MemoryItem] = []
+        if self.memory.enabled:
+            for k in rnd.refs:
+                for j, _ in enumerate(conv.rounds[k - 1].masks):
+                    mask_pos = offset + len(ids)
+                    ids.append(self.mask_id)
+                    box_pos = -1
+                    if self.memory.use_box:
+                        box_pos = offset + len(ids)
+                        ids.append(self.box_id)
+                    items.append(MemoryItem(round_index, k, j, mask_pos, box_pos))
+        ids += self.text_ids(rnd.question) + self.text_ids(t.assistant_prefix)
+        return ids, items
+
+    def answer_ids(self, conv: Conversation, round_index: int, offset: int) -> tuple[list[int], list[SegItem]]:
+        """Tokens of round ``round_index``'s answer plus end-of-answer, placed at ``offset``."""
+        rnd = conv.rounds[round_index]
+        assert rnd.answer is not None
+        ids = self.text_ids(rnd.answer, allow_special=True) + [self.eos_id]
+        ref = (rnd.refs[0], 0) if rnd.refs else None
+        segs = [
+            SegItem(round_index, n, offset + p, ref)
+            for n, p in enumerate(p for p, i in enumerate(ids) if i == self.seg_id)
+        ]
+        if len(segs) != rnd.num_seg:
+            raise ConversationError(
+                f"round {round_index + 1}: the answer has {rnd.num_seg} {SEG} in text but "
+                f"{len(segs)} {SEG} token(s) after tokenisation"
+            )
+        return ids, segs
+
+    # -- whole conversations ---------------------------------------------------------------
+    def encode(self, conv: Conversation, *, open_last: bool = False) -> Encoded:
+        """Render a conversation.
+
+        Args:
+            conv: the conversation (validated here).
+            open_last: the last round has no answer yet: stop after its assistant prefix
+                (the model generates from there).
+
+        Raises:
+            ConversationError, MaskError: malformed conversation.
+            ContextTooLongError: the tokens do not fit the LLM's context.
+        """
+        conv.validate(allow_open_last=open_last)
+        if not open_last and conv.rounds[-1].answer is None:
+            raise ConversationError(f"round {len(conv.rounds)} has no answer")
+        ids, image_pos = self.prefix_ids()
+        labels = [IGNORE] * len(ids)
+        enc = Encoded(input_ids=ids, labels=labels, image_pos=image_pos, prefix_len=len(ids))
+        for i, rnd in enumerate(conv.rounds):
+            start = len(ids)
+            u, items = self.user_ids(conv, i, start)
+            ids += u
+            labels += [IGNORE] * len(u)
+            enc.memory += items
+            if rnd.answer is not None:
+                a, segs = self.answer_ids(conv, i, len(ids))
+                ids += a
+                labels += a
+                enc.segs += segs
+            enc.round_spans.append((start, len(ids)))
+        self.check_length(len(ids), len(conv.rounds), reserve=0)
+        return enc
+
+    def check_length(self, length: int, num_rounds: int, *, reserve: int) -> None:
+        """Raise :class:`ContextTooLongError` if ``length + reserve`` tokens exceed the context."""
+        if length + reserve <= self.max_length:
+            return
+        prefix = len(self.prefix_ids()[0])
+        per_round = max(1, (length - prefix) // max(1, num_rounds))
+        fit = max(0, (self.max_length - prefix - reserve) // per_round)
+        raise ContextTooLongError(
+            f"the conversation needs {length + reserve} tokens ({num_rounds} rounds"
+            f"{f' + {reserve} for the answer' if reserve else ''}) but the LLM's context holds "
+            f"{self.max_length}; about {fit} rounds like these fit: start a new conversation or drop rounds"
+        )
+
+
+def round_has_answer(rnd: Round) -> bool:
+    return rnd.answer is not None

@@ -1,0 +1,42 @@
+"""Mask losses on soft targets in the decoder's output frame."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean per-pixel binary cross-entropy. logits, targets: [M, h, w]; targets in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+def focal_loss(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss (Lin et al.), mean over pixels. logits, targets: [M, h, w]."""
+    logits, targets = logits.float(), targets.float()
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss.mean()
+
+
+def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1.0) -> Tensor:
+    """1 - soft Dice, averaged over masks. logits, targets: [M, h, w]."""
+    p = logits.float().sigmoid().flatten(1)
+    t = targets.float().flatten(1)
+    num = 2 * (p * t).sum(1) + eps
+    den = p.sum(1) + t.sum(1) + eps
+    return (1 - num / den).mean()
+
+
+def mask_iou(logits: Tensor, targets: Tensor) -> Tensor:
+    """IoU of thresholded predictions (logit > 0) against targets (> 0.5), per mask: [M]."""
+    p = logits > 0
+    t = targets > 0.5
+    inter = (p & t).flatten(1).sum(1).float()
+    union = (p | t).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
