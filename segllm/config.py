@@ -206,7 +206,7 @@ class SegLLMConfig:
         return {"format": CONFIG_FORMAT, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SegLLMConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SegLLMConfig:
         data = dict(data)
         fmt = data.pop("format", CONFIG_FORMAT)
         if fmt != CONFIG_FORMAT:
@@ -217,7 +217,7 @@ class SegLLMConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "SegLLMConfig":
+    def load(cls, path: str | Path) -> SegLLMConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -256,12 +256,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in args:
             try:
                 return _convert(arg, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {value!r} matches none of {tp}")
     if tp is type(None):
         if value is None:

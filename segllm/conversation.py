@@ -8,9 +8,9 @@ masks themselves (ground truth for training, predictions at inference).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -103,7 +103,7 @@ class Conversation:
                     if not np.any(m):
                         raise MaskError(f"round {n} refers to round {k}, whose mask is empty (zero area)")
 
-    def truncated(self, num_rounds: int) -> "Conversation":
+    def truncated(self, num_rounds: int) -> Conversation:
         """The first ``num_rounds`` rounds (references stay valid since they point backwards)."""
         return replace(self, rounds=list(self.rounds[:num_rounds]))
 

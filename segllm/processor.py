@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from segllm.config import MemoryConfig, TemplateConfig
-from segllm.conversation import SEG, Conversation, Round
+from segllm.conversation import SEG, Conversation
 from segllm.errors import ContextTooLongError, ConversationError
 
 IGNORE = -100
@@ -213,6 +213,3 @@ class Processor:
             f"{self.max_length}; about {fit} rounds like these fit: start a new conversation or drop rounds"
         )
 
-
-def round_has_answer(rnd: Round) -> bool:
-    return rnd.answer is not None

@@ -4,7 +4,7 @@ Data flow of a round::
 
     image --> vision tower --> projector --> image tokens ----------------\
     earlier masks --> masked crops --> vision pool --> projector --> mask  +--> LLM --> hidden
-                   \-> boxes --> box encoder ---------------------> box   /           |
+                   \\-> boxes --> box encoder ---------------------> box   /           |
     image --> decoder image encoder --> image features                 hidden before <seg>
                                               |                              |
                                               +---- mask decoder <-- prompt head
@@ -12,8 +12,8 @@ Data flow of a round::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class Batch:
     has_ref: Tensor | None = None
     encoded: list[Encoded] = field(default_factory=list)
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -154,6 +154,20 @@ class SegLLM(nn.Module):
         self.prompt_head = prompt_head
         self.decoder = decoder
         self.processor = processor
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_pretrained(self, path, **kwargs):
+        """Write config.json, model.safetensors and the tokenizer to the folder ``path``."""
+        from segllm.checkpoint import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None) -> SegLLM:
+        """Load a checkpoint folder strictly (see :mod:`segllm.checkpoint`)."""
+        from segllm.checkpoint import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
 
     # -- bookkeeping -----------------------------------------------------------------------
     @property
@@ -257,7 +271,7 @@ class SegLLM(nn.Module):
         if targets:
             out = self.decoder.output_size
             seg_t, ref_t, has_ref = [], [], []
-            for c, e, fr in zip(conversations, encs, frames):
+            for c, e in zip(conversations, encs):
                 for item in e.segs:
                     seg_t.append(torch.from_numpy(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)))
                     if item.ref is not None:
@@ -342,8 +356,14 @@ class SegLLM(nn.Module):
                 f"{n_tokens} placeholder token(s) in the input but {n_feats} feature(s) to inject "
                 f"({', '.join(f'{n} for token {t}' for t, n in expected)})"
             )
-        if n_feats and not bool(is_ph[rows, cols].all()):
-            raise PlaceholderMismatchError("a feature slot points at a position that holds no placeholder token")
+        if not n_feats:
+            return
+        want = torch.cat([torch.full((n,), tid, dtype=ids.dtype, device=ids.device) for tid, n in expected])
+        if not bool((ids[rows, cols] == want).all()):
+            raise PlaceholderMismatchError("a feature slot points at a position that holds no placeholder token of its kind")
+        flat = rows * ids.shape[1] + cols
+        if flat.unique().numel() != flat.numel():
+            raise PlaceholderMismatchError("two features point at the same placeholder token")
 
     # -- training --------------------------------------------------------------------------
     def forward(self, batch: Batch) -> SegLLMOutput:

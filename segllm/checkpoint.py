@@ -1,0 +1,147 @@
+"""Checkpoints: a folder with config.json (nested dataclasses), model.safetensors and the tokenizer.
+
+Loading is strict: a missing or unexpected weight, or one of the wrong shape, is an error
+naming it. Nothing is unpickled. Saving is atomic: the folder is written beside the target
+and renamed into place, so an interrupted save never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from segllm.config import CONFIG_FORMAT, SegLLMConfig
+from segllm.errors import CheckpointError, ConfigError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_pretrained(model, path: str | Path, *, extra: dict | None = None) -> Path:
+    """Write ``model`` (a :class:`segllm.SegLLM`) to the folder ``path`` atomically.
+
+    Args:
+        extra: JSON-serialisable facts stored in ``segllm.json`` beside the weights (e.g. the
+            training step); not needed to load the model.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.config.save(tmp / CONFIG_NAME)
+        state, aliases = _dedupe(model.state_dict())
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": CONFIG_FORMAT, "aliases": json.dumps(aliases)})
+        model.tokenizer.save_pretrained(str(tmp))
+        if extra is not None:
+            (tmp / "segllm.json").write_text(json.dumps(extra, indent=2) + "\n")
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_config(path: str | Path) -> SegLLMConfig:
+    """The config of the checkpoint folder ``path``; a clear error if it is not a SegLLM checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a segllm checkpoint: it has no {CONFIG_NAME}")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {cfg_file}: {e}") from e
+    if data.get("format") != CONFIG_FORMAT:
+        kind = data.get("model_type") or data.get("format") or "unknown"
+        raise CheckpointError(
+            f"{cfg_file} is not a segllm checkpoint config (format {data.get('format')!r}, model type {kind!r})"
+        )
+    try:
+        return SegLLMConfig.from_dict(data)
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from e
+
+
+def load_pretrained(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Read a checkpoint folder written by :func:`save_pretrained` into a :class:`segllm.SegLLM` (eval mode)."""
+    from transformers import AutoTokenizer
+
+    from segllm.model.builder import build_segllm
+
+    path = Path(path)
+    config = load_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS_NAME}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
+    model = build_segllm(config, tokenizer, load_weights=False)
+    load_weights(model, weights)
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def load_weights(model: torch.nn.Module, weights: str | Path) -> None:
+    """Load a safetensors file into ``model`` strictly, naming any missing, unexpected or misshapen key."""
+    try:
+        state = load_file(str(weights))
+        with open(weights, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(header_len)).get("__metadata__", {}) or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights {weights}: {e}") from e
+    for alias, kept in json.loads(meta.get("aliases", "{}")).items():
+        if kept in state:
+            state[alias] = state[kept]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing:
+        raise CheckpointError(f"{weights}: missing weight(s) {_few(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{weights}: unexpected weight(s) {_few(unexpected)}")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{weights}: weight {k} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share memory with an earlier one (tied weights); return the aliases."""
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for k, v in state.items():
+        key = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v.detach().contiguous().cpu()
+    return out, aliases
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

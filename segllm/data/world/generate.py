@@ -1,0 +1,515 @@
+"""The world: deterministic samples (scene + multi-round conversation) and dataset writing.
+
+Every sample is drawn from its own generator ``np.random.default_rng([seed, split_id, index])``,
+so the same (seed, split, index) always gives the same image and conversation, whatever else
+is generated and in whichever order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segllm.data.world import language as L
+from segllm.data.world.scene import (
+    CATEGORIES,
+    CATEGORY_IDS,
+    COLOURS,
+    MIXED,
+    SHAPES,
+    WorldObject,
+    _LayoutError,
+    render_scene,
+)
+from segllm.errors import ConfigError
+
+GENERATOR_VERSION = "segllm-world/1"
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "heldout": 3}
+HELDOUT_SEED = 20250125  # fixes the held-out (colour, shape) pairs, whatever the world seed
+
+DEFAULT_ANSWERS = ("<seg>", "It is <seg>.", "Sure, <seg>.", "Here it is: <seg>.",
+                   "<seg> is the one.", "Sure, it is <seg>.")
+
+# relation family weights: rounds without a reference, rounds with one
+_NO_REF_WEIGHTS = {"attribute": 0.4, "positional": 0.25, "ordinal": 0.15, "comparison": 0.2}
+_REF_WEIGHTS = {"attribute": 0.28, "positional": 0.28, "ordinal": 0.12, "part-of": 0.14,
+                "comparison": 0.18}
+
+_NO_SIZE = tuple(a for a in L.ATTRS if a != "size")  # heads of size comparisons
+
+
+@dataclass
+class WorldConfig:
+    """Settings of the procedural world.
+
+    Attributes:
+        image_size: side of the square images, pixels.
+        min_objects, max_objects: top-level objects per scene (a crowded scene may get fewer
+            than drawn, never fewer than ``min_objects``).
+        min_rounds, max_rounds: rounds per conversation (the drawn number is capped by the
+            number of distinct objects that can be described).
+        answers: answer templates, each with exactly one "<seg>".
+        composite_prob: chance that an object is a composite (house, tree, lollipop).
+        min_visible: the least fraction of its own area every object and part keeps visible.
+        ref_prob: chance that a round after the first refers to earlier rounds.
+        memory_prob: chance that a referring round insists on a question whose answer depends
+            on which objects the referenced instances are (when one can be found).
+        heldout_fraction: fraction of (colour, shape) pairs held out of train/val/test.
+    """
+
+    image_size: int = 128
+    min_objects: int = 3
+    max_objects: int = 8
+    min_rounds: int = 2
+    max_rounds: int = 8
+    answers: list[str] = field(default_factory=lambda: list(DEFAULT_ANSWERS))
+    composite_prob: float = 0.25
+    min_visible: float = 0.6
+    ref_prob: float = 0.9
+    memory_prob: float = 0.9
+    heldout_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ConfigError(f"need 1 <= min_objects <= max_objects, got "
+                              f"{self.min_objects}, {self.max_objects}")
+        if not 1 <= self.min_rounds <= self.max_rounds:
+            raise ConfigError(f"need 1 <= min_rounds <= max_rounds, got "
+                              f"{self.min_rounds}, {self.max_rounds}")
+        if not self.answers:
+            raise ConfigError("answers must not be empty")
+        self.answers = list(self.answers)
+        for a in self.answers:
+            if a.count("<seg>") != 1:
+                raise ConfigError(f"every answer needs exactly one <seg>: {a!r}")
+        for name in ("composite_prob", "min_visible", "ref_prob", "memory_prob",
+                     "heldout_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1], got {v}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown WorldConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def heldout_pairs(fraction: float = 0.1) -> frozenset[tuple[str, str]]:
+    """The (colour, shape) pairs of basic shapes never drawn in train/val/test.
+
+    Fixed by HELDOUT_SEED; no colour and no shape loses more than two of its pairs, so every
+    colour and every shape is still seen in training.
+    """
+    pairs = [(c, s) for s in SHAPES for c in COLOURS]
+    n = int(round(fraction * len(pairs)))
+    rng = np.random.default_rng(HELDOUT_SEED)
+    chosen: list[tuple[str, str]] = []
+    per_c: dict[str, int] = {}
+    per_s: dict[str, int] = {}
+    for i in rng.permutation(len(pairs)):
+        if len(chosen) >= n:
+            break
+        c, s = pairs[i]
+        if per_c.get(c, 0) >= 2 or per_s.get(s, 0) >= 2:
+            continue
+        chosen.append((c, s))
+        per_c[c] = per_c.get(c, 0) + 1
+        per_s[s] = per_s.get(s, 0) + 1
+    return frozenset(chosen)
+
+
+@dataclass
+class Sample:
+    """One scene and its conversation.
+
+    ``masks`` maps annotation ids local to the sample (1, 2, ...) to visible-pixel masks, for
+    every object and part; ``record`` is the conversation record (``mask_ids`` are keys of
+    ``masks``); ``queries[i]`` is the structured query of round i+1 (for re-checking) and
+    ``needs_memory[i]`` whether its answer depends on which objects its references are.
+    """
+
+    split: str
+    index: int
+    image: np.ndarray
+    masks: dict[int, np.ndarray]
+    objects: list[WorldObject]
+    record: dict[str, Any]
+    queries: list[L.Query]
+    needs_memory: list[bool]
+
+    @property
+    def targets(self) -> list[int]:
+        return [r["mask_ids"][0] for r in self.record["rounds"]]
+
+
+# -- conversation building -----------------------------------------------------------------------
+
+
+def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    keys = list(weights)
+    p = np.array([weights[k] for k in keys], dtype=np.float64)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+
+
+def _pick_round(rng: np.random.Generator, targets: list[int], by_id: dict[int, WorldObject],
+                ok) -> int | None:
+    """A 1-indexed earlier round whose target satisfies ok; recent rounds are likelier."""
+    rounds = [k for k in range(1, len(targets) + 1) if ok(by_id[targets[k - 1]])]
+    if not rounds:
+        return None
+    w = np.array([3.0 if k == len(targets) else 1.0 for k in rounds])
+    return rounds[int(rng.choice(len(rounds), p=w / w.sum()))]
+
+
+class _Builder:
+    def __init__(self, objects: list[WorldObject], rng: np.random.Generator,
+                 margins: L.Margins) -> None:
+        self.objects = objects
+        self.by_id = {o.id: o for o in objects}
+        self.top = [o for o in objects if o.parent is None]
+        self.rng = rng
+        self.margins = margins
+
+    # one relation, its parameters drawn once; every target/head that makes it unique
+    def options(self, family: str, relation: str, targets: list[int],
+                target_ok) -> list[tuple[L.Query, int]]:
+        rng, by_id = self.rng, self.by_id
+        used = set(targets)
+        refs: tuple[int, ...] = ()
+        kw: dict[str, Any] = {}
+        allowed: tuple[str, ...] = L.ATTRS
+        min_attrs, max_attrs = 0, 2
+        cands: list[WorldObject]
+        untargeted = [o for o in self.top if o.id not in used and target_ok(o)]
+
+        if relation == "unique":
+            cands, min_attrs, max_attrs = untargeted, 1, 4
+        elif relation in ("extreme", "ordinal", "largest", "smallest"):
+            cands, max_attrs = untargeted, 3
+            if relation in ("largest", "smallest"):
+                allowed = _NO_SIZE
+            if relation != "largest" and relation != "smallest":
+                kw["direction"] = str(rng.choice(L.DIRECTIONS))
+            if relation == "ordinal":
+                kw["rank"] = int(rng.choice([2, 3], p=[0.7, 0.3]))
+        elif relation in ("part_name", "part_extreme", "part_colour"):
+            k = _pick_round(rng, targets, by_id, lambda o: o.kind == "composite" and any(
+                p not in used for p in o.parts))
+            if k is None:
+                return []
+            refs = (k,)
+            cands = [by_id[p] for p in by_id[targets[k - 1]].parts
+                     if p not in used and target_ok(by_id[p])]
+            allowed, max_attrs = (), 0
+            if relation == "part_extreme":
+                kw["direction"] = str(rng.choice(["top", "bottom"]))
+        elif relation == "whole":
+            k = _pick_round(rng, targets, by_id, lambda o: o.kind == "part" and o.parent not in used)
+            if k is None:
+                return []
+            refs = (k,)
+            whole = by_id[by_id[targets[k - 1]].parent]
+            cands = [whole] if target_ok(whole) else []
+            allowed, max_attrs = ("shape",), 1
+        else:
+            if relation in ("same_colour", "different_colour"):
+                ok = lambda o: o.colour != MIXED  # noqa: E731
+            elif relation in ("same_shape", "different_shape", "other"):
+                ok = lambda o: o.parent is None  # noqa: E731
+            else:
+                ok = lambda o: True  # noqa: E731
+            k = _pick_round(rng, targets, by_id, ok)
+            if k is None:
+                return []
+            refs = (k,)
+            ref = by_id[targets[k - 1]]
+            cands = untargeted
+            if relation.startswith("same_") or relation.startswith("different_"):
+                a = relation.split("_", 1)[1]
+                allowed = tuple(x for x in L.ATTRS if x != a)
+            elif relation == "colour_and_shape":
+                k2 = _pick_round(rng, targets, by_id, lambda o: o.parent is None and o.id != ref.id)
+                if k2 is None or ref.colour == MIXED:
+                    return []
+                refs = (k, k2)
+                allowed, max_attrs = ("size", "texture"), 1
+            elif relation in ("bigger", "smaller"):
+                allowed = _NO_SIZE
+                if rng.random() < 0.35:
+                    attr = str(rng.choice(["colour", "texture", "shape"]))
+                    if getattr(ref, attr) != MIXED:
+                        kw["attr"] = attr
+                        allowed = tuple(x for x in _NO_SIZE if x != attr)
+            elif relation in ("ordinal_from", "largest_dir", "smallest_dir"):
+                if relation != "ordinal_from":
+                    allowed = _NO_SIZE
+                kw["direction"] = str(rng.choice(L.DIRECTIONS))
+                if relation == "ordinal_from":
+                    kw["rank"] = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+
+        out: list[tuple[L.Query, int]] = []
+        order = rng.permutation(len(cands))
+        for i in order[:8]:
+            t = cands[int(i)]
+            extra = dict(kw)
+            if relation == "part_name":
+                extra["part"] = t.shape
+            elif relation == "part_colour":
+                extra["colour"] = t.colour
+            if relation == "other":
+                ref = by_id[targets[refs[0] - 1]]
+                allowed_t = tuple(a for a in L.ATTRS if getattr(t, a) == getattr(ref, a))
+                heads = L.heads_for(t, allowed_t, rng, 2)
+            else:
+                heads = L.heads_for(t, allowed, rng, max_attrs)
+            for head in heads:
+                if head.n_attrs() < min_attrs:
+                    continue
+                if relation == "other" and head.n_attrs() == 0:
+                    continue
+                q = L.Query(family, relation, head, refs, **extra)
+                if L.is_unique(q, self.objects, targets, self.margins) == t.id:
+                    out.append((q, t.id))
+                    break
+        return out
+
+    def next_round(self, targets: list[int], use_ref: bool, want_memory: bool,
+                   target_ok) -> tuple[L.Query, int, bool] | None:
+        rng = self.rng
+        fallback: tuple[L.Query, int, bool] | None = None
+        for attempt in range(30):
+            ref_now = use_ref and attempt < 22
+            if ref_now:
+                family = _weighted(rng, _REF_WEIGHTS)
+                rels = L.REF_RELATIONS[family]
+            else:
+                family = _weighted(rng, _NO_REF_WEIGHTS)
+                rels = L.NO_REF_RELATIONS[family]
+            relation = str(rels[int(rng.integers(len(rels)))])
+            opts = self.options(family, relation, targets, target_ok)
+            for i in rng.permutation(len(opts)):
+                q, t = opts[int(i)]
+                mem = L.needs_memory(q, self.objects, targets, self.margins)
+                if mem or not want_memory:
+                    return q, t, mem
+                if fallback is None:
+                    fallback = (q, t, mem)
+            if fallback is not None and attempt >= 16:
+                break
+        return fallback
+
+
+def build_conversation(objects: list[WorldObject], rng: np.random.Generator, n_rounds: int,
+                       margins: L.Margins, *, ref_prob: float = 0.9, memory_prob: float = 0.9,
+                       first_target_ok=None) -> list[tuple[L.Query, int, bool]]:
+    """Up to n_rounds (query, target id, needs_memory) rounds; stops early when no further
+    object can be described uniquely."""
+    b = _Builder(objects, rng, margins)
+    targets: list[int] = []
+    rounds: list[tuple[L.Query, int, bool]] = []
+    for r in range(1, n_rounds + 1):
+        use_ref = r > 1 and rng.random() < ref_prob
+        want_memory = use_ref and rng.random() < memory_prob
+        ok = first_target_ok if (r == 1 and first_target_ok is not None) else (lambda o: True)
+        got = b.next_round(targets, use_ref, want_memory, ok)
+        if got is None:
+            break
+        rounds.append(got)
+        targets.append(got[1])
+    return rounds
+
+
+# -- the world -----------------------------------------------------------------------------------
+
+
+class World:
+    """Deterministic sampler of scenes and conversations. ``world.sample(split, index)``."""
+
+    def __init__(self, config: WorldConfig | None = None, seed: int = 0) -> None:
+        self.config = config if config is not None else WorldConfig()
+        self.seed = int(seed)
+        self.heldout_pairs = heldout_pairs(self.config.heldout_fraction)
+        self.margins = L.default_margins(self.config.image_size)
+        all_colours = list(COLOURS)
+        self._colours_seen = {s: [c for c in all_colours if (c, s) not in self.heldout_pairs]
+                              for s in SHAPES}
+        self._colours_all = {s: all_colours for s in SHAPES}
+        self._heldout_list = sorted(self.heldout_pairs)
+
+    def sample(self, split: str, index: int) -> Sample:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        cfg = self.config
+        rng = np.random.default_rng([self.seed, SPLITS[split], int(index)])
+        heldout = split == "heldout"
+        for _ in range(100):
+            n_rounds = int(rng.integers(cfg.min_rounds, cfg.max_rounds + 1))
+            lo = max(cfg.min_objects, min(n_rounds, cfg.max_objects))
+            n_obj = int(rng.integers(lo, cfg.max_objects + 1))
+            forced = []
+            if heldout and self._heldout_list:
+                forced = [self._heldout_list[int(rng.integers(len(self._heldout_list)))]]
+            try:
+                scene = render_scene(
+                    rng, image_size=cfg.image_size, n_objects=n_obj,
+                    composite_prob=cfg.composite_prob, min_visible=cfg.min_visible,
+                    allowed_colours=self._colours_all if heldout else self._colours_seen,
+                    forced_pairs=forced)
+            except _LayoutError:
+                continue
+            if sum(o.parent is None for o in scene.objects) < cfg.min_objects:
+                continue
+            first_ok = None
+            if heldout:
+                first_ok = lambda o: (o.colour, o.shape) in self.heldout_pairs  # noqa: E731
+            rounds = build_conversation(scene.objects, rng, n_rounds, self.margins,
+                                        ref_prob=cfg.ref_prob, memory_prob=cfg.memory_prob,
+                                        first_target_ok=first_ok)
+            if len(rounds) >= cfg.min_rounds:
+                break
+        else:  # pragma: no cover - practically unreachable with sane configs
+            raise RuntimeError(f"could not generate {split} sample {index}")
+
+        recs = []
+        for q, t, _mem in rounds:
+            question = L.phrase(q, rng)
+            answer = cfg.answers[int(rng.integers(len(cfg.answers)))]
+            recs.append({"question": question, "refs": list(q.refs), "answer": answer,
+                         "mask_ids": [t], "relation": q.family})
+        record = {"id": f"{split}-{index:06d}", "image": f"images/{split}_{index:06d}.png",
+                  "image_id": index + 1, "rounds": recs}
+        return Sample(split=split, index=index, image=scene.image, masks=scene.masks,
+                      objects=scene.objects, record=record, queries=[r[0] for r in rounds],
+                      needs_memory=[r[2] for r in rounds])
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(config_dict: dict, seed: int, out_dir: str) -> None:
+    _WORKER["world"] = World(WorldConfig.from_dict(config_dict), seed)
+    _WORKER["out"] = out_dir
+
+
+def _make_item(args: tuple[str, int]) -> tuple[dict, list[dict], dict]:
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    split, index = args
+    world: World = _WORKER["world"]
+    s = world.sample(split, index)
+    Image.fromarray(s.image, mode="RGB").save(
+        os.path.join(_WORKER["out"], s.record["image"]), compress_level=1)
+    h, w = s.image.shape[:2]
+    image = {"id": s.record["image_id"], "file_name": s.record["image"], "height": h, "width": w}
+    anns = []
+    for o in s.objects:
+        rle = mask_utils.encode(np.asfortranarray(s.masks[o.id].astype(np.uint8)))
+        area = int(mask_utils.area(rle))
+        bbox = [float(v) for v in mask_utils.toBbox(rle)]
+        rle["counts"] = rle["counts"].decode("ascii")
+        anns.append({"id": o.id, "image_id": image["id"], "category_id": CATEGORY_IDS[o.shape],
+                     "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0,
+                     "attributes": o.attributes, "parent_id": o.parent})
+    return image, anns, s.record
+
+
+def write_split(root: str | os.PathLike, split: str, n: int, *, seed: int,
+                config: WorldConfig | None = None, workers: int = 1,
+                progress: bool = False) -> Path:
+    """Write n samples (indices 0..n-1) of a split to ``root/<split>/``: ``images/*.png``,
+    ``annotations.json`` (COCO, annotation ids unique across the split), ``conversations.jsonl``
+    and ``meta.json``. Returns the split folder."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    config = config if config is not None else WorldConfig()
+    out = Path(root) / split
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jobs = [(split, i) for i in range(n)]
+    cfg_dict = config.to_dict()
+
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=n, desc=f"world {split}", unit="conv")
+        except ImportError:  # pragma: no cover
+            bar = None
+
+    images: list[dict] = []
+    annotations: list[dict] = []
+    next_id = 1
+    with open(out / "conversations.jsonl", "w", encoding="utf-8") as fconv:
+        def consume(item: tuple[dict, list[dict], dict]) -> None:
+            nonlocal next_id
+            image, anns, record = item
+            remap = {a["id"]: next_id + j for j, a in enumerate(anns)}
+            next_id += len(anns)
+            for a in anns:
+                a["id"] = remap[a["id"]]
+                if a["parent_id"] is not None:
+                    a["parent_id"] = remap[a["parent_id"]]
+            for r in record["rounds"]:
+                r["mask_ids"] = [remap[i] for i in r["mask_ids"]]
+            images.append(image)
+            annotations.extend(anns)
+            fconv.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.update(1)
+
+        if workers <= 1:
+            _init_worker(cfg_dict, seed, str(out))
+            for job in jobs:
+                consume(_make_item(job))
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                              initargs=(cfg_dict, seed, str(out))) as pool:
+                for item in pool.imap(_make_item, jobs, chunksize=16):
+                    consume(item)
+    if bar is not None:
+        bar.close()
+
+    coco = {"info": {"description": f"segllm procedural world, split {split}",
+                     "version": GENERATOR_VERSION},
+            "images": images, "annotations": annotations, "categories": CATEGORIES}
+    with open(out / "annotations.json", "w", encoding="utf-8") as f:
+        json.dump(coco, f)
+    meta = {"seed": seed, "split": split, "n": n, "config": cfg_dict,
+            "version": GENERATOR_VERSION,
+            "heldout_pairs": [list(p) for p in sorted(heldout_pairs(config.heldout_fraction))]}
+    with open(out / "meta.json", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    return out
+
+
+def generate(root: str | os.PathLike, counts: dict[str, int], *, seed: int,
+             config: WorldConfig | None = None, workers: int = 1) -> None:
+    """Write every split of ``counts`` (e.g. {"train": 5000, "val": 200, "test": 200,
+    "heldout": 200}) under root, with a progress bar. Splits with a count of 0 are skipped."""
+    for split in counts:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    for split, n in counts.items():
+        if n > 0:
+            write_split(root, split, int(n), seed=seed, config=config, workers=workers,
+                        progress=True)

@@ -1,0 +1,477 @@
+"""Referring expressions of the world: structured queries, their checker, and their wording.
+
+A :class:`Query` is a structured referring expression: a relation family and relation, a
+:class:`Head` (the attributes the described object must have, e.g. "red circle"), the earlier
+rounds it refers to ("instance k") and a few relation parameters. :func:`resolve` is the
+checker: it returns every object the query could denote in a scene given the earlier rounds'
+targets. A round is only asked when the query is *unique* (:func:`is_unique`): exactly one
+object matches, and no other object is within the geometric margins (positions within
+``margin`` pixels, areas within ``ratio``) of changing the answer.
+
+Relation families (the ``relation`` field of a conversation round):
+
+- ``attribute``: "the red circle"; "the square with the same colour as instance 1"; "the
+  circle other than instance 2"; "the object with the colour of instance 1 and the shape of
+  instance 3"; "the triangle with a different texture than instance 2".
+- ``positional``: "the left-most star"; "the square left of instance 2"; "the object closest
+  to instance 3"; "the circle farthest from instance 1".
+- ``ordinal``: "the second circle from the left"; "the second square to the right of instance 1".
+- ``part-of``: "the roof of instance 1"; "the part of instance 1 at the top"; "the red part of
+  instance 2"; "the house that instance 3 belongs to".
+- ``comparison``: "the largest star"; "the square bigger than instance 2"; "the one bigger than
+  instance 2 with the same texture"; "the largest object below instance 1".
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segllm.data.world.scene import MIXED, WorldObject
+
+FAMILIES: tuple[str, ...] = ("attribute", "positional", "ordinal", "part-of", "comparison")
+
+# relations of each family: those without a reference, and those with one (or two)
+NO_REF_RELATIONS: dict[str, tuple[str, ...]] = {
+    "attribute": ("unique",),
+    "positional": ("extreme",),
+    "ordinal": ("ordinal",),
+    "comparison": ("largest", "smallest"),
+}
+REF_RELATIONS: dict[str, tuple[str, ...]] = {
+    "attribute": ("same_colour", "same_shape", "same_texture", "different_colour",
+                  "different_shape", "different_texture", "other", "colour_and_shape"),
+    "positional": ("left_of", "right_of", "above", "below", "nearest", "farthest"),
+    "ordinal": ("ordinal_from",),
+    "part-of": ("part_name", "part_extreme", "part_colour", "whole"),
+    "comparison": ("bigger", "smaller", "largest_dir", "smallest_dir"),
+}
+
+ATTRS: tuple[str, ...] = ("size", "colour", "texture", "shape")
+DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
+_DIR_REL = {"left": "left_of", "right": "right_of", "top": "above", "bottom": "below"}
+
+
+# -- structured queries -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Head:
+    """Attributes the described object must have (None: not said)."""
+
+    size: str | None = None
+    colour: str | None = None
+    texture: str | None = None
+    shape: str | None = None
+
+    def matches(self, o: WorldObject) -> bool:
+        return ((self.size is None or o.size == self.size)
+                and (self.colour is None or o.colour == self.colour)
+                and (self.texture is None or o.texture == self.texture)
+                and (self.shape is None or o.shape == self.shape))
+
+    def n_attrs(self) -> int:
+        return sum(a is not None for a in (self.size, self.colour, self.texture, self.shape))
+
+    def phrase(self, noun: str = "object") -> str:
+        words = []
+        if self.size is not None:
+            words.append(SIZE_WORDS[self.size])
+        if self.colour is not None:
+            words.append(self.colour)
+        if self.texture is not None:
+            words.append(self.texture)
+        words.append(self.shape if self.shape is not None else noun)
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A structured referring expression.
+
+    ``refs`` are 1-indexed earlier rounds. ``direction`` is one of DIRECTIONS (extremes,
+    ordinals, ``*_dir`` relations, ``part_extreme``); ``rank`` is the 1-based ordinal;
+    ``attr`` the attribute of ``bigger``/``smaller`` that must also be shared with the
+    reference (or None); ``part`` the part name of ``part_name``; ``colour`` the colour of
+    ``part_colour``.
+    """
+
+    family: str
+    relation: str
+    head: Head = field(default_factory=Head)
+    refs: tuple[int, ...] = ()
+    direction: str | None = None
+    rank: int | None = None
+    attr: str | None = None
+    part: str | None = None
+    colour: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "relation": self.relation,
+                "head": {k: getattr(self.head, k) for k in ATTRS if getattr(self.head, k)},
+                "refs": list(self.refs), "direction": self.direction, "rank": self.rank,
+                "attr": self.attr, "part": self.part, "colour": self.colour}
+
+
+@dataclass(frozen=True)
+class Margins:
+    """How clear a geometric relation must be: positions and distances differ by more than
+    ``pixels``; areas by more than a factor ``ratio``."""
+
+    pixels: float = 4.0
+    ratio: float = 1.25
+
+
+def default_margins(image_size: int) -> Margins:
+    return Margins(pixels=max(2.0, 0.03 * image_size), ratio=1.25)
+
+
+# -- the checker --------------------------------------------------------------------------------
+
+
+def _coord(o: WorldObject, direction: str) -> float:
+    """A key that is smallest for the object most towards ``direction``."""
+    if direction == "left":
+        return o.cx
+    if direction == "right":
+        return -o.cx
+    if direction == "top":
+        return o.cy
+    return -o.cy
+
+
+def _related(ref: WorldObject) -> set[int]:
+    ids = {ref.id, *ref.parts}
+    if ref.parent is not None:
+        ids.add(ref.parent)
+    return ids
+
+
+def _pool(objects: list[WorldObject], refs: list[WorldObject]) -> list[WorldObject]:
+    """Top-level objects other than the references and their wholes/parts."""
+    banned: set[int] = set()
+    for r in refs:
+        banned |= _related(r)
+    return [o for o in objects if o.parent is None and o.id not in banned]
+
+
+def _extreme(items: list[WorldObject], key, m: float) -> tuple[list, list]:
+    if not items:
+        return [], []
+    keys = [key(o) for o in items]
+    best = min(keys)
+    possible = [o for o, k in zip(items, keys) if k <= best + m]
+    return possible, (possible if len(possible) == 1 else [])
+
+
+def _ordinal(items: list[WorldObject], key, rank: int, m: float) -> tuple[list, list]:
+    """The rank-th item by increasing key; items closer than m form a cluster of ties."""
+    if len(items) < rank:
+        return [], []
+    order = sorted(items, key=key)
+    keys = [key(o) for o in order]
+    clusters: list[list[WorldObject]] = [[order[0]]]
+    for i in range(1, len(order)):
+        if keys[i] - keys[i - 1] <= m:
+            clusters[-1].append(order[i])
+        else:
+            clusters.append([order[i]])
+    pos = 0
+    for c in clusters:
+        if pos + len(c) >= rank:
+            return c, (c if len(c) == 1 else [])
+        pos += len(c)
+    return [], []
+
+
+def _direction_sets(items: list[WorldObject], ref: WorldObject, direction: str,
+                    m: float) -> tuple[list, list]:
+    """Items lying towards ``direction`` of ref: (possibly, definitely)."""
+    def d(o: WorldObject) -> float:  # > 0 when o lies towards direction
+        return _coord(ref, direction) - _coord(o, direction)
+    return [o for o in items if d(o) > -m], [o for o in items if d(o) > m]
+
+
+def evaluate(q: Query, objects: list[WorldObject], targets: list[int],
+             margins: Margins) -> tuple[list[WorldObject], list[WorldObject]]:
+    """(possible, definite) denotations of a query; it is unique when both are one object."""
+    by_id = {o.id: o for o in objects}
+    try:
+        refs = [by_id[targets[k - 1]] for k in q.refs]
+    except (IndexError, KeyError):
+        return [], []
+    if any(k < 1 for k in q.refs):
+        return [], []
+    m, ratio = margins.pixels, margins.ratio
+    rel = q.relation
+    head = q.head
+
+    # part-of relations
+    if rel in ("part_name", "part_extreme", "part_colour"):
+        parts = [by_id[i] for i in refs[0].parts]
+        if rel == "part_name":
+            out = [p for p in parts if p.shape == q.part]
+            return out, out
+        if rel == "part_colour":
+            out = [p for p in parts if p.colour == q.colour]
+            return out, out
+        return _extreme(parts, lambda o: _coord(o, q.direction), m)
+    if rel == "whole":
+        if refs[0].parent is None:
+            return [], []
+        whole = by_id[refs[0].parent]
+        out = [whole] if head.matches(whole) else []
+        return out, out
+
+    cands = [o for o in _pool(objects, refs) if head.matches(o)]
+
+    if rel == "unique":
+        return cands, cands
+    if rel == "extreme":
+        return _extreme(cands, lambda o: _coord(o, q.direction), m)
+    if rel == "ordinal":
+        return _ordinal(cands, lambda o: _coord(o, q.direction), q.rank, m)
+    if rel in ("largest", "smallest"):
+        return _by_area(cands, rel == "largest", ratio)
+
+    ref = refs[0]
+    if rel.startswith("same_") or rel.startswith("different_"):
+        a = rel.split("_", 1)[1]
+        v = getattr(ref, a)
+        if v == MIXED:
+            return [], []
+        same = rel.startswith("same_")
+        out = [o for o in cands if (getattr(o, a) == v) == same]
+        return out, out
+    if rel == "other":
+        return cands, cands
+    if rel == "colour_and_shape":
+        a, b = refs
+        if a.colour == MIXED or a.id == b.id:
+            return [], []
+        out = [o for o in cands if o.colour == a.colour and o.shape == b.shape]
+        return out, out
+    if rel in ("left_of", "right_of", "above", "below"):
+        direction = {v: k for k, v in _DIR_REL.items()}[rel]
+        return _direction_sets(cands, ref, direction, m)
+    if rel in ("nearest", "farthest"):
+        sign = 1.0 if rel == "nearest" else -1.0
+        return _extreme(cands, lambda o: sign * float(np.hypot(o.cx - ref.cx, o.cy - ref.cy)), m)
+    if rel in ("ordinal_from", "largest_dir", "smallest_dir"):
+        possible, definite = _direction_sets(cands, ref, q.direction, m)
+        if len(possible) != len(definite):
+            return possible, []
+        if rel == "ordinal_from":
+            return _ordinal(definite, lambda o: -_coord(o, q.direction), q.rank, m)
+        return _by_area(definite, rel == "largest_dir", ratio)
+    if rel in ("bigger", "smaller"):
+        if q.attr is not None:
+            v = getattr(ref, q.attr)
+            if v == MIXED:
+                return [], []
+            cands = [o for o in cands if getattr(o, q.attr) == v]
+        if rel == "bigger":
+            return ([o for o in cands if o.area * ratio > ref.area],
+                    [o for o in cands if o.area > ref.area * ratio])
+        return ([o for o in cands if o.area < ref.area * ratio],
+                [o for o in cands if o.area * ratio < ref.area])
+    raise ValueError(f"unknown relation {rel!r}")
+
+
+def _by_area(items: list[WorldObject], largest: bool, ratio: float) -> tuple[list, list]:
+    if not items:
+        return [], []
+    if largest:
+        best = max(o.area for o in items)
+        possible = [o for o in items if o.area * ratio >= best]
+    else:
+        best = min(o.area for o in items)
+        possible = [o for o in items if o.area <= best * ratio]
+    return possible, (possible if len(possible) == 1 else [])
+
+
+def resolve(q: Query, objects: list[WorldObject], targets: list[int],
+            margins: Margins) -> list[int]:
+    """The checker: ids of every object the query may denote (sorted). ``targets[k-1]`` is the
+    object id segmented in round k."""
+    possible, _ = evaluate(q, objects, targets, margins)
+    return sorted(o.id for o in possible)
+
+
+def is_unique(q: Query, objects: list[WorldObject], targets: list[int],
+              margins: Margins) -> int | None:
+    """The one object id the query denotes clearly, or None."""
+    possible, definite = evaluate(q, objects, targets, margins)
+    if len(possible) == 1 and len(definite) == 1 and possible[0].id == definite[0].id:
+        return possible[0].id
+    return None
+
+
+def needs_memory(q: Query, objects: list[WorldObject], targets: list[int],
+                 margins: Margins) -> bool:
+    """Whether the answer depends on *which* objects the referenced instances are: some other
+    choice of one referenced instance makes the query denote a different object clearly."""
+    if not q.refs:
+        return False
+    answer = is_unique(q, objects, targets, margins)
+    for pos, k in enumerate(q.refs):
+        actual = targets[k - 1]
+        for o in objects:
+            if o.id == actual:
+                continue
+            alt = list(targets)
+            alt[k - 1] = o.id
+            got = is_unique(q, objects, alt, margins)
+            if got is not None and got != answer:
+                return True
+        del pos
+    return False
+
+
+# -- wording -------------------------------------------------------------------------------------
+
+SIZE_WORDS = {"small": "small", "medium": "medium-sized", "large": "large"}
+ORDINAL_WORDS = {1: "first", 2: "second", 3: "third", 4: "fourth"}
+SIDE_WORDS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom"}
+GO_WORDS = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
+DIR_PHRASES = {"left": "left of", "right": "right of", "top": "above", "bottom": "below"}
+
+WRAPPERS: tuple[str, ...] = (
+    "Segment {np}.",
+    "Can you segment {np}?",
+    "Where is {np}?",
+    "Please segment {np}.",
+    "Find {np}.",
+    "Show me {np}.",
+    "Could you highlight {np}?",
+    "Now segment {np}.",
+)
+
+# noun-phrase templates per relation: {h} head phrase, {k}/{k2} instance numbers, {d} a
+# direction word, {dp} a direction phrase ("left of"), {o} an ordinal word, {a} an attribute
+# name, {p} a part name, {c} a colour
+NP_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "unique": ("the {h}", "the {h} in the image", "the {h} in the picture"),
+    "extreme_left": ("the left-most {h}", "the {h} furthest to the left", "the {h} on the far left"),
+    "extreme_right": ("the right-most {h}", "the {h} furthest to the right",
+                      "the {h} on the far right"),
+    "extreme_top": ("the top-most {h}", "the highest {h}", "the {h} closest to the top"),
+    "extreme_bottom": ("the bottom-most {h}", "the lowest {h}", "the {h} closest to the bottom"),
+    "ordinal": ("the {o} {h} from the {d}", "the {h} that is {o} from the {d}",
+                "the {o} {h} counting from the {d}"),
+    "largest": ("the largest {h}", "the biggest {h}", "the {h} that is the largest"),
+    "smallest": ("the smallest {h}", "the tiniest {h}", "the {h} that is the smallest"),
+    "same_colour": ("the {h} with the same colour as instance {k}",
+                    "the {h} that has the colour of instance {k}",
+                    "the {h} coloured like instance {k}"),
+    "same_shape": ("the {h} with the same shape as instance {k}",
+                   "the {h} shaped like instance {k}",
+                   "the {h} that has the shape of instance {k}"),
+    "same_texture": ("the {h} with the same texture as instance {k}",
+                     "the {h} whose pattern matches instance {k}",
+                     "the {h} with the texture of instance {k}"),
+    "different_colour": ("the {h} whose colour differs from instance {k}",
+                         "the {h} that is not the colour of instance {k}",
+                         "the {h} with a different colour than instance {k}"),
+    "different_shape": ("the {h} whose shape differs from instance {k}",
+                        "the {h} that is not shaped like instance {k}",
+                        "the {h} with a different shape than instance {k}"),
+    "different_texture": ("the {h} whose texture differs from instance {k}",
+                          "the {h} without the pattern of instance {k}",
+                          "the {h} with a different texture than instance {k}"),
+    "other": ("the other {h}, not instance {k}", "the {h} other than instance {k}",
+              "the {h} that is not instance {k}"),
+    "colour_and_shape": ("the {h} with the colour of instance {k} and the shape of instance {k2}",
+                         "the {h} coloured like instance {k} and shaped like instance {k2}",
+                         "the {h} sharing its colour with instance {k} and its shape with "
+                         "instance {k2}"),
+    "left_of": ("the {h} left of instance {k}", "the {h} to the left of instance {k}",
+                "the {h} on the left side of instance {k}"),
+    "right_of": ("the {h} right of instance {k}", "the {h} to the right of instance {k}",
+                 "the {h} on the right side of instance {k}"),
+    "above": ("the {h} above instance {k}", "the {h} higher up than instance {k}",
+              "the {h} located above instance {k}"),
+    "below": ("the {h} below instance {k}", "the {h} under instance {k}",
+              "the {h} lower than instance {k}"),
+    "nearest": ("the {h} closest to instance {k}", "the {h} nearest to instance {k}",
+                "the {h} that is closest to instance {k}"),
+    "farthest": ("the {h} farthest from instance {k}", "the {h} furthest away from instance {k}",
+                 "the {h} most distant from instance {k}"),
+    "ordinal_from": ("the {o} {h} {dp} instance {k}", "the {h} that is {o} {dp} instance {k}",
+                     "the {o} {h} going {g} from instance {k}"),
+    "part_name": ("the {p} of instance {k}", "instance {k}'s {p}", "the {p} belonging to instance {k}"),
+    "part_extreme": ("the part of instance {k} at the {d}", "the {d}-most part of instance {k}",
+                     "the {d} part of instance {k}"),
+    "part_colour": ("the {c} part of instance {k}", "the part of instance {k} that is {c}",
+                    "the {c} piece of instance {k}"),
+    "whole": ("the {h} that instance {k} is part of", "the {h} that instance {k} belongs to",
+              "the whole {h} containing instance {k}"),
+    "bigger": ("the {h} bigger than instance {k}", "the {h} that is larger than instance {k}",
+               "the {h} of greater size than instance {k}"),
+    "smaller": ("the {h} smaller than instance {k}", "the {h} that is tinier than instance {k}",
+                "the {h} of lesser size than instance {k}"),
+    "bigger_attr": ("the {h} bigger than instance {k} with the same {a}",
+                    "the {h} that is larger than instance {k} and shares its {a}",
+                    "the {h} with the same {a} as instance {k} but bigger"),
+    "smaller_attr": ("the {h} smaller than instance {k} with the same {a}",
+                     "the {h} that is smaller than instance {k} and shares its {a}",
+                     "the {h} with the same {a} as instance {k} but smaller"),
+    "largest_dir": ("the largest {h} {dp} instance {k}", "the biggest {h} {dp} instance {k}",
+                    "the largest of the {hs} {dp} instance {k}"),
+    "smallest_dir": ("the smallest {h} {dp} instance {k}", "the tiniest {h} {dp} instance {k}",
+                     "the smallest of the {hs} {dp} instance {k}"),
+}
+
+
+def plural(noun_phrase: str) -> str:
+    if noun_phrase.endswith(("s", "x", "sh", "ch")):
+        return noun_phrase + "es"
+    return noun_phrase + "s"
+
+
+def template_key(q: Query) -> str:
+    if q.relation == "extreme":
+        return f"extreme_{q.direction}"
+    if q.relation in ("bigger", "smaller") and q.attr is not None:
+        return f"{q.relation}_attr"
+    return q.relation
+
+
+def phrase(q: Query, rng: np.random.Generator) -> str:
+    """A question asking for the object a query denotes, worded by a random template."""
+    templates = NP_TEMPLATES[template_key(q)]
+    t = templates[int(rng.integers(len(templates)))]
+    noun = "object"
+    np_ = t.format(
+        h=q.head.phrase(noun),
+        hs=plural(q.head.phrase(noun)),
+        g=GO_WORDS.get(q.direction or "", ""),
+        k=q.refs[0] if q.refs else "",
+        k2=q.refs[1] if len(q.refs) > 1 else "",
+        d=SIDE_WORDS.get(q.direction or "", ""),
+        dp=DIR_PHRASES.get(q.direction or "", ""),
+        o=ORDINAL_WORDS.get(q.rank or 0, ""),
+        a=q.attr or "",
+        p=q.part or "",
+        c=q.colour or "",
+    )
+    w = WRAPPERS[int(rng.integers(len(WRAPPERS)))]
+    return w.format(np=np_)
+
+
+# -- head enumeration ----------------------------------------------------------------------------
+
+
+def heads_for(o: WorldObject, allowed: tuple[str, ...], rng: np.random.Generator,
+              max_attrs: int = 4) -> list[Head]:
+    """Heads built from subsets of o's attributes (only those in ``allowed``), fewest attributes
+    first, random order within a size."""
+    avail = [a for a in allowed if getattr(o, a) != MIXED]
+    out: list[Head] = []
+    for n in range(0, min(max_attrs, len(avail)) + 1):
+        combos = list(itertools.combinations(avail, n))
+        for i in rng.permutation(len(combos)):
+            out.append(Head(**{a: getattr(o, a) for a in combos[i]}))
+    return out

@@ -1,0 +1,200 @@
+import numpy as np
+import pytest
+import torch
+
+from segllm.conversation import Conversation, Round
+from segllm.errors import ContextTooLongError, ConversationError, MaskError, PlaceholderMismatchError
+from tests.conftest import box_mask
+
+
+def test_training_forward_shapes_and_losses(make_model, three_rounds):
+    model = make_model().train()
+    batch = model.prepare([three_rounds, three_rounds.truncated(1)])
+    assert batch.input_ids.shape[0] == 2
+    assert batch.image_pos.shape == (2, model.vision.num_tokens)
+    assert batch.memory_pixels.shape == (2, 3, 64, 64)  # two references in the 3-round conversation
+    assert batch.seg_targets.shape == (4, model.decoder.output_size, model.decoder.output_size)
+    assert batch.has_ref.tolist() == [False, True, True, False]
+    out = model(batch)
+    assert out.mask_logits.shape == (4, 2, model.decoder.output_size, model.decoder.output_size)
+    assert out.iou_scores.shape == (4, 2)
+    for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss"):
+        v = getattr(out, name)
+        assert v.ndim == 0 and torch.isfinite(v), name
+    assert out.lm_loss > 0 and out.ref_loss > 0 and out.mask_loss > 0
+    total = out.lm_loss + 2.0 * out.mask_loss + 0.5 * out.dice_loss + 0.5 * out.ref_loss + out.iou_loss
+    assert torch.allclose(out.loss, total)
+
+
+def test_no_reference_means_no_ref_loss(make_model, three_rounds):
+    model = make_model().train()
+    out = model(model.prepare([three_rounds.truncated(1)]))
+    assert out.ref_loss == 0
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [("prompt_head", "decoder"), ("projector", "memory"), ("llm",), ("embeddings", "decoder_encoder"), ("vision",)],
+)
+def test_gradients_reach_exactly_the_trainable_parts(make_model, three_rounds, parts):
+    model = make_model()
+    model.set_trainable(parts)
+    model.train()
+    model(model.prepare([three_rounds])).loss.backward()
+    groups = model.part_parameters()
+    for name, params in groups.items():
+        has_grad = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params]
+        if name in parts:
+            # the vision tower's last layer is unused (features come from layer -2)
+            need = 0.5 if name == "vision" else 0.8
+            assert sum(has_grad) >= need * len(params), f"{name}: only {sum(has_grad)}/{len(params)} params got gradients"
+        else:
+            assert not any(p.grad is not None for p in params), f"{name} is frozen but got gradients"
+
+
+def test_every_parameter_belongs_to_one_part(make_model):
+    model = make_model()
+    groups = model.part_parameters()
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+
+
+def test_placeholder_count_mismatch_raises(make_model, three_rounds):
+    model = make_model()
+    batch = model.prepare([three_rounds])
+    extra = batch.input_ids.clone()
+    extra[0, -2] = model.processor.image_id  # a stray placeholder no feature fills
+    batch.input_ids = extra
+    with pytest.raises(PlaceholderMismatchError, match="placeholder token"):
+        model.embed(batch)
+    batch = model.prepare([three_rounds])
+    batch.memory_pos = batch.memory_pos[:1]
+    batch.memory_batch = batch.memory_batch[:1]
+    batch.box_pos = batch.box_pos[:1]
+    batch.memory_pixels = batch.memory_pixels[:1]
+    batch.memory_boxes = batch.memory_boxes[:1]
+    with pytest.raises(PlaceholderMismatchError):
+        model.embed(batch)
+    batch = model.prepare([three_rounds])
+    batch.memory_pos = batch.memory_pos + 1  # slot shifted off its placeholder
+    with pytest.raises(PlaceholderMismatchError, match="no placeholder"):
+        model.embed(batch)
+
+
+def test_features_land_in_their_slots(make_model, three_rounds):
+    model = make_model().eval()
+    batch = model.prepare([three_rounds])
+    with torch.no_grad():
+        embeds = model.embed(batch)
+        tokens = model.llm.get_input_embeddings()(batch.input_ids)
+        img = model.projector(model.vision(batch.image_pixels))
+        mem = model.projector(model.vision.pool(batch.memory_pixels))
+        box = model.memory.encode_boxes(batch.memory_boxes)
+    torch.testing.assert_close(embeds[0, batch.image_pos[0]], img[0])
+    torch.testing.assert_close(embeds[0, batch.memory_pos], mem)
+    torch.testing.assert_close(embeds[0, batch.box_pos], box)
+    text = torch.ones(embeds.shape[1], dtype=torch.bool)
+    text[batch.image_pos[0]] = False
+    text[batch.memory_pos] = False
+    text[batch.box_pos] = False
+    torch.testing.assert_close(embeds[0, text], tokens[0, text])
+
+
+def test_add_injection_mode(make_model, three_rounds):
+    model = make_model().eval()
+    model.config.inject = "add"
+    batch = model.prepare([three_rounds])
+    with torch.no_grad():
+        embeds = model.embed(batch)
+        tokens = model.llm.get_input_embeddings()(batch.input_ids)
+        img = model.projector(model.vision(batch.image_pixels))
+    torch.testing.assert_close(embeds[0, batch.image_pos[0]], tokens[0, batch.image_pos[0]] + img[0])
+
+
+def test_memory_changes_the_answer_only_through_the_referenced_mask(make_model, three_rounds):
+    """Round 3's prompt depends on round 1's mask (which it references), not on round 2's mask."""
+    model = make_model().eval()
+    img = three_rounds.image
+    h, w = img.shape[:2]
+    base = model.predict(three_rounds.truncated(2).__class__(img, three_rounds.rounds[:2] + [Round("near instance 1", (1,))]), answer="<seg>")
+
+    def with_masks(m1, m2):
+        r = three_rounds.rounds
+        rounds = [Round(r[0].question, (), r[0].answer, [m1]), Round(r[1].question, (1,), r[1].answer, [m2]), Round("near instance 1", (1,))]
+        return model.predict(Conversation(img, rounds), answer="<seg>")
+
+    moved2 = with_masks(three_rounds.rounds[0].masks[0], box_mask(h, w, 0, 48, 0, 5))
+    moved1 = with_masks(box_mask(h, w, 30, 48, 60, 80), three_rounds.rounds[1].masks[0])
+    # masks of round 2 are not in the input at all (round 2 is not referenced by round 3, and
+    # round 2's own reference is round 1): the answer is unchanged
+    assert np.array_equal(base.masks, moved2.masks) and np.allclose(base.scores, moved2.scores)
+    assert not np.allclose(base.scores, moved1.scores)
+
+
+def test_three_round_conversation_end_to_end(make_model, three_rounds):
+    """Round 3 references round 1, answered by generation and by teacher forcing."""
+    model = make_model().eval()
+    img = three_rounds.image
+    conv = Conversation(img, three_rounds.rounds[:2] + [Round("Segment the one near instance 1.", (1,))])
+    pred = model.predict(conv, max_new_tokens=6)
+    assert pred.round == 3
+    assert len(pred.token_ids) <= 6
+    assert pred.masks.shape == (pred.text.count("<seg>"), 48, 80)
+    forced = model.predict(conv, answer="It is <seg>.")
+    assert forced.text == "It is <seg>."
+    assert forced.masks.shape == (1, 48, 80) and forced.masks.dtype == bool
+    assert forced.boxes.shape == (1, 4) and forced.scores.shape == (1,)
+    if forced.masks[0].any():
+        ys, xs = np.nonzero(forced.masks[0])
+        assert forced.boxes[0].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_several_seg_give_several_masks(make_model, three_rounds):
+    model = make_model().eval()
+    conv = Conversation(three_rounds.image, three_rounds.rounds[:1] + [Round("both near instance 1", (1,))])
+    pred = model.predict(conv, answer="<seg> and <seg>")
+    assert pred.masks.shape == (2, 48, 80)
+    assert pred.scores.shape == (2,)
+
+
+def test_generation_matches_teacher_forcing(make_model, three_rounds):
+    """Whatever greedy decoding produced, forcing that text gives the same masks."""
+    model = make_model(seed=3).eval()
+    conv = Conversation(three_rounds.image, three_rounds.rounds[:2] + [Round("Segment the one near instance 1.", (1,))])
+    proc = model.processor
+    steps = []
+
+    def script(module, args, logits):
+        # first step <seg>, then " ." , then the end token: a known answer, whatever the weights
+        order = [proc.seg_id, proc.text_ids(".")[0], proc.eos_id]
+        logits = logits.clone()
+        logits[..., order[min(len(steps), 2)]] += 1e4
+        steps.append(1)
+        return logits
+
+    model.llm.get_output_embeddings().register_forward_hook(script)
+    gen = model.predict(conv, max_new_tokens=4)
+    forced = model.predict(conv, answer=gen.text)
+    assert gen.text == forced.text == "<seg>."
+    assert gen.token_ids == forced.token_ids
+    np.testing.assert_array_equal(gen.masks, forced.masks)
+    np.testing.assert_allclose(gen.scores, forced.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_errors(make_model, three_rounds):
+    model = make_model().eval()
+    img = three_rounds.image
+    r1 = three_rounds.rounds[0]
+    with pytest.raises(ConversationError, match="refers to round 9"):
+        model.predict(Conversation(img, [r1, Round("near instance 9", (9,))]))
+    with pytest.raises(ConversationError, match="empty"):
+        model.predict(Conversation(img, [r1, Round("   ")]))
+    empty = Round(r1.question, (), "<seg>", [np.zeros(img.shape[:2], bool)])
+    with pytest.raises(MaskError, match="zero area"):
+        model.predict(Conversation(img, [empty, Round("near instance 1", (1,))]))
+    with pytest.raises(ConversationError, match="no rounds"):
+        model.predict(Conversation(img, []))
+    long = Conversation(img, [r1] * 40 + [Round("and again", ())])
+    with pytest.raises(ContextTooLongError, match=r"context holds \d+; about \d+ rounds"):
+        model.predict(long)
