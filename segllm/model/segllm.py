@@ -235,7 +235,7 @@ class SegLLM(nn.Module):
             ids[b, : len(e)] = torch.tensor(e.input_ids)
             lab[b, : len(e)] = torch.tensor(e.labels)
             att[b, : len(e)] = 1
-        images = [torch.from_numpy(np.ascontiguousarray(c.image)).permute(2, 0, 1) for c in conversations]
+        images = [torch.tensor(c.image).permute(2, 0, 1) for c in conversations]  # a copy: inputs may be read-only
         image_pixels = torch.stack([self.vision.preprocess(im) for im in images])
         dec = [self.decoder.preprocess(im) for im in images]
         decoder_pixels = torch.stack([d[0] for d in dec])
@@ -244,7 +244,7 @@ class SegLLM(nn.Module):
         crops, boxes, mb, mp, bp = [], [], [], [], []
         for b, (c, e) in enumerate(zip(conversations, encs)):
             for item in e.memory:
-                mask = torch.from_numpy(np.asarray(c.rounds[item.ref_round - 1].masks[item.mask_index], dtype=bool))
+                mask = torch.tensor(np.asarray(c.rounds[item.ref_round - 1].masks[item.mask_index], dtype=bool))
                 crops.append(self.vision.preprocess(self.memory.crop(images[b], mask)))
                 boxes.append(self.memory.normalised_boxes(mask[None])[0])
                 mb.append(b)
@@ -273,9 +273,9 @@ class SegLLM(nn.Module):
             seg_t, ref_t, has_ref = [], [], []
             for c, e in zip(conversations, encs):
                 for item in e.segs:
-                    seg_t.append(torch.from_numpy(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)))
+                    seg_t.append(torch.tensor(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)))
                     if item.ref is not None:
-                        ref_t.append(torch.from_numpy(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)))
+                        ref_t.append(torch.tensor(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)))
                         has_ref.append(True)
                     else:
                         ref_t.append(torch.zeros_like(seg_t[-1]))

@@ -316,7 +316,7 @@ def needs_memory(q: Query, objects: list[WorldObject], targets: list[int],
     if not q.refs:
         return False
     answer = is_unique(q, objects, targets, margins)
-    for pos, k in enumerate(q.refs):
+    for k in q.refs:
         actual = targets[k - 1]
         for o in objects:
             if o.id == actual:
@@ -326,7 +326,6 @@ def needs_memory(q: Query, objects: list[WorldObject], targets: list[int],
             got = is_unique(q, objects, alt, margins)
             if got is not None and got != answer:
                 return True
-        del pos
     return False
 
 

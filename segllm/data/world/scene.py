@@ -328,8 +328,8 @@ def _sample_spec(rng: np.random.Generator, composite_prob: float,
     return _Spec("shape", shape, colour, str(rng.choice(sizes)), str(rng.choice(TEXTURES)))
 
 
-def _elements(spec: _Spec, rng: np.random.Generator, image_size: int, period: int,
-              y0: int | None = None, x0: int | None = None) -> tuple[list[_Element], int, int]:
+def _elements(spec: _Spec, rng: np.random.Generator,
+              image_size: int) -> tuple[list[_Element], int, int]:
     lo, hi = SIZE_RANGES[spec.size]
     side = max(5, int(round(rng.uniform(lo, hi) * image_size)))
     h, w = shape_box(spec.shape, side)
@@ -372,7 +372,7 @@ def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
             if attempt and attempt % 12 == 0:
                 size_cap = max(0, size_cap - 1)  # crowded: try smaller objects
             spec = _sample_spec(rng, composite_prob, allowed_colours, force, size_cap)
-            els, h, w = _elements(spec, rng, size, period)
+            els, h, w = _elements(spec, rng, size)
             if h > size or w > size:
                 continue
             y0 = int(rng.integers(0, size - h + 1))
@@ -389,7 +389,7 @@ def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
                     ok = False
                     break
             if ok:  # whole objects must stay visible enough too (composites)
-                for s, idx in specs:
+                for _spec, idx in specs:
                     if len(idx) > 1:
                         tot = sum(elements[i].area for i in idx)
                         if sum(counts[i] for i in idx) < min_visible * tot:
