@@ -28,6 +28,34 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.set_defaults(func=_chat)
 
+    world = sub.add_parser("world", help="write splits of the procedural multi-round world to a folder")
+    world.add_argument("out", help="output folder (one subfolder per split)")
+    for split, n in (("train", 10000), ("val", 500), ("test", 500), ("heldout", 500)):
+        world.add_argument(f"--{split}", type=int, default=n, help=f"conversations in the {split} split (default: %(default)s)")
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--workers", type=int, default=1)
+    world.set_defaults(func=_world)
+
+    tr = sub.add_parser("train", help="train a model from a recipe (a TOML file, e.g. configs/default.toml)")
+    tr.add_argument("recipe", help="recipe file")
+    tr.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint-last")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe value, e.g. --set steps=100 --set output_dir=runs/x (VALUE is TOML)")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="per-round cIoU / mIoU / P@0.5 under the oracle and own history protocols")
+    ev.add_argument("--checkpoint", help="model folder (default: the bundled model)")
+    ev.add_argument("--data", default="world", help="'world' or a dataset folder (default: %(default)s)")
+    ev.add_argument("--split", default="test", help="world split: train, val, test, heldout (default: %(default)s)")
+    ev.add_argument("--size", type=int, default=500, help="conversations (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
+    ev.add_argument("--protocol", nargs="+", default=["oracle", "own"], choices=["oracle", "own"])
+    ev.add_argument("--out", default="segllm-eval", help="folder for JSON, CSV and the plot (default: %(default)s)")
+    ev.add_argument("--name", default="eval", help="base name of the report files (default: %(default)s)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(func=_eval)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -76,6 +104,60 @@ def _chat(args: argparse.Namespace) -> int:
         ref_note = f" (refers to {', '.join(map(str, refs))})" if refs else ""
         print(f"round {n}{ref_note}: {text}\n  -> {pred.text!r}  {boxes}")
     print(f"overlays and masks written to {out}/")
+    return 0
+
+
+def _world(args: argparse.Namespace) -> int:
+    from segllm.data.world import WorldConfig, generate
+
+    counts = {k: getattr(args, k) for k in ("train", "val", "test", "heldout") if getattr(args, k) > 0}
+    generate(args.out, counts, seed=args.seed, config=WorldConfig(), workers=args.workers)
+    print(f"wrote {', '.join(f'{k}: {v}' for k, v in counts.items())} conversations to {args.out}/")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from segllm.train.recipe import TrainRecipe
+    from segllm.train.trainer import train
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --set wants KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            overrides[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = value  # a bare string
+    recipe = TrainRecipe.load(args.recipe, overrides)
+    summary = train(recipe, resume=args.resume)
+    print(f"trained to step {summary.steps}; checkpoint in {recipe.output_dir}/checkpoint-last/model")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from segllm.data.records import ConversationFolder, WorldConversations
+    from segllm.default import load_model
+    from segllm.eval.evaluate import evaluate, format_table
+    from segllm.eval.report import write_reports
+
+    model = load_model(args.checkpoint, device=args.device)
+    if args.data == "world":
+        data = WorldConversations(args.split, args.size, seed=args.seed)
+        where = f"world seed {args.seed}, {args.split} split, {args.size} conversations"
+    else:
+        data = ConversationFolder(args.data)
+        where = f"{args.data} ({min(args.size, len(data))} conversations)"
+    results = [evaluate(model, data, protocol=p, limit=args.size, batch_size=args.batch_size, progress=True) for p in args.protocol]
+    print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at original resolution)"))
+    skipped = max(len(r.skipped) for r in results)
+    if skipped:
+        print(f"skipped {skipped} unusable record(s) (listed in the JSON report)")
+    paths = write_reports(results, args.out, name=args.name, meta={"checkpoint": args.checkpoint or "bundled", "data": where})
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 

@@ -68,14 +68,14 @@ def small_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig
     """The bundled default model's shape: 128 px images, a 4-layer LLaMA of width 256."""
     return SegLLMConfig(
         vision=VisionConfig(
-            hf_config=clip_vision_config(image_size=128, patch=16, hidden=192, layers=4, heads=3),
+            hf_config=clip_vision_config(image_size=128, patch=16, hidden=128, layers=3, heads=4),
             image_size=128,
         ),
         llm=LLMConfig(hf_config=llama_config(vocab_size=vocab_size, hidden=256, layers=4, heads=4, ffn=768, context=1024)),
         memory=MemoryConfig(enabled=memory),
         prompt_head=PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=128),
         decoder=SamDecoderConfig(
-            image_size=128, patch_size=8, encoder_dim=128, encoder_depth=4, encoder_heads=4, dim=128, depth=2, heads=4, mlp_dim=512
+            image_size=128, patch_size=8, encoder_dim=128, encoder_depth=3, encoder_heads=4, dim=128, depth=2, heads=4, mlp_dim=512
         ),
         template=TemplateConfig(),
     )

@@ -456,6 +456,37 @@ class SegLLM(nn.Module):
         return self._prediction(len(conversation.rounds), token_ids, seg_hidden, batch)
 
     @torch.no_grad()
+    def segment(self, conversations: Sequence[Conversation]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Teacher-forced segmentation of every round at once (the oracle-history protocol).
+
+        Each conversation's answers are given (their masks are used only where later rounds
+        refer to them), so one LLM pass per batch yields every ``<seg>``'s mask.
+
+        Returns:
+            per conversation, per round: (masks [k, H, W] bool, scores [k]) for its k ``<seg>``.
+        """
+        if not conversations:
+            return []
+        batch = self.prepare(conversations, targets=False).to(self.device)
+        hidden = self.llm.get_decoder()(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask).last_hidden_state
+        logits, iou = self._decode(hidden, batch)
+        result: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        s = 0
+        for b, (conv, enc) in enumerate(zip(conversations, batch.encoded)):
+            frame = batch.frames[b]
+            per_round: list[tuple[list, list]] = [([], []) for _ in conv.rounds]
+            for item in enc.segs:
+                mask = logits_to_image(logits[s : s + 1, SEG], frame)[0] > 0
+                per_round[item.round_index][0].append(mask.cpu().numpy())
+                per_round[item.round_index][1].append(float(iou[s, SEG]))
+                s += 1
+            h, w = frame.height, frame.width
+            result.append(
+                [(np.stack(m) if m else np.zeros((0, h, w), bool), np.asarray(sc, np.float32)) for m, sc in per_round]
+            )
+        return result
+
+    @torch.no_grad()
     def generate(self, embeds: Tensor, *, max_new_tokens: int, past_key_values=None, past_length: int = 0, num_rounds: int = 1):
         """Greedy decoding from input embeddings [1, T, D] on top of an optional key/value cache.
 

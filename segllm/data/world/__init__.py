@@ -6,7 +6,7 @@ needs its mask memory to answer. See :class:`World` (in-memory samples) and
 :func:`write_split` / :func:`generate` (COCO annotations + conversations.jsonl on disk).
 """
 
-from segllm.data.world.generate import (
+from segllm.data.world.dataset import (
     DEFAULT_ANSWERS,
     GENERATOR_VERSION,
     SPLITS,

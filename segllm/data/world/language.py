@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segllm.data.world.scene import MIXED, WorldObject
+from segllm.data.world.scene import MIXED, PARTS, WorldObject
 
 FAMILIES: tuple[str, ...] = ("attribute", "positional", "ordinal", "part-of", "comparison")
 
@@ -149,12 +149,14 @@ def _related(ref: WorldObject) -> set[int]:
     return ids
 
 
-def _pool(objects: list[WorldObject], refs: list[WorldObject]) -> list[WorldObject]:
-    """Top-level objects other than the references and their wholes/parts."""
+def _pool(objects: list[WorldObject], refs: list[WorldObject], head: Head) -> list[WorldObject]:
+    """What a head phrase ranges over, less the references and their wholes/parts: parts when
+    the head names a part ("the roof ..."), top-level objects otherwise."""
     banned: set[int] = set()
     for r in refs:
         banned |= _related(r)
-    return [o for o in objects if o.parent is None and o.id not in banned]
+    parts = head.shape in PARTS
+    return [o for o in objects if (o.parent is not None) == parts and o.id not in banned]
 
 
 def _extreme(items: list[WorldObject], key, m: float) -> tuple[list, list]:
@@ -188,9 +190,13 @@ def _ordinal(items: list[WorldObject], key, rank: int, m: float) -> tuple[list, 
 
 def _direction_sets(items: list[WorldObject], ref: WorldObject, direction: str,
                     m: float) -> tuple[list, list]:
-    """Items lying towards ``direction`` of ref: (possibly, definitely)."""
-    def d(o: WorldObject) -> float:  # > 0 when o lies towards direction
-        return _coord(ref, direction) - _coord(o, direction)
+    """Items lying towards ``direction`` of ref, (possibly, definitely): inside the 90-degree
+    cone around that direction from ref's centroid (so "left of" means more left than up or
+    down), up to a margin of m pixels."""
+    def d(o: WorldObject) -> float:  # > 0 inside the cone
+        along = _coord(ref, direction) - _coord(o, direction)
+        across = abs(o.cy - ref.cy) if direction in ("left", "right") else abs(o.cx - ref.cx)
+        return along - across
     return [o for o in items if d(o) > -m], [o for o in items if d(o) > m]
 
 
@@ -225,7 +231,7 @@ def evaluate(q: Query, objects: list[WorldObject], targets: list[int],
         out = [whole] if head.matches(whole) else []
         return out, out
 
-    cands = [o for o in _pool(objects, refs) if head.matches(o)]
+    cands = [o for o in _pool(objects, refs, head) if head.matches(o)]
 
     if rel == "unique":
         return cands, cands

@@ -22,6 +22,7 @@ from segllm.data.world.scene import (
     CATEGORY_IDS,
     COLOURS,
     MIXED,
+    PARTS,
     SHAPES,
     WorldObject,
     _LayoutError,
@@ -38,8 +39,16 @@ DEFAULT_ANSWERS = ("<seg>", "It is <seg>.", "Sure, <seg>.", "Here it is: <seg>."
 
 # relation family weights: rounds without a reference, rounds with one
 _NO_REF_WEIGHTS = {"attribute": 0.4, "positional": 0.25, "ordinal": 0.15, "comparison": 0.2}
-_REF_WEIGHTS = {"attribute": 0.28, "positional": 0.28, "ordinal": 0.12, "part-of": 0.14,
+_REF_WEIGHTS = {"attribute": 0.28, "positional": 0.3, "ordinal": 0.08, "part-of": 0.16,
                 "comparison": 0.18}
+# relative weights of relations within a family (default 1); relations that are rarely unique
+# are drawn more often so that easy ones do not crowd them out
+_RELATION_WEIGHTS = {"left_of": 2.5, "right_of": 2.5, "above": 2.5, "below": 2.5,
+                     "bigger": 2.0, "smaller": 2.0}
+# relations whose targets are top-level objects only; others may also target parts
+_TOP_ONLY = ("same_shape", "different_shape", "other", "colour_and_shape", "largest",
+             "smallest", "bigger", "smaller", "largest_dir", "smallest_dir")
+_PART_TARGET_PROB = 0.3
 
 _NO_SIZE = tuple(a for a in L.ATTRS if a != "size")  # heads of size comparisons
 
@@ -185,8 +194,11 @@ class _Builder:
         self.margins = margins
 
     # one relation, its parameters drawn once; every target/head that makes it unique
-    def options(self, family: str, relation: str, targets: list[int],
-                target_ok) -> list[tuple[L.Query, int]]:
+    def options(self, family: str, relation: str, targets: list[int], target_ok,
+                ambiguous: bool = False) -> list[tuple[L.Query, int]]:
+        """Questions of one relation (references and parameters drawn once) for each object they
+        can denote uniquely, with the fewest head attributes; with ``ambiguous``, preferably a
+        head that alone matches several objects, so that the references decide."""
         rng, by_id = self.rng, self.by_id
         used = set(targets)
         refs: tuple[int, ...] = ()
@@ -195,6 +207,11 @@ class _Builder:
         min_attrs, max_attrs = 0, 2
         cands: list[WorldObject]
         untargeted = [o for o in self.top if o.id not in used and target_ok(o)]
+        if relation not in _TOP_ONLY and rng.random() < _PART_TARGET_PROB:
+            # parts may be described by their own name ("the red roof", "the door closest to
+            # instance 2"); the head then always names the part
+            untargeted += [o for o in self.objects
+                           if o.parent is not None and o.id not in used and target_ok(o)]
 
         if relation == "unique":
             cands, min_attrs, max_attrs = untargeted, 1, 4
@@ -248,18 +265,18 @@ class _Builder:
                 refs = (k, k2)
                 allowed, max_attrs = ("size", "texture"), 1
             elif relation in ("bigger", "smaller"):
-                allowed = _NO_SIZE
-                if rng.random() < 0.35:
-                    attr = str(rng.choice(["colour", "texture", "shape"]))
-                    if getattr(ref, attr) != MIXED:
-                        kw["attr"] = attr
-                        allowed = tuple(x for x in _NO_SIZE if x != attr)
+                # "the star bigger than instance 2" alone always denotes the largest star, so
+                # the compared object also shares an attribute with the reference
+                attrs = [a for a in ("colour", "texture", "shape") if getattr(ref, a) != MIXED]
+                attr = str(rng.choice(attrs))
+                kw["attr"] = attr
+                allowed = tuple(x for x in _NO_SIZE if x != attr)
             elif relation in ("ordinal_from", "largest_dir", "smallest_dir"):
                 if relation != "ordinal_from":
                     allowed = _NO_SIZE
                 kw["direction"] = str(rng.choice(L.DIRECTIONS))
                 if relation == "ordinal_from":
-                    kw["rank"] = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+                    kw["rank"] = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
 
         out: list[tuple[L.Query, int]] = []
         order = rng.permutation(len(cands))
@@ -276,16 +293,31 @@ class _Builder:
                 heads = L.heads_for(t, allowed_t, rng, 2)
             else:
                 heads = L.heads_for(t, allowed, rng, max_attrs)
+            if t.kind == "part" and relation not in ("part_name", "part_extreme", "part_colour"):
+                heads = [h for h in heads if h.shape == t.shape]
+            first: L.Query | None = None
             for head in heads:
                 if head.n_attrs() < min_attrs:
                     continue
                 if relation == "other" and head.n_attrs() == 0:
                     continue
+                if refs and ambiguous and first is not None and self._n_matching(head) < 2:
+                    continue  # have a valid question; look only for one that needs memory
                 q = L.Query(family, relation, head, refs, **extra)
                 if L.is_unique(q, self.objects, targets, self.margins) == t.id:
-                    out.append((q, t.id))
-                    break
+                    if not (refs and ambiguous) or self._n_matching(head) >= 2:
+                        first = q
+                        break
+                    if first is None:
+                        first = q
+            if first is not None:
+                out.append((first, t.id))
         return out
+
+    def _n_matching(self, head: L.Head) -> int:
+        """How many objects a head phrase alone matches ("the red circle": every red circle)."""
+        parts = head.shape in PARTS
+        return sum(1 for o in self.objects if (o.parent is not None) == parts and head.matches(o))
 
     def next_round(self, targets: list[int], use_ref: bool, want_memory: bool,
                    target_ok) -> tuple[L.Query, int, bool] | None:
@@ -299,8 +331,15 @@ class _Builder:
             else:
                 family = _weighted(rng, _NO_REF_WEIGHTS)
                 rels = L.NO_REF_RELATIONS[family]
-            relation = str(rels[int(rng.integers(len(rels)))])
-            opts = self.options(family, relation, targets, target_ok)
+            w = np.array([_RELATION_WEIGHTS.get(r, 1.0) for r in rels])
+            relation = str(rels[int(rng.choice(len(rels), p=w / w.sum()))])
+            # a few draws of references/parameters per relation, so that relations that are
+            # rarely unique (e.g. "left of") are not crowded out by easy ones
+            opts: list[tuple[L.Query, int]] = []
+            for _ in range(3):
+                opts = self.options(family, relation, targets, target_ok, want_memory)
+                if opts:
+                    break
             for i in rng.permutation(len(opts)):
                 q, t = opts[int(i)]
                 mem = L.needs_memory(q, self.objects, targets, self.margins)
@@ -482,7 +521,9 @@ def write_split(root: str | os.PathLike, split: str, n: int, *, seed: int,
         else:
             import multiprocessing as mp
 
-            with mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+            # fork (where there is one) needs no ``if __name__ == "__main__"`` guard in the caller
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            with mp.get_context(method).Pool(workers, initializer=_init_worker,
                                               initargs=(cfg_dict, seed, str(out))) as pool:
                 for item in pool.imap(_make_item, jobs, chunksize=16):
                     consume(item)

@@ -1,0 +1,81 @@
+"""Per-round segmentation metrics, computed at the original image resolution.
+
+- cIoU: sum of intersections / sum of unions over all masks of a round (the paper's number);
+- mIoU: mean of per-mask IoU (an empty union counts as IoU 1);
+- P@0.5: share of masks whose predicted box has IoU > 0.5 with the ground-truth mask's box.
+Boxes are (x0, y0, x1, y1) pixels with exclusive x1, y1 (the tight box of the mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Tight (x0, y0, x1, y1) box of a [H, W] bool mask, exclusive end; zeros when empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return np.zeros(4, np.float64)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (x0, y0, x1, y1) boxes; 0 when either is empty."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    area = lambda x: max(0.0, x[2] - x[0]) * max(0.0, x[3] - x[1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+@dataclass
+class RoundStats:
+    inter: int = 0
+    union: int = 0
+    ious: list[float] = field(default_factory=list)
+    box_hits: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.ious)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "cIoU": 100.0 * self.inter / self.union if self.union else float("nan"),
+            "mIoU": 100.0 * float(np.mean(self.ious)) if self.ious else float("nan"),
+            "P@0.5": 100.0 * self.box_hits / self.n if self.n else float("nan"),
+            "n": self.n,
+        }
+
+
+class RoundMetrics:
+    """Accumulates cIoU, mIoU and P@0.5 per round (1-indexed) and over all rounds."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, RoundStats] = {}
+        self.total = RoundStats()
+
+    def add(self, round_number: int, pred: np.ndarray, gt: np.ndarray, pred_box: np.ndarray | None = None) -> float:
+        """Add one predicted mask against its ground truth ([H, W] bool each); returns its IoU."""
+        pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
+        inter = int(np.count_nonzero(pred & gt))
+        union = int(np.count_nonzero(pred | gt))
+        iou = inter / union if union else 1.0
+        hit = box_iou(mask_box(pred) if pred_box is None else np.asarray(pred_box, np.float64), mask_box(gt)) > 0.5
+        for s in (self.rounds.setdefault(round_number, RoundStats()), self.total):
+            s.inter += inter
+            s.union += union
+            s.ious.append(iou)
+            s.box_hits += int(hit)
+        return iou
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{"1": {...}, "2": {...}, ..., "all": {...}} with cIoU, mIoU, P@0.5 in percent and n."""
+        out = {str(k): self.rounds[k].summary() for k in sorted(self.rounds)}
+        out["all"] = self.total.summary()
+        return out

@@ -1,0 +1,145 @@
+"""Training recipes: typed config files (TOML) read strictly before anything starts."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from segllm.config import SegLLMConfig, from_dict
+from segllm.errors import ConfigError
+
+
+@dataclass
+class ModelRecipe:
+    """Which model to train.
+
+    Attributes:
+        preset: "tiny" or "small" (see :mod:`segllm.presets`), used unless ``config`` is set.
+        config: path to a SegLLM config.json to use instead of a preset.
+        memory: feed earlier masks back into the LLM (False: text-only history baseline).
+        init: a checkpoint folder to start from instead of random weights.
+    """
+
+    preset: Literal["tiny", "small"] = "small"
+    config: str | None = None
+    memory: bool = True
+    init: str | None = None
+
+
+@dataclass
+class TokenizerRecipe:
+    """A byte-level BPE tokenizer trained on the training data's text, or an existing one."""
+
+    vocab_size: int = 1024
+    corpus_conversations: int = 3000
+    path: str | None = None
+
+
+@dataclass
+class DataRecipe:
+    """Where conversations come from.
+
+    ``train``/``val``: "world" (the procedural world, generated on the fly, deterministic by
+    index) or a dataset folder (annotations.json + conversations.jsonl).
+    """
+
+    train: str = "world"
+    val: str = "world"
+    seed: int = 0
+    train_size: int = 1_000_000
+    val_size: int = 200
+    max_rounds: int = 8
+    world: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimRecipe:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainRecipe:
+    """A whole training run.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: conversations per process per micro-step.
+        grad_accum: micro-steps per optimizer step.
+        mixed_precision: "no", "bf16" or "fp16" (accelerate).
+        log_every, eval_every, save_every: in optimizer steps (0 disables eval/save).
+        eval_size: validation conversations per evaluation.
+        output_dir: where checkpoints and logs go.
+        threads: torch CPU threads per process (0: torch's default).
+    """
+
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    tokenizer: TokenizerRecipe = field(default_factory=TokenizerRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    optim: OptimRecipe = field(default_factory=OptimRecipe)
+    steps: int = 5000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 10
+    eval_every: int = 500
+    save_every: int = 250
+    eval_size: int = 200
+    output_dir: str = "runs/default"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainRecipe":
+        return from_dict(cls, data)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainRecipe":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read recipe {path}: {e}") from e
+        for key, value in (overrides or {}).items():
+            _set(data, key, value)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    def model_config(self, vocab_size: int) -> SegLLMConfig:
+        from segllm import presets
+        from segllm.checkpoint import load_config
+
+        if self.model.config:
+            cfg = SegLLMConfig.load(self.model.config)
+        elif self.model.init:
+            cfg = load_config(self.model.init)
+        else:
+            cfg = {"tiny": presets.tiny_config, "small": presets.small_config}[self.model.preset](vocab_size)
+        cfg = copy.deepcopy(cfg)
+        cfg.memory.enabled = self.model.memory
+        return cfg
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        data = data.setdefault(k, {})
+    data[keys[-1]] = value

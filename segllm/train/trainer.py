@@ -1,0 +1,217 @@
+"""``segllm train``: a recipe run with accelerate (one CPU, one GPU or several processes).
+
+Data positions are global: optimizer step s consumes training items
+[s * G, (s + 1) * G) with G = processes x batch size x accumulation, each process taking its own
+slice. A checkpoint therefore records where the data stream stands, and a run resumes (on
+any number of processes) exactly where it stopped. Randomness (feature dropout) is seeded
+from (seed, step, rank), so nothing else needs saving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from segllm.train.recipe import TrainRecipe
+
+log = logging.getLogger(__name__)
+
+LAST = "checkpoint-last"
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    output_dir: str = ""
+
+
+def build_datasets(recipe: TrainRecipe):
+    """(train, val) datasets of the recipe."""
+    from segllm.data.records import ConversationFolder, WorldConversations
+    from segllm.data.world import WorldConfig
+
+    d = recipe.data
+
+    def make(source: str, split: str, size: int):
+        if source == "world":
+            return WorldConversations(split, size, seed=d.seed, config=WorldConfig.from_dict(d.world), max_rounds=d.max_rounds)
+        return ConversationFolder(source, max_rounds=d.max_rounds)
+
+    return make(d.train, "train", d.train_size), make(d.val, "val", d.val_size)
+
+
+def build_tokenizer(recipe: TrainRecipe, train_set):
+    from transformers import AutoTokenizer
+
+    from segllm.tokenizer import train_bpe_tokenizer
+
+    t = recipe.tokenizer
+    if t.path:
+        return AutoTokenizer.from_pretrained(t.path, local_files_only=True)
+    texts = []
+    for i in range(min(t.corpus_conversations, len(train_set))):
+        conv = train_set.get(i)
+        if conv is not None:
+            texts += [r.question for r in conv.rounds] + [r.answer for r in conv.rounds]
+    return train_bpe_tokenizer(texts, vocab_size=t.vocab_size)
+
+
+def lr_lambda(recipe: TrainRecipe):
+    o = recipe.optim
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, recipe.steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True) -> TrainSummary:
+    """Run a recipe; returns the losses and evaluations of this run (main process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from tqdm.auto import tqdm
+
+    from segllm.checkpoint import load_pretrained
+    from segllm.eval.evaluate import evaluate
+    from segllm.model.builder import build_segllm
+    from segllm.train.state import load_optimizer
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    acc = Accelerator(
+        # accelerate treats several CPU processes as distributed (gloo) only when told it runs on CPU
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=recipe.mixed_precision,
+        gradient_accumulation_steps=recipe.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    out = Path(recipe.output_dir)
+    last = out / LAST
+    train_set, val_set = build_datasets(recipe)
+    start_step, samples_seen, history = 0, 0, {"evals": []}
+    if resume and (last / "trainer_state.json").is_file():
+        state = json.loads((last / "trainer_state.json").read_text())
+        start_step, samples_seen, history = state["step"], state["samples_seen"], state.get("history", history)
+        model = load_pretrained(last / "model")
+        if acc.is_main_process:
+            log.info("resuming from %s at step %d", last, start_step)
+    elif resume:
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    else:
+        if recipe.model.init:
+            model = load_pretrained(recipe.model.init)
+        else:
+            tokenizer = build_tokenizer(recipe, train_set)
+            torch.manual_seed(recipe.seed)
+            model = build_segllm(recipe.model_config(len(tokenizer)), tokenizer)
+        model.config.memory.enabled = recipe.model.memory
+    model.set_trainable()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = recipe.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
+    if start_step:
+        load_optimizer(opt, last / "optimizer.safetensors")
+        sched.last_epoch = start_step - 1
+        sched.step()
+    model, opt = acc.prepare(model, opt)
+    core = acc.unwrap_model(model)
+    per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
+    summary = TrainSummary(start_step, output_dir=str(out), evals=list(history["evals"]))
+    bar = tqdm(total=recipe.steps, initial=start_step, disable=not (progress and acc.is_main_process), unit="step", desc="train")
+    log_file = out / "log.jsonl"
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    t0, seen0 = time.time(), 0
+    step = start_step
+    while step < recipe.steps:
+        terms: dict[str, float] = {}
+        for micro in range(recipe.grad_accum):
+            base = samples_seen + (micro * acc.num_processes + acc.process_index) * recipe.batch_size
+            convs = [c for i in range(base, base + recipe.batch_size) if (c := train_set.get(i % len(train_set))) is not None]
+            torch.manual_seed(recipe.seed * 1_000_003 + step * 1009 + acc.process_index * 31 + micro)
+            if not convs:
+                continue
+            batch = core.prepare(convs).to(acc.device)
+            with acc.accumulate(model):
+                res = model(batch)
+                acc.backward(res.loss)
+                if acc.sync_gradients and o.grad_clip > 0:
+                    acc.clip_grad_norm_(params, o.grad_clip)
+                opt.step()
+                opt.zero_grad()
+            for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss"):
+                terms[name] = terms.get(name, 0.0) + float(getattr(res, name).detach()) / recipe.grad_accum
+            seen0 += len(convs)
+        sched.step()
+        samples_seen += per_step
+        step += 1
+        summary.losses.append(terms.get("loss", float("nan")))
+        if acc.is_main_process:
+            bar.update(1)
+            if step % recipe.log_every == 0 or step == recipe.steps:
+                rate = seen0 * acc.num_processes / max(1e-9, time.time() - t0)
+                bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}", conv_s=f"{rate:.1f}")
+                with log_file.open("a") as f:
+                    f.write(json.dumps({"step": step, "lr": sched.get_last_lr()[0], "conv_per_s": rate, **terms}) + "\n")
+        if recipe.eval_every and (step % recipe.eval_every == 0 or step == recipe.steps):
+            if acc.is_main_process:
+                res_eval = evaluate(core, val_set, protocol="oracle", limit=recipe.eval_size, batch_size=recipe.batch_size)
+                rounds = {k: round(v["cIoU"], 2) for k, v in res_eval.metrics.items()}
+                entry = {"step": step, "oracle_cIoU": rounds}
+                summary.evals.append(entry)
+                history["evals"] = summary.evals
+                with (out / "eval.jsonl").open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                bar.write(f"step {step}: val cIoU per round {rounds}")
+            acc.wait_for_everyone()
+            core.train()
+        if recipe.save_every and (step % recipe.save_every == 0 or step == recipe.steps):
+            _save(acc, core, opt, out, {"step": step, "samples_seen": samples_seen, "recipe": recipe.to_dict(), "history": history, "processes": acc.num_processes})
+    bar.close()
+    summary.steps = step
+    summary.skipped = len(train_set.skipped) + len(val_set.skipped)
+    if summary.skipped and acc.is_main_process:
+        log.warning("skipped %d unusable record(s); see the warnings above", summary.skipped)
+    acc.end_training()
+    return summary
+
+
+def _save(acc, core, opt, out: Path, state: dict) -> None:
+    """Write checkpoint-last atomically: a crash loses at most the steps since the last save."""
+    from segllm.train.state import save_optimizer
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=out))
+        try:
+            core.save_pretrained(tmp / "model", extra={"step": state["step"]})
+            save_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt, tmp / "optimizer.safetensors")
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            old = out / ".checkpoint-old"
+            if old.exists():
+                shutil.rmtree(old)
+            if (out / LAST).exists():
+                os.replace(out / LAST, old)
+            os.replace(tmp, out / LAST)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    acc.wait_for_everyone()
