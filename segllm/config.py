@@ -161,8 +161,8 @@ class LossConfig:
 
     lm: float = 1.0
     mask: Literal["bce", "focal"] = "bce"
-    mask_weight: float = 2.0
-    dice_weight: float = 0.5
+    mask_weight: float = 1.0
+    dice_weight: float = 2.0  # objects are small: Dice keeps the masks from collapsing to background
     ref_weight: float = 0.5
     iou_weight: float = 1.0
     focal_alpha: float = 0.25

@@ -80,8 +80,15 @@ def lr_lambda(recipe: TrainRecipe):
     return f
 
 
-def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True) -> TrainSummary:
-    """Run a recipe; returns the losses and evaluations of this run (main process)."""
+def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> TrainSummary:
+    """Run a recipe; returns the losses and evaluations of this run (main process).
+
+    Args:
+        resume: continue from ``output_dir/checkpoint-last``.
+        progress: show a progress bar.
+        stop_after: stop (with a checkpoint) once this step is reached, as if interrupted; the
+            schedule stays that of ``recipe.steps``, so ``resume`` continues the same run.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
@@ -125,11 +132,9 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True) -
     params = [p for p in model.parameters() if p.requires_grad]
     o = recipe.optim
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
     if start_step:
         load_optimizer(opt, last / "optimizer.safetensors")
-        sched.last_epoch = start_step - 1
-        sched.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe), last_epoch=start_step - 1)
     model, opt = acc.prepare(model, opt)
     core = acc.unwrap_model(model)
     per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
@@ -140,7 +145,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True) -
         out.mkdir(parents=True, exist_ok=True)
     t0, seen0 = time.time(), 0
     step = start_step
-    while step < recipe.steps:
+    end = min(recipe.steps, stop_after) if stop_after is not None else recipe.steps
+    while step < end:
         terms: dict[str, float] = {}
         for micro in range(recipe.grad_accum):
             base = samples_seen + (micro * acc.num_processes + acc.process_index) * recipe.batch_size
@@ -182,7 +188,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True) -
                 bar.write(f"step {step}: val cIoU per round {rounds}")
             acc.wait_for_everyone()
             core.train()
-        if recipe.save_every and (step % recipe.save_every == 0 or step == recipe.steps):
+        if (recipe.save_every and (step % recipe.save_every == 0 or step == recipe.steps)) or step == end:
             _save(acc, core, opt, out, {"step": step, "samples_seen": samples_seen, "recipe": recipe.to_dict(), "history": history, "processes": acc.num_processes})
     bar.close()
     summary.steps = step

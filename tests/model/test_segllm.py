@@ -22,7 +22,8 @@ def test_training_forward_shapes_and_losses(make_model, three_rounds):
         v = getattr(out, name)
         assert v.ndim == 0 and torch.isfinite(v), name
     assert out.lm_loss > 0 and out.ref_loss > 0 and out.mask_loss > 0
-    total = out.lm_loss + 2.0 * out.mask_loss + 0.5 * out.dice_loss + 0.5 * out.ref_loss + out.iou_loss
+    w = model.config.loss
+    total = w.lm * out.lm_loss + w.mask_weight * out.mask_loss + w.dice_weight * out.dice_loss + w.ref_weight * out.ref_loss + w.iou_weight * out.iou_loss
     assert torch.allclose(out.loss, total)
 
 

@@ -1,0 +1,98 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segllm.errors import ConfigError
+from segllm.model.segllm import SegLLM
+from segllm.train.recipe import TrainRecipe
+from segllm.train.state import load_optimizer, save_optimizer
+from segllm.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "test_tiny.toml"
+
+
+def _recipe(tmp_path, **overrides):
+    return TrainRecipe.load(RECIPE, {"output_dir": str(tmp_path / "run"), **overrides})
+
+
+def _falls(losses):
+    return sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
+
+
+def test_losses_fall_and_checkpoint_reloads(tmp_path):
+    summary = train(_recipe(tmp_path), progress=False)
+    assert summary.steps == 12 and len(summary.losses) == 12
+    assert _falls(summary.losses), summary.losses
+    ck = tmp_path / "run" / "checkpoint-last"
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["step"] == 12 and state["samples_seen"] == 24
+    model = SegLLM.from_pretrained(ck / "model")
+    assert model.config.llm.hf_config["num_hidden_layers"] == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 13))
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    """6 steps, then --resume to 12, gives exactly the losses of 12 steps straight."""
+    straight = train(_recipe(tmp_path / "a"), progress=False)
+    first = train(_recipe(tmp_path / "b", steps=12, save_every=6), progress=False)
+    assert first.losses == straight.losses
+    r = _recipe(tmp_path / "c")
+    train(r, progress=False, stop_after=6)  # as if the run died after step 6's checkpoint
+    resumed = train(r, resume=True, progress=False)
+    assert resumed.losses == pytest.approx(straight.losses[6:], rel=1e-5)
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_recipe(tmp_path), resume=True, progress=False)
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrate"):
+        TrainRecipe.load(RECIPE, {"optim.lrate": 1.0})
+    with pytest.raises(ConfigError, match=r"batch_size"):
+        TrainRecipe.load(RECIPE, {"batch_size": "eight"})
+    (tmp_path / "bad.toml").write_text("steps = [")
+    with pytest.raises(ConfigError, match="cannot read recipe"):
+        TrainRecipe.load(tmp_path / "bad.toml")
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([p], lr=0.1, betas=(0.8, 0.9))
+    p.sum().backward()
+    opt.step()
+    save_optimizer(opt, tmp_path / "o.safetensors")
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.AdamW([q], lr=0.5)
+    load_optimizer(opt2, tmp_path / "o.safetensors")
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s2["param_groups"][0]["lr"] == 0.1 and s2["param_groups"][0]["betas"] == (0.8, 0.9)
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(s1["state"][0][k], s2["state"][0][k])
+
+
+def test_two_process_training(tmp_path):
+    """Two CPU processes (gloo) through torch.distributed.run: the losses fall, the checkpoint reloads."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           "-m", "segllm.cli", "train", str(RECIPE), "--set", f'output_dir="{out}"']
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "checkpoint-last" / "trainer_state.json").read_text())
+    assert state["processes"] == 2 and state["samples_seen"] == 48  # 12 steps x 2 processes x 2
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and _falls(losses)
+    SegLLM.from_pretrained(out / "checkpoint-last" / "model")
