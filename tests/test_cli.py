@@ -28,3 +28,19 @@ def test_chat_bad_image(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert main(["chat", str(tmp_path / "bad.png"), "--ask", "x"]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_eval_writes_table_and_reports(tmp_path, capsys):
+    rc = main(["eval", "--size", "2", "--split", "val", "--out", str(tmp_path), "--name", "t", "--batch-size", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "oracle cIoU" in out and "own cIoU" in out and "original resolution" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"t.json", "t.csv", "t_ciou.png"}
+
+
+def test_train_rejects_unknown_recipe_key(tmp_path, capsys):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.toml"
+    assert main(["train", str(recipe), "--set", "optim.lrate=1"]) == 2
+    assert "optim.lrate" in capsys.readouterr().err
