@@ -290,48 +290,77 @@ class SegLLM(nn.Module):
             batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
         return batch
 
+    def image_features(self, image_pixels: Tensor) -> Tensor:
+        """[B, 3, S, S] vision input -> [B, N, D] image tokens in the LLM's width."""
+        grad = any(p.requires_grad for p in self.vision.parameters()) and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            patches = self.vision(image_pixels)
+        return self.projector(patches.to(self.dtype))
+
+    def memory_features(self, memory_pixels: Tensor, memory_boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """Earlier masks -> LLM tokens.
+
+        Args:
+            memory_pixels: [M, 3, S, S] preprocessed masked crops.
+            memory_boxes: [M, 4] normalised boxes.
+
+        Returns:
+            (mask tokens [M, D], box tokens [M, D]), already scaled for training (feature
+            dropout) or inference (``memory.inference_scale``).
+        """
+        M = memory_pixels.shape[0]
+        grad = any(p.requires_grad for p in self.vision.parameters()) and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            pooled = self.vision.pool(memory_pixels)
+        mask_feats = self.projector(pooled.to(self.dtype))
+        box_feats = self.memory.encode_boxes(memory_boxes.to(mask_feats.device)).to(mask_feats.dtype)
+        scale = self._memory_scale(M, mask_feats)
+        return mask_feats * scale, box_feats * scale
+
+    def inject(self, input_ids: Tensor, slots: list[tuple[int, Tensor, Tensor, Tensor]], attention_mask: Tensor | None = None) -> Tensor:
+        """Token embeddings [B, L, D] with features put into their placeholder slots.
+
+        Args:
+            input_ids: [B, L].
+            slots: (placeholder token id, rows [n], cols [n], features [n, D]) per kind of feature.
+            attention_mask: [B, L]; padding is not checked for placeholders.
+
+        Raises:
+            PlaceholderMismatchError: the placeholders in ``input_ids`` and the features differ
+                in number, or a slot does not hold a placeholder token of its kind.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        slots = [s for s in slots if s[1].numel()]
+        att = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        rows = torch.cat([s[1] for s in slots]) if slots else input_ids.new_zeros(0)
+        cols = torch.cat([s[2] for s in slots]) if slots else input_ids.new_zeros(0)
+        self._check_placeholders(input_ids, att, rows, cols, [(s[0], s[1].numel()) for s in slots])
+        if not slots:
+            return embeds
+        feats = torch.cat([s[3] for s in slots]).to(embeds.dtype)
+        if self.config.inject == "add":
+            return embeds.index_put((rows, cols), feats, accumulate=True)
+        return embeds.index_put((rows, cols), feats)
+
     def embed(self, batch: Batch) -> Tensor:
         """Token embeddings with image, mask and box features injected: [B, L, D].
 
         Raises:
-            PlaceholderMismatchError: the placeholders in ``input_ids`` and the features differ
-                in number, or a slot does not hold a placeholder token.
+            PlaceholderMismatchError: see :meth:`inject`.
         """
         ids = batch.input_ids
-        embeds = self.llm.get_input_embeddings()(ids)
         B, N = batch.image_pos.shape
         proc = self.processor
-        vision_grad = any(p.requires_grad for p in self.vision.parameters())
-        with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
-            patches = self.vision(batch.image_pixels)
-        if patches.shape[1] != N:
-            raise PlaceholderMismatchError(f"the image gives {patches.shape[1]} features but has {N} placeholders")
-        feats = [self.projector(patches.to(embeds.dtype)).reshape(B * N, -1)]
-        rows = [torch.arange(B, device=ids.device).repeat_interleave(N)]
-        cols = [batch.image_pos.reshape(-1)]
-        expected = [(proc.image_id, batch.image_pos.numel())]
-        M = batch.memory_pos.numel()
-        if M:
-            with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
-                pooled = self.vision.pool(batch.memory_pixels)
-            mfeat = self.projector(pooled.to(embeds.dtype))
-            scale = self._memory_scale(M, embeds)
-            feats.append(mfeat * scale)
-            rows.append(batch.memory_batch)
-            cols.append(batch.memory_pos)
-            expected.append((proc.mask_id, M))
+        img = self.image_features(batch.image_pixels)
+        if img.shape[1] != N:
+            raise PlaceholderMismatchError(f"the image gives {img.shape[1]} features but has {N} placeholders")
+        slots = [(proc.image_id, torch.arange(B, device=ids.device).repeat_interleave(N), batch.image_pos.reshape(-1), img.reshape(B * N, -1))]
+        if batch.memory_pos.numel():
+            mask_feats, box_feats = self.memory_features(batch.memory_pixels, batch.memory_boxes)
+            slots.append((proc.mask_id, batch.memory_batch, batch.memory_pos, mask_feats))
             has_box = batch.box_pos >= 0
-            if has_box.any():
-                bfeat = self.memory.encode_boxes(batch.memory_boxes[has_box]).to(embeds.dtype)
-                feats.append(bfeat * scale[has_box])
-                rows.append(batch.memory_batch[has_box])
-                cols.append(batch.box_pos[has_box])
-                expected.append((proc.box_id, int(has_box.sum())))
-        rows_t, cols_t, feats_t = torch.cat(rows), torch.cat(cols), torch.cat(feats)
-        self._check_placeholders(ids, batch.attention_mask, rows_t, cols_t, expected)
-        if self.config.inject == "add":
-            return embeds.index_put((rows_t, cols_t), feats_t, accumulate=True)
-        return embeds.index_put((rows_t, cols_t), feats_t)
+            slots.append((proc.box_id, batch.memory_batch[has_box], batch.box_pos[has_box], box_feats[has_box]))
+        return self.inject(ids, slots, batch.attention_mask)
 
     def _memory_scale(self, M: int, like: Tensor) -> Tensor:
         cfg = self.config.memory

@@ -1,0 +1,239 @@
+"""A conversation about one image, round by round: what the CLI, the web demo and evaluation use.
+
+``Session`` holds what earlier rounds computed so that a new round costs only its new work:
+
+- the image's vision tokens and the mask decoder's image features, computed once per image;
+- the LLM's key/value cache over everything said so far; a new round feeds only its own
+  tokens (the question, the placeholders of the earlier masks it refers to, the answer);
+- the memory tokens of each earlier mask, computed once when first referred to;
+- only the new round's masks are decoded.
+
+``undo`` and ``reset`` cut the cache back. ``incremental=False`` runs the old way (the whole
+conversation from scratch every round, as the released demo does); both give the same
+answers and masks (up to float rounding), which the tests check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from segllm.conversation import Conversation, Round, load_image, parse_refs
+from segllm.errors import ConversationError
+
+
+@dataclass
+class Reply:
+    """One round's result.
+
+    Attributes:
+        round: 1-indexed round number.
+        question: the question as the model read it (``[REF:k]`` macros removed).
+        refs: the earlier rounds whose masks were fed back.
+        text: the answer, with ``<seg>`` where masks were produced.
+        masks: [S, H, W] bool at the image's resolution, one per ``<seg>``.
+        boxes: [S, 4] (x0, y0, x1, y1) pixels, exclusive end.
+        scores: [S] predicted IoU of each mask.
+        forced: the model answered without ``<seg>`` and one mask was asked for explicitly.
+    """
+
+    round: int
+    question: str
+    refs: tuple[int, ...]
+    text: str
+    masks: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    forced: bool = False
+
+
+@dataclass
+class _State:
+    cache: object = None  # transformers DynamicCache
+    lengths: list[int] = field(default_factory=list)  # cache length after the prefix, then after each round
+    memory: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    decoder_features: torch.Tensor | None = None
+    frame: object = None
+
+
+class Session:
+    """Segment objects in one image through a conversation.
+
+    Args:
+        model: a :class:`segllm.SegLLM` (put in eval mode here).
+        image: the image (path, PIL image or array); or call :meth:`set_image` later.
+        incremental: reuse earlier rounds' work (default); False recomputes everything.
+        max_new_tokens: longest answer generated per round.
+        force_mask: when the model answers without ``<seg>``, ask for one mask anyway (as
+            the released demo always does).
+    """
+
+    def __init__(self, model, image=None, *, incremental: bool = True, max_new_tokens: int = 32, force_mask: bool = True) -> None:
+        self.model = model.eval()
+        self.incremental = incremental
+        self.max_new_tokens = max_new_tokens
+        self.force_mask = force_mask
+        self.image: np.ndarray | None = None
+        self.history: list[Reply] = []
+        self._state = _State()
+        if image is not None:
+            self.set_image(image)
+
+    # -- state -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_image(self, image) -> None:
+        """Use a new image (and start a new conversation); its features are computed once here."""
+        self.image = load_image(image)
+        self.history = []
+        self._state = _State()
+        if self.incremental:
+            self._prefill()
+
+    def reset(self) -> None:
+        """Forget every round (keep the image and its features)."""
+        self._need_image()
+        self.history = []
+        st = self._state
+        if st.cache is not None:
+            st.cache.crop(st.lengths[0])
+            del st.lengths[1:]
+        st.memory.clear()
+
+    def undo(self) -> Reply | None:
+        """Drop the last round; returns it (None when there is none)."""
+        if not self.history:
+            return None
+        last = self.history.pop()
+        st = self._state
+        if st.cache is not None:
+            st.lengths.pop()
+            st.cache.crop(st.lengths[-1])
+        for key in [k for k in st.memory if k[0] == last.round]:
+            del st.memory[key]
+        return last
+
+    @property
+    def conversation(self) -> Conversation:
+        """The conversation so far (answers and masks are the model's own)."""
+        self._need_image()
+        return Conversation(self.image, [Round(r.question, r.refs, r.text, list(r.masks)) for r in self.history])
+
+    # -- asking ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def ask(self, question: str, refs=None, *, answer: str | None = None) -> Reply:
+        """Ask one round.
+
+        Args:
+            question: the text. ``[REF:k]`` macros are read as references and removed;
+                "instance k" (kept in the text) refers to round k too.
+            refs: earlier rounds (1-indexed) to feed back, in addition to those in the text.
+                Without any reference, earlier rounds are seen as text only.
+            answer: force this answer text (e.g. ``"<seg>"``) instead of generating one.
+
+        Raises:
+            ConversationError: empty question, or a reference to a round that does not exist.
+            MaskError: a reference to a round whose mask is empty.
+            ContextTooLongError: the conversation no longer fits the LLM's context.
+        """
+        self._need_image()
+        if not isinstance(question, str) or not question.strip():
+            raise ConversationError("the question is empty")
+        text, found = parse_refs(question)
+        all_refs = tuple(sorted(set(found) | {int(k) for k in (refs or ())}))
+        n = len(self.history) + 1
+        conv = self.conversation
+        conv.rounds.append(Round(text, all_refs))
+        conv.validate(allow_open_last=True)  # names a missing round or an empty mask
+        if not text:
+            raise ConversationError("the question is empty once [REF:k] is removed")
+        reply = self._incremental(conv, answer) if self.incremental else self._full(conv, answer)
+        if self.force_mask and answer is None and reply.masks.shape[0] == 0:
+            if self.incremental:
+                self._state.cache.crop(self._state.lengths[-1])
+            reply = self._incremental(conv, "<seg>") if self.incremental else self._full(conv, "<seg>")
+            reply.forced = True
+        if self.incremental:
+            self._state.lengths.append(self._state.cache.get_seq_length())
+        self.history.append(reply)
+        assert reply.round == n
+        return reply
+
+    def _full(self, conv: Conversation, answer: str | None) -> Reply:
+        p = self.model.predict(conv, max_new_tokens=self.max_new_tokens, answer=answer)
+        last = conv.rounds[-1]
+        return Reply(p.round, last.question, last.refs, p.text, p.masks, p.boxes, p.scores)
+
+    def _prefill(self) -> None:
+        from transformers import DynamicCache
+
+        m, st = self.model, self._state
+        image = torch.tensor(self.image).permute(2, 0, 1)
+        ids, image_pos = m.processor.prefix_ids()
+        ids_t = torch.tensor([ids], device=m.device)
+        feats = m.image_features(m.vision.preprocess(image)[None].to(m.device))[0]
+        rows = torch.zeros(len(image_pos), dtype=torch.long, device=m.device)
+        embeds = m.inject(ids_t, [(m.processor.image_id, rows, torch.tensor(image_pos, device=m.device), feats)])
+        st.cache = DynamicCache()
+        m.llm.get_decoder()(inputs_embeds=embeds, past_key_values=st.cache, use_cache=True)
+        st.lengths = [len(ids)]
+        pixels, st.frame = m.decoder.preprocess(image)
+        st.decoder_features = m.encode_decoder_image(pixels[None].to(m.device))
+
+    def _memory(self, k: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask and box tokens of round k's j-th mask, computed once."""
+        st, m = self._state, self.model
+        if (k, j) not in st.memory:
+            image = torch.tensor(self.image).permute(2, 0, 1)
+            mask = torch.tensor(self.history[k - 1].masks[j])
+            crop = m.vision.preprocess(m.memory.crop(image, mask))[None].to(m.device)
+            box = m.memory.normalised_boxes(mask[None])
+            mf, bf = m.memory_features(crop, box)
+            st.memory[(k, j)] = (mf[0], bf[0])
+        return st.memory[(k, j)]
+
+    def _incremental(self, conv: Conversation, answer: str | None) -> Reply:
+        m, st = self.model, self._state
+        proc = m.processor
+        i = len(conv.rounds) - 1
+        offset = st.lengths[-1]
+        u_ids, items = proc.user_ids(conv, i, offset)
+        dev = m.device
+        slots = []
+        if items:
+            feats = [self._memory(it.ref_round, it.mask_index) for it in items]
+            zeros = torch.zeros(len(items), dtype=torch.long, device=dev)
+            slots.append((proc.mask_id, zeros, torch.tensor([it.mask_pos - offset for it in items], device=dev), torch.stack([f[0] for f in feats])))
+            boxed = [(it, f) for it, f in zip(items, feats) if it.box_pos >= 0]
+            if boxed:
+                slots.append((proc.box_id, zeros[: len(boxed)], torch.tensor([it.box_pos - offset for it, _ in boxed], device=dev), torch.stack([f[1] for _, f in boxed])))
+        if answer is None:
+            embeds = m.inject(torch.tensor([u_ids], device=dev), slots)
+            tokens, seg_hidden, st.cache = m.generate(
+                embeds, max_new_tokens=self.max_new_tokens, past_key_values=st.cache, past_length=offset, num_rounds=i + 1
+            )
+        else:
+            forced = Conversation(conv.image, conv.rounds[:-1] + [Round(conv.rounds[-1].question, conv.rounds[-1].refs, answer, [])])
+            a_ids, segs = proc.answer_ids(forced, i, offset + len(u_ids))
+            ids = u_ids + a_ids
+            proc.check_length(offset + len(ids), i + 1, reserve=0)
+            embeds = m.inject(torch.tensor([ids], device=dev), slots)
+            hidden = m.llm.get_decoder()(inputs_embeds=embeds, past_key_values=st.cache, use_cache=True).last_hidden_state
+            pos = torch.tensor([s.pos - offset - 1 for s in segs], dtype=torch.long, device=dev)
+            seg_hidden = hidden[0, pos]
+            tokens = a_ids[:-1]
+        text = m.tokenizer.decode(tokens, skip_special_tokens=False)
+        for t in (m.tokenizer.eos_token, m.tokenizer.pad_token):
+            if t:
+                text = text.replace(t, "")
+        masks, boxes, scores = m.decode_masks(seg_hidden, st.decoder_features, st.frame, features=True)
+        last = conv.rounds[-1]
+        return Reply(i + 1, last.question, last.refs, text.strip(), masks, boxes, scores)
+
+    def _need_image(self) -> None:
+        if self.image is None:
+            raise ConversationError("no image: call set_image() first")
+
+
+__all__ = ["Reply", "Session"]
