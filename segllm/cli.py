@@ -17,15 +17,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segllm", description="Multi-round reasoning segmentation with mask memory.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    chat = sub.add_parser("chat", help="segment objects in an image, round by round")
-    chat.add_argument("image", nargs="?", help="image file (default: the bundled example image)")
+    chat = sub.add_parser("chat", help="segment objects in an image, round by round (interactive, --ask or --script)")
+    chat.add_argument("image", nargs="?", help="image file (default: the bundled example image and its conversation)")
     chat.add_argument("--ask", action="append", default=[], metavar="QUESTION",
                       help="a round's question; repeat for more rounds; '[REF:k]' or 'instance k' refers to round k")
+    chat.add_argument("--script", metavar="FILE",
+                      help="a prepared conversation: one question per line ('undo' and 'clear' allowed, '#' comments), "
+                           "or a JSON file {\"questions\": [...]}")
     chat.add_argument("--checkpoint", help="model folder (default: the bundled model)")
-    chat.add_argument("--out", default="segllm-out", help="folder for overlays and masks (default: %(default)s)")
+    chat.add_argument("--out", default="segllm-out", help="folder for overlays, masks and session.json (default: %(default)s)")
     chat.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
     chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     chat.add_argument("--max-new-tokens", type=int, default=32)
+    chat.add_argument("--full-recompute", action="store_true",
+                      help="recompute the whole conversation every round (the released demo's way; slower)")
     chat.set_defaults(func=_chat)
 
     world = sub.add_parser("world", help="write splits of the procedural multi-round world to a folder")
@@ -65,46 +70,78 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _script_lines(path: Path) -> list[str]:
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return list(data["questions"] if isinstance(data, dict) else data)
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
 def _chat(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
-    from segllm.conversation import Conversation, Round, load_image, parse_refs
-    from segllm.default import EXAMPLES, load_model
-    from segllm.viz import overlay
+    from segllm.default import EXAMPLES
+    from segllm.session import Session
 
-    questions = list(args.ask)
+    lines: list[str] | None = None
+    if args.script:
+        lines = _script_lines(Path(args.script))
+    elif args.ask:
+        lines = list(args.ask)
     image_path = args.image
     if image_path is None:
         image_path = EXAMPLES / "shapes.png"
-        if not questions:
-            questions = json.loads((EXAMPLES / "shapes.json").read_text())["questions"]
-    if not questions:
-        print("error: give at least one --ask QUESTION", file=sys.stderr)
-        return 2
-    image = load_image(image_path)
-    model = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+        if lines is None:
+            lines = _script_lines(EXAMPLES / "shapes.json")
+    interactive = lines is None and sys.stdin.isatty()
+    session = Session.from_pretrained(
+        args.checkpoint, image_path, device=args.device, dtype=getattr(torch, args.dtype),
+        incremental=not args.full_recompute, max_new_tokens=args.max_new_tokens,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    conv = Conversation(image, [])
-    shown: list[tuple[int, np.ndarray]] = []
-    for n, q in enumerate(questions, start=1):
-        text, refs = parse_refs(q)
-        conv.rounds.append(Round(text, refs))
-        pred = model.predict(conv, max_new_tokens=args.max_new_tokens)
-        if not pred.masks.shape[0]:
-            # the model answered without <seg>: ask for one mask, as the released demo always does
-            pred = model.predict(conv, answer="<seg>")
-        conv.rounds[-1] = Round(text, refs, pred.text, list(pred.masks))
-        for j, m in enumerate(pred.masks):
-            Image.fromarray(m.astype(np.uint8) * 255).save(out / f"round{n}_mask{j + 1}.png")
-        shown += [(n, m) for m in pred.masks]
-        overlay(image, shown).save(out / f"round{n}_overlay.png")
-        boxes = ", ".join(f"[{', '.join(f'{v:.0f}' for v in b)}] score {s:.2f}" for b, s in zip(pred.boxes, pred.scores))
-        ref_note = f" (refers to {', '.join(map(str, refs))})" if refs else ""
-        print(f"round {n}{ref_note}: {text}\n  -> {pred.text!r}  {boxes}")
-    print(f"overlays and masks written to {out}/")
-    return 0
+    if interactive:
+        print("Ask a question per round; '[REF:k]' or 'instance k' refers to round k. Commands: undo, clear, exit.")
+        lines = _prompt_lines(session)
+    elif lines is None:
+        lines = (line.strip() for line in sys.stdin if line.strip())
+    errors = 0
+    for line in lines:
+        command = line.lower()
+        if command in ("exit", "quit"):
+            break
+        if command == "undo":
+            r = session.undo()
+            print(f"undid round {r.round}" if r else "nothing to undo")
+            continue
+        if command in ("clear", "reset"):
+            session.reset()
+            print("cleared the conversation")
+            continue
+        try:
+            r = session.ask(line)
+        except SegLLMError as e:
+            errors += 1
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        session.overlay().save(out / f"round{r.round}_overlay.png")
+        boxes = ", ".join(f"[{', '.join(f'{v:.0f}' for v in b)}] score {s:.2f}" for b, s in zip(r.boxes, r.scores))
+        ref_note = f" (refers to {', '.join(map(str, r.refs))})" if r.refs else ""
+        print(f"round {r.round}{ref_note}: {r.question}\n  -> {r.text!r}{' (forced)' if r.forced else ''}  {boxes}")
+    session.save_masks(out)
+    (out / "session.json").write_text(json.dumps(session.to_coco(file_name=Path(image_path).name), indent=1) + "\n")
+    print(f"overlays, masks and session.json written to {out}/")
+    return 1 if errors and not interactive else 0
+
+
+def _prompt_lines(session):
+    while True:
+        try:
+            yield input(f"round {len(session.history) + 1}> ").strip()
+        except EOFError:
+            print()
+            return
 
 
 def _world(args: argparse.Namespace) -> int:
