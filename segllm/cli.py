@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(func=_eval)
 
+    dm = sub.add_parser("demo", help="a web demo (Gradio) on localhost")
+    dm.add_argument("--checkpoint", help="model folder (default: the bundled model)")
+    dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
+    dm.add_argument("--port", type=int, default=7860)
+    dm.add_argument("--device", default="cpu")
+    dm.add_argument("--max-side", type=int, default=4096, help="largest image side accepted, pixels (default: %(default)s)")
+    dm.set_defaults(func=_demo)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -195,6 +203,18 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"skipped {skipped} unusable record(s) (listed in the JSON report)")
     paths = write_reports(results, args.out, name=args.name, meta={"checkpoint": args.checkpoint or "bundled", "data": where})
     print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the web demo needs gradio: pip install 'segllm[demo]'", file=sys.stderr)
+        return 2
+    from segllm.demo import launch
+
+    launch(args.checkpoint, host=args.host, port=args.port, device=args.device, max_side=args.max_side)
     return 0
 
 

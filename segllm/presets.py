@@ -9,6 +9,7 @@ transformers model of those families plugs into the same places.
 from __future__ import annotations
 
 from segllm.config import (
+    PART_NAMES,
     LLMConfig,
     MemoryConfig,
     PromptHeadConfig,
@@ -17,6 +18,11 @@ from segllm.config import (
     TemplateConfig,
     VisionConfig,
 )
+
+
+# every part starts from random weights here, so every part trains (a pretrained vision tower
+# would stay frozen, as in the released recipe)
+FROM_SCRATCH = PART_NAMES
 
 
 def llama_config(*, vocab_size: int, hidden: int, layers: int, heads: int, ffn: int, context: int = 2048) -> dict:
@@ -61,6 +67,7 @@ def tiny_config(vocab_size: int = 512, *, memory: bool = True) -> SegLLMConfig:
             image_size=64, patch_size=8, encoder_dim=32, encoder_depth=1, encoder_heads=2, dim=32, depth=1, heads=2, mlp_dim=64
         ),
         template=TemplateConfig(),
+        trainable=FROM_SCRATCH,
     )
 
 
@@ -78,4 +85,5 @@ def small_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig
             image_size=128, patch_size=8, encoder_dim=128, encoder_depth=3, encoder_heads=4, dim=128, depth=2, heads=4, mlp_dim=512
         ),
         template=TemplateConfig(),
+        trainable=FROM_SCRATCH,
     )
