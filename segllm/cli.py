@@ -69,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument("--max-side", type=int, default=4096, help="largest image side accepted, pixels (default: %(default)s)")
     dm.set_defaults(func=_demo)
 
+    bn = sub.add_parser("bench", help="per-round latency, incremental vs full recompute (bundled and a large-LLM model)")
+    bn.add_argument("--rounds", type=int, default=8)
+    bn.add_argument("--repeats", type=int, default=3)
+    bn.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bn.add_argument("--no-large", action="store_true", help="skip the large-LLM configuration")
+    bn.add_argument("--width", type=int, default=4096, help="LLM width of the large configuration")
+    bn.add_argument("--layers", type=int, default=2, help="LLM layers of the large configuration")
+    bn.add_argument("--json", help="also write the raw results here")
+    bn.set_defaults(func=_bench)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -216,6 +226,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     launch(args.checkpoint, host=args.host, port=args.port, device=args.device, max_side=args.max_side)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from segllm.bench import main as bench_main
+
+    return bench_main(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""``segllm bench``: per-round latency of a conversation, incremental vs full recompute.
+
+Each (model, mode) runs in a fresh process so peak memory (resident set size) is its own.
+Rounds use teacher-forced one-mask answers, so both modes do the same work per round and the
+latency does not depend on what a model happens to generate.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import time
+
+QUESTIONS = [
+    "Segment the cross.",
+    "Segment the largest object left of instance 1.",
+    "Where is the object that has the colour of instance 2?",
+    "Segment the house lower than instance 3.",
+    "Find the tree closest to instance 2.",
+    "Now segment the part of instance 4 that is cyan.",
+    "Segment the large object that is not shaped like instance 3.",
+    "Now segment the house that is closest to instance 7.",
+]
+
+
+def _large_model(width: int, layers: int):
+    """The bundled model's parts with a LLaMA of the released model's width (few layers), random."""
+    import copy
+
+    import torch
+
+    from segllm.default import load_model
+    from segllm.model.builder import build_segllm
+    from segllm.presets import llama_config
+
+    base = load_model()
+    cfg = copy.deepcopy(base.config)
+    cfg.llm.hf_config = llama_config(vocab_size=len(base.tokenizer), hidden=width, layers=layers, heads=32, ffn=11008, context=4096)
+    torch.manual_seed(0)
+    return build_segllm(cfg, copy.deepcopy(base.tokenizer))
+
+
+def _run(args) -> dict:
+    name, incremental, rounds, repeats, threads, width, layers = args
+    import numpy as np
+    import torch
+
+    from segllm.conversation import load_image
+    from segllm.default import EXAMPLES, load_model
+    from segllm.session import Session
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model() if name == "bundled" else _large_model(width, layers)
+    model.eval()
+    image = load_image(EXAMPLES / "shapes.png")
+    times = np.zeros((repeats, rounds))
+    set_image = []
+    for rep in range(repeats + 1):  # the first pass warms up
+        t0 = time.perf_counter()
+        s = Session(model, image, incremental=incremental)
+        t_img = time.perf_counter() - t0
+        for k in range(rounds):
+            t = time.perf_counter()
+            s.ask(QUESTIONS[k % len(QUESTIONS)], answer="<seg>")
+            if rep:
+                times[rep - 1, k] = time.perf_counter() - t
+        if rep:
+            set_image.append(t_img)
+    return {
+        "model": name,
+        "mode": "incremental" if incremental else "full",
+        "round_ms": [float(v) * 1000 for v in np.median(times, axis=0)],
+        "set_image_ms": float(np.median(set_image)) * 1000,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def run(*, rounds: int = 8, repeats: int = 3, threads: int = 0, large: bool = True, width: int = 4096, layers: int = 2) -> list[dict]:
+    jobs = [("bundled", inc, rounds, repeats, threads, width, layers) for inc in (True, False)]
+    if large:
+        jobs += [("large-llm", inc, rounds, max(1, repeats - 1), threads, width, layers) for inc in (True, False)]
+    ctx = mp.get_context("spawn")
+    results = []
+    for job in jobs:
+        with ctx.Pool(1) as pool:
+            results.append(pool.apply(_run, (job,)))
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    by = {(r["model"], r["mode"]): r for r in results}
+    for model in dict.fromkeys(r["model"] for r in results):
+        inc, full = by.get((model, "incremental")), by.get((model, "full"))
+        lines.append(f"\n{model} ({inc['params_m']:.1f}M parameters)")
+        lines.append("| round | incremental ms | full recompute ms |")
+        lines.append("|---|---|---|")
+        for k, (a, b) in enumerate(zip(inc["round_ms"], full["round_ms"]), start=1):
+            lines.append(f"| {k} | {a:.1f} | {b:.1f} |")
+        n = len(inc["round_ms"])
+        lines.append(
+            f"set_image: {inc['set_image_ms']:.1f} ms incremental (features + prefix cache), {full['set_image_ms']:.1f} ms full; "
+            f"round {n} / round 1 (incremental): {inc['round_ms'][-1] / inc['round_ms'][0]:.2f}x; "
+            f"full / incremental at round {n}: {full['round_ms'][-1] / inc['round_ms'][-1]:.2f}x; "
+            f"peak RSS: {inc['peak_rss_mb']:.0f} MB incremental, {full['peak_rss_mb']:.0f} MB full"
+        )
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    results = run(rounds=args.rounds, repeats=args.repeats, threads=args.threads, large=not args.no_large, width=args.width, layers=args.layers)
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
