@@ -8,8 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from segllm.errors import SegLLMError
 
 

@@ -63,7 +63,7 @@ def legend_html(session: Session) -> str:
         return '<div id="segllm-legend"><em>No rounds yet.</em></div>'
     items = []
     for r in session.history:
-        c = "#%02x%02x%02x" % colour(r.round)
+        c = "#{:02x}{:02x}{:02x}".format(*colour(r.round))
         refs = f" (refers to {', '.join(map(str, r.refs))})" if r.refs else ""
         items.append(
             f'<li class="segllm-round" data-round="{r.round}"><span style="display:inline-block;width:1em;height:1em;'
@@ -110,7 +110,7 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32):
             download = str(masks_zip(s, folder))
         return image, legend_html(s), refs, status, download
 
-    def set_image(path, request: gr.Request, progress=gr.Progress()):
+    def set_image(path, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         if not path:
             raise gr.Error("No image given.")
         s = session_of(request)
@@ -123,12 +123,12 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32):
         h, w = image.shape[:2]
         return view(s, f"Image {w}x{h} ready. Ask a question.")
 
-    def pick_example(name, request: gr.Request, progress=gr.Progress()):
+    def pick_example(name, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         if not name:
             raise gr.Error("Pick an example.")
         return set_image(str(examples[name]), request, progress)
 
-    def ask(question, refs, request: gr.Request, progress=gr.Progress()):
+    def ask(question, refs, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         s = session_of(request)
         if s.image is None:
             raise gr.Error("Upload or pick an image first.")

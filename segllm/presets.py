@@ -19,7 +19,6 @@ from segllm.config import (
     VisionConfig,
 )
 
-
 # every part starts from random weights here, so every part trains (a pretrained vision tower
 # would stay frozen, as in the released recipe)
 FROM_SCRATCH = PART_NAMES

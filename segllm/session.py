@@ -82,7 +82,7 @@ class Session:
             self.set_image(image)
 
     @classmethod
-    def from_pretrained(cls, path=None, image=None, *, device: str | None = None, dtype=None, **kwargs) -> "Session":
+    def from_pretrained(cls, path=None, image=None, *, device: str | None = None, dtype=None, **kwargs) -> Session:
         """A session on the model in folder ``path`` (default: the bundled model)."""
         from segllm.default import load_model
 

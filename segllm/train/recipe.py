@@ -106,11 +106,11 @@ class TrainRecipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainRecipe":
+    def from_dict(cls, data: dict[str, Any]) -> TrainRecipe:
         return from_dict(cls, data)
 
     @classmethod
-    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainRecipe":
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
