@@ -24,10 +24,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save_pretrained(model, path: str | Path, *, extra: dict | None = None) -> Path:
+def save_pretrained(model, path: str | Path, *, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (a :class:`segllm.SegLLM`) to the folder ``path`` atomically.
 
     Args:
+        dtype: store floating-point weights in this dtype (e.g. ``torch.float16`` halves the
+            file); loading casts them back to the model's dtype.
         extra: JSON-serialisable facts stored in ``segllm.json`` beside the weights (e.g. the
             training step); not needed to load the model.
     """
@@ -37,6 +39,8 @@ def save_pretrained(model, path: str | Path, *, extra: dict | None = None) -> Pa
     try:
         model.config.save(tmp / CONFIG_NAME)
         state, aliases = _dedupe(model.state_dict())
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": CONFIG_FORMAT, "aliases": json.dumps(aliases)})
         model.tokenizer.save_pretrained(str(tmp))
         if extra is not None:

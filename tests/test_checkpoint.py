@@ -126,3 +126,18 @@ def test_tied_embeddings_round_trip(tokenizer, tmp_path, three_rounds):
     loaded = SegLLM.from_pretrained(tmp_path / "ck")
     assert loaded.llm.get_output_embeddings().weight.data_ptr() == loaded.llm.get_input_embeddings().weight.data_ptr()
     torch.testing.assert_close(_outputs(model, three_rounds).loss, _outputs(loaded, three_rounds).loss)
+
+
+def test_half_precision_storage(make_model, three_rounds, tmp_path):
+    model = make_model(seed=2)
+    model.save_pretrained(tmp_path / "fp32")
+    model.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    size32 = (tmp_path / "fp32" / WEIGHTS_NAME).stat().st_size
+    size16 = (tmp_path / "fp16" / WEIGHTS_NAME).stat().st_size
+    assert size16 < 0.6 * size32
+    loaded = SegLLM.from_pretrained(tmp_path / "fp16")
+    assert loaded.dtype == torch.float32
+    w = model.prompt_head.mlp[0].weight
+    torch.testing.assert_close(loaded.prompt_head.mlp[0].weight, w.half().float())
+    a, b = _outputs(model, three_rounds), _outputs(loaded, three_rounds)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-2, atol=1e-2)
