@@ -96,13 +96,15 @@ class PromptHeadConfig:
     """LLM hidden state at a ``<seg>`` -> ``num_tokens`` prompt tokens of width ``dim``.
 
     The first ``num_ref_tokens`` are [REF] (the referenced mask), the rest [SEG] (the target).
-    ``hidden_dim`` 0 means the LLM's width.
+    ``hidden_dim`` 0 means the LLM's width. ``norm`` puts a LayerNorm on each prompt token, so
+    prompts arrive at the decoder at unit scale (the released head has none).
     """
 
     num_tokens: int = 8
     num_ref_tokens: int = 4
     dim: int = 256
     hidden_dim: int = 0
+    norm: bool = False
 
 
 @dataclass

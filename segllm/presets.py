@@ -61,7 +61,7 @@ def tiny_config(vocab_size: int = 512, *, memory: bool = True) -> SegLLMConfig:
         ),
         llm=LLMConfig(hf_config=llama_config(vocab_size=vocab_size, hidden=64, layers=2, heads=4, ffn=128, context=512)),
         memory=MemoryConfig(enabled=memory),
-        prompt_head=PromptHeadConfig(num_tokens=4, num_ref_tokens=2, dim=32),
+        prompt_head=PromptHeadConfig(num_tokens=4, num_ref_tokens=2, dim=32, norm=True),
         decoder=SamDecoderConfig(
             image_size=64, patch_size=8, encoder_dim=32, encoder_depth=1, encoder_heads=2, dim=32, depth=1, heads=2, mlp_dim=64
         ),
@@ -79,7 +79,7 @@ def small_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig
         ),
         llm=LLMConfig(hf_config=llama_config(vocab_size=vocab_size, hidden=256, layers=4, heads=4, ffn=768, context=1024)),
         memory=MemoryConfig(enabled=memory),
-        prompt_head=PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=128),
+        prompt_head=PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=128, norm=True),
         decoder=SamDecoderConfig(
             image_size=128, patch_size=8, encoder_dim=128, encoder_depth=3, encoder_heads=4, dim=128, depth=2, heads=4, mlp_dim=512
         ),

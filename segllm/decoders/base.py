@@ -57,10 +57,13 @@ class DecoderOutput:
             resolution; channel 0 is [REF], channel 1 is [SEG].
         iou_scores: [N, 2] predicted IoU of each channel's mask (unbounded regression output;
             the model's confidence).
+        boxes: optional [N, 2, 4] (x0, y0, x1, y1) box of each channel's mask in the padded
+            square frame, in input pixels, for decoders that predict boxes (HIPIE); None otherwise.
     """
 
     mask_logits: Tensor
     iou_scores: Tensor
+    boxes: Tensor | None = None
 
 
 def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Tensor:

@@ -330,7 +330,8 @@ class SamMaskDecoder(MaskDecoder):
         # Output tokens and half embeddings are unit-scale, like nn.Embedding (and SAM).
         nn.init.normal_(self.iou_token)
         nn.init.normal_(self.mask_tokens)
-        nn.init.normal_(self.half_embed)
+        # small, so that what tells prompts apart (the LLM's content) is not drowned by what they share
+        nn.init.normal_(self.half_embed, std=0.02)
 
     @property
     def output_size(self) -> int:

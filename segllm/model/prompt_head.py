@@ -19,7 +19,8 @@ class PromptHead(nn.Module):
         self.config = config
         hidden = config.hidden_dim or in_dim
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, config.num_tokens * config.dim))
+        self.norm = nn.LayerNorm(config.dim) if config.norm else nn.Identity()
 
     def forward(self, hidden: Tensor) -> Tensor:
         """[N, D_llm] -> [N, num_tokens, dim]."""
-        return self.mlp(hidden).view(hidden.shape[0], self.config.num_tokens, self.config.dim)
+        return self.norm(self.mlp(hidden).view(hidden.shape[0], self.config.num_tokens, self.config.dim))

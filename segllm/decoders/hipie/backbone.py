@@ -1,0 +1,177 @@
+"""ResNet-50 with frozen batch norm (detectron2 layout) and the sine position encoding.
+
+Parameter names follow detectron2's ``ResNet`` (``stem.conv1``, ``res2.0.shortcut``,
+``res2.0.conv1.norm``, ...), so released checkpoints load as they are. The bottleneck puts the
+stride in the 3x3 convolution (``STRIDE_IN_1X1 = False``) and uses no dilation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segllm.decoders.hipie.config import HipieDecoderConfig
+
+__all__ = [
+    "Backbone",
+    "BackboneWithPosition",
+    "Bottleneck",
+    "ConvNorm",
+    "FrozenBatchNorm2d",
+    "ResNet",
+    "SinePositionEncoding",
+    "Stem",
+]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters (all buffers): [B, C, H, W] -> same."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels) - eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps)
+
+
+class ConvNorm(nn.Conv2d):
+    """A bias-free convolution followed by its frozen batch norm (kept as the ``norm`` child)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, padding: int = 0):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.norm = FrozenBatchNorm2d(out_channels)
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(super().forward(x))
+
+
+class Stem(nn.Module):
+    """7x7/2 convolution, ReLU, 3x3/2 max-pool: [B, 3, H, W] -> [B, C, H/4, W/4]."""
+
+    def __init__(self, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(3, out_channels, 7, stride=2, padding=3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x))
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 residual block: [B, C_in, H, W] -> [B, C_out, H/s, W/s]."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int, *, stride: int = 1) -> None:
+        super().__init__()
+        self.shortcut = ConvNorm(in_channels, out_channels, 1, stride=stride) if in_channels != out_channels else None
+        self.conv1 = ConvNorm(in_channels, width, 1)
+        self.conv2 = ConvNorm(width, width, 3, stride=stride, padding=1)
+        self.conv3 = ConvNorm(width, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.conv1(x))
+        out = F.relu(self.conv2(out))
+        out = self.conv3(out)
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet-50 returning res3, res4, res5 (strides 8, 16, 32).
+
+    Input [B, 3, H, W] normalised pixels; output a dict of [B, C_k, H/s_k, W/s_k] maps with
+    C = ``config.backbone_channels``.
+    """
+
+    stage_names = ("res2", "res3", "res4", "res5")
+
+    def __init__(self, config: HipieDecoderConfig) -> None:
+        super().__init__()
+        self.stem = Stem(config.stem_out_channels)
+        in_channels = config.stem_out_channels
+        out_channels = config.res2_out_channels
+        width = config.num_groups * config.width_per_group
+        if config.num_groups != 1:
+            raise ValueError("grouped bottlenecks are not supported")
+        for index, (name, count) in enumerate(zip(self.stage_names, config.block_counts)):
+            first_stride = 1 if index == 0 else 2
+            blocks = []
+            for b in range(count):
+                blocks.append(Bottleneck(in_channels, out_channels, width, stride=first_stride if b == 0 else 1))
+                in_channels = out_channels
+            self.add_module(name, nn.Sequential(*blocks))
+            out_channels *= 2
+            width *= 2
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.stem(x)
+        out: dict[str, Tensor] = {}
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            if name != "res2":
+                out[name] = x
+        return out
+
+
+class Backbone(nn.Module):
+    """Holds the ResNet under the name ``backbone`` (the released checkpoint's layout)."""
+
+    def __init__(self, config: HipieDecoderConfig) -> None:
+        super().__init__()
+        self.backbone = ResNet(config)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """[B, 3, H, W] -> [res3, res4, res5]."""
+        features = self.backbone(x)
+        return [features["res3"], features["res4"], features["res5"]]
+
+
+class SinePositionEncoding(nn.Module):
+    """DETR's normalised sine encoding of a padding-free feature map: [B, C, H, W] -> [1, D, H, W].
+
+    Half of the ``D`` channels encode y, half x (y first), each as interleaved sin/cos at
+    geometric frequencies. Without a padding mask it does not depend on the batch.
+    """
+
+    def __init__(self, dim: int = 256, temperature: float = 10000.0) -> None:
+        super().__init__()
+        self.num_feats = dim // 2
+        self.temperature = temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        scale, eps = 2 * math.pi, 1e-6
+        y = torch.arange(1, h + 1, dtype=torch.float32, device=x.device)
+        xs = torch.arange(1, w + 1, dtype=torch.float32, device=x.device)
+        y = (y - 0.5) / (h + eps) * scale
+        xs = (xs - 0.5) / (w + eps) * scale
+        dim_t = torch.arange(self.num_feats, dtype=torch.float32, device=x.device)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_feats)
+        pos_y = _interleave_sin_cos(y[:, None] / dim_t)  # [H, F]
+        pos_x = _interleave_sin_cos(xs[:, None] / dim_t)  # [W, F]
+        pos = torch.cat((pos_y[:, None, :].expand(h, w, -1), pos_x[None, :, :].expand(h, w, -1)), dim=-1)
+        return pos.permute(2, 0, 1)[None].to(x.dtype)
+
+
+def _interleave_sin_cos(t: Tensor) -> Tensor:
+    """[..., F] angles -> [..., F]: sin of even entries and cos of odd ones, interleaved."""
+    return torch.stack((t[..., 0::2].sin(), t[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+class BackboneWithPosition(nn.Sequential):
+    """``[0]`` the ResNet holder, ``[1]`` the position encoding (the released ``backbone`` module)."""
+
+    def __init__(self, config: HipieDecoderConfig) -> None:
+        super().__init__(Backbone(config), SinePositionEncoding(config.hidden_dim))
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
+        """[B, 3, H, W] -> [res3, res4, res5] (position encodings come from ``self[1]``)."""
+        return self[0](x)

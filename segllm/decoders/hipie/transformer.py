@@ -1,0 +1,302 @@
+"""HIPIE's deformable vision-language transformer (DINO-style, two-stage, box refinement).
+
+Shapes: B = prompts (each prompt is one "image" for the transformer), S = flattened tokens of
+all feature levels (level-major, row-major), T = prompt tokens, Q = queries (background first,
+then foreground), C = hidden width, L = feature levels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segllm.decoders.hipie.common import MLP, FeatureResizer, inverse_sigmoid, sine_box_embedding
+from segllm.decoders.hipie.config import HipieDecoderConfig
+from segllm.decoders.hipie.deform_attn import MultiScaleDeformableAttention
+from segllm.decoders.hipie.fusion import VLFusion
+
+__all__ = [
+    "DecoderLayer",
+    "DeformableDecoder",
+    "DeformableTransformer",
+    "EncoderLayer",
+    "FusionEncoder",
+    "TransformerOutput",
+    "encoder_reference_points",
+    "encoder_proposals",
+]
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then an FFN (post-norm)."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_levels: int, num_heads: int, num_points: int) -> None:
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(dim, num_levels, num_heads, num_points)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, src: Tensor, pos: Tensor, reference: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
+        """src, pos: [B, S, C]; reference: [B or 1, S, L, 2] -> [B, S, C]."""
+        src = self.norm1(src + self.self_attn(src + pos, reference, src, spatial_shapes))
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+
+
+class DecoderLayer(nn.Module):
+    """Query self-attention, deformable cross-attention to the memory, FFN (post-norm each)."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_levels: int, num_heads: int, num_points: int) -> None:
+        super().__init__()
+        self.cross_attn = MultiScaleDeformableAttention(dim, num_levels, num_heads, num_points)
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(
+        self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """tgt, query_pos: [B, Q, C]; reference: [B, Q, L, 4]; memory: [B, S, C] -> [B, Q, C]."""
+        qk = tgt + query_pos
+        tgt = self.norm2(tgt + self.self_attn(qk, qk, tgt, need_weights=False)[0])
+        tgt = self.norm1(tgt + self.cross_attn(tgt + query_pos, reference, memory, spatial_shapes))
+        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+def encoder_reference_points(spatial_shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """Pixel centres of every level, normalised: -> [1, S, 2] as (x, y) in (0, 1)."""
+    points = []
+    for h, w in spatial_shapes:
+        ys = torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device) / h
+        xs = torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device) / w
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), -1))
+    return torch.cat(points, 0)[None]
+
+
+def encoder_proposals(spatial_shapes: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """One proposal box per encoder token, in logit space.
+
+    A token at (x, y) of level l proposes the box centred on its pixel with side 0.05 * 2^l.
+
+    Returns:
+        proposals: [1, S, 4] logit(cx, cy, w, h); ``inf`` where the box is not strictly inside
+            (0.01, 0.99).
+        valid: [1, S, 1] bool, whether the proposal is usable.
+    """
+    boxes = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        ys = torch.linspace(0, h - 1, h, dtype=torch.float32, device=device)
+        xs = torch.linspace(0, w - 1, w, dtype=torch.float32, device=device)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        scale = torch.tensor([w, h], dtype=torch.float32, device=device)
+        centres = (torch.stack((grid_x, grid_y), -1) + 0.5) / scale
+        sizes = torch.ones_like(centres) * 0.05 * (2.0**level)
+        boxes.append(torch.cat((centres, sizes), -1).view(-1, 4))
+    proposals = torch.cat(boxes, 0)[None]
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))
+    return proposals, valid
+
+
+class FusionEncoder(nn.Module):
+    """Encoder layers, the first ``num_vl_layers`` of them preceded by a VL fusion layer."""
+
+    def __init__(self, config: HipieDecoderConfig) -> None:
+        super().__init__()
+        c = config
+        self.vl_layers = nn.ModuleList(
+            VLFusion(c.hidden_dim, c.lang_dim, c.vl_hidden_dim, c.num_heads, c.vl_gamma_init) for _ in range(c.num_vl_layers)
+        )
+        self.layers = nn.ModuleList(
+            EncoderLayer(c.hidden_dim, c.dim_feedforward, c.num_levels, c.num_heads, c.enc_points)
+            for _ in range(c.enc_layers)
+        )
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        lang: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        lang_mask: Tensor | None = None,
+        trace: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Fuse and encode.
+
+        Args:
+            src, pos: [B, S, C] tokens and their position (+ level) embeddings.
+            lang: [B, T, D] prompt tokens.
+            spatial_shapes: (H_l, W_l) per level.
+            lang_mask: [B, T] bool, valid prompt tokens (None = all).
+            trace: if given, receives ``after_fusion{i}.visual/.lang`` and ``layer{i}.visual``.
+
+        Returns:
+            (memory [B, S, C], fused prompt tokens [B, T, D]).
+        """
+        num_levels = len(spatial_shapes)
+        reference = encoder_reference_points(spatial_shapes, src.device).to(src.dtype)
+        reference = reference[:, :, None].expand(-1, -1, num_levels, -1)
+        for i, layer in enumerate(self.layers):
+            if i < len(self.vl_layers):
+                src, lang = self.vl_layers[i](src, lang, lang_mask)
+                if trace is not None:
+                    trace[f"after_fusion{i}.visual"], trace[f"after_fusion{i}.lang"] = src, lang
+            src = layer(src, pos, reference, spatial_shapes)
+            if trace is not None:
+                trace[f"layer{i}.visual"] = src
+        return src, lang
+
+
+class DeformableDecoder(nn.Module):
+    """Decoder layers with per-layer box refinement ("look forward twice").
+
+    ``bbox_embed`` and ``class_embed`` are the detector's prediction heads, attached by
+    :class:`~segllm.decoders.hipie.decoder.DeformableDetr` (one per decoder layer plus one for
+    the encoder proposals, the last entry).
+    """
+
+    bbox_embed: nn.ModuleList
+    class_embed: nn.ModuleList
+
+    def __init__(self, config: HipieDecoderConfig) -> None:
+        super().__init__()
+        c = config
+        self.layers = nn.ModuleList(
+            DecoderLayer(c.hidden_dim, c.dim_feedforward, c.num_levels, c.num_heads, c.dec_points)
+            for _ in range(c.dec_layers)
+        )
+        self.ref_point_head = MLP(2 * c.hidden_dim, c.hidden_dim, c.hidden_dim, 2)
+        self.num_levels = c.num_levels
+
+    def forward(
+        self, tgt: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Refine queries and boxes layer by layer.
+
+        Args:
+            tgt: [B, Q, C] initial query content.
+            reference: [B, Q, 4] initial boxes (cx, cy, w, h), normalised.
+            memory: [B, S, C] encoder output.
+
+        Returns:
+            hs: [num_layers, B, Q, C] query states after each layer.
+            references: [num_layers, B, Q, 4] boxes predicted by each layer (sigmoid space).
+        """
+        hs, refs = [], []
+        output = tgt
+        for lid, layer in enumerate(self.layers):
+            reference_input = reference[:, :, None].expand(-1, -1, self.num_levels, -1)
+            query_pos = self.ref_point_head(sine_box_embedding(reference))
+            output = layer(output, query_pos, reference_input, memory, spatial_shapes)
+            new_reference = (self.bbox_embed[lid](output) + inverse_sigmoid(reference)).sigmoid()
+            hs.append(output)
+            refs.append(new_reference)
+            reference = new_reference.detach()
+        return torch.stack(hs), torch.stack(refs)
+
+
+@dataclass
+class TransformerOutput:
+    """Everything the transformer computes for B prompts.
+
+    Attributes:
+        hs: [D, B, Q, C] decoder states per layer (D decoder layers).
+        init_reference: [B, Q, 4] the boxes fed to the first decoder layer (background query
+            boxes are raw learned values, foreground ones are the selected proposals).
+        references: [D, B, Q, 4] boxes after each decoder layer.
+        memory: [B, S, C] encoder output.
+        lang: [B, T, D_lang] prompt tokens after the fusion layers.
+        enc_class: [B, S, 1] proposal objectness logits.
+        enc_coord_unact: [B, S, 4] proposal boxes in logit space.
+        topk_indices: [B, num_queries] selected proposal tokens.
+        trace: optional intermediate tensors (encoder), by name.
+    """
+
+    hs: Tensor
+    init_reference: Tensor
+    references: Tensor
+    memory: Tensor
+    lang: Tensor
+    enc_class: Tensor
+    enc_coord_unact: Tensor
+    topk_indices: Tensor
+    trace: dict[str, Tensor] = field(default_factory=dict)
+
+
+class DeformableTransformer(nn.Module):
+    """Fusion encoder, two-stage query selection and the refining decoder."""
+
+    def __init__(self, config: HipieDecoderConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.level_embed = nn.Parameter(torch.empty(c.num_levels, c.hidden_dim))
+        self.encoder = FusionEncoder(c)
+        self.decoder = DeformableDecoder(c)
+        self.tgt_embed = nn.Embedding(c.num_queries, c.hidden_dim)
+        self.tgt_embed_bg = nn.Embedding(c.num_bg_queries, c.hidden_dim)
+        self.bg_query_refs = nn.Embedding(c.num_bg_queries, 4)
+        self.enc_output = nn.Linear(c.hidden_dim, c.hidden_dim)
+        self.enc_output_norm = nn.LayerNorm(c.hidden_dim)
+        # Present in the released checkpoint; its output only enters as "+ 0 * x" upstream.
+        self.resizer = FeatureResizer(c.lang_dim, c.hidden_dim)
+        nn.init.normal_(self.level_embed)
+
+    def forward(
+        self,
+        srcs: list[Tensor],
+        pos: list[Tensor],
+        lang: Tensor,
+        lang_mask: Tensor | None = None,
+        keep_trace: bool = False,
+    ) -> TransformerOutput:
+        """Run the transformer for B prompts.
+
+        Args:
+            srcs: per level [B, C, H_l, W_l] projected image features (one row per prompt).
+            pos: per level [1 or B, C, H_l, W_l] sine position encodings.
+            lang: [B, T, D_lang] prompt tokens.
+            lang_mask: [B, T] bool, valid tokens (None = all valid).
+            keep_trace: keep encoder intermediates in ``trace``.
+        """
+        b = srcs[0].shape[0]
+        spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
+        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+        pos_flat = torch.cat(
+            [(p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)).expand(b, -1, -1) for i, p in enumerate(pos)], 1
+        )
+        trace: dict[str, Tensor] | None = {} if keep_trace else None
+        memory, lang = self.encoder(src_flat, pos_flat, lang, spatial_shapes, lang_mask, trace)
+
+        # Two-stage: score every encoder token as a box proposal, keep the top num_queries.
+        proposals, valid = encoder_proposals(spatial_shapes, memory.device)
+        proposals = proposals.to(memory.dtype)
+        out_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid, 0.0)))
+        num_layers = len(self.decoder.layers)
+        enc_class = self.decoder.class_embed[num_layers](out_memory)
+        enc_coord_unact = self.decoder.bbox_embed[num_layers](out_memory) + proposals
+        topk_indices = torch.topk(enc_class[..., 0], self.config.num_queries, dim=1)[1]
+        topk_coords = torch.gather(enc_coord_unact, 1, topk_indices[..., None].expand(-1, -1, 4))
+        reference = torch.cat([self.bg_query_refs.weight[None].expand(b, -1, -1), topk_coords.sigmoid()], 1)
+        tgt = torch.cat([self.tgt_embed_bg.weight, self.tgt_embed.weight], 0)[None].expand(b, -1, -1)
+
+        hs, references = self.decoder(tgt, reference, memory, spatial_shapes)
+        return TransformerOutput(
+            hs=hs,
+            init_reference=reference,
+            references=references,
+            memory=memory,
+            lang=lang,
+            enc_class=enc_class,
+            enc_coord_unact=enc_coord_unact,
+            topk_indices=topk_indices,
+            trace=trace or {},
+        )

@@ -1,0 +1,284 @@
+"""HIPIE-R50 decoder: module tree vs the released keys, and stage-by-stage parity with the
+golden tensors produced by the original SegLLM code (fp32, CPU) on the reduced configuration.
+
+Tolerances (max abs error unless stated): backbone and input projections 1e-4 (exact in
+practice); fusion, encoder, two-stage scores, decoder states and heads 1e-4 (observed <= 5e-6);
+mask logits 5e-4 (values up to ~35; observed 6e-5); boxes in 1024-pixel units 1e-2 (observed
+1.2e-4); final masks: IoU >= 0.99 with the released binary mask (observed 1.0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segllm.decoders.base import REF, SEG, DecoderOutput, MaskDecoder
+from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig, load_released_hipie
+from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample
+from segllm.errors import CheckpointError
+
+FIXTURES = Path(os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[2].parent / "shared/fixtures/released"))
+HIPIE = FIXTURES / "hipie"
+
+needs_fixtures = pytest.mark.skipif(
+    not (HIPIE / "weights.safetensors").exists(),
+    reason=f"released HIPIE golden fixtures not found under {HIPIE} (set SEGLLM_FIXTURES)",
+)
+
+ATOL = 1e-4
+RTOL = 1e-3
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+def released_shapes(name: str) -> dict[str, list[int]]:
+    return json.loads((HIPIE / f"keys_{name}.json").read_text())
+
+
+def our_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {"hipie." + k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+@needs_fixtures
+def test_full_config_reproduces_released_keys():
+    with torch.device("meta"):
+        model = HipieDecoder(HipieDecoderConfig())
+    assert our_shapes(model) == released_shapes("full")
+
+
+@needs_fixtures
+def test_reduced_config_reproduces_released_keys_and_loads_strictly(fixture_weights):
+    model = HipieDecoder(HipieDecoderConfig.reduced())
+    assert our_shapes(model) == released_shapes("reduced")
+    load_released_hipie(model, fixture_weights, prefix="hipie.")
+    state = model.state_dict()
+    for key, value in fixture_weights.items():
+        assert torch.equal(state[key.removeprefix("hipie.")], value), key
+
+
+@needs_fixtures
+def test_loader_rejects_missing_keys(fixture_weights):
+    model = HipieDecoder(HipieDecoderConfig.reduced())
+    broken = dict(fixture_weights)
+    broken.pop("hipie.detr.mask_head.lay1.weight")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_released_hipie(model, broken, prefix="hipie.")
+
+
+@needs_fixtures
+def test_gamma_quirk(fixture_weights):
+    """The released loader keeps gamma = 1 / enc_layers whatever the checkpoint stores."""
+    changed = dict(fixture_weights)
+    key = "hipie.detr.detr.transformer.encoder.vl_layers.0.b_attn.gamma_v"
+    changed[key] = torch.full_like(changed[key], 0.123)
+    released = load_released_hipie(HipieDecoder(HipieDecoderConfig.reduced()), changed, prefix="hipie.")
+    stored = load_released_hipie(HipieDecoder(HipieDecoderConfig.reduced()), changed, prefix="hipie.", gamma="stored")
+    b_attn = "detr.detr.transformer.encoder.vl_layers.0.b_attn"
+    assert torch.all(released.get_submodule(b_attn).gamma_v == 0.5)
+    assert torch.all(stored.get_submodule(b_attn).gamma_v == 0.123)
+
+
+def test_deformable_sampling_matches_explicit_bilinear():
+    """grid_sample path == a hand-written bilinear interpolation with zero padding."""
+    torch.manual_seed(0)
+    shapes = [(5, 7), (3, 4)]
+    b, m, dh, q, p = 2, 3, 4, 6, 2
+    value = torch.randn(b, sum(h * w for h, w in shapes), m, dh, dtype=torch.float64)
+    loc = torch.rand(b, q, m, len(shapes), p, 2, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(b, q, m, len(shapes), p, dtype=torch.float64)
+    got = multi_scale_deformable_sample(value, shapes, loc, weights)
+
+    expected = torch.zeros(b, q, m, dh, dtype=torch.float64)
+    start = 0
+    for level, (h, w) in enumerate(shapes):
+        v = value[:, start : start + h * w].view(b, h, w, m, dh)
+        start += h * w
+        x = loc[..., level, :, 0] * w - 0.5  # [b, q, m, p]
+        y = loc[..., level, :, 1] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        for dx in (0, 1):
+            for dy in (0, 1):
+                xi, yi = x0 + dx, y0 + dy
+                wgt = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
+                inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                xc, yc = xi.clamp(0, w - 1).long(), yi.clamp(0, h - 1).long()
+                bi = torch.arange(b)[:, None, None, None]
+                mi = torch.arange(m)[None, None, :, None]
+                sampled = v[bi, yc, xc, mi]  # [b, q, m, p, dh]
+                contrib = sampled * (wgt * inside * weights[..., level, :])[..., None]
+                expected += contrib.sum(3)
+    torch.testing.assert_close(got, expected.reshape(b, q, m * dh))
+
+
+@pytest.fixture(scope="module")
+def fixture_weights():
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(HIPIE / "weights.safetensors").items()}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    from safetensors.torch import load_file
+
+    return load_file(HIPIE / "inputs.safetensors"), load_file(HIPIE / "outputs.safetensors")
+
+
+@pytest.fixture(scope="module")
+def run(fixture_weights, golden):
+    """The reduced model on the fixture photo and its two prompts (computed once)."""
+    inputs, _ = golden
+    model = load_released_hipie(HipieDecoder(HipieDecoderConfig.reduced()), fixture_weights, prefix="hipie.").eval()
+    with torch.no_grad():
+        pixels = model.normalize(inputs["image_resized_padded_uint8"])[None]
+        features = model.encode_image(pixels)
+        raw = model.forward_raw(features, inputs["prompts"], torch.zeros(2, dtype=torch.long), keep_trace=True)
+        selected = model.select(raw)
+    return model, features, raw, selected
+
+
+@needs_fixtures
+def test_preprocess_matches_released(golden):
+    inputs, _ = golden
+    model = HipieDecoder(HipieDecoderConfig.reduced())
+    image = inputs["image_rgb_uint8"].permute(2, 0, 1).contiguous()
+    pixels, frame = model.preprocess(image)
+    assert (frame.resized_height, frame.resized_width, frame.size) == (768, 1024, 1024)
+    expected = (inputs["image_resized_padded_uint8"].float() - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)) / (
+        torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    )
+    torch.testing.assert_close(pixels, expected, atol=0, rtol=0)
+    assert pixels[:, 800:, :].abs().min() > 1.0  # padding is normalised too, not zero
+
+
+@needs_fixtures
+def test_backbone(run, golden):
+    _, out = golden
+    _, features, _, _ = run
+    res3, res4, res5 = features.backbone
+    close(res3[..., ::2, ::2], out["backbone.res3.stride2_subsample"])
+    close(res4, out["backbone.res4"])
+    close(res5, out["backbone.res5"])
+
+
+@needs_fixtures
+def test_input_projections(run, golden):
+    _, out = golden
+    srcs = run[1].srcs
+    close(srcs[0][..., ::4, ::4], out["input_proj.0.stride4_subsample"])
+    close(srcs[1][..., ::2, ::2], out["input_proj.1.stride2_subsample"])
+    close(srcs[2], out["input_proj.2"])
+    close(srcs[3], out["input_proj.3"])
+
+
+@needs_fixtures
+def test_vl_fusion_and_first_encoder_layer(run, golden):
+    _, out = golden
+    trace = run[2].transformer.trace
+    close(trace["after_fusion0.lang"], out["encoder.after_fusion0.lang"])
+    close(trace["after_fusion0.visual"][:1, 20480:], out["encoder.after_fusion0.visual.prompt0.levels2_3"])
+    close(trace["layer0.visual"][:1, 20480:], out["encoder.layer0.visual.prompt0.levels2_3"])
+
+
+@needs_fixtures
+def test_encoder_memory(run, golden):
+    _, out = golden
+    t = run[2].transformer
+    memory = t.memory
+    close(memory[:, :16384].reshape(2, 128, 128, 256)[:, ::8, ::8], out["encoder.memory.level0.stride8_subsample"])
+    close(memory[:, 16384:20480].reshape(2, 64, 64, 256)[:, ::2, ::2], out["encoder.memory.level1.stride2_subsample"])
+    close(memory[:, 20480:], out["encoder.memory.levels2_3"])
+    close(t.lang, out["encoder.lang_after"])
+
+
+@needs_fixtures
+def test_two_stage_proposals(run, golden):
+    _, out = golden
+    t = run[2].transformer
+    close(t.enc_class, out["two_stage.enc_outputs_class"])
+    expected = out["two_stage.enc_outputs_coord_unact"]
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(t.enc_coord_unact), finite)
+    close(t.enc_coord_unact[finite], expected[finite])
+    assert torch.equal(t.topk_indices, out["two_stage.topk_indices"])
+    num_bg = HipieDecoderConfig.reduced().num_bg_queries
+    close(t.init_reference[:, num_bg:], out["two_stage.topk_boxes_sigmoid"])
+    close(t.init_reference, out["decoder.init_reference"])
+
+
+@needs_fixtures
+def test_decoder_layers(run, golden):
+    _, out = golden
+    t = run[2].transformer
+    for layer in range(t.hs.shape[0]):
+        close(t.hs[layer], out["decoder.hs"][layer])
+        close(t.references[layer], out["decoder.inter_references"][layer])
+
+
+@needs_fixtures
+def test_raw_predictions(run, golden):
+    _, out = golden
+    raw = run[2]
+    close(raw.pred_logits, out["raw.pred_logits"])
+    close(raw.pred_boxes, out["raw.pred_boxes"])
+    close(raw.pred_ious, out["raw.pred_boxious"])
+    close(raw.reference_points, out["raw.reference_points"])
+    close(raw.pred_masks, out["raw.pred_masks"][:, :, 0], atol=5e-4)
+
+
+@needs_fixtures
+def test_postprocessed_instances(run, golden):
+    _, out = golden
+    for i, inst in enumerate(run[2].instances):
+        close(inst.scores, out[f"post.{i}.scores"], atol=1e-5)
+        assert torch.equal(inst.labels, out[f"post.{i}.pred_classes"])
+        close(inst.boxes, out[f"post.{i}.pred_boxes_xyxy"], atol=1e-2)
+
+
+@needs_fixtures
+def test_final_selection(run, golden):
+    _, out = golden
+    model, _, raw, selected = run
+    for i, inst in enumerate(raw.instances):
+        target = inst.labels == 1
+        index = int(torch.where(target, inst.scores, torch.full_like(inst.scores, -1.0)).argmax())
+        assert index == int(out[f"final.{i}.index_in_instances"])
+        close(selected.iou_scores[i, SEG], out[f"final.{i}.score"], atol=1e-5)
+        close(selected.boxes[i, SEG], out[f"final.{i}.box_xyxy_1024"], atol=1e-2)
+        logits = F.interpolate(selected.mask_logits[i : i + 1, SEG : SEG + 1], size=(1024, 1024), mode="bilinear")
+        mask = logits[0, 0].sigmoid() > model.config.mask_threshold
+        expected = out[f"final.{i}.mask"].bool()
+        iou = (mask & expected).sum() / (mask | expected).sum()
+        assert iou >= 0.99
+        # channel REF is the best [REF]-class instance
+        ref_scores = torch.where(inst.labels == 0, inst.scores, torch.full_like(inst.scores, -1.0))
+        close(selected.iou_scores[i, REF], ref_scores.max(), atol=0)
+
+
+@needs_fixtures
+def test_mask_decoder_interface(run, golden):
+    inputs, _ = golden
+    model, features, _, selected = run
+    assert isinstance(model, MaskDecoder)
+    assert (model.image_size, model.num_prompt_tokens, model.num_ref_tokens, model.prompt_dim) == (1024, 8, 4, 768)
+    assert model.output_size == 256
+    assert isinstance(selected, DecoderOutput)
+    assert selected.mask_logits.shape == (2, 2, 256, 256)
+    assert selected.iou_scores.shape == (2, 2)
+    assert selected.boxes.shape == (2, 2, 4)
+    # the image encoder is a view of owned modules: freezing it freezes them, and no new keys appear
+    encoder_ids = {id(p) for p in model.image_encoder.parameters()}
+    backbone_ids = {id(p) for p in model.detr.detr.input_proj.parameters()}
+    assert backbone_ids <= encoder_ids
+    assert not any(k.startswith("image_encoder") for k in model.state_dict())
+    # forward() == select(forward_raw()) and prompts of one image can be given in any grouping
+    with torch.no_grad():
+        single = model(features, inputs["prompts"][1:], torch.zeros(1, dtype=torch.long))
+    close(single.mask_logits[0], selected.mask_logits[1], atol=5e-4)
