@@ -22,7 +22,9 @@ from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig, load_release
 from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample
 from segllm.errors import CheckpointError
 
-FIXTURES = Path(os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[2].parent / "shared/fixtures/released"))
+FIXTURES = Path(
+    os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[2].parent / "shared/fixtures/released")
+)
 HIPIE = FIXTURES / "hipie"
 
 needs_fixtures = pytest.mark.skipif(
@@ -138,7 +140,7 @@ def run(fixture_weights, golden):
     model = load_released_hipie(HipieDecoder(HipieDecoderConfig.reduced()), fixture_weights, prefix="hipie.").eval()
     with torch.no_grad():
         pixels = model.normalize(inputs["image_resized_padded_uint8"])[None]
-        features = model.encode_image(pixels)
+        features = model.encode_image(pixels, keep_backbone=True)
         raw = model.forward_raw(features, inputs["prompts"], torch.zeros(2, dtype=torch.long), keep_trace=True)
         selected = model.select(raw)
     return model, features, raw, selected
@@ -151,9 +153,9 @@ def test_preprocess_matches_released(golden):
     image = inputs["image_rgb_uint8"].permute(2, 0, 1).contiguous()
     pixels, frame = model.preprocess(image)
     assert (frame.resized_height, frame.resized_width, frame.size) == (768, 1024, 1024)
-    expected = (inputs["image_resized_padded_uint8"].float() - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)) / (
-        torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-    )
+    expected = (
+        inputs["image_resized_padded_uint8"].float() - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    ) / (torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1))
     torch.testing.assert_close(pixels, expected, atol=0, rtol=0)
     assert pixels[:, 800:, :].abs().min() > 1.0  # padding is normalised too, not zero
 
@@ -282,3 +284,57 @@ def test_mask_decoder_interface(run, golden):
     with torch.no_grad():
         single = model(features, inputs["prompts"][1:], torch.zeros(1, dtype=torch.long))
     close(single.mask_logits[0], selected.mask_logits[1], atol=5e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_frame_any_dtype_and_gradients(dtype):
+    """No fixtures needed: a 128-pixel frame, random weights, float32 (with gradients) and bfloat16."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = HipieDecoder(replace(HipieDecoderConfig.reduced(), image_size=128)).to(dtype)
+    model.detr.detr.backbone.requires_grad_(False)  # a frozen ResNet keeps the backward pass short
+    pixels, frame = model.preprocess(torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8))
+    assert (frame.resized_height, frame.resized_width) == (73, 128)
+    prompts = torch.randn(3, 8, 768, dtype=dtype, requires_grad=dtype == torch.float32)
+    features = model.encode_image(torch.stack([pixels, pixels]).to(dtype))
+    out = model(features, prompts, torch.tensor([0, 1, 1]))
+    assert out.mask_logits.shape == (3, 2, 32, 32) and out.mask_logits.dtype == dtype
+    assert out.iou_scores.shape == (3, 2) and out.boxes.shape == (3, 2, 4)
+    assert torch.isfinite(out.mask_logits).all()
+    if dtype == torch.float32:
+        out.mask_logits.sum().backward()
+        assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+        assert model.detr.detr.input_proj[0][0].weight.grad is not None
+
+
+TINY = FIXTURES / "segllm_tiny"
+
+
+@pytest.mark.skipif(
+    not (TINY / "checkpoint/model.safetensors").exists() or not (HIPIE / "weights.safetensors").exists(),
+    reason=f"released tiny SegLLM fixture not found under {TINY} (set SEGLLM_FIXTURES)",
+)
+def test_released_checkpoint_prefix_and_three_round_answers(run):
+    """Load ``model.segmentator.hipie.*`` from a released-layout checkpoint and reproduce the
+    original's final masks, boxes and instance scores for its 3 conversation rounds."""
+    from safetensors.torch import load_file
+
+    checkpoint = {k: v.float() for k, v in load_file(TINY / "checkpoint/model.safetensors").items()}
+    golden = load_file(TINY / "golden.safetensors")
+    model = load_released_hipie(HipieDecoder(HipieDecoderConfig.reduced()), checkpoint).eval()
+    reference_model, features = run[0], run[1]
+    # same weights as the hipie fixture, so its image features can be reused
+    for key, value in reference_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    prompts = golden["final.prompt_tokens"]
+    with torch.no_grad():
+        raw = model.forward_raw(features, prompts, torch.zeros(len(prompts), dtype=torch.long))
+        out = model.select(raw)
+    for i, inst in enumerate(raw.instances):
+        close(inst.scores, golden[f"final.post.{i}.scores"], atol=1e-5)
+        assert torch.equal(inst.labels, golden[f"final.post.{i}.pred_classes"])
+        close(out.boxes[i, SEG], golden["final.boxes_xyxy_1024"][i], atol=1e-2)
+        mask = F.interpolate(out.mask_logits[i : i + 1, SEG : SEG + 1], size=(1024, 1024), mode="bilinear")[0, 0] > 0
+        expected = golden["final.masks"][i].bool()
+        assert (mask & expected).sum() / (mask | expected).sum() >= 0.99

@@ -32,11 +32,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from segllm.data.records import RecordError
 
-MaskId = Union[int, str, None]
+MaskId = int | str | None
 
 BRACKET = re.compile(r"\[[^\]]+\]")
 MACRO_NAMES = ("IMAGE256", "MASK-ENCODE", "BOX-ENCODE", "MASK-DECODE")
@@ -169,8 +169,8 @@ class DecodeMacro:
         return f"[MASK-DECODE:{self.task}:{':'.join(ids)}:{self.image}:{self.dataset}]"
 
 
-Macro = Union[ImageMacro, EncodeMacro, DecodeMacro]
-Piece = Union[str, ImageMacro, EncodeMacro, DecodeMacro]
+Macro = ImageMacro | EncodeMacro | DecodeMacro
+Piece = str | ImageMacro | EncodeMacro | DecodeMacro
 
 
 def is_macro_bracket(bracket: str) -> bool:
@@ -235,7 +235,9 @@ def parse_macro(bracket: str) -> Macro:
     if "|" in payload:
         parts = payload.split("|")
         if len(parts) != 3:
-            raise RecordError(f"{bracket!r}: old-form MASK-DECODE needs image|dataset|tgt_id, found {len(parts)} fields")
+            raise RecordError(
+                f"{bracket!r}: old-form MASK-DECODE needs image|dataset|tgt_id, found {len(parts)} fields"
+            )
         image, dataset, tgt = parts
         _need(bracket, image, "image path")
         _need(bracket, dataset, "dataset name")
@@ -425,7 +427,11 @@ def image_path_candidates(path: str, *, decode_rules: bool = False) -> list[str]
         return p
 
     def with_missing_rules(p: str) -> list[str]:
-        return [p, p.replace("val2017", "train2017"), p.replace("val2017", "train2017").replace("images/", "object365/")]
+        return [
+            p,
+            p.replace("val2017", "train2017"),
+            p.replace("val2017", "train2017").replace("images/", "object365/"),
+        ]
 
     first, second = (fixed(path), path) if decode_rules else (path, fixed(path))
     out: list[str] = []

@@ -203,7 +203,9 @@ class MaskLookup:
 
     # ------------------------------------------------------------------------- lookups
 
-    def __call__(self, dataset: str, image: str, mask_id: Any, *, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    def __call__(
+        self, dataset: str, image: str, mask_id: Any, *, image_size: tuple[int, int] | None = None
+    ) -> np.ndarray:
         return self.get(dataset, image, mask_id, image_size=image_size)
 
     def get(self, dataset: str, image: str, mask_id: Any, *, image_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -262,14 +264,18 @@ class MaskLookup:
             try:
                 image_size = (int(anno["imageHeight"]), int(anno["imageWidth"]))
             except (KeyError, TypeError, ValueError):
-                raise RecordError(f"{json_path}: no image size given and the JSON has no imageHeight/imageWidth") from None
+                raise RecordError(
+                    f"{json_path}: no image size given and the JSON has no imageHeight/imageWidth"
+                ) from None
         h, w = image_size
         try:
             return reason_seg_label_map(anno, h, w, with_ignore=with_ignore)
         except RecordError as e:
             raise RecordError(f"{json_path}: {e}") from None
 
-    def reason_seg_ignore(self, image: str, *, image_size: tuple[int, int] | None = None, dataset: str = "reason_seg") -> np.ndarray:
+    def reason_seg_ignore(
+        self, image: str, *, image_size: tuple[int, int] | None = None, dataset: str = "reason_seg"
+    ) -> np.ndarray:
         """LISA's ignore region of a ReasonSeg image (bool [H, W]); SegLLM treats it as background."""
         return self.reason_seg_labels(image, image_size=image_size, dataset=dataset, with_ignore=True) == IGNORE
 
@@ -364,7 +370,9 @@ class MaskLookup:
             seg = entry["segmentation"]
             h, w = (int(v) for v in entry["image_dim"])
         except (KeyError, TypeError, ValueError):
-            raise RecordError(f"{dataset}: mask {mask_id!r} in {path} needs 'segmentation' and 'image_dim' [h, w]") from None
+            raise RecordError(
+                f"{dataset}: mask {mask_id!r} in {path} needs 'segmentation' and 'image_dim' [h, w]"
+            ) from None
         try:
             return decode_segmentation(seg, h, w)
         except RecordError as e:

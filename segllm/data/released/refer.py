@@ -75,7 +75,11 @@ def load_instances(path: str | Path) -> dict[str, Any]:
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise RecordError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or not isinstance(data.get("images"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("annotations"), list)
+        or not isinstance(data.get("images"), list)
+    ):
         raise RecordError(f"{path}: not a COCO instances file (needs 'images' and 'annotations' lists)")
     return data
 

@@ -39,7 +39,9 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(channels) - eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
+        )
 
 
 class ConvNorm(nn.Conv2d):
@@ -99,8 +101,6 @@ class ResNet(nn.Module):
         in_channels = config.stem_out_channels
         out_channels = config.res2_out_channels
         width = config.num_groups * config.width_per_group
-        if config.num_groups != 1:
-            raise ValueError("grouped bottlenecks are not supported")
         for index, (name, count) in enumerate(zip(self.stage_names, config.block_counts)):
             first_stride = 1 if index == 0 else 2
             blocks = []

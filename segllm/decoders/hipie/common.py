@@ -64,4 +64,4 @@ def sine_box_embedding(boxes: Tensor, num_feats: int = 128, temperature: float =
     angles = boxes[..., None] * (2 * math.pi) / dim_t  # [B, Q, 4, F]
     emb = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
     emb = emb[..., [1, 0, 2, 3], :]
-    return emb.flatten(-2)
+    return emb.flatten(-2).to(boxes.dtype)

@@ -31,6 +31,7 @@ class HipieDecoderConfig:
         num_vl_layers: encoder layers preceded by the vision-language fusion block.
         dim_feedforward: FFN width of encoder and decoder layers.
         vl_hidden_dim: inner width of the bidirectional VL attention.
+        vl_dropout: dropout on the VL attention probabilities (training only).
         num_queries: foreground queries (= two-stage proposals).
         num_bg_queries: learned background queries, placed before the foreground ones.
         lang_dim: width of the "language" tokens (the LLM's prompt tokens).
@@ -61,6 +62,7 @@ class HipieDecoderConfig:
     num_vl_layers: int = 1
     dim_feedforward: int = 2048
     vl_hidden_dim: int = 2048
+    vl_dropout: float = 0.1
     num_queries: int = 100
     num_bg_queries: int = 10
     lang_dim: int = 768
@@ -79,6 +81,8 @@ class HipieDecoderConfig:
     def __post_init__(self) -> None:
         if self.depth != 50:
             raise ConfigError(f"only ResNet-50 is supported, got depth {self.depth}")
+        if self.num_groups != 1:
+            raise ConfigError("grouped bottleneck convolutions (ResNeXt) are not supported")
         if self.hidden_dim % self.num_heads or self.vl_hidden_dim % self.num_heads:
             raise ConfigError("hidden_dim and vl_hidden_dim must be divisible by num_heads")
         if self.hidden_dim % 32:

@@ -23,6 +23,7 @@ tokens 4-7 class 2 ([SEG], the target). Shapes: B = images, N = prompts, Q = que
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -36,8 +37,6 @@ from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder
 from segllm.decoders.hipie.backbone import BackboneWithPosition
 from segllm.decoders.hipie.common import MLP, FeatureResizer, inverse_sigmoid
 from segllm.decoders.hipie.config import HipieDecoderConfig
-from segllm.decoders.hipie.deform_attn import MultiScaleDeformableAttention
-from segllm.decoders.hipie.fusion import BiMultiHeadAttention
 from segllm.decoders.hipie.heads import (
     BinaryClassifier,
     MaskFeatureHead,
@@ -70,7 +69,7 @@ class HipieImageFeatures:
     Attributes:
         srcs: 4 levels of projected features [B, C, H_l, W_l] (strides 8, 16, 32, 64).
         pos: 4 levels of sine position encodings [1, C, H_l, W_l].
-        backbone: res3, res4, res5 backbone maps (kept for inspection).
+        backbone: res3, res4, res5 backbone maps (only with ``keep_backbone=True``).
     """
 
     srcs: list[Tensor]
@@ -125,9 +124,13 @@ class DeformableDetr(nn.Module):
         self.bbox_embed = nn.ModuleList(MLP(c.hidden_dim, c.hidden_dim, 4, 3) for _ in range(c.dec_layers + 1))
         self.iou_head = nn.ModuleList(nn.Linear(c.hidden_dim, 1) for _ in range(c.dec_layers))
         in_channels = c.backbone_channels
-        projections = [nn.Sequential(nn.Conv2d(ch, c.hidden_dim, 1), nn.GroupNorm(32, c.hidden_dim)) for ch in in_channels]
+        projections = [
+            nn.Sequential(nn.Conv2d(ch, c.hidden_dim, 1), nn.GroupNorm(32, c.hidden_dim)) for ch in in_channels
+        ]
         projections.append(
-            nn.Sequential(nn.Conv2d(in_channels[-1], c.hidden_dim, 3, stride=2, padding=1), nn.GroupNorm(32, c.hidden_dim))
+            nn.Sequential(
+                nn.Conv2d(in_channels[-1], c.hidden_dim, 3, stride=2, padding=1), nn.GroupNorm(32, c.hidden_dim)
+            )
         )
         self.input_proj = nn.ModuleList(projections)
         self.backbone = BackboneWithPosition(c)
@@ -138,7 +141,7 @@ class DeformableDetr(nn.Module):
         self._init_heads()
 
     def _init_heads(self) -> None:
-        bias = -float(np.log((1 - 0.01) / 0.01))
+        bias = -math.log((1 - 0.01) / 0.01)
         for head in self.iou_head:
             nn.init.constant_(head.bias, bias)
         for mlp in self.bbox_embed:
@@ -185,13 +188,13 @@ class HipieImageEncoder(nn.Module):
         self.backbone = backbone
         self.input_proj = input_proj
 
-    def forward(self, pixels: Tensor) -> HipieImageFeatures:
+    def forward(self, pixels: Tensor, *, keep_backbone: bool = False) -> HipieImageFeatures:
         """[B, 3, S, S] normalised pixels -> :class:`HipieImageFeatures`."""
         feats = self.backbone(pixels)
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
         srcs.append(self.input_proj[len(feats)](feats[-1]))
         pos = [self.backbone[1](s) for s in srcs]
-        return HipieImageFeatures(srcs=srcs, pos=pos, backbone=feats)
+        return HipieImageFeatures(srcs=srcs, pos=pos, backbone=feats if keep_backbone else [])
 
 
 class HipieDecoder(MaskDecoder):
@@ -206,18 +209,6 @@ class HipieDecoder(MaskDecoder):
         self.prompt_dim = config.lang_dim
         self.detr = HipieSegmenter(config)
         self.criterion = _Criterion()
-        self._reset_transformer_parameters()
-
-    def _reset_transformer_parameters(self) -> None:
-        """Deformable DETR's transformer init (xavier, then the attention modules' own)."""
-        transformer = self.detr.detr.transformer
-        own = {id(p) for m in (transformer.decoder.bbox_embed, transformer.decoder.class_embed) for p in m.parameters()}
-        for p in transformer.parameters():
-            if p.dim() > 1 and id(p) not in own and p is not transformer.level_embed:
-                nn.init.xavier_uniform_(p)
-        for m in transformer.modules():
-            if isinstance(m, MultiScaleDeformableAttention | BiMultiHeadAttention):
-                m.reset_parameters()
 
     # -- MaskDecoder interface ------------------------------------------------------------
     @property
@@ -254,13 +245,13 @@ class HipieDecoder(MaskDecoder):
         std = torch.tensor(self.config.pixel_std, dtype=torch.float32, device=padded.device).view(3, 1, 1)
         return (padded.float() - mean) / std
 
-    def encode_image(self, pixels: Tensor) -> HipieImageFeatures:  # type: ignore[override]
+    def encode_image(self, pixels: Tensor, *, keep_backbone: bool = False) -> HipieImageFeatures:  # type: ignore[override]
         """[B, 3, S, S] normalised pixels -> :class:`HipieImageFeatures` (not a single tensor).
 
         Runs the backbone and the 4 input projections, the part that does not depend on the
-        prompt; cache it per image.
+        prompt; cache it per image. ``keep_backbone`` also returns the raw res3-res5 maps.
         """
-        return self.image_encoder(pixels)
+        return self.image_encoder(pixels, keep_backbone=keep_backbone)
 
     def forward(self, image_features: HipieImageFeatures, prompts: Tensor, batch_index: Tensor) -> DecoderOutput:  # type: ignore[override]
         """Decode N prompts.

@@ -111,9 +111,7 @@ class MultiScaleDeformableAttention(nn.Module):
             normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
             locations = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference.shape[-1] == 4:
-            locations = (
-                reference[:, :, None, :, None, :2] + offsets / p * reference[:, :, None, :, None, 2:] * 0.5
-            )
+            locations = reference[:, :, None, :, None, :2] + offsets / p * reference[:, :, None, :, None, 2:] * 0.5
         else:
             raise ValueError(f"reference must end in 2 or 4 values, got {reference.shape[-1]}")
         out = multi_scale_deformable_sample(value, spatial_shapes, locations, weights)

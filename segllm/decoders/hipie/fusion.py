@@ -8,6 +8,7 @@ one shared attention map; both updates are scaled by learned per-channel factors
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["BiAttentionBlock", "BiMultiHeadAttention", "VLFusion"]
@@ -22,8 +23,9 @@ class BiMultiHeadAttention(nn.Module):
     image tokens) gives the prompt update.
     """
 
-    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int) -> None:
+    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = dropout
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -39,7 +41,14 @@ class BiMultiHeadAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weights, zero biases."""
-        for layer in (self.v_proj, self.l_proj, self.values_v_proj, self.values_l_proj, self.out_v_proj, self.out_l_proj):
+        for layer in (
+            self.v_proj,
+            self.l_proj,
+            self.values_v_proj,
+            self.values_l_proj,
+            self.out_v_proj,
+            self.out_l_proj,
+        ):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -72,7 +81,8 @@ class BiMultiHeadAttention(nn.Module):
         attn_l = logits_l.softmax(dim=-1)
         if lang_mask is not None:
             logits = logits.masked_fill(~lang_mask[:, None, None, :], -9e15)
-        attn_v = logits.softmax(dim=-1)
+        attn_v = F.dropout(logits.softmax(dim=-1), self.dropout, self.training)
+        attn_l = F.dropout(attn_l, self.dropout, self.training)
 
         out_v = (attn_v @ value_l).transpose(1, 2).reshape(b, s, self.embed_dim)
         out_l = (attn_l @ value_v).transpose(1, 2).reshape(b, t, self.embed_dim)
@@ -86,13 +96,15 @@ class BiAttentionBlock(nn.Module):
     taken on the normalised inputs, as in the original).
     """
 
-    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_gamma: float) -> None:
+    def __init__(
+        self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_gamma: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.gamma_v = nn.Parameter(torch.full((v_dim,), init_gamma))
         self.gamma_l = nn.Parameter(torch.full((l_dim,), init_gamma))
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)
-        self.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads)
+        self.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads, dropout)
 
     def forward(self, v: Tensor, lang: Tensor, lang_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """[B, S, v_dim], [B, T, l_dim] -> updated (v, lang), same shapes."""
@@ -105,9 +117,11 @@ class BiAttentionBlock(nn.Module):
 class VLFusion(nn.Module):
     """The early-fusion layer placed before an encoder layer (holds ``b_attn``)."""
 
-    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_gamma: float) -> None:
+    def __init__(
+        self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_gamma: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
-        self.b_attn = BiAttentionBlock(v_dim, l_dim, embed_dim, num_heads, init_gamma)
+        self.b_attn = BiAttentionBlock(v_dim, l_dim, embed_dim, num_heads, init_gamma, dropout)
 
     def forward(self, v: Tensor, lang: Tensor, lang_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """[B, S, v_dim], [B, T, l_dim] -> fused (v, lang)."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from segllm.decoders.hipie.common import MLP, FeatureResizer, inverse_sigmoid, sine_box_embedding
 from segllm.decoders.hipie.config import HipieDecoderConfig
 from segllm.decoders.hipie.deform_attn import MultiScaleDeformableAttention
-from segllm.decoders.hipie.fusion import VLFusion
+from segllm.decoders.hipie.fusion import BiMultiHeadAttention, VLFusion
 
 __all__ = [
     "DecoderLayer",
@@ -113,7 +113,8 @@ class FusionEncoder(nn.Module):
         super().__init__()
         c = config
         self.vl_layers = nn.ModuleList(
-            VLFusion(c.hidden_dim, c.lang_dim, c.vl_hidden_dim, c.num_heads, c.vl_gamma_init) for _ in range(c.num_vl_layers)
+            VLFusion(c.hidden_dim, c.lang_dim, c.vl_hidden_dim, c.num_heads, c.vl_gamma_init, c.vl_dropout)
+            for _ in range(c.num_vl_layers)
         )
         self.layers = nn.ModuleList(
             EncoderLayer(c.hidden_dim, c.dim_feedforward, c.num_levels, c.num_heads, c.enc_points)
@@ -248,6 +249,16 @@ class DeformableTransformer(nn.Module):
         self.enc_output_norm = nn.LayerNorm(c.hidden_dim)
         # Present in the released checkpoint; its output only enters as "+ 0 * x" upstream.
         self.resizer = FeatureResizer(c.lang_dim, c.hidden_dim)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Deformable DETR's init: xavier for every matrix, then the attention modules' own."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MultiScaleDeformableAttention | BiMultiHeadAttention):
+                m.reset_parameters()
         nn.init.normal_(self.level_embed)
 
     def forward(
@@ -271,7 +282,11 @@ class DeformableTransformer(nn.Module):
         spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos_flat = torch.cat(
-            [(p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)).expand(b, -1, -1) for i, p in enumerate(pos)], 1
+            [
+                (p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)).expand(b, -1, -1)
+                for i, p in enumerate(pos)
+            ],
+            1,
         )
         trace: dict[str, Tensor] | None = {} if keep_trace else None
         memory, lang = self.encoder(src_flat, pos_flat, lang, spatial_shapes, lang_mask, trace)

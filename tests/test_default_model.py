@@ -1,0 +1,78 @@
+"""The committed default model: its accuracy stays where the README says, and incremental
+rounds give what full recomputation gives on it."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segllm.default import DEFAULT_MODEL, has_default_model
+
+pytestmark = pytest.mark.skipif(not has_default_model(), reason=f"no bundled model at {DEFAULT_MODEL}")
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SLICE = re.compile(
+    r"fixed test slice \(world seed (\d+), test split, conversations 0-(\d+), (oracle|own) protocol\), "
+    r"cIoU over all rounds: \*\*([\d.]+)\*\*",
+    re.IGNORECASE,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from segllm.default import load_model
+
+    return load_model()
+
+
+def test_size_limit():
+    total = sum(p.stat().st_size for p in DEFAULT_MODEL.iterdir())
+    assert total <= 25 * 1024 * 1024
+
+
+@pytest.mark.parametrize("protocol", ["oracle", "own"])
+def test_slice_ciou_matches_readme(model, protocol):
+    from segllm.data.records import WorldConversations
+    from segllm.eval.evaluate import evaluate
+
+    figures = {m.group(3): (int(m.group(1)), int(m.group(2)), float(m.group(4))) for m in SLICE.finditer(README.read_text())}
+    assert protocol in figures, "the README states the fixed-slice figure for this protocol"
+    seed, last, expected = figures[protocol]
+    data = WorldConversations("test", last + 1, seed=seed)
+    result = evaluate(model, data, protocol=protocol, batch_size=16)
+    assert result.metrics["all"]["cIoU"] == pytest.approx(expected, abs=2.0)
+
+
+def _play(model, image, script, incremental):
+    from segllm.errors import SegLLMError
+    from segllm.session import Session
+
+    s = Session(model, image, incremental=incremental)
+    log = []
+    for q in script:
+        if q == "undo":
+            s.undo()
+            continue
+        try:
+            r = s.ask(q)
+            log.append((r.text, r.masks))
+        except SegLLMError as e:  # e.g. a reference to an empty own mask: must fail in both modes alike
+            log.append((type(e).__name__, None))
+    return log
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_incremental_equals_full_on_the_bundled_model(model, index):
+    from segllm.data.records import WorldConversations
+
+    conv = WorldConversations("test", 20, seed=0)[index]
+    questions = [r.question for r in conv.rounds]
+    script = questions[:3] + ["undo"] + questions[2:]
+    inc = _play(model, conv.image, script, True)
+    full = _play(model, conv.image, script, False)
+    assert len(inc) == len(full) >= 3
+    for (ta, ma), (tb, mb) in zip(inc, full):
+        assert ta == tb
+        if ma is not None:
+            assert np.array_equal(ma, mb)  # IoU 1.0 after thresholding
