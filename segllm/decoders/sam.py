@@ -23,7 +23,6 @@ Parameter names: everything under ``image_encoder.`` is the image encoder (the
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -39,6 +38,7 @@ from segllm.decoders.base import (
     MaskDecoder,
     resize_and_pad,
 )
+from segllm.decoders.layers import MLP
 from segllm.errors import ConfigError, ImageError
 
 __all__ = [
@@ -67,22 +67,6 @@ class LayerNorm2d(nn.Module):
         # F.layer_norm normalises the trailing dim; autocast runs it in float32 where needed.
         x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
-
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them: [..., in_dim] -> [..., out_dim]."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
