@@ -176,17 +176,28 @@ class Session:
         conv.validate(allow_open_last=True)  # names a missing round or an empty mask
         if not text:
             raise ConversationError("the question is empty once [REF:k] is removed")
-        reply = self._incremental(conv, answer) if self.incremental else self._full(conv, answer)
-        if self.force_mask and answer is None and reply.masks.shape[0] == 0:
-            if self.incremental:
-                self._state.cache.crop(self._state.lengths[-1])
-            reply = self._incremental(conv, "<seg>") if self.incremental else self._full(conv, "<seg>")
-            reply.forced = True
+        try:
+            reply = self._answer(conv, answer)
+            if self.force_mask and answer is None and reply.masks.shape[0] == 0:
+                self._rewind()
+                reply = self._answer(conv, "<seg>")
+                reply.forced = True
+        except BaseException:
+            self._rewind()  # whatever failed, the session stays as it was before this round
+            raise
         if self.incremental:
             self._state.lengths.append(self._state.cache.get_seq_length())
         self.history.append(reply)
         assert reply.round == n
         return reply
+
+    def _answer(self, conv: Conversation, answer: str | None) -> Reply:
+        return self._incremental(conv, answer) if self.incremental else self._full(conv, answer)
+
+    def _rewind(self) -> None:
+        """Cut the cache back to the end of the last completed round."""
+        if self.incremental and self._state.cache is not None:
+            self._state.cache.crop(self._state.lengths[-1])
 
     def _full(self, conv: Conversation, answer: str | None) -> Reply:
         p = self.model.predict(conv, max_new_tokens=self.max_new_tokens, answer=answer)
