@@ -132,6 +132,7 @@ class SamDecoderConfig:
     mlp_dim: int = 1024
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    box_head: bool = False  # also regress each mask's box from its output token
 
 
 @dataclass
@@ -167,6 +168,7 @@ class LossConfig:
     dice_weight: float = 2.0  # objects are small: Dice keeps the masks from collapsing to background
     ref_weight: float = 0.5
     iou_weight: float = 1.0
+    box_weight: float = 0.0  # L1 + GIoU on the decoder's boxes (needs decoder.box_head)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
 

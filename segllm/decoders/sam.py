@@ -296,6 +296,7 @@ class SamMaskDecoder(MaskDecoder):
         )
         self.hypernets = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(2))
         self.iou_head = MLP(dim, dim, 2, 3)
+        self.box_head = MLP(dim, dim, 4, 3) if config.box_head else None
 
         self._init_weights()
 
@@ -396,7 +397,12 @@ class SamMaskDecoder(MaskDecoder):
         h, w = upscaled.shape[-2:]
         masks = (hyper @ upscaled.flatten(2)).view(n, 2, h, w)
         iou = self.iou_head(iou_out)  # [N, 2]
-        return DecoderOutput(mask_logits=masks, iou_scores=iou)
+        boxes = None
+        if self.box_head is not None:
+            cxcywh = self.box_head(mask_out).sigmoid()  # [N, 2, 4] normalised to the square frame
+            half = cxcywh[..., 2:] / 2
+            boxes = torch.cat([cxcywh[..., :2] - half, cxcywh[..., :2] + half], dim=-1) * self.image_size
+        return DecoderOutput(mask_logits=masks, iou_scores=iou, boxes=boxes)
 
     def _check_inputs(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> None:
         c, g, k = self.prompt_dim, self.grid_size, self.num_prompt_tokens

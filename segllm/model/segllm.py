@@ -29,7 +29,7 @@ from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
 from segllm.model.vision import VisionTower
 from segllm.processor import IGNORE, Encoded, Processor
-from segllm.train.losses import bce_loss, dice_loss, focal_loss, mask_iou
+from segllm.train.losses import bce_loss, box_loss, dice_loss, focal_loss, mask_iou
 
 
 @dataclass
@@ -94,6 +94,7 @@ class SegLLMOutput:
     iou_loss: Tensor
     mask_logits: Tensor
     iou_scores: Tensor
+    box_loss: Tensor | None = None
 
 
 @dataclass
@@ -408,7 +409,7 @@ class SegLLM(nn.Module):
             lm_loss = F.cross_entropy(logits.float(), labels[sel])
         else:
             lm_loss = zero
-        mask_logits, iou = self._decode(hidden, batch)
+        mask_logits, iou, boxes = self._decode(hidden, batch)
         S = mask_logits.shape[0]
         if S and batch.seg_targets is not None:
             tgt = batch.seg_targets.to(mask_logits.device)
@@ -426,24 +427,30 @@ class SegLLM(nn.Module):
             with torch.no_grad():
                 true_iou = mask_iou(seg_l, tgt)
             iou_loss = F.mse_loss(iou[:, SEG].float(), true_iou)
+            b_loss = zero
+            if boxes is not None and cfg.box_weight:
+                frame_size = self.decoder.image_size
+                target_boxes = mask_boxes(tgt > 0.5).to(boxes.device) * (frame_size / tgt.shape[-1])
+                b_loss = box_loss(boxes[:, SEG], target_boxes, frame_size)
         else:
-            m_loss = d_loss = ref_loss = iou_loss = zero
+            m_loss = d_loss = ref_loss = iou_loss = b_loss = zero
         loss = (
             cfg.lm * lm_loss
             + cfg.mask_weight * m_loss
             + cfg.dice_weight * d_loss
             + cfg.ref_weight * ref_loss
             + cfg.iou_weight * iou_loss
+            + cfg.box_weight * b_loss
         )
-        return SegLLMOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou)
+        return SegLLMOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou, b_loss)
 
-    def _decode(self, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Mask logits [S, 2, h, w] and IoU scores [S, 2] for every ``<seg>`` of the batch."""
+    def _decode(self, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Mask logits [S, 2, h, w], IoU scores [S, 2] and boxes [S, 2, 4] or None for every ``<seg>``."""
         seg_hidden = hidden[batch.seg_batch, batch.seg_pos - 1]  # the state that predicts <seg>
         prompts = self.prompt_head(seg_hidden)
         feats = self.encode_decoder_image(batch.decoder_pixels)
         out = self.decoder(feats, prompts.to(feats.dtype), batch.seg_batch)
-        return out.mask_logits, out.iou_scores
+        return out.mask_logits, out.iou_scores, out.boxes
 
     def encode_decoder_image(self, pixels: Tensor) -> Tensor:
         """[B, 3, Sd, Sd] -> the decoder's image features (computed once per image at inference)."""
@@ -498,7 +505,7 @@ class SegLLM(nn.Module):
             return []
         batch = self.prepare(conversations, targets=False).to(self.device)
         hidden = self.llm.get_decoder()(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask).last_hidden_state
-        logits, iou = self._decode(hidden, batch)
+        logits, iou, _ = self._decode(hidden, batch)
         result: list[list[tuple[np.ndarray, np.ndarray]]] = []
         s = 0
         for b, (conv, enc) in enumerate(zip(conversations, batch.encoded)):

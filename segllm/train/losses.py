@@ -40,3 +40,20 @@ def mask_iou(logits: Tensor, targets: Tensor) -> Tensor:
     inter = (p & t).flatten(1).sum(1).float()
     union = (p | t).flatten(1).sum(1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def box_loss(pred: Tensor, target: Tensor, size: float) -> Tensor:
+    """L1 (on boxes divided by ``size``) plus generalised IoU loss, mean over boxes.
+
+    pred, target: [M, 4] (x0, y0, x1, y1) in pixels of a frame of side ``size``.
+    """
+    pred, target = pred.float(), target.float()
+    l1 = (pred - target).abs().sum(-1) / size
+    lt, rb = torch.max(pred[:, :2], target[:, :2]), torch.min(pred[:, 2:], target[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda b: (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)  # noqa: E731
+    union = area(pred) + area(target) - inter
+    iou = inter / union.clamp(min=1e-6)
+    hull = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])).clamp(min=0).prod(-1)
+    giou = iou - (hull - union) / hull.clamp(min=1e-6)
+    return (l1 + (1 - giou)).mean()

@@ -162,7 +162,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
                     acc.clip_grad_norm_(params, o.grad_clip)
                 opt.step()
                 opt.zero_grad()
-            for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss"):
+            for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss"):
                 terms[name] = terms.get(name, 0.0) + float(getattr(res, name).detach()) / recipe.grad_accum
             seen0 += len(convs)
         sched.step()

@@ -199,3 +199,32 @@ def test_bad_input_errors(make_model, three_rounds):
     long = Conversation(img, [r1] * 40 + [Round("and again", ())])
     with pytest.raises(ContextTooLongError, match=r"context holds \d+; about \d+ rounds"):
         model.predict(long)
+
+
+def test_box_head_and_box_loss(make_model, three_rounds):
+    from segllm.model.builder import build_segllm
+    from segllm.presets import tiny_config
+
+    base = make_model()
+    cfg = tiny_config(len(base.tokenizer))
+    cfg.decoder.box_head = True
+    cfg.loss.box_weight = 1.0
+    torch.manual_seed(0)
+    model = build_segllm(cfg, base.tokenizer).train()
+    out = model(model.prepare([three_rounds]))
+    assert out.box_loss > 0
+    w = cfg.loss
+    total = w.lm * out.lm_loss + w.mask_weight * out.mask_loss + w.dice_weight * out.dice_loss + w.ref_weight * out.ref_loss + w.iou_weight * out.iou_loss + out.box_loss
+    assert torch.allclose(out.loss, total)
+    out.loss.backward()
+    assert model.decoder.box_head.layers[-1].weight.grad.abs().sum() > 0
+    assert base(base.prepare([three_rounds])).box_loss == 0  # no head: no term
+
+
+def test_box_loss_values():
+    from segllm.train.losses import box_loss
+
+    b = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
+    assert float(box_loss(b, b, 100)) == pytest.approx(0.0, abs=1e-6)
+    far = torch.tensor([[50.0, 50.0, 60.0, 60.0]])
+    assert float(box_loss(far, b, 100)) > 1.0
