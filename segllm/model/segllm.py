@@ -475,6 +475,7 @@ class SegLLM(nn.Module):
         if answer is not None or last.answer is not None:
             text = answer if answer is not None else last.answer
             seg_count = text.count("<seg>")
+            # placeholder masks only satisfy validation: the last round's masks are what we predict
             forced = Round(last.question, last.refs, text, [np.ones(conversation.size, bool)] * seg_count)
             conv = Conversation(conversation.image, conversation.rounds[:-1] + [forced])
             batch = self.prepare([conv], targets=False).to(self.device)
