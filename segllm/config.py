@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from segllm.decoders.hipie.config import HipieDecoderConfig
 from segllm.errors import ConfigError
 
 CONFIG_FORMAT = "segllm/1"
@@ -193,7 +194,7 @@ class SegLLMConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     prompt_head: PromptHeadConfig = field(default_factory=PromptHeadConfig)
-    decoder: SamDecoderConfig = field(default_factory=SamDecoderConfig)
+    decoder: SamDecoderConfig | HipieDecoderConfig = field(default_factory=SamDecoderConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainable: tuple[str, ...] = ("projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder")
@@ -250,6 +251,14 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
 
 
+def _kind(cls: type) -> str | None:
+    """The default of a dataclass's ``kind`` field (its tag in a tagged union), if it has one."""
+    for f in dataclasses.fields(cls):
+        if f.name == "kind" and isinstance(f.default, str):
+            return f.default
+    return None
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -260,6 +269,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (Union, types.UnionType):
+        kinds = {_kind(a): a for a in args if dataclasses.is_dataclass(a) and _kind(a)}
+        if kinds and isinstance(value, dict):
+            # a tagged union: "kind" picks the class (the first one when absent), so errors name the key
+            kind = value.get("kind", next(iter(kinds)))
+            if kind not in kinds:
+                raise ConfigError(f"{where}.kind: {kind!r} is not one of {list(kinds)}")
+            return from_dict(kinds[kind], value, where)
         for arg in args:
             try:
                 return _convert(arg, value, where)

@@ -47,3 +47,16 @@ def test_save_load(tmp_path):
     cfg.save(tmp_path / "c.json")
     assert SegLLMConfig.load(tmp_path / "c.json") == cfg
     assert isinstance(SegLLMConfig.load(tmp_path / "c.json").vision, VisionConfig)
+
+
+def test_decoder_kind_selects_the_config_class():
+    from segllm.config import SamDecoderConfig
+    from segllm.decoders.hipie.config import HipieDecoderConfig
+
+    assert isinstance(SegLLMConfig.from_dict({"decoder": {"depth": 3}}).decoder, SamDecoderConfig)
+    hip = SegLLMConfig.from_dict({"decoder": {"kind": "hipie", "enc_layers": 2}}).decoder
+    assert isinstance(hip, HipieDecoderConfig) and hip.enc_layers == 2
+    with pytest.raises(ConfigError, match=r"decoder\.kind: 'detr'"):
+        SegLLMConfig.from_dict({"decoder": {"kind": "detr"}})
+    with pytest.raises(ConfigError, match=r"decoder\.num_queries"):
+        SegLLMConfig.from_dict({"decoder": {"kind": "hipie", "num_queries": "many"}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from segllm.config import SegLLMConfig
+from segllm.config import HipieDecoderConfig, SegLLMConfig
 from segllm.decoders.sam import SamMaskDecoder
 from segllm.errors import ConfigError
 from segllm.model.llm import build_llm, max_positions
@@ -15,6 +15,25 @@ from segllm.model.segllm import SegLLM
 from segllm.model.vision import VisionTower, build_vision_model
 from segllm.processor import Processor
 from segllm.tokenizer import add_segllm_tokens
+
+
+def build_decoder(config: SegLLMConfig):
+    """The mask decoder named by ``config.decoder`` (SAM-style or HIPIE), checked against the prompt head."""
+    ph, dec = config.prompt_head, config.decoder
+    if isinstance(dec, HipieDecoderConfig):
+        from segllm.decoders.hipie import HipieDecoder
+
+        width, tokens, ref = dec.lang_dim, dec.num_prompt_tokens, dec.num_ref_tokens
+        if (ph.num_tokens, ph.num_ref_tokens) != (tokens, ref):
+            raise ConfigError(
+                f"prompt_head gives {ph.num_tokens} tokens ({ph.num_ref_tokens} [REF]) but the HIPIE decoder takes {tokens} ({ref} [REF])"
+            )
+        if ph.dim != width:
+            raise ConfigError(f"prompt_head.dim ({ph.dim}) must equal decoder.lang_dim ({width})")
+        return HipieDecoder(dec)
+    if ph.dim != dec.dim:
+        raise ConfigError(f"prompt_head.dim ({ph.dim}) must equal decoder.dim ({dec.dim})")
+    return SamMaskDecoder(dec, num_prompt_tokens=ph.num_tokens, num_ref_tokens=ph.num_ref_tokens)
 
 
 def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, load_weights: bool = True) -> SegLLM:
@@ -33,14 +52,8 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     d_llm = llm.get_input_embeddings().weight.shape[1]
     projector = build_projector(config.projector, vision.hidden_size, d_llm)
     memory = MaskMemoryEncoder(config.memory, d_llm)
-    if config.prompt_head.dim != config.decoder.dim:
-        raise ConfigError(f"prompt_head.dim ({config.prompt_head.dim}) must equal decoder.dim ({config.decoder.dim})")
     prompt_head = PromptHead(config.prompt_head, d_llm)
-    decoder = SamMaskDecoder(
-        config.decoder,
-        num_prompt_tokens=config.prompt_head.num_tokens,
-        num_ref_tokens=config.prompt_head.num_ref_tokens,
-    )
+    decoder = build_decoder(config)
     processor = Processor(
         tokenizer,
         config.template,

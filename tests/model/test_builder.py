@@ -88,3 +88,34 @@ def test_builds_are_deterministic(make_model, three_rounds):
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
     assert not np.array_equal(a.prompt_head.mlp[0].weight.detach(), make_model(seed=8).prompt_head.mlp[0].weight.detach())
+
+
+def test_hipie_decoder_plugs_into_the_same_place(tokenizer, three_rounds, tmp_path):
+    """The released model's decoder behind the same interface: build, predict, train, save and reload."""
+    from segllm.config import PromptHeadConfig, SegLLMConfig
+    from segllm.decoders.hipie import HipieDecoder
+    from segllm.decoders.hipie.config import HipieDecoderConfig
+    from segllm.model.segllm import SegLLM
+
+    cfg = tiny_config(len(tokenizer))
+    cfg.decoder = HipieDecoderConfig.reduced()
+    cfg.decoder.image_size = 128  # a small frame keeps the test fast
+    cfg.prompt_head = PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=768)
+    torch.manual_seed(0)
+    model = build_segllm(cfg, copy.deepcopy(tokenizer))
+    assert isinstance(model.decoder, HipieDecoder)
+    assert SegLLMConfig.from_dict(cfg.to_dict()).decoder == cfg.decoder
+    model.train()
+    out = model(model.prepare([three_rounds]))
+    out.loss.backward()
+    assert out.mask_logits.shape[:2] == (3, 2) and torch.isfinite(out.loss)
+    model.eval()
+    conv = Conversation(three_rounds.image, three_rounds.rounds[:1] + [Round("near instance 1", (1,))])
+    pred = model.predict(conv, answer="<seg>")
+    assert pred.masks.shape == (1, 48, 80)
+    model.save_pretrained(tmp_path / "ck")
+    again = SegLLM.from_pretrained(tmp_path / "ck").predict(conv, answer="<seg>")
+    np.testing.assert_array_equal(pred.masks, again.masks)
+    cfg.prompt_head = PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=256)
+    with pytest.raises(ConfigError, match="lang_dim"):
+        build_segllm(cfg, copy.deepcopy(tokenizer))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from segllm.errors import ConfigError
 
@@ -47,6 +48,7 @@ class HipieDecoderConfig:
         mask_threshold: probability threshold for binary masks.
     """
 
+    kind: Literal["hipie"] = "hipie"
     depth: int = 50
     num_groups: int = 1
     width_per_group: int = 64
