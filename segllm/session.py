@@ -262,13 +262,9 @@ class Session:
             pos = torch.tensor([s.pos - offset - 1 for s in segs], dtype=torch.long, device=dev)
             seg_hidden = hidden[0, pos]
             tokens = a_ids[:-1]
-        text = m.tokenizer.decode(tokens, skip_special_tokens=False)
-        for t in (m.tokenizer.eos_token, m.tokenizer.pad_token):
-            if t:
-                text = text.replace(t, "")
         masks, boxes, scores = m.decode_masks(seg_hidden, st.decoder_features, st.frame, features=True)
         last = conv.rounds[-1]
-        return Reply(i + 1, last.question, last.refs, text.strip(), masks, boxes, scores)
+        return Reply(i + 1, last.question, last.refs, m.answer_text(tokens), masks, boxes, scores)
 
     def _need_image(self) -> None:
         if self.image is None:

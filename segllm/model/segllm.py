@@ -573,12 +573,16 @@ class SegLLM(nn.Module):
 
     def _prediction(self, round_number: int, token_ids: list[int], seg_hidden: Tensor, batch: Batch) -> Prediction:
         frame = batch.frames[0]
+        masks, boxes, scores = self.decode_masks(seg_hidden, batch.decoder_pixels[:1], frame)
+        return Prediction(round_number, self.answer_text(token_ids), masks, boxes, scores, list(token_ids))
+
+    def answer_text(self, token_ids: list[int]) -> str:
+        """An answer's text from its token ids: ``<seg>`` kept, end and padding tokens dropped."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
         for t in (self.tokenizer.eos_token, self.tokenizer.pad_token):
             if t:
                 text = text.replace(t, "")
-        masks, boxes, scores = self.decode_masks(seg_hidden, batch.decoder_pixels[:1], frame)
-        return Prediction(round_number, text.strip(), masks, boxes, scores, list(token_ids))
+        return text.strip()
 
     @torch.no_grad()
     def decode_masks(self, seg_hidden: Tensor, decoder_pixels_or_features: Tensor, frame: Frame, *, features: bool = False):
