@@ -226,9 +226,8 @@ class Session:
         if (k, j) not in st.memory:
             image = torch.tensor(self.image).permute(2, 0, 1)
             mask = torch.tensor(self.history[k - 1].masks[j])
-            crop = m.vision.preprocess(m.memory.crop(image, mask))[None].to(m.device)
-            box = m.memory.normalised_boxes(mask[None])
-            mf, bf = m.memory_features(crop, box)
+            crop, box = m.memory_inputs(image, mask)
+            mf, bf = m.memory_features(crop[None].to(m.device), box[None])
             st.memory[(k, j)] = (mf[0], bf[0])
         return st.memory[(k, j)]
 

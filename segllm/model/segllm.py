@@ -246,8 +246,9 @@ class SegLLM(nn.Module):
         for b, (c, e) in enumerate(zip(conversations, encs)):
             for item in e.memory:
                 mask = torch.tensor(np.asarray(c.rounds[item.ref_round - 1].masks[item.mask_index], dtype=bool))
-                crops.append(self.vision.preprocess(self.memory.crop(images[b], mask)))
-                boxes.append(self.memory.normalised_boxes(mask[None])[0])
+                crop, box = self.memory_inputs(images[b], mask)
+                crops.append(crop)
+                boxes.append(box)
                 mb.append(b)
                 mp.append(item.mask_pos)
                 bp.append(item.box_pos)
@@ -297,6 +298,11 @@ class SegLLM(nn.Module):
         with torch.set_grad_enabled(grad):
             patches = self.vision(image_pixels)
         return self.projector(patches.to(self.dtype))
+
+    def memory_inputs(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """One earlier mask's inputs for :meth:`memory_features`: the preprocessed masked crop
+        [3, S, S] and the normalised box [4]. ``image``: [3, H, W] uint8; ``mask``: [H, W] bool."""
+        return self.vision.preprocess(self.memory.crop(image, mask)), self.memory.normalised_boxes(mask[None])[0]
 
     def memory_features(self, memory_pixels: Tensor, memory_boxes: Tensor) -> tuple[Tensor, Tensor]:
         """Earlier masks -> LLM tokens.
