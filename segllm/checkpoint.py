@@ -85,12 +85,16 @@ def load_config(path: str | Path) -> SegLLMConfig:
 
 
 def load_pretrained(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Read a checkpoint folder written by :func:`save_pretrained` into a :class:`segllm.SegLLM` (eval mode)."""
+    """Read a checkpoint folder into a :class:`segllm.SegLLM` (eval mode): one written by
+    :func:`save_pretrained`, or a released SegLLM folder (see :mod:`segllm.model.released`)."""
     from transformers import AutoTokenizer
 
     from segllm.model.builder import build_segllm
+    from segllm.model.released import is_released_checkpoint, load_released
 
     path = Path(path)
+    if is_released_checkpoint(path):
+        return load_released(path, device=device, dtype=dtype)
     config = load_config(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():

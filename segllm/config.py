@@ -37,6 +37,10 @@ class VisionConfig:
         resize: "squash" (resize to a square), "center_crop" (shortest side then crop, CLIP's
             processor) or "pad" (longest side then pad bottom/right).
         mean, std: normalisation on [0, 1] pixel values.
+        resample: "torch" (bicubic with antialiasing on float pixels, the default) or "pil"
+            (transformers' CLIPImageProcessor: PIL bicubic on uint8 pixels, the short side
+            scaled with the long side truncated, as the released SegLLM preprocesses; only with
+            ``resize`` "center_crop").
     """
 
     hf_config: dict[str, Any] = field(default_factory=dict)
@@ -46,6 +50,7 @@ class VisionConfig:
     pool: Literal["cls", "mean"] = "cls"
     image_size: int = 224
     resize: Literal["squash", "center_crop", "pad"] = "squash"
+    resample: Literal["torch", "pil"] = "torch"
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -82,6 +87,13 @@ class MemoryConfig:
         feature_dropout: training-time probability of dropping a mask/box feature (the released
             recipe keeps each with probability 0.5, unscaled).
         inference_scale: multiply mask/box features by this at inference (released: 0.5).
+        crop_frame: where the masked crop is cut: "image" (the original image and mask) or
+            "decoder" (the image resized and padded into the mask decoder's square frame, as
+            the released model does).
+        box_source: "mask" (the mask's tight box) or "decoder" (the box the mask decoder
+            predicted with the mask, truncated to whole pixels and at least 2 pixels wide, as
+            released; falls back to the mask's box where no predicted box is known, e.g. for
+            ground-truth masks).
     """
 
     enabled: bool = True
@@ -90,6 +102,8 @@ class MemoryConfig:
     box_norm: float = 0.0
     feature_dropout: float = 0.0
     inference_scale: float = 1.0
+    crop_frame: Literal["image", "decoder"] = "image"
+    box_source: Literal["mask", "decoder"] = "mask"
 
 
 @dataclass
@@ -119,6 +133,10 @@ class SamDecoderConfig:
         dim: the decoder's width (= the prompt width).
         depth, heads, mlp_dim: the two-way transformer.
         mean, std: normalisation on [0, 1] pixel values.
+        resample: "torch" (bicubic with antialiasing on float pixels, the default) or "pil"
+            (transformers' CLIPImageProcessor: PIL bicubic on uint8 pixels, the short side
+            scaled with the long side truncated, as the released SegLLM preprocesses; only with
+            ``resize`` "center_crop").
     """
 
     kind: Literal["sam"] = "sam"
@@ -140,9 +158,19 @@ class SamDecoderConfig:
 class TemplateConfig:
     """How a conversation is rendered into tokens.
 
-    A rendered conversation is ``bos + system + image placeholders`` then, per round,
-    ``user_prefix + [mask, box placeholders per reference] + question + assistant_prefix +
-    answer + eos``. Only ``answer + eos`` carry labels.
+    A rendered conversation is ``bos + system + image_prefix + image placeholders +
+    image_suffix`` then, per round, ``round_separator + user_prefix + [mask, box placeholders
+    per reference] + question + assistant_prefix + answer + eos``. Only ``answer + eos`` carry
+    labels. ``first_user_prefix`` (when not None) replaces ``user_prefix`` in round 1, for
+    templates that open the first user turn before the image (Vicuna v1: "USER: <image> ...").
+
+    ``merge_text``: tokenize each maximal run of text between placeholder/special tokens in one
+    call, the way a whole rendered string is tokenized (needed to reproduce a model trained on
+    whole-string tokenization, such as the released SegLLM); runs after the first are tokenized
+    as mid-string text (no SentencePiece prefix space). When False every piece is tokenized on
+    its own (the bundled model's rendering).
+    ``fixed_answer``: when set, the model never generates text; every round's answer is this
+    (the released SegLLM answers ``"<seg>"`` and is not trained to write text).
     """
 
     name: str = "segllm"
@@ -157,6 +185,9 @@ class TemplateConfig:
     box_token: str = "<box>"
     seg_token: str = "<seg>"
     max_length: int = 0  # 0 = the LLM's max_position_embeddings
+    first_user_prefix: str | None = None
+    merge_text: bool = False
+    fixed_answer: str | None = None
 
 
 @dataclass

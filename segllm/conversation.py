@@ -67,11 +67,13 @@ class Conversation:
                 out.append((k, mask))
         return out
 
-    def validate(self, *, allow_open_last: bool = False) -> None:
+    def validate(self, *, allow_open_last: bool = False, check_refs: bool = True) -> None:
         """Check the conversation is well formed; raise :class:`ConversationError` or :class:`MaskError`.
 
         Args:
             allow_open_last: the last round may have no answer yet (it is to be generated).
+            check_refs: check that referenced rounds have non-empty masks (a caller that feeds
+                back masks kept in another frame checks those itself).
         """
         check_image_array(self.image)
         if not self.rounds:
@@ -95,7 +97,7 @@ class Conversation:
             for j, m in enumerate(rnd.masks):
                 if m.shape != (h, w):
                     raise MaskError(f"round {n}, mask {j + 1}: shape {tuple(m.shape)} differs from the image's {(h, w)}")
-            for k in rnd.refs:
+            for k in rnd.refs if check_refs else ():
                 ref = self.rounds[k - 1]
                 if not ref.masks:
                     raise MaskError(f"round {n} refers to round {k}, which has no mask")

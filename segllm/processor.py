@@ -10,6 +10,7 @@ tokens (and the end-of-answer token) are trained.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -110,50 +111,71 @@ class Processor:
             raise ConversationError("the tokenizer has no end-of-sequence token")
         self.eos_id = tokenizer.eos_token_id
         self.bos_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        self._prefix_cache: list[int] | None = None
+        self._mid = _mid_string_tokenizer(tokenizer) if template.merge_text else None
 
     # -- pieces ---------------------------------------------------------------------------
-    def text_ids(self, text: str, *, allow_special: bool = False) -> list[int]:
+    def text_ids(self, text: str, *, allow_special: bool = False, mid: bool = False) -> list[int]:
         """Token ids of plain text. Unless ``allow_special``, special-token strings typed by a
-        user (e.g. "<image>") are split into ordinary characters so they cannot forge slots."""
+        user (e.g. "<image>") are split into ordinary characters so they cannot forge slots.
+        ``mid``: the text follows other tokens of the same string (only differs from a
+        standalone piece for tokenizers that add a prefix space at the start of a string)."""
         if not text:
             return []
+        if mid and self._mid is not None:
+            self._mid.encode_special_tokens = not allow_special
+            return list(self._mid.encode(text, add_special_tokens=False).ids)
         return list(
             self.tokenizer(text, add_special_tokens=False, split_special_tokens=not allow_special).input_ids
         )
 
+    def _texts(self, *pieces: tuple[str, bool], mid: bool = True) -> list[int]:
+        """Token ids of consecutive text pieces, each ``(text, allow_special)``: one call per
+        piece, or (``template.merge_text``) one call for the whole run when no piece may hold
+        special tokens, so the ids equal those of the joined string."""
+        if self.template.merge_text and not any(special for _, special in pieces):
+            return self.text_ids("".join(text for text, _ in pieces), mid=mid)
+        return [i for text, special in pieces for i in self.text_ids(text, allow_special=special, mid=mid)]
+
     def prefix_ids(self) -> tuple[list[int], list[int]]:
         """Tokens before the first round, and the image placeholder positions within them."""
         t = self.template
-        head = self.bos_ids + self.text_ids(t.system) + self.text_ids(t.image_prefix)
+        head = self.bos_ids + self._texts((t.system, False), (t.image_prefix, False), mid=False)
         image_pos = list(range(len(head), len(head) + self.num_image_tokens))
-        ids = head + [self.image_id] * self.num_image_tokens + self.text_ids(t.image_suffix)
+        ids = head + [self.image_id] * self.num_image_tokens + self.text_ids(t.image_suffix, mid=True)
         return ids, image_pos
 
     def user_ids(self, conv: Conversation, round_index: int, offset: int) -> tuple[list[int], list[MemoryItem]]:
         """Tokens of round ``round_index``'s user turn (up to the assistant prefix), placed at ``offset``."""
         t = self.template
         rnd = conv.rounds[round_index]
-        ids = self.text_ids(t.round_separator if round_index > 0 else "") + self.text_ids(t.user_prefix)
-        items: list[MemoryItem] = []
+        prefix = t.first_user_prefix if round_index == 0 and t.first_user_prefix is not None else t.user_prefix
+        separator = t.round_separator if round_index > 0 else ""
+        placeholders: list[int] = []
+        slots: list[tuple[int, int, int, int]] = []  # (ref round, mask index, mask pos, box pos) relative
         if self.memory.enabled:
             for k in rnd.refs:
                 for j, _ in enumerate(conv.rounds[k - 1].masks):
-                    mask_pos = offset + len(ids)
-                    ids.append(self.mask_id)
-                    box_pos = -1
+                    mask_rel = len(placeholders)
+                    placeholders.append(self.mask_id)
+                    box_rel = -1
                     if self.memory.use_box:
-                        box_pos = offset + len(ids)
-                        ids.append(self.box_id)
-                    items.append(MemoryItem(round_index, k, j, mask_pos, box_pos))
-        ids += self.text_ids(rnd.question) + self.text_ids(t.assistant_prefix)
+                        box_rel = len(placeholders)
+                        placeholders.append(self.box_id)
+                    slots.append((k, j, mask_rel, box_rel))
+        if not placeholders:
+            # nothing between the prefix and the question: one text run
+            return self._texts((separator, False), (prefix, False), (rnd.question, False), (t.assistant_prefix, False)), []
+        ids = self._texts((separator, False), (prefix, False))
+        start = offset + len(ids)
+        items = [MemoryItem(round_index, k, j, start + m, start + b if b >= 0 else -1) for k, j, m, b in slots]
+        ids += placeholders + self._texts((rnd.question, False), (t.assistant_prefix, False))
         return ids, items
 
     def answer_ids(self, conv: Conversation, round_index: int, offset: int) -> tuple[list[int], list[SegItem]]:
         """Tokens of round ``round_index``'s answer plus end-of-answer, placed at ``offset``."""
         rnd = conv.rounds[round_index]
         assert rnd.answer is not None
-        ids = self.text_ids(rnd.answer, allow_special=True) + [self.eos_id]
+        ids = self.text_ids(rnd.answer, allow_special=True, mid=True) + [self.eos_id]
         ref = (rnd.refs[0], 0) if rnd.refs else None
         segs = [
             SegItem(round_index, n, offset + p, ref)
@@ -213,3 +235,31 @@ class Processor:
             f"{self.max_length}; about {fit} rounds like these fit: start a new conversation or drop rounds"
         )
 
+
+
+def _mid_string_tokenizer(tokenizer: PreTrainedTokenizerBase):
+    """A copy of a fast tokenizer's backend that tokenizes text as the middle of a string.
+
+    SentencePiece-style tokenizers (Metaspace pre-tokenizer with ``prepend_scheme`` "first")
+    put a prefix space only at the start of the whole string, so a piece tokenized alone
+    differs from the same piece inside a string ("Segment" -> "▁Seg", "ment" alone, but
+    "Segment" after a placeholder). Returns None when the tokenizer has no such behaviour.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    data = json.loads(backend.to_str())
+
+    def never(node) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme", "always") != "never":
+            node["prepend_scheme"] = "never"
+            return True
+        return any([never(n) for n in node.get("pretokenizers", [])])
+
+    if not never(data.get("pre_tokenizer")):
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(json.dumps(data))

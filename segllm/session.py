@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from segllm.conversation import Conversation, Round, load_image, parse_refs
-from segllm.errors import ConversationError
+from segllm.errors import ConversationError, MaskError
 
 
 @dataclass
@@ -37,6 +37,9 @@ class Reply:
         boxes: [S, 4] (x0, y0, x1, y1) pixels, exclusive end.
         scores: [S] predicted IoU of each mask.
         forced: the model answered without ``<seg>`` and one mask was asked for explicitly.
+        frame_masks: [S, Sd, Sd] bool, the masks in the mask decoder's square input frame, kept
+            for models whose memory crops earlier masks in that frame (the released SegLLM);
+            None otherwise.
     """
 
     round: int
@@ -47,6 +50,7 @@ class Reply:
     boxes: np.ndarray
     scores: np.ndarray
     forced: bool = False
+    frame_masks: np.ndarray | None = None
 
 
 @dataclass
@@ -173,7 +177,12 @@ class Session:
         n = len(self.history) + 1
         conv = self.conversation
         conv.rounds.append(Round(text, all_refs))
-        conv.validate(allow_open_last=True)  # names a missing round or an empty mask
+        conv.validate(allow_open_last=True, check_refs=not self._frame_memory)  # names a missing round or an empty mask
+        if self._frame_memory:
+            # the memory reads the masks in the decoder frame, which may hold pixels in the padding
+            for k in all_refs:
+                if not self.history[k - 1].frame_masks.any():
+                    raise MaskError(f"round {n} refers to round {k}, whose mask is empty (zero area)")
         if not text:
             raise ConversationError("the question is empty once [REF:k] is removed")
         try:
@@ -191,7 +200,13 @@ class Session:
         assert reply.round == n
         return reply
 
+    @property
+    def _frame_memory(self) -> bool:
+        return self.incremental and self.model.config.memory.crop_frame == "decoder"
+
     def _answer(self, conv: Conversation, answer: str | None) -> Reply:
+        if answer is None:
+            answer = self.model.config.template.fixed_answer  # a model that never writes text
         return self._incremental(conv, answer) if self.incremental else self._full(conv, answer)
 
     def _rewind(self) -> None:
@@ -225,8 +240,9 @@ class Session:
         st, m = self._state, self.model
         if (k, j) not in st.memory:
             image = torch.tensor(self.image).permute(2, 0, 1)
-            mask = torch.tensor(self.history[k - 1].masks[j])
-            crop, box = m.memory_inputs(image, mask)
+            reply = self.history[k - 1]
+            mask = torch.tensor(reply.masks[j] if reply.frame_masks is None else reply.frame_masks[j])
+            crop, box = m.memory_inputs(image, mask, torch.as_tensor(reply.boxes[j]))
             mf, bf = m.memory_features(crop[None].to(m.device), box[None])
             st.memory[(k, j)] = (mf[0], bf[0])
         return st.memory[(k, j)]
@@ -261,9 +277,10 @@ class Session:
             pos = torch.tensor([s.pos - offset - 1 for s in segs], dtype=torch.long, device=dev)
             seg_hidden = hidden[0, pos]
             tokens = a_ids[:-1]
-        masks, boxes, scores = m.decode_masks(seg_hidden, st.decoder_features, st.frame, features=True)
+        masks, boxes, scores, frame_masks = m.decode_masks(seg_hidden, st.decoder_features, st.frame, features=True, frame_masks=True)
         last = conv.rounds[-1]
-        return Reply(i + 1, last.question, last.refs, m.answer_text(tokens), masks, boxes, scores)
+        keep = frame_masks if self._frame_memory else None
+        return Reply(i + 1, last.question, last.refs, m.answer_text(tokens), masks, boxes, scores, frame_masks=keep)
 
     def _need_image(self) -> None:
         if self.image is None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -84,6 +86,23 @@ def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Te
     return F.pad(resized, (0, pad_right, 0, pad_bottom))
 
 
+def image_to_frame(image: Tensor, frame: Frame) -> Tensor:
+    """uint8 image [3, H, W] -> uint8 [3, size, size]: resized with PIL's bilinear filter (as the
+    released code's ResizeLongestSide) and zero-padded at the bottom/right."""
+    from PIL import Image
+
+    pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    resized = pil.resize((frame.resized_width, frame.resized_height), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+    return F.pad(x, (0, frame.size - frame.resized_width, 0, frame.size - frame.resized_height)).to(image.device)
+
+
+def mask_to_frame(mask: Tensor, frame: Frame) -> Tensor:
+    """bool mask [H, W] at the image's resolution -> bool [size, size] in the frame (nearest)."""
+    x = F.interpolate(mask[None, None].float(), size=(frame.resized_height, frame.resized_width), mode="nearest")
+    return F.pad(x, (0, frame.size - frame.resized_width, 0, frame.size - frame.resized_height))[0, 0] > 0.5
+
+
 def masks_to_frame(masks: Tensor, frame: Frame, out_size: int) -> Tensor:
     """Ground-truth masks at the original resolution -> soft targets in the decoder's output frame.
 
@@ -112,10 +131,15 @@ def logits_to_image(logits: Tensor, frame: Frame) -> Tensor:
     Returns:
         [M, frame.height, frame.width] logits.
     """
-    x = F.interpolate(logits[:, None].float(), size=(frame.size, frame.size), mode="bilinear", align_corners=False)
-    x = x[..., : frame.resized_height, : frame.resized_width]
+    x = logits_to_frame(logits, frame)[:, None, : frame.resized_height, : frame.resized_width]
     x = F.interpolate(x, size=(frame.height, frame.width), mode="bilinear", align_corners=False)
     return x[:, 0]
+
+
+def logits_to_frame(logits: Tensor, frame: Frame) -> Tensor:
+    """Mask logits [M, h, w] in the decoder's output frame -> [M, size, size] logits in its
+    input frame (bilinear, as the released code upsamples HIPIE's masks to 1024)."""
+    return F.interpolate(logits[:, None].float(), size=(frame.size, frame.size), mode="bilinear", align_corners=False)[:, 0]
 
 
 class MaskDecoder(nn.Module, abc.ABC):

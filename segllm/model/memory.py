@@ -48,32 +48,50 @@ class MaskMemoryEncoder(nn.Module):
         self.config = config
         self.box_head = nn.Linear(4, llm_dim)
 
-    def crop(self, image: Tensor, mask: Tensor) -> Tensor:
+    def box_of(self, mask: Tensor, box: Tensor | None = None) -> Tensor:
+        """The integer box [4] (x0, y0, x1, y1), x1/y1 exclusive, that a memory crop uses.
+
+        ``mask``: [H, W] bool. Without ``box``: the mask's tight box. With a predicted ``box``
+        (float pixels of the same frame): truncated to whole pixels, clipped to the frame and
+        made at least 2 pixels wide and high, as the released inference code does.
+        """
+        if box is None:
+            return mask_boxes(mask[None])[0]
+        h, w = mask.shape
+        side = max(h, w)
+        x0, y0, x1, y1 = (min(max(int(v), 0), side) for v in box.tolist())  # int() truncates toward zero
+        x1 = min(max(x1, x0 + 2), side)
+        y1 = min(max(y1, y0 + 2), side)
+        return torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
+
+    def crop(self, image: Tensor, mask: Tensor, box: Tensor | None = None) -> Tensor:
         """The masked crop of one earlier mask.
 
         Args:
             image: [3, H, W] uint8.
             mask: [H, W] bool, same size.
+            box: optional predicted box (see :meth:`box_of`); default the mask's tight box.
 
         Returns:
-            [3, s, s] uint8: the image with the background zeroed, cropped to the mask's box
-            and zero-padded at the bottom/right to a square of side s = max(box h, box w).
+            [3, s, s] uint8: the image with the background zeroed, cropped to the box and
+            zero-padded at the bottom/right to a square of side s = max(box h, box w).
         """
         if mask.shape != image.shape[1:]:
             raise MaskError(f"mask of shape {tuple(mask.shape)} does not fit an image of {tuple(image.shape[1:])}")
-        x0, y0, x1, y1 = (int(v) for v in mask_boxes(mask[None])[0].tolist())
-        if x1 <= x0 or y1 <= y0:
+        if not bool(mask.any()):
             raise MaskError("cannot encode an empty (zero-area) mask")
+        x0, y0, x1, y1 = (int(v) for v in self.box_of(mask, box).tolist())
         crop = (image * mask.to(image.dtype))[:, y0:y1, x0:x1]
         side = max(y1 - y0, x1 - x0)
         out = torch.zeros(3, side, side, dtype=image.dtype, device=image.device)
-        out[:, : y1 - y0, : x1 - x0] = crop
+        out[:, : crop.shape[1], : crop.shape[2]] = crop
         return out
 
-    def normalised_boxes(self, masks: Tensor) -> Tensor:
-        """[M, H, W] masks -> [M, 4] boxes for the box encoder, divided by ``box_norm`` (or the
-        longest image side) and in ``box_order``."""
-        boxes = mask_boxes(masks)
+    def normalised_boxes(self, masks: Tensor, boxes: Tensor | None = None) -> Tensor:
+        """[M, H, W] masks (or their ``boxes`` [M, 4] from :meth:`box_of`) -> [M, 4] boxes for
+        the box encoder, divided by ``box_norm`` (or the longest image side) and in ``box_order``."""
+        if boxes is None:
+            boxes = mask_boxes(masks)
         norm = self.config.box_norm or float(max(masks.shape[-2:]))
         boxes = boxes / norm
         if self.config.box_order == "yxyx":

@@ -23,7 +23,17 @@ from transformers import PreTrainedModel
 
 from segllm.config import SegLLMConfig
 from segllm.conversation import Conversation, Round
-from segllm.decoders.base import REF, SEG, Frame, MaskDecoder, logits_to_image, masks_to_frame
+from segllm.decoders.base import (
+    REF,
+    SEG,
+    Frame,
+    MaskDecoder,
+    image_to_frame,
+    logits_to_frame,
+    logits_to_image,
+    mask_to_frame,
+    masks_to_frame,
+)
 from segllm.errors import ConversationError, PlaceholderMismatchError
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
@@ -299,10 +309,29 @@ class SegLLM(nn.Module):
             patches = self.vision(image_pixels)
         return self.projector(patches.to(self.dtype))
 
-    def memory_inputs(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def memory_inputs(self, image: Tensor, mask: Tensor, box: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One earlier mask's inputs for :meth:`memory_features`: the preprocessed masked crop
-        [3, S, S] and the normalised box [4]. ``image``: [3, H, W] uint8; ``mask``: [H, W] bool."""
-        return self.vision.preprocess(self.memory.crop(image, mask)), self.memory.normalised_boxes(mask[None])[0]
+        [3, S, S] and the normalised box [4].
+
+        Args:
+            image: [3, H, W] uint8.
+            mask: [H, W] bool; or, when ``memory.crop_frame == "decoder"``, the mask in the
+                decoder's square frame ([Sd, Sd], as :meth:`decode_masks` gives it).
+            box: the decoder's predicted box for this mask, [4] (x0, y0, x1, y1) float pixels of
+                the image; used when ``memory.box_source == "decoder"``.
+        """
+        cfg = self.config.memory
+        if cfg.crop_frame == "decoder":
+            frame = Frame.fit(image.shape[1], image.shape[2], self.decoder.image_size)
+            if box is not None:
+                box = box * (frame.size / max(frame.height, frame.width))
+            if tuple(mask.shape) != (frame.size, frame.size):  # else it already is a frame mask
+                mask = mask_to_frame(mask, frame)
+            image = image_to_frame(image, frame)
+        predicted = box if cfg.box_source == "decoder" else None
+        crop = self.memory.crop(image, mask, predicted)
+        used = self.memory.box_of(mask, predicted)
+        return self.vision.preprocess(crop), self.memory.normalised_boxes(mask[None], used[None])[0]
 
     def memory_features(self, memory_pixels: Tensor, memory_boxes: Tensor) -> tuple[Tensor, Tensor]:
         """Earlier masks -> LLM tokens.
@@ -478,6 +507,8 @@ class SegLLM(nn.Module):
         if not conversation.rounds:
             raise ConversationError("conversation has no rounds")
         last = conversation.rounds[-1]
+        if answer is None and last.answer is None:
+            answer = self.config.template.fixed_answer  # a model that never writes text
         if answer is not None or last.answer is not None:
             text = answer if answer is not None else last.answer
             seg_count = text.count("<seg>")
@@ -591,7 +622,7 @@ class SegLLM(nn.Module):
         return text.strip()
 
     @torch.no_grad()
-    def decode_masks(self, seg_hidden: Tensor, decoder_pixels_or_features: Tensor, frame: Frame, *, features: bool = False):
+    def decode_masks(self, seg_hidden: Tensor, decoder_pixels_or_features: Tensor, frame: Frame, *, features: bool = False, frame_masks: bool = False):
         """Masks at the image's resolution from the hidden states that predicted ``<seg>``.
 
         Args:
@@ -599,21 +630,32 @@ class SegLLM(nn.Module):
             decoder_pixels_or_features: [1, 3, Sd, Sd] decoder input, or its features when
                 ``features`` is set (so a session computes them once per image).
             frame: where the image sits in the decoder frame.
+            frame_masks: also return the masks in the decoder's square input frame.
 
         Returns:
-            masks [S, H, W] bool, boxes [S, 4] float32, scores [S] float32 (numpy).
+            masks [S, H, W] bool, boxes [S, 4] float32, scores [S] float32 (numpy), and with
+            ``frame_masks`` the masks [S, Sd, Sd] bool in the decoder frame (the padding
+            included: a model whose memory works in that frame feeds these back).
         """
         S = seg_hidden.shape[0]
         h, w = frame.height, frame.width
         if S == 0:
-            return np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+            empty = (np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+            return (*empty, np.zeros((0, frame.size, frame.size), bool)) if frame_masks else empty
         feats = decoder_pixels_or_features if features else self.encode_decoder_image(decoder_pixels_or_features)
         prompts = self.prompt_head(seg_hidden.to(self.prompt_head.mlp[0].weight.dtype))
         out = self.decoder(feats, prompts.to(feats.dtype), torch.zeros(S, dtype=torch.long, device=feats.device))
         logits = logits_to_image(out.mask_logits[:, SEG], frame)
         masks = logits > 0
-        boxes = mask_boxes(masks.cpu())
-        return masks.cpu().numpy(), boxes.numpy().astype(np.float32), out.iou_scores[:, SEG].float().cpu().numpy()
+        if self.config.memory.box_source == "decoder" and out.boxes is not None:
+            # the decoder's own box (it can differ from the mask's), back in image pixels
+            boxes = out.boxes[:, SEG].float().cpu() * (max(h, w) / frame.size)
+        else:
+            boxes = mask_boxes(masks.cpu())
+        result = (masks.cpu().numpy(), boxes.numpy().astype(np.float32), out.iou_scores[:, SEG].float().cpu().numpy())
+        if frame_masks:
+            return (*result, (logits_to_frame(out.mask_logits[:, SEG], frame) > 0).cpu().numpy())
+        return result
 
 
 def _frame_targets(masks: list[Tensor], per_conv: list[int], frames: list[Frame], out: int) -> Tensor:

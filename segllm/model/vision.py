@@ -42,6 +42,7 @@ class VisionTower(nn.Module):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self._num_tokens: int | None = None
+        self._processor = None  # transformers' CLIPImageProcessor, built on first use (resample "pil")
 
     @property
     def hidden_size(self) -> int:
@@ -63,6 +64,8 @@ class VisionTower(nn.Module):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
             raise ImageError(f"vision tower expects a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
         s = self.config.image_size
+        if self.config.resample == "pil" and self.config.resize == "center_crop":
+            return self._clip_processor(image)
         x = image[None].float() / 255.0
         h, w = x.shape[-2:]
         if self.config.resize == "squash":
@@ -80,6 +83,19 @@ class VisionTower(nn.Module):
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)
             return F.pad(x, (0, s - nw, 0, s - nh))[0]
         return ((x - self.mean.to(x.device)) / self.std.to(x.device))[0]
+
+    def _clip_processor(self, image: Tensor) -> Tensor:
+        """transformers' CLIP preprocessing (PIL bicubic on uint8, centre crop), bit-exact."""
+        if self._processor is None:
+            from transformers import CLIPImageProcessor
+
+            s = self.config.image_size
+            self._processor = CLIPImageProcessor(
+                size={"shortest_edge": s}, crop_size={"height": s, "width": s}, resample=3,
+                image_mean=list(self.config.mean), image_std=list(self.config.std),
+            )
+        pixels = self._processor(image.permute(1, 2, 0).cpu().numpy(), return_tensors="pt").pixel_values[0]
+        return pixels.to(image.device)
 
     def _hidden(self, pixels: Tensor) -> Tensor:
         p = next(self.model.parameters())

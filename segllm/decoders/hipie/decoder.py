@@ -27,13 +27,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
-from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder
+from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, image_to_frame
 from segllm.decoders.hipie.backbone import BackboneWithPosition
 from segllm.decoders.hipie.common import MLP, FeatureResizer, inverse_sigmoid
 from segllm.decoders.hipie.config import HipieDecoderConfig
@@ -233,10 +230,7 @@ class HipieDecoder(MaskDecoder):
         if height < 1 or width < 1:
             raise ImageError(f"image is empty: {height}x{width} pixels")
         frame = Frame.fit(height, width, self.image_size)
-        pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
-        resized = pil.resize((frame.resized_width, frame.resized_height), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
-        x = F.pad(x, (0, self.image_size - frame.resized_width, 0, self.image_size - frame.resized_height))
+        x = image_to_frame(image, frame)
         return self.normalize(x.to(image.device)), frame
 
     def normalize(self, padded: Tensor) -> Tensor:

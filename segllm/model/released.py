@@ -1,0 +1,335 @@
+"""Load a released SegLLM checkpoint folder (Hugging Face Marlo-Z/SegLLM layout) into a SegLLM.
+
+A released folder is what the original ``LlavaLlamaForCausalLM.save_pretrained`` wrote:
+``config.json`` (``model_type`` "llava", ``segmentator`` "hipie"), ``model.safetensors`` or
+shards listed in ``model.safetensors.index.json``, and the tokenizer files. It becomes this
+package's composed model: LLaMA LLM, CLIP vision tower, ``mlp2x_gelu`` projector, box encoder,
+prompt head and the HIPIE-R50 decoder, configured to behave exactly as the original inference
+code does (see SEGLLM_FACTS section 2): the Vicuna v1 template with ``<video>`` for every injected
+feature, features added to the placeholder embeddings, mask and box features scaled by 0.5, the
+mask crop cut in HIPIE's 1024 frame with the predicted box, boxes as (y0, x0, y1, x1) / 1024.
+
+Every checkpoint key is either loaded or on :data:`IGNORED` with its reason; anything else is an
+error naming the key. Saving the loaded model with ``save_pretrained`` gives a segllm checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from segllm.config import (
+    HipieDecoderConfig,
+    LLMConfig,
+    MemoryConfig,
+    ProjectorConfig,
+    PromptHeadConfig,
+    SegLLMConfig,
+    TemplateConfig,
+    VisionConfig,
+)
+from segllm.errors import CheckpointError
+
+__all__ = ["IGNORED", "VICUNA_V1", "is_released_checkpoint", "load_released", "released_config"]
+
+# key prefixes of a released checkpoint that are deliberately not loaded, with the reason
+IGNORED: dict[str, str] = {
+    "model.segmentator.hipie.text_encoder.": "HIPIE's BERT text encoder: SegLLM's prompt tokens replace its output, it never runs",
+    "model.vision_tower.vision_tower.visual_projection.": "CLIP's contrastive projection: SegLLM reads hidden states, not the projected embedding",
+}
+
+# checkpoint prefix -> this package's module prefix
+_RENAMES: tuple[tuple[str, str], ...] = (
+    ("lm_head.", "llm.lm_head."),
+    ("model.vision_tower.vision_tower.", "vision.model."),
+    ("model.mm_projector.", "projector."),
+    ("model.mask_enc_head.", "memory.box_head."),
+    ("model.segmentator_predictor.", "prompt_head.mlp."),
+    ("model.segmentator.hipie.", "decoder."),
+    ("model.", "llm.model."),  # the LLaMA body: embed_tokens, layers, norm (last: the catch-all)
+)
+
+VICUNA_V1 = TemplateConfig(
+    name="vicuna_v1",
+    system=(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
+    image_prefix=" USER: ",
+    image_suffix="",
+    first_user_prefix=" ",
+    user_prefix="USER: ",
+    assistant_prefix=" ASSISTANT: ",
+    round_separator="",
+    image_token="<video>",
+    mask_token="<video>",
+    box_token="<video>",
+    seg_token="<seg>",
+    merge_text=True,
+    fixed_answer="<seg>",
+)
+
+# Configs of vision towers that released checkpoints name by hub id. Their weights are inside
+# the checkpoint, so only the architecture is needed: nothing is downloaded.
+_KNOWN_VISION = {
+    "openai/clip-vit-large-patch14": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    },
+}
+
+_LLAMA_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "attention_bias", "attention_dropout", "mlp_bias", "head_dim", "hidden_act", "pretraining_tp",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+def is_released_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder whose config.json is a released SegLLM (llava + segmentator) config."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("model_type") == "llava" and "segmentator" in data
+
+
+def released_config(path: str | Path, *, vision_tower: str | Path | None = None, shapes: dict[str, tuple] | None = None) -> SegLLMConfig:
+    """This package's config for the released folder ``path``.
+
+    Args:
+        path: the released checkpoint folder.
+        vision_tower: a local CLIP folder (config.json) overriding the config's
+            ``mm_vision_tower``; needed only when that names neither a folder nor a known hub id.
+        shapes: checkpoint key -> shape, to size the HIPIE decoder (default: read from the folder).
+    """
+    path = Path(path)
+    data = json.loads((path / "config.json").read_text())
+    if data.get("segmentator") != "hipie":
+        raise CheckpointError(f"{path}/config.json: segmentator {data.get('segmentator')!r} is not supported (only 'hipie')")
+    if data.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        raise CheckpointError(f"{path}/config.json: mm_projector_type {data.get('mm_projector_type')!r} is not supported")
+    hf_llm = {"model_type": "llama", **{k: data[k] for k in _LLAMA_KEYS if k in data}, "tie_word_embeddings": False}
+    shapes = shapes if shapes is not None else _shapes(path)
+    hidden = int(data["hidden_size"])
+    return SegLLMConfig(
+        vision=_vision_config(path, data, vision_tower),
+        projector=ProjectorConfig(kind="mlp2x_gelu"),
+        llm=LLMConfig(hf_config=hf_llm),
+        memory=MemoryConfig(
+            enabled=True,
+            use_box=bool(data.get("mm_use_bbox_encode", True)),
+            box_order="yxyx",
+            box_norm=1024.0,
+            feature_dropout=0.5,
+            inference_scale=0.5,
+            crop_frame="decoder",
+            box_source="decoder",
+        ),
+        prompt_head=PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=768, hidden_dim=hidden, norm=False),
+        decoder=_hipie_config(shapes),
+        template=VICUNA_V1,
+        inject="add",
+        # the released recipe: vision tower, token embeddings and LM head stay frozen
+        trainable=("llm", "projector", "memory", "prompt_head", "decoder_encoder", "decoder"),
+    )
+
+
+def load_released(
+    path: str | Path,
+    *,
+    vision_tower: str | Path | None = None,
+    gamma: str = "released",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """Read a released SegLLM checkpoint folder into a :class:`segllm.SegLLM` (eval mode).
+
+    Args:
+        path: the folder (config.json, safetensors weights, tokenizer files).
+        vision_tower: see :func:`released_config`.
+        gamma: HIPIE's fusion scales: "released" (what the original loader ends up using) or
+            "stored" (the trained values in the checkpoint); see
+            :func:`segllm.decoders.hipie.load_released_hipie`.
+        device, dtype: where and in which precision to put the model (default: CPU, float32).
+
+    Raises:
+        CheckpointError: naming the file or key: not a released folder, a missing shard, an
+            unknown key, a tensor of the wrong shape, a tokenizer without SegLLM's tokens.
+    """
+    from transformers import AutoTokenizer
+
+    from segllm.decoders.hipie import load_released_hipie
+    from segllm.model.builder import build_segllm
+
+    path = Path(path)
+    if not is_released_checkpoint(path):
+        raise CheckpointError(f"{path} is not a released SegLLM checkpoint (no config.json with model_type 'llava' and a segmentator)")
+    files = _weight_files(path)
+    state = _read(files)
+    config = released_config(path, vision_tower=vision_tower, shapes={k: tuple(v.shape) for k, v in state.items()})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
+    vocab = tokenizer.get_vocab()
+    missing_tokens = [t for t in ("<video>", "<seg>") if t not in vocab]
+    if missing_tokens:
+        raise CheckpointError(f"the tokenizer in {path} lacks SegLLM's added token(s) {missing_tokens}: wrong tokenizer files?")
+    if len(tokenizer) != int(config.llm.hf_config["vocab_size"]):
+        raise CheckpointError(
+            f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocabulary is {config.llm.hf_config['vocab_size']}"
+        )
+    model = build_segllm(config, tokenizer, load_weights=False)
+
+    ours, hipie, unknown = {}, {}, []
+    for key, value in state.items():
+        if any(key.startswith(p) for p in IGNORED):
+            continue
+        if key.startswith("model.segmentator.hipie."):
+            hipie[key] = value
+            continue
+        for src, dst in _RENAMES:
+            if key.startswith(src):
+                ours[dst + key[len(src):]] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected weight(s) {unknown[:5]} ({len(unknown)} in all)")
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
+    missing = sorted(set(own) - set(ours))
+    extra = sorted(set(ours) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{path}: missing weight(s) {missing[:5]}; unexpected weight(s) {extra[:5]}")
+    for k, v in own.items():
+        if tuple(ours[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{path}: weight {_original_key(k)} has shape {tuple(ours[k].shape)}, the model expects {tuple(v.shape)}")
+    model.load_state_dict(ours, strict=False)
+    load_released_hipie(model.decoder, hipie, gamma=gamma)
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _original_key(ours: str) -> str:
+    for src, dst in _RENAMES:
+        if ours.startswith(dst):
+            return src + ours[len(dst):]
+    return ours
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"cannot read {index}: {e}") from e
+        files = [path / n for n in names]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"missing weight shard(s) listed in {index}: {absent}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(path.glob("*.bin")):
+        raise CheckpointError(f"{path} holds pickled .bin weights; convert them to safetensors (this package never unpickles weights)")
+    raise CheckpointError(f"{path} has no model.safetensors nor model.safetensors.index.json")
+
+
+def _read(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    state[k] = fh.get_tensor(k).float()
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read weights {f}: {e}") from e
+    return state
+
+
+def _shapes(path: Path) -> dict[str, tuple]:
+    shapes = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                shapes[k] = tuple(fh.get_slice(k).get_shape())
+    return shapes
+
+
+def _vision_config(path: Path, data: dict[str, Any], override: str | Path | None) -> VisionConfig:
+    name = override if override is not None else data.get("mm_vision_tower")
+    if not name:
+        raise CheckpointError(f"{path}/config.json names no mm_vision_tower; pass vision_tower=FOLDER")
+    folder = Path(name) if Path(name).is_absolute() else path / name
+    hf: dict[str, Any] | None = None
+    image_size, mean, std = 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    if (folder / "config.json").is_file():
+        hf = json.loads((folder / "config.json").read_text())
+        hf = hf.get("vision_config", hf) if hf.get("model_type") == "clip" else hf
+        pre = folder / "preprocessor_config.json"
+        if pre.is_file():
+            p = json.loads(pre.read_text())
+            crop = p.get("crop_size", {})
+            image_size = int(crop.get("height", crop) if isinstance(crop, dict) else crop)
+            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+    elif str(name) in _KNOWN_VISION:
+        hf = dict(_KNOWN_VISION[str(name)])
+    if hf is None:
+        raise CheckpointError(
+            f"{path}/config.json names the vision tower {str(name)!r}, which is neither a local folder nor a known "
+            "hub id; pass vision_tower=FOLDER (a CLIP vision config folder)"
+        )
+    hf = {k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype", "transformers_version", "_name_or_path")}
+    hf["model_type"] = "clip_vision_model"
+    layer = int(data.get("mm_vision_select_layer", -2))
+    return VisionConfig(
+        hf_config=hf,
+        select_layer=layer,
+        drop_cls=data.get("mm_vision_select_feature", "patch") == "patch",
+        pool="cls",
+        image_size=image_size,
+        resize="center_crop",
+        resample="pil",
+        mean=mean,
+        std=std,
+    )
+
+
+def _hipie_config(shapes: dict[str, tuple]) -> HipieDecoderConfig:
+    """The HIPIE configuration (standard or reduced) whose parameter shapes the checkpoint has."""
+    from segllm.decoders.hipie import HipieDecoder
+
+    prefix = "model.segmentator.hipie."
+    theirs = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix) and ".text_encoder." not in "." + k[len(prefix):]}
+    if not theirs:
+        raise CheckpointError("the checkpoint has no model.segmentator.hipie.* weights")
+    for candidate in (HipieDecoderConfig(), HipieDecoderConfig.reduced()):
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in HipieDecoder(candidate).state_dict().items()}
+        if own == theirs:
+            return candidate
+    raise CheckpointError("the checkpoint's HIPIE weights match neither the standard HIPIE-R50 nor the reduced test configuration")
