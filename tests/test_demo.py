@@ -124,3 +124,34 @@ def test_browser_two_rounds_with_a_reference(server, tmp_path):
         browser.close()
     print(f"screenshot: {shots / 'demo_two_rounds.png'}")
     assert (shots / "demo_two_rounds.png").stat().st_size > 10_000
+
+
+RELEASED = Path(
+    os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared/fixtures/released")
+)
+
+
+@pytest.mark.skipif(
+    not (RELEASED / "segllm_tiny/checkpoint/model.safetensors").exists(),
+    reason=f"released tiny SegLLM fixture not found under {RELEASED} (set SEGLLM_FIXTURES)",
+)
+def test_demo_serves_a_released_checkpoint(tmp_path):
+    """The demo's checkpoint option with a released-layout folder (the miniature checkpoint)."""
+    from safetensors.torch import load_file
+
+    photo = tmp_path / "voc.png"
+    Image.fromarray(load_file(RELEASED / "hipie/inputs.safetensors")["image_rgb_uint8"].numpy()).save(photo)
+    demo = build_demo(load_model(RELEASED / "segllm_tiny/checkpoint"), max_side=1024)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert c.predict(handle_file(str(photo)), api_name="/set_image")[3] == "Image 500x375 ready. Ask a question."
+        c.predict("Segment the person on the left.", [], api_name="/ask")
+        out = c.predict("Segment the chair next to instance 1.", ["1"], api_name="/ask")
+        assert _legend_rounds(out[1]) == 2 and "refers to 1" in out[1]
+        assert out[3].startswith("Round 2")
+    finally:
+        demo.close()

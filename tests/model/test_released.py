@@ -220,3 +220,14 @@ def test_vision_tower_named_by_hub_id_needs_no_folder(tmp_path):
     with pytest.raises(CheckpointError, match="vision_tower=FOLDER"):
         released_config(folder)
     assert released_config(folder, vision_tower=tmp_path / "vision_tower").vision.hf_config["hidden_size"] == 32
+
+
+def test_bfloat16_on_cpu_gives_finite_outputs(photo):
+    """bf16 (a GPU option, also allowed on CPU) runs end to end: CPU's reduced-precision
+    grid_sample gave NaN before HIPIE's sampling was done in float32 there."""
+    model = SegLLM.from_pretrained(CKPT, dtype=torch.bfloat16)
+    session = Session(model, photo)
+    reply = session.ask(QUESTIONS[0])
+    assert np.isfinite(reply.scores).all() and np.isfinite(reply.boxes).all()
+    assert reply.frame_masks[0].any()
+    assert session.ask(QUESTIONS[1]).refs == (1,)

@@ -34,6 +34,10 @@ def multi_scale_deformable_sample(
     Returns:
         [B, Q, M * Dh].
     """
+    dtype = value.dtype
+    if value.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # CPU grid_sample in reduced precision returns NaN here; sample in float32 instead
+        value, locations, weights = value.float(), locations.float(), weights.float()
     b, _, m, dh = value.shape
     q = locations.shape[1]
     grids = 2 * locations - 1  # grid_sample's [-1, 1] convention
@@ -49,7 +53,7 @@ def multi_scale_deformable_sample(
         sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B*M, Dh, Q, P]
         out = out + torch.einsum("bdqp,bxqp->bdq", sampled, attn[..., level, :])
     out = out.view(b, m * dh, q)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).to(dtype)
 
 
 class MultiScaleDeformableAttention(nn.Module):
