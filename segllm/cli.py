@@ -48,14 +48,30 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = sub.add_parser("eval", help="per-round cIoU / mIoU / P@0.5 under the oracle and own history protocols")
     ev.add_argument("--checkpoint", help="model folder (default: the bundled model)")
-    ev.add_argument("--data", default="world", help="'world' or a dataset folder (default: %(default)s)")
-    ev.add_argument("--split", default="test", help="world split: train, val, test, heldout (default: %(default)s)")
-    ev.add_argument("--size", type=int, default=500, help="conversations (default: %(default)s)")
+    ev.add_argument("--benchmark", default=None,
+                    help="world (default), a dataset folder via --data, or one of the paper's: mr-refcoco, mr-refcoco+, "
+                         "mr-refcocog, mr-paco, released, refcoco, refcoco+, refcocog, reasonseg")
+    ev.add_argument("--data", default="world", help="'world' or a dataset folder of this package's format (default: %(default)s)")
+    ev.add_argument("--split", default=None, help="world: train, val, test, heldout (default test); refcoco: val, testA, "
+                                                  "testB, test (default val); reasonseg: val, test (default val)")
+    ev.add_argument("--size", type=int, default=None, help="at most this many conversations (default: world 500, else all)")
     ev.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
-    ev.add_argument("--protocol", nargs="+", default=["oracle", "own"], choices=["oracle", "own"])
-    ev.add_argument("--out", default="segllm-eval", help="folder for JSON, CSV and the plot (default: %(default)s)")
+    ev.add_argument("--protocol", nargs="+", default=None, choices=["oracle", "own"],
+                    help="history protocols (default: world both; a paper benchmark its own)")
+    ev.add_argument("--frame", default="original", choices=["original", "released"],
+                    help="metrics at the image's resolution, or as the released code computes them (1024 frame)")
+    ev.add_argument("--data-root", default=None, help="folder with the released layout: images_folder/, annotations_folder/, "
+                                                     "conversations_folder/")
+    ev.add_argument("--images", default=None, help="images root (overrides DATA_ROOT/images_folder)")
+    ev.add_argument("--annotations", default=None, help="annotations root (overrides DATA_ROOT/annotations_folder)")
+    ev.add_argument("--conversations", default=None, help="a released conversation JSON (mr-* and released benchmarks)")
+    ev.add_argument("--template", default="segllm", help="refcoco question templates: segllm, lisa, or a file with one "
+                                                        "'{sent}' template per line (e.g. SESAME's) (default: %(default)s)")
+    ev.add_argument("--max-rounds", type=int, default=None, help="cut conversations to this many rounds")
+    ev.add_argument("--out", default="segllm-eval", help="folder for JSON, CSV, the plot and the resumable logs (default: %(default)s)")
     ev.add_argument("--name", default="eval", help="base name of the report files (default: %(default)s)")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--resume", action="store_true", help="continue an interrupted run from its logs in --out")
+    ev.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(func=_eval)
 
@@ -81,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
-    except SegLLMError as e:
+    except (SegLLMError, ValueError) as e:  # bad input or arguments: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -192,27 +208,79 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from segllm.data.records import ConversationFolder, WorldConversations
+    """Runs under ``accelerate launch`` too: each process takes every n-th conversation and
+    writes its own log; the main process merges the logs into the report."""
+    from accelerate import PartialState
+
     from segllm.default import load_model
-    from segllm.eval.evaluate import evaluate, format_table
+    from segllm.eval.evaluate import evaluate, format_table, read_logs
     from segllm.eval.report import write_reports
 
-    model = load_model(args.checkpoint, device=args.device)
-    if args.data == "world":
-        data = WorldConversations(args.split, args.size, seed=args.seed)
-        where = f"world seed {args.seed}, {args.split} split, {args.size} conversations"
-    else:
-        data = ConversationFolder(args.data)
-        where = f"{args.data} ({min(args.size, len(data))} conversations)"
-    results = [evaluate(model, data, protocol=p, limit=args.size, batch_size=args.batch_size, progress=True) for p in args.protocol]
-    print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at original resolution)"))
+    state = PartialState(cpu=args.device == "cpu")
+    device = args.device or str(state.device)
+    data, where, protocols, split = _eval_data(args)
+    model = load_model(args.checkpoint, device=device)
+    out = Path(args.out)
+    logs = {p: [out / f"{args.name}.{p}.rank{r}.jsonl" for r in range(state.num_processes)] for p in protocols}
+    results = []
+    for p in protocols:
+        res = evaluate(
+            model, data, protocol=p, limit=args.size, batch_size=args.batch_size, progress=state.is_main_process,
+            frame=args.frame, log_path=logs[p][state.process_index], resume=args.resume,
+            rank=state.process_index, world_size=state.num_processes,
+        )
+        results.append(res)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+    if state.num_processes > 1:
+        results = [read_logs(logs[p], protocol=p, frame=args.frame) for p in protocols]
+    frame = "the released code's 1024 frame" if args.frame == "released" else "original resolution"
+    print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at {frame})"))
+    if args.benchmark:
+        from segllm.eval.benchmarks import paper_lines
+
+        for line in paper_lines(args.benchmark, split, results):
+            print(line)
     skipped = max(len(r.skipped) for r in results)
     if skipped:
         print(f"skipped {skipped} unusable record(s) (listed in the JSON report)")
-    paths = write_reports(results, args.out, name=args.name, meta={"checkpoint": args.checkpoint or "bundled", "data": where})
+        for w, reason in results[0].skipped[:5]:
+            print(f"  {w}: {reason}")
+    meta = {"checkpoint": args.checkpoint or "bundled", "data": where, "frame": args.frame}
+    paths = write_reports(results, args.out, name=args.name, meta=meta)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
+
+def _eval_data(args: argparse.Namespace):
+    """(dataset, description, protocols, split) for ``segllm eval``'s arguments."""
+    from segllm.data.records import ConversationFolder, WorldConversations
+
+    if args.benchmark in (None, "world") and args.data == "world":
+        split = args.split or "test"
+        args.size = 500 if args.size is None else args.size
+        data = WorldConversations(split, args.size, seed=args.seed, max_rounds=args.max_rounds)
+        return data, f"world seed {args.seed}, {split} split, {args.size} conversations", args.protocol or ["oracle", "own"], split
+    if args.benchmark in (None, "world", "folder"):
+        data = ConversationFolder(args.data, max_rounds=args.max_rounds)
+        n = len(data) if args.size is None else min(args.size, len(data))
+        return data, f"{args.data} ({n} conversations)", args.protocol or ["oracle", "own"], ""
+    from segllm.data.benchmarks import read_templates
+    from segllm.eval.benchmarks import BENCHMARKS, Roots, open_benchmark
+
+    if args.benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {args.benchmark!r}: world or one of {sorted(BENCHMARKS)}")
+    split = args.split or "val"
+    roots = Roots(
+        Path(args.data_root) if args.data_root else None,
+        Path(args.images) if args.images else None,
+        Path(args.annotations) if args.annotations else None,
+    )
+    templates = read_templates(args.template) if BENCHMARKS[args.benchmark].kind == "refcoco" else None
+    data, where = open_benchmark(args.benchmark, roots, split=split, conversations=args.conversations,
+                                 templates=templates, max_rounds=args.max_rounds)
+    return data, where, args.protocol or [BENCHMARKS[args.benchmark].protocol], split
 
 def _demo(args: argparse.Namespace) -> int:
     try:

@@ -37,9 +37,9 @@ class Reply:
         boxes: [S, 4] (x0, y0, x1, y1) pixels, exclusive end.
         scores: [S] predicted IoU of each mask.
         forced: the model answered without ``<seg>`` and one mask was asked for explicitly.
-        frame_masks: [S, Sd, Sd] bool, the masks in the mask decoder's square input frame, kept
-            for models whose memory crops earlier masks in that frame (the released SegLLM);
-            None otherwise.
+        frame_masks: [S, Sd, Sd] bool, the masks in the mask decoder's square input frame (the
+            padding included), which models whose memory crops earlier masks in that frame (the
+            released SegLLM) feed back; None where a round was answered by a full recompute.
     """
 
     round: int
@@ -154,7 +154,7 @@ class Session:
 
     # -- asking ----------------------------------------------------------------------------
     @torch.no_grad()
-    def ask(self, question: str, refs=None, *, answer: str | None = None) -> Reply:
+    def ask(self, question: str, refs=None, *, answer: str | None = None, exact_refs: bool = False) -> Reply:
         """Ask one round.
 
         Args:
@@ -163,6 +163,9 @@ class Session:
             refs: earlier rounds (1-indexed) to feed back, in addition to those in the text.
                 Without any reference, earlier rounds are seen as text only.
             answer: force this answer text (e.g. ``"<seg>"``) instead of generating one.
+            exact_refs: the question is taken as is and ``refs`` are exactly the rounds fed
+                back (no ``[REF:k]`` or "instance k" reading), as an evaluation replays a
+                dataset's conversation.
 
         Raises:
             ConversationError: empty question, or a reference to a round that does not exist.
@@ -172,7 +175,7 @@ class Session:
         self._need_image()
         if not isinstance(question, str) or not question.strip():
             raise ConversationError("the question is empty")
-        text, found = parse_refs(question)
+        text, found = (question.strip(), ()) if exact_refs else parse_refs(question)
         all_refs = tuple(sorted(set(found) | {int(k) for k in (refs or ())}))
         n = len(self.history) + 1
         conv = self.conversation
@@ -241,7 +244,7 @@ class Session:
         if (k, j) not in st.memory:
             image = torch.tensor(self.image).permute(2, 0, 1)
             reply = self.history[k - 1]
-            mask = torch.tensor(reply.masks[j] if reply.frame_masks is None else reply.frame_masks[j])
+            mask = torch.tensor(reply.frame_masks[j] if self._frame_memory else reply.masks[j])
             crop, box = m.memory_inputs(image, mask, torch.as_tensor(reply.boxes[j]))
             mf, bf = m.memory_features(crop[None].to(m.device), box[None])
             st.memory[(k, j)] = (mf[0], bf[0])
@@ -279,8 +282,7 @@ class Session:
             tokens = a_ids[:-1]
         masks, boxes, scores, frame_masks = m.decode_masks(seg_hidden, st.decoder_features, st.frame, features=True, frame_masks=True)
         last = conv.rounds[-1]
-        keep = frame_masks if self._frame_memory else None
-        return Reply(i + 1, last.question, last.refs, m.answer_text(tokens), masks, boxes, scores, frame_masks=keep)
+        return Reply(i + 1, last.question, last.refs, m.answer_text(tokens), masks, boxes, scores, frame_masks=frame_masks)
 
     def _need_image(self) -> None:
         if self.image is None:

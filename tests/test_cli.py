@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 from PIL import Image
 
@@ -70,7 +72,32 @@ def test_eval_writes_table_and_reports(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "oracle cIoU" in out and "own cIoU" in out and "original resolution" in out
-    assert {p.name for p in tmp_path.iterdir()} == {"t.json", "t.csv", "t_ciou.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"t.json", "t.csv", "t_ciou.png", "t.oracle.rank0.jsonl", "t.own.rank0.jsonl"}
+
+
+def test_eval_resumes_without_redoing_finished_conversations(tmp_path, capsys):
+    args = ["eval", "--size", "3", "--split", "val", "--out", str(tmp_path), "--name", "r", "--protocol", "own"]
+    assert main(args) == 0
+    full = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    log = tmp_path / "r.own.rank0.jsonl"
+    lines = log.read_text().splitlines()
+    assert [json.loads(x)["index"] for x in lines] == [0, 1, 2]
+    # an interruption: the last conversation's line was cut short
+    log.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    assert main(args + ["--resume"]) == 0
+    again = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert again["per_round"] == full["per_round"] and again["conversations"] == 3
+    redone = log.read_text().splitlines()
+    assert redone[:2] == lines[:2] and json.loads(redone[-1]) == json.loads(lines[2])
+
+
+def test_eval_unknown_benchmark_and_missing_paths_are_errors(tmp_path, capsys):
+    assert main(["eval", "--benchmark", "coco-panoptic"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+    assert main(["eval", "--benchmark", "mr-refcoco", "--data-root", str(tmp_path)]) == 2
+    assert "--conversations" in capsys.readouterr().err
+    assert main(["eval", "--benchmark", "reasonseg"]) == 2
+    assert "--data-root" in capsys.readouterr().err
 
 
 def test_train_rejects_unknown_recipe_key(tmp_path, capsys):

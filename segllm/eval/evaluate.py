@@ -7,20 +7,24 @@
   forced (the released demo always asks for one). Where a round refers to an earlier round
   whose own mask is empty, that reference cannot be encoded: the round keeps the text only and
   the event is counted (``empty_refs``).
-Metrics are computed at the original image resolution.
+Metrics are computed at the original image resolution, or (``frame="released"``) exactly as
+the released code computes them. Each finished conversation is appended to a log, so an
+interrupted evaluation resumes where it stopped, and several processes can share the work.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from segllm.conversation import Conversation, Round
-from segllm.eval.metrics import RoundMetrics
+from segllm.conversation import Conversation
+from segllm.eval.metrics import RoundMetrics, mask_box, mask_scores, released_frame_gt
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +39,12 @@ class EvalResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     empty_refs: int = 0
     no_seg_answers: int = 0
+    frame: str = "original"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "protocol": self.protocol,
+            "frame": self.frame,
             "conversations": self.conversations,
             "skipped": len(self.skipped),
             "skipped_records": [{"where": w, "reason": r} for w, r in self.skipped],
@@ -48,13 +54,80 @@ class EvalResult:
         }
 
 
-def _iterate(dataset, indices, skipped):
-    for i in indices:
-        conv = dataset.get(i)
-        if conv is None:
-            skipped.append(dataset.skipped.items[-1])
-            continue
-        yield conv
+Frame = Literal["original", "released"]
+
+
+@dataclass
+class _Log:
+    """One conversation's outcome, as written to (and read back from) an evaluation log.
+
+    ``masks``: (round, I, U, IoU, box hit) per ground-truth mask.
+    """
+
+    index: int
+    masks: list[tuple[int, int, int, float, bool]] = field(default_factory=list)
+    skipped: tuple[str, str] | None = None
+    empty_refs: int = 0
+    no_seg_answers: int = 0
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {"index": self.index}
+        if self.skipped is not None:
+            d["skipped"] = list(self.skipped)
+        else:
+            d["masks"] = [list(m) for m in self.masks]
+            d["empty_refs"], d["no_seg_answers"] = self.empty_refs, self.no_seg_answers
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, line: str) -> _Log:
+        d = json.loads(line)
+        if "skipped" in d:
+            return cls(int(d["index"]), skipped=tuple(d["skipped"]))
+        masks = [(int(r), int(i), int(u), float(iou), bool(hit)) for r, i, u, iou, hit in d["masks"]]
+        return cls(int(d["index"]), masks, None, int(d.get("empty_refs", 0)), int(d.get("no_seg_answers", 0)))
+
+
+def read_logs(paths, *, protocol: str, frame: Frame = "original") -> EvalResult:
+    """An :class:`EvalResult` from evaluation logs (one or several processes' files).
+
+    Lines that cannot be parsed (a run killed mid-write) are ignored; a conversation logged
+    twice counts once.
+    """
+    metrics = RoundMetrics()
+    result = EvalResult(protocol, {}, 0, frame=frame)
+    seen: set[int] = set()
+    for path in paths:
+        for entry in _read_log(Path(path)):
+            if entry.index in seen:
+                continue
+            seen.add(entry.index)
+            _account(entry, metrics, result)
+    result.metrics = metrics.summary()
+    return result
+
+
+def _read_log(path: Path) -> list[_Log]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(_Log.from_json(line))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by an interruption: that conversation is redone
+    return out
+
+
+def _account(entry: _Log, metrics: RoundMetrics, result: EvalResult) -> None:
+    if entry.skipped is not None:
+        result.skipped.append(entry.skipped)
+        return
+    for m in entry.masks:
+        metrics.add_counts(*m)
+    result.conversations += 1
+    result.empty_refs += entry.empty_refs
+    result.no_seg_answers += entry.no_seg_answers
 
 
 @torch.no_grad()
@@ -67,66 +140,165 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     progress: bool = False,
+    frame: Frame = "original",
+    log_path: str | Path | None = None,
+    resume: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    session_factory=None,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``dataset`` (anything with ``len`` and ``get(i) -> Conversation | None``)."""
+    """Evaluate ``model`` on ``dataset`` (anything with ``len`` and ``get(i) -> Conversation | None``).
+
+    Args:
+        protocol: "oracle" or "own" (see the module docstring).
+        limit: evaluate the first ``limit`` conversations.
+        batch_size: conversations per teacher-forced pass (oracle protocol).
+        frame: "original" (metrics at the image's resolution) or "released" (the released
+            code's 1024 frame, padding included, IoU = I / (U + 1e-4); see
+            :mod:`segllm.eval.metrics`).
+        log_path: append one line per finished conversation here (I, U, IoU and box hit per
+            mask), so an interrupted run can resume.
+        resume: skip the conversations already in ``log_path``.
+        rank, world_size: this process evaluates conversations ``i`` with
+            ``i % world_size == rank`` (several processes, each with its own log).
+        session_factory: builds the :class:`segllm.session.Session` that plays a conversation
+            under the own protocol (default: ``Session``).
+
+    A dataset may also offer ``ignore(i)``: per round, per mask, a [H, W] bool mask of pixels
+    left out of the metrics (or None); ReasonSeg's ignore regions, scored as LISA does.
+    Returns the metrics of the conversations this process evaluated (resumed ones included).
+    """
     from tqdm.auto import tqdm
 
+    if protocol not in ("oracle", "own"):
+        raise ValueError(f"unknown protocol {protocol!r} (oracle or own)")
+    if frame not in ("original", "released"):
+        raise ValueError(f"unknown frame {frame!r} (original or released)")
     was_training = model.training
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     metrics = RoundMetrics()
-    result = EvalResult(protocol, {}, 0)
-    bar = tqdm(total=n, desc=f"eval ({protocol})", disable=not progress, unit="conv")
-    convs = _iterate(dataset, range(n), result.skipped)
+    result = EvalResult(protocol, {}, 0, frame=frame)
+    done: set[int] = set()
+    log_file = None
+    if log_path is not None:
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume:
+            kept = []
+            for entry in _read_log(log_path):
+                if entry.index not in done and entry.index < n:
+                    done.add(entry.index)
+                    kept.append(entry)
+                    _account(entry, metrics, result)
+            # rewrite the log without a line an interruption cut short, so appending stays clean
+            tmp = log_path.with_suffix(".tmp")
+            tmp.write_text("".join(e.to_json() + "\n" for e in kept), encoding="utf-8")
+            tmp.replace(log_path)
+        elif log_path.exists():
+            log_path.unlink()
+        log_file = open(log_path, "a", encoding="utf-8")
+    todo = [i for i in range(n) if i % world_size == rank and i not in done]
+    bar = tqdm(total=len(todo), desc=f"eval ({protocol})", disable=not progress, unit="conv")
+    scorer = _Scorer(model, dataset, frame, session_factory)
+
+    def record(entry: _Log) -> None:
+        _account(entry, metrics, result)
+        if log_file is not None:
+            log_file.write(entry.to_json() + "\n")
+            log_file.flush()
+        bar.update(1)
+
     try:
-        if protocol == "oracle":
-            pending: list[Conversation] = []
-            for conv in convs:
-                pending.append(conv)
-                if len(pending) == batch_size:
-                    _oracle(model, pending, metrics)
-                    result.conversations += len(pending)
-                    bar.update(len(pending))
-                    pending = []
-            if pending:
-                _oracle(model, pending, metrics)
-                result.conversations += len(pending)
-                bar.update(len(pending))
-        elif protocol == "own":
-            for conv in convs:
-                _own(model, conv, metrics, result, max_new_tokens)
-                result.conversations += 1
-                bar.update(1)
-        else:
-            raise ValueError(f"unknown protocol {protocol!r} (oracle or own)")
+        pending: list[tuple[int, Conversation]] = []
+        for i in todo:
+            conv = dataset.get(i)
+            if conv is None:
+                record(_Log(i, skipped=tuple(dataset.skipped.items[-1])))
+                continue
+            if protocol == "own":
+                record(scorer.own(i, conv, max_new_tokens))
+                continue
+            pending.append((i, conv))
+            if len(pending) == batch_size:
+                for entry in scorer.oracle(pending):
+                    record(entry)
+                pending = []
+        if pending:
+            for entry in scorer.oracle(pending):
+                record(entry)
     finally:
         bar.close()
+        if log_file is not None:
+            log_file.close()
         model.train(was_training)
     result.metrics = metrics.summary()
     return result
 
 
-def _oracle(model, convs: list[Conversation], metrics: RoundMetrics) -> None:
-    for conv, rounds in zip(convs, model.segment(convs)):
-        for n, (rnd, (masks, _)) in enumerate(zip(conv.rounds, rounds), start=1):
-            for pred, gt in zip(masks, rnd.masks):
-                metrics.add(n, pred, gt)
+class _Scorer:
+    """Runs the model on conversations and scores every ground-truth mask."""
 
+    def __init__(self, model, dataset, frame: Frame, session_factory=None) -> None:
+        from segllm.session import Session
 
-def _own(model, conv: Conversation, metrics: RoundMetrics, result: EvalResult, max_new_tokens: int) -> None:
-    history: list[Round] = []
-    for n, rnd in enumerate(conv.rounds, start=1):
-        refs = tuple(k for k in rnd.refs if any(m.any() for m in history[k - 1].masks))
-        if refs != rnd.refs:
-            result.empty_refs += 1
-        ask = Conversation(conv.image, history + [Round(rnd.question, refs)])
-        pred = model.predict(ask, max_new_tokens=max_new_tokens)
-        if pred.masks.shape[0] < len(rnd.masks):
-            result.no_seg_answers += 1
-            pred = model.predict(ask, answer=rnd.answer)
-        for j, gt in enumerate(rnd.masks):
-            metrics.add(n, pred.masks[j], gt, pred.boxes[j])
-        history.append(Round(rnd.question, refs, pred.text, list(pred.masks)))
+        self.model, self.dataset, self.frame = model, dataset, frame
+        self.eps = 1e-4 if frame == "released" else 0.0
+        self.session_factory = session_factory or Session
+
+    def _ignore(self, index: int) -> list[list[np.ndarray | None]] | None:
+        fn = getattr(self.dataset, "ignore", None)
+        return fn(index) if fn is not None else None
+
+    def _score(self, index: int, conv: Conversation, per_round) -> list[tuple[int, int, int, float, bool]]:
+        """per_round: per round, (image masks [k, H, W], image boxes or None, frame masks, frame boxes)."""
+        ignore = self._ignore(index)
+        size = self.model.decoder.image_size if self.frame == "released" else 0
+        out = []
+        for n, (rnd, (masks, boxes, fmasks, fboxes)) in enumerate(zip(conv.rounds, per_round), start=1):
+            for j, gt in enumerate(rnd.masks):
+                ign = ignore[n - 1][j] if ignore is not None else None
+                if self.frame == "released":
+                    gt_f = released_frame_gt(gt, size)
+                    ign_f = released_frame_gt(ign, size) if ign is not None else None
+                    scores = mask_scores(fmasks[j], gt_f, fboxes[j], ignore=ign_f, eps=self.eps)
+                else:
+                    scores = mask_scores(masks[j], gt, None if boxes is None else boxes[j], ignore=ign, eps=self.eps)
+                out.append((n, *scores))
+        return out
+
+    def oracle(self, items: list[tuple[int, Conversation]]) -> list[_Log]:
+        convs = [c for _, c in items]
+        results = self.model.segment(convs, frame=self.frame == "released")
+        entries = []
+        for (i, conv), rounds in zip(items, results):
+            per_round = [(r[0], None, r[2] if len(r) > 2 else None, r[3] if len(r) > 2 else None) for r in rounds]
+            entries.append(_Log(i, self._score(i, conv, per_round)))
+        return entries
+
+    def own(self, index: int, conv: Conversation, max_new_tokens: int) -> _Log:
+        entry = _Log(index)
+        session = self.session_factory(self.model, conv.image, max_new_tokens=max_new_tokens)
+        per_round = []
+        for rnd in conv.rounds:
+            # a reference to a round whose own mask came out empty cannot be encoded: text only
+            refs = tuple(k for k in rnd.refs if session.history[k - 1].frame_masks.any())
+            if refs != rnd.refs:
+                entry.empty_refs += 1
+            reply = session.ask(rnd.question, refs, exact_refs=True)
+            if reply.masks.shape[0] < len(rnd.masks):
+                entry.no_seg_answers += 1
+                session.undo()
+                reply = session.ask(rnd.question, refs, answer=rnd.answer, exact_refs=True)
+            frame_boxes = None
+            if self.frame == "released":
+                if self.model.config.memory.box_source == "decoder":  # the decoder's own box, back in the frame
+                    frame_boxes = reply.boxes * (self.model.decoder.image_size / max(conv.image.shape[:2]))
+                else:
+                    frame_boxes = np.stack([mask_box(m) for m in reply.frame_masks]).reshape(-1, 4)
+            per_round.append((reply.masks, reply.boxes, reply.frame_masks, frame_boxes))
+        entry.masks = self._score(index, conv, per_round)
+        return entry
 
 
 def format_table(results: list[EvalResult], *, title: str = "") -> str:

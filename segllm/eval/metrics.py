@@ -1,9 +1,15 @@
-"""Per-round segmentation metrics, computed at the original image resolution.
+"""Per-round segmentation metrics.
 
 - cIoU: sum of intersections / sum of unions over all masks of a round (the paper's number);
 - mIoU: mean of per-mask IoU (an empty union counts as IoU 1);
 - P@0.5: share of masks whose predicted box has IoU > 0.5 with the ground-truth mask's box.
 Boxes are (x0, y0, x1, y1) pixels with exclusive x1, y1 (the tight box of the mask).
+
+By default masks are compared at the original image resolution. :func:`released_frame_gt` and
+``RoundMetrics(eps=1e-4)`` give the released code's variant instead: the ground truth resized
+(longest side 1024, bilinear on the 0/1 mask) and zero-padded to 1024x1024, the prediction in
+the same frame with the padding included, and IoU = I / (U + 1e-4) per mask. Pixels of an
+``ignore`` mask (ReasonSeg's ignore regions, as LISA scores them) count in neither I nor U.
 """
 
 from __future__ import annotations
@@ -51,28 +57,82 @@ class RoundStats:
         }
 
 
-class RoundMetrics:
-    """Accumulates cIoU, mIoU and P@0.5 per round (1-indexed) and over all rounds."""
+def mask_scores(
+    pred: np.ndarray, gt: np.ndarray, pred_box: np.ndarray | None = None, *, ignore: np.ndarray | None = None, eps: float = 0.0
+) -> tuple[int, int, float, bool]:
+    """(I, U, IoU, box hit) of one predicted mask against its ground truth ([H, W] bool each).
 
-    def __init__(self) -> None:
+    See :class:`RoundMetrics` for ``eps``, ``pred_box`` and ``ignore``.
+    """
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
+    keep = np.ones_like(gt) if ignore is None else ~np.asarray(ignore, bool)
+    inter = int(np.count_nonzero(pred & gt & keep))
+    union = int(np.count_nonzero((pred | gt) & keep))
+    if eps:
+        iou = inter / (union + eps)
+    else:
+        iou = inter / union if union else 1.0
+    hit = box_iou(mask_box(pred) if pred_box is None else np.asarray(pred_box, np.float64), mask_box(gt)) > 0.5
+    return inter, union, iou, bool(hit)
+
+
+def released_frame_gt(gt: np.ndarray, size: int = 1024) -> np.ndarray:
+    """A ground-truth mask [H, W] in the released code's evaluation frame: [size, size] bool.
+
+    The 0/1 mask is resized with PIL's bilinear filter as uint8 (longest side ``size``; values
+    round to 0 or 1, so in effect a 0.5 threshold) and zero-padded at the bottom/right.
+    """
+    from PIL import Image
+
+    h, w = gt.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+    resized = np.asarray(Image.fromarray(np.asarray(gt, np.uint8)).resize((nw, nh), Image.Resampling.BILINEAR)) > 0
+    out = np.zeros((size, size), bool)
+    out[:nh, :nw] = resized
+    return out
+
+
+class RoundMetrics:
+    """Accumulates cIoU, mIoU and P@0.5 per round (1-indexed) and over all rounds.
+
+    Args:
+        eps: per-mask IoU = I / (U + eps); 0 (the default) counts an empty union as IoU 1, the
+            released code uses 1e-4 (an empty union then counts as 0).
+    """
+
+    def __init__(self, eps: float = 0.0) -> None:
+        self.eps = eps
         self.rounds: dict[int, RoundStats] = {}
         self.total = RoundStats()
 
-    def add(self, round_number: int, pred: np.ndarray, gt: np.ndarray, pred_box: np.ndarray | None = None) -> float:
-        """Add one predicted mask against its ground truth ([H, W] bool each); returns its IoU."""
-        pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-        if pred.shape != gt.shape:
-            raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
-        inter = int(np.count_nonzero(pred & gt))
-        union = int(np.count_nonzero(pred | gt))
-        iou = inter / union if union else 1.0
-        hit = box_iou(mask_box(pred) if pred_box is None else np.asarray(pred_box, np.float64), mask_box(gt)) > 0.5
+    def add(
+        self,
+        round_number: int,
+        pred: np.ndarray,
+        gt: np.ndarray,
+        pred_box: np.ndarray | None = None,
+        *,
+        ignore: np.ndarray | None = None,
+    ) -> float:
+        """Add one predicted mask against its ground truth ([H, W] bool each); returns its IoU.
+
+        ``pred_box``: the predicted box (default: the prediction's tight box); ``ignore``: [H, W]
+        bool pixels left out of I and U.
+        """
+        inter, union, iou, hit = mask_scores(pred, gt, pred_box, ignore=ignore, eps=self.eps)
+        self.add_counts(round_number, inter, union, iou, hit)
+        return iou
+
+    def add_counts(self, round_number: int, inter: int, union: int, iou: float, hit: bool) -> None:
+        """Add one mask's already computed numbers (used to restore a resumed evaluation)."""
         for s in (self.rounds.setdefault(round_number, RoundStats()), self.total):
             s.inter += inter
             s.union += union
             s.ious.append(iou)
             s.box_hits += int(hit)
-        return iou
 
     def summary(self) -> dict[str, dict[str, float]]:
         """{"1": {...}, "2": {...}, ..., "all": {...}} with cIoU, mIoU, P@0.5 in percent and n."""

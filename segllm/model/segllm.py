@@ -530,34 +530,49 @@ class SegLLM(nn.Module):
         return self._prediction(len(conversation.rounds), token_ids, seg_hidden, batch)
 
     @torch.no_grad()
-    def segment(self, conversations: Sequence[Conversation]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    def segment(self, conversations: Sequence[Conversation], *, frame: bool = False) -> list[list[tuple]]:
         """Teacher-forced segmentation of every round at once (the oracle-history protocol).
 
         Each conversation's answers are given (their masks are used only where later rounds
         refer to them), so one LLM pass per batch yields every ``<seg>``'s mask.
 
+        Args:
+            conversations: the conversations (answers and masks given).
+            frame: also return each mask in the decoder's square input frame and its box there.
+
         Returns:
-            per conversation, per round: (masks [k, H, W] bool, scores [k]) for its k ``<seg>``.
+            per conversation, per round: (masks [k, H, W] bool, scores [k]) for its k ``<seg>``;
+            with ``frame``: (masks, scores, frame masks [k, Sd, Sd] bool, frame boxes [k, 4]
+            xyxy in frame pixels: the decoder's own box where it predicts one, else the mask's).
         """
         if not conversations:
             return []
         batch = self.prepare(conversations, targets=False).to(self.device)
         hidden = self.llm.get_decoder()(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask).last_hidden_state
-        logits, iou, _ = self._decode(hidden, batch)
-        result: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        logits, iou, boxes = self._decode(hidden, batch)
+        result: list[list[tuple]] = []
         s = 0
         for b, (conv, enc) in enumerate(zip(conversations, batch.encoded)):
-            frame = batch.frames[b]
-            per_round: list[tuple[list, list]] = [([], []) for _ in conv.rounds]
+            fr = batch.frames[b]
+            per_round: list[list[list]] = [[[], [], [], []] for _ in conv.rounds]
             for item in enc.segs:
-                mask = logits_to_image(logits[s : s + 1, SEG], frame)[0] > 0
-                per_round[item.round_index][0].append(mask.cpu().numpy())
-                per_round[item.round_index][1].append(float(iou[s, SEG]))
+                entry = per_round[item.round_index]
+                entry[0].append((logits_to_image(logits[s : s + 1, SEG], fr)[0] > 0).cpu().numpy())
+                entry[1].append(float(iou[s, SEG]))
+                if frame:
+                    fm = logits_to_frame(logits[s : s + 1, SEG], fr)[0] > 0
+                    entry[2].append(fm.cpu().numpy())
+                    box = boxes[s, SEG].float().cpu() if boxes is not None else mask_boxes(fm[None].cpu())[0]
+                    entry[3].append(box.numpy())
                 s += 1
-            h, w = frame.height, frame.width
-            result.append(
-                [(np.stack(m) if m else np.zeros((0, h, w), bool), np.asarray(sc, np.float32)) for m, sc in per_round]
-            )
+            h, w, size = fr.height, fr.width, fr.size
+            rounds = []
+            for m, sc, fm, fb in per_round:
+                item = (np.stack(m) if m else np.zeros((0, h, w), bool), np.asarray(sc, np.float32))
+                if frame:
+                    item += (np.stack(fm) if fm else np.zeros((0, size, size), bool), np.asarray(fb, np.float32).reshape(-1, 4))
+                rounds.append(item)
+            result.append(rounds)
         return result
 
     @torch.no_grad()

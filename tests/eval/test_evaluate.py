@@ -4,7 +4,7 @@ import pytest
 from segllm.conversation import Conversation, Round
 from segllm.eval.evaluate import evaluate, format_table
 from segllm.eval.report import write_reports
-from segllm.model.segllm import Prediction
+from segllm.session import Reply
 
 
 def _mask(y0, y1, x0, x1):
@@ -39,16 +39,30 @@ class Oracle:
     def train(self, mode=True):
         return self
 
-    def segment(self, convs):
+    def segment(self, convs, frame=False):
+        assert not frame
         return [[(np.stack(r.masks), np.ones(len(r.masks), np.float32)) for r in c.rounds] for c in convs]
 
-    def predict(self, conv, max_new_tokens=16, answer=None):
-        n = len(conv.rounds)
-        self.seen_refs.append(conv.rounds[-1].refs)
-        gt = self.gts[n - 1]
-        if self.empty_round1 and n == 1:
+
+class FakeSession:
+    """Plays the stand-in model's answers round by round, as segllm.session.Session does."""
+
+    def __init__(self, model, image, max_new_tokens=16):
+        self.model, self.history = model, []
+
+    def ask(self, question, refs=(), *, answer=None, exact_refs=False):
+        assert exact_refs
+        n = len(self.history) + 1
+        self.model.seen_refs.append(tuple(refs))
+        gt = self.model.gts[n - 1]
+        if self.model.empty_round1 and n == 1:
             gt = np.zeros_like(gt)
-        return Prediction(n, "<seg>", gt[None], np.zeros((1, 4), np.float32), np.ones(1, np.float32), [])
+        reply = Reply(n, question, tuple(refs), "<seg>", gt[None], np.zeros((1, 4), np.float32), np.ones(1, np.float32), frame_masks=gt[None])
+        self.history.append(reply)
+        return reply
+
+    def undo(self):
+        return self.history.pop()
 
 
 def _conv():
@@ -61,7 +75,7 @@ def _conv():
 def test_perfect_model_scores_100_under_both_protocols():
     conv, gts = _conv()
     for protocol in ("oracle", "own"):
-        r = evaluate(Oracle(gts), ListData([conv, conv]), protocol=protocol)
+        r = evaluate(Oracle(gts), ListData([conv, conv]), protocol=protocol, session_factory=FakeSession)
         assert r.conversations == 2
         assert r.metrics["all"]["cIoU"] == pytest.approx(100)
         assert [r.metrics[k]["n"] for k in ("1", "2", "3")] == [2, 2, 2]
@@ -71,7 +85,7 @@ def test_perfect_model_scores_100_under_both_protocols():
 def test_own_protocol_uses_own_masks_and_drops_empty_refs():
     conv, gts = _conv()
     model = Oracle(gts, empty_round1=True)
-    r = evaluate(model, ListData([conv]), protocol="own")
+    r = evaluate(model, ListData([conv]), protocol="own", session_factory=FakeSession)
     assert r.empty_refs == 1  # round 2 refers to round 1, whose own mask is empty
     assert model.seen_refs == [(), (), (2,)]
     assert r.metrics["1"]["cIoU"] == 0 and r.metrics["2"]["cIoU"] == pytest.approx(100)

@@ -1,0 +1,130 @@
+"""The paper's benchmarks: how each one's data is opened, its default protocol, and the
+published figures to print next to a result (SEGLLM_FACTS section 5).
+
+Data paths default to the released folder layout under one root (``images_folder/``,
+``annotations_folder/``, ``conversations_folder/``); each root can be given on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segllm.eval.evaluate import EvalResult
+
+# Published per-round cIoU on MR-RefCOCO/+/g (val), LISA / GLaMM / SegLLM.
+_MR = {
+    "mr-refcoco": {2: (60.6, 59.5, 81.9), 3: (58.9, 61.6, 81.7), 4: (61.3, 59.3, 78.4), 5: (61.0, 62.6, 80.3),
+                   6: (60.7, 62.6, 74.5), 7: (54.4, 52.1, 69.3), 8: (51.9, 50.7, 70.5)},
+    "mr-refcoco+": {2: (51.4, 52.9, 78.0), 3: (51.2, 58.3, 78.5), 4: (49.0, 54.2, 74.3), 5: (48.5, 50.5, 76.5),
+                    6: (45.6, 54.8, 73.4), 7: (42.8, 48.4, 64.0), 8: (36.9, 43.6, 59.0)},
+    "mr-refcocog": {2: (61.3, 65.4, 79.2), 3: (52.1, 57.8, 76.0), 4: (56.0, 55.4, 77.1), 5: (47.5, 49.4, 66.9),
+                    6: (39.9, 40.8, 68.9), 7: (55.1, 57.8, 71.0), 8: (36.3, 38.4, 54.9)},
+}
+# SegLLM's single-round cIoU as reported by others; ReasonSeg (gIoU, cIoU).
+_SINGLE = {
+    "refcoco": {"val": 80.2, "testA": 81.5, "testB": 75.4},
+    "refcoco+": {"val": 70.3, "testA": 73.0, "testB": 62.5},
+    "refcocog": {"val": 72.6, "test": 73.6},
+}
+_REASONSEG = {"val": (57.2, 54.3), "test": (52.4, 48.4)}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    kind: str  # "released" (a released conversation file), "refcoco" (REFER files), "reasonseg"
+    protocol: str  # the paper's history protocol
+    help: str
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "mr-refcoco": Benchmark("mr-refcoco", "released", "own", "multi-round RefCOCO (a released conversation file)"),
+    "mr-refcoco+": Benchmark("mr-refcoco+", "released", "own", "multi-round RefCOCO+ (a released conversation file)"),
+    "mr-refcocog": Benchmark("mr-refcocog", "released", "own", "multi-round RefCOCOg (a released conversation file)"),
+    "mr-paco": Benchmark("mr-paco", "released", "oracle", "multi-round PACO (a released conversation file)"),
+    "released": Benchmark("released", "released", "oracle", "any released conversation file"),
+    "refcoco": Benchmark("refcoco", "refcoco", "oracle", "single-round RefCOCO from the REFER files"),
+    "refcoco+": Benchmark("refcoco+", "refcoco", "oracle", "single-round RefCOCO+ from the REFER files"),
+    "refcocog": Benchmark("refcocog", "refcoco", "oracle", "single-round RefCOCOg from the REFER files"),
+    "reasonseg": Benchmark("reasonseg", "reasonseg", "oracle", "ReasonSeg (gIoU = mIoU, cIoU, ignore regions as LISA)"),
+}
+
+
+@dataclass
+class Roots:
+    """Where the data lies: the released layout under ``root`` unless a root is given."""
+
+    root: Path | None = None
+    images: Path | None = None
+    annotations: Path | None = None
+    conversations: Path | None = None
+
+    def get(self, which: str) -> Path:
+        given = getattr(self, which)
+        if given is not None:
+            return Path(given)
+        if self.root is None:
+            raise ValueError(f"give --data-root (the released layout) or --{which}")
+        return Path(self.root) / f"{which}_folder"
+
+
+def open_benchmark(name: str, roots: Roots, *, split: str, conversations: str | None = None,
+                   templates: list[str] | None = None, max_rounds: int | None = None) -> tuple[Any, str]:
+    """The dataset of benchmark ``name`` and a description of it.
+
+    Raises:
+        ValueError: an unknown benchmark or missing paths (the message says what to pass).
+        segllm.data.records.RecordError: unreadable data (the message names the file).
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}: one of {sorted(BENCHMARKS)}")
+    bench = BENCHMARKS[name]
+    if bench.kind == "released":
+        from segllm.data.released.convert import ReleasedConversations
+
+        if conversations is None:
+            raise ValueError(f"{name}: pass --conversations FILE (a released conversation JSON, e.g. under conversations_folder/)")
+        path = Path(conversations)
+        if not path.is_absolute() and not path.exists() and roots.root is not None:
+            path = roots.get("conversations") / path
+        data = ReleasedConversations(path, roots.get("images"), roots.get("annotations"), max_rounds=max_rounds, is_eval=True)
+        return data, f"{name} ({path}, {len(data)} conversations)"
+    if bench.kind == "refcoco":
+        from segllm.data.benchmarks import RefcocoSentences
+
+        images = roots.images if roots.images is not None else roots.get("images") / "coco" / "train2014"
+        data = RefcocoSentences(roots.get("annotations"), images, dataset=name, split=split, templates=templates)
+        return data, f"{name} {split} ({len(data)} sentences)"
+    from segllm.data.benchmarks import ReasonSegData
+
+    if roots.images is not None and roots.annotations is None:  # LISA's layout: jpg and json side by side
+        images = annotations = Path(roots.images) / split
+    else:
+        images = roots.get("images") / "reason_seg" / "images" / split if roots.images is None else Path(roots.images) / split
+        annotations = roots.get("annotations") / "reason_seg" / "annotations" / split
+    data = ReasonSegData(images, annotations)
+    return data, f"reasonseg {split} ({len(data)} images)"
+
+
+def paper_lines(name: str, split: str, results: list[EvalResult]) -> list[str]:
+    """Lines comparing ``results`` with the published figures, where the benchmark has them."""
+    lines: list[str] = []
+    if name in _MR:
+        lines.append(f"published per-round cIoU on {name} (LISA / GLaMM / SegLLM; own-history protocol):")
+        for r in results:
+            for k in sorted(_MR[name]):
+                m = r.metrics.get(str(k))
+                ours = f"{m['cIoU']:.1f}" if m else "-"
+                lisa, glamm, segllm = _MR[name][k]
+                lines.append(f"  round {k}: here ({r.protocol}) {ours:>5}   paper {lisa} / {glamm} / {segllm}")
+    elif name in _SINGLE and split in _SINGLE[name]:
+        for r in results:
+            lines.append(f"{name} {split} cIoU: here ({r.protocol}) {r.metrics['all']['cIoU']:.1f}   SegLLM (reported) {_SINGLE[name][split]}")
+    elif name == "reasonseg" and split in _REASONSEG:
+        g, c = _REASONSEG[split]
+        for r in results:
+            m = r.metrics["all"]
+            lines.append(f"reasonseg {split}: here ({r.protocol}) gIoU {m['mIoU']:.1f} cIoU {m['cIoU']:.1f}   SegLLM (reported) gIoU {g} cIoU {c}")
+    return lines
