@@ -93,6 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--json", help="also write the raw results here")
     bn.set_defaults(func=_bench)
 
+    gen = sub.add_parser("generate", help="multi-round conversations from COCO-style annotations (RefCOCO, PACO-LVIS, any COCO)")
+    gen.add_argument("instances", metavar="INSTANCES_JSON", help="COCO instances file (RefCOCO instances.json, PACO-LVIS json, ...)")
+    gen.add_argument("--images", required=True, help="folder the images' file_name entries are relative to")
+    gen.add_argument("--out", required=True, help="output folder (annotations.json, conversations.jsonl, released.json, meta.json)")
+    gen.add_argument("--refs", help="REFER refs pickle, e.g. refcoco/refs(unc).p (kind refcoco only)")
+    gen.add_argument("--split", help="refs split to use, e.g. val, testA (kind refcoco only)")
+    gen.add_argument("--kind", default=None, choices=["coco", "refcoco", "paco"],
+                     help="annotation source (default: refcoco when --refs is given, else coco)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-rounds", type=int, default=6)
+    gen.add_argument("--min-rounds", type=int, default=2)
+    gen.add_argument("--min-area", type=float, default=256.0, help="smallest target mask, pixels (default: %(default)s)")
+    gen.add_argument("--limit", type=int, help="stop after this many conversations")
+    gen.add_argument("--dataset-name", help="dataset name of the released records' masks (default: by kind)")
+    gen.add_argument("--images-prefix", default="", help="prefix of the released image paths, e.g. coco/train2014")
+    gen.add_argument("--varied-answers", action="store_true", help="vary the answer text around <seg>")
+    gen.add_argument("--copy-images", action="store_true", help="copy the used images into OUT/images/")
+    gen.set_defaults(func=_generate)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -298,6 +317,26 @@ def _bench(args: argparse.Namespace) -> int:
     from segllm.bench import main as bench_main
 
     return bench_main(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_coco
+
+    kind = args.kind or ("refcoco" if args.refs else "coco")
+    out = generate_from_coco(
+        args.instances, args.images, args.out, refs=args.refs, split=args.split, kind=kind, seed=args.seed,
+        max_rounds=args.max_rounds, min_rounds=args.min_rounds, limit=args.limit, min_area=args.min_area,
+        dataset_name=args.dataset_name, images_prefix=args.images_prefix,
+        answers=VARIED_ANSWERS if args.varied_answers else PLAIN_ANSWERS, copy_images=args.copy_images,
+    )
+    meta = json.loads((out / "meta.json").read_text())
+    counts = meta["counts"]
+    print(f"wrote {counts['conversations']} conversations ({counts['rounds']} rounds) from "
+          f"{counts['images_used']} of {counts['images_considered']} images to {out}/")
+    for scope, reasons in meta["skipped"].items():
+        if reasons:
+            print(f"skipped {sum(reasons.values())} {scope}: " + ", ".join(f"{r}: {n}" for r, n in reasons.items()))
+    return 0
 
 
 if __name__ == "__main__":
