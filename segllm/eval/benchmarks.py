@@ -122,9 +122,11 @@ def paper_lines(name: str, split: str, results: list[EvalResult]) -> list[str]:
     elif name in _SINGLE and split in _SINGLE[name]:
         for r in results:
             lines.append(f"{name} {split} cIoU: here ({r.protocol}) {r.metrics['all']['cIoU']:.1f}   SegLLM (reported) {_SINGLE[name][split]}")
-    elif name == "reasonseg" and split in _REASONSEG:
-        g, c = _REASONSEG[split]
+    elif name == "reasonseg":
         for r in results:
             m = r.metrics["all"]
-            lines.append(f"reasonseg {split}: here ({r.protocol}) gIoU {m['mIoU']:.1f} cIoU {m['cIoU']:.1f}   SegLLM (reported) gIoU {g} cIoU {c}")
+            line = f"reasonseg {split}: here ({r.protocol}) gIoU {m['mIoU']:.1f} cIoU {m['cIoU']:.1f} (ignore regions left out, as LISA)"
+            if split in _REASONSEG:
+                line += f"   SegLLM (reported) gIoU {_REASONSEG[split][0]} cIoU {_REASONSEG[split][1]}"
+            lines.append(line)
     return lines

@@ -1,0 +1,141 @@
+"""The paper's benchmarks on miniature data in the real formats (built by tests/data/test_released.py):
+readers, metrics against hand-computed values (released-frame variant and ignore regions included),
+a full ``segllm eval`` per benchmark type, and several processes' logs merged."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from segllm.cli import main
+from segllm.data.benchmarks import TEMPLATES, ReasonSegData, RefcocoSentences, read_templates
+from segllm.eval.evaluate import evaluate, read_logs
+from segllm.eval.metrics import RoundMetrics, mask_scores, released_frame_gt
+from tests.data.test_released import setup  # noqa: F401  (the miniature released layout, a fixture)
+
+
+def test_mask_scores_by_hand():
+    pred = np.zeros((4, 4), bool)
+    gt = np.zeros((4, 4), bool)
+    pred[0:2, 0:2] = True  # 4 pixels
+    gt[0:2, 1:3] = True  # 4 pixels, 2 shared
+    inter, union, iou, hit = mask_scores(pred, gt)
+    assert (inter, union, iou) == (2, 6, pytest.approx(1 / 3))
+    assert not hit  # boxes [0,0,2,2] vs [1,0,3,2]: IoU 1/3
+    ignore = np.zeros((4, 4), bool)
+    ignore[0, :] = True  # drops one shared and two other pixels
+    assert mask_scores(pred, gt, ignore=ignore)[:3] == (1, 3, pytest.approx(1 / 3))
+    assert mask_scores(pred, gt, eps=1e-4)[2] == pytest.approx(2 / (6 + 1e-4))
+    empty = np.zeros((4, 4), bool)
+    assert mask_scores(empty, empty)[2] == 1.0 and mask_scores(empty, empty, eps=1e-4)[2] == 0.0
+    assert mask_scores(pred, gt, np.array([1, 0, 3, 2]))[3]  # a given predicted box that matches
+
+
+def test_released_frame_gt():
+    gt = np.zeros((2, 4), bool)
+    gt[:, 1:3] = True
+    out = released_frame_gt(gt, size=8)  # longest side 4 -> 8: rows 0-3 are the image, 4-7 padding
+    assert out.shape == (8, 8) and not out[4:].any()
+    assert out[:4, 2:6].all() and not out[:4, 0].any() and not out[:4, 7].any()
+
+
+def test_round_metrics_released_epsilon():
+    m = RoundMetrics(eps=1e-4)
+    m.add(1, np.ones((2, 2), bool), np.ones((2, 2), bool))
+    assert m.summary()["1"]["mIoU"] == pytest.approx(100 * 4 / (4 + 1e-4))
+
+
+def test_refcoco_sentences(setup):  # noqa: F811
+    ann, images = setup["ann"], setup["images"] / "coco/train2014"
+    train = RefcocoSentences(ann, images, "refcoco", "train", templates=read_templates("lisa"))
+    assert len(train) == 2
+    conv = train[0]
+    assert conv.rounds[0].question == "What is left dog in this image? Please output segmentation mask."
+    assert conv.rounds[0].masks[0].sum() == 24 and conv.image.shape[:2] == (12, 16)
+    test_a = RefcocoSentences(ann, images, "refcoco", "testA")
+    assert test_a[0].rounds[0].question == "Segment the man." and test_a[0].rounds[0].masks[0].any()
+    with pytest.raises(Exception, match="no refs in split 'val'"):
+        RefcocoSentences(ann, images, "refcoco", "val")
+    with pytest.raises(ValueError, match="unknown RefCOCO dataset"):
+        RefcocoSentences(ann, images, "refclef", "val")
+
+
+def test_template_files(tmp_path):
+    f = tmp_path / "sesame.txt"
+    f.write_text("Where is {sent}?\nShow me {sent}.\n")
+    assert read_templates(str(f)) == ["Where is {sent}?", "Show me {sent}."]
+    f.write_text("no placeholder\n")
+    with pytest.raises(ValueError, match="sent"):
+        read_templates(str(f))
+    assert read_templates("segllm") == TEMPLATES["segllm"]
+
+
+def test_refcoco_bad_refs_are_skipped(setup, tmp_path):  # noqa: F811
+    ann = tmp_path / "ann"
+    (ann / "refcoco").mkdir(parents=True)
+    (ann / "refcoco/instances.json").write_text((setup["ann"] / "refcoco/instances.json").read_text())
+    refs = [
+        {"ref_id": 1, "ann_id": 999, "image_id": 1, "split": "val", "sentences": [{"sent": "ghost"}]},
+        {"ref_id": 2, "ann_id": 101, "image_id": 1, "split": "val", "sentences": [{"sent": "dog"}]},
+        {"ref_id": 3, "ann_id": 104, "image_id": 1, "split": "val", "sentences": [{"sent": "nothing"}]},
+    ]
+    (ann / "refcoco/refs(unc).p").write_bytes(pickle.dumps(refs))
+    data = RefcocoSentences(ann, setup["images"] / "coco/train2014", "refcoco", "val")
+    got = [data.get(i) for i in range(len(data))]
+    assert got[0] is None and got[1] is not None and got[2] is None
+    reasons = [r for _, r in data.skipped.items]
+    assert "annotation 999 is not in instances.json" in reasons[0] and "empty" in reasons[1]
+
+
+def test_reasonseg_question_target_and_ignore(setup):  # noqa: F811
+    data = ReasonSegData(setup["images"] / "reason_seg/images/train", setup["ann"] / "reason_seg/annotations/train")
+    conv = data[0]
+    assert conv.rounds[0].question == "What can hold water? Please output segmentation mask."
+    (ignore,) = data.ignore(0)[0]
+    target = conv.rounds[0].masks[0]
+    assert ignore[5:9, 5:9].all() and ignore.sum() == 16 and not (ignore & target).any()
+    # a prediction that also covers the ignore square loses nothing under LISA's metric
+    m = RoundMetrics()
+    m.add(1, target | ignore, target, ignore=ignore)
+    assert m.summary()["1"]["cIoU"] == 100.0
+
+
+def test_sharded_logs_merge_to_the_single_process_result(tmp_path):
+    from segllm.data.records import WorldConversations
+    from segllm.default import load_model
+
+    model = load_model()
+    data = WorldConversations("val", 5)
+    whole = evaluate(model, data, protocol="oracle", batch_size=2)
+    logs = [tmp_path / f"r{r}.jsonl" for r in range(2)]
+    for r in range(2):
+        evaluate(model, data, protocol="oracle", batch_size=2, log_path=logs[r], rank=r, world_size=2)
+    assert [json.loads(x)["index"] for x in logs[1].read_text().splitlines()] == [1, 3]
+    merged = read_logs(logs, protocol="oracle")
+    assert merged.conversations == 5
+    for k, v in whole.metrics.items():
+        assert merged.metrics[k]["n"] == v["n"]
+        assert merged.metrics[k]["cIoU"] == pytest.approx(v["cIoU"])
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--benchmark", "refcoco", "--split", "testA", "--template", "lisa"], "SegLLM (reported) 81.5"),
+        (["--benchmark", "reasonseg", "--split", "train"], "gIoU"),
+        (["--benchmark", "released", "--conversations", "all_data_mix_train/mix.json"], "skipped"),
+        (["--benchmark", "mr-refcoco", "--conversations", "all_data_mix_train/mix.json",
+          "--max-rounds", "3"], "paper"),
+        (["--benchmark", "refcoco", "--split", "train", "--frame", "released"], "1024 frame"),
+    ],
+)
+def test_segllm_eval_per_benchmark(setup, tmp_path, capsys, args, expect):  # noqa: F811
+    rc = main(["eval", "--data-root", str(setup["root"]), "--out", str(tmp_path), "--name", "b", *args])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert rc == 0, out + captured.err
+    assert "cIoU" in out and expect in out
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["results"][0]["conversations"] >= 1
+    assert (tmp_path / "b_ciou.png").is_file()
