@@ -387,3 +387,21 @@ def test_cli_generate(coco_data, refs_file, tmp_path, capsys):
     assert main(["generate", str(path), "--images", str(images_root), "--out", str(out), "--refs", str(refs_file),
                  "--kind", "coco"]) == 2
     assert "only used with kind 'refcoco'" in capsys.readouterr().err
+
+
+def test_generated_refcoco_and_paco_folders_train(coco_data, refs_file, paco_data, tmp_path):
+    """The training command accepts MR-RefCOCO-style and MR-PACO-style generated folders."""
+    from pathlib import Path
+
+    from segllm.cli import main
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "test_tiny.toml"
+    rc_out = run_refcoco(coco_data, refs_file, tmp_path / "mr_refcoco")
+    paco_path, paco_images, _ = paco_data
+    paco_out = generate_from_coco(paco_path, paco_images, tmp_path / "mr_paco", kind="paco", seed=0, min_area=50)
+    for folder in (rc_out, paco_out):
+        run = tmp_path / f"run_{Path(folder).name}"
+        args = ["train", str(recipe), "--set", f'data.train="{folder}"', "--set", f'data.val="{folder}"',
+                "--set", "steps=2", "--set", "save_every=2", "--set", f'output_dir="{run}"']
+        assert main(args) == 0
+        assert (run / "checkpoint-last" / "model" / "model.safetensors").is_file()
