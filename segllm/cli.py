@@ -227,15 +227,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """Runs under ``accelerate launch`` too: each process takes every n-th conversation and
+    """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th conversation and
     writes its own log; the main process merges the logs into the report."""
+    import torch
     from accelerate import PartialState
 
     from segllm.default import load_model
     from segllm.eval.evaluate import evaluate, format_table, read_logs
     from segllm.eval.report import write_reports
 
-    state = PartialState(cpu=args.device == "cpu")
+    # accelerate runs several CPU processes as one distributed (gloo) job only when told it is on CPU
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = args.device or str(state.device)
     data, where, protocols, split = _eval_data(args)
     model = load_model(args.checkpoint, device=device)

@@ -139,3 +139,31 @@ def test_segllm_eval_per_benchmark(setup, tmp_path, capsys, args, expect):  # no
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["results"][0]["conversations"] >= 1
     assert (tmp_path / "b_ciou.png").is_file()
+
+
+def test_two_process_eval_matches_one_process(tmp_path):
+    """``segllm eval`` under torch.distributed.run (2 CPU processes, gloo): each process takes every
+    other conversation and writes its own log; the main process's report equals a one-process run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["eval", "--size", "4", "--split", "val", "--protocol", "oracle", "--name", "e"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "segllm.cli", *args, "--out", str(tmp_path / "two")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [[json.loads(x)["index"] for x in (tmp_path / "two" / f"e.oracle.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert ranks == [[0, 2], [1, 3]]
+    one = json.loads((tmp_path / "one" / "e.json").read_text())["results"][0]["per_round"]
+    two = json.loads((tmp_path / "two" / "e.json").read_text())["results"][0]["per_round"]
+    assert one.keys() == two.keys()
+    for k in one:
+        assert two[k]["n"] == one[k]["n"] and two[k]["cIoU"] == pytest.approx(one[k]["cIoU"], abs=1e-6)
