@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(func=_eval)
 
+    ml = sub.add_parser("merge-lora", help="fold a checkpoint's LoRA adapters into plain LLM weights")
+    ml.add_argument("checkpoint", help="a checkpoint folder trained with LoRA")
+    ml.add_argument("out", help="folder for the merged checkpoint")
+    ml.set_defaults(func=_merge_lora)
+
     dm = sub.add_parser("demo", help="a web demo (Gradio) on localhost")
     dm.add_argument("--checkpoint", help="model folder (default: the bundled model)")
     dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
@@ -223,6 +228,19 @@ def _train(args: argparse.Namespace) -> int:
     recipe = TrainRecipe.load(args.recipe, overrides)
     summary = train(recipe, resume=args.resume)
     print(f"trained to step {summary.steps}; checkpoint in {recipe.output_dir}/checkpoint-last/model")
+    return 0
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from segllm import SegLLM
+
+    model = SegLLM.from_pretrained(args.checkpoint)
+    if not model.config.llm.lora.r:
+        print(f"error: {args.checkpoint} has no LoRA adapters", file=sys.stderr)
+        return 2
+    n = model.merge_lora()
+    model.save_pretrained(args.out)
+    print(f"merged the adapters of {n} layers; plain checkpoint in {args.out}")
     return 0
 
 

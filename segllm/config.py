@@ -63,6 +63,26 @@ class ProjectorConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM's linear layers (peft); ``r`` 0 means none.
+
+    With adapters, the "llm" trainable part means the adapters only (the LLM's own weights stay
+    frozen); ``segllm merge-lora`` folds them into plain weights afterwards.
+
+    Attributes:
+        r: adapter rank.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter's input during training.
+        targets: names of the linear layers that get adapters (LLaMA/Qwen names by default).
+    """
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
 class LLMConfig:
     """The language model: any transformers causal LM, built from ``hf_config``.
 
@@ -71,6 +91,7 @@ class LLMConfig:
 
     hf_config: dict[str, Any] = field(default_factory=dict)
     pretrained_path: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -49,6 +49,10 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     add_segllm_tokens(tokenizer, config.template)
     vision = VisionTower(build_vision_model(config.vision, load_weights=load_weights), config.vision)
     llm = build_llm(config.llm, tokenizer, load_weights=load_weights)
+    if config.llm.lora.r:
+        from segllm.model.lora import add_lora
+
+        add_lora(llm, config.llm.lora)
     d_llm = llm.get_input_embeddings().weight.shape[1]
     projector = build_projector(config.projector, vision.hidden_size, d_llm)
     memory = MaskMemoryEncoder(config.memory, d_llm)

@@ -225,6 +225,32 @@ class SegLLM(nn.Module):
         for name in parts:
             for p in groups[name]:
                 p.requires_grad_(True)
+        if self.config.llm.lora.r and "llm" in parts:
+            # with LoRA adapters, training the LLM means training the adapters only
+            from segllm.model.lora import is_lora_parameter
+
+            emb = {id(p) for p in groups["embeddings"]} if "embeddings" in parts else set()
+            for n, p in self.llm.named_parameters():
+                if not is_lora_parameter(n) and id(p) not in emb:
+                    p.requires_grad_(False)
+
+    def add_lora(self, config) -> None:
+        """Put LoRA adapters (a :class:`segllm.config.LoraConfig`) on the LLM and record them in the config."""
+        from segllm.model.lora import add_lora
+
+        add_lora(self.llm, config)
+        self.config.llm.lora = config
+        self.set_trainable()
+
+    def merge_lora(self) -> int:
+        """Fold the LLM's LoRA adapters into its weights (the config then records none); returns
+        how many layers were merged."""
+        from segllm.config import LoraConfig
+        from segllm.model.lora import merge_lora
+
+        merged = merge_lora(self.llm)
+        self.config.llm.lora = LoraConfig()
+        return merged
 
     # -- inputs ----------------------------------------------------------------------------
     def prepare(self, conversations: Sequence[Conversation], *, open_last: bool = False, targets: bool = True) -> Batch:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from segllm.config import SegLLMConfig, from_dict
+from segllm.config import LoraConfig, SegLLMConfig, from_dict
 from segllm.errors import ConfigError
 
 
@@ -22,12 +22,15 @@ class ModelRecipe:
         config: path to a SegLLM config.json to use instead of a preset.
         memory: feed earlier masks back into the LLM (False: text-only history baseline).
         init: a checkpoint folder to start from instead of random weights.
+        lora: LoRA adapters on the LLM (``lora.r`` > 0): then only the adapters of the LLM
+            train; fold them in afterwards with ``segllm merge-lora``.
     """
 
     preset: Literal["tiny", "small"] = "small"
     config: str | None = None
     memory: bool = True
     init: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -135,6 +138,8 @@ class TrainRecipe:
             cfg = {"tiny": presets.tiny_config, "small": presets.small_config}[self.model.preset](vocab_size)
         cfg = copy.deepcopy(cfg)
         cfg.memory.enabled = self.model.memory
+        if self.model.lora.r:
+            cfg.llm.lora = copy.deepcopy(self.model.lora)
         return cfg
 
 

@@ -122,6 +122,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     else:
         if recipe.model.init:
             model = load_pretrained(recipe.model.init)
+            if recipe.model.lora.r and not model.config.llm.lora.r:
+                model.add_lora(recipe.model.lora)
         else:
             tokenizer = build_tokenizer(recipe, train_set)
             torch.manual_seed(recipe.seed)
