@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--images-prefix", default="", help="prefix of the released image paths, e.g. coco/train2014")
     gen.add_argument("--varied-answers", action="store_true", help="vary the answer text around <seg>")
     gen.add_argument("--copy-images", action="store_true", help="copy the used images into OUT/images/")
+    gen.add_argument("--per-image", type=int, default=1, help="conversations per image (default: %(default)s)")
     gen.set_defaults(func=_generate)
 
     args = parser.parse_args(argv)
@@ -348,6 +349,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_rounds=args.max_rounds, min_rounds=args.min_rounds, limit=args.limit, min_area=args.min_area,
         dataset_name=args.dataset_name, images_prefix=args.images_prefix,
         answers=VARIED_ANSWERS if args.varied_answers else PLAIN_ANSWERS, copy_images=args.copy_images,
+        per_image=args.per_image,
     )
     meta = json.loads((out / "meta.json").read_text())
     counts = meta["counts"]

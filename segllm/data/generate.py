@@ -648,6 +648,7 @@ def generate_from_coco(
     images_prefix: str = "",
     answers: Sequence[str] = PLAIN_ANSWERS,
     copy_images: bool = False,
+    per_image: int = 1,
 ) -> Path:
     """Generate multi-round conversations from COCO-style annotations and write them to ``out_dir``.
 
@@ -707,7 +708,8 @@ def generate_from_coco(
             if limit is not None and writer.conversations >= limit:
                 break
             considered += 1
-            _generate_one(source, image_id, writer, skips, kind, seed, min_rounds, max_rounds, min_area, answers)
+            for k in range(per_image):
+                _generate_one(source, image_id, writer, skips, kind, seed, min_rounds, max_rounds, min_area, answers, k)
     finally:
         writer.finish(source, kind)
     meta = {
@@ -728,6 +730,7 @@ def generate_from_coco(
             "images_prefix": images_prefix,
             "answers": list(answers),
             "copy_images": copy_images,
+            "per_image": per_image,
         },
         "released": writer.released_note(),
         "counts": {
@@ -759,19 +762,21 @@ def _generate_one(
     max_rounds: int,
     min_area: float,
     answers: Sequence[str],
+    k: int = 0,
 ) -> None:
-    """Plan and write one image's conversation, or record why it is skipped."""
+    """Plan and write image ``image_id``'s ``k``-th conversation, or record why it is skipped."""
     img = source.images[image_id]
     try:
         scene = _build_scene(img, source.anns_by_image.get(image_id, []), source, kind, min_area)
-        rng = _rng(seed, _image_id_key(image_id))
+        # the first conversation of an image keeps the generator it always had
+        rng = _rng(seed, _image_id_key(image_id)) if k == 0 else np.random.default_rng([seed, _image_id_key(image_id), k])
         n_rounds = int(rng.integers(min_rounds, max_rounds + 1))
         rounds = plan_conversation(scene, rng, kind, n_rounds, answers)
         if not rounds:
             raise _SkipImage("no target can be named uniquely in round 1")
         if len(rounds) < min_rounds:
             raise _SkipImage(f"fewer than min_rounds={min_rounds} uniquely named targets")
-        writer.add(scene, rounds)
+        writer.add(scene, rounds, f"gen-{img['id']}" if k == 0 else f"gen-{img['id']}-{k}")
     except _SkipImage as e:
         skips.add("images", e.reason, f"image {image_id} ({img['file_name']})", e.detail)
 
@@ -797,7 +802,7 @@ class _Writer:
         self.round_counts: Counter = Counter()
         self.relations: Counter = Counter()
 
-    def add(self, scene: _Scene, rounds: list[PlannedRound]) -> None:
+    def add(self, scene: _Scene, rounds: list[PlannedRound], conv_id: str) -> None:
         """Write one conversation; raises :class:`_SkipImage` (nothing written) when its image or record is unusable."""
         from segllm.data.released.convert import conversation_to_released
 
@@ -805,7 +810,6 @@ class _Writer:
         file_name = img["file_name"]
         src = self.images_root / file_name
         pixels = _check_image(src, img)
-        conv_id = f"gen-{img['id']}"
         conv = Conversation(pixels, [Round(r.question, r.refs, r.answer, [scene.masks[r.target]]) for r in rounds])
         released_image = posixpath.join(self.prefix, file_name) if self.prefix else file_name
         try:
@@ -838,7 +842,8 @@ class _Writer:
         }
         self._jsonl.write(json.dumps(record) + "\n")
         self.released.append(rec)
-        self.images.append(img)
+        if img["id"] not in self.used_ids:
+            self.images.append(img)
         self.used_ids.add(img["id"])
         self.decodable |= scene.decodable
         self.conversations += 1
