@@ -275,7 +275,8 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if state.num_processes > 1:
         results = [read_logs(logs[p], protocol=p, frame=args.frame) for p in protocols]
-    frame = "the released code's 1024 frame" if args.frame == "released" else "original resolution"
+    size = model.decoder.image_size
+    frame = f"the released code's way: {size}x{size} decoder frame, padding included" if args.frame == "released" else "original resolution"
     print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at {frame})"))
     if args.benchmark:
         from segllm.eval.benchmarks import paper_lines

@@ -127,7 +127,8 @@ def test_sharded_logs_merge_to_the_single_process_result(tmp_path):
         (["--benchmark", "released", "--conversations", "all_data_mix_train/mix.json"], "skipped"),
         (["--benchmark", "mr-refcoco", "--conversations", "all_data_mix_train/mix.json",
           "--max-rounds", "3"], "paper"),
-        (["--benchmark", "refcoco", "--split", "train", "--frame", "released"], "1024 frame"),
+        (["--benchmark", "refcoco", "--split", "train", "--frame", "released"], "128x128 decoder frame"),
+        (["--benchmark", "mr-paco", "--conversations", "all_data_mix_train/mix.json", "--protocol", "oracle", "own"], "own cIoU"),
     ],
 )
 def test_segllm_eval_per_benchmark(setup, tmp_path, capsys, args, expect):  # noqa: F811
