@@ -24,7 +24,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save_pretrained(model, path: str | Path, *, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+def save_pretrained(
+    model, path: str | Path, *, extra: dict | None = None, dtype: torch.dtype | None = None, state_dict: dict | None = None
+) -> Path:
     """Write ``model`` (a :class:`segllm.SegLLM`) to the folder ``path`` atomically.
 
     Args:
@@ -32,13 +34,15 @@ def save_pretrained(model, path: str | Path, *, extra: dict | None = None, dtype
             file); loading casts them back to the model's dtype.
         extra: JSON-serialisable facts stored in ``segllm.json`` beside the weights (e.g. the
             training step); not needed to load the model.
+        state_dict: the weights to write instead of ``model.state_dict()`` (a sharded model's
+            gathered full state).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.config.save(tmp / CONFIG_NAME)
-        state, aliases = _dedupe(model.state_dict())
+        state, aliases = _dedupe(model.state_dict() if state_dict is None else state_dict)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": CONFIG_FORMAT, "aliases": json.dumps(aliases)})

@@ -78,6 +78,8 @@ class TrainRecipe:
         batch_size: conversations per process per micro-step.
         grad_accum: micro-steps per optimizer step.
         mixed_precision: "no", "bf16" or "fp16" (accelerate).
+        parallel: with several processes, "ddp" (every process holds the whole model) or
+            "fsdp" (parameters, gradients and optimizer state sharded across processes).
         log_every, eval_every, save_every: in optimizer steps (0 disables eval/save).
         eval_size: validation conversations per evaluation.
         output_dir: where checkpoints and logs go.
@@ -93,6 +95,7 @@ class TrainRecipe:
     grad_accum: int = 1
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = 10
     eval_every: int = 500
     save_every: int = 250

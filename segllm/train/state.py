@@ -14,7 +14,11 @@ from segllm.errors import CheckpointError
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Tensors of the optimizer state into ``path`` (safetensors); everything else into its metadata."""
-    sd = optimizer.state_dict()
+    save_optimizer_state(optimizer.state_dict(), path)
+
+
+def save_optimizer_state(sd: dict[str, Any], path: Path) -> None:
+    """An optimizer state dict (``state`` keyed by parameter index, ``param_groups``) into ``path``."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for idx, st in sd["state"].items():
@@ -29,6 +33,15 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    sd = read_optimizer_state(path)
+    own = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in own] != [len(g["params"]) for g in sd["param_groups"]]:
+        raise CheckpointError(f"{path}: the optimizer state is for other trainable parameters than this model's")
+    optimizer.load_state_dict(sd)
+
+
+def read_optimizer_state(path: Path) -> dict[str, Any]:
+    """The optimizer state dict written by :func:`save_optimizer_state` (``state`` keyed by index)."""
     try:
         tensors = load_file(str(path))
         with open(path, "rb") as f:
@@ -45,7 +58,4 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    own = optimizer.state_dict()["param_groups"]
-    if [len(g["params"]) for g in own] != [len(g["params"]) for g in groups]:
-        raise CheckpointError(f"{path}: the optimizer state is for other trainable parameters than this model's")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}

@@ -9,6 +9,7 @@ from (seed, step, rank), so nothing else needs saving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -131,13 +132,24 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         model.config.memory.enabled = recipe.model.memory
     model.set_trainable()
     model.train()
+    sharded = recipe.parallel == "fsdp" and acc.num_processes > 1
+    if sharded:
+        from segllm.train import fsdp
+
+        fsdp.shard(model.to(acc.device), acc.device.type)
     params = [p for p in model.parameters() if p.requires_grad]
     o = recipe.optim
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
     if start_step:
-        load_optimizer(opt, last / "optimizer.safetensors")
+        if sharded:
+            from segllm.train.state import read_optimizer_state
+
+            fsdp.load_full_optimizer_state(model, opt, read_optimizer_state(last / "optimizer.safetensors"))
+        else:
+            load_optimizer(opt, last / "optimizer.safetensors")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe), last_epoch=start_step - 1)
-    model, opt = acc.prepare(model, opt)
+    if not sharded:  # FSDP shards above; accelerate would wrap the model in DDP
+        model, opt = acc.prepare(model, opt)
     core = acc.unwrap_model(model)
     per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
     summary = TrainSummary(start_step, output_dir=str(out), evals=list(history["evals"]))
@@ -179,19 +191,21 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
                 with log_file.open("a") as f:
                     f.write(json.dumps({"step": step, "lr": sched.get_last_lr()[0], "conv_per_s": rate, **terms}) + "\n")
         if recipe.eval_every and (step % recipe.eval_every == 0 or step == recipe.steps):
-            if acc.is_main_process:
-                res_eval = evaluate(core, val_set, protocol="oracle", limit=recipe.eval_size, batch_size=recipe.batch_size)
+            if acc.is_main_process or sharded:  # sharded: every process takes part in each forward
+                with (fsdp.unsharded(core) if sharded else contextlib.nullcontext()):
+                    res_eval = evaluate(core, val_set, protocol="oracle", limit=recipe.eval_size, batch_size=recipe.batch_size)
                 rounds = {k: round(v["cIoU"], 2) for k, v in res_eval.metrics.items()}
                 entry = {"step": step, "oracle_cIoU": rounds}
                 summary.evals.append(entry)
                 history["evals"] = summary.evals
-                with (out / "eval.jsonl").open("a") as f:
-                    f.write(json.dumps(entry) + "\n")
-                bar.write(f"step {step}: val cIoU per round {rounds}")
+                if acc.is_main_process:
+                    with (out / "eval.jsonl").open("a") as f:
+                        f.write(json.dumps(entry) + "\n")
+                    bar.write(f"step {step}: val cIoU per round {rounds}")
             acc.wait_for_everyone()
             core.train()
         if (recipe.save_every and (step % recipe.save_every == 0 or step == recipe.steps)) or step == end:
-            _save(acc, core, opt, out, {"step": step, "samples_seen": samples_seen, "recipe": recipe.to_dict(), "history": history, "processes": acc.num_processes})
+            _save(acc, core, opt, out, {"step": step, "samples_seen": samples_seen, "recipe": recipe.to_dict(), "history": history, "processes": acc.num_processes}, sharded=sharded)
     bar.close()
     summary.steps = step
     summary.skipped = len(train_set.skipped) + len(val_set.skipped)
@@ -201,16 +215,27 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     return summary
 
 
-def _save(acc, core, opt, out: Path, state: dict) -> None:
-    """Write checkpoint-last atomically: a crash loses at most the steps since the last save."""
-    from segllm.train.state import save_optimizer
+def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False) -> None:
+    """Write checkpoint-last atomically: a crash loses at most the steps since the last save.
+
+    Sharded (FSDP) runs gather the full model and optimizer state first (every process takes
+    part), so the files are the same as an unsharded run's."""
+    from segllm.train.state import save_optimizer, save_optimizer_state
 
     acc.wait_for_everyone()
+    model_state = opt_state = None
+    if sharded:
+        from segllm.train import fsdp
+
+        model_state, opt_state = fsdp.full_model_state(core), fsdp.full_optimizer_state(core, opt)
     if acc.is_main_process:
         tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=out))
         try:
-            core.save_pretrained(tmp / "model", extra={"step": state["step"]})
-            save_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt, tmp / "optimizer.safetensors")
+            core.save_pretrained(tmp / "model", extra={"step": state["step"]}, state_dict=model_state)
+            if opt_state is not None:
+                save_optimizer_state(opt_state, tmp / "optimizer.safetensors")
+            else:
+                save_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt, tmp / "optimizer.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
             old = out / ".checkpoint-old"
             if old.exists():
