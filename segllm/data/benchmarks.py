@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from segllm.conversation import Conversation, Round, load_image
-from segllm.data.records import RecordError, Skipped
+from segllm.data.records import RecordError, Skipped, SkippingGet
 from segllm.errors import SegLLMError
 
 __all__ = ["TEMPLATES", "ReasonSegData", "RefcocoSentences", "read_templates"]
@@ -59,7 +59,7 @@ def _as_question(template: str, sent: str) -> str:
     return template.replace("{sent}", sent.strip()).replace("..", ".")
 
 
-class RefcocoSentences:
+class RefcocoSentences(SkippingGet):
     """One single-round conversation per referring sentence of a RefCOCO-family split.
 
     Args:
@@ -138,16 +138,8 @@ class RefcocoSentences:
         question = _as_question(self.templates[index % len(self.templates)], sent)
         return Conversation(image, [Round(question, (), "<seg>", [mask])])
 
-    def get(self, index: int) -> Conversation | None:
-        try:
-            return self[index]
-        except RecordError as e:
-            where = self.where(index)
-            self.skipped.add(where, str(e).removeprefix(where + ": "))
-            return None
 
-
-class ReasonSegData:
+class ReasonSegData(SkippingGet):
     """ReasonSeg ``<name>.jpg`` + ``<name>.json`` pairs of one split, one conversation per image.
 
     The question is LISA's: ``"{text} Please output segmentation mask."`` for a sentence,
@@ -208,14 +200,6 @@ class ReasonSegData:
             raise RecordError(f"{where}: the ground-truth mask is empty")
         template = LISA_SENTENCE if anno.get("is_sentence") else TEMPLATES["lisa"][0]
         return Conversation(image, [Round(_as_question(template, texts[0]), (), "<seg>", [target])])
-
-    def get(self, index: int) -> Conversation | None:
-        try:
-            return self[index]
-        except RecordError as e:
-            where = self.where(index)
-            self.skipped.add(where, str(e).removeprefix(where + ": "))
-            return None
 
     def ignore(self, index: int) -> list[list[np.ndarray | None]]:
         """Per round, per mask: the ignore region of conversation ``index`` ([H, W] bool),

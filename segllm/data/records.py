@@ -87,6 +87,22 @@ class Skipped:
         return len(self.items)
 
 
+class SkippingGet:
+    """``get(i)``: the conversation, or None with the record's place and reason added to
+    ``self.skipped``, for datasets whose ``__getitem__`` raises :class:`RecordError` messages
+    that start with ``where(i)``."""
+
+    skipped: Skipped
+
+    def get(self, index: int) -> Conversation | None:
+        try:
+            return self[index]  # type: ignore[index]
+        except RecordError as e:
+            where = self.where(index)  # type: ignore[attr-defined]
+            self.skipped.add(where, str(e).removeprefix(where + ": "))
+            return None
+
+
 class ConversationFolder:
     """Conversations stored in a dataset folder (see the module docstring).
 
