@@ -19,6 +19,12 @@ def build_vision_model(config: VisionConfig, *, load_weights: bool = True) -> Pr
     """A transformers vision model from ``config.hf_config`` (random weights) or, when
     ``load_weights`` and ``config.pretrained_path`` is set, from that local folder."""
     if load_weights and config.pretrained_path:
+        cfg = AutoConfig.from_pretrained(config.pretrained_path, local_files_only=True)
+        if cfg.model_type == "clip" or "WithProjection" in str(getattr(cfg, "architectures", None)):
+            # a whole CLIP, or CLIP with its contrastive projection: only the vision encoder is used
+            from transformers import CLIPVisionModel
+
+            return CLIPVisionModel.from_pretrained(config.pretrained_path, local_files_only=True)
         return AutoModel.from_pretrained(config.pretrained_path, local_files_only=True)
     hf = dict(config.hf_config)
     model_type = hf.pop("model_type", None)
