@@ -47,11 +47,18 @@ class DataRecipe:
     """Where conversations come from.
 
     ``train``/``val``: "world" (the procedural world, generated on the fly, deterministic by
-    index) or a dataset folder (annotations.json + conversations.jsonl).
+    index), a dataset folder (annotations.json + conversations.jsonl), or a released conversation
+    JSON file (its images and masks under ``images`` and ``annotations``, the released layout's
+    ``images_folder`` and ``annotations_folder``).
+    ``mix``: several such sources for training instead of ``train``: as in the released recipes,
+    each global batch draws one source uniformly, then samples from it with replacement.
     """
 
     train: str = "world"
     val: str = "world"
+    mix: tuple[str, ...] = ()
+    images: str | None = None
+    annotations: str | None = None
     seed: int = 0
     train_size: int = 1_000_000
     val_size: int = 200

@@ -38,8 +38,9 @@ class TrainSummary:
     output_dir: str = ""
 
 
-def build_datasets(recipe: TrainRecipe):
-    """(train, val) datasets of the recipe."""
+def build_datasets(recipe: TrainRecipe, *, processes: int = 1):
+    """(train, val) datasets of the recipe; ``processes`` sizes the global batch of a mix."""
+    from segllm.data.mix import MixedConversations
     from segllm.data.records import ConversationFolder, WorldConversations
     from segllm.data.world import WorldConfig
 
@@ -48,9 +49,20 @@ def build_datasets(recipe: TrainRecipe):
     def make(source: str, split: str, size: int):
         if source == "world":
             return WorldConversations(split, size, seed=d.seed, config=WorldConfig.from_dict(d.world), max_rounds=d.max_rounds)
+        if source.endswith(".json"):
+            from segllm.data.released.convert import ReleasedConversations
+
+            if d.images is None or d.annotations is None:
+                raise ValueError(f"data source {source} is a released conversation file: set data.images and data.annotations")
+            return ReleasedConversations(source, d.images, d.annotations, max_rounds=d.max_rounds)
         return ConversationFolder(source, max_rounds=d.max_rounds)
 
-    return make(d.train, "train", d.train_size), make(d.val, "val", d.val_size)
+    if d.mix:
+        global_batch = recipe.batch_size * processes * recipe.grad_accum
+        train_set = MixedConversations([make(s, "train", d.train_size) for s in d.mix], global_batch=global_batch, seed=d.seed)
+    else:
+        train_set = make(d.train, "train", d.train_size)
+    return train_set, make(d.val, "val", d.val_size)
 
 
 def build_tokenizer(recipe: TrainRecipe, train_set):
@@ -110,7 +122,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     )
     out = Path(recipe.output_dir)
     last = out / LAST
-    train_set, val_set = build_datasets(recipe)
+    train_set, val_set = build_datasets(recipe, processes=acc.num_processes)
     start_step, samples_seen, history = 0, 0, {"evals": []}
     if resume and (last / "trainer_state.json").is_file():
         state = json.loads((last / "trainer_state.json").read_text())
