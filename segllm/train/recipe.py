@@ -85,6 +85,8 @@ class TrainRecipe:
         batch_size: conversations per process per micro-step.
         grad_accum: micro-steps per optimizer step.
         mixed_precision: "no", "bf16" or "fp16" (accelerate).
+        gradient_checkpointing: recompute the LLM's layer activations in the backward pass
+            instead of keeping them (less memory, about a third more compute), as released.
         parallel: with several processes, "ddp" (every process holds the whole model) or
             "fsdp" (parameters, gradients and optimizer state sharded across processes).
         log_every, eval_every, save_every: in optimizer steps (0 disables eval/save).
@@ -103,6 +105,7 @@ class TrainRecipe:
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    gradient_checkpointing: bool = False
     log_every: int = 10
     eval_every: int = 500
     save_every: int = 250

@@ -144,6 +144,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         model.config.memory.enabled = recipe.model.memory
     model.set_trainable()
     model.train()
+    if recipe.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = recipe.parallel == "fsdp" and acc.num_processes > 1
     if sharded:
         from segllm.train import fsdp

@@ -134,3 +134,24 @@ def test_two_process_fsdp_training_resumes_on_one_process(tmp_path):
     assert json.loads((out / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 18
     tail = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()][-2:]
     assert sum(tail) / 2 < sum(losses[:3]) / 3
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, monkeypatch):
+    """Recomputing the LLM's activations changes memory, not the result."""
+    import transformers.modeling_utils as mu
+
+    calls = []
+    real = mu.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "checkpoint", counting)  # what gradient_checkpointing_enable binds
+    losses = []
+    for flag in (False, True):
+        recipe = TrainRecipe.load(RECIPE, {"output_dir": str(tmp_path / str(flag)), "steps": 3, "save_every": 0,
+                                           "eval_every": 0, "gradient_checkpointing": flag})
+        losses.append(train(recipe, progress=False).losses)
+        assert bool(calls) == flag  # the LLM's layers ran through activation checkpointing
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
