@@ -49,7 +49,7 @@ def save_pretrained(
         model.tokenizer.save_pretrained(str(tmp))
         if extra is not None:
             (tmp / "segllm.json").write_text(json.dumps(extra, indent=2) + "\n")
-        _usual_permissions(tmp)
+        usual_permissions(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -155,13 +155,13 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def _usual_permissions(folder: Path) -> None:
+def usual_permissions(folder: Path) -> None:
     """mkdtemp makes a private (0700) folder; give it and its files the permissions of a plain mkdir/open."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
     for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _few(keys: list[str], n: int = 5) -> str:

@@ -234,6 +234,7 @@ def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False) -> N
 
     Sharded (FSDP) runs gather the full model and optimizer state first (every process takes
     part), so the files are the same as an unsharded run's."""
+    from segllm.checkpoint import usual_permissions
     from segllm.train.state import save_optimizer, save_optimizer_state
 
     acc.wait_for_everyone()
@@ -251,6 +252,7 @@ def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False) -> N
             else:
                 save_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt, tmp / "optimizer.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            usual_permissions(tmp)  # mkdtemp made it private
             old = out / ".checkpoint-old"
             if old.exists():
                 shutil.rmtree(old)

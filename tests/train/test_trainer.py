@@ -28,6 +28,9 @@ def _falls(losses):
 
 def test_losses_fall_and_checkpoint_reloads(tmp_path):
     summary = train(_recipe(tmp_path), progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ((tmp_path / "run" / "checkpoint-last").stat().st_mode & 0o777) == 0o777 & ~umask  # not a private temp folder
     assert summary.steps == 12 and len(summary.losses) == 12
     assert _falls(summary.losses), summary.losses
     ck = tmp_path / "run" / "checkpoint-last"
