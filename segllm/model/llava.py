@@ -23,17 +23,9 @@ from pathlib import Path
 
 import torch
 
-from segllm.config import (
-    HipieDecoderConfig,
-    LLMConfig,
-    MemoryConfig,
-    ProjectorConfig,
-    PromptHeadConfig,
-    SegLLMConfig,
-    VisionConfig,
-)
+from segllm.config import HipieDecoderConfig, VisionConfig
 from segllm.errors import CheckpointError
-from segllm.model.released import _LLAMA_KEYS, VICUNA_V1, _read, _weight_files
+from segllm.model.released import _read, _weight_files, llama_config, released_like_config
 
 __all__ = ["llava_layout", "segllm_from_llava15"]
 
@@ -105,24 +97,13 @@ def segllm_from_llava15(
     layout = llava_layout(path)
     data = json.loads((path / "config.json").read_text())
     text = data.get("text_config", data) if layout == "hf" else data
-    hf_llm = {"model_type": "llama", **{k: text[k] for k in _LLAMA_KEYS if k in text}, "tie_word_embeddings": False}
+    hf_llm = llama_config(text)
     state = _read(_weight_files(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
-    config = SegLLMConfig(
-        vision=_clip_vision(Path(vision_tower)),
-        projector=ProjectorConfig(kind="mlp2x_gelu"),
-        llm=LLMConfig(hf_config=hf_llm),
-        memory=MemoryConfig(enabled=True, use_box=True, box_order="yxyx", box_norm=1024.0, feature_dropout=0.5,
-                            inference_scale=0.5, crop_frame="decoder", box_source="decoder"),
-        prompt_head=PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=768, hidden_dim=int(hf_llm["hidden_size"]), norm=False),
-        decoder=hipie or HipieDecoderConfig(),
-        template=VICUNA_V1,
-        inject="add",
-        trainable=("llm", "projector", "memory", "prompt_head", "decoder_encoder", "decoder"),
-    )
+    config = released_like_config(_clip_vision(Path(vision_tower)), hf_llm, hipie or HipieDecoderConfig())
     torch.manual_seed(seed)
     model = build_segllm(config, tokenizer)  # adds SegLLM's tokens; loads the CLIP folder
     ours = _map(state, layout, path)

@@ -34,7 +34,7 @@ from segllm.config import (
 )
 from segllm.errors import CheckpointError
 
-__all__ = ["IGNORED", "VICUNA_V1", "is_released_checkpoint", "load_released", "released_config"]
+__all__ = ["IGNORED", "VICUNA_V1", "is_released_checkpoint", "llama_config", "load_released", "released_config", "released_like_config"]
 
 # key prefixes of a released checkpoint that are deliberately not loaded, with the reason
 IGNORED: dict[str, str] = {
@@ -125,16 +125,30 @@ def released_config(path: str | Path, *, vision_tower: str | Path | None = None,
         raise CheckpointError(f"{path}/config.json: segmentator {data.get('segmentator')!r} is not supported (only 'hipie')")
     if data.get("mm_projector_type", "linear") != "mlp2x_gelu":
         raise CheckpointError(f"{path}/config.json: mm_projector_type {data.get('mm_projector_type')!r} is not supported")
-    hf_llm = {"model_type": "llama", **{k: data[k] for k in _LLAMA_KEYS if k in data}, "tie_word_embeddings": False}
     shapes = shapes if shapes is not None else _shapes(path)
-    hidden = int(data["hidden_size"])
+    return released_like_config(
+        _vision_config(path, data, vision_tower),
+        llama_config(data),
+        _hipie_config(shapes),
+        use_box=bool(data.get("mm_use_bbox_encode", True)),
+    )
+
+
+def llama_config(data: dict[str, Any]) -> dict[str, Any]:
+    """The LLaMA part of a LLaVA-style config.json, as a transformers config dict."""
+    return {"model_type": "llama", **{k: data[k] for k in _LLAMA_KEYS if k in data}, "tie_word_embeddings": False}
+
+
+def released_like_config(vision: VisionConfig, hf_llm: dict[str, Any], decoder: HipieDecoderConfig, *, use_box: bool = True) -> SegLLMConfig:
+    """A SegLLM configured as the released model behaves (see the module docstring), with the
+    given vision tower, LLaMA config and HIPIE size."""
     return SegLLMConfig(
-        vision=_vision_config(path, data, vision_tower),
+        vision=vision,
         projector=ProjectorConfig(kind="mlp2x_gelu"),
         llm=LLMConfig(hf_config=hf_llm),
         memory=MemoryConfig(
             enabled=True,
-            use_box=bool(data.get("mm_use_bbox_encode", True)),
+            use_box=use_box,
             box_order="yxyx",
             box_norm=1024.0,
             feature_dropout=0.5,
@@ -142,8 +156,8 @@ def released_config(path: str | Path, *, vision_tower: str | Path | None = None,
             crop_frame="decoder",
             box_source="decoder",
         ),
-        prompt_head=PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=768, hidden_dim=hidden, norm=False),
-        decoder=_hipie_config(shapes),
+        prompt_head=PromptHeadConfig(num_tokens=8, num_ref_tokens=4, dim=768, hidden_dim=int(hf_llm["hidden_size"]), norm=False),
+        decoder=decoder,
         template=VICUNA_V1,
         inject="add",
         # the released recipe: vision tower, token embeddings and LM head stay frozen
