@@ -25,7 +25,7 @@ import torch
 
 from segllm.config import HipieDecoderConfig, VisionConfig
 from segllm.errors import CheckpointError
-from segllm.model.released import _read, _weight_files, llama_config, released_like_config
+from segllm.model.released import _read, _weight_files, llama_config, released_like_config, rename_keys
 
 __all__ = ["llava_layout", "segllm_from_llava15"]
 
@@ -106,7 +106,7 @@ def segllm_from_llava15(
     config = released_like_config(_clip_vision(Path(vision_tower)), hf_llm, hipie or HipieDecoderConfig())
     torch.manual_seed(seed)
     model = build_segllm(config, tokenizer)  # adds SegLLM's tokens; loads the CLIP folder
-    ours = _map(state, layout, path)
+    ours = rename_keys(state, _MAPS[layout], path)
     own = {k: v for k, v in model.state_dict().items() if k.startswith(("llm.", "projector."))}
     missing = sorted(set(own) - set(ours))
     extra = sorted(set(ours) - set(own))
@@ -130,21 +130,6 @@ def segllm_from_llava15(
         prefix = "model.segmentator.hipie." if any(k.startswith("model.segmentator.hipie.") for k in weights) else ""
         load_released_hipie(model.decoder, weights, prefix=prefix, gamma="stored")
     return model
-
-
-def _map(state: dict[str, torch.Tensor], layout: str, path: Path) -> dict[str, torch.Tensor]:
-    out, unknown = {}, []
-    for key, value in state.items():
-        for src, dst in _MAPS[layout]:
-            if key.startswith(src):
-                if dst is not None:
-                    out[dst + key[len(src):]] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"{path}: unexpected weight(s) {unknown[:5]} ({len(unknown)} in all)")
-    return out
 
 
 def _clip_vision(folder: Path) -> VisionConfig:

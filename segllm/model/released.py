@@ -212,21 +212,9 @@ def load_released(
         )
     model = build_segllm(config, tokenizer, load_weights=False)
 
-    ours, hipie, unknown = {}, {}, []
-    for key, value in state.items():
-        if any(key.startswith(p) for p in IGNORED):
-            continue
-        if key.startswith("model.segmentator.hipie."):
-            hipie[key] = value
-            continue
-        for src, dst in _RENAMES:
-            if key.startswith(src):
-                ours[dst + key[len(src):]] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"{path}: unexpected weight(s) {unknown[:5]} ({len(unknown)} in all)")
+    hipie = {k: v for k, v in state.items() if k.startswith("model.segmentator.hipie.")}
+    rules = [(p, None) for p in IGNORED] + [("model.segmentator.hipie.", None), *_RENAMES]
+    ours = rename_keys(state, rules, path)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
     missing = sorted(set(own) - set(ours))
     extra = sorted(set(ours) - set(own))
@@ -244,6 +232,24 @@ def load_released(
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def rename_keys(state: dict[str, torch.Tensor], rules, path: Path) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> this package's: the first rule ``(prefix, new prefix or None)`` whose
+    prefix a key starts with renames it (None: the key is deliberately not loaded); a key no
+    rule matches is an error naming it."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        for src, dst in rules:
+            if key.startswith(src):
+                if dst is not None:
+                    out[dst + key[len(src):]] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected weight(s) {unknown[:5]} ({len(unknown)} in all)")
+    return out
 
 
 def _original_key(ours: str) -> str:
