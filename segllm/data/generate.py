@@ -20,8 +20,9 @@ relations demand a clear reading: the target's box lies entirely on that side of
 and no other candidate's centre is even on that side of the anchor's centre. Distances and sizes
 need a margin over the runner-up.
 
-Each image gets its own random generator, ``numpy.random.default_rng([seed, image_id])``, so a
-conversation depends only on the seed and its image, not on order, ``limit`` or process count.
+Each image gets its own random generator, ``numpy.random.default_rng([seed, image_id])`` (its
+k-th further conversation, with ``per_image`` > 1, ``[seed, image_id, k]``), so a conversation
+depends only on the seed and its image, not on order, ``limit`` or process count.
 
 :func:`generate_from_coco` writes a dataset folder (``annotations.json``, ``conversations.jsonl``,
 read by :class:`segllm.data.records.ConversationFolder`), the same conversations in the released
@@ -659,6 +660,7 @@ def generate_from_coco(
         refs: REFER refs pickle, for ``kind="refcoco"`` only (read with a restricted unpickler).
         split: refs split to use (``val``, ``testA``, ...); only images with refs of it are used.
         kind: ``"coco"``, ``"refcoco"`` or ``"paco"`` (see the module docstring).
+        per_image: conversations generated per image (each with its own generator).
         seed: non-negative; image ``i`` uses ``numpy.random.default_rng([seed, i])``.
         max_rounds, min_rounds: each conversation draws its length in [min_rounds, max_rounds];
             an image that cannot give ``min_rounds`` uniquely named targets is skipped.
