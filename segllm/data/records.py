@@ -103,7 +103,7 @@ class SkippingGet:
             return None
 
 
-class ConversationFolder:
+class ConversationFolder(SkippingGet):
     """Conversations stored in a dataset folder (see the module docstring).
 
     ``dataset[i]`` returns a :class:`Conversation`, or raises :class:`RecordError` naming the
@@ -167,12 +167,6 @@ class ConversationFolder:
             raise RecordError(f"{self.where(index)}: {e}") from e
         return conv.truncated(self.max_rounds) if self.max_rounds else conv
 
-    def get(self, index: int) -> Conversation | None:
-        try:
-            return self[index]
-        except RecordError as e:
-            self.skipped.add(self.where(index), str(e).split(": ", 1)[-1] if str(e).startswith(str(self._convs_file)) else str(e))
-            return None
 
 
 class WorldConversations:

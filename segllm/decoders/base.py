@@ -131,7 +131,13 @@ def logits_to_image(logits: Tensor, frame: Frame) -> Tensor:
     Returns:
         [M, frame.height, frame.width] logits.
     """
-    x = logits_to_frame(logits, frame)[:, None, : frame.resized_height, : frame.resized_width]
+    return frame_to_image(logits_to_frame(logits, frame), frame)
+
+
+def frame_to_image(frame_logits: Tensor, frame: Frame) -> Tensor:
+    """Logits [M, size, size] in the decoder's input frame -> [M, frame.height, frame.width]:
+    the padding cut off, then resized to the image (for callers that need both resolutions)."""
+    x = frame_logits[:, None, : frame.resized_height, : frame.resized_width]
     x = F.interpolate(x, size=(frame.height, frame.width), mode="bilinear", align_corners=False)
     return x[:, 0]
 

@@ -25,7 +25,15 @@ import torch
 
 from segllm.config import HipieDecoderConfig, VisionConfig
 from segllm.errors import CheckpointError
-from segllm.model.released import _read, _weight_files, llama_config, released_like_config, rename_keys
+from segllm.model.released import (
+    _read,
+    _weight_files,
+    clip_vision_config,
+    llama_config,
+    read_clip_folder,
+    released_like_config,
+    rename_keys,
+)
 
 __all__ = ["llava_layout", "segllm_from_llava15"]
 
@@ -134,26 +142,7 @@ def segllm_from_llava15(
 
 def _clip_vision(folder: Path) -> VisionConfig:
     """The vision config for a local CLIP folder, read as the released model reads CLIP."""
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
+    found = read_clip_folder(folder)
+    if found is None:
         raise CheckpointError(f"vision tower folder {folder} has no config.json")
-    data = json.loads(cfg_file.read_text())
-    vision = data.get("vision_config", data)
-    size = int(vision.get("image_size", 224))
-    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    pre = folder / "preprocessor_config.json"
-    if pre.is_file():
-        p = json.loads(pre.read_text())
-        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
-    return VisionConfig(
-        hf_config={"model_type": "clip_vision_model", **{k: v for k, v in vision.items() if k not in ("model_type", "architectures", "torch_dtype", "transformers_version", "_name_or_path")}},
-        pretrained_path=str(folder),
-        select_layer=-2,
-        drop_cls=True,
-        pool="cls",
-        image_size=size,
-        resize="center_crop",
-        resample="pil",
-        mean=mean,
-        std=std,
-    )
+    return clip_vision_config(*found, pretrained_path=str(folder))

@@ -76,16 +76,25 @@ class MaskMemoryEncoder(nn.Module):
             [3, s, s] uint8: the image with the background zeroed, cropped to the box and
             zero-padded at the bottom/right to a square of side s = max(box h, box w).
         """
-        if mask.shape != image.shape[1:]:
-            raise MaskError(f"mask of shape {tuple(mask.shape)} does not fit an image of {tuple(image.shape[1:])}")
-        if not bool(mask.any()):
-            raise MaskError("cannot encode an empty (zero-area) mask")
-        x0, y0, x1, y1 = (int(v) for v in self.box_of(mask, box).tolist())
+        return self.cut(image, mask, self.box_of(mask, box))
+
+    def cut(self, image: Tensor, mask: Tensor, box: Tensor) -> Tensor:
+        """:meth:`crop` at an integer box [4] already resolved by :meth:`box_of` (checks the mask:
+        same size as the image, not empty)."""
+        self._check(image, mask)
+        x0, y0, x1, y1 = (int(v) for v in box.tolist())
         crop = (image * mask.to(image.dtype))[:, y0:y1, x0:x1]
         side = max(y1 - y0, x1 - x0)
         out = torch.zeros(3, side, side, dtype=image.dtype, device=image.device)
         out[:, : crop.shape[1], : crop.shape[2]] = crop
         return out
+
+    @staticmethod
+    def _check(image: Tensor, mask: Tensor) -> None:
+        if mask.shape != image.shape[1:]:
+            raise MaskError(f"mask of shape {tuple(mask.shape)} does not fit an image of {tuple(image.shape[1:])}")
+        if not bool(mask.any()):
+            raise MaskError("cannot encode an empty (zero-area) mask")
 
     def normalised_boxes(self, masks: Tensor, boxes: Tensor | None = None) -> Tensor:
         """[M, H, W] masks (or their ``boxes`` [M, 4] from :meth:`box_of`) -> [M, 4] boxes for

@@ -300,42 +300,65 @@ def _shapes(path: Path) -> dict[str, tuple]:
     return shapes
 
 
-def _vision_config(path: Path, data: dict[str, Any], override: str | Path | None) -> VisionConfig:
-    name = override if override is not None else data.get("mm_vision_tower")
-    if not name:
-        raise CheckpointError(f"{path}/config.json names no mm_vision_tower; pass vision_tower=FOLDER")
-    folder = Path(name) if Path(name).is_absolute() else path / name
-    hf: dict[str, Any] | None = None
-    image_size, mean, std = 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    if (folder / "config.json").is_file():
-        hf = json.loads((folder / "config.json").read_text())
-        hf = hf.get("vision_config", hf) if hf.get("model_type") == "clip" else hf
-        pre = folder / "preprocessor_config.json"
-        if pre.is_file():
-            p = json.loads(pre.read_text())
-            crop = p.get("crop_size", {})
-            image_size = int(crop.get("height", crop) if isinstance(crop, dict) else crop)
-            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
-    elif str(name) in _KNOWN_VISION:
-        hf = dict(_KNOWN_VISION[str(name)])
-    if hf is None:
-        raise CheckpointError(
-            f"{path}/config.json names the vision tower {str(name)!r}, which is neither a local folder nor a known "
-            "hub id; pass vision_tower=FOLDER (a CLIP vision config folder)"
-        )
-    hf = {k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype", "transformers_version", "_name_or_path")}
-    hf["model_type"] = "clip_vision_model"
-    layer = int(data.get("mm_vision_select_layer", -2))
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_clip_folder(folder: Path) -> tuple[dict[str, Any], int, tuple, tuple] | None:
+    """(vision config dict, input size, mean, std) of a local CLIP folder (a whole CLIP or its
+    vision half, with an optional preprocessor_config.json); None when it has no config.json."""
+    if not (folder / "config.json").is_file():
+        return None
+    hf = json.loads((folder / "config.json").read_text())
+    hf = hf.get("vision_config", hf) if hf.get("model_type") == "clip" else hf
+    image_size, mean, std = int(hf.get("image_size", 224)), CLIP_MEAN, CLIP_STD
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        crop = p.get("crop_size", image_size)
+        image_size = int(crop.get("height", image_size) if isinstance(crop, dict) else crop)
+        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+    return hf, image_size, mean, std
+
+
+def clip_vision_config(
+    hf: dict[str, Any], image_size: int, mean: tuple, std: tuple, *, select_layer: int = -2, drop_cls: bool = True,
+    pretrained_path: str | None = None,
+) -> VisionConfig:
+    """A CLIP vision tower read as the released model reads it: hidden states of ``select_layer``,
+    the CLS token for a mask crop, transformers' CLIP preprocessing (centre crop)."""
+    hf = {k: v for k, v in hf.items() if k not in ("model_type", "architectures", "torch_dtype", "transformers_version", "_name_or_path")}
     return VisionConfig(
-        hf_config=hf,
-        select_layer=layer,
-        drop_cls=data.get("mm_vision_select_feature", "patch") == "patch",
+        hf_config={"model_type": "clip_vision_model", **hf},
+        pretrained_path=pretrained_path,
+        select_layer=select_layer,
+        drop_cls=drop_cls,
         pool="cls",
         image_size=image_size,
         resize="center_crop",
         resample="pil",
         mean=mean,
         std=std,
+    )
+
+
+def _vision_config(path: Path, data: dict[str, Any], override: str | Path | None) -> VisionConfig:
+    name = override if override is not None else data.get("mm_vision_tower")
+    if not name:
+        raise CheckpointError(f"{path}/config.json names no mm_vision_tower; pass vision_tower=FOLDER")
+    folder = Path(name) if Path(name).is_absolute() else path / name
+    found = read_clip_folder(folder)
+    if found is None and str(name) in _KNOWN_VISION:
+        found = dict(_KNOWN_VISION[str(name)]), 224, CLIP_MEAN, CLIP_STD
+    if found is None:
+        raise CheckpointError(
+            f"{path}/config.json names the vision tower {str(name)!r}, which is neither a local folder nor a known "
+            "hub id; pass vision_tower=FOLDER (a CLIP vision config folder)"
+        )
+    return clip_vision_config(
+        *found,
+        select_layer=int(data.get("mm_vision_select_layer", -2)),
+        drop_cls=data.get("mm_vision_select_feature", "patch") == "patch",
     )
 
 

@@ -28,9 +28,9 @@ from segllm.decoders.base import (
     SEG,
     Frame,
     MaskDecoder,
+    frame_to_image,
     image_to_frame,
     logits_to_frame,
-    logits_to_image,
     mask_to_frame,
     masks_to_frame,
 )
@@ -355,8 +355,8 @@ class SegLLM(nn.Module):
                 mask = mask_to_frame(mask, frame)
             image = image_to_frame(image, frame)
         predicted = box if cfg.box_source == "decoder" else None
-        crop = self.memory.crop(image, mask, predicted)
-        used = self.memory.box_of(mask, predicted)
+        used = self.memory.box_of(mask, predicted)  # the box both the crop and the box token use
+        crop = self.memory.cut(image, mask, used)
         return self.vision.preprocess(crop), self.memory.normalised_boxes(mask[None], used[None])[0]
 
     def memory_features(self, memory_pixels: Tensor, memory_boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -583,10 +583,11 @@ class SegLLM(nn.Module):
             per_round: list[list[list]] = [[[], [], [], []] for _ in conv.rounds]
             for item in enc.segs:
                 entry = per_round[item.round_index]
-                entry[0].append((logits_to_image(logits[s : s + 1, SEG], fr)[0] > 0).cpu().numpy())
+                frame_logits = logits_to_frame(logits[s : s + 1, SEG], fr)  # computed once for both resolutions
+                entry[0].append((frame_to_image(frame_logits, fr)[0] > 0).cpu().numpy())
                 entry[1].append(float(iou[s, SEG]))
                 if frame:
-                    fm = logits_to_frame(logits[s : s + 1, SEG], fr)[0] > 0
+                    fm = frame_logits[0] > 0
                     entry[2].append(fm.cpu().numpy())
                     box = boxes[s, SEG].float().cpu() if boxes is not None else mask_boxes(fm[None].cpu())[0]
                     entry[3].append(box.numpy())
@@ -686,8 +687,8 @@ class SegLLM(nn.Module):
         feats = decoder_pixels_or_features if features else self.encode_decoder_image(decoder_pixels_or_features)
         prompts = self.prompt_head(seg_hidden.to(self.prompt_head.mlp[0].weight.dtype))
         out = self.decoder(feats, prompts.to(feats.dtype), torch.zeros(S, dtype=torch.long, device=feats.device))
-        logits = logits_to_image(out.mask_logits[:, SEG], frame)
-        masks = logits > 0
+        frame_logits = logits_to_frame(out.mask_logits[:, SEG], frame)  # computed once for both resolutions
+        masks = frame_to_image(frame_logits, frame) > 0
         if self.config.memory.box_source == "decoder" and out.boxes is not None:
             # the decoder's own box (it can differ from the mask's), back in image pixels
             boxes = out.boxes[:, SEG].float().cpu() * (max(h, w) / frame.size)
@@ -695,7 +696,7 @@ class SegLLM(nn.Module):
             boxes = mask_boxes(masks.cpu())
         result = (masks.cpu().numpy(), boxes.numpy().astype(np.float32), out.iou_scores[:, SEG].float().cpu().numpy())
         if frame_masks:
-            return (*result, (logits_to_frame(out.mask_logits[:, SEG], frame) > 0).cpu().numpy())
+            return (*result, (frame_logits > 0).cpu().numpy())
         return result
 
 
