@@ -124,7 +124,8 @@ def segllm_from_llava15(
         target = own[key]
         if key in ("llm.model.embed_tokens.weight", "llm.lm_head.weight") and value.shape[0] < target.shape[0]:
             # the rows of SegLLM's added tokens start at the mean of LLaVA's rows
-            value = torch.cat([value, value.mean(0, keepdim=True).expand(target.shape[0] - value.shape[0], -1)])
+            mean = value.float().mean(0, keepdim=True).to(value.dtype)  # averaged in float32 even for bf16 weights
+            value = torch.cat([value, mean.expand(target.shape[0] - value.shape[0], -1)])
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"{path}: weight {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
         ours[key] = value

@@ -285,7 +285,7 @@ def _read(files: list[Path]) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():
-                    state[k] = fh.get_tensor(k).float()
+                    state[k] = fh.get_tensor(k)  # stored dtype: load_state_dict casts into the model's
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read weights {f}: {e}") from e
     return state
