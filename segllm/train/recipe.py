@@ -93,6 +93,13 @@ class TrainRecipe:
         eval_size: validation conversations per evaluation.
         output_dir: where checkpoints and logs go.
         threads: torch CPU threads per process (0: torch's default).
+        workers: data-loader processes per training process that generate and preprocess the
+            coming batches while the model trains (0: in the training process). Worth it on a
+            GPU, where building batches would otherwise leave the GPU waiting.
+        time_limit_s: a time budget (seconds of training, resumed runs included): training
+            stops with a checkpoint once it is spent, and the cosine schedule runs on the
+            elapsed share of it instead of on steps (``steps`` is then only an upper bound).
+            0: off, the schedule runs on steps.
     """
 
     model: ModelRecipe = field(default_factory=ModelRecipe)
@@ -112,11 +119,16 @@ class TrainRecipe:
     eval_size: int = 200
     output_dir: str = "runs/default"
     threads: int = 0
+    workers: int = 0
+    time_limit_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        for name in ("workers", "time_limit_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -81,16 +81,51 @@ def build_tokenizer(recipe: TrainRecipe, train_set):
     return train_bpe_tokenizer(texts, vocab_size=t.vocab_size)
 
 
-def lr_lambda(recipe: TrainRecipe):
+def lr_lambda(recipe: TrainRecipe, elapsed=None):
+    """The learning-rate factor at an optimizer step: linear warm-up over ``warmup_steps``, then
+    a cosine decay to ``min_lr_ratio``, over the remaining steps or, with a time budget
+    (``recipe.time_limit_s``), over the elapsed share of it (``elapsed()``: seconds so far)."""
     o = recipe.optim
 
     def f(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, recipe.steps - o.warmup_steps))
+        if recipe.time_limit_s and elapsed is not None:
+            progress = min(1.0, elapsed() / recipe.time_limit_s)
+        else:
+            progress = min(1.0, (step - o.warmup_steps) / max(1, recipe.steps - o.warmup_steps))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """The micro-batches of one process from a run's (re)start, in order, for a DataLoader.
+
+    Item j is micro-step ``j % accum`` of optimizer step ``j // accum`` after the start; it holds
+    the conversations at the global data positions that process owns (see the module
+    docstring): ``(number of conversations, Batch or None when all were unusable, the records
+    skipped while building it)``. The skips travel with the item because a data-loader worker
+    counts them in its own copy of the dataset.
+    """
+
+    def __init__(self, data, prepare, *, start: int, batch_size: int, processes: int, rank: int, accum: int, count: int) -> None:
+        self.data, self.prepare = data, prepare
+        self.start, self.batch_size, self.processes, self.rank, self.accum, self.count = start, batch_size, processes, rank, accum, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, j: int):
+        step, micro = divmod(j, self.accum)
+        base = self.start + step * self.processes * self.batch_size * self.accum + (micro * self.processes + self.rank) * self.batch_size
+        before = len(self.data.skipped)
+        convs = [c for i in range(base, base + self.batch_size) if (c := self.data.get(i % len(self.data))) is not None]
+        return len(convs), (self.prepare(convs) if convs else None), self.data.skipped.items[before:]
+
+
+def _keep(item):
+    return item
 
 
 def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> TrainSummary:
@@ -146,6 +181,19 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     model.train()
     if recipe.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
+    end = min(recipe.steps, stop_after) if stop_after is not None else recipe.steps
+    micro_batches = MicroBatches(
+        train_set, model.prepare, start=samples_seen, batch_size=recipe.batch_size, processes=acc.num_processes,
+        rank=acc.process_index, accum=recipe.grad_accum, count=max(0, end - start_step) * recipe.grad_accum,
+    )
+    loader = torch.utils.data.DataLoader(
+        micro_batches, batch_size=None, collate_fn=_keep, num_workers=recipe.workers,
+        prefetch_factor=4 if recipe.workers else None,
+    )
+    # started now, while the model is still on the CPU: the workers fork with a CPU copy of the
+    # preprocessing it does (and never touch the training device)
+    batches = iter(loader)
     sharded = recipe.parallel == "fsdp" and acc.num_processes > 1
     if sharded:
         from segllm.train import fsdp
@@ -161,11 +209,15 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
             fsdp.load_full_optimizer_state(model, opt, read_optimizer_state(last / "optimizer.safetensors"))
         else:
             load_optimizer(opt, last / "optimizer.safetensors")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe), last_epoch=start_step - 1)
+    t_start = time.time() - history.get("elapsed_s", 0.0)  # a resumed run continues its time budget
+
+    def elapsed() -> float:
+        return time.time() - t_start
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe, elapsed), last_epoch=start_step - 1)
     if not sharded:  # FSDP shards above; accelerate would wrap the model in DDP
         model, opt = acc.prepare(model, opt)
     core = acc.unwrap_model(model)
-    per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
     summary = TrainSummary(start_step, output_dir=str(out), evals=list(history["evals"]))
     bar = tqdm(total=recipe.steps, initial=start_step, disable=not (progress and acc.is_main_process), unit="step", desc="train")
     log_file = out / "log.jsonl"
@@ -173,16 +225,17 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         out.mkdir(parents=True, exist_ok=True)
     t0, seen0 = time.time(), 0
     step = start_step
-    end = min(recipe.steps, stop_after) if stop_after is not None else recipe.steps
-    while step < end:
+    timed_out = False
+    while step < end and not timed_out:
         terms: dict[str, float] = {}
         for micro in range(recipe.grad_accum):
-            base = samples_seen + (micro * acc.num_processes + acc.process_index) * recipe.batch_size
-            convs = [c for i in range(base, base + recipe.batch_size) if (c := train_set.get(i % len(train_set))) is not None]
+            n_convs, batch, skips = next(batches)
+            if recipe.workers:  # counted in a worker's copy of the dataset
+                train_set.skipped.items.extend(skips)
             torch.manual_seed(recipe.seed * 1_000_003 + step * 1009 + acc.process_index * 31 + micro)
-            if not convs:
+            if batch is None:
                 continue
-            batch = core.prepare(convs).to(acc.device)
+            batch = batch.to(acc.device)
             with acc.accumulate(model):
                 res = model(batch)
                 acc.backward(res.loss)
@@ -192,19 +245,24 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
                 opt.zero_grad()
             for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss"):
                 terms[name] = terms.get(name, 0.0) + float(getattr(res, name).detach()) / recipe.grad_accum
-            seen0 += len(convs)
+            seen0 += n_convs
         sched.step()
         samples_seen += per_step
         step += 1
+        history["elapsed_s"] = elapsed()
+        if recipe.time_limit_s:
+            # every process must stop at the same step: the main process's clock decides
+            flag = torch.tensor([float(elapsed() >= recipe.time_limit_s)], device=acc.device)
+            timed_out = bool(acc.reduce(flag, reduction="max").item()) if acc.num_processes > 1 else bool(flag.item())
         summary.losses.append(terms.get("loss", float("nan")))
         if acc.is_main_process:
             bar.update(1)
-            if step % recipe.log_every == 0 or step == recipe.steps:
+            if step % recipe.log_every == 0 or step == recipe.steps or timed_out:
                 rate = seen0 * acc.num_processes / max(1e-9, time.time() - t0)
                 bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}", conv_s=f"{rate:.1f}")
                 with log_file.open("a") as f:
                     f.write(json.dumps({"step": step, "lr": sched.get_last_lr()[0], "conv_per_s": rate, **terms}) + "\n")
-        if recipe.eval_every and (step % recipe.eval_every == 0 or step == recipe.steps):
+        if recipe.eval_every and (step % recipe.eval_every == 0 or step == recipe.steps or timed_out):
             if acc.is_main_process or sharded:  # sharded: every process takes part in each forward
                 with (fsdp.unsharded(core) if sharded else contextlib.nullcontext()):
                     res_eval = evaluate(core, val_set, protocol="oracle", limit=recipe.eval_size, batch_size=recipe.batch_size)
@@ -218,9 +276,11 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
                     bar.write(f"step {step}: val cIoU per round {rounds}")
             acc.wait_for_everyone()
             core.train()
-        if (recipe.save_every and (step % recipe.save_every == 0 or step == recipe.steps)) or step == end:
+        if (recipe.save_every and (step % recipe.save_every == 0 or step == recipe.steps)) or step == end or timed_out:
             _save(acc, core, opt, out, {"step": step, "samples_seen": samples_seen, "recipe": recipe.to_dict(), "history": history, "processes": acc.num_processes}, sharded=sharded)
     bar.close()
+    if timed_out and acc.is_main_process:
+        log.info("time budget of %.0f s spent at step %d", recipe.time_limit_s, step)
     summary.steps = step
     summary.skipped = len(train_set.skipped) + len(val_set.skipped)
     if summary.skipped and acc.is_main_process:

@@ -158,3 +158,28 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, monkeypatch):
         losses.append(train(recipe, progress=False).losses)
         assert bool(calls) == flag  # the LLM's layers ran through activation checkpointing
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_data_loader_workers_give_the_same_run(tmp_path):
+    """Batches built ahead in worker processes are the batches the main process would build."""
+    inline = train(_recipe(tmp_path / "a", steps=4, eval_every=0), progress=False)
+    ahead = train(_recipe(tmp_path / "b", steps=4, eval_every=0, workers=2), progress=False)
+    assert ahead.losses == pytest.approx(inline.losses, rel=1e-5)
+
+
+def test_time_budget_stops_with_a_checkpoint_and_anneals(tmp_path):
+    from segllm.train.trainer import lr_lambda
+
+    # a budget spent after the first step: one step, then a checkpoint and an evaluation
+    summary = train(_recipe(tmp_path, steps=1000, time_limit_s=1e-3, eval_every=0), progress=False)
+    assert summary.steps == 1
+    state = json.loads((tmp_path / "run" / "checkpoint-last" / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["history"]["elapsed_s"] > 1e-3
+    # the cosine runs on the elapsed share of the budget, not on the 1000 steps
+    r = _recipe(tmp_path, steps=1000, time_limit_s=100.0)
+    half, done = lr_lambda(r, lambda: 50.0), lr_lambda(r, lambda: 100.0)
+    w = r.optim.warmup_steps
+    assert half(w + 1) == pytest.approx(r.optim.min_lr_ratio + (1 - r.optim.min_lr_ratio) * 0.5)
+    assert done(w + 1) == pytest.approx(r.optim.min_lr_ratio)
+    with pytest.raises(ConfigError, match="time_limit_s"):
+        _recipe(tmp_path, time_limit_s=-1)
