@@ -43,6 +43,11 @@ class MixedConversations:
         # sampling is with replacement: indices never run out (the trainer takes i % len)
         return 2**62
 
+    @property
+    def epoch_size(self) -> int:
+        """Conversations in one pass over the mix: those of all sources together."""
+        return sum(len(s) for s in self.sources)
+
     def source_of(self, index: int) -> int:
         """Which source global sample ``index`` is drawn from (the same for a whole step)."""
         step = index // self.global_batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,25 @@ from typing import Any, Literal
 
 from segllm.config import LoraConfig, SegLLMConfig, from_dict
 from segllm.errors import ConfigError
+
+
+@dataclass
+class LlavaInit:
+    """Start from a LLaVA-1.5 checkpoint folder, as the released recipes do (see
+    :func:`segllm.model.llava.segllm_from_llava15`).
+
+    Attributes:
+        path: the LLaVA-1.5 folder (the original layout or transformers' llava-hf one).
+        vision_tower: a local CLIP ViT-L/14 folder (224 px, as released).
+        hipie_weights: HIPIE-R50's starting weights as a safetensors file (None: random).
+        hipie: changes to the decoder's configuration (:class:`HipieDecoderConfig` fields, e.g.
+            a smaller HIPIE for trials); empty: the released HIPIE-R50.
+    """
+
+    path: str | None = None
+    vision_tower: str | None = None
+    hipie_weights: str | None = None
+    hipie: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -24,6 +44,9 @@ class ModelRecipe:
         init: a checkpoint folder to start from instead of random weights.
         lora: LoRA adapters on the LLM (``lora.r`` > 0): then only the adapters of the LLM
             train; fold them in afterwards with ``segllm merge-lora``.
+        llava: start from a LLaVA-1.5 folder (``llava.path``) instead of a preset.
+        max_length: the longest conversation in tokens (0: the LLM's context); a longer one
+            is an error naming its length, as at inference.
     """
 
     preset: Literal["tiny", "small"] = "small"
@@ -31,6 +54,21 @@ class ModelRecipe:
     memory: bool = True
     init: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
+    llava: LlavaInit = field(default_factory=LlavaInit)
+    max_length: int = 0
+
+    def __post_init__(self) -> None:
+        if self.llava.path and (self.init or self.config):
+            raise ConfigError("model.llava.path cannot be combined with model.init or model.config")
+        if self.llava.path and not self.llava.vision_tower:
+            raise ConfigError("model.llava.path needs model.llava.vision_tower (a local CLIP folder)")
+        if self.llava.hipie:
+            from segllm.decoders.hipie import HipieDecoderConfig
+
+            try:
+                from_dict(HipieDecoderConfig, self.llava.hipie)
+            except ConfigError as e:
+                raise ConfigError(f"model.llava.hipie: {e}") from e
 
 
 @dataclass
@@ -68,10 +106,17 @@ class DataRecipe:
 
 @dataclass
 class OptimRecipe:
+    """AdamW with a linear warm-up and a cosine decay to ``min_lr_ratio`` x ``lr``.
+
+    ``warmup_ratio`` > 0 sets the warm-up as a share of the run's steps instead of
+    ``warmup_steps`` (the released recipes warm up over 3%).
+    """
+
     lr: float = 5e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
 
@@ -82,6 +127,9 @@ class TrainRecipe:
 
     Attributes:
         steps: optimizer steps.
+        epochs: when > 0, the run's length in passes over the training data instead of
+            ``steps``: steps = ceil(epochs x conversations / global batch), where a mix counts
+            the conversations of all its sources (as the released recipes' epochs do).
         batch_size: conversations per process per micro-step.
         grad_accum: micro-steps per optimizer step.
         mixed_precision: "no", "bf16" or "fp16" (accelerate).
@@ -107,6 +155,7 @@ class TrainRecipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     optim: OptimRecipe = field(default_factory=OptimRecipe)
     steps: int = 5000
+    epochs: float = 0.0
     batch_size: int = 8
     grad_accum: int = 1
     seed: int = 0
@@ -126,9 +175,20 @@ class TrainRecipe:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        for name in ("workers", "time_limit_s"):
+        for name in ("workers", "time_limit_s", "epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
+
+    def resolved(self, conversations: int, processes: int) -> TrainRecipe:
+        """This recipe with ``epochs`` and ``optim.warmup_ratio`` turned into step counts, for
+        ``conversations`` training conversations and ``processes`` training processes."""
+        r = copy.deepcopy(self)
+        if r.epochs:
+            global_batch = r.batch_size * processes * r.grad_accum
+            r.steps = max(1, math.ceil(r.epochs * conversations / global_batch))
+        if r.optim.warmup_ratio:
+            r.optim.warmup_steps = max(1, round(r.optim.warmup_ratio * r.steps))
+        return r
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

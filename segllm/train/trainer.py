@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +157,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     out = Path(recipe.output_dir)
     last = out / LAST
     train_set, val_set = build_datasets(recipe, processes=acc.num_processes)
+    recipe = recipe.resolved(getattr(train_set, "epoch_size", None) or len(train_set), acc.num_processes)
     start_step, samples_seen, history = 0, 0, {"evals": []}
     if resume and (last / "trainer_state.json").is_file():
         state = json.loads((last / "trainer_state.json").read_text())
@@ -168,7 +168,15 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     elif resume:
         raise FileNotFoundError(f"--resume: no checkpoint at {last}")
     else:
-        if recipe.model.init:
+        if recipe.model.llava.path:
+            from segllm.config import from_dict
+            from segllm.decoders.hipie import HipieDecoderConfig
+            from segllm.model.llava import segllm_from_llava15
+
+            li = recipe.model.llava
+            hipie = from_dict(HipieDecoderConfig, li.hipie)
+            model = segllm_from_llava15(li.path, vision_tower=li.vision_tower, hipie=hipie, hipie_weights=li.hipie_weights, seed=recipe.seed)
+        elif recipe.model.init:
             model = load_pretrained(recipe.model.init)
             if recipe.model.lora.r and not model.config.llm.lora.r:
                 model.add_lora(recipe.model.lora)
@@ -177,6 +185,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
             torch.manual_seed(recipe.seed)
             model = build_segllm(recipe.model_config(len(tokenizer)), tokenizer)
         model.config.memory.enabled = recipe.model.memory
+        if recipe.model.max_length:
+            model.config.template.max_length = model.processor.max_length = recipe.model.max_length
     model.set_trainable()
     model.train()
     if recipe.gradient_checkpointing:
@@ -195,6 +205,10 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     # preprocessing it does (and never touch the training device)
     batches = iter(loader)
     sharded = recipe.parallel == "fsdp" and acc.num_processes > 1
+    # DeepSpeed comes from `accelerate launch --config_file` (configs/accelerate/deepspeed_zero2.yaml)
+    deepspeed = acc.state.deepspeed_plugin is not None
+    if deepspeed and sharded:
+        raise ValueError("parallel = 'fsdp' and a DeepSpeed launch exclude each other: choose one")
     if sharded:
         from segllm.train import fsdp
 
@@ -207,7 +221,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
             from segllm.train.state import read_optimizer_state
 
             fsdp.load_full_optimizer_state(model, opt, read_optimizer_state(last / "optimizer.safetensors"))
-        else:
+        elif not deepspeed:  # DeepSpeed's optimizer state is loaded once it wraps the optimizer
             load_optimizer(opt, last / "optimizer.safetensors")
     t_start = time.time() - history.get("elapsed_s", 0.0)  # a resumed run continues its time budget
 
@@ -215,8 +229,16 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         return time.time() - t_start
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe, elapsed), last_epoch=start_step - 1)
+    if deepspeed:
+        # our batches do not pass through accelerate, so DeepSpeed learns their size here; the
+        # recipe's clipping replaces DeepSpeed's default (1.0)
+        ds_config = acc.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = recipe.batch_size
+        ds_config["gradient_clipping"] = o.grad_clip
     if not sharded:  # FSDP shards above; accelerate would wrap the model in DDP
         model, opt = acc.prepare(model, opt)
+    if deepspeed and start_step:
+        acc.load_state(str(last / "deepspeed"))
     core = acc.unwrap_model(model)
     summary = TrainSummary(start_step, output_dir=str(out), evals=list(history["evals"]))
     bar = tqdm(total=recipe.steps, initial=start_step, disable=not (progress and acc.is_main_process), unit="step", desc="train")
@@ -277,7 +299,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
             acc.wait_for_everyone()
             core.train()
         if (recipe.save_every and (step % recipe.save_every == 0 or step == recipe.steps)) or step == end or timed_out:
-            _save(acc, core, opt, out, {"step": step, "samples_seen": samples_seen, "recipe": recipe.to_dict(), "history": history, "processes": acc.num_processes}, sharded=sharded)
+            _save(acc, core, opt, out, {"step": step, "samples_seen": samples_seen, "recipe": recipe.to_dict(), "history": history, "processes": acc.num_processes}, sharded=sharded, deepspeed=deepspeed)
     bar.close()
     if timed_out and acc.is_main_process:
         log.info("time budget of %.0f s spent at step %d", recipe.time_limit_s, step)
@@ -289,11 +311,14 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     return summary
 
 
-def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False) -> None:
+def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False, deepspeed: bool = False) -> None:
     """Write checkpoint-last atomically: a crash loses at most the steps since the last save.
 
     Sharded (FSDP) runs gather the full model and optimizer state first (every process takes
-    part), so the files are the same as an unsharded run's."""
+    part), so the files are the same as an unsharded run's. DeepSpeed runs keep the optimizer
+    state in DeepSpeed's own sharded format (``deepspeed/``, written by every process through
+    accelerate); their model folder is the usual one (ZeRO-2 keeps whole parameters everywhere).
+    """
     from segllm.checkpoint import usual_permissions
     from segllm.train.state import save_optimizer, save_optimizer_state
 
@@ -303,16 +328,23 @@ def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False) -> N
         from segllm.train import fsdp
 
         model_state, opt_state = fsdp.full_model_state(core), fsdp.full_optimizer_state(core, opt)
+    # a name every process knows, so that all of them can write into it (DeepSpeed)
+    tmp = out / f".ckpt.{state['step']}"
     if acc.is_main_process:
-        tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=out))
-        try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    try:
+        if deepspeed:
+            acc.save_state(str(tmp / "deepspeed"))
+        if acc.is_main_process:
             core.save_pretrained(tmp / "model", extra={"step": state["step"]}, state_dict=model_state)
             if opt_state is not None:
                 save_optimizer_state(opt_state, tmp / "optimizer.safetensors")
-            else:
+            elif not deepspeed:
                 save_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt, tmp / "optimizer.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            usual_permissions(tmp)  # mkdtemp made it private
+            usual_permissions(tmp)
             old = out / ".checkpoint-old"
             if old.exists():
                 shutil.rmtree(old)
@@ -320,7 +352,8 @@ def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False) -> N
                 os.replace(out / LAST, old)
             os.replace(tmp, out / LAST)
             shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
+    except BaseException:
+        if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        raise
     acc.wait_for_everyone()
