@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     ml.add_argument("checkpoint", help="a checkpoint folder trained with LoRA")
     ml.add_argument("out", help="folder for the merged checkpoint")
     ml.set_defaults(func=_merge_lora)
+
+    cv = sub.add_parser("convert-weights", help="a PyTorch pickle of weights (.pth) -> safetensors (read with the restricted unpickler)")
+    cv.add_argument("src", help="the .pth/.pt/.bin file, e.g. HIPIE-R50's r50_parts.pth")
+    cv.add_argument("dst", help="the safetensors file to write")
+    cv.add_argument("--key", default=None, help="the entry holding the weights (default: 'model' or 'state_dict' if present)")
+    cv.set_defaults(func=_convert_weights)
 
     dm = sub.add_parser("demo", help="a web demo (Gradio) on localhost")
     dm.add_argument("--checkpoint", help="model folder (default: the bundled model)")
@@ -233,6 +240,14 @@ def _train(args: argparse.Namespace) -> int:
     recipe = TrainRecipe.load(args.recipe, overrides)
     summary = train(recipe, resume=args.resume)
     print(f"trained to step {summary.steps}; checkpoint in {recipe.output_dir}/checkpoint-last/model")
+    return 0
+
+
+def _convert_weights(args: argparse.Namespace) -> int:
+    from segllm.convert import pickle_to_safetensors
+
+    shapes = pickle_to_safetensors(args.src, args.dst, key=args.key)
+    print(f"wrote {len(shapes)} tensors ({sum(math.prod(s) for s in shapes.values()):,} values) to {args.dst}")
     return 0
 
 
