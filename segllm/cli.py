@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(func=_eval)
 
-    pa = sub.add_parser("parts", help="write the real pretrained parts (SmolLM2 LLM, DINOv2 vision tower) as transformers folders")
-    pa.add_argument("out", help="folder to write llm/ and vision/ into (the real-parts recipe expects parts/)")
+    pa = sub.add_parser("parts", help="write the real pretrained parts (SmolLM2 LLM, DINOv2 vision tower, LiteMedSAM decoder) into a folder")
+    pa.add_argument("out", help="folder to write llm/, vision/ and decoder/ into (the real-parts recipe expects parts/)")
     pa.set_defaults(func=_parts)
 
     ml = sub.add_parser("merge-lora", help="fold a checkpoint's LoRA adapters into plain LLM weights")
@@ -255,7 +255,7 @@ def _parts(args: argparse.Namespace) -> int:
     from segllm.model.parts import write_parts
 
     paths = write_parts(args.out)
-    print(f"wrote the LLM to {paths['llm']} and the vision tower to {paths['vision']}")
+    print(f"wrote the LLM to {paths['llm']}, the vision tower to {paths['vision']} and the decoder to {paths['decoder']}")
     return 0
 
 
