@@ -257,7 +257,18 @@ class TemplateConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of the training loss terms."""
+    """Weights of the training loss terms.
+
+    ``set_prediction`` (HIPIE decoder only) replaces the mask terms above by HIPIE's own
+    set-prediction losses, as the released model was trained (see
+    :mod:`segllm.decoders.hipie.criterion`): queries matched to the [REF] and [SEG] targets
+    (``set_matcher``), then token focal loss ``set_class``, box L1 ``set_l1`` and GIoU
+    ``set_giou``, mask focal ``set_mask`` and Dice ``set_dice`` on every decoder layer, the
+    denoising queries (``set_denoising``) and the two-stage proposals (no mask terms there),
+    and the IoU branch ``set_box_iou``. ``set_max_rounds`` > 0 decodes and supervises only that
+    many randomly chosen ``<seg>`` per conversation (the release: 2). ``prompt_l2`` adds that
+    times the mean square of the decoded prompt tokens (the release: 1e-3).
+    """
 
     lm: float = 1.0
     mask: Literal["bce", "focal"] = "bce"
@@ -268,6 +279,17 @@ class LossConfig:
     box_weight: float = 0.0  # L1 + GIoU on the decoder's boxes (needs decoder.box_head)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    set_prediction: bool = False
+    set_class: float = 2.0
+    set_l1: float = 5.0
+    set_giou: float = 2.0
+    set_mask: float = 5.0
+    set_dice: float = 5.0
+    set_box_iou: float = 1.0
+    set_matcher: Literal["ota", "hungarian"] = "ota"
+    set_denoising: bool = True
+    set_max_rounds: int = 0
+    prompt_l2: float = 0.0
 
 
 PART_NAMES = ("vision", "projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,11 +62,15 @@ class DecoderOutput:
             the model's confidence).
         boxes: optional [N, 2, 4] (x0, y0, x1, y1) box of each channel's mask in the padded
             square frame, in input pixels, for decoders that predict boxes (HIPIE); None otherwise.
+        set_outputs: optional decoder-specific per-query predictions for set-prediction
+            training losses (HIPIE: :class:`~segllm.decoders.hipie.decoder.HipieSetOutputs`),
+            only when the caller asks for them; None otherwise.
     """
 
     mask_logits: Tensor
     iou_scores: Tensor
     boxes: Tensor | None = None
+    set_outputs: Any = None
 
 
 def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Tensor:

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from segllm.config import (
     HipieDecoderConfig,
     LLMConfig,
+    LossConfig,
     MemoryConfig,
     ProjectorConfig,
     PromptHeadConfig,
@@ -162,6 +163,9 @@ def released_like_config(vision: VisionConfig, hf_llm: dict[str, Any], decoder: 
         inject="add",
         # the released recipe: vision tower, token embeddings and LM head stay frozen
         trainable=("llm", "projector", "memory", "prompt_head", "decoder_encoder", "decoder"),
+        # the released losses: token cross-entropy + HIPIE's set-prediction losses on at most 2
+        # <seg> per conversation (its segmentator's max_rounds) + 1e-3 * mean(prompt^2)
+        loss=LossConfig(set_prediction=True, set_max_rounds=2, prompt_l2=1e-3),
     )
 
 

@@ -26,6 +26,7 @@ from segllm.conversation import Conversation, Round
 from segllm.decoders.base import (
     REF,
     SEG,
+    DecoderOutput,
     Frame,
     MaskDecoder,
     frame_to_image,
@@ -34,7 +35,15 @@ from segllm.decoders.base import (
     mask_to_frame,
     masks_to_frame,
 )
-from segllm.errors import ConversationError, PlaceholderMismatchError
+from segllm.decoders.hipie import HipieDecoder
+from segllm.decoders.hipie.criterion import (
+    REF_LABEL,
+    SEG_LABEL,
+    HipieSetCriterion,
+    SetTarget,
+    make_denoising_queries,
+)
+from segllm.errors import ConfigError, ConversationError, PlaceholderMismatchError
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
 from segllm.model.vision import VisionTower
@@ -92,8 +101,9 @@ class Batch:
 class SegLLMOutput:
     """Training forward output. Every ``*_loss`` is a scalar tensor (zero when not applicable).
 
-    ``mask_logits``: [S, 2, h, w] decoder logits per ``<seg>`` ([REF], [SEG] channels);
-    ``iou_scores``: [S, 2].
+    ``mask_logits``: [S, 2, h, w] decoder logits per decoded ``<seg>`` ([REF], [SEG] channels);
+    ``iou_scores``: [S, 2]. ``set_terms``: with ``loss.set_prediction``, every weighted term
+    (``class``, ``l1``, ``giou``, ``mask``, ``dice``, ``box_iou``, ``prompt_l2``).
     """
 
     loss: Tensor
@@ -105,6 +115,7 @@ class SegLLMOutput:
     mask_logits: Tensor
     iou_scores: Tensor
     box_loss: Tensor | None = None
+    set_terms: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -458,7 +469,13 @@ class SegLLM(nn.Module):
 
     # -- training --------------------------------------------------------------------------
     def forward(self, batch: Batch) -> SegLLMOutput:
-        """Training forward: token cross-entropy on answers plus mask losses for every ``<seg>``."""
+        """Training forward: token cross-entropy on answers plus mask losses for every ``<seg>``.
+
+        With ``config.loss.set_prediction`` (HIPIE decoder) the mask losses are HIPIE's
+        set-prediction losses plus ``prompt_l2`` times the mean square of the prompt tokens, as
+        the released model was trained; with ``set_max_rounds`` only the chosen ``<seg>`` are
+        decoded, and ``mask_logits``/``iou_scores`` hold those rows (in ``<seg>`` order).
+        """
         cfg = self.config.loss
         embeds = self.embed(batch)
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
@@ -470,6 +487,8 @@ class SegLLM(nn.Module):
             lm_loss = F.cross_entropy(logits.float(), labels[sel])
         else:
             lm_loss = zero
+        if cfg.set_prediction:
+            return self._set_prediction_forward(hidden, batch, lm_loss, zero)
         mask_logits, iou, boxes = self._decode(hidden, batch)
         S = mask_logits.shape[0]
         if S and batch.seg_targets is not None:
@@ -505,13 +524,71 @@ class SegLLM(nn.Module):
         )
         return SegLLMOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou, b_loss)
 
+    def _set_prediction_forward(self, hidden: Tensor, batch: Batch, lm_loss: Tensor, zero: Tensor) -> SegLLMOutput:
+        """The loss section with HIPIE's set-prediction losses (see :meth:`forward`)."""
+        cfg = self.config.loss
+        if not isinstance(self.decoder, HipieDecoder):
+            raise ConfigError(f"loss.set_prediction needs the HIPIE decoder, not {type(self.decoder).__name__}")
+        keep = _pick_rounds(batch.seg_batch, cfg.set_max_rounds)
+        targets = None
+        if keep.numel() and batch.seg_targets is not None:
+            targets = _set_targets(batch, keep, next(self.decoder.parameters()).device)
+        out, prompts = self._run_decoder(hidden, batch, keep, targets)
+        terms = dict.fromkeys(("class", "l1", "giou", "mask", "dice", "box_iou", "prompt_l2"), zero)
+        if targets is not None:
+            criterion = HipieSetCriterion(
+                num_ref_tokens=self.decoder.num_ref_tokens,
+                class_weight=cfg.set_class,
+                l1_weight=cfg.set_l1,
+                giou_weight=cfg.set_giou,
+                mask_weight=cfg.set_mask,
+                dice_weight=cfg.set_dice,
+                box_iou_weight=cfg.set_box_iou,
+                matcher=cfg.set_matcher,
+                focal_alpha=cfg.focal_alpha,
+                focal_gamma=cfg.focal_gamma,
+            )
+            terms.update(criterion(self.decoder, out.set_outputs, targets).terms)
+            terms["prompt_l2"] = cfg.prompt_l2 * prompts.float().square().mean()
+        loss = cfg.lm * lm_loss + sum(terms.values())
+        return SegLLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            mask_loss=terms["mask"],
+            dice_loss=terms["dice"],
+            ref_loss=zero,  # [REF] is one of the set's classes here, inside the other terms
+            iou_loss=terms["box_iou"],
+            mask_logits=out.mask_logits,
+            iou_scores=out.iou_scores,
+            box_loss=terms["l1"] + terms["giou"],
+            set_terms=terms,
+        )
+
     def _decode(self, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
         """Mask logits [S, 2, h, w], IoU scores [S, 2] and boxes [S, 2, 4] or None for every ``<seg>``."""
-        seg_hidden = hidden[batch.seg_batch, batch.seg_pos - 1]  # the state that predicts <seg>
+        out, _ = self._run_decoder(hidden, batch)
+        return out.mask_logits, out.iou_scores, out.boxes
+
+    def _run_decoder(
+        self, hidden: Tensor, batch: Batch, index: Tensor | None = None, targets: list[SetTarget] | None = None
+    ) -> tuple[DecoderOutput, Tensor]:
+        """Decode the ``<seg>`` rows ``index`` (default: every one).
+
+        Returns the decoder's output (mask logits [S, 2, h, w], IoU scores [S, 2], boxes
+        [S, 2, 4] or None) and the prompt tokens [S, K, D]. With set-prediction ``targets`` (one
+        per decoded row; HIPIE) it also runs the denoising queries (``loss.set_denoising``) and
+        returns every layer's predictions in ``set_outputs``.
+        """
+        seg_batch = batch.seg_batch if index is None else batch.seg_batch[index]
+        seg_pos = batch.seg_pos if index is None else batch.seg_pos[index]
+        seg_hidden = hidden[seg_batch, seg_pos - 1]  # the state that predicts <seg>
         prompts = self.prompt_head(seg_hidden)
         feats = self.encode_decoder_image(batch.decoder_pixels)
-        out = self.decoder(feats, prompts.to(feats.dtype), batch.seg_batch)
-        return out.mask_logits, out.iou_scores, out.boxes
+        if targets is None:
+            return self.decoder(feats, prompts.to(feats.dtype), seg_batch), prompts
+        denoising = make_denoising_queries(targets) if self.config.loss.set_denoising else None
+        out = self.decoder(feats, prompts.to(feats.dtype), seg_batch, denoising=denoising, set_outputs=True)
+        return out, prompts
 
     def encode_decoder_image(self, pixels: Tensor) -> Tensor:
         """[B, 3, Sd, Sd] -> the decoder's image features (computed once per image at inference)."""
@@ -707,6 +784,34 @@ def _frame_targets(masks: list[Tensor], per_conv: list[int], frames: list[Frame]
             res.append(masks_to_frame(torch.stack(masks[i : i + n]), fr, out))
         i += n
     return torch.cat(res)
+
+
+def _pick_rounds(seg_batch: Tensor, most: int) -> Tensor:
+    """Indices of the ``<seg>`` rows to decode, ascending: all of them, or (``most`` > 0) at most
+    ``most`` per conversation drawn at random, as the release limits HIPIE's training inputs."""
+    rows = torch.arange(seg_batch.numel())
+    if most <= 0 or not rows.numel():
+        return rows
+    conv = seg_batch.cpu()
+    keep = []
+    for b in conv.unique():
+        mine = rows[conv == b]
+        keep.append(mine[torch.randperm(mine.numel())[:most]] if mine.numel() > most else mine)
+    return torch.cat(keep).sort().values
+
+
+def _set_targets(batch: Batch, index: Tensor, device: torch.device) -> list[SetTarget]:
+    """The set-prediction targets of the ``<seg>`` rows ``index``: [REF] (when the round refers
+    to an earlier mask) then [SEG], from the soft masks in the decoder's output frame."""
+    seg = batch.seg_targets[index].to(device)
+    ref = batch.ref_targets[index].to(device)
+    out = []
+    for s, r, has_ref in zip(seg, ref, batch.has_ref[index].tolist()):
+        if has_ref:
+            out.append(SetTarget.from_masks([REF_LABEL, SEG_LABEL], torch.stack([r, s])))
+        else:
+            out.append(SetTarget.from_masks([SEG_LABEL], s[None]))
+    return out
 
 
 def _unique(params) -> list[nn.Parameter]:

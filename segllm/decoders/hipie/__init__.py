@@ -4,8 +4,9 @@ Files by concept: :mod:`.config` (hyperparameters), :mod:`.backbone` (ResNet-50,
 sine positions), :mod:`.deform_attn` (multi-scale deformable attention with ``grid_sample``),
 :mod:`.fusion` (bidirectional vision-language attention), :mod:`.transformer` (encoder,
 two-stage query selection, refining decoder), :mod:`.heads` (token alignment, objectness,
-CondInst mask head), :mod:`.postprocess` (scores, NMS, ranking) and :mod:`.decoder` (the
-:class:`~segllm.decoders.base.MaskDecoder` and the released-checkpoint loader).
+CondInst mask head), :mod:`.postprocess` (scores, NMS, ranking), :mod:`.decoder` (the
+:class:`~segllm.decoders.base.MaskDecoder` and the released-checkpoint loader) and
+:mod:`.criterion` (HIPIE's set-prediction training losses).
 """
 
 from segllm.decoders.hipie.config import HipieDecoderConfig

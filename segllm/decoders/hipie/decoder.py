@@ -48,11 +48,14 @@ from segllm.errors import CheckpointError, ImageError
 
 __all__ = [
     "DeformableDetr",
+    "DenoisingQueries",
     "HipieDecoder",
     "HipieImageEncoder",
     "HipieImageFeatures",
     "HipieRawOutput",
     "HipieSegmenter",
+    "HipieSetOutputs",
+    "LayerPredictions",
     "load_released_hipie",
 ]
 
@@ -86,6 +89,66 @@ class HipieImageFeatures:
 
 
 @dataclass
+class DenoisingQueries:
+    """Training only: P denoising queries per prompt (HIPIE's DINO-style "GT" queries).
+
+    Each holds a noised ground-truth box; its content is the prompt's pooled tokens through
+    ``detr.resizer`` (the same for every target of a prompt). Slots that hold no target (a
+    prompt with fewer targets than the batch's most) have zero content and box logits 0.
+
+    Attributes:
+        boxes: [N, P, 4] (cx, cy, w, h) normalised to the input frame; 0.5 in empty slots.
+        filled: [N, P] bool, whether the slot holds a target.
+    """
+
+    boxes: Tensor
+    filled: Tensor
+
+
+@dataclass
+class LayerPredictions:
+    """Predictions of a set of Q queries after each of L decoder layers (for the losses).
+
+    Attributes:
+        logits: [L, N, Q, T] query x prompt-token logits.
+        boxes: [L, N, Q, 4] (cx, cy, w, h) normalised.
+        ious: [L, N, Q, 1] IoU-branch logits.
+        hs: [L, N, Q, C] query states (the dynamic mask head's input).
+        centres: [L, N, Q, 2] (x, y) normalised centres of the boxes each layer started from
+            (where the mask head centres its relative coordinates).
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    ious: Tensor
+    hs: Tensor
+    centres: Tensor
+
+
+@dataclass
+class HipieSetOutputs:
+    """What the set-prediction criterion needs (see :mod:`segllm.decoders.hipie.criterion`).
+
+    Attributes:
+        queries: every decoder layer's predictions of all Q queries (``num_bg_queries``
+            background ones first).
+        denoising: the same for the denoising queries, when some were given.
+        mask_features: [N, C/32, S/8, S/8] input of the dynamic mask head.
+        enc_logits: [N, S_tok, 1] two-stage proposal objectness logits, one per encoder token.
+        enc_boxes: [N, S_tok, 4] proposal boxes (cx, cy, w, h) normalised; 1.0 everywhere for
+            the tokens whose anchor box is unusable (their logit-space box is +inf).
+        num_bg_queries: background queries at the front of ``queries``.
+    """
+
+    queries: LayerPredictions
+    denoising: LayerPredictions | None
+    mask_features: Tensor
+    enc_logits: Tensor
+    enc_boxes: Tensor
+    num_bg_queries: int
+
+
+@dataclass
 class HipieRawOutput:
     """Per-query predictions for N prompts (all Q queries, background ones first).
 
@@ -97,6 +160,7 @@ class HipieRawOutput:
         reference_points: [N, Q, 2] query centres (normalised) used by the mask head.
         instances: per prompt, the post-processed foreground detections.
         transformer: the transformer's intermediate results.
+        set_outputs: every layer's predictions for the training losses (when asked for).
     """
 
     pred_logits: Tensor
@@ -106,6 +170,7 @@ class HipieRawOutput:
     reference_points: Tensor
     instances: list[Instances]
     transformer: TransformerOutput
+    set_outputs: HipieSetOutputs | None = None
 
 
 class DeformableDetr(nn.Module):
@@ -247,13 +312,25 @@ class HipieDecoder(MaskDecoder):
         """
         return self.image_encoder(pixels, keep_backbone=keep_backbone)
 
-    def forward(self, image_features: HipieImageFeatures, prompts: Tensor, batch_index: Tensor) -> DecoderOutput:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self,
+        image_features: HipieImageFeatures,
+        prompts: Tensor,
+        batch_index: Tensor,
+        *,
+        denoising: DenoisingQueries | None = None,
+        set_outputs: bool = False,
+    ) -> DecoderOutput:
         """Decode N prompts.
 
         Args:
             image_features: from :meth:`encode_image`.
             prompts: [N, 8, 768] prompt tokens.
             batch_index: [N] long, image of each prompt.
+            denoising: training only: denoising queries to run alongside (they never change
+                the other outputs).
+            set_outputs: also return every layer's per-query predictions for the
+                set-prediction losses, in ``DecoderOutput.set_outputs`` (a :class:`HipieSetOutputs`).
 
         Returns:
             :class:`DecoderOutput` with ``mask_logits`` [N, 2, S/4, S/4] (channel SEG = the best
@@ -261,12 +338,21 @@ class HipieDecoder(MaskDecoder):
             their instance scores ``sqrt(sigmoid(class) * sigmoid(iou))`` in [0, 1], and ``boxes``
             [N, 2, 4] xyxy in input pixels.
         """
-        raw = self.forward_raw(image_features, prompts, batch_index)
-        return self.select(raw)
+        raw = self.forward_raw(image_features, prompts, batch_index, denoising=denoising, set_outputs=set_outputs)
+        out = self.select(raw)
+        out.set_outputs = raw.set_outputs
+        return out
 
     # -- HIPIE specifics ------------------------------------------------------------------
     def forward_raw(
-        self, features: HipieImageFeatures, prompts: Tensor, batch_index: Tensor, *, keep_trace: bool = False
+        self,
+        features: HipieImageFeatures,
+        prompts: Tensor,
+        batch_index: Tensor,
+        *,
+        keep_trace: bool = False,
+        denoising: DenoisingQueries | None = None,
+        set_outputs: bool = False,
     ) -> HipieRawOutput:
         """All per-query outputs and the post-processed instances (see :class:`HipieRawOutput`).
 
@@ -275,22 +361,31 @@ class HipieDecoder(MaskDecoder):
             prompts: [N, T, D] prompt tokens.
             batch_index: [N] long, image of each prompt.
             keep_trace: keep encoder intermediates in ``transformer.trace``.
+            denoising: see :meth:`forward`.
+            set_outputs: fill ``set_outputs`` (see :meth:`forward`).
         """
         c = self.config
         if prompts.ndim != 3 or prompts.shape[1:] != (c.num_prompt_tokens, c.lang_dim):
             raise ValueError(f"prompts must be [N, {c.num_prompt_tokens}, {c.lang_dim}], got {list(prompts.shape)}")
         detr = self.detr.detr
         srcs = [s[batch_index] for s in features.srcs]
-        out = detr.transformer(srcs, features.pos, prompts.to(srcs[0].dtype), keep_trace=keep_trace)
+        prompts = prompts.to(srcs[0].dtype)
+        dn = None
+        if denoising is not None:
+            # HIPIE's dynamic label encoding: the mean prompt token, resized, for every target
+            label = self.detr.resizer(prompts.mean(1))[:, None]
+            dn = (torch.where(denoising.filled[..., None], label, torch.zeros_like(label)), denoising.boxes)
+        out = detr.transformer(srcs, features.pos, prompts, keep_trace=keep_trace, denoising=dn)
 
         last = c.dec_layers - 1
+        layers = range(c.dec_layers) if set_outputs else range(last, last + 1)
+        preds = self._predict(out.hs, out.init_reference, out.references, out.lang, layers)
         hs = out.hs[last]
-        reference = out.references[last - 1] if last > 0 else out.init_reference
-        pred_logits = detr.class_embed[last](hs, out.lang)
-        pred_boxes = (detr.bbox_embed[last](hs) + inverse_sigmoid(reference)).sigmoid()
-        pred_ious = detr.iou_head[last](hs)
+        pred_logits, pred_boxes, pred_ious = preds.logits[-1], preds.boxes[-1], preds.ious[-1]
+        reference_points = preds.centres[-1]
 
-        pred_masks = self._masks(out.memory, [s.shape[-2:] for s in srcs], hs, reference[..., :2])
+        mask_features = self.mask_features(out.memory, [s.shape[-2:] for s in srcs])
+        pred_masks = self.query_masks(mask_features, hs, reference_points * c.image_size)
 
         fg = slice(c.num_bg_queries, None)
         instances = [
@@ -305,30 +400,83 @@ class HipieDecoder(MaskDecoder):
             )
             for i in range(prompts.shape[0])
         ]
+        set_out = None
+        if set_outputs:
+            dn_preds = None
+            if out.denoising is not None:
+                d = out.denoising
+                dn_preds = self._predict(d.hs, d.init_reference, d.references, out.lang, layers)
+            set_out = HipieSetOutputs(
+                queries=preds,
+                denoising=dn_preds,
+                mask_features=mask_features,
+                enc_logits=out.enc_class,
+                enc_boxes=out.enc_coord_unact.sigmoid(),
+                num_bg_queries=c.num_bg_queries,
+            )
         return HipieRawOutput(
             pred_logits=pred_logits,
             pred_boxes=pred_boxes,
             pred_ious=pred_ious,
             pred_masks=pred_masks,
-            reference_points=reference[..., :2],
+            reference_points=reference_points,
             instances=instances,
             transformer=out,
+            set_outputs=set_out,
         )
 
-    def _masks(self, memory: Tensor, shapes: list[torch.Size], hs: Tensor, centres: Tensor) -> Tensor:
-        """CondInst masks: memory [N, S, C], hs [N, Q, C], centres [N, Q, 2] -> [N, Q, S/4, S/4]."""
-        c = self.config
+    def _predict(
+        self, hs: Tensor, init_reference: Tensor, references: Tensor, lang: Tensor, layers: range
+    ) -> LayerPredictions:
+        """The heads of the given decoder layers.
+
+        Args:
+            hs: [D, N, Q, C] states after each layer; references: [D, N, Q, 4] boxes after each
+                layer; init_reference: [N, Q, 4] boxes fed to the first; lang: [N, T, D_lang].
+
+        Layer l refines the box layer l-1 produced (not detached: "look forward twice").
+        """
+        detr = self.detr.detr
+        logits, boxes, ious, centres = [], [], [], []
+        for layer in layers:
+            start = references[layer - 1] if layer > 0 else init_reference
+            logits.append(detr.class_embed[layer](hs[layer], lang))
+            boxes.append((detr.bbox_embed[layer](hs[layer]) + inverse_sigmoid(start)).sigmoid())
+            ious.append(detr.iou_head[layer](hs[layer]))
+            centres.append(start[..., :2])
+        return LayerPredictions(
+            logits=torch.stack(logits),
+            boxes=torch.stack(boxes),
+            ious=torch.stack(ious),
+            hs=hs[layers.start : layers.stop],
+            centres=torch.stack(centres),
+        )
+
+    def mask_features(self, memory: Tensor, shapes: list[torch.Size]) -> Tensor:
+        """Shared input of the dynamic mask head: memory [N, S, C] -> [N, C/32, H_0, W_0] (stride 8)."""
         n, _, dim = memory.shape
         maps, start = [], 0
         for h, w in shapes[:3]:
             maps.append(memory[:, start : start + h * w].transpose(1, 2).reshape(n, dim, h, w))
             start += h * w
-        mask_feats = self.detr.mask_head(maps)
-        params = self.detr.controller(hs)
+        return self.detr.mask_head(maps)
+
+    def query_masks(self, mask_features: Tensor, hs: Tensor, centres: Tensor) -> Tensor:
+        """CondInst masks of K queries per row.
+
+        Args:
+            mask_features: [N, C/32, H_0, W_0] from :meth:`mask_features`.
+            hs: [N, K, C] query states (they generate the dynamic convolutions).
+            centres: [N, K, 2] (x, y) in input pixels, the origin of the relative coordinates.
+
+        Returns:
+            [N, K, S/4, S/4] mask logits.
+        """
+        c = self.config
         logits = dynamic_mask_logits(
-            mask_feats,
-            params,
-            centres * c.image_size,
+            mask_features,
+            self.detr.controller(hs),
+            centres,
             stride=_MASK_FEATURE_STRIDE,
             channels=c.dynamic_mask_channels,
             num_layers=c.controller_layers,

@@ -21,6 +21,7 @@ from segllm.decoders.hipie.fusion import BiMultiHeadAttention, VLFusion
 __all__ = [
     "DecoderLayer",
     "DeformableDecoder",
+    "DenoisingStates",
     "DeformableTransformer",
     "EncoderLayer",
     "FusionEncoder",
@@ -61,11 +62,20 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(
-        self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: list[tuple[int, int]]
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference: Tensor,
+        memory: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """tgt, query_pos: [B, Q, C]; reference: [B, Q, L, 4]; memory: [B, S, C] -> [B, Q, C]."""
+        """tgt, query_pos: [B, Q, C]; reference: [B, Q, L, 4]; memory: [B, S, C] -> [B, Q, C].
+
+        ``attn_mask``: optional [Q, Q] bool, True where query i may not attend to query j.
+        """
         qk = tgt + query_pos
-        tgt = self.norm2(tgt + self.self_attn(qk, qk, tgt, need_weights=False)[0])
+        tgt = self.norm2(tgt + self.self_attn(qk, qk, tgt, attn_mask=attn_mask, need_weights=False)[0])
         tgt = self.norm1(tgt + self.cross_attn(tgt + query_pos, reference, memory, spatial_shapes))
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
@@ -178,7 +188,12 @@ class DeformableDecoder(nn.Module):
         self.num_levels = c.num_levels
 
     def forward(
-        self, tgt: Tensor, reference: Tensor, memory: Tensor, spatial_shapes: list[tuple[int, int]]
+        self,
+        tgt: Tensor,
+        reference: Tensor,
+        memory: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Refine queries and boxes layer by layer.
 
@@ -186,6 +201,7 @@ class DeformableDecoder(nn.Module):
             tgt: [B, Q, C] initial query content.
             reference: [B, Q, 4] initial boxes (cx, cy, w, h), normalised.
             memory: [B, S, C] encoder output.
+            attn_mask: optional [Q, Q] bool self-attention mask (True = blocked).
 
         Returns:
             hs: [num_layers, B, Q, C] query states after each layer.
@@ -196,12 +212,27 @@ class DeformableDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             reference_input = reference[:, :, None].expand(-1, -1, self.num_levels, -1)
             query_pos = self.ref_point_head(sine_box_embedding(reference))
-            output = layer(output, query_pos, reference_input, memory, spatial_shapes)
+            output = layer(output, query_pos, reference_input, memory, spatial_shapes, attn_mask)
             new_reference = (self.bbox_embed[lid](output) + inverse_sigmoid(reference)).sigmoid()
             hs.append(output)
             refs.append(new_reference)
             reference = new_reference.detach()
         return torch.stack(hs), torch.stack(refs)
+
+
+@dataclass
+class DenoisingStates:
+    """Decoder results of P denoising queries (training only; HIPIE's DINO-style "GT" queries).
+
+    Attributes:
+        hs: [D, B, P, C] states after each decoder layer.
+        init_reference: [B, P, 4] the noised boxes fed to the first layer (cx, cy, w, h).
+        references: [D, B, P, 4] boxes after each layer.
+    """
+
+    hs: Tensor
+    init_reference: Tensor
+    references: Tensor
 
 
 @dataclass
@@ -219,6 +250,8 @@ class TransformerOutput:
         enc_coord_unact: [B, S, 4] proposal boxes in logit space.
         topk_indices: [B, num_queries] selected proposal tokens.
         trace: optional intermediate tensors (encoder), by name.
+        denoising: the denoising queries' results when some were given (they are not part of
+            ``hs``/``references``, which hold the matching queries only).
     """
 
     hs: Tensor
@@ -230,6 +263,7 @@ class TransformerOutput:
     enc_coord_unact: Tensor
     topk_indices: Tensor
     trace: dict[str, Tensor] = field(default_factory=dict)
+    denoising: DenoisingStates | None = None
 
 
 class DeformableTransformer(nn.Module):
@@ -268,6 +302,7 @@ class DeformableTransformer(nn.Module):
         lang: Tensor,
         lang_mask: Tensor | None = None,
         keep_trace: bool = False,
+        denoising: tuple[Tensor, Tensor] | None = None,
     ) -> TransformerOutput:
         """Run the transformer for B prompts.
 
@@ -277,6 +312,8 @@ class DeformableTransformer(nn.Module):
             lang: [B, T, D_lang] prompt tokens.
             lang_mask: [B, T] bool, valid tokens (None = all valid).
             keep_trace: keep encoder intermediates in ``trace``.
+            denoising: training only: (content [B, P, C], boxes [B, P, 4] (cx, cy, w, h)
+                normalised) of P denoising queries, placed before the matching queries.
         """
         b = srcs[0].shape[0]
         spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
@@ -303,15 +340,31 @@ class DeformableTransformer(nn.Module):
         reference = torch.cat([self.bg_query_refs.weight[None].expand(b, -1, -1), topk_coords.sigmoid()], 1)
         tgt = torch.cat([self.tgt_embed_bg.weight, self.tgt_embed.weight], 0)[None].expand(b, -1, -1)
 
-        hs, references = self.decoder(tgt, reference, memory, spatial_shapes)
+        num_dn, attn_mask = 0, None
+        if denoising is not None:
+            dn_content, dn_boxes = denoising
+            num_dn = dn_content.shape[1]
+            tgt = torch.cat([dn_content.to(tgt.dtype), tgt], 1)
+            reference = torch.cat([dn_boxes.to(reference.dtype), reference], 1)
+            # The denoising queries carry (noised) ground-truth boxes: the matching queries must
+            # not see them, so that they behave as at inference. With HIPIE's single denoising
+            # group the denoising queries themselves see every query.
+            attn_mask = torch.zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool, device=tgt.device)
+            attn_mask[num_dn:, :num_dn] = True
+
+        hs, references = self.decoder(tgt, reference, memory, spatial_shapes, attn_mask)
+        dn_states = None
+        if denoising is not None:
+            dn_states = DenoisingStates(hs[:, :, :num_dn], reference[:, :num_dn], references[:, :, :num_dn])
         return TransformerOutput(
-            hs=hs,
-            init_reference=reference,
-            references=references,
+            hs=hs[:, :, num_dn:],
+            init_reference=reference[:, num_dn:],
+            references=references[:, :, num_dn:],
             memory=memory,
             lang=lang,
             enc_class=enc_class,
             enc_coord_unact=enc_coord_unact,
             topk_indices=topk_indices,
             trace=trace or {},
+            denoising=dn_states,
         )
