@@ -184,7 +184,7 @@ class Session:
         if self._frame_memory:
             # the memory reads the masks in the decoder frame, which may hold pixels in the padding
             for k in all_refs:
-                if not self.history[k - 1].frame_masks.any():
+                if not self.referable(k):
                     raise MaskError(f"round {n} refers to round {k}, whose mask is empty (zero area)")
         if not text:
             raise ConversationError("the question is empty once [REF:k] is removed")
@@ -202,6 +202,13 @@ class Session:
         self.history.append(reply)
         assert reply.round == n
         return reply
+
+    def referable(self, k: int) -> bool:
+        """Whether a later round may refer to round ``k``: its masks, as the memory reads them
+        (in the decoder frame or at image resolution), are not all empty."""
+        reply = self.history[k - 1]
+        masks = reply.frame_masks if self._frame_memory else reply.masks
+        return len(masks) > 0 and all(m.any() for m in masks)
 
     @property
     def _frame_memory(self) -> bool:

@@ -150,3 +150,15 @@ def test_context_limit(model, image):
     s.undo()
     s.ask("Segment the red circle.", answer="<seg>")  # still usable after the error
     assert len(s.history) == n
+
+
+def test_referable_says_what_ask_accepts(model, image):
+    """A mask only in the decoder frame's padding is empty at image resolution: such a round
+    cannot be referred to, and referable() says so before ask() raises."""
+    s = Session(model, image, max_new_tokens=5)
+    s.ask("Segment the red circle.", answer="<seg>")
+    assert s.referable(1)
+    s.history[0].masks[:] = False  # as if the model's mask fell wholly into the padding
+    assert s.history[0].frame_masks.any() and not s.referable(1)
+    with pytest.raises(MaskError, match="round 1, whose mask is empty"):
+        s.ask("the one near [REF:1]", answer="<seg>")

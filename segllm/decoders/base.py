@@ -187,3 +187,29 @@ class MaskDecoder(nn.Module, abc.ABC):
     def output_size(self) -> int:
         """Side of the square ``mask_logits`` this decoder returns."""
         raise NotImplementedError
+
+
+def check_decoder_inputs(image_features: Tensor, prompts: Tensor, batch_index: Tensor, *, width: int, grid: int, tokens: int) -> None:
+    """Raise ValueError naming what is off in a decoder's inputs.
+
+    Expected: ``image_features`` [B, width, grid, grid], ``prompts`` [N, tokens, width] and
+    ``batch_index`` [N] integers in [0, B).
+    """
+    c, g, k = width, grid, tokens
+    if image_features.ndim != 4 or tuple(image_features.shape[1:]) != (c, g, g):
+        raise ValueError(f"image_features must be [B, {c}, {g}, {g}], got {list(image_features.shape)}")
+    if prompts.ndim != 3:
+        raise ValueError(f"prompts must be [N, K, D], got {list(prompts.shape)}")
+    if prompts.shape[1] != k:
+        raise ValueError(f"prompts have {prompts.shape[1]} tokens per prompt, expected num_prompt_tokens={k}")
+    if prompts.shape[2] != c:
+        raise ValueError(f"prompts have width {prompts.shape[2]}, expected prompt_dim={c}")
+    if batch_index.ndim != 1 or batch_index.shape[0] != prompts.shape[0]:
+        raise ValueError(f"batch_index must be [N] with N={prompts.shape[0]} (one per prompt), got {list(batch_index.shape)}")
+    if batch_index.dtype.is_floating_point or batch_index.dtype.is_complex or batch_index.dtype == torch.bool:
+        raise ValueError(f"batch_index must be an integer tensor, got {batch_index.dtype}")
+    if batch_index.numel():
+        lo, hi = int(batch_index.min()), int(batch_index.max())
+        b = image_features.shape[0]
+        if lo < 0 or hi >= b:
+            raise ValueError(f"batch_index out of range: values in [{lo}, {hi}] but there are {b} images")

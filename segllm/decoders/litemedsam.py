@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segllm.config import LiteMedSamDecoderConfig
-from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder
+from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, check_decoder_inputs
 from segllm.decoders.layers import MLP
 from segllm.decoders.sam import LayerNorm2d, RandomFourierPositionEncoding, TwoWayTransformer
 from segllm.errors import CheckpointError, ConfigError, ImageError
@@ -435,7 +435,7 @@ class LiteMedSamDecoder(MaskDecoder):
         Raises:
             ValueError: naming the mismatch if a shape, dtype or index is wrong.
         """
-        self._check_inputs(image_features, prompts, batch_index)
+        check_decoder_inputs(image_features, prompts, batch_index, width=self.prompt_dim, grid=self.grid_size, tokens=self.num_prompt_tokens)
         dtype = self.iou_token.dtype
         feats = image_features.to(dtype).index_select(0, batch_index.long())  # [N, C, g, g]
         prompts = prompts.to(dtype)
@@ -450,28 +450,6 @@ class LiteMedSamDecoder(MaskDecoder):
             outs = [self.decode(feats, t) for _, t in halves]
             masks, iou = torch.stack([m for m, _ in outs], dim=1), torch.stack([i for _, i in outs], dim=1)
         return DecoderOutput(mask_logits=masks.contiguous(), iou_scores=iou.contiguous())
-
-    def _check_inputs(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> None:
-        c, g, k = self.prompt_dim, self.grid_size, self.num_prompt_tokens
-        if image_features.ndim != 4 or tuple(image_features.shape[1:]) != (c, g, g):
-            raise ValueError(f"image_features must be [B, {c}, {g}, {g}], got {list(image_features.shape)}")
-        if prompts.ndim != 3:
-            raise ValueError(f"prompts must be [N, K, D], got {list(prompts.shape)}")
-        if prompts.shape[1] != k:
-            raise ValueError(f"prompts have {prompts.shape[1]} tokens per prompt, expected num_prompt_tokens={k}")
-        if prompts.shape[2] != c:
-            raise ValueError(f"prompts have width {prompts.shape[2]}, expected prompt_dim={c}")
-        if batch_index.ndim != 1 or batch_index.shape[0] != prompts.shape[0]:
-            raise ValueError(
-                f"batch_index must be [N] with N={prompts.shape[0]} (one per prompt), got {list(batch_index.shape)}"
-            )
-        if batch_index.dtype.is_floating_point or batch_index.dtype.is_complex or batch_index.dtype == torch.bool:
-            raise ValueError(f"batch_index must be an integer tensor, got {batch_index.dtype}")
-        if batch_index.numel():
-            lo, hi = int(batch_index.min()), int(batch_index.max())
-            b = image_features.shape[0]
-            if lo < 0 or hi >= b:
-                raise ValueError(f"batch_index out of range: values in [{lo}, {hi}] but there are {b} images")
 
 
 def _check_config(config: LiteMedSamDecoderConfig, num_prompt_tokens: int, num_ref_tokens: int) -> None:

@@ -36,6 +36,7 @@ from segllm.decoders.base import (
     DecoderOutput,
     Frame,
     MaskDecoder,
+    check_decoder_inputs,
     resize_and_pad,
 )
 from segllm.decoders.layers import MLP
@@ -374,7 +375,7 @@ class SamMaskDecoder(MaskDecoder):
         Raises:
             ValueError: naming the mismatch if a shape, dtype or index is wrong.
         """
-        self._check_inputs(image_features, prompts, batch_index)
+        check_decoder_inputs(image_features, prompts, batch_index, width=self.prompt_dim, grid=self.grid_size, tokens=self.num_prompt_tokens)
         dtype = self.iou_token.dtype
         feats = image_features.to(dtype).index_select(0, batch_index.long())  # [N, C, g, g]
         prompts = prompts.to(dtype)
@@ -403,28 +404,6 @@ class SamMaskDecoder(MaskDecoder):
             half = cxcywh[..., 2:] / 2
             boxes = torch.cat([cxcywh[..., :2] - half, cxcywh[..., :2] + half], dim=-1) * self.image_size
         return DecoderOutput(mask_logits=masks, iou_scores=iou, boxes=boxes)
-
-    def _check_inputs(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> None:
-        c, g, k = self.prompt_dim, self.grid_size, self.num_prompt_tokens
-        if image_features.ndim != 4 or tuple(image_features.shape[1:]) != (c, g, g):
-            raise ValueError(f"image_features must be [B, {c}, {g}, {g}], got {list(image_features.shape)}")
-        if prompts.ndim != 3:
-            raise ValueError(f"prompts must be [N, K, D], got {list(prompts.shape)}")
-        if prompts.shape[1] != k:
-            raise ValueError(f"prompts have {prompts.shape[1]} tokens per prompt, expected num_prompt_tokens={k}")
-        if prompts.shape[2] != c:
-            raise ValueError(f"prompts have width {prompts.shape[2]}, expected prompt_dim={c}")
-        if batch_index.ndim != 1 or batch_index.shape[0] != prompts.shape[0]:
-            raise ValueError(
-                f"batch_index must be [N] with N={prompts.shape[0]} (one per prompt), got {list(batch_index.shape)}"
-            )
-        if batch_index.dtype.is_floating_point or batch_index.dtype.is_complex or batch_index.dtype == torch.bool:
-            raise ValueError(f"batch_index must be an integer tensor, got {batch_index.dtype}")
-        if batch_index.numel():
-            lo, hi = int(batch_index.min()), int(batch_index.max())
-            b = image_features.shape[0]
-            if lo < 0 or hi >= b:
-                raise ValueError(f"batch_index out of range: values in [{lo}, {hi}] but there are {b} images")
 
 
 def _check_config(config: SamDecoderConfig, num_prompt_tokens: int, num_ref_tokens: int) -> None:

@@ -282,7 +282,7 @@ class _Scorer:
         per_round = []
         for rnd in conv.rounds:
             # a reference to a round whose own mask came out empty cannot be encoded: text only
-            refs = tuple(k for k in rnd.refs if session.history[k - 1].frame_masks.any())
+            refs = tuple(k for k in rnd.refs if session.referable(k))
             if refs != rnd.refs:
                 entry.empty_refs += 1
             reply = session.ask(rnd.question, refs, exact_refs=True)

@@ -265,8 +265,10 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
                     acc.clip_grad_norm_(params, o.grad_clip)
                 opt.step()
                 opt.zero_grad()
-            for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss"):
-                terms[name] = terms.get(name, 0.0) + float(getattr(res, name).detach()) / recipe.grad_accum
+            parts = {name: getattr(res, name) for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss")}
+            parts |= {f"set_{k}": v for k, v in (res.set_terms or {}).items()}  # HIPIE's set-prediction terms
+            for name, value in parts.items():
+                terms[name] = terms.get(name, 0.0) + float(value.detach()) / recipe.grad_accum
             seen0 += n_convs
         sched.step()
         samples_seen += per_step

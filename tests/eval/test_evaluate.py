@@ -55,14 +55,19 @@ class FakeSession:
         n = len(self.history) + 1
         self.model.seen_refs.append(tuple(refs))
         gt = self.model.gts[n - 1]
+        frame = gt
         if self.model.empty_round1 and n == 1:
-            gt = np.zeros_like(gt)
-        reply = Reply(n, question, tuple(refs), "<seg>", gt[None], np.zeros((1, 4), np.float32), np.ones(1, np.float32), frame_masks=gt[None])
+            # empty at image resolution; the decoder frame keeps pixels in its padding
+            gt, frame = np.zeros_like(gt), np.ones_like(gt)
+        reply = Reply(n, question, tuple(refs), "<seg>", gt[None], np.zeros((1, 4), np.float32), np.ones(1, np.float32), frame_masks=frame[None])
         self.history.append(reply)
         return reply
 
     def undo(self):
         return self.history.pop()
+
+    def referable(self, k):  # a model without frame memory: the image-resolution masks decide
+        return bool(self.history[k - 1].masks.any())
 
 
 def _conv():

@@ -66,6 +66,9 @@ def test_a_released_recipe_trains_from_a_llava_folder(parts, tmp_path):  # noqa:
     assert summary.steps == 6 and all(math.isfinite(x) for x in summary.losses)
     state = json.loads((tmp_path / "run" / "checkpoint-last" / "trainer_state.json").read_text())
     assert state["recipe"]["steps"] == 6 and state["recipe"]["optim"]["warmup_steps"] == 1
+    # trained with HIPIE's set-prediction losses, as released; every term logged
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"set_class", "set_l1", "set_giou", "set_mask", "set_dice", "set_prompt_l2"} <= set(log) and log["set_class"] > 0
     from segllm import SegLLM
 
     model = SegLLM.from_pretrained(tmp_path / "run" / "checkpoint-last" / "model")
