@@ -12,16 +12,21 @@ def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
-def focal_loss(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Sigmoid focal loss (Lin et al.), mean over pixels. logits, targets: [M, h, w]."""
-    logits, targets = logits.float(), targets.float()
+def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Elementwise sigmoid focal loss (Lin et al.); targets in [0, 1], same shape as logits.
+    ``alpha`` < 0 turns off the class weighting."""
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss.mean()
+    return loss
+
+
+def focal_loss(logits: Tensor, targets: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss, mean over pixels. logits, targets: [M, h, w]."""
+    return sigmoid_focal(logits.float(), targets.float(), alpha, gamma).mean()
 
 
 def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1.0) -> Tensor:

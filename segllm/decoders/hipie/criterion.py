@@ -35,6 +35,7 @@ from torch import Tensor
 
 from segllm.decoders.hipie.common import box_cxcywh_to_xyxy, inverse_sigmoid
 from segllm.decoders.hipie.decoder import DenoisingQueries, HipieDecoder, HipieSetOutputs, LayerPredictions
+from segllm.train.losses import sigmoid_focal
 
 __all__ = [
     "HipieSetCriterion",
@@ -147,17 +148,6 @@ def giou_loss(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 # -- elementwise losses and costs ----------------------------------------------------------
-def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Elementwise sigmoid focal loss (Lin et al.); targets in [0, 1], same shape as logits."""
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss
-
-
 def class_cost(logits: Tensor, token_map: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Matching cost of classifying each query as each target.
 
