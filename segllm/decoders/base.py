@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segllm.errors import ImageError
+
 REF, SEG = 0, 1  # mask channels of DecoderOutput
 
 
@@ -213,3 +215,18 @@ def check_decoder_inputs(image_features: Tensor, prompts: Tensor, batch_index: T
         b = image_features.shape[0]
         if lo < 0 or hi >= b:
             raise ValueError(f"batch_index out of range: values in [{lo}, {hi}] but there are {b} images")
+
+
+def check_image(image: Tensor) -> tuple[int, int]:
+    """(height, width) of a decoder's input image; ImageError unless it is a uint8 tensor of
+    shape [3, H, W] with H, W >= 1."""
+    if not isinstance(image, Tensor):
+        raise ImageError(f"image must be a torch.Tensor, got {type(image).__name__}")
+    if image.dtype != torch.uint8:
+        raise ImageError(f"image must be uint8 (0-255), got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ImageError(f"image must be [3, H, W] (RGB, channels first), got shape {list(image.shape)}")
+    height, width = image.shape[1:]
+    if height < 1 or width < 1:
+        raise ImageError(f"image is empty: {height}x{width} pixels")
+    return int(height), int(width)

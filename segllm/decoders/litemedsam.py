@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segllm.config import LiteMedSamDecoderConfig
-from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, check_decoder_inputs
+from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, check_decoder_inputs, check_image
 from segllm.decoders.layers import MLP
 from segllm.decoders.sam import LayerNorm2d, RandomFourierPositionEncoding, TwoWayTransformer
-from segllm.errors import CheckpointError, ConfigError, ImageError
+from segllm.errors import CheckpointError, ConfigError
 
 __all__ = [
     "ConvBN",
@@ -364,15 +364,7 @@ class LiteMedSamDecoder(MaskDecoder):
         Raises:
             ImageError: if ``image`` is not a uint8 tensor of shape [3, H, W] with H, W >= 1.
         """
-        if not isinstance(image, Tensor):
-            raise ImageError(f"image must be a torch.Tensor, got {type(image).__name__}")
-        if image.dtype != torch.uint8:
-            raise ImageError(f"image must be uint8 (0-255), got dtype {image.dtype}")
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ImageError(f"image must be [3, H, W] (RGB, channels first), got shape {list(image.shape)}")
-        height, width = image.shape[1:]
-        if height < 1 or width < 1:
-            raise ImageError(f"image is empty: {height}x{width} pixels")
+        height, width = check_image(image)
         frame = Frame.fit(height, width, self.image_size)
         x = F.interpolate(
             image[None].float(), size=(frame.resized_height, frame.resized_width), mode="bilinear", antialias=True, align_corners=False

@@ -37,10 +37,11 @@ from segllm.decoders.base import (
     Frame,
     MaskDecoder,
     check_decoder_inputs,
+    check_image,
     resize_and_pad,
 )
 from segllm.decoders.layers import MLP
-from segllm.errors import ConfigError, ImageError
+from segllm.errors import ConfigError
 
 __all__ = [
     "MLP",
@@ -331,15 +332,7 @@ class SamMaskDecoder(MaskDecoder):
         Raises:
             ImageError: if ``image`` is not a uint8 tensor of shape [3, H, W] with H, W >= 1.
         """
-        if not isinstance(image, Tensor):
-            raise ImageError(f"image must be a torch.Tensor, got {type(image).__name__}")
-        if image.dtype != torch.uint8:
-            raise ImageError(f"image must be uint8 (0-255), got dtype {image.dtype}")
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ImageError(f"image must be [3, H, W] (RGB, channels first), got shape {list(image.shape)}")
-        height, width = image.shape[1:]
-        if height < 1 or width < 1:
-            raise ImageError(f"image is empty: {height}x{width} pixels")
+        height, width = check_image(image)
         frame = Frame.fit(height, width, self.image_size)
         x = image.float().div_(255.0)
         # Normalise BEFORE padding so the padding is exactly 0 in the normalised space (the mean
