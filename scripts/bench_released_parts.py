@@ -13,7 +13,6 @@ Peak memory is the process's maximum resident set size.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import time
@@ -74,10 +73,9 @@ def main() -> None:
         "speedup_vs_original": round(12.0 / t_full, 2),
         "peak_rss_mb": round(peak_mb),
     }
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    from segllm.bench import report
+
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -64,10 +64,9 @@ def main() -> None:
         "wall_s_including_setup": round(total, 1),
         "peak_memory_mb": round(peak),
     }
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    from segllm.bench import report
+
+    report(result, args.out)
 
 
 if __name__ == "__main__":

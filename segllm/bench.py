@@ -11,6 +11,7 @@ import json
 import multiprocessing as mp
 import resource
 import time
+from pathlib import Path
 
 QUESTIONS = [
     "Segment the cross.",
@@ -117,3 +118,11 @@ def main(args) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+def report(result: dict, out: str | None = None) -> None:
+    """Print a benchmark script's result as JSON and, with ``out``, write it there too."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

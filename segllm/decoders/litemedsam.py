@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segllm.config import LiteMedSamDecoderConfig
-from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, check_decoder_inputs, check_image
+from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, check_image
 from segllm.decoders.layers import MLP
-from segllm.decoders.sam import LayerNorm2d, RandomFourierPositionEncoding, TwoWayTransformer
+from segllm.decoders.sam import LayerNorm2d, RandomFourierPositionEncoding, SamFamilyDecoder, TwoWayTransformer
 from segllm.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -294,7 +294,7 @@ class TinyViTEncoder(nn.Module):
 # ----------------------------------------------------------------------------------- decoder
 
 
-class LiteMedSamDecoder(MaskDecoder):
+class LiteMedSamDecoder(SamFamilyDecoder):
     """LiteMedSAM behind segllm's decoder interface: image + N prompts of K tokens ->
     [N, 2, 4g, 4g] mask logits (256 x 256 for the 256 px frame) and [N, 2] IoU predictions.
 
@@ -349,10 +349,6 @@ class LiteMedSamDecoder(MaskDecoder):
             if isinstance(block, MBConv):
                 nn.init.zeros_(block.conv3.norm.weight)  # each inverted residual starts as the identity
 
-    @property
-    def output_size(self) -> int:
-        return 4 * self.grid_size
-
     # ------------------------------------------------------------------ images
 
     def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
@@ -377,15 +373,6 @@ class LiteMedSamDecoder(MaskDecoder):
         # padding after the normalisation, so it is 0 (black) in the encoder's input, as LiteMedSAM pads
         x = F.pad(x, (0, frame.size - frame.resized_width, 0, frame.size - frame.resized_height))
         return x, frame
-
-    def encode_image(self, pixels: Tensor) -> Tensor:
-        """[B, 3, S, S] preprocessed images -> image embedding [B, dim, g, g]."""
-        return self.image_encoder(pixels)
-
-    def dense_pe(self, dtype: torch.dtype | None = None) -> Tensor:
-        """SAM's ``get_dense_pe``: the positional encoding of the feature grid, [dim, g, g]."""
-        pe = self.pe(self.grid_size)
-        return pe if dtype is None else pe.to(dtype)
 
     # ----------------------------------------------------------------- decoding
 
@@ -427,7 +414,7 @@ class LiteMedSamDecoder(MaskDecoder):
         Raises:
             ValueError: naming the mismatch if a shape, dtype or index is wrong.
         """
-        check_decoder_inputs(image_features, prompts, batch_index, width=self.prompt_dim, grid=self.grid_size, tokens=self.num_prompt_tokens)
+        self.check_inputs(image_features, prompts, batch_index)
         dtype = self.iou_token.dtype
         feats = image_features.to(dtype).index_select(0, batch_index.long())  # [N, C, g, g]
         prompts = prompts.to(dtype)

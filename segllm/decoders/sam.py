@@ -258,7 +258,34 @@ class TwoWayTransformer(nn.Module):
         return queries, keys
 
 
-class SamMaskDecoder(MaskDecoder):
+class SamFamilyDecoder(MaskDecoder):
+    """What SAM-style decoders share: an ``image_encoder`` giving [B, dim, g, g] features,
+    SAM's random-Fourier positional encoding ``pe`` of the g x g grid, masks at 4g x 4g, and the
+    input checks. Subclasses set ``grid_size``, ``image_encoder`` and ``pe``."""
+
+    grid_size: int
+    image_encoder: nn.Module
+    pe: RandomFourierPositionEncoding
+
+    @property
+    def output_size(self) -> int:
+        return 4 * self.grid_size
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """[B, 3, S, S] preprocessed images -> features [B, dim, g, g]."""
+        return self.image_encoder(pixels)
+
+    def dense_pe(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Positional encoding of the feature grid (SAM's ``get_dense_pe``), [dim, g, g]."""
+        pe = self.pe(self.grid_size)
+        return pe if dtype is None else pe.to(dtype)
+
+    def check_inputs(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> None:
+        """ValueError naming what is off (see :func:`check_decoder_inputs`)."""
+        check_decoder_inputs(image_features, prompts, batch_index, width=self.prompt_dim, grid=self.grid_size, tokens=self.num_prompt_tokens)
+
+
+class SamMaskDecoder(SamFamilyDecoder):
     """SAM-style decoder: image + N prompts of K tokens -> [N, 2, 4g, 4g] mask logits, [N, 2] IoU.
 
     Args:
@@ -320,10 +347,6 @@ class SamMaskDecoder(MaskDecoder):
         # small, so that what tells prompts apart (the LLM's content) is not drowned by what they share
         nn.init.normal_(self.half_embed, std=0.02)
 
-    @property
-    def output_size(self) -> int:
-        return 4 * self.grid_size
-
     # ------------------------------------------------------------------ images
 
     def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
@@ -343,15 +366,6 @@ class SamMaskDecoder(MaskDecoder):
         x = (x - mean) / std
         return resize_and_pad(x[None], frame)[0], frame
 
-    def encode_image(self, pixels: Tensor) -> Tensor:
-        """[B, 3, S, S] preprocessed images -> features [B, dim, g, g]."""
-        return self.image_encoder(pixels)
-
-    def dense_pe(self, dtype: torch.dtype | None = None) -> Tensor:
-        """Positional encoding of the feature grid, [dim, g, g]."""
-        pe = self.pe(self.grid_size)
-        return pe if dtype is None else pe.to(dtype)
-
     # ----------------------------------------------------------------- decoding
 
     def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> DecoderOutput:
@@ -368,7 +382,7 @@ class SamMaskDecoder(MaskDecoder):
         Raises:
             ValueError: naming the mismatch if a shape, dtype or index is wrong.
         """
-        check_decoder_inputs(image_features, prompts, batch_index, width=self.prompt_dim, grid=self.grid_size, tokens=self.num_prompt_tokens)
+        self.check_inputs(image_features, prompts, batch_index)
         dtype = self.iou_token.dtype
         feats = image_features.to(dtype).index_select(0, batch_index.long())  # [N, C, g, g]
         prompts = prompts.to(dtype)
