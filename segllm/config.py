@@ -154,10 +154,10 @@ class SamDecoderConfig:
         dim: the decoder's width (= the prompt width).
         depth, heads, mlp_dim: the two-way transformer.
         mean, std: normalisation on [0, 1] pixel values.
-        resample: "torch" (bicubic with antialiasing on float pixels, the default) or "pil"
-            (transformers' CLIPImageProcessor: PIL bicubic on uint8 pixels, the short side
-            scaled with the long side truncated, as the released SegLLM preprocesses; only with
-            ``resize`` "center_crop").
+        encoder: "vit" (a plain ViT with patches of ``patch_size``) or "conv" (a convolutional
+            backbone, :class:`segllm.decoders.convnet.ConvBackbone`, of stride ``patch_size``,
+            width ``encoder_dim`` and ``encoder_depth`` residual blocks per resolution;
+            ``encoder_heads`` unused).
     """
 
     kind: Literal["sam"] = "sam"
@@ -173,6 +173,7 @@ class SamDecoderConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     box_head: bool = False  # also regress each mask's box from its output token
+    encoder: Literal["vit", "conv"] = "vit"
 
 
 @dataclass
@@ -290,9 +291,35 @@ class LossConfig:
     set_denoising: bool = True
     set_max_rounds: int = 0
     prompt_l2: float = 0.0
+    dense_weight: float = 1.0  # the dense attribute heads' loss (only with SegLLMConfig.dense.groups)
 
 
-PART_NAMES = ("vision", "projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder")
+@dataclass
+class DenseConfig:
+    """Dense auxiliary supervision of image features (training only; see
+    :mod:`segllm.model.dense_head`).
+
+    Attributes:
+        groups: label groups and their class counts (class 0 is background), e.g. the world's
+            ``{"colour": 10, "category": 25, "texture": 5, "size": 4}``; empty: off (no heads).
+            Training conversations must carry these maps (``Conversation.dense``).
+        on: the features supervised: "vision" (the vision tower's patch tokens) and/or
+            "decoder" (the mask decoder's image features).
+    """
+
+    groups: dict[str, int] = field(default_factory=dict)
+    on: tuple[str, ...] = ("vision", "decoder")
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.on if o not in ("vision", "decoder")]
+        if bad:
+            raise ConfigError(f"dense.on names unknown feature(s) {bad}; known: ['vision', 'decoder']")
+        for name, n in self.groups.items():
+            if not isinstance(n, int) or n < 2:
+                raise ConfigError(f"dense.groups[{name!r}] must be a class count >= 2, got {n!r}")
+
+
+PART_NAMES = ("vision", "projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder", "dense_head")
 
 
 @dataclass
@@ -301,7 +328,8 @@ class SegLLMConfig:
 
     Parts: vision, projector, llm (transformer blocks), embeddings (token embeddings and LM
     head), memory (box encoder), prompt_head, decoder_encoder (the mask decoder's image
-    encoder) and decoder (the rest of the mask decoder).
+    encoder), decoder (the rest of the mask decoder) and dense_head (the training-only dense
+    attribute classifiers, when ``dense.groups`` is set).
 
     ``inject``: "replace" puts a feature in place of its placeholder's embedding; "add" adds
     it to the embedding (the released model does this).
@@ -315,7 +343,8 @@ class SegLLMConfig:
     decoder: SamDecoderConfig | HipieDecoderConfig | LiteMedSamDecoderConfig = field(default_factory=SamDecoderConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    trainable: tuple[str, ...] = ("projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder")
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    trainable: tuple[str, ...] = ("projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder", "dense_head")
     inject: Literal["replace", "add"] = "replace"
 
     def __post_init__(self) -> None:

@@ -49,10 +49,16 @@ class Round:
 
 @dataclass
 class Conversation:
-    """An RGB image ([H, W, 3] uint8) and its rounds, in order."""
+    """An RGB image ([H, W, 3] uint8) and its rounds, in order.
+
+    ``dense``: optional per-pixel class maps of the image ([H, W] integer, 0 = background, -1 =
+    unsupervised) by label group, for the dense auxiliary training loss (the procedural world
+    provides them; see :class:`segllm.config.DenseConfig`). Not used at inference.
+    """
 
     image: np.ndarray
     rounds: list[Round] = field(default_factory=list)
+    dense: dict[str, np.ndarray] | None = None
 
     @property
     def size(self) -> tuple[int, int]:

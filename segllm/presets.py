@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from segllm.config import (
     PART_NAMES,
+    DenseConfig,
     LLMConfig,
     MemoryConfig,
     PromptHeadConfig,
@@ -86,3 +87,29 @@ def small_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig
         template=TemplateConfig(),
         trainable=FROM_SCRATCH,
     )
+
+
+def grounded_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig:
+    """The ``small`` LLM with convolutional image encoders and dense attribute supervision.
+
+    Both the LLM's vision tower (16x16 tokens, a position embedding per cell) and the mask
+    decoder's image encoder are :class:`segllm.decoders.convnet.ConvBackbone` (stride 8 on
+    128-pixel images), and both feature maps learn each pixel's colour, category, texture and
+    size from the procedural world's labels (``dense``), so the image tokens carry what the
+    questions' words name from the start (issue 13's experiments).
+    """
+    from segllm.data.world.dense import DENSE_GROUPS
+
+    cfg = small_config(vocab_size, memory=memory)
+    cfg.vision = VisionConfig(
+        hf_config={"model_type": "segllm_conv", "image_size": 128, "stride": 8, "width": 64, "depth": 1, "hidden_size": 128},
+        image_size=128,
+    )
+    cfg.decoder = SamDecoderConfig(
+        image_size=128, patch_size=8, encoder="conv", encoder_dim=64, encoder_depth=2, dim=128, depth=2, heads=4, mlp_dim=512
+    )
+    cfg.dense = DenseConfig(groups=dict(DENSE_GROUPS))
+    return cfg
+
+
+PRESETS = {"tiny": tiny_config, "small": small_config, "grounded": grounded_config}

@@ -188,8 +188,11 @@ class WorldConversations:
         return f"world {self.split}[{index}]"
 
     def __getitem__(self, index: int) -> Conversation:
+        from segllm.data.world.dense import dense_labels
+
         s = self.world.sample(self.split, index)
         conv = record_to_conversation(s.record, s.image, lambda mid: s.masks[mid])
+        conv.dense = dense_labels(s.objects, s.masks)
         return conv.truncated(self.max_rounds) if self.max_rounds else conv
 
     def get(self, index: int) -> Conversation | None:

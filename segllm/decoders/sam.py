@@ -40,6 +40,7 @@ from segllm.decoders.base import (
     check_image,
     resize_and_pad,
 )
+from segllm.decoders.convnet import ConvBackbone
 from segllm.decoders.layers import MLP
 from segllm.errors import ConfigError
 
@@ -308,9 +309,12 @@ class SamMaskDecoder(SamFamilyDecoder):
         self.grid_size = config.image_size // config.patch_size
         dim = config.dim
 
-        self.image_encoder = ImageEncoder(
-            config.image_size, config.patch_size, config.encoder_dim, config.encoder_depth, config.encoder_heads, dim
-        )
+        if config.encoder == "conv":
+            self.image_encoder = ConvBackbone(config.image_size, config.patch_size, config.encoder_dim, config.encoder_depth, dim)
+        else:
+            self.image_encoder = ImageEncoder(
+                config.image_size, config.patch_size, config.encoder_dim, config.encoder_depth, config.encoder_heads, dim
+            )
         self.pe = RandomFourierPositionEncoding(dim)
         self.iou_token = nn.Parameter(torch.zeros(1, dim))  # [1, C]
         self.mask_tokens = nn.Parameter(torch.zeros(2, dim))  # [2, C]: REF, SEG
@@ -340,7 +344,8 @@ class SamMaskDecoder(SamFamilyDecoder):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
                 nn.init.zeros_(m.bias)  # weights keep PyTorch's fan-in (Kaiming uniform) init
-        nn.init.trunc_normal_(self.image_encoder.pos_embed, std=0.02)
+        if isinstance(self.image_encoder, ImageEncoder):
+            nn.init.trunc_normal_(self.image_encoder.pos_embed, std=0.02)
         # Output tokens and half embeddings are unit-scale, like nn.Embedding (and SAM).
         nn.init.normal_(self.iou_token)
         nn.init.normal_(self.mask_tokens)
@@ -416,7 +421,9 @@ class SamMaskDecoder(SamFamilyDecoder):
 def _check_config(config: SamDecoderConfig, num_prompt_tokens: int, num_ref_tokens: int) -> None:
     if config.image_size % config.patch_size:
         raise ConfigError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
-    if config.encoder_dim % config.encoder_heads:
+    if config.encoder == "conv" and config.patch_size not in (4, 8, 16):
+        raise ConfigError(f"a conv encoder's patch_size (its stride) must be 4, 8 or 16, got {config.patch_size}")
+    if config.encoder == "vit" and config.encoder_dim % config.encoder_heads:
         raise ConfigError(f"encoder_dim {config.encoder_dim} is not divisible by encoder_heads {config.encoder_heads}")
     if config.dim % 8:
         raise ConfigError(f"dim {config.dim} must be a multiple of 8 (the upscaled mask features have dim / 8 channels)")

@@ -8,6 +8,7 @@ from segllm.config import HipieDecoderConfig, LiteMedSamDecoderConfig, SegLLMCon
 from segllm.decoders.sam import SamMaskDecoder
 from segllm.errors import ConfigError
 from segllm.model.llm import build_llm, max_positions
+from segllm.model.dense_head import DenseHeads
 from segllm.model.memory import MaskMemoryEncoder
 from segllm.model.projector import build_projector
 from segllm.model.prompt_head import PromptHead
@@ -74,6 +75,9 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     memory = MaskMemoryEncoder(config.memory, d_llm)
     prompt_head = PromptHead(config.prompt_head, d_llm)
     decoder = build_decoder(config, load_weights=load_weights)
+    dense_head = None
+    if config.dense.groups:
+        dense_head = DenseHeads(config.dense, {"vision": vision.hidden_size, "decoder": decoder.prompt_dim})
     processor = Processor(
         tokenizer,
         config.template,
@@ -90,6 +94,7 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
         prompt_head=prompt_head,
         decoder=decoder,
         processor=processor,
+        dense_head=dense_head,
     )
     model.set_trainable()
     return model

@@ -44,6 +44,7 @@ from segllm.decoders.hipie.criterion import (
     make_denoising_queries,
 )
 from segllm.errors import ConfigError, ConversationError, PlaceholderMismatchError
+from segllm.model.dense_head import IGNORE_LABEL, DenseHeads
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
 from segllm.model.vision import VisionTower
@@ -67,6 +68,9 @@ class Batch:
         seg_batch, seg_pos: [S] conversation index and position of each ``<seg>`` token.
         seg_targets, ref_targets: [S, h, w] soft masks in the decoder's output frame
             (``None`` at inference); ``has_ref``: [S] bool, whether the [REF] half is supervised.
+        dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] long per-pixel class maps in
+            the vision tower's and the decoder's input frames, for the dense auxiliary loss
+            (``None`` unless the model has dense heads and every conversation has ``dense``).
         encoded: the processor's output per conversation.
     """
 
@@ -87,6 +91,8 @@ class Batch:
     seg_targets: Tensor | None = None
     ref_targets: Tensor | None = None
     has_ref: Tensor | None = None
+    dense_vision: Tensor | None = None
+    dense_decoder: Tensor | None = None
     encoded: list[Encoded] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> Batch:
@@ -116,6 +122,7 @@ class SegLLMOutput:
     iou_scores: Tensor
     box_loss: Tensor | None = None
     set_terms: dict[str, Tensor] | None = None
+    dense_loss: Tensor | None = None
 
 
 @dataclass
@@ -153,6 +160,7 @@ class SegLLM(nn.Module):
         prompt_head: LLM hidden -> K prompt tokens.
         decoder: the promptable mask decoder.
         processor: conversation rendering (holds the tokenizer).
+        dense_head: training-only dense attribute classifiers (``config.dense``), or None.
     """
 
     def __init__(
@@ -166,6 +174,7 @@ class SegLLM(nn.Module):
         prompt_head: PromptHead,
         decoder: MaskDecoder,
         processor: Processor,
+        dense_head: DenseHeads | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -176,6 +185,7 @@ class SegLLM(nn.Module):
         self.prompt_head = prompt_head
         self.decoder = decoder
         self.processor = processor
+        self.dense_head = dense_head
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_pretrained(self, path, **kwargs):
@@ -222,6 +232,7 @@ class SegLLM(nn.Module):
             "prompt_head": list(self.prompt_head.parameters()),
             "decoder_encoder": list(enc.parameters()),
             "decoder": [p for p in self.decoder.parameters() if id(p) not in enc_ids],
+            "dense_head": list(self.dense_head.parameters()) if self.dense_head is not None else [],
         }
 
     def set_trainable(self, parts: Sequence[str] | None = None) -> None:
@@ -337,7 +348,26 @@ class SegLLM(nn.Module):
                 batch.seg_targets = torch.zeros(0, out, out)
                 batch.ref_targets = torch.zeros(0, out, out)
             batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
+            if self.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
+                batch.dense_vision, batch.dense_decoder = self._dense_targets(conversations, frames)
         return batch
+
+    def _dense_targets(self, conversations: Sequence[Conversation], frames: list[Frame]) -> tuple[Tensor, Tensor]:
+        """Each conversation's ``dense`` maps placed in the vision tower's and the decoder's input
+        frames (nearest neighbour; padding is IGNORE_LABEL): [B, G, S, S] and [B, G, Sd, Sd]."""
+        groups = list(self.config.dense.groups)
+        vis, dec = [], []
+        s = self.config.vision.image_size
+        for c, fr in zip(conversations, frames):
+            try:
+                maps = torch.from_numpy(np.stack([np.asarray(c.dense[g], dtype=np.int64) for g in groups]))
+            except KeyError as e:
+                raise ConversationError(f"conversation's dense maps lack the label group {e}; the model needs {groups}") from e
+            x = maps[None].float()
+            vis.append(_square_labels(x, s, self.config.vision.resize))
+            y = F.interpolate(x, size=(fr.resized_height, fr.resized_width), mode="nearest")
+            dec.append(F.pad(y, (0, fr.size - fr.resized_width, 0, fr.size - fr.resized_height), value=IGNORE_LABEL)[0].long())
+        return torch.stack(vis), torch.stack(dec)
 
     def image_features(self, image_pixels: Tensor) -> Tensor:
         """[B, 3, S, S] vision input -> [B, N, D] image tokens in the LLM's width."""
@@ -415,8 +445,10 @@ class SegLLM(nn.Module):
             return embeds.index_put((rows, cols), feats, accumulate=True)
         return embeds.index_put((rows, cols), feats)
 
-    def embed(self, batch: Batch) -> Tensor:
+    def embed(self, batch: Batch, image_tokens: Tensor | None = None) -> Tensor:
         """Token embeddings with image, mask and box features injected: [B, L, D].
+
+        ``image_tokens``: the projected image features [B, N, D] when already computed.
 
         Raises:
             PlaceholderMismatchError: see :meth:`inject`.
@@ -424,7 +456,7 @@ class SegLLM(nn.Module):
         ids = batch.input_ids
         B, N = batch.image_pos.shape
         proc = self.processor
-        img = self.image_features(batch.image_pixels)
+        img = self.image_features(batch.image_pixels) if image_tokens is None else image_tokens
         if img.shape[1] != N:
             raise PlaceholderMismatchError(f"the image gives {img.shape[1]} features but has {N} placeholders")
         slots = [(proc.image_id, torch.arange(B, device=ids.device).repeat_interleave(N), batch.image_pos.reshape(-1), img.reshape(B * N, -1))]
@@ -477,7 +509,22 @@ class SegLLM(nn.Module):
         decoded, and ``mask_logits``/``iou_scores`` hold those rows (in ``<seg>`` order).
         """
         cfg = self.config.loss
-        embeds = self.embed(batch)
+        dense = self.dense_head is not None and batch.dense_vision is not None
+        image_tokens = decoder_feats = None
+        dense_loss = None
+        if dense:
+            # the features are computed here once, for the dense heads and for the LLM/decoder
+            patches = self.vision(batch.image_pixels)
+            image_tokens = self.projector(patches.to(self.dtype))
+            decoder_feats = self.encode_decoder_image(batch.decoder_pixels)
+            terms = []
+            if "vision" in self.config.dense.on:
+                g = int(round(patches.shape[1] ** 0.5))
+                terms.append(self.dense_head.loss("vision", patches.reshape(patches.shape[0], g, g, -1), batch.dense_vision.to(patches.device)))
+            if "decoder" in self.config.dense.on:
+                terms.append(self.dense_head.loss("decoder", decoder_feats.permute(0, 2, 3, 1), batch.dense_decoder.to(decoder_feats.device)))
+            dense_loss = sum(terms) / len(terms)
+        embeds = self.embed(batch, image_tokens=image_tokens)
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         labels = batch.labels[:, 1:]
         sel = labels != IGNORE
@@ -489,7 +536,7 @@ class SegLLM(nn.Module):
             lm_loss = zero
         if cfg.set_prediction:
             return self._set_prediction_forward(hidden, batch, lm_loss, zero)
-        mask_logits, iou, boxes = self._decode(hidden, batch)
+        mask_logits, iou, boxes = self._decode(hidden, batch, decoder_feats)
         S = mask_logits.shape[0]
         if S and batch.seg_targets is not None:
             tgt = batch.seg_targets.to(mask_logits.device)
@@ -522,7 +569,9 @@ class SegLLM(nn.Module):
             + cfg.iou_weight * iou_loss
             + cfg.box_weight * b_loss
         )
-        return SegLLMOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou, b_loss)
+        if dense_loss is not None:
+            loss = loss + cfg.dense_weight * dense_loss
+        return SegLLMOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou, b_loss, dense_loss=dense_loss)
 
     def _set_prediction_forward(self, hidden: Tensor, batch: Batch, lm_loss: Tensor, zero: Tensor) -> SegLLMOutput:
         """The loss section with HIPIE's set-prediction losses (see :meth:`forward`)."""
@@ -564,13 +613,15 @@ class SegLLM(nn.Module):
             set_terms=terms,
         )
 
-    def _decode(self, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Mask logits [S, 2, h, w], IoU scores [S, 2] and boxes [S, 2, 4] or None for every ``<seg>``."""
-        out, _ = self._run_decoder(hidden, batch)
+    def _decode(self, hidden: Tensor, batch: Batch, feats: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Mask logits [S, 2, h, w], IoU scores [S, 2] and boxes [S, 2, 4] or None for every
+        ``<seg>``; ``feats``: the decoder's image features when already computed."""
+        out, _ = self._run_decoder(hidden, batch, feats=feats)
         return out.mask_logits, out.iou_scores, out.boxes
 
     def _run_decoder(
-        self, hidden: Tensor, batch: Batch, index: Tensor | None = None, targets: list[SetTarget] | None = None
+        self, hidden: Tensor, batch: Batch, index: Tensor | None = None, targets: list[SetTarget] | None = None,
+        feats: Tensor | None = None,
     ) -> tuple[DecoderOutput, Tensor]:
         """Decode the ``<seg>`` rows ``index`` (default: every one).
 
@@ -583,7 +634,8 @@ class SegLLM(nn.Module):
         seg_pos = batch.seg_pos if index is None else batch.seg_pos[index]
         seg_hidden = hidden[seg_batch, seg_pos - 1]  # the state that predicts <seg>
         prompts = self.prompt_head(seg_hidden)
-        feats = self.encode_decoder_image(batch.decoder_pixels)
+        if feats is None:
+            feats = self.encode_decoder_image(batch.decoder_pixels)
         if targets is None:
             return self.decoder(feats, prompts.to(feats.dtype), seg_batch), prompts
         denoising = make_denoising_queries(targets) if self.config.loss.set_denoising else None
@@ -775,6 +827,24 @@ class SegLLM(nn.Module):
         if frame_masks:
             return (*result, (frame_logits > 0).cpu().numpy())
         return result
+
+
+def _square_labels(maps: Tensor, s: int, resize: str) -> Tensor:
+    """[1, G, H, W] float class maps -> [G, s, s] long, placed as the vision tower places the
+    image (``VisionConfig.resize``), nearest neighbour, IGNORE_LABEL where no pixel lies."""
+    h, w = maps.shape[-2:]
+    if resize == "squash":
+        return F.interpolate(maps, size=(s, s), mode="nearest")[0].long()
+    if resize == "center_crop":
+        scale = s / min(h, w)
+        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+        x = F.interpolate(maps, size=(nh, nw), mode="nearest")
+        top, left = (nh - s) // 2, (nw - s) // 2
+        return x[0, :, top : top + s, left : left + s].long()
+    scale = s / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = F.interpolate(maps, size=(nh, nw), mode="nearest")
+    return F.pad(x, (0, s - nw, 0, s - nh), value=IGNORE_LABEL)[0].long()
 
 
 def _frame_targets(masks: list[Tensor], per_conv: list[int], frames: list[Frame], out: int) -> Tensor:

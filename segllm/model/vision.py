@@ -12,10 +12,37 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from segllm.config import VisionConfig
+from segllm.decoders.convnet import ConvBackbone
 from segllm.errors import ConfigError, ImageError
 
+CONV_MODEL_TYPE = "segllm_conv"
 
-def build_vision_model(config: VisionConfig, *, load_weights: bool = True) -> PreTrainedModel:
+
+class ConvVisionModel(nn.Module):
+    """A convolutional vision tower (:class:`~segllm.decoders.convnet.ConvBackbone`) with a learned
+    position embedding per grid cell, producing tokens like a ViT: [B, 1 + g*g, hidden_size],
+    the first token the mean of the others (it stands in for CLS, so ``pool = "cls"`` works).
+
+    Built from ``vision.hf_config = {"model_type": "segllm_conv", "image_size": S,
+    "stride": 8, "width": 64, "depth": 1, "hidden_size": 128}``.
+    """
+
+    def __init__(self, *, image_size: int, stride: int = 8, width: int = 64, depth: int = 1, hidden_size: int = 128) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.backbone = ConvBackbone(image_size, stride, width, depth, hidden_size)
+        g = self.backbone.grid_size
+        self.pos_embed = nn.Parameter(torch.randn(1, g * g, hidden_size) * 0.02)
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """[B, 3, S, S] -> [B, 1 + g*g, hidden_size] (pooled token first)."""
+        x = self.backbone(pixels).flatten(2).transpose(1, 2)  # [B, g*g, D]
+        x = self.norm(x + self.pos_embed)
+        return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+
+
+def build_vision_model(config: VisionConfig, *, load_weights: bool = True) -> nn.Module:
     """A transformers vision model from ``config.hf_config`` (random weights) or, when
     ``load_weights`` and ``config.pretrained_path`` is set, from that local folder."""
     if load_weights and config.pretrained_path:
@@ -30,6 +57,11 @@ def build_vision_model(config: VisionConfig, *, load_weights: bool = True) -> Pr
     model_type = hf.pop("model_type", None)
     if not model_type:
         raise ConfigError("vision.hf_config needs a model_type (e.g. 'clip_vision_model', 'dinov2')")
+    if model_type == CONV_MODEL_TYPE:
+        try:
+            return ConvVisionModel(**hf)
+        except TypeError as e:
+            raise ConfigError(f"vision.hf_config for {CONV_MODEL_TYPE!r}: {e}") from e
     return AutoModel.from_config(AutoConfig.for_model(model_type, **hf))
 
 
@@ -52,6 +84,8 @@ class VisionTower(nn.Module):
 
     @property
     def hidden_size(self) -> int:
+        if isinstance(self.model, ConvVisionModel):
+            return self.model.hidden_size
         cfg = self.model.config
         return int(getattr(cfg, "hidden_size", None) or cfg.vision_config.hidden_size)
 
@@ -105,6 +139,8 @@ class VisionTower(nn.Module):
 
     def _hidden(self, pixels: Tensor) -> Tensor:
         p = next(self.model.parameters())
+        if isinstance(self.model, ConvVisionModel):
+            return self.model(pixels.to(device=p.device, dtype=p.dtype))
         out = self.model(pixel_values=pixels.to(device=p.device, dtype=p.dtype), output_hidden_states=True)
         return out.hidden_states[self.config.select_layer]
 

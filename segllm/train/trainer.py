@@ -247,6 +247,15 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         out.mkdir(parents=True, exist_ok=True)
     t0, seen0 = time.time(), 0
     step = start_step
+    grad_norms: dict[str, float] = {}
+    # parameter groups for per-part clipping: each trainable part's parameters, once each
+    seen_ids: set[int] = set()
+    part_groups = []
+    for group in core.part_parameters().values():
+        mine = [p for p in group if p.requires_grad and id(p) not in seen_ids]
+        seen_ids.update(id(p) for p in mine)
+        if mine:
+            part_groups.append(mine)
     timed_out = False
     while step < end and not timed_out:
         terms: dict[str, float] = {}
@@ -261,11 +270,18 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
             with acc.accumulate(model):
                 res = model(batch)
                 acc.backward(res.loss)
-                if acc.sync_gradients and o.grad_clip > 0:
-                    acc.clip_grad_norm_(params, o.grad_clip)
+                if acc.sync_gradients:
+                    if step % recipe.log_every == recipe.log_every - 1 and not sharded and not deepspeed:
+                        grad_norms = part_grad_norms(core)  # before clipping: what each part receives
+                    if o.grad_clip > 0 and o.clip_mode == "per_part" and not deepspeed:
+                        for group in part_groups:
+                            acc.clip_grad_norm_(group, o.grad_clip)
+                    elif o.grad_clip > 0:
+                        acc.clip_grad_norm_(params, o.grad_clip)
                 opt.step()
                 opt.zero_grad()
-            parts = {name: getattr(res, name) for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss")}
+            parts = {name: getattr(res, name) for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss", "dense_loss")}
+            parts = {k: v for k, v in parts.items() if v is not None}
             parts |= {f"set_{k}": v for k, v in (res.set_terms or {}).items()}  # HIPIE's set-prediction terms
             for name, value in parts.items():
                 terms[name] = terms.get(name, 0.0) + float(value.detach()) / recipe.grad_accum
@@ -284,8 +300,11 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
             if step % recipe.log_every == 0 or step == recipe.steps or timed_out:
                 rate = seen0 * acc.num_processes / max(1e-9, time.time() - t0)
                 bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}", conv_s=f"{rate:.1f}")
+                entry = {"step": step, "lr": sched.get_last_lr()[0], "conv_per_s": rate, **terms}
+                if grad_norms:
+                    entry["grad_norm"] = grad_norms
                 with log_file.open("a") as f:
-                    f.write(json.dumps({"step": step, "lr": sched.get_last_lr()[0], "conv_per_s": rate, **terms}) + "\n")
+                    f.write(json.dumps(entry) + "\n")
         if recipe.eval_every and (step % recipe.eval_every == 0 or step == recipe.steps or timed_out):
             if acc.is_main_process or sharded:  # sharded: every process takes part in each forward
                 with (fsdp.unsharded(core) if sharded else contextlib.nullcontext()):
@@ -311,6 +330,18 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         log.warning("skipped %d unusable record(s); see the warnings above", summary.skipped)
     acc.end_training()
     return summary
+
+
+def part_grad_norms(model) -> dict[str, float]:
+    """L2 norm of the current gradient of each model part (``SegLLM.part_parameters``); parts
+    without gradients are left out. Logged to show which parts learn (issue 13's diagnosis found
+    the vision path receiving ~1e-4 of the decoder's gradient)."""
+    out = {}
+    for name, group in model.part_parameters().items():
+        grads = [p.grad.detach().float() for p in group if p.grad is not None]
+        if grads:
+            out[name] = round(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))), 6)
+    return out
 
 
 def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False, deepspeed: bool = False) -> None:

@@ -183,3 +183,27 @@ def test_time_budget_stops_with_a_checkpoint_and_anneals(tmp_path):
     assert done(w + 1) == pytest.approx(r.optim.min_lr_ratio)
     with pytest.raises(ConfigError, match="time_limit_s"):
         _recipe(tmp_path, time_limit_s=-1)
+
+
+def test_per_part_clipping_clips_each_part_and_logs_gradient_norms(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    calls = []
+    original = Accelerator.clip_grad_norm_
+
+    def spy(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        calls.append(len(parameters))
+        return original(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy)
+    summary = train(_recipe(tmp_path, steps=2, log_every=1, **{"optim.clip_mode": "per_part"}), progress=False)
+    model = SegLLM.from_pretrained(tmp_path / "run" / "checkpoint-last" / "model")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    parts = [name for name, ps in model.part_parameters().items() if any(p.requires_grad for p in ps)]
+    assert len(calls) == 2 * len(parts)  # one clip per part per step
+    assert sum(calls[: len(parts)]) == len(trainable)  # every trainable parameter exactly once
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    norms = log[-1]["grad_norm"]
+    assert set(norms) == set(parts) and all(v > 0 for v in norms.values())
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in summary.losses)

@@ -1,0 +1,121 @@
+"""Learning curves for choosing a model design: grounded rate and cIoU against conversations seen.
+
+Trains a recipe in chunks of ``--every`` steps (fresh world scenes every step, the trainer's own
+data path), and after each chunk evaluates the checkpoint on the first ``--val`` conversations of
+the world's validation split, every round teacher-forced (oracle history):
+
+- cIoU per round (sum of intersections / sum of unions);
+- grounded rate: the share of predictions whose best-matching scene object (by IoU, over every
+  object and part) is the target; "picking the object" as opposed to "drawing it";
+- IoU given grounded: mean IoU of the grounded predictions.
+
+Writes ``OUT/curve.jsonl`` (one line per evaluation) and prints a line per chunk. Runs resume:
+a second call with the same ``--out`` continues from its last checkpoint.
+
+    python scripts/grounding_curve.py configs/grounded.toml --out runs/curve-grounded --every 100 --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segllm.checkpoint import load_pretrained
+from segllm.data.records import WorldConversations, record_to_conversation
+from segllm.data.world import WorldConfig
+from segllm.train.recipe import TrainRecipe
+from segllm.train.trainer import LAST, train
+
+
+def grounding(pred: np.ndarray, target_id: int, masks: dict[int, np.ndarray]) -> tuple[bool, float]:
+    """(whether the object whose mask best matches ``pred`` by IoU is the target, IoU with the target)."""
+    best, best_iou, target_iou = None, 0.0, 0.0
+    for oid, m in masks.items():
+        inter = np.logical_and(pred, m).sum()
+        if not inter:
+            continue
+        iou = inter / np.logical_or(pred, m).sum()
+        if iou > best_iou:
+            best, best_iou = oid, iou
+        if oid == target_id:
+            target_iou = iou
+    return best == target_id, float(target_iou)
+
+
+def evaluate_curve(model, recipe: TrainRecipe, n: int, batch: int = 16) -> dict:
+    d = recipe.data
+    ds = WorldConversations("val", n, seed=d.seed, config=WorldConfig.from_dict(d.world), max_rounds=d.max_rounds)
+    inter: dict[int, int] = {}
+    union: dict[int, int] = {}
+    grounded: dict[int, list[float]] = {}
+    model.eval()
+    samples = [ds.world.sample("val", i) for i in range(n)]
+    for start in range(0, n, batch):
+        chunk = samples[start : start + batch]
+        convs = [record_to_conversation(s.record, s.image, lambda mid, s=s: s.masks[mid]) for s in chunk]
+        if d.max_rounds:
+            convs = [c.truncated(d.max_rounds) for c in convs]
+        with torch.no_grad():
+            preds = model.segment(convs)
+        for s, conv, per_round in zip(chunk, convs, preds):
+            for r, (masks, _scores) in enumerate(per_round[: len(conv.rounds)], start=1):
+                target_id = s.record["rounds"][r - 1]["mask_ids"][0]
+                gt = s.masks[target_id]
+                pred = masks[0]
+                inter[r] = inter.get(r, 0) + int(np.logical_and(pred, gt).sum())
+                union[r] = union.get(r, 0) + int(np.logical_or(pred, gt).sum())
+                ok, iou = grounding(pred, target_id, s.masks)
+                grounded.setdefault(r, []).append(iou if ok else -1.0)
+    rounds = sorted(inter)
+    all_g = [v for r in rounds for v in grounded[r]]
+    return {
+        "cIoU": 100 * sum(inter.values()) / max(1, sum(union.values())),
+        "grounded": 100 * float(np.mean([v >= 0 for v in all_g])),
+        "iou_given_grounded": 100 * float(np.mean([v for v in all_g if v >= 0])) if any(v >= 0 for v in all_g) else 0.0,
+        "per_round": {
+            r: {"cIoU": round(100 * inter[r] / max(1, union[r]), 2), "grounded": round(100 * float(np.mean([v >= 0 for v in grounded[r]])), 1), "n": len(grounded[r])}
+            for r in rounds
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--every", type=int, default=100, help="steps between evaluations")
+    ap.add_argument("--steps", type=int, default=600, help="total steps (the schedule's length)")
+    ap.add_argument("--val", type=int, default=64, help="validation conversations per evaluation")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="recipe override, e.g. optim.lr=3e-4")
+    args = ap.parse_args()
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides |= {"output_dir": args.out, "steps": args.steps, "eval_every": 0, "save_every": args.every, "time_limit_s": 0}
+    recipe = TrainRecipe.load(args.recipe, overrides)
+    out = Path(args.out)
+    curve = out / "curve.jsonl"
+    state = out / LAST / "trainer_state.json"
+    step = json.loads(state.read_text())["step"] if state.is_file() else 0
+    while step < args.steps:
+        t = time.time()
+        summary = train(recipe, resume=step > 0, progress=False, stop_after=min(args.steps, step + args.every))
+        train_s = time.time() - t
+        step = summary.steps
+        model = load_pretrained(out / LAST / "model")
+        t = time.time()
+        res = evaluate_curve(model, recipe, args.val)
+        entry = {"step": step, "conversations": step * recipe.batch_size * recipe.grad_accum, "train_s": round(train_s, 1),
+                 "eval_s": round(time.time() - t, 1), "loss": round(float(np.mean(summary.losses[-20:])), 4), **res}
+        with curve.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(f"step {step} conv {entry['conversations']} loss {entry['loss']:.3f} cIoU {res['cIoU']:.1f} "
+              f"grounded {res['grounded']:.1f}% IoU|grounded {res['iou_given_grounded']:.1f} "
+              f"round1 {res['per_round'].get(1, {})} ({train_s:.0f}s train)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
