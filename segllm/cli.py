@@ -216,8 +216,14 @@ def _world(args: argparse.Namespace) -> int:
     from segllm.data.world import WorldConfig, generate
 
     counts = {k: getattr(args, k) for k in ("train", "val", "test", "heldout") if getattr(args, k) > 0}
-    generate(args.out, counts, seed=args.seed, config=WorldConfig(), workers=args.workers)
+    shares = generate(args.out, counts, seed=args.seed, config=WorldConfig(), workers=args.workers)
     print(f"wrote {', '.join(f'{k}: {v}' for k, v in counts.items())} conversations to {args.out}/")
+    # how much of each split a text-only model could answer (the rest needs the masks)
+    for split, sh in shares.items():
+        if sh["rounds"]:
+            late = (f"{100 * sh['late_share']:.1f}% of {sh['late_rounds']} rounds >= {sh['late_round']}"
+                    if sh["late_rounds"] else f"no rounds >= {sh['late_round']}")
+            print(f"{split}: text-resolvable {100 * sh['share']:.1f}% of {sh['rounds']} rounds, {late}")
     return 0
 
 
