@@ -138,11 +138,13 @@ class SceneAnnotations:
         masks: every annotated object and part of the image: id -> [H, W] bool.
         top_level: ids of the objects that are not parts of another (the question-blind
             baseline predicts their union).
+        mask_ids: per round, the ids (keys of ``masks``) of its ground-truth masks.
     """
 
     rounds: list[RoundMeta]
     masks: dict[Any, np.ndarray]
     top_level: list[Any]
+    mask_ids: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -250,7 +252,9 @@ class ConversationFolder(SkippingGet):
         anns = self.coco.imgToAnns.get(rec.get("image_id"), [])
         masks = {a["id"]: self.coco.annToMask(a).astype(bool) for a in anns}
         top = [a["id"] for a in anns if a.get("parent_id") is None]
-        return SceneAnnotations(meta[: self.max_rounds] if self.max_rounds else meta, masks, top)
+        ids = [list(r.get("mask_ids", [])) for r in rec["rounds"]]
+        cut = self.max_rounds or len(meta)
+        return SceneAnnotations(meta[:cut], masks, top, ids[:cut])
 
 
 
@@ -289,8 +293,9 @@ class WorldConversations:
         again: deterministic by index)."""
         s = self.sample(index)
         meta = round_meta(s.record)
-        return SceneAnnotations(meta[: self.max_rounds] if self.max_rounds else meta, s.masks,
-                                [o.id for o in s.objects if o.parent is None])
+        cut = self.max_rounds or len(meta)
+        return SceneAnnotations(meta[:cut], s.masks, [o.id for o in s.objects if o.parent is None],
+                                [list(r["mask_ids"]) for r in s.record["rounds"]][:cut])
 
     def get(self, index: int) -> Conversation | None:
         try:

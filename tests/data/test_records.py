@@ -120,3 +120,12 @@ def test_round_meta_of_records_without_the_fields_and_bad_fields():
         rec = {"rounds": [{"question": "a", "answer": "<seg>", "mask_ids": [3], **bad}]}
         with pytest.raises(RecordError, match=word):
             round_meta(rec)
+
+
+def test_scene_mask_ids_point_at_the_rounds_masks(folder):
+    ds = ConversationFolder(folder, max_rounds=2)
+    for i in range(4):
+        scene, conv = ds.scene(i), ds[i]
+        assert len(scene.mask_ids) == len(scene.rounds) == len(conv.rounds) <= 2
+        for rnd, ids in zip(conv.rounds, scene.mask_ids):
+            assert all(np.array_equal(m, scene.masks[k]) for m, k in zip(rnd.masks, ids))
