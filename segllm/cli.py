@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run from its logs in --out")
     ev.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--baseline", choices=["union"], default=None,
+                    help="also score a question-blind baseline on the same conversations: 'union' predicts the union of "
+                         "all top-level objects every round (world data and dataset folders)")
     ev.set_defaults(func=_eval)
 
     pa = sub.add_parser("parts", help="write the real pretrained parts (SmolLM2 LLM, DINOv2 vision tower, LiteMedSAM decoder) into a folder")
@@ -216,8 +219,14 @@ def _world(args: argparse.Namespace) -> int:
     from segllm.data.world import WorldConfig, generate
 
     counts = {k: getattr(args, k) for k in ("train", "val", "test", "heldout") if getattr(args, k) > 0}
-    generate(args.out, counts, seed=args.seed, config=WorldConfig(), workers=args.workers)
+    shares = generate(args.out, counts, seed=args.seed, config=WorldConfig(), workers=args.workers)
     print(f"wrote {', '.join(f'{k}: {v}' for k, v in counts.items())} conversations to {args.out}/")
+    # how much of each split a text-only model could answer (the rest needs the masks)
+    for split, sh in shares.items():
+        if sh["rounds"]:
+            late = (f"{100 * sh['late_share']:.1f}% of {sh['late_rounds']} rounds >= {sh['late_round']}"
+                    if sh["late_rounds"] else f"no rounds >= {sh['late_round']}")
+            print(f"{split}: text-resolvable {100 * sh['share']:.1f}% of {sh['rounds']} rounds, {late}")
     return 0
 
 
@@ -282,10 +291,17 @@ def _eval(args: argparse.Namespace) -> int:
     from segllm.eval.evaluate import evaluate, format_table, read_logs
     from segllm.eval.report import write_reports
 
+    if args.baseline and args.frame != "original":
+        print("error: --baseline is scored at the original resolution only (leave --frame as is)", file=sys.stderr)
+        return 2
     # accelerate runs several CPU processes as one distributed (gloo) job only when told it is on CPU
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = args.device or str(state.device)
     data, where, protocols, split = _eval_data(args)
+    if args.baseline and getattr(data, "scene", None) is None:
+        print("error: --baseline needs object annotations (world data or a dataset folder of this package's format)",
+              file=sys.stderr)
+        return 2
     model = load_model(args.checkpoint, device=device)
     out = Path(args.out)
     logs = {p: [out / f"{args.name}.{p}.rank{r}.jsonl" for r in range(state.num_processes)] for p in protocols}
@@ -302,6 +318,10 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if state.num_processes > 1:
         results = [read_logs(logs[p], protocol=p, frame=args.frame) for p in protocols]
+    if args.baseline == "union":
+        from segllm.eval.evaluate import evaluate_baseline
+
+        results.append(evaluate_baseline(data, limit=args.size))
     size = model.decoder.image_size
     frame = f"the released code's way: {size}x{size} decoder frame, padding included" if args.frame == "released" else "original resolution"
     print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at {frame})"))

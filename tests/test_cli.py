@@ -106,3 +106,26 @@ def test_train_rejects_unknown_recipe_key(tmp_path, capsys):
     recipe = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.toml"
     assert main(["train", str(recipe), "--set", "optim.lrate=1"]) == 2
     assert "optim.lrate" in capsys.readouterr().err
+
+
+def test_eval_union_baseline_and_grounding_on_world(tmp_path, capsys):
+    rc = main(["eval", "--size", "2", "--split", "val", "--out", str(tmp_path), "--name", "b", "--protocol", "oracle",
+               "--baseline", "union"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "baseline-union cIoU" in out and "grnd" in out and "text-resolvable grounded" in out
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [r["protocol"] for r in results] == ["oracle", "baseline-union"]
+    for r in results:
+        assert r["diagnostics"]["per_round"]["all"]["n_grounding"] == r["per_round"]["all"]["n"] > 0
+        assert set(r["diagnostics"]["text_resolvable"]) <= {"true", "false"}
+
+
+def test_world_reports_text_resolvable_share(tmp_path, capsys):
+    rc = main(["world", str(tmp_path), "--train", "0", "--val", "0", "--test", "6", "--heldout", "0"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    meta = json.loads((tmp_path / "test" / "meta.json").read_text())
+    share = meta["text_resolvable"]
+    assert share["rounds"] > 6 and 0 <= share["share"] <= 1
+    assert f"test: text-resolvable {100 * share['share']:.1f}% of {share['rounds']} rounds" in out

@@ -10,7 +10,12 @@ A dataset folder (written by ``segllm world``, or by a user) holds:
                  "mask_ids": [17]}, ...]}
 
   ``mask_ids`` are COCO annotation ids, one per ``<seg>`` of the answer; ``refs`` are the
-  1-indexed earlier rounds the question refers to.
+  1-indexed earlier rounds the question refers to. Optional per-round fields (the world writes
+  them; a reader accepts records without them, see :func:`round_meta`): ``relation`` (the
+  question family), ``kind`` ("query", or "pick": a deliberately ambiguous question whose
+  recorded answer is one of several valid ones), ``alternatives`` (the COCO ids of every valid
+  answer of a pick round) and ``text_resolvable`` (whether the questions' text alone
+  determines the answer).
 
 A malformed record is skipped with a message naming the file, line and problem; the dataset
 counts what it skipped.
@@ -71,6 +76,75 @@ def record_to_conversation(record: dict[str, Any], image: np.ndarray, get_mask: 
     except SegLLMError as e:
         raise RecordError(str(e)) from e
     return conv
+
+
+ROUND_KINDS = ("query", "pick")
+
+
+@dataclass(frozen=True)
+class RoundMeta:
+    """Per-round metadata of a record, beside what a :class:`Conversation` holds.
+
+    Attributes:
+        kind: "query" (one right answer) or "pick" (any of ``alternatives`` is right; the
+            recorded mask is the one later rounds assume).
+        relation: the question family ("attribute", "positional", ...), or None.
+        text_resolvable: whether the questions' text alone determines the answer (None:
+            not recorded).
+        alternatives: mask ids of every valid answer (pick rounds; empty otherwise).
+    """
+
+    kind: str = "query"
+    relation: str | None = None
+    text_resolvable: bool | None = None
+    alternatives: tuple = ()
+
+
+def round_meta(record: dict[str, Any]) -> list[RoundMeta]:
+    """The :class:`RoundMeta` of every round of a record; missing optional fields take their
+    defaults (old files, user data).
+
+    Raises:
+        RecordError: a field present with an unusable value (naming round and field).
+    """
+    out = []
+    for n, r in enumerate(record.get("rounds") or [], start=1):
+        if not isinstance(r, dict):
+            raise RecordError(f"round {n} is not an object")
+        kind = r.get("kind", "query")
+        if kind not in ROUND_KINDS:
+            raise RecordError(f"round {n}: kind must be one of {ROUND_KINDS}, got {kind!r}")
+        relation = r.get("relation")
+        if relation is not None and not isinstance(relation, str):
+            raise RecordError(f"round {n}: relation must be text, got {relation!r}")
+        tr = r.get("text_resolvable")
+        if tr is not None and not isinstance(tr, bool):
+            raise RecordError(f"round {n}: text_resolvable must be true or false, got {tr!r}")
+        alts = r.get("alternatives", [])
+        if not isinstance(alts, list):
+            raise RecordError(f"round {n}: alternatives must be a list of mask ids, got {alts!r}")
+        if kind == "pick" and not alts:
+            alts = list(r.get("mask_ids", []))  # no alternatives recorded: the target only
+        out.append(RoundMeta(kind, relation, tr, tuple(alts)))
+    return out
+
+
+@dataclass
+class SceneAnnotations:
+    """What evaluation diagnostics need of one conversation beyond its masks.
+
+    Attributes:
+        rounds: per round, its :class:`RoundMeta` (as many as the conversation's rounds).
+        masks: every annotated object and part of the image: id -> [H, W] bool.
+        top_level: ids of the objects that are not parts of another (the question-blind
+            baseline predicts their union).
+        mask_ids: per round, the ids (keys of ``masks``) of its ground-truth masks.
+    """
+
+    rounds: list[RoundMeta]
+    masks: dict[Any, np.ndarray]
+    top_level: list[Any]
+    mask_ids: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -167,6 +241,21 @@ class ConversationFolder(SkippingGet):
             raise RecordError(f"{self.where(index)}: {e}") from e
         return conv.truncated(self.max_rounds) if self.max_rounds else conv
 
+    def scene(self, index: int) -> SceneAnnotations:
+        """Round metadata and every annotated mask of conversation ``index``'s image (all COCO
+        annotations of its ``image_id``; a part is an annotation with a ``parent_id``)."""
+        _, rec = self.records[index]
+        try:
+            meta = round_meta(rec)
+        except RecordError as e:
+            raise RecordError(f"{self.where(index)}: {e}") from e
+        anns = self.coco.imgToAnns.get(rec.get("image_id"), [])
+        masks = {a["id"]: self.coco.annToMask(a).astype(bool) for a in anns}
+        top = [a["id"] for a in anns if a.get("parent_id") is None]
+        ids = [list(r.get("mask_ids", [])) for r in rec["rounds"]]
+        cut = self.max_rounds or len(meta)
+        return SceneAnnotations(meta[:cut], masks, top, ids[:cut])
+
 
 
 class WorldConversations:
@@ -180,9 +269,16 @@ class WorldConversations:
         self.size = size
         self.max_rounds = max_rounds
         self.skipped = Skipped()
+        self._last = None  # (index, Sample): evaluation reads a conversation, then its scene
 
     def __len__(self) -> int:
         return self.size
+
+    def sample(self, index: int):
+        """The world :class:`segllm.data.world.Sample` of ``index`` (the last one is kept)."""
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self.world.sample(self.split, index))
+        return self._last[1]
 
     def where(self, index: int) -> str:
         return f"world {self.split}[{index}]"
@@ -190,10 +286,19 @@ class WorldConversations:
     def __getitem__(self, index: int) -> Conversation:
         from segllm.data.world.dense import dense_labels
 
-        s = self.world.sample(self.split, index)
+        s = self.sample(index)
         conv = record_to_conversation(s.record, s.image, lambda mid: s.masks[mid])
         conv.dense = dense_labels(s.objects, s.masks)
         return conv.truncated(self.max_rounds) if self.max_rounds else conv
+
+    def scene(self, index: int) -> SceneAnnotations:
+        """Round metadata and every object's and part's mask of sample ``index`` (generated
+        again: deterministic by index)."""
+        s = self.sample(index)
+        meta = round_meta(s.record)
+        cut = self.max_rounds or len(meta)
+        return SceneAnnotations(meta[:cut], s.masks, [o.id for o in s.objects if o.parent is None],
+                                [list(r["mask_ids"]) for r in s.record["rounds"]][:cut])
 
     def get(self, index: int) -> Conversation | None:
         try:

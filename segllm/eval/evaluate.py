@@ -8,7 +8,18 @@
   whose own mask is empty, that reference cannot be encoded: the round keeps the text only and
   the event is counted (``empty_refs``).
 Metrics are computed at the original image resolution, or (``frame="released"``) exactly as
-the released code computes them. Each finished conversation is appended to a log, so an
+the released code computes them.
+
+Datasets that offer ``scene(i)`` (:class:`segllm.data.records.SceneAnnotations`: the world, and
+folders of this package's format) also get grounding diagnostics (:class:`Diagnostics`): per
+round, per question family and for text-resolvable rounds vs the others, the grounded rate
+and IoU given grounded (see :func:`segllm.eval.metrics.grounding`). A *pick* round ("Segment
+one of the red objects.") is scored against the best-matching valid alternative (the one with
+the highest IoU). Under the ``own`` protocol, a pick round's history entry for later rounds is
+the recorded target's ground-truth mask, not the model's own: later rounds' ground truth
+assumes that choice, so a model that picked another (equally valid) object is not penalised
+twice. :func:`evaluate_baseline` scores the question-blind baseline (the union of all
+top-level objects as every round's prediction) the same way. Each finished conversation is appended to a log, so an
 interrupted evaluation resumes where it stopped, and several processes can share the work.
 """
 
@@ -24,7 +35,7 @@ import numpy as np
 import torch
 
 from segllm.conversation import Conversation
-from segllm.eval.metrics import RoundMetrics, mask_box, mask_scores, released_frame_gt
+from segllm.eval.metrics import Diagnostics, RoundMetrics, grounding, mask_box, mask_scores, released_frame_gt
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,7 @@ class EvalResult:
     empty_refs: int = 0
     no_seg_answers: int = 0
     frame: str = "original"
+    diagnostics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +63,7 @@ class EvalResult:
             "empty_refs": self.empty_refs,
             "no_seg_answers": self.no_seg_answers,
             "per_round": self.metrics,
+            "diagnostics": self.diagnostics,
         }
 
 
@@ -61,11 +74,12 @@ Frame = Literal["original", "released"]
 class _Log:
     """One conversation's outcome, as written to (and read back from) an evaluation log.
 
-    ``masks``: (round, I, U, IoU, box hit) per ground-truth mask.
+    ``masks``: (round, I, U, IoU, box hit, grounded, family, text-resolvable) per ground-truth
+    mask; the last three are None where unknown (and absent from older logs).
     """
 
     index: int
-    masks: list[tuple[int, int, int, float, bool]] = field(default_factory=list)
+    masks: list[tuple] = field(default_factory=list)
     skipped: tuple[str, str] | None = None
     empty_refs: int = 0
     no_seg_answers: int = 0
@@ -84,7 +98,12 @@ class _Log:
         d = json.loads(line)
         if "skipped" in d:
             return cls(int(d["index"]), skipped=tuple(d["skipped"]))
-        masks = [(int(r), int(i), int(u), float(iou), bool(hit)) for r, i, u, iou, hit in d["masks"]]
+        masks = []
+        for m in d["masks"]:
+            r, i, u, iou, hit, *extra = m
+            g, fam, tr = (list(extra) + [None, None, None])[:3]
+            masks.append((int(r), int(i), int(u), float(iou), bool(hit), None if g is None else bool(g), fam,
+                          None if tr is None else bool(tr)))
         return cls(int(d["index"]), masks, None, int(d.get("empty_refs", 0)), int(d.get("no_seg_answers", 0)))
 
 
@@ -94,7 +113,7 @@ def read_logs(paths, *, protocol: str, frame: Frame = "original") -> EvalResult:
     Lines that cannot be parsed (a run killed mid-write) are ignored; a conversation logged
     twice counts once.
     """
-    metrics = RoundMetrics()
+    metrics, diag = RoundMetrics(), Diagnostics()
     result = EvalResult(protocol, {}, 0, frame=frame)
     seen: set[int] = set()
     for path in paths:
@@ -102,9 +121,15 @@ def read_logs(paths, *, protocol: str, frame: Frame = "original") -> EvalResult:
             if entry.index in seen:
                 continue
             seen.add(entry.index)
-            _account(entry, metrics, result)
-    result.metrics = metrics.summary()
+            _account(entry, metrics, result, diag)
+    _finish(result, metrics, diag)
     return result
+
+
+def _finish(result: EvalResult, metrics: RoundMetrics, diag: Diagnostics) -> None:
+    result.metrics = metrics.summary()
+    # only where some mask could be checked for grounding (datasets with scene annotations)
+    result.diagnostics = diag.summary() if diag.groups["per_round"].get("all") and diag.groups["per_round"]["all"].grounded else {}
 
 
 def _read_log(path: Path) -> list[_Log]:
@@ -119,12 +144,14 @@ def _read_log(path: Path) -> list[_Log]:
     return out
 
 
-def _account(entry: _Log, metrics: RoundMetrics, result: EvalResult) -> None:
+def _account(entry: _Log, metrics: RoundMetrics, result: EvalResult, diag: Diagnostics) -> None:
     if entry.skipped is not None:
         result.skipped.append(entry.skipped)
         return
     for m in entry.masks:
-        metrics.add_counts(*m)
+        r, inter, union, iou, hit, g, fam, tr = (tuple(m) + (None, None, None))[:8]
+        metrics.add_counts(r, inter, union, iou, hit)
+        diag.add(r, inter, union, iou, g, fam, tr)
     result.conversations += 1
     result.empty_refs += entry.empty_refs
     result.no_seg_answers += entry.no_seg_answers
@@ -177,7 +204,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    metrics = RoundMetrics()
+    metrics, diag = RoundMetrics(), Diagnostics()
     result = EvalResult(protocol, {}, 0, frame=frame)
     done: set[int] = set()
     log_file = None
@@ -190,7 +217,7 @@ def evaluate(
                 if entry.index not in done and entry.index < n:
                     done.add(entry.index)
                     kept.append(entry)
-                    _account(entry, metrics, result)
+                    _account(entry, metrics, result, diag)
             # rewrite the log without a line an interruption cut short, so appending stays clean
             tmp = log_path.with_suffix(".tmp")
             tmp.write_text("".join(e.to_json() + "\n" for e in kept), encoding="utf-8")
@@ -203,7 +230,7 @@ def evaluate(
     scorer = _Scorer(model, dataset, frame, session_factory)
 
     def record(entry: _Log) -> None:
-        _account(entry, metrics, result)
+        _account(entry, metrics, result, diag)
         if log_file is not None:
             log_file.write(entry.to_json() + "\n")
             log_file.flush()
@@ -232,7 +259,38 @@ def evaluate(
         if log_file is not None:
             log_file.close()
         model.train(was_training)
-    result.metrics = metrics.summary()
+    _finish(result, metrics, diag)
+    return result
+
+
+def evaluate_baseline(dataset, *, limit: int | None = None, name: str = "baseline-union") -> EvalResult:
+    """The question-blind baseline: every round predicts the union of all top-level objects'
+    masks of its image, scored as :func:`evaluate` scores a model (original resolution, pick
+    rounds against their best alternative, grounding diagnostics).
+
+    Needs a dataset with ``scene(i)`` (the world, or a folder of this package's format);
+    raises :class:`segllm.errors.SegLLMError` otherwise. ``name`` is the result's protocol label.
+    """
+    from segllm.errors import SegLLMError
+
+    if getattr(dataset, "scene", None) is None:
+        raise SegLLMError("the union baseline needs object annotations (the world, or a dataset folder of this package's format)")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    metrics, diag = RoundMetrics(), Diagnostics()
+    result = EvalResult(name, {}, 0)
+    scorer = _Scorer(None, dataset, "original")
+    for i in range(n):
+        conv = dataset.get(i)
+        if conv is None:
+            _account(_Log(i, skipped=tuple(dataset.skipped.items[-1])), metrics, result, diag)
+            continue
+        scene = scorer.scene(i)
+        union = np.zeros(conv.image.shape[:2], bool)
+        for k in scene.top_level:
+            union |= scene.masks[k]
+        per_round = [(np.stack([union] * len(r.masks)), None, None, None) for r in conv.rounds]
+        _account(_Log(i, scorer._score(i, conv, per_round, scene)), metrics, result, diag)
+    _finish(result, metrics, diag)
     return result
 
 
@@ -250,21 +308,46 @@ class _Scorer:
         fn = getattr(self.dataset, "ignore", None)
         return fn(index) if fn is not None else None
 
-    def _score(self, index: int, conv: Conversation, per_round) -> list[tuple[int, int, int, float, bool]]:
-        """per_round: per round, (image masks [k, H, W], image boxes or None, frame masks, frame boxes)."""
+    def scene(self, index: int):
+        """The dataset's :class:`segllm.data.records.SceneAnnotations` of ``index``, or None."""
+        fn = getattr(self.dataset, "scene", None)
+        return fn(index) if fn is not None else None
+
+    def _score(self, index: int, conv: Conversation, per_round, scene=None) -> list[tuple]:
+        """per_round: per round, (image masks [k, H, W], image boxes or None, frame masks, frame boxes).
+
+        With ``scene`` (round metadata and every object's mask), each mask is also checked for
+        grounding, and a pick round is scored against its best-matching valid alternative."""
         ignore = self._ignore(index)
         size = self.model.decoder.image_size if self.frame == "released" else 0
+        ids = list(scene.masks) if scene is not None else []
+        objects = [scene.masks[k] for k in ids] if scene is not None else []
         out = []
         for n, (rnd, (masks, boxes, fmasks, fboxes)) in enumerate(zip(conv.rounds, per_round), start=1):
+            meta = scene.rounds[n - 1] if scene is not None and n <= len(scene.rounds) else None
             for j, gt in enumerate(rnd.masks):
                 ign = ignore[n - 1][j] if ignore is not None else None
-                if self.frame == "released":
-                    gt_f = released_frame_gt(gt, size)
-                    ign_f = released_frame_gt(ign, size) if ign is not None else None
-                    scores = mask_scores(fmasks[j], gt_f, fboxes[j], ignore=ign_f, eps=self.eps)
-                else:
-                    scores = mask_scores(masks[j], gt, None if boxes is None else boxes[j], ignore=ign, eps=self.eps)
-                out.append((n, *scores))
+                # (ground truth, its object id): a pick round's alternatives compete, the best counts
+                cands = [(gt, scene.mask_ids[n - 1][j] if scene is not None else None)]
+                if meta is not None and meta.kind == "pick" and len(rnd.masks) == 1:
+                    cands = [(scene.masks[a], a) for a in meta.alternatives if a in scene.masks] or cands
+                best = None
+                for cand, cid in cands:
+                    if self.frame == "released":
+                        gt_f = released_frame_gt(cand, size)
+                        ign_f = released_frame_gt(ign, size) if ign is not None else None
+                        scores = mask_scores(fmasks[j], gt_f, fboxes[j], ignore=ign_f, eps=self.eps)
+                    else:
+                        scores = mask_scores(masks[j], cand, None if boxes is None else boxes[j], ignore=ign, eps=self.eps)
+                    if best is None or scores[2] > best[0][2]:
+                        best = (scores, cid)
+                scores, cid = best
+                is_grounded = None
+                if cid is not None and cid in scene.masks:
+                    is_grounded = grounding(masks[j], ids.index(cid), objects)[0]
+                family = meta.relation if meta is not None else None
+                tr = meta.text_resolvable if meta is not None else None
+                out.append((n, *scores, is_grounded, family, tr))
         return out
 
     def oracle(self, items: list[tuple[int, Conversation]]) -> list[_Log]:
@@ -273,14 +356,15 @@ class _Scorer:
         entries = []
         for (i, conv), rounds in zip(items, results):
             per_round = [(r[0], None, r[2] if len(r) > 2 else None, r[3] if len(r) > 2 else None) for r in rounds]
-            entries.append(_Log(i, self._score(i, conv, per_round)))
+            entries.append(_Log(i, self._score(i, conv, per_round, self.scene(i))))
         return entries
 
     def own(self, index: int, conv: Conversation, max_new_tokens: int) -> _Log:
         entry = _Log(index)
+        scene = self.scene(index)
         session = self.session_factory(self.model, conv.image, max_new_tokens=max_new_tokens)
         per_round = []
-        for rnd in conv.rounds:
+        for n, rnd in enumerate(conv.rounds, start=1):
             # a reference to a round whose own mask came out empty cannot be encoded: text only
             refs = tuple(k for k in rnd.refs if session.referable(k))
             if refs != rnd.refs:
@@ -297,21 +381,59 @@ class _Scorer:
                 else:
                     frame_boxes = np.stack([mask_box(m) for m in reply.frame_masks]).reshape(-1, 4)
             per_round.append((reply.masks, reply.boxes, reply.frame_masks, frame_boxes))
-        entry.masks = self._score(index, conv, per_round)
+            if scene is not None and n <= len(scene.rounds) and scene.rounds[n - 1].kind == "pick":
+                _assume_recorded(session, rnd.masks)
+        entry.masks = self._score(index, conv, per_round, scene)
         return entry
 
 
+def _assume_recorded(session, gts: list[np.ndarray]) -> None:
+    """Make the session's last round hold the recorded ground-truth masks ``gts`` ([H, W] bool
+    each) instead of the model's own, so later rounds refer to the object their ground truth
+    assumes (pick rounds). Its masks in the decoder frame, where the session keeps them, are the
+    ground truth resized into that frame; its boxes are the masks' tight boxes. Memory tokens
+    are computed from the history when a later round first refers to a round, so none exist
+    yet for the replaced one."""
+    import dataclasses
+
+    last = session.history[-1]
+    masks = np.stack([np.asarray(g, bool) for g in gts])
+    frame = None
+    if last.frame_masks is not None:
+        frame = np.stack([released_frame_gt(g, last.frame_masks.shape[-1]) for g in masks])
+    boxes = np.stack([mask_box(g) for g in masks]).astype(np.asarray(last.boxes).dtype)
+    session.history[-1] = dataclasses.replace(last, masks=masks, boxes=boxes, frame_masks=frame)
+
+
 def format_table(results: list[EvalResult], *, title: str = "") -> str:
-    """A per-round table: one column group per result (protocol)."""
+    """A per-round table: one column group per result (protocol); with grounding diagnostics, a
+    grounded-rate column (``grnd``, percent) per group, and lines for text-resolvable rounds vs
+    the others."""
     rounds = sorted({k for r in results for k in r.metrics if k != "all"}, key=int) + ["all"]
-    head = f"{'round':>5} " + " ".join(f"| {r.protocol + ' cIoU':>11} {'mIoU':>6} {'P@0.5':>6} {'n':>5} " for r in results)
+    diag = any(r.diagnostics for r in results)
+    g_head, g_blank = (f" {'grnd':>6}", " " * 7) if diag else ("", "")
+    head = f"{'round':>5} " + " ".join(f"| {r.protocol + ' cIoU':>11} {'mIoU':>6} {'P@0.5':>6}{g_head} {'n':>5} " for r in results)
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for k in rounds:
         row = f"{k:>5} "
         for r in results:
             m = r.metrics.get(k)
-            row += "| " + (f"{m['cIoU']:>11.1f} {m['mIoU']:>6.1f} {m['P@0.5']:>6.1f} {m['n']:>5d} " if m else " " * 33)
+            g = ""
+            if diag:
+                d = r.diagnostics.get("per_round", {}).get(k)
+                g = f" {d['grounded']:>6.1f}" if d else g_blank
+            row += "| " + (f"{m['cIoU']:>11.1f} {m['mIoU']:>6.1f} {m['P@0.5']:>6.1f}{g} {m['n']:>5d} " if m else " " * (33 + len(g_blank)))
         lines.append(row)
+    for r in results:
+        parts = []
+        for key, label in (("text_resolvable", "all rounds"), ("text_resolvable_late", "rounds >= 4")):
+            tr = r.diagnostics.get(key, {})
+            if tr:
+                parts.append(label + ": " + ", ".join(
+                    f"{'text-resolvable' if v == 'true' else 'not text-resolvable'} grounded {tr[v]['grounded']:.1f}% "
+                    f"(IoU|grounded {tr[v]['IoU|grounded']:.1f}, n {tr[v]['n']})" for v in ("true", "false") if v in tr))
+        if parts:
+            lines.append(f"{r.protocol}: " + "; ".join(parts))
     return "\n".join(lines)
 
 

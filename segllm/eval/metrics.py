@@ -10,10 +10,16 @@ By default masks are compared at the original image resolution. :func:`released_
 (longest side 1024, bilinear on the 0/1 mask) and zero-padded to 1024x1024, the prediction in
 the same frame with the padding included, and IoU = I / (U + 1e-4) per mask. Pixels of an
 ``ignore`` mask (ReasonSeg's ignore regions, as LISA scores them) count in neither I nor U.
+
+Grounding diagnostics (:func:`grounding`, :class:`Diagnostics`): whether a prediction picks
+out its target rather than another object of the scene (the grounded rate), and how well the
+grounded ones fit (IoU given grounded), by round, by question family and by whether the
+questions' text alone determines the answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,3 +145,115 @@ class RoundMetrics:
         out = {str(k): self.rounds[k].summary() for k in sorted(self.rounds)}
         out["all"] = self.total.summary()
         return out
+
+
+# -- grounding diagnostics ---------------------------------------------------------------------
+
+
+def grounding(pred: np.ndarray, target: int, objects: Sequence[np.ndarray]) -> tuple[bool, int, int]:
+    """Whether a predicted mask picks out its target rather than something else in the scene.
+
+    The prediction is *grounded* when it overlaps the target (intersection pixel count) more
+    than it overlaps any other object or part of the scene, and overlaps the target at all.
+    Another object's overlap counts only its pixels outside the target, so wholes and their
+    parts compete fairly: predicting a house's roof is grounded on the roof (the house's
+    pixels outside the roof are not hit), predicting the whole house is not (its wall and door
+    outweigh the roof), and predicting the house is grounded on the house. Background pixels
+    compete with nothing (how well the mask fits is what IoU measures).
+
+    Args:
+        pred: predicted mask, [H, W] bool.
+        target: index into ``objects`` of the ground-truth object.
+        objects: every object's and part's mask of the image, [H, W] bool each.
+    Returns:
+        (grounded, pixels of the target hit, most pixels of another object hit outside the
+        target).
+    Raises:
+        ValueError: ``target`` out of range, or masks of different sizes.
+    """
+    if not 0 <= target < len(objects):
+        raise ValueError(f"target index {target} is not among the {len(objects)} object masks")
+    pred = np.asarray(pred, bool)
+    tgt = np.asarray(objects[target], bool)
+    for m in objects:
+        if np.shape(m) != pred.shape:
+            raise ValueError(f"object mask {np.shape(m)} and prediction {pred.shape} differ in size")
+    on_target = int(np.count_nonzero(pred & tgt))
+    outside = pred & ~tgt
+    other = max((int(np.count_nonzero(outside & np.asarray(m, bool))) for j, m in enumerate(objects) if j != target), default=0)
+    return on_target > 0 and on_target > other, on_target, other
+
+
+def grounded(pred: np.ndarray, target: int, objects: Sequence[np.ndarray]) -> bool:
+    """Whether ``pred`` ([H, W] bool) is grounded on ``objects[target]`` (see :func:`grounding`)."""
+    return grounding(pred, target, objects)[0]
+
+
+@dataclass
+class GroupStats:
+    """Masks of one slice (a round, a family, text-resolvable or not): I, U, IoU per mask, and
+    whether each was grounded (None where the scene's object masks are unknown)."""
+
+    inter: int = 0
+    union: int = 0
+    ious: list[float] = field(default_factory=list)
+    grounded: list[bool] = field(default_factory=list)
+    grounded_ious: list[float] = field(default_factory=list)
+
+    def add(self, inter: int, union: int, iou: float, is_grounded: bool | None) -> None:
+        self.inter += inter
+        self.union += union
+        self.ious.append(iou)
+        if is_grounded is not None:
+            self.grounded.append(is_grounded)
+            if is_grounded:
+                self.grounded_ious.append(iou)
+
+    def summary(self) -> dict[str, float]:
+        """cIoU, mIoU, grounded (share of grounded predictions) and IoU|grounded (mean IoU of
+        the grounded ones), in percent (NaN without masks); n masks, n_grounding of them with
+        object masks."""
+        nan = float("nan")
+        return {
+            "cIoU": 100.0 * self.inter / self.union if self.union else nan,
+            "mIoU": 100.0 * float(np.mean(self.ious)) if self.ious else nan,
+            "grounded": 100.0 * float(np.mean(self.grounded)) if self.grounded else nan,
+            "IoU|grounded": 100.0 * float(np.mean(self.grounded_ious)) if self.grounded_ious else nan,
+            "n": len(self.ious),
+            "n_grounding": len(self.grounded),
+        }
+
+
+class Diagnostics:
+    """Grounding diagnostics by round, by question family and by text-resolvability.
+
+    ``add(round, inter, union, iou, grounded, family, text_resolvable)`` per scored mask;
+    :meth:`summary` gives ``{"per_round": {"1": ..., "all": ...}, "per_family": {...},
+    "text_resolvable": {"true": ..., "false": ...}, "text_resolvable_late": {...}}`` of
+    :meth:`GroupStats.summary` (``text_resolvable_late``: rounds >= ``late_round`` only).
+    Masks whose family or text-resolvability is unknown are left out of those slices.
+    """
+
+    def __init__(self, late_round: int = 4) -> None:
+        self.late_round = late_round
+        self.groups: dict[str, dict[str, GroupStats]] = {
+            "per_round": {}, "per_family": {}, "text_resolvable": {}, "text_resolvable_late": {}}
+
+    def add(self, round_number: int, inter: int, union: int, iou: float, is_grounded: bool | None,
+            family: str | None = None, text_resolvable: bool | None = None) -> None:
+        keys = [("per_round", str(round_number)), ("per_round", "all")]
+        if family is not None:
+            keys.append(("per_family", family))
+        if text_resolvable is not None:
+            tr = "true" if text_resolvable else "false"
+            keys.append(("text_resolvable", tr))
+            if round_number >= self.late_round:
+                keys.append(("text_resolvable_late", tr))
+        for g, k in keys:
+            self.groups[g].setdefault(k, GroupStats()).add(inter, union, iou, is_grounded)
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        def order(k: str):
+            return (k == "all", int(k) if k.isdigit() else 0, k)
+
+        return {g: {k: s[k].summary() for k in sorted(s, key=order)} for g, s in self.groups.items()}

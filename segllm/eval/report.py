@@ -14,7 +14,12 @@ COLOURS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (86, 180
 
 
 def write_reports(results: list[EvalResult], out: str | Path, *, name: str = "eval", meta: dict | None = None) -> list[Path]:
-    """Write ``{name}.json``, ``{name}.csv`` and ``{name}_ciou.png`` to ``out``; returns the paths."""
+    """Write ``{name}.json``, ``{name}.csv`` and ``{name}_ciou.png`` to ``out``; returns the paths.
+
+    The JSON holds every result's per-round metrics and, where the data allowed them, its
+    grounding diagnostics (``diagnostics``: per round, per question family, text-resolvable vs
+    not; see :class:`segllm.eval.metrics.Diagnostics`); the CSV the per-round grounded rate and
+    IoU given grounded beside cIoU, mIoU and P@0.5."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     js = out / f"{name}.json"
@@ -22,10 +27,12 @@ def write_reports(results: list[EvalResult], out: str | Path, *, name: str = "ev
     cs = out / f"{name}.csv"
     with cs.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["protocol", "round", "cIoU", "mIoU", "P@0.5", "n"])
+        w.writerow(["protocol", "round", "cIoU", "mIoU", "P@0.5", "n", "grounded", "IoU|grounded"])
         for r in results:
             for k, m in r.metrics.items():
-                w.writerow([r.protocol, k, f"{m['cIoU']:.2f}", f"{m['mIoU']:.2f}", f"{m['P@0.5']:.2f}", m["n"]])
+                d = r.diagnostics.get("per_round", {}).get(k)
+                g = [f"{d['grounded']:.2f}", f"{d['IoU|grounded']:.2f}"] if d else ["", ""]
+                w.writerow([r.protocol, k, f"{m['cIoU']:.2f}", f"{m['mIoU']:.2f}", f"{m['P@0.5']:.2f}", m["n"], *g])
     png = out / f"{name}_ciou.png"
     plot_rounds({r.protocol: r for r in results}, png, title=name)
     return [js, cs, png]

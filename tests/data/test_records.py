@@ -84,3 +84,48 @@ def test_record_checks():
         record_to_conversation(bad_ref, img, lambda i: full)
     with pytest.raises(RecordError, match="malformed field"):
         record_to_conversation({"rounds": [{"question": "q"}]}, img, lambda i: full)
+
+
+def test_round_meta_and_scene_match_between_folder_and_world(folder):
+    from segllm.data.records import round_meta
+
+    ds = ConversationFolder(folder)
+    mem = WorldConversations("val", 4, seed=3, config=WorldConfig(max_rounds=4))
+    for i in range(4):
+        a, b = ds.scene(i), mem.scene(i)
+        conv = ds[i]
+        assert len(a.rounds) == len(conv.rounds)
+        assert [(m.kind, m.relation, m.text_resolvable) for m in a.rounds] == \
+            [(m.kind, m.relation, m.text_resolvable) for m in b.rounds]
+        assert all(m.kind in ("query", "pick") and isinstance(m.text_resolvable, bool) for m in a.rounds)
+        # the same objects (ids differ: the folder's are unique across the split)
+        assert len(a.masks) == len(b.masks) and len(a.top_level) == len(b.top_level)
+        for rnd, m in zip(conv.rounds, a.rounds):
+            assert any(np.array_equal(rnd.masks[0], a.masks[k]) for k in a.masks)
+            if m.kind == "pick":
+                assert len(m.alternatives) >= 2 and all(k in a.masks for k in m.alternatives)
+        assert round_meta(ds.records[i][1]) == a.rounds
+
+
+def test_round_meta_of_records_without_the_fields_and_bad_fields():
+    from segllm.data.records import RoundMeta, round_meta
+
+    old = {"rounds": [{"question": "a", "refs": [], "answer": "<seg>", "mask_ids": [3]},
+                      {"question": "b", "refs": [1], "answer": "<seg>", "mask_ids": [4], "relation": "positional"}]}
+    assert round_meta(old) == [RoundMeta(), RoundMeta(relation="positional")]
+    pick = {"rounds": [{"question": "a", "answer": "<seg>", "mask_ids": [3], "kind": "pick"}]}
+    assert round_meta(pick)[0].alternatives == (3,)  # none recorded: the target only
+    for bad, word in (({"kind": "choose"}, "kind"), ({"text_resolvable": "yes"}, "text_resolvable"),
+                      ({"alternatives": 5}, "alternatives")):
+        rec = {"rounds": [{"question": "a", "answer": "<seg>", "mask_ids": [3], **bad}]}
+        with pytest.raises(RecordError, match=word):
+            round_meta(rec)
+
+
+def test_scene_mask_ids_point_at_the_rounds_masks(folder):
+    ds = ConversationFolder(folder, max_rounds=2)
+    for i in range(4):
+        scene, conv = ds.scene(i), ds[i]
+        assert len(scene.mask_ids) == len(scene.rounds) == len(conv.rounds) <= 2
+        for rnd, ids in zip(conv.rounds, scene.mask_ids):
+            assert all(np.array_equal(m, scene.masks[k]) for m, k in zip(rnd.masks, ids))

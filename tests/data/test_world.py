@@ -11,14 +11,21 @@ from segllm.data.world import (
     COLOURS,
     FAMILIES,
     SPLITS,
+    Head,
+    Margins,
+    Query,
     World,
     WorldConfig,
+    WorldObject,
     default_margins,
     heldout_pairs,
     is_unique,
+    resolvability_share,
     resolve,
+    text_resolvable,
     write_split,
 )
+from segllm.data.world.language import plural
 from segllm.data.world.scene import texture_colour
 from segllm.errors import ConfigError
 
@@ -62,7 +69,9 @@ def test_record_format(train_samples: list) -> None:
         assert r["image_id"] == s.index + 1
         assert s.image.dtype == np.uint8 and s.image.shape == (128, 128, 3)
         for rd in r["rounds"]:
-            assert set(rd) == {"question", "refs", "answer", "mask_ids", "relation"}
+            base = {"question", "refs", "answer", "mask_ids", "relation", "kind", "text_resolvable"}
+            assert set(rd) == (base | {"alternatives"} if rd["kind"] == "pick" else base)
+            assert isinstance(rd["text_resolvable"], bool)
             assert rd["answer"] in cfg.answers and rd["answer"].count("<seg>") == 1
             assert len(rd["mask_ids"]) == 1
             assert rd["relation"] in FAMILIES
@@ -112,7 +121,8 @@ def test_masks_disjoint_and_agree_with_pixels(train_samples: list) -> None:
 
 
 def test_memory_needed(world: World, train_samples: list) -> None:
-    later = [(s, i) for s in train_samples for i in range(1, len(s.record["rounds"]))]
+    later = [(s, i) for s in train_samples for i in range(1, len(s.record["rounds"]))
+             if s.record["rounds"][i]["kind"] == "query"]  # pick rounds have no references
     with_refs = sum(bool(s.record["rounds"][i]["refs"]) for s, i in later)
     assert with_refs / len(later) >= 0.8
     memory = sum(s.needs_memory[i] for s, i in later)
@@ -135,6 +145,12 @@ def test_uniqueness_rechecked(world: World, train_samples: list) -> None:
         for i, (q, rd) in enumerate(zip(s.queries, s.record["rounds"])):
             assert list(q.refs) == rd["refs"] and q.family == rd["relation"]
             earlier = targets[:i]
+            if rd["kind"] == "pick":  # deliberately ambiguous: the target is one of several
+                alts = resolve(q, s.objects, earlier, margins)
+                assert len(alts) >= 2 and targets[i] in alts and alts == rd["alternatives"]
+                assert alts == s.alternatives[i] and not s.text_resolvable[i]
+                assert is_unique(q, s.objects, earlier, margins) is None
+                continue
             assert resolve(q, s.objects, earlier, margins) == [targets[i]]
             assert is_unique(q, s.objects, earlier, margins) == targets[i]
             checked += 1
@@ -214,9 +230,116 @@ def test_write_split_roundtrip(tmp_path, world: World) -> None:
         for rd, rd_mem in zip(rec["rounds"], s.record["rounds"]):
             assert rd["mask_ids"] == [local_to_global[m] for m in rd_mem["mask_ids"]]
             assert all(m in coco.anns for m in rd["mask_ids"])
-            assert {k: v for k, v in rd.items() if k != "mask_ids"} == \
-                {k: v for k, v in rd_mem.items() if k != "mask_ids"}
+            if rd["kind"] == "pick":
+                assert rd["alternatives"] == [local_to_global[m] for m in rd_mem["alternatives"]]
+            ids = ("mask_ids", "alternatives")
+            assert {k: v for k, v in rd.items() if k not in ids} == \
+                {k: v for k, v in rd_mem.items() if k not in ids}
+    share = meta["text_resolvable"]
+    assert share == resolvability_share([world.sample("val", i).record for i in range(n)])
+    assert share["rounds"] == sum(len(r["rounds"]) for r in records)
 
 
 def test_splits_known() -> None:
     assert set(SPLITS) == {"train", "val", "test", "heldout"}
+
+
+# -- pick rounds and text-resolvability ---------------------------------------------------------
+
+
+def _obj(i: int, shape: str, colour: str, cx: float, cy: float) -> WorldObject:
+    return WorldObject(i, "shape", shape, colour, "medium", "solid", cx=cx, cy=cy, area=100)
+
+
+# two red circles far apart, a blue square next to each, one green triangle in the middle
+_SCENE = [_obj(1, "circle", "red", 10, 10), _obj(2, "circle", "red", 100, 100),
+          _obj(3, "square", "blue", 25, 10), _obj(4, "square", "blue", 100, 80),
+          _obj(5, "triangle", "green", 40, 40)]
+_M = Margins(pixels=4.0, ratio=1.25)
+
+
+def _q(relation: str, refs=(), family: str = "positional", **head) -> Query:
+    return Query(family, relation, Head(**head), tuple(refs))
+
+
+def test_text_resolvable_hand_built_chain() -> None:
+    rounds = [
+        (_q("pick", family="attribute", colour="red"), 1),  # "one of the red objects"
+        (_q("nearest", (1,), shape="square"), 3),  # depends on which red circle was picked
+        (_q("unique", family="attribute", colour="green"), 5),  # needs no memory
+        (_q("nearest", (1,), shape="triangle"), 5),  # the only triangle, whichever was picked
+        (_q("other", (2,), family="attribute", colour="blue"), 4),  # depends through round 2
+        (_q("nearest", (5,), shape="circle"), 2),  # chain: round 5 -> round 2 -> round 1
+        (_q("nearest", (3,), shape="square"), 3),  # refers to a text-resolvable round only
+    ]
+    queries, targets = [q for q, _ in rounds], [t for _, t in rounds]
+    for i, (q, t) in enumerate(rounds):  # the recorded answers are consistent with the scene
+        if q.relation == "pick":
+            assert resolve(q, _SCENE, targets[:i], _M) == [1, 2]
+        else:
+            assert is_unique(q, _SCENE, targets[:i], _M) == t
+    assert text_resolvable(queries, _SCENE, targets, _M) == [False, False, True, True, False,
+                                                            False, True]
+    # the other pick gives the other answers down the chain, as the resolver assumed
+    alt = [2]
+    for q in queries[1:]:
+        alt.append(is_unique(q, _SCENE, alt, _M))
+    assert alt[1] == 4 and alt[4] == 3 and alt[5] == 1 and alt[3] == 5
+
+
+def test_text_resolvable_no_refs_and_ambiguity() -> None:
+    unique = _q("unique", family="attribute", colour="green")
+    ambiguous = _q("unique", family="attribute", colour="red")  # two red objects, not a pick
+    assert text_resolvable([unique], _SCENE, [5], _M) == [True]
+    assert text_resolvable([ambiguous], _SCENE, [1], _M) == [False]
+    # a pick with a single alternative still is a free choice as far as the labels go
+    pick = _q("pick", family="attribute", shape="triangle")
+    assert text_resolvable([pick, _q("nearest", (1,), shape="square")], _SCENE, [5, 3], _M) == \
+        [False, True]
+    with pytest.raises(ValueError):
+        text_resolvable([unique, unique], _SCENE, [5], _M)
+
+
+def test_pick_questions_are_ambiguous_and_worded(train_samples: list) -> None:
+    picks = [(s, i) for s in train_samples for i, rd in enumerate(s.record["rounds"])
+             if rd["kind"] == "pick"]
+    assert len(picks) >= 40
+    for s, i in picks:
+        rd = s.record["rounds"][i]
+        q = s.queries[i]
+        assert q.relation == "pick" and not rd["refs"] and rd["relation"] == "attribute"
+        assert "instance" not in rd["question"]
+        assert len(rd["alternatives"]) >= 2 and rd["mask_ids"][0] in rd["alternatives"]
+        # every alternative matches the head phrase, and no other object does
+        top = [o for o in s.objects if o.parent is None]
+        assert sorted(o.id for o in top if q.head.matches(o)) == rd["alternatives"]
+        noun = q.head.phrase()
+        assert noun in rd["question"] or plural(noun) in rd["question"]
+    # the recorded pick is drawn among the alternatives, not always the first
+    assert len({s.record["rounds"][i]["alternatives"].index(s.targets[i]) for s, i in picks}) > 1
+
+
+def test_labels_match_the_resolver(world: World, train_samples: list) -> None:
+    margins = default_margins(world.config.image_size)
+    for s in train_samples[:60]:
+        got = text_resolvable(s.queries, s.objects, s.targets, margins)
+        assert got == s.text_resolvable == [rd["text_resolvable"] for rd in s.record["rounds"]]
+    # referring to a pick round does not by itself make a round unanswerable from text
+    later = [(s, i) for s in train_samples for i, q in enumerate(s.queries) if q.refs]
+    assert any(s.text_resolvable[i] and any(s.queries[k - 1].relation == "pick"
+                                            for k in s.queries[i].refs) for s, i in later)
+
+
+def test_test_split_needs_memory_in_late_rounds() -> None:
+    # the target of the world's design: >= 50% of rounds >= 4 of the test split (seed 0) are not
+    # text-resolvable (measured 66% on 300 conversations; 80 here for speed)
+    w = World(WorldConfig(), seed=0)
+    share = resolvability_share([w.sample("test", i).record for i in range(80)])
+    assert share["late_rounds"] > 100
+    assert 1 - share["late_share"] >= 0.5
+    assert share["share"] > share["late_share"]  # early rounds are text-resolvable more often
+    none = World(WorldConfig(pick_prob=0.0), seed=0)
+    recs = [none.sample("test", i).record for i in range(30)]
+    assert all(rd["kind"] == "query" and rd["text_resolvable"] for r in recs for rd in r["rounds"])
+    with pytest.raises(ConfigError):
+        WorldConfig(pick_prob=1.5)

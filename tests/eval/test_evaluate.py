@@ -117,3 +117,114 @@ def test_skipped_records_are_reported(tmp_path):
     paths = write_reports([r], tmp_path, name="x")
     assert [p.name for p in paths] == ["x.json", "x.csv", "x_ciou.png"]
     assert "oracle,1,100.00" in (tmp_path / "x.csv").read_text()
+
+
+# -- grounding diagnostics, pick rounds, the union baseline ---------------------------------------
+
+
+def _pick_data():
+    """Objects A (16 px), B (25 px), C (12 px). Round 1: "one of the ..." with A and C valid, C
+    recorded; round 2 refers to it (its ground truth assumes C); round 3 asks for B."""
+    from segllm.data.records import RoundMeta, SceneAnnotations
+
+    A, B, C = _mask(0, 4, 0, 4), _mask(5, 10, 5, 10), _mask(0, 3, 8, 12)
+    img = np.zeros((12, 12, 3), np.uint8)
+    conv = Conversation(img, [Round("one of them", (), "<seg>", [C]), Round("near instance 1", (1,), "<seg>", [B]),
+                              Round("the big one", (), "<seg>", [B])])
+    scene = SceneAnnotations(
+        [RoundMeta("pick", "attribute", False, (1, 3)), RoundMeta("query", "positional", False),
+         RoundMeta("query", "attribute", True)],
+        {1: A, 2: B, 3: C}, [1, 2, 3], [[3], [2], [2]])
+
+    class Data(ListData):
+        def scene(self, i):
+            return scene
+
+    return Data([conv]), (A, B, C)
+
+
+class Predicts(Oracle):
+    """Answers round k with preds[k-1], whatever the question."""
+
+    def __init__(self, preds):
+        super().__init__(preds)
+
+    def segment(self, convs, frame=False):
+        return [[(self.gts[n][None], np.ones(1, np.float32)) for n in range(len(c.rounds))] for c in convs]
+
+
+def test_pick_round_scored_against_best_alternative_and_grounding():
+    data, (A, B, C) = _pick_data()
+    # round 1 picks A (valid, not the recorded C); round 2 segments A again (wrong); round 3 B
+    model = Predicts([A, A, B])
+    r = evaluate(model, data, protocol="oracle")
+    assert r.metrics["1"]["cIoU"] == pytest.approx(100)  # A is a valid answer of the pick
+    assert r.metrics["2"]["cIoU"] == 0
+    d = r.diagnostics
+    assert [d["per_round"][k]["grounded"] for k in ("1", "2", "3")] == [100, 0, 100]
+    assert d["per_round"]["all"]["grounded"] == pytest.approx(200 / 3)
+    assert d["per_family"]["attribute"]["grounded"] == 100 and d["per_family"]["positional"]["grounded"] == 0
+    assert d["text_resolvable"]["true"]["n"] == 1 and d["text_resolvable"]["false"]["grounded"] == 50
+    assert d["per_round"]["1"]["IoU|grounded"] == pytest.approx(100)
+    assert "grnd" in format_table([r]) and "not text-resolvable grounded 50.0%" in format_table([r])
+    # without scene annotations: no diagnostics, the pick is scored against the recorded mask only
+    plain = evaluate(model, ListData(data.convs), protocol="oracle")
+    assert plain.diagnostics == {} and plain.metrics["1"]["cIoU"] == 0 and "grnd" not in format_table([plain])
+
+
+def test_own_protocol_feeds_back_the_recorded_pick():
+    data, (A, B, C) = _pick_data()
+    sessions = []
+
+    class Keep(FakeSession):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            sessions.append(self)
+
+    model = Oracle([A, B, B])  # the FakeSession answers round n with gts[n-1]: A for the pick
+    r = evaluate(model, data, protocol="own", session_factory=Keep)
+    assert r.metrics["1"]["cIoU"] == pytest.approx(100)
+    hist = sessions[0].history
+    assert np.array_equal(hist[0].masks[0], C)  # later rounds saw the recorded choice, not A
+    assert list(hist[0].boxes[0]) == [8, 0, 12, 3]
+    assert np.array_equal(hist[1].masks[0], B)  # other rounds keep the model's own masks
+
+
+def test_union_baseline_and_reports(tmp_path):
+    import json
+
+    from segllm.eval.evaluate import evaluate_baseline
+    from segllm.errors import SegLLMError
+
+    data, (A, B, C) = _pick_data()
+    r = evaluate_baseline(data)
+    assert r.protocol == "baseline-union" and r.conversations == 1
+    union = 16 + 25 + 12
+    # round 1: the best alternative is A (16 of 53 px); rounds 2 and 3: B
+    assert r.metrics["1"]["mIoU"] == pytest.approx(100 * 16 / union)
+    assert r.metrics["3"]["mIoU"] == pytest.approx(100 * 25 / union)
+    # the union overlaps B more than anything else, A and C less than B
+    assert [r.diagnostics["per_round"][k]["grounded"] for k in ("1", "2", "3")] == [0, 100, 100]
+    paths = write_reports([r], tmp_path, name="b")
+    js = json.loads(paths[0].read_text())
+    assert js["results"][0]["diagnostics"]["per_round"]["2"]["grounded"] == 100
+    assert "baseline-union,2," in paths[1].read_text() and ",100.00," in paths[1].read_text()
+    with pytest.raises(SegLLMError, match="object annotations"):
+        evaluate_baseline(ListData(data.convs))
+
+
+def test_logs_keep_diagnostics_and_read_old_lines(tmp_path):
+    from segllm.eval.evaluate import read_logs
+
+    data, (A, B, C) = _pick_data()
+    log = tmp_path / "x.jsonl"
+    r = evaluate(Predicts([A, A, B]), data, protocol="oracle", log_path=log)
+    back = read_logs([log], protocol="oracle")
+    import json
+
+    assert json.dumps(back.diagnostics) == json.dumps(r.diagnostics)  # NaN-safe comparison
+    assert back.metrics == r.metrics and back.diagnostics["per_round"]["2"]["grounded"] == 0
+    old = tmp_path / "old.jsonl"  # a log written before the diagnostics existed
+    old.write_text('{"index": 0, "masks": [[1, 4, 8, 0.5, true]], "empty_refs": 0, "no_seg_answers": 0}\n')
+    res = read_logs([old], protocol="oracle")
+    assert res.metrics["1"]["mIoU"] == pytest.approx(50) and res.diagnostics == {}

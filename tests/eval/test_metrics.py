@@ -43,3 +43,51 @@ def test_predicted_box_is_used_when_given():
     assert m.summary()["1"]["P@0.5"] == 0
     with pytest.raises(ValueError, match="differ in size"):
         m.add(1, gt, np.zeros((4, 4), bool))
+
+
+def test_grounding_objects_wholes_and_parts():
+    from segllm.eval.metrics import grounded, grounding
+
+    a = _mask(10, 10, 0, 4, 0, 4)  # 16 px
+    b = _mask(10, 10, 0, 4, 5, 10)  # 20 px, disjoint from a
+    house = _mask(10, 10, 6, 10, 0, 6)  # 24 px, a composite...
+    roof = _mask(10, 10, 6, 7, 0, 6)  # ...and its 6 px part
+    objects = [a, b, house, roof]
+    assert grounding(a, 0, objects) == (True, 16, 0)
+    # half on a (8 px), more on b (10 px): grounded on neither a nor... b wins
+    pred = _mask(10, 10, 0, 2, 0, 4) | _mask(10, 10, 0, 2, 5, 10)
+    assert grounding(pred, 0, objects) == (False, 8, 10)
+    assert grounded(pred, 1, objects)
+    # a sloppy prediction of a, spilling into the background, is still grounded on a
+    assert grounded(_mask(10, 10, 0, 6, 0, 5), 0, objects)
+    # a tie is not grounded; nothing on the target is not grounded
+    tie = _mask(10, 10, 0, 1, 0, 4) | _mask(10, 10, 0, 1, 5, 9)
+    assert grounding(tie, 0, objects) == (False, 4, 4)
+    assert grounding(np.zeros((10, 10), bool), 0, objects) == (False, 0, 0)
+    # wholes and parts: the roof alone is grounded on the roof, the whole house on the house,
+    # but the whole house is not a grounded answer for the roof
+    assert grounded(roof, 3, objects) and grounded(house, 2, objects)
+    assert grounding(house, 3, objects) == (False, 6, 18)
+    with pytest.raises(ValueError, match="target index"):
+        grounding(a, 4, objects)
+    with pytest.raises(ValueError, match="differ in size"):
+        grounding(np.zeros((5, 5), bool), 0, objects)
+
+
+def test_diagnostics_slices():
+    from segllm.eval.metrics import Diagnostics
+
+    d = Diagnostics()
+    d.add(1, 10, 10, 1.0, True, "attribute", True)
+    d.add(4, 0, 20, 0.0, False, "positional", False)
+    d.add(4, 5, 10, 0.5, True, "positional", False)
+    d.add(5, 3, 10, 0.3, None)  # no scene annotations: counts in IoU, not in grounding
+    s = d.summary()
+    assert list(s["per_round"]) == ["1", "4", "5", "all"]
+    assert s["per_round"]["4"]["grounded"] == pytest.approx(50) and s["per_round"]["4"]["IoU|grounded"] == pytest.approx(50)
+    assert s["per_round"]["all"]["n"] == 4 and s["per_round"]["all"]["n_grounding"] == 3
+    assert s["per_round"]["all"]["grounded"] == pytest.approx(200 / 3)
+    assert s["per_round"]["5"]["grounded"] != s["per_round"]["5"]["grounded"]  # NaN
+    assert s["per_family"]["positional"]["cIoU"] == pytest.approx(100 * 5 / 30)
+    assert s["text_resolvable"]["true"]["n"] == 1 and s["text_resolvable"]["false"]["n"] == 2
+    assert set(s["text_resolvable_late"]) == {"false"}

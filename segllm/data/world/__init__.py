@@ -16,6 +16,7 @@ from segllm.data.world.dataset import (
     build_conversation,
     generate,
     heldout_pairs,
+    resolvability_share,
     write_split,
 )
 from segllm.data.world.language import (
@@ -27,6 +28,7 @@ from segllm.data.world.language import (
     is_unique,
     needs_memory,
     resolve,
+    text_resolvable,
 )
 from segllm.data.world.scene import (
     CATEGORIES,
@@ -45,6 +47,6 @@ __all__ = [
     "CATEGORIES", "COLOURS", "COMPOSITES", "DEFAULT_ANSWERS", "FAMILIES", "GENERATOR_VERSION",
     "PARTS", "SHAPES", "SIZES", "SPLITS", "TEXTURES", "Head", "Margins", "Query", "Sample",
     "Scene", "World", "WorldConfig", "WorldObject", "build_conversation", "default_margins",
-    "generate", "heldout_pairs", "is_unique", "needs_memory", "render_scene", "resolve",
-    "write_split",
+    "generate", "heldout_pairs", "is_unique", "needs_memory", "render_scene", "resolvability_share",
+    "resolve", "text_resolvable", "write_split",
 ]

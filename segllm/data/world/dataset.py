@@ -68,7 +68,13 @@ class WorldConfig:
         min_visible: the least fraction of its own area every object and part keeps visible.
         ref_prob: chance that a round after the first refers to earlier rounds.
         memory_prob: chance that a referring round insists on a question whose answer depends
-            on which objects the referenced instances are (when one can be found).
+            on which objects the referenced instances are (when one can be found); where an
+            earlier round is not text-resolvable (a pick round, or one depending on it), such
+            a round insists on depending on it too.
+        pick_prob: chance that a round is a *pick* round ("Segment one of the red objects.":
+            two or more objects match, the target is one of them drawn at random), when the
+            scene has such a phrase; later rounds refer preferentially to pick rounds and to
+            rounds depending on them, so their answers are not determined by the text alone.
         heldout_fraction: fraction of (colour, shape) pairs held out of train/val/test.
     """
 
@@ -82,6 +88,7 @@ class WorldConfig:
     min_visible: float = 0.6
     ref_prob: float = 0.9
     memory_prob: float = 0.9
+    pick_prob: float = 0.25
     heldout_fraction: float = 0.1
 
     def __post_init__(self) -> None:
@@ -99,7 +106,7 @@ class WorldConfig:
         for a in self.answers:
             if a.count("<seg>") != 1:
                 raise ConfigError(f"every answer needs exactly one <seg>: {a!r}")
-        for name in ("composite_prob", "min_visible", "ref_prob", "memory_prob",
+        for name in ("composite_prob", "min_visible", "ref_prob", "memory_prob", "pick_prob",
                      "heldout_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -147,8 +154,13 @@ class Sample:
 
     ``masks`` maps annotation ids local to the sample (1, 2, ...) to visible-pixel masks, for
     every object and part; ``record`` is the conversation record (``mask_ids`` are keys of
-    ``masks``); ``queries[i]`` is the structured query of round i+1 (for re-checking) and
-    ``needs_memory[i]`` whether its answer depends on which objects its references are.
+    ``masks``); ``queries[i]`` is the structured query of round i+1 (for re-checking),
+    ``needs_memory[i]`` whether its answer depends on which objects its references are,
+    ``text_resolvable[i]`` whether the questions' text alone determines its answer
+    (:func:`segllm.data.world.language.text_resolvable`) and ``alternatives[i]`` the ids of
+    every valid answer of a pick round (empty for other rounds). The record's rounds carry the
+    same as ``kind`` ("query" or "pick"), ``text_resolvable`` and ``alternatives`` (pick
+    rounds only).
     """
 
     split: str
@@ -159,6 +171,8 @@ class Sample:
     record: dict[str, Any]
     queries: list[L.Query]
     needs_memory: list[bool]
+    text_resolvable: list[bool] = field(default_factory=list)
+    alternatives: list[list[int]] = field(default_factory=list)
 
     @property
     def targets(self) -> list[int]:
@@ -174,13 +188,20 @@ def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
     return keys[int(rng.choice(len(keys), p=p / p.sum()))]
 
 
+# how much likelier a reference is to go to a round that is not text-resolvable (a pick round
+# or one depending on it), so that dependence on the picked mask propagates down the chain
+_OPEN_REF_WEIGHT = 4.0
+
+
 def _pick_round(rng: np.random.Generator, targets: list[int], by_id: dict[int, WorldObject],
-                ok) -> int | None:
-    """A 1-indexed earlier round whose target satisfies ok; recent rounds are likelier."""
+                ok, prefer: set[int] = frozenset()) -> int | None:
+    """A 1-indexed earlier round whose target satisfies ok; recent rounds are likelier, and so
+    are the rounds in ``prefer``."""
     rounds = [k for k in range(1, len(targets) + 1) if ok(by_id[targets[k - 1]])]
     if not rounds:
         return None
-    w = np.array([3.0 if k == len(targets) else 1.0 for k in rounds])
+    w = np.array([(3.0 if k == len(targets) else 1.0) * (_OPEN_REF_WEIGHT if k in prefer else 1.0)
+                  for k in rounds])
     return rounds[int(rng.choice(len(rounds), p=w / w.sum()))]
 
 
@@ -192,6 +213,8 @@ class _Builder:
         self.top = [o for o in objects if o.parent is None]
         self.rng = rng
         self.margins = margins
+        self.queries: list[L.Query] = []  # the rounds built so far
+        self.open: set[int] = set()  # 1-indexed rounds built so far that are not text-resolvable
 
     # one relation, its parameters drawn once; every target/head that makes it unique
     def options(self, family: str, relation: str, targets: list[int], target_ok,
@@ -224,7 +247,7 @@ class _Builder:
             if relation == "ordinal":
                 kw["rank"] = int(rng.choice([2, 3], p=[0.7, 0.3]))
         elif relation in ("part_name", "part_extreme", "part_colour"):
-            k = _pick_round(rng, targets, by_id, lambda o: o.kind == "composite" and any(
+            k = _pick_round(rng, targets, by_id, prefer=self.open, ok=lambda o: o.kind == "composite" and any(
                 p not in used for p in o.parts))
             if k is None:
                 return []
@@ -235,7 +258,7 @@ class _Builder:
             if relation == "part_extreme":
                 kw["direction"] = str(rng.choice(["top", "bottom"]))
         elif relation == "whole":
-            k = _pick_round(rng, targets, by_id, lambda o: o.kind == "part" and o.parent not in used)
+            k = _pick_round(rng, targets, by_id, prefer=self.open, ok=lambda o: o.kind == "part" and o.parent not in used)
             if k is None:
                 return []
             refs = (k,)
@@ -249,7 +272,7 @@ class _Builder:
                 ok = lambda o: o.parent is None  # noqa: E731
             else:
                 ok = lambda o: True  # noqa: E731
-            k = _pick_round(rng, targets, by_id, ok)
+            k = _pick_round(rng, targets, by_id, prefer=self.open, ok=ok)
             if k is None:
                 return []
             refs = (k,)
@@ -259,7 +282,7 @@ class _Builder:
                 a = relation.split("_", 1)[1]
                 allowed = tuple(x for x in L.ATTRS if x != a)
             elif relation == "colour_and_shape":
-                k2 = _pick_round(rng, targets, by_id, lambda o: o.parent is None and o.id != ref.id)
+                k2 = _pick_round(rng, targets, by_id, prefer=self.open, ok=lambda o: o.parent is None and o.id != ref.id)
                 if k2 is None or ref.colour == MIXED:
                     return []
                 refs = (k, k2)
@@ -314,6 +337,55 @@ class _Builder:
                 out.append((first, t.id))
         return out
 
+    def pick(self, targets: list[int]) -> tuple[L.Query, int, list[int]] | None:
+        """A pick round: a head phrase ("red object", "circle") that two or more top-level
+        objects match, none of them (nor their parts) an earlier target; (query, target drawn
+        among the matches, every match's id), or None when the scene has no such phrase."""
+        used: set[int] = set()
+        for t in targets:
+            used |= L._related(self.by_id[t])
+        heads: list[L.Head] = []
+        for o in self.top:
+            if o.id in used:
+                continue
+            avail = [a for a in L.ATTRS if getattr(o, a) != MIXED]
+            combos = [(a,) for a in avail] + [(a, b) for a, b in zip(avail, avail[1:])]
+            for c in combos:
+                h = L.Head(**{a: getattr(o, a) for a in c})
+                if h in heads:
+                    continue
+                matches = [m for m in self.top if h.matches(m)]
+                if len(matches) >= 2 and not any(m.id in used for m in matches):
+                    heads.append(h)
+        if not heads:
+            return None
+        # one attribute is the usual case ("one of the red objects"); two ("one of the small
+        # circles") when a single one is not available
+        single = [h for h in heads if h.n_attrs() == 1]
+        pool = single if single and self.rng.random() < 0.8 else heads
+        head = pool[int(self.rng.integers(len(pool)))]
+        q = L.Query("attribute", "pick", head)
+        alternatives = L.resolve(q, self.objects, targets, self.margins)
+        target = alternatives[int(self.rng.integers(len(alternatives)))]
+        return q, target, alternatives
+
+    def add(self, q: L.Query, t: int, targets: list[int], tr: bool) -> None:
+        """Record a built round (``targets`` already holds its target)."""
+        self.queries.append(q)
+        if not tr:
+            self.open.add(len(self.queries))
+
+    def resolvable(self, q: L.Query, t: int, targets: list[int]) -> bool:
+        """Whether round ``len(targets) + 1`` asked as q (answer t) is text-resolvable given
+        the rounds built so far; exact (:func:`L.text_resolvable`) and cheap when it refers to
+        no open round."""
+        if q.relation == "pick":
+            return False
+        if not any(k in self.open for k in q.refs):
+            return True  # its references are all determined and it is unique given them
+        return L.text_resolvable(self.queries + [q], self.objects, targets + [t],
+                                 self.margins)[-1]
+
     def _n_matching(self, head: L.Head) -> int:
         """How many objects a head phrase alone matches ("the red circle": every red circle)."""
         parts = head.shape in PARTS
@@ -323,6 +395,9 @@ class _Builder:
                    target_ok) -> tuple[L.Query, int, bool] | None:
         rng = self.rng
         fallback: tuple[L.Query, int, bool] | None = None
+        fallback_rank = -1
+        # with an open (not text-resolvable) earlier round, a memory round should depend on it
+        insist_open = want_memory and bool(self.open)
         for attempt in range(30):
             ref_now = use_ref and attempt < 22
             if ref_now:
@@ -343,6 +418,12 @@ class _Builder:
             for i in rng.permutation(len(opts)):
                 q, t = opts[int(i)]
                 mem = L.needs_memory(q, self.objects, targets, self.margins)
+                if insist_open:
+                    if not self.resolvable(q, t, targets):
+                        return q, t, mem
+                    if int(mem) > fallback_rank:
+                        fallback, fallback_rank = (q, t, mem), int(mem)
+                    continue
                 if mem or not want_memory:
                     return q, t, mem
                 if fallback is None:
@@ -354,9 +435,12 @@ class _Builder:
 
 def build_conversation(objects: list[WorldObject], rng: np.random.Generator, n_rounds: int,
                        margins: L.Margins, *, ref_prob: float = 0.9, memory_prob: float = 0.9,
-                       first_target_ok=None) -> list[tuple[L.Query, int, bool]]:
+                       pick_prob: float = 0.0, first_target_ok=None,
+                       ) -> list[tuple[L.Query, int, bool]]:
     """Up to n_rounds (query, target id, needs_memory) rounds; stops early when no further
-    object can be described uniquely."""
+    object can be described uniquely. With ``pick_prob``, a round is a pick round (see
+    :meth:`_Builder.pick`) with that chance, where the scene allows one (never round 1 when
+    ``first_target_ok`` constrains it)."""
     b = _Builder(objects, rng, margins)
     targets: list[int] = []
     rounds: list[tuple[L.Query, int, bool]] = []
@@ -364,11 +448,19 @@ def build_conversation(objects: list[WorldObject], rng: np.random.Generator, n_r
         use_ref = r > 1 and rng.random() < ref_prob
         want_memory = use_ref and rng.random() < memory_prob
         ok = first_target_ok if (r == 1 and first_target_ok is not None) else (lambda o: True)
-        got = b.next_round(targets, use_ref, want_memory, ok)
+        got = None
+        if pick_prob > 0 and rng.random() < pick_prob and not (r == 1 and first_target_ok):
+            picked = b.pick(targets)
+            if picked is not None:
+                got = (picked[0], picked[1], False)
+        if got is None:
+            got = b.next_round(targets, use_ref, want_memory, ok)
         if got is None:
             break
+        tr = b.resolvable(got[0], got[1], targets)
         rounds.append(got)
         targets.append(got[1])
+        b.add(got[0], got[1], targets, tr)
     return rounds
 
 
@@ -419,23 +511,33 @@ class World:
                 first_ok = lambda o: (o.colour, o.shape) in self.heldout_pairs  # noqa: E731
             rounds = build_conversation(scene.objects, rng, n_rounds, self.margins,
                                         ref_prob=cfg.ref_prob, memory_prob=cfg.memory_prob,
-                                        first_target_ok=first_ok)
+                                        pick_prob=cfg.pick_prob, first_target_ok=first_ok)
             if len(rounds) >= cfg.min_rounds:
                 break
         else:  # pragma: no cover - practically unreachable with sane configs
             raise RuntimeError(f"could not generate {split} sample {index}")
 
+        queries = [r[0] for r in rounds]
+        targets = [r[1] for r in rounds]
+        resolvable = L.text_resolvable(queries, scene.objects, targets, self.margins)
+        alternatives = [L.resolve(q, scene.objects, targets[:i], self.margins)
+                        if q.relation == "pick" else [] for i, q in enumerate(queries)]
         recs = []
-        for q, t, _mem in rounds:
+        for (q, t, _mem), tr, alts in zip(rounds, resolvable, alternatives):
             question = L.phrase(q, rng)
             answer = cfg.answers[int(rng.integers(len(cfg.answers)))]
-            recs.append({"question": question, "refs": list(q.refs), "answer": answer,
-                         "mask_ids": [t], "relation": q.family})
+            rec = {"question": question, "refs": list(q.refs), "answer": answer,
+                   "mask_ids": [t], "relation": q.family,
+                   "kind": "pick" if q.relation == "pick" else "query", "text_resolvable": tr}
+            if q.relation == "pick":
+                rec["alternatives"] = list(alts)
+            recs.append(rec)
         record = {"id": f"{split}-{index:06d}", "image": f"images/{split}_{index:06d}.png",
                   "image_id": index + 1, "rounds": recs}
         return Sample(split=split, index=index, image=scene.image, masks=scene.masks,
-                      objects=scene.objects, record=record, queries=[r[0] for r in rounds],
-                      needs_memory=[r[2] for r in rounds])
+                      objects=scene.objects, record=record, queries=queries,
+                      needs_memory=[r[2] for r in rounds], text_resolvable=resolvable,
+                      alternatives=alternatives)
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -495,6 +597,7 @@ def write_split(root: str | os.PathLike, split: str, n: int, *, seed: int,
 
     images: list[dict] = []
     annotations: list[dict] = []
+    records: list[dict] = []
     next_id = 1
     with open(out / "conversations.jsonl", "w", encoding="utf-8") as fconv:
         def consume(item: tuple[dict, list[dict], dict]) -> None:
@@ -508,6 +611,9 @@ def write_split(root: str | os.PathLike, split: str, n: int, *, seed: int,
                     a["parent_id"] = remap[a["parent_id"]]
             for r in record["rounds"]:
                 r["mask_ids"] = [remap[i] for i in r["mask_ids"]]
+                if "alternatives" in r:
+                    r["alternatives"] = [remap[i] for i in r["alternatives"]]
+            records.append(record)
             images.append(image)
             annotations.extend(anns)
             fconv.write(json.dumps(record) + "\n")
@@ -536,7 +642,7 @@ def write_split(root: str | os.PathLike, split: str, n: int, *, seed: int,
     with open(out / "annotations.json", "w", encoding="utf-8") as f:
         json.dump(coco, f)
     meta = {"seed": seed, "split": split, "n": n, "config": cfg_dict,
-            "version": GENERATOR_VERSION,
+            "version": GENERATOR_VERSION, "text_resolvable": resolvability_share(records),
             "heldout_pairs": [list(p) for p in sorted(heldout_pairs(config.heldout_fraction))]}
     with open(out / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -544,13 +650,42 @@ def write_split(root: str | os.PathLike, split: str, n: int, *, seed: int,
 
 
 def generate(root: str | os.PathLike, counts: dict[str, int], *, seed: int,
-             config: WorldConfig | None = None, workers: int = 1) -> None:
+             config: WorldConfig | None = None, workers: int = 1) -> dict[str, dict[str, Any]]:
     """Write every split of ``counts`` (e.g. {"train": 5000, "val": 200, "test": 200,
-    "heldout": 200}) under root, with a progress bar. Splits with a count of 0 are skipped."""
+    "heldout": 200}) under root, with a progress bar. Splits with a count of 0 are skipped.
+
+    Returns, per split written, its share of text-resolvable rounds
+    (:func:`resolvability_share`, also in the split's ``meta.json``)."""
     for split in counts:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    shares: dict[str, dict[str, Any]] = {}
     for split, n in counts.items():
         if n > 0:
-            write_split(root, split, int(n), seed=seed, config=config, workers=workers,
-                        progress=True)
+            out = write_split(root, split, int(n), seed=seed, config=config, workers=workers,
+                              progress=True)
+            shares[split] = json.loads((out / "meta.json").read_text())["text_resolvable"]
+    return shares
+
+
+def resolvability_share(records: list[dict[str, Any]], late_round: int = 4) -> dict[str, Any]:
+    """How many rounds the questions' text alone answers, over conversation records.
+
+    Returns ``{"rounds", "text_resolvable", "share", "late_rounds", "late_text_resolvable",
+    "late_share", "late_round"}``: counts of rounds carrying a ``text_resolvable`` field and of
+    those that are text-resolvable, and their share (a fraction in [0, 1], None without
+    rounds), overall and over rounds ``>= late_round`` (1-indexed). Rounds without the field
+    (records of other sources) are not counted.
+    """
+    n = tr = n_late = tr_late = 0
+    for rec in records:
+        for k, rd in enumerate(rec.get("rounds", []), start=1):
+            v = rd.get("text_resolvable") if isinstance(rd, dict) else None
+            if not isinstance(v, bool):
+                continue
+            n, tr = n + 1, tr + v
+            if k >= late_round:
+                n_late, tr_late = n_late + 1, tr_late + v
+    return {"rounds": n, "text_resolvable": tr, "share": tr / n if n else None,
+            "late_round": late_round, "late_rounds": n_late, "late_text_resolvable": tr_late,
+            "late_share": tr_late / n_late if n_late else None}

@@ -20,6 +20,13 @@ Relation families (the ``relation`` field of a conversation round):
   instance 2"; "the house that instance 3 belongs to".
 - ``comparison``: "the largest star"; "the square bigger than instance 2"; "the one bigger than
   instance 2 with the same texture"; "the largest object below instance 1".
+
+A *pick* round (relation ``pick``, family ``attribute``) is ambiguous on purpose: "Segment one
+of the red objects." matches two or more objects, any of them is a valid answer, and the
+recorded target is one of them drawn at random. Later rounds that refer to it ("the object
+closest to instance 1") then depend on *which* one was picked, which only the mask shows.
+:func:`text_resolvable` tells, per round, whether the questions' text alone determines the
+answer.
 """
 
 from __future__ import annotations
@@ -214,6 +221,10 @@ def evaluate(q: Query, objects: list[WorldObject], targets: list[int],
     rel = q.relation
     head = q.head
 
+    if rel == "pick":  # every object the head matches is a valid answer
+        out = [o for o in _pool(objects, refs, head) if head.matches(o)]
+        return out, out
+
     # part-of relations
     if rel in ("part_name", "part_extreme", "part_colour"):
         parts = [by_id[i] for i in refs[0].parts]
@@ -335,6 +346,69 @@ def needs_memory(q: Query, objects: list[WorldObject], targets: list[int],
     return False
 
 
+def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: list[int],
+                    margins: Margins, *, max_scenarios: int = 4096) -> list[bool]:
+    """Per round, whether the questions' text alone determines its target.
+
+    The chain of queries is re-resolved from round 1 with every pick round left open: each
+    pick round may have been answered by any of its valid alternatives (:func:`resolve`), and
+    every other round is re-resolved (:func:`is_unique`) given the earlier answers of that
+    scenario. A round is text-resolvable iff it is not a pick round and it has the same unique
+    answer in every scenario of the pick rounds it depends on (through its references,
+    transitively). So a round without references is text-resolvable (unless it is a pick); a
+    round referring only to text-resolvable rounds is too; a round referring to a pick round
+    is not, unless every alternative of the pick gives it the same unique answer.
+
+    Args:
+        queries: the structured query of each round, in order.
+        targets: the recorded target id of each round (``targets[k-1]``: round k).
+        max_scenarios: the most combinations of pick alternatives enumerated per round; a
+            round depending on more is counted not text-resolvable (the text leaves that much
+            open).
+    Returns:
+        one bool per round.
+    """
+    n = len(queries)
+    if len(targets) < n:
+        raise ValueError(f"{n} queries but {len(targets)} targets")
+    picks = {i: resolve(q, objects, targets[:i], margins)
+             for i, q in enumerate(queries) if q.relation == "pick"}
+    # ancestors[i]: 0-indexed rounds round i depends on through its references, transitively
+    ancestors: list[set[int]] = []
+    for q in queries:
+        anc: set[int] = set()
+        for k in q.refs:
+            if 1 <= k <= len(ancestors):
+                anc |= {k - 1} | ancestors[k - 1]
+        ancestors.append(anc)
+    out: list[bool] = []
+    for i, q in enumerate(queries):
+        if q.relation == "pick":
+            out.append(False)
+            continue
+        if not q.refs:
+            out.append(is_unique(q, objects, targets[:i], margins) is not None)
+            continue
+        open_picks = sorted(a for a in ancestors[i] if a in picks)
+        n_scen = int(np.prod([max(1, len(picks[a])) for a in open_picks])) if open_picks else 1
+        if n_scen > max_scenarios:
+            out.append(False)
+            continue
+        chain = sorted(ancestors[i] | {i})
+        answers: set[int | None] = set()
+        for choice in itertools.product(*(picks[a] for a in open_picks)):
+            alt = list(targets[:i + 1])
+            chosen = dict(zip(open_picks, choice))
+            for j in chain:  # re-resolve the chain in order under this choice of the picks
+                alt[j] = chosen[j] if j in chosen else is_unique(queries[j], objects, alt[:j],
+                                                                   margins)
+            answers.add(alt[i])
+            if len(answers) > 1 or None in answers:
+                break
+        out.append(len(answers) == 1 and None not in answers)
+    return out
+
+
 # -- wording -------------------------------------------------------------------------------------
 
 SIZE_WORDS = {"small": "small", "medium": "medium-sized", "large": "large"}
@@ -430,6 +504,23 @@ NP_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# whole questions of pick rounds: {hs} the plural head phrase, {ah} the head with "a"/"an"
+PICK_TEMPLATES: tuple[str, ...] = (
+    "Segment one of the {hs}.",
+    "Segment {ah}.",
+    "Pick any of the {hs}.",
+    "Can you segment one of the {hs}?",
+    "Show me any one of the {hs}.",
+    "Find {ah}, any of them.",
+    "Choose one of the {hs} and segment it.",
+)
+
+
+def with_article(noun_phrase: str) -> str:
+    """ "a red circle", "an orange star"."""
+    return ("an " if noun_phrase[:1] in "aeiou" else "a ") + noun_phrase
+
+
 def plural(noun_phrase: str) -> str:
     if noun_phrase.endswith(("s", "x", "sh", "ch")):
         return noun_phrase + "es"
@@ -446,6 +537,10 @@ def template_key(q: Query) -> str:
 
 def phrase(q: Query, rng: np.random.Generator) -> str:
     """A question asking for the object a query denotes, worded by a random template."""
+    if q.relation == "pick":
+        t = PICK_TEMPLATES[int(rng.integers(len(PICK_TEMPLATES)))]
+        h = q.head.phrase("object")
+        return t.format(hs=plural(h), ah=with_article(h))
     templates = NP_TEMPLATES[template_key(q)]
     t = templates[int(rng.integers(len(templates)))]
     noun = "object"
