@@ -5,8 +5,9 @@ data path), and after each chunk evaluates the checkpoint on the first ``--val``
 the world's validation split, every round teacher-forced (oracle history):
 
 - cIoU per round (sum of intersections / sum of unions);
-- grounded rate: the share of predictions whose best-matching scene object (by IoU, over every
-  object and part) is the target; "picking the object" as opposed to "drawing it";
+- grounded rate: the share of predictions that overlap the target more than any other object or
+  part (:func:`segllm.eval.metrics.grounding`): "picking the object" as opposed to "drawing it";
+  a pick round ("segment one of the red objects") is scored against its best valid answer;
 - IoU given grounded: mean IoU of the grounded predictions.
 
 Writes ``OUT/curve.jsonl`` (one line per evaluation) and prints a line per chunk. Runs resume:
@@ -28,23 +29,9 @@ import torch
 from segllm.checkpoint import load_pretrained
 from segllm.data.records import WorldConversations, record_to_conversation
 from segllm.data.world import WorldConfig
+from segllm.eval.metrics import grounding
 from segllm.train.recipe import TrainRecipe
 from segllm.train.trainer import LAST, train
-
-
-def grounding(pred: np.ndarray, target_id: int, masks: dict[int, np.ndarray]) -> tuple[bool, float]:
-    """(whether the object whose mask best matches ``pred`` by IoU is the target, IoU with the target)."""
-    best, best_iou, target_iou = None, 0.0, 0.0
-    for oid, m in masks.items():
-        inter = np.logical_and(pred, m).sum()
-        if not inter:
-            continue
-        iou = inter / np.logical_or(pred, m).sum()
-        if iou > best_iou:
-            best, best_iou = oid, iou
-        if oid == target_id:
-            target_iou = iou
-    return best == target_id, float(target_iou)
 
 
 def evaluate_curve(model, recipe: TrainRecipe, n: int, batch: int = 16) -> dict:
@@ -63,14 +50,20 @@ def evaluate_curve(model, recipe: TrainRecipe, n: int, batch: int = 16) -> dict:
         with torch.no_grad():
             preds = model.segment(convs)
         for s, conv, per_round in zip(chunk, convs, preds):
+            ids = sorted(s.masks)
+            objects = [s.masks[i] for i in ids]
             for r, (masks, _scores) in enumerate(per_round[: len(conv.rounds)], start=1):
-                target_id = s.record["rounds"][r - 1]["mask_ids"][0]
-                gt = s.masks[target_id]
                 pred = masks[0]
-                inter[r] = inter.get(r, 0) + int(np.logical_and(pred, gt).sum())
-                union[r] = union.get(r, 0) + int(np.logical_or(pred, gt).sum())
-                ok, iou = grounding(pred, target_id, s.masks)
-                grounded.setdefault(r, []).append(iou if ok else -1.0)
+                alts = s.alternatives[r - 1] if len(s.alternatives) >= r and len(s.alternatives[r - 1]) > 1 else [s.targets[r - 1]]
+                best = None  # (grounded, IoU, I, U) against the best valid answer
+                for t in alts:
+                    gt = s.masks[t]
+                    i, u = int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+                    cand = (grounding(pred, ids.index(t), objects)[0], i / max(u, 1), i, u)
+                    best = cand if best is None or cand[:2] > best[:2] else best
+                inter[r] = inter.get(r, 0) + best[2]
+                union[r] = union.get(r, 0) + best[3]
+                grounded.setdefault(r, []).append(best[1] if best[0] else -1.0)
     rounds = sorted(inter)
     all_g = [v for r in rounds for v in grounded[r]]
     return {

@@ -133,7 +133,9 @@ class PromptHeadConfig:
 
     The first ``num_ref_tokens`` are [REF] (the referenced mask), the rest [SEG] (the target).
     ``hidden_dim`` 0 means the LLM's width. ``norm`` puts a LayerNorm on each prompt token, so
-    prompts arrive at the decoder at unit scale (the released head has none).
+    prompts arrive at the decoder at unit scale (the released head has none). ``attend_round``:
+    the state also reads (``attend_heads`` heads) the LLM states of its round's tokens up to the
+    ``<seg>`` (see :class:`segllm.model.prompt_head.PromptHead`).
     """
 
     num_tokens: int = 8
@@ -141,6 +143,8 @@ class PromptHeadConfig:
     dim: int = 256
     hidden_dim: int = 0
     norm: bool = False
+    attend_round: bool = False
+    attend_heads: int = 4
 
 
 @dataclass
@@ -292,6 +296,7 @@ class LossConfig:
     set_max_rounds: int = 0
     prompt_l2: float = 0.0
     dense_weight: float = 1.0  # the dense attribute heads' loss (only with SegLLMConfig.dense.groups)
+    select_weight: float = 0.0  # the selection loss (conversations with candidates; see SegLLM.forward)
 
 
 @dataclass

@@ -51,14 +51,23 @@ class Round:
 class Conversation:
     """An RGB image ([H, W, 3] uint8) and its rounds, in order.
 
-    ``dense``: optional per-pixel class maps of the image ([H, W] integer, 0 = background, -1 =
-    unsupervised) by label group, for the dense auxiliary training loss (the procedural world
-    provides them; see :class:`segllm.config.DenseConfig`). Not used at inference.
+    Training-only annotations (the procedural world provides them; unused at inference):
+
+    - ``dense``: per-pixel class maps of the image ([H, W] integer, 0 = background, -1 =
+      unsupervised) by label group, for the dense auxiliary loss (:class:`segllm.config.DenseConfig`).
+    - ``candidates``: [n, H, W] bool masks of every object and part in the image, and
+      ``candidate_groups``: [n] int, which of them are alternatives to each other (0 top-level
+      objects, 1 parts), for the selection loss (``LossConfig.select_weight``).
+    - ``alternatives``: round index (0-based) -> indices into ``candidates`` of every valid
+      answer, for rounds with several right answers ("segment one of the red objects").
     """
 
     image: np.ndarray
     rounds: list[Round] = field(default_factory=list)
     dense: dict[str, np.ndarray] | None = None
+    candidates: np.ndarray | None = None
+    candidate_groups: np.ndarray | None = None
+    alternatives: dict[int, list[int]] | None = None
 
     @property
     def size(self) -> tuple[int, int]:

@@ -92,17 +92,17 @@ def small_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig
 def grounded_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig:
     """The ``small`` LLM with convolutional image encoders and dense attribute supervision.
 
-    Both the LLM's vision tower (16x16 tokens, a position embedding per cell) and the mask
-    decoder's image encoder are :class:`segllm.decoders.convnet.ConvBackbone` (stride 8 on
-    128-pixel images), and both feature maps learn each pixel's colour, category, texture and
-    size from the procedural world's labels (``dense``), so the image tokens carry what the
-    questions' words name from the start (issue 13's experiments).
+    Both the LLM's vision tower (stride 16: 8x8 tokens, a position embedding per cell; stride 8's
+    16x16 tokens made a CPU step 1.7x slower) and the mask decoder's image encoder (stride 8) are
+    :class:`segllm.decoders.convnet.ConvBackbone`, and both feature maps learn each pixel's
+    colour, category, texture and size from the procedural world's labels (``dense``), so the
+    image tokens carry what the questions' words name from the start (issue 13's experiments).
     """
     from segllm.data.world.dense import DENSE_GROUPS
 
     cfg = small_config(vocab_size, memory=memory)
     cfg.vision = VisionConfig(
-        hf_config={"model_type": "segllm_conv", "image_size": 128, "stride": 8, "width": 64, "depth": 1, "hidden_size": 128},
+        hf_config={"model_type": "segllm_conv", "image_size": 128, "stride": 16, "width": 64, "depth": 1, "hidden_size": 128},
         image_size=128,
     )
     cfg.decoder = SamDecoderConfig(

@@ -289,6 +289,12 @@ class WorldConversations:
         s = self.sample(index)
         conv = record_to_conversation(s.record, s.image, lambda mid: s.masks[mid])
         conv.dense = dense_labels(s.objects, s.masks)
+        ids = sorted(s.masks)
+        conv.candidates = np.stack([s.masks[i] for i in ids])
+        parents = {o.id: o.parent for o in s.objects}
+        conv.candidate_groups = np.array([0 if parents.get(i) is None else 1 for i in ids], np.int64)
+        position = {i: k for k, i in enumerate(ids)}
+        conv.alternatives = {r: [position[a] for a in alts] for r, alts in enumerate(s.alternatives) if len(alts) > 1}
         return conv.truncated(self.max_rounds) if self.max_rounds else conv
 
     def scene(self, index: int) -> SceneAnnotations:

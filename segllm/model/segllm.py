@@ -71,6 +71,12 @@ class Batch:
         dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] long per-pixel class maps in
             the vision tower's and the decoder's input frames, for the dense auxiliary loss
             (``None`` unless the model has dense heads and every conversation has ``dense``).
+        seg_context: [S, T] long positions of each ``<seg>``'s round tokens before it (the
+            user turn and the answer so far), -1 padded; for ``prompt_head.attend_round``.
+        cand_masks: [C, h, w] soft masks of every conversation's candidate objects in the
+            decoder's output frame; ``seg_pool``, ``seg_valid``: [S, C] bool, the candidates each
+            ``<seg>`` chooses among (same image, same group) and the right ones (``None`` unless
+            every conversation has ``candidates`` and ``loss.select_weight`` > 0).
         encoded: the processor's output per conversation.
     """
 
@@ -93,6 +99,10 @@ class Batch:
     has_ref: Tensor | None = None
     dense_vision: Tensor | None = None
     dense_decoder: Tensor | None = None
+    seg_context: Tensor | None = None
+    cand_masks: Tensor | None = None
+    seg_pool: Tensor | None = None
+    seg_valid: Tensor | None = None
     encoded: list[Encoded] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> Batch:
@@ -123,6 +133,7 @@ class SegLLMOutput:
     box_loss: Tensor | None = None
     set_terms: dict[str, Tensor] | None = None
     dense_loss: Tensor | None = None
+    select_loss: Tensor | None = None
 
 
 @dataclass
@@ -326,6 +337,7 @@ class SegLLM(nn.Module):
             box_pos=torch.tensor(bp, dtype=torch.long),
             seg_batch=torch.tensor([b for b, e in enumerate(encs) for _ in e.segs], dtype=torch.long),
             seg_pos=torch.tensor([s.pos for e in encs for s in e.segs], dtype=torch.long),
+            seg_context=_seg_context(encs) if self.config.prompt_head.attend_round else None,
             encoded=encs,
         )
         if targets:
@@ -350,7 +362,42 @@ class SegLLM(nn.Module):
             batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
             if self.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
                 batch.dense_vision, batch.dense_decoder = self._dense_targets(conversations, frames)
+            if self.config.loss.select_weight and conversations and all(c.candidates is not None for c in conversations):
+                batch.cand_masks, batch.seg_pool, batch.seg_valid = self._selection_targets(conversations, encs, frames)
         return batch
+
+    def _selection_targets(self, conversations: Sequence[Conversation], encs: list[Encoded], frames: list[Frame]) -> tuple[Tensor, Tensor, Tensor]:
+        """Candidates and, per ``<seg>``, which of them it chooses among and which are right (see
+        :class:`Batch`). A ``<seg>`` whose target matches no candidate (IoU < 0.5) chooses among none."""
+        out = self.decoder.output_size
+        cands, groups, owner = [], [], []
+        for b, (c, fr) in enumerate(zip(conversations, frames)):
+            m = torch.from_numpy(np.asarray(c.candidates, dtype=bool))
+            cands.append(masks_to_frame(m, fr, out))
+            groups.append(torch.as_tensor(np.asarray(c.candidate_groups if c.candidate_groups is not None else np.zeros(len(m)), dtype=np.int64)))
+            owner.append(torch.full((len(m),), b, dtype=torch.long))
+        cand, group, owner_t = torch.cat(cands), torch.cat(groups), torch.cat(owner)
+        offsets = np.cumsum([0] + [len(x) for x in cands])
+        rows_pool, rows_valid = [], []
+        for b, (c, e) in enumerate(zip(conversations, encs)):
+            flat = np.asarray(c.candidates, dtype=bool).reshape(len(c.candidates), -1)
+            for item in e.segs:
+                pool = torch.zeros(len(cand), dtype=torch.bool)
+                valid = torch.zeros(len(cand), dtype=torch.bool)
+                alts = (c.alternatives or {}).get(item.round_index)
+                if alts is None:
+                    target = np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool).reshape(-1)
+                    inter = flat[:, target].sum(axis=1)
+                    union = flat.sum(axis=1) + target.sum() - inter
+                    best = int(np.argmax(inter / np.maximum(union, 1)))
+                    alts = [best] if inter[best] / max(union[best], 1) >= 0.5 else []
+                if alts:
+                    idx = torch.tensor([offsets[b] + a for a in alts])
+                    valid[idx] = True
+                    pool = (owner_t == b) & (group == group[idx[0]])
+                rows_pool.append(pool)
+                rows_valid.append(valid & pool)
+        return cand, torch.stack(rows_pool), torch.stack(rows_valid)
 
     def _dense_targets(self, conversations: Sequence[Conversation], frames: list[Frame]) -> tuple[Tensor, Tensor]:
         """Each conversation's ``dense`` maps placed in the vision tower's and the decoder's input
@@ -538,9 +585,12 @@ class SegLLM(nn.Module):
             return self._set_prediction_forward(hidden, batch, lm_loss, zero)
         mask_logits, iou, boxes = self._decode(hidden, batch, decoder_feats)
         S = mask_logits.shape[0]
+        select_loss = None
         if S and batch.seg_targets is not None:
             tgt = batch.seg_targets.to(mask_logits.device)
             seg_l = mask_logits[:, SEG]
+            if batch.seg_pool is not None and cfg.select_weight:
+                select_loss, tgt = self._selection_loss(seg_l, tgt, batch)
             if cfg.mask == "focal":
                 m_loss = focal_loss(seg_l, tgt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
             else:
@@ -571,7 +621,44 @@ class SegLLM(nn.Module):
         )
         if dense_loss is not None:
             loss = loss + cfg.dense_weight * dense_loss
-        return SegLLMOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou, b_loss, dense_loss=dense_loss)
+        if select_loss is not None:
+            loss = loss + cfg.select_weight * select_loss
+        return SegLLMOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou, b_loss, dense_loss=dense_loss, select_loss=select_loss)
+
+    def _selection_loss(self, seg_logits: Tensor, targets: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Which object did each ``<seg>`` pick? Each candidate's score is the mean [SEG] logit over
+        its pixels; the loss is the cross-entropy of the right candidates among those of the same
+        image and group (-log of their summed probability where several are right).
+
+        Why: BCE and Dice on pixels can be lowered a long way by a question-blind "every object"
+        mask, the shortcut the project's from-scratch models took (issue 13); a score per object,
+        normalised across the image's objects, is only lowered by telling the asked object from
+        the others. Where several answers are right (pick rounds) the pixel losses then target the
+        right candidate the model scores highest, so it is not taught to blur them together.
+
+        Args:
+            seg_logits: [S, h, w]; targets: [S, h, w] soft target masks.
+
+        Returns:
+            (scalar loss, targets with each multi-answer row replaced by its chosen candidate)
+        """
+        cand = batch.cand_masks.to(seg_logits.device, seg_logits.dtype).flatten(1)  # [C, h*w]
+        pool = batch.seg_pool.to(seg_logits.device)
+        valid = batch.seg_valid.to(seg_logits.device)
+        scores = (seg_logits.flatten(1) @ cand.T) / cand.sum(dim=1).clamp(min=1.0)  # [S, C] mean logit per object
+        scores = scores.float().masked_fill(~pool, float("-inf"))
+        usable = pool.sum(dim=1) >= 2  # nothing to choose among one candidate
+        usable &= valid.any(dim=1)
+        if not usable.any():
+            return seg_logits.sum() * 0, targets
+        logp = scores[usable].log_softmax(dim=1)
+        loss = -torch.logsumexp(logp.masked_fill(~valid[usable], float("-inf")), dim=1).mean()
+        several = valid.sum(dim=1) > 1
+        if several.any():
+            pick = scores.detach().masked_fill(~valid, float("-inf")).argmax(dim=1)
+            targets = targets.clone()
+            targets[several] = batch.cand_masks.to(targets.device, targets.dtype)[pick[several]]
+        return loss, targets
 
     def _set_prediction_forward(self, hidden: Tensor, batch: Batch, lm_loss: Tensor, zero: Tensor) -> SegLLMOutput:
         """The loss section with HIPIE's set-prediction losses (see :meth:`forward`)."""
@@ -633,7 +720,12 @@ class SegLLM(nn.Module):
         seg_batch = batch.seg_batch if index is None else batch.seg_batch[index]
         seg_pos = batch.seg_pos if index is None else batch.seg_pos[index]
         seg_hidden = hidden[seg_batch, seg_pos - 1]  # the state that predicts <seg>
-        prompts = self.prompt_head(seg_hidden)
+        if batch.seg_context is not None:
+            positions = batch.seg_context.to(hidden.device)
+            positions = positions if index is None else positions[index]
+            prompts = self.prompt_head(seg_hidden, *round_context(hidden, seg_batch, positions))
+        else:
+            prompts = self.prompt_head(seg_hidden)
         if feats is None:
             feats = self.encode_decoder_image(batch.decoder_pixels)
         if targets is None:
@@ -827,6 +919,23 @@ class SegLLM(nn.Module):
         if frame_masks:
             return (*result, (frame_logits > 0).cpu().numpy())
         return result
+
+
+def _seg_context(encs: list[Encoded]) -> Tensor:
+    """[S, T] positions of each ``<seg>``'s round tokens before it, -1 padded (see :class:`Batch`)."""
+    rows = [list(range(e.round_spans[item.round_index][0], item.pos)) for e in encs for item in e.segs]
+    t = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(1, t)), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def round_context(hidden: Tensor, rows: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather LLM states [N, T, D] at ``positions`` [N, T] (-1 = padding) of conversations
+    ``rows`` [N] from ``hidden`` [B, L, D]; returns them and the [N, T] bool mask of real ones."""
+    mask = positions >= 0
+    return hidden[rows[:, None], positions.clamp(min=0)], mask
 
 
 def _square_labels(maps: Tensor, s: int, resize: str) -> Tensor:

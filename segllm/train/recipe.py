@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from segllm.config import LoraConfig, SegLLMConfig, from_dict
+from segllm.config import LossConfig, LoraConfig, SegLLMConfig, from_dict
 from segllm.errors import ConfigError
 
 
@@ -48,6 +48,8 @@ class ModelRecipe:
         llava: start from a LLaVA-1.5 folder (``llava.path``) instead of a preset.
         max_length: the longest conversation in tokens (0: the LLM's context); a longer one
             is an error naming its length, as at inference.
+        loss: overrides of the model's loss weights (:class:`segllm.config.LossConfig` keys,
+            e.g. ``{select_weight = 1.0}``), applied to a new model's config.
     """
 
     preset: Literal["tiny", "small", "grounded"] = "small"
@@ -57,8 +59,13 @@ class ModelRecipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     llava: LlavaInit = field(default_factory=LlavaInit)
     max_length: int = 0
+    loss: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            from_dict(LossConfig, self.loss)
+        except ConfigError as e:
+            raise ConfigError(f"model.loss: {e}") from e
         if self.llava.path and (self.init or self.config):
             raise ConfigError("model.llava.path cannot be combined with model.init or model.config")
         if self.llava.path and not self.llava.vision_tower:
@@ -217,6 +224,10 @@ class TrainRecipe:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
 
+    def model_loss(self, loss: LossConfig) -> LossConfig:
+        """``loss`` with the recipe's ``model.loss`` overrides applied."""
+        return from_dict(LossConfig, {**dataclasses.asdict(loss), **self.model.loss})
+
     def model_config(self, vocab_size: int) -> SegLLMConfig:
         from segllm import presets
         from segllm.checkpoint import load_config
@@ -229,6 +240,7 @@ class TrainRecipe:
             cfg = presets.PRESETS[self.model.preset](vocab_size)
         cfg = copy.deepcopy(cfg)
         cfg.memory.enabled = self.model.memory
+        cfg.loss = self.model_loss(cfg.loss)
         if self.model.lora.r:
             cfg.llm.lora = copy.deepcopy(self.model.lora)
         return cfg

@@ -185,6 +185,8 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
             torch.manual_seed(recipe.seed)
             model = build_segllm(recipe.model_config(len(tokenizer)), tokenizer)
         model.config.memory.enabled = recipe.model.memory
+        if recipe.model.loss:  # also for a model started from a checkpoint (model.init)
+            model.config.loss = recipe.model_loss(model.config.loss)
         if recipe.model.max_length:
             model.config.template.max_length = model.processor.max_length = recipe.model.max_length
     model.set_trainable()
@@ -280,7 +282,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
                         acc.clip_grad_norm_(params, o.grad_clip)
                 opt.step()
                 opt.zero_grad()
-            parts = {name: getattr(res, name) for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss", "dense_loss")}
+            parts = {name: getattr(res, name) for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss", "dense_loss", "select_loss")}
             parts = {k: v for k, v in parts.items() if v is not None}
             parts |= {f"set_{k}": v for k, v in (res.set_terms or {}).items()}  # HIPIE's set-prediction terms
             for name, value in parts.items():

@@ -139,3 +139,75 @@ def test_grounded_checkpoint_round_trip(grounded, three_rounds, tmp_path):
     for (ma, sa), (mb, sb) in zip(a, b):
         assert np.array_equal(ma, mb)
         assert np.allclose(sa, sb, rtol=1e-4, atol=1e-5)
+
+
+def with_candidates(conv: Conversation, alternatives=None) -> Conversation:
+    """Candidates: each round's target, plus one distractor object."""
+    h, w = conv.size
+    from tests.conftest import box_mask
+
+    masks = [r.masks[0] for r in conv.rounds] + [box_mask(h, w, 30, 45, 0, 20)]
+    return Conversation(conv.image, conv.rounds, candidates=np.stack(masks), candidate_groups=np.zeros(len(masks), np.int64),
+                        alternatives=alternatives)
+
+
+def test_selection_loss_picks_the_target_among_the_images_objects(make_model, three_rounds):
+    model = make_model().train()
+    model.config.loss.select_weight = 1.0
+    conv = with_candidates(three_rounds)
+    batch = model.prepare([conv, conv.truncated(1)])
+    assert batch.cand_masks.shape[0] == 8 and batch.seg_pool.shape == (4, 8)
+    # each <seg> chooses among its own image's 4 candidates; the right one is its round's mask
+    assert batch.seg_pool.sum(dim=1).tolist() == [4, 4, 4, 4]
+    assert batch.seg_valid.nonzero().tolist() == [[0, 0], [1, 1], [2, 2], [3, 4]]
+    out = model(batch)
+    assert out.select_loss is not None and out.select_loss > 0
+    w = model.config.loss
+    rest = w.lm * out.lm_loss + w.mask_weight * out.mask_loss + w.dice_weight * out.dice_loss + w.ref_weight * out.ref_loss + w.iou_weight * out.iou_loss
+    assert torch.allclose(out.loss, rest + out.select_loss)
+    # off by default, and without candidates
+    model.config.loss.select_weight = 0.0
+    assert model.prepare([conv]).seg_pool is None
+
+
+def test_selection_loss_by_hand(make_model, three_rounds):
+    model = make_model().train()
+    model.config.loss.select_weight = 1.0
+    batch = model.prepare([with_candidates(three_rounds.truncated(1), alternatives={0: [0, 1]})])
+    h = w = model.decoder.output_size
+    logits = torch.full((1, h, w), -5.0)
+    cand = batch.cand_masks
+    logits[0][cand[1] > 0.5] = 3.0  # the model prefers candidate 1, also a right answer here
+    loss, targets = model._selection_loss(logits, batch.seg_targets, batch)
+    scores = (logits.flatten(1) @ cand.flatten(1).T) / cand.flatten(1).sum(1)
+    p = scores.softmax(dim=1)[0]
+    assert loss.item() == pytest.approx(-torch.log(p[0] + p[1]).item(), rel=1e-5)
+    assert torch.equal(targets[0], cand[1])  # the pixel losses follow the right answer it chose
+
+
+def test_prompt_head_reads_its_rounds_tokens(make_model, three_rounds, tokenizer):
+    cfg_model = make_model()
+    cfg = copy.deepcopy(cfg_model.config)
+    cfg.prompt_head.attend_round = True
+    torch.manual_seed(0)
+    model = build_segllm(cfg, copy.deepcopy(tokenizer)).train()
+    batch = model.prepare([three_rounds, three_rounds.truncated(2)])
+    enc = batch.encoded[0]
+    # each <seg> reads its own round from the round's first token up to the state before it
+    first = batch.seg_context[0]
+    start = enc.round_spans[0][0]
+    assert first[first >= 0].tolist() == list(range(start, enc.segs[0].pos))
+    assert batch.seg_context.shape[0] == 5
+    out = model(batch)
+    out.mask_loss.backward()
+    assert model.prompt_head.kv.weight.grad.abs().sum() > 0  # the round's states reach the masks
+    # what a round says changes its prompt even where the state before <seg> would not see it
+    hidden = torch.randn(1, 4, model.prompt_head.mlp[0].in_features)
+    ctx_mask = torch.tensor([[True, True, False, False]])
+    a = model.prompt_head(hidden[:, 0], hidden, ctx_mask)
+    b = model.prompt_head(hidden[:, 0], torch.cat([hidden[:, :2], torch.randn(1, 2, hidden.shape[-1])], 1), ctx_mask)
+    assert torch.allclose(a, b)  # padding is not read
+    with pytest.raises(ValueError, match="attend_round"):
+        model.prompt_head(hidden[:, 0])
+    segs = model.eval().segment([three_rounds])[0]
+    assert [m.shape for m, _ in segs] == [(1, 48, 80)] * 3

@@ -207,3 +207,11 @@ def test_per_part_clipping_clips_each_part_and_logs_gradient_norms(tmp_path, mon
     norms = log[-1]["grad_norm"]
     assert set(norms) == set(parts) and all(v > 0 for v in norms.values())
     assert all(torch.isfinite(torch.tensor(loss)) for loss in summary.losses)
+
+
+def test_recipe_loss_overrides_reach_the_model_config(tmp_path):
+    recipe = _recipe(tmp_path, **{"model.loss": {"select_weight": 0.5, "lm": 0.2}})
+    cfg = recipe.model_config(400)
+    assert cfg.loss.select_weight == 0.5 and cfg.loss.lm == 0.2 and cfg.loss.dice_weight == 2.0
+    with pytest.raises(ConfigError, match="model.loss"):
+        _recipe(tmp_path, **{"model.loss": {"selekt_weight": 0.5}})
