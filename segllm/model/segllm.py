@@ -35,7 +35,6 @@ from segllm.decoders.base import (
     mask_to_frame,
     masks_to_frame,
 )
-from segllm.decoders.hipie import HipieDecoder
 from segllm.decoders.hipie.criterion import (
     REF_LABEL,
     SEG_LABEL,
@@ -527,8 +526,8 @@ class SegLLM(nn.Module):
     def _set_prediction_forward(self, hidden: Tensor, batch: Batch, lm_loss: Tensor, zero: Tensor) -> SegLLMOutput:
         """The loss section with HIPIE's set-prediction losses (see :meth:`forward`)."""
         cfg = self.config.loss
-        if not isinstance(self.decoder, HipieDecoder):
-            raise ConfigError(f"loss.set_prediction needs the HIPIE decoder, not {type(self.decoder).__name__}")
+        if not self.decoder.supports_set_prediction:
+            raise ConfigError(f"loss.set_prediction needs a decoder with set prediction (HIPIE), not {type(self.decoder).__name__}")
         keep = _pick_rounds(batch.seg_batch, cfg.set_max_rounds)
         targets = None
         if keep.numel() and batch.seg_targets is not None:

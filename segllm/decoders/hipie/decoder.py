@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,10 @@ from segllm.decoders.hipie.heads import (
 )
 from segllm.decoders.hipie.postprocess import Instances, postprocess, select_best
 from segllm.decoders.hipie.transformer import DeformableTransformer, TransformerOutput
-from segllm.errors import CheckpointError, ImageError
+from segllm.errors import CheckpointError, ConfigError, ImageError
+
+if TYPE_CHECKING:  # an annotation only: segllm.config imports this package's config
+    from segllm.config import PromptHeadConfig
 
 __all__ = [
     "DeformableDetr",
@@ -56,6 +60,7 @@ __all__ = [
     "HipieSegmenter",
     "HipieSetOutputs",
     "LayerPredictions",
+    "build_hipie_decoder",
     "load_released_hipie",
 ]
 
@@ -261,6 +266,8 @@ class HipieImageEncoder(nn.Module):
 
 class HipieDecoder(MaskDecoder):
     """HIPIE-R50 as SegLLM uses it: prompt tokens in, [REF]/[SEG] masks, scores and boxes out."""
+
+    supports_set_prediction = True  # trains with HIPIE's own set-prediction losses
 
     def __init__(self, config: HipieDecoderConfig | None = None) -> None:
         super().__init__()
@@ -498,6 +505,21 @@ class HipieDecoder(MaskDecoder):
                 boxes[i, channel] = inst.boxes[k]
         masks = raw.pred_masks[torch.arange(n, device=device)[:, None], query]
         return DecoderOutput(mask_logits=masks, iou_scores=scores, boxes=boxes)
+
+
+def build_hipie_decoder(config: HipieDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> HipieDecoder:
+    """The decoder kind "hipie" (see :mod:`segllm.decoders.registry`), random weights (the released
+    ones come with a released checkpoint, :func:`load_released_hipie`, so ``load_weights`` changes
+    nothing). The prompt head must give the decoder's ``num_prompt_tokens`` / ``num_ref_tokens``,
+    ``lang_dim`` wide."""
+    tokens, ref = config.num_prompt_tokens, config.num_ref_tokens
+    if (prompt_head.num_tokens, prompt_head.num_ref_tokens) != (tokens, ref):
+        raise ConfigError(
+            f"prompt_head gives {prompt_head.num_tokens} tokens ({prompt_head.num_ref_tokens} [REF]) but the HIPIE decoder takes {tokens} ({ref} [REF])"
+        )
+    if prompt_head.dim != config.lang_dim:
+        raise ConfigError(f"prompt_head.dim ({prompt_head.dim}) must equal decoder.lang_dim ({config.lang_dim})")
+    return HipieDecoder(config)
 
 
 def load_released_hipie(

@@ -37,21 +37,26 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segllm.config import LiteMedSamDecoderConfig
 from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, check_image
 from segllm.decoders.layers import MLP
-from segllm.decoders.sam import LayerNorm2d, RandomFourierPositionEncoding, SamFamilyDecoder, TwoWayTransformer
+from segllm.decoders.litemedsam.config import LiteMedSamDecoderConfig
+from segllm.decoders.sam.decoder import LayerNorm2d, RandomFourierPositionEncoding, SamFamilyDecoder, TwoWayTransformer
 from segllm.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # an annotation only: segllm.config imports this package's config
+    from segllm.config import PromptHeadConfig
 
 __all__ = [
     "ConvBN",
     "LiteMedSamDecoder",
     "TinyViTEncoder",
+    "build_litemedsam_decoder",
     "litemedsam_checkpoint",
     "load_litemedsam",
     "map_litemedsam_state",
@@ -429,6 +434,18 @@ class LiteMedSamDecoder(SamFamilyDecoder):
             outs = [self.decode(feats, t) for _, t in halves]
             masks, iou = torch.stack([m for m, _ in outs], dim=1), torch.stack([i for _, i in outs], dim=1)
         return DecoderOutput(mask_logits=masks.contiguous(), iou_scores=iou.contiguous())
+
+
+def build_litemedsam_decoder(config: LiteMedSamDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> LiteMedSamDecoder:
+    """The decoder kind "litemedsam" (see :mod:`segllm.decoders.registry`), with the weights of
+    ``config.pretrained_path`` when ``load_weights`` (a checkpoint loader passes False: the
+    checkpoint holds every weight); the prompts must be ``dim`` (256) wide."""
+    if prompt_head.dim != config.dim:
+        raise ConfigError(f"prompt_head.dim ({prompt_head.dim}) must equal decoder.dim ({config.dim}), LiteMedSAM's prompt width")
+    decoder = LiteMedSamDecoder(config, num_prompt_tokens=prompt_head.num_tokens, num_ref_tokens=prompt_head.num_ref_tokens)
+    if load_weights and config.pretrained_path:
+        load_litemedsam(config.pretrained_path, decoder)
+    return decoder
 
 
 def _check_config(config: LiteMedSamDecoderConfig, num_prompt_tokens: int, num_ref_tokens: int) -> None:
