@@ -43,11 +43,11 @@ from segllm.decoders.hipie.criterion import (
     make_denoising_queries,
 )
 from segllm.errors import ConfigError, ConversationError, PlaceholderMismatchError
+from segllm.losses import bce_loss, box_loss, dice_loss, focal_loss, mask_iou
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
 from segllm.model.vision import VisionTower
 from segllm.processor import IGNORE, Encoded, Processor
-from segllm.train.losses import bce_loss, box_loss, dice_loss, focal_loss, mask_iou
 
 
 @dataclass
