@@ -7,6 +7,11 @@ from pathlib import Path
 
 import torch
 
+from segllm.model.builder import build_segllm
+from segllm.model.segllm import SegLLM
+from segllm.presets import tiny_config
+from segllm.tokenizer import train_bpe_tokenizer
+
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "default_model"
 EXAMPLES = ASSETS / "examples"
@@ -26,9 +31,6 @@ def has_default_model() -> bool:
 
 def untrained_model(seed: int = 0):
     """A tiny randomly initialised SegLLM (for trying the pipeline; its masks mean nothing)."""
-    from segllm.model.builder import build_segllm
-    from segllm.presets import tiny_config
-    from segllm.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(_CORPUS * 4, vocab_size=400)
     torch.manual_seed(seed)
@@ -41,7 +43,6 @@ def load_model(checkpoint: str | Path | None = None, *, device: str | None = Non
     Until a trained default model is bundled, the default is :func:`untrained_model` and a
     warning says so.
     """
-    from segllm.model.segllm import SegLLM
 
     if checkpoint is not None:
         return SegLLM.from_pretrained(checkpoint, device=device, dtype=dtype)

@@ -18,6 +18,8 @@ counts what it skipped.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -26,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools.coco import COCO
 
 from segllm.conversation import Conversation, Round, load_image
+from segllm.data.world import World, WorldConfig
 from segllm.errors import SegLLMError
 
 log = logging.getLogger(__name__)
@@ -111,8 +115,6 @@ class ConversationFolder(SkippingGet):
     """
 
     def __init__(self, root: str | Path, *, max_rounds: int | None = None) -> None:
-        from pycocotools.coco import COCO
-
         self.root = Path(root)
         ann = self.root / "annotations.json"
         convs = self.root / "conversations.jsonl"
@@ -136,8 +138,6 @@ class ConversationFolder(SkippingGet):
         if not self.records:
             raise RecordError(f"{convs} has no usable conversation records")
         self._convs_file = convs
-        import contextlib
-        import io
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco = COCO(str(ann))
@@ -173,8 +173,6 @@ class WorldConversations:
     """Conversations of the procedural world, generated on demand (deterministic by index)."""
 
     def __init__(self, split: str, size: int, *, seed: int = 0, config=None, max_rounds: int | None = None) -> None:
-        from segllm.data.world import World, WorldConfig
-
         self.world = World(config or WorldConfig(), seed=seed)
         self.split = split
         self.size = size

@@ -7,7 +7,8 @@ from transformers import PreTrainedTokenizerBase
 from segllm.config import SegLLMConfig
 from segllm.decoders.base import MaskDecoder
 from segllm.decoders.registry import decoder_kind
-from segllm.model.llm import build_llm, max_positions
+from segllm.model.llm import _config_dict, build_llm, max_positions
+from segllm.model.lora import add_lora
 from segllm.model.memory import MaskMemoryEncoder
 from segllm.model.projector import build_projector
 from segllm.model.prompt_head import PromptHead
@@ -38,13 +39,10 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     vision = VisionTower(build_vision_model(config.vision, load_weights=load_weights), config.vision)
     if load_weights and config.vision.pretrained_path:
         # record the architecture, so a checkpoint rebuilds the tower without the folder
-        from segllm.model.llm import _config_dict
 
         config.vision.hf_config = {"model_type": vision.model.config.model_type, **_config_dict(vision.model.config)}
     llm = build_llm(config.llm, tokenizer, load_weights=load_weights)
     if config.llm.lora.r:
-        from segllm.model.lora import add_lora
-
         add_lora(llm, config.llm.lora)
     d_llm = llm.get_input_embeddings().weight.shape[1]
     projector = build_projector(config.projector, vision.hidden_size, d_llm)

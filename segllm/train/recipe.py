@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from segllm import presets
+from segllm.checkpoint import load_config
 from segllm.config import LoraConfig, SegLLMConfig, from_dict
+from segllm.decoders.hipie import HipieDecoderConfig
 from segllm.errors import ConfigError
 
 
@@ -63,8 +66,6 @@ class ModelRecipe:
         if self.llava.path and not self.llava.vision_tower:
             raise ConfigError("model.llava.path needs model.llava.vision_tower (a local CLIP folder)")
         if self.llava.hipie:
-            from segllm.decoders.hipie import HipieDecoderConfig
-
             try:
                 from_dict(HipieDecoderConfig, self.llava.hipie)
             except ConfigError as e:
@@ -212,9 +213,6 @@ class TrainRecipe:
             raise ConfigError(f"{path}: {e}") from e
 
     def model_config(self, vocab_size: int) -> SegLLMConfig:
-        from segllm import presets
-        from segllm.checkpoint import load_config
-
         if self.model.config:
             cfg = SegLLMConfig.load(self.model.config)
         elif self.model.init:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from segllm.config import PromptHeadConfig
 from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, image_to_frame
 from segllm.decoders.hipie.backbone import BackboneWithPosition
 from segllm.decoders.hipie.common import MLP, FeatureResizer, inverse_sigmoid
@@ -46,9 +46,6 @@ from segllm.decoders.hipie.heads import (
 from segllm.decoders.hipie.postprocess import Instances, postprocess, select_best
 from segllm.decoders.hipie.transformer import DeformableTransformer, TransformerOutput
 from segllm.errors import CheckpointError, ConfigError, ImageError
-
-if TYPE_CHECKING:  # an annotation only: segllm.config imports this package's config
-    from segllm.config import PromptHeadConfig
 
 __all__ = [
     "DeformableDetr",

@@ -37,20 +37,18 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from segllm.config import PromptHeadConfig
 from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, check_image
 from segllm.decoders.layers import MLP
 from segllm.decoders.litemedsam.config import LiteMedSamDecoderConfig
 from segllm.decoders.sam.decoder import LayerNorm2d, RandomFourierPositionEncoding, SamFamilyDecoder, TwoWayTransformer
 from segllm.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:  # an annotation only: segllm.config imports this package's config
-    from segllm.config import PromptHeadConfig
 
 __all__ = [
     "ConvBN",
@@ -535,8 +533,6 @@ def read_litemedsam_state(path: str | Path | None = None) -> dict[str, Tensor]:
         raise CheckpointError(f"LiteMedSAM checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -24,12 +24,12 @@ Parameter names: everything under ``image_encoder.`` is the image encoder (the
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segllm.config import PromptHeadConfig
 from segllm.decoders.base import (
     REF,
     SEG,
@@ -43,9 +43,6 @@ from segllm.decoders.base import (
 from segllm.decoders.layers import MLP
 from segllm.decoders.sam.config import SamDecoderConfig
 from segllm.errors import ConfigError
-
-if TYPE_CHECKING:  # an annotation only: segllm.config imports this package's config
-    from segllm.config import PromptHeadConfig
 
 __all__ = [
     "MLP",
