@@ -15,8 +15,8 @@ from accelerate import PartialState
 
 from segllm import SegLLM
 from segllm.bench import main as bench_main
-from segllm.convert import pickle_to_safetensors
-from segllm.data.benchmarks import read_templates
+from segllm.convert_weights import pickle_to_safetensors
+from segllm.data.benchmark_readers import read_templates
 from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_coco
 from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.world import WorldConfig, generate

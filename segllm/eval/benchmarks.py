@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segllm.data.benchmarks import ReasonSegData, RefcocoSentences
+from segllm.data.benchmark_readers import ReasonSegData, RefcocoSentences
 from segllm.data.released.convert import ReleasedConversations
 from segllm.eval.evaluate import EvalResult
 

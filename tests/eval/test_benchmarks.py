@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from segllm.cli import main
-from segllm.data.benchmarks import TEMPLATES, ReasonSegData, RefcocoSentences, read_templates
+from segllm.data.benchmark_readers import TEMPLATES, ReasonSegData, RefcocoSentences, read_templates
 from segllm.eval.evaluate import evaluate, read_logs
 from segllm.eval.metrics import RoundMetrics, mask_scores, released_frame_gt
 from tests.data.test_released import setup  # noqa: F401  (the miniature released layout, a fixture)
