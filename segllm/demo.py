@@ -181,7 +181,6 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32):
         undo_btn.click(undo, None, outs)
         clear_btn.click(clear, None, outs)
     demo.queue(default_concurrency_limit=1)
-    demo.segllm_store = store  # for tests: the server-side sessions
     return demo
 
 

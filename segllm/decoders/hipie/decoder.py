@@ -354,7 +354,6 @@ class HipieDecoder(MaskDecoder):
         prompts: Tensor,
         batch_index: Tensor,
         *,
-        keep_trace: bool = False,
         denoising: DenoisingQueries | None = None,
         set_outputs: bool = False,
     ) -> HipieRawOutput:
@@ -364,7 +363,6 @@ class HipieDecoder(MaskDecoder):
             features: from :meth:`encode_image`.
             prompts: [N, T, D] prompt tokens.
             batch_index: [N] long, image of each prompt.
-            keep_trace: keep encoder intermediates in ``transformer.trace``.
             denoising: see :meth:`forward`.
             set_outputs: fill ``set_outputs`` (see :meth:`forward`).
         """
@@ -379,7 +377,7 @@ class HipieDecoder(MaskDecoder):
             # HIPIE's dynamic label encoding: the mean prompt token, resized, for every target
             label = self.detr.resizer(prompts.mean(1))[:, None]
             dn = (torch.where(denoising.filled[..., None], label, torch.zeros_like(label)), denoising.boxes)
-        out = detr.transformer(srcs, features.pos, prompts, keep_trace=keep_trace, denoising=dn)
+        out = detr.transformer(srcs, features.pos, prompts, denoising=dn)
 
         last = c.dec_layers - 1
         layers = range(c.dec_layers) if set_outputs else range(last, last + 1)
