@@ -10,8 +10,6 @@ mask logits 5e-4 (values up to ~35; observed 6e-5); boxes in 1024-pixel units 1e
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +19,9 @@ from segllm.decoders.base import REF, SEG, DecoderOutput, MaskDecoder
 from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig, load_released_hipie
 from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample
 from segllm.errors import CheckpointError
+from tests.conftest import RELEASED_FIXTURES
 
-FIXTURES = Path(
-    os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[2].parent / "shared/fixtures/released")
-)
-HIPIE = FIXTURES / "hipie"
+HIPIE = RELEASED_FIXTURES / "hipie"
 
 needs_fixtures = pytest.mark.skipif(
     not (HIPIE / "weights.safetensors").exists(),
@@ -321,7 +317,7 @@ def test_small_frame_any_dtype_and_gradients(dtype):
         assert model.detr.detr.input_proj[0][0].weight.grad is not None
 
 
-TINY = FIXTURES / "segllm_tiny"
+TINY = RELEASED_FIXTURES / "segllm_tiny"
 
 
 @pytest.mark.skipif(
