@@ -276,7 +276,6 @@ def _merge_lora(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th conversation and
     writes its own log; the main process merges the logs into the report."""
-
     # accelerate runs several CPU processes as one distributed (gloo) job only when told it is on CPU
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = args.device or str(state.device)
@@ -316,7 +315,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_data(args: argparse.Namespace):
     """(dataset, description, protocols, split) for ``segllm eval``'s arguments."""
-
     if args.benchmark in (None, "world") and args.data == "world":
         split = args.split or "test"
         args.size = 500 if args.size is None else args.size

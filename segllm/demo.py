@@ -76,7 +76,6 @@ def legend_html(session: Session) -> str:
 
 def masks_zip(session: Session, folder: Path) -> Path:
     """A zip of every round's mask PNGs, the overlay and session.json (COCO-style, RLE masks)."""
-
     path = folder / "segllm-masks.zip"
     with zipfile.ZipFile(path, "w") as z:
         for r in session.history:

@@ -92,24 +92,20 @@ class Session:
     @classmethod
     def from_pretrained(cls, path=None, image=None, *, device: str | None = None, dtype=None, **kwargs) -> Session:
         """A session on the model in folder ``path`` (default: the bundled model)."""
-
         return cls(load_model(path, device=device, dtype=dtype), image, **kwargs)
 
     # -- exporting -------------------------------------------------------------------------
     def save_masks(self, folder) -> list:
         """Every round's masks as ``round{k}_mask{j}.png`` in ``folder``."""
-
         return save_masks(self.history, folder)
 
     def to_coco(self, *, file_name: str = "image.png") -> dict:
         """The session as COCO-style JSON data (masks as compressed RLE, one annotation per mask)."""
-
         self._need_image()
         return session_to_coco(self.history, self.image.shape[:2], file_name=file_name)
 
     def overlay(self):
         """The image with every round's masks, each round in its own colour and numbered (PIL image)."""
-
         self._need_image()
         return overlay(self.image, [(r.round, m) for r in self.history for m in r.masks])
 

@@ -239,7 +239,6 @@ def _clean_sentence(raw: Any) -> str | None:
 
 def _add_refs(source: _Source, refs_path: Path, split: str | None, skips: SkipLog) -> None:
     """Attach the sentences of the refs (of ``split``) to their images; keep only images with refs."""
-
     try:
         refs = load_refs(refs_path)
     except SegLLMError as e:
@@ -295,7 +294,6 @@ class _Scene:
 
 def _decode(ann: dict[str, Any], h: int, w: int) -> np.ndarray | None:
     """The annotation's mask, or None when its segmentation is missing, malformed or empty."""
-
     seg = ann.get("segmentation")
     if not seg:
         return None
@@ -603,7 +601,6 @@ def _check_params(kind: str, refs: Any, split: Any, seed: int, min_rounds: int, 
 
 def _dataset_mode(dataset_name: str) -> str:
     """'ids' when the released records can name COCO annotation ids in ``dataset_name``, else 'store'."""
-
     kind = DATASETS.get(dataset_name, (None,))[0]
     if kind == "coco":
         return "ids"
@@ -803,7 +800,6 @@ class _Writer:
 
     def add(self, scene: _Scene, rounds: list[PlannedRound], conv_id: str) -> None:
         """Write one conversation; raises :class:`_SkipImage` (nothing written) when its image or record is unusable."""
-
         img = scene.image
         file_name = img["file_name"]
         src = self.images_root / file_name

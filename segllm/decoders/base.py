@@ -97,7 +97,6 @@ def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Te
 def image_to_frame(image: Tensor, frame: Frame) -> Tensor:
     """uint8 image [3, H, W] -> uint8 [3, size, size]: resized with PIL's bilinear filter (as the
     released code's ResizeLongestSide) and zero-padded at the bottom/right."""
-
     pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     resized = pil.resize((frame.resized_width, frame.resized_height), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)

@@ -170,7 +170,6 @@ def evaluate(
     left out of the metrics (or None); ReasonSeg's ignore regions, scored as LISA does.
     Returns the metrics of the conversations this process evaluated (resumed ones included).
     """
-
     if protocol not in ("oracle", "own"):
         raise ValueError(f"unknown protocol {protocol!r} (oracle or own)")
     if frame not in ("original", "released"):

@@ -39,7 +39,6 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     vision = VisionTower(build_vision_model(config.vision, load_weights=load_weights), config.vision)
     if load_weights and config.vision.pretrained_path:
         # record the architecture, so a checkpoint rebuilds the tower without the folder
-
         config.vision.hf_config = {"model_type": vision.model.config.model_type, **_config_dict(vision.model.config)}
     llm = build_llm(config.llm, tokenizer, load_weights=load_weights)
     if config.llm.lora.r:

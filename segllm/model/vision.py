@@ -22,7 +22,6 @@ def build_vision_model(config: VisionConfig, *, load_weights: bool = True) -> Pr
         cfg = AutoConfig.from_pretrained(config.pretrained_path, local_files_only=True)
         if cfg.model_type == "clip" or "WithProjection" in str(getattr(cfg, "architectures", None)):
             # a whole CLIP, or CLIP with its contrastive projection: only the vision encoder is used
-
             return CLIPVisionModel.from_pretrained(config.pretrained_path, local_files_only=True)
         return AutoModel.from_pretrained(config.pretrained_path, local_files_only=True)
     hf = dict(config.hf_config)

@@ -57,7 +57,6 @@ class TrainSummary:
 
 def build_datasets(recipe: TrainRecipe, *, processes: int = 1):
     """(train, val) datasets of the recipe; ``processes`` sizes the global batch of a mix."""
-
     d = recipe.data
 
     def make(source: str, split: str, size: int):
@@ -145,7 +144,6 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         stop_after: stop (with a checkpoint) once this step is reached, as if interrupted; the
             schedule stays that of ``recipe.steps``, so ``resume`` continues the same run.
     """
-
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     acc = Accelerator(
@@ -314,7 +312,6 @@ def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False, deep
     state in DeepSpeed's own sharded format (``deepspeed/``, written by every process through
     accelerate); their model folder is the usual one (ZeRO-2 keeps whole parameters everywhere).
     """
-
     acc.wait_for_everyone()
     model_state = opt_state = None
     if sharded:

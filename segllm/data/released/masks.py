@@ -79,7 +79,6 @@ def _quiet_coco(data: dict) -> Any:
 
 def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as bool [H, W]."""
-
     if isinstance(seg, list):
         if not seg:
             raise RecordError("segmentation is an empty polygon list")
