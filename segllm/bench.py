@@ -7,11 +7,21 @@ latency does not depend on what a model happens to generate.
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing as mp
 import resource
 import time
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from segllm.conversation import load_image
+from segllm.default import EXAMPLES, load_model
+from segllm.model.builder import build_segllm
+from segllm.presets import llama_config
+from segllm.session import Session
 
 QUESTIONS = [
     "Segment the cross.",
@@ -27,13 +37,8 @@ QUESTIONS = [
 
 def _large_model(width: int, layers: int):
     """The bundled model's parts with a LLaMA of the released model's width (few layers), random."""
-    import copy
 
-    import torch
 
-    from segllm.default import load_model
-    from segllm.model.builder import build_segllm
-    from segllm.presets import llama_config
 
     base = load_model()
     cfg = copy.deepcopy(base.config)
@@ -44,12 +49,6 @@ def _large_model(width: int, layers: int):
 
 def _run(args) -> dict:
     name, incremental, rounds, repeats, threads, width, layers = args
-    import numpy as np
-    import torch
-
-    from segllm.conversation import load_image
-    from segllm.default import EXAMPLES, load_model
-    from segllm.session import Session
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,5 +1,8 @@
 """Checkpoints: a folder with config.json (nested dataclasses), model.safetensors and the tokenizer.
 
+This module reads and writes the files only; it imports no model code (building the model a
+checkpoint describes is :func:`segllm.model.loading.load_pretrained`'s job).
+
 Loading is strict: a missing or unexpected weight, or one of the wrong shape, is an error
 naming it. Nothing is unpickled. Saving is atomic: the folder is written beside the target
 and renamed into place, so an interrupted save never leaves a half-written checkpoint.
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from segllm.config import CONFIG_FORMAT, SegLLMConfig
 from segllm.errors import CheckpointError, ConfigError
@@ -88,31 +92,12 @@ def load_config(path: str | Path) -> SegLLMConfig:
         raise CheckpointError(f"{cfg_file}: {e}") from e
 
 
-def load_pretrained(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Read a checkpoint folder into a :class:`segllm.SegLLM` (eval mode): one written by
-    :func:`save_pretrained`, or a released SegLLM folder (see :mod:`segllm.model.released`)."""
-    from transformers import AutoTokenizer
-
-    from segllm.model.builder import build_segllm
-    from segllm.model.released import is_released_checkpoint, load_released
-
-    path = Path(path)
-    if is_released_checkpoint(path):
-        return load_released(path, device=device, dtype=dtype)
-    config = load_config(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{path} has no {WEIGHTS_NAME}")
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in the checkpoint folder ``path``; a :class:`CheckpointError` if unreadable."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
-    model = build_segllm(config, tokenizer, load_weights=False)
-    load_weights(model, weights)
-    model.eval()
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
 
 
 def load_weights(model: torch.nn.Module, weights: str | Path) -> None:

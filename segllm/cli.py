@@ -7,9 +7,28 @@ import json
 import logging
 import math
 import sys
+import tomllib
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+
+from segllm import SegLLM
+from segllm.bench import main as bench_main
+from segllm.convert_weights import pickle_to_safetensors
+from segllm.data.benchmark_readers import read_templates
+from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_coco
+from segllm.data.records import ConversationFolder, WorldConversations
+from segllm.data.world import WorldConfig, generate
+from segllm.default import EXAMPLES, load_model
 from segllm.errors import SegLLMError
+from segllm.eval.benchmarks import BENCHMARKS, Roots, open_benchmark, paper_lines
+from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
+from segllm.eval.report import write_reports
+from segllm.model.parts import write_parts
+from segllm.session import Session
+from segllm.train.recipe import TrainRecipe
+from segllm.train.trainer import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,11 +169,6 @@ def _script_lines(path: Path) -> list[str]:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    import torch
-
-    from segllm.default import EXAMPLES
-    from segllm.session import Session
-
     lines: list[str] | None = None
     if args.script:
         lines = _script_lines(Path(args.script))
@@ -216,8 +230,6 @@ def _prompt_lines(session):
 
 
 def _world(args: argparse.Namespace) -> int:
-    from segllm.data.world import WorldConfig, generate
-
     counts = {k: getattr(args, k) for k in ("train", "val", "test", "heldout") if getattr(args, k) > 0}
     shares = generate(args.out, counts, seed=args.seed, config=WorldConfig(), workers=args.workers)
     print(f"wrote {', '.join(f'{k}: {v}' for k, v in counts.items())} conversations to {args.out}/")
@@ -231,11 +243,6 @@ def _world(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import tomllib
-
-    from segllm.train.recipe import TrainRecipe
-    from segllm.train.trainer import train
-
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -253,24 +260,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _convert_weights(args: argparse.Namespace) -> int:
-    from segllm.convert import pickle_to_safetensors
-
     shapes = pickle_to_safetensors(args.src, args.dst, key=args.key)
     print(f"wrote {len(shapes)} tensors ({sum(math.prod(s) for s in shapes.values()):,} values) to {args.dst}")
     return 0
 
 
 def _parts(args: argparse.Namespace) -> int:
-    from segllm.model.parts import write_parts
-
     paths = write_parts(args.out)
     print(f"wrote the LLM to {paths['llm']}, the vision tower to {paths['vision']} and the decoder to {paths['decoder']}")
     return 0
 
 
 def _merge_lora(args: argparse.Namespace) -> int:
-    from segllm import SegLLM
-
     model = SegLLM.from_pretrained(args.checkpoint)
     if not model.config.llm.lora.r:
         print(f"error: {args.checkpoint} has no LoRA adapters", file=sys.stderr)
@@ -284,13 +285,6 @@ def _merge_lora(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th conversation and
     writes its own log; the main process merges the logs into the report."""
-    import torch
-    from accelerate import PartialState
-
-    from segllm.default import load_model
-    from segllm.eval.evaluate import evaluate, format_table, read_logs
-    from segllm.eval.report import write_reports
-
     if args.baseline and args.frame != "original":
         print("error: --baseline is scored at the original resolution only (leave --frame as is)", file=sys.stderr)
         return 2
@@ -319,15 +313,11 @@ def _eval(args: argparse.Namespace) -> int:
     if state.num_processes > 1:
         results = [read_logs(logs[p], protocol=p, frame=args.frame) for p in protocols]
     if args.baseline == "union":
-        from segllm.eval.evaluate import evaluate_baseline
-
         results.append(evaluate_baseline(data, limit=args.size))
     size = model.decoder.image_size
     frame = f"the released code's way: {size}x{size} decoder frame, padding included" if args.frame == "released" else "original resolution"
     print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at {frame})"))
     if args.benchmark:
-        from segllm.eval.benchmarks import paper_lines
-
         for line in paper_lines(args.benchmark, split, results):
             print(line)
     skipped = max(len(r.skipped) for r in results)
@@ -343,8 +333,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_data(args: argparse.Namespace):
     """(dataset, description, protocols, split) for ``segllm eval``'s arguments."""
-    from segllm.data.records import ConversationFolder, WorldConversations
-
     if args.benchmark in (None, "world") and args.data == "world":
         split = args.split or "test"
         args.size = 500 if args.size is None else args.size
@@ -354,8 +342,6 @@ def _eval_data(args: argparse.Namespace):
         data = ConversationFolder(args.data, max_rounds=args.max_rounds)
         n = len(data) if args.size is None else min(args.size, len(data))
         return data, f"{args.data} ({n} conversations)", args.protocol or ["oracle", "own"], ""
-    from segllm.data.benchmarks import read_templates
-    from segllm.eval.benchmarks import BENCHMARKS, Roots, open_benchmark
 
     if args.benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {args.benchmark!r}: world or one of {sorted(BENCHMARKS)}")
@@ -376,21 +362,17 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: the web demo needs gradio: pip install 'segllm[demo]'", file=sys.stderr)
         return 2
-    from segllm.demo import launch
+    from segllm.demo import launch  # imports gradio, an optional extra (segllm[demo])
 
     launch(args.checkpoint, host=args.host, port=args.port, device=args.device, max_side=args.max_side)
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from segllm.bench import main as bench_main
-
     return bench_main(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_coco
-
     kind = args.kind or ("refcoco" if args.refs else "coco")
     out = generate_from_coco(
         args.instances, args.images, args.out, refs=args.refs, split=args.split, kind=kind, seed=args.seed,

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from segllm.decoders.hipie.config import HipieDecoderConfig
+# the built-in decoders' configs live beside their decoders; re-exported here for old imports
+from segllm.decoders.hipie.config import HipieDecoderConfig  # noqa: F401
+from segllm.decoders.litemedsam.config import LiteMedSamDecoderConfig  # noqa: F401
+from segllm.decoders.registry import DEFAULT_KIND, DecoderConfig, decoder_kind
+from segllm.decoders.sam.config import SamDecoderConfig
 from segllm.errors import ConfigError
 
 CONFIG_FORMAT = "segllm/1"
@@ -148,83 +152,6 @@ class PromptHeadConfig:
 
 
 @dataclass
-class SamDecoderConfig:
-    """A SAM-style promptable decoder with its own small ViT image encoder (pure PyTorch).
-
-    Attributes:
-        image_size: side of the square input, pixels (image resized longest side + padded).
-        patch_size: ViT patch size; the feature map is image_size / patch_size per side.
-        encoder_dim, encoder_depth, encoder_heads: the image encoder ViT.
-        dim: the decoder's width (= the prompt width).
-        depth, heads, mlp_dim: the two-way transformer.
-        mean, std: normalisation on [0, 1] pixel values.
-        encoder: "vit" (a plain ViT with patches of ``patch_size``) or "conv" (a convolutional
-            backbone, :class:`segllm.decoders.convnet.ConvBackbone`, of stride ``patch_size``,
-            width ``encoder_dim`` and ``encoder_depth`` residual blocks per resolution;
-            ``encoder_heads`` unused).
-    """
-
-    kind: Literal["sam"] = "sam"
-    image_size: int = 256
-    patch_size: int = 16
-    encoder_dim: int = 192
-    encoder_depth: int = 4
-    encoder_heads: int = 3
-    dim: int = 256
-    depth: int = 2
-    heads: int = 8
-    mlp_dim: int = 1024
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    box_head: bool = False  # also regress each mask's box from its output token
-    encoder: Literal["vit", "conv"] = "vit"
-
-
-@dataclass
-class LiteMedSamDecoderConfig:
-    """LiteMedSAM (SAM's prompt encoder and mask decoder on a TinyViT-5M image encoder) as the
-    mask decoder; see :mod:`segllm.decoders.litemedsam`. The defaults are LiteMedSAM's sizes, the
-    only ones its pretrained weights fit.
-
-    Attributes:
-        pretrained_path: a LiteMedSAM checkpoint read when a model is *built* (a SegLLM checkpoint
-            stores the weights itself): a ``.pth`` (read with ``torch.load(weights_only=True)``)
-            or the ``.safetensors`` copy that ``segllm parts`` writes. None: random weights.
-        image_size: side of the square input, pixels (image resized longest side + padded).
-        embed_dims, depths, num_heads, window_sizes: the four TinyViT stages (stage 0 is
-            convolutional; its ``num_heads`` and ``window_sizes`` entries are unused).
-        mlp_ratio, mbconv_expand_ratio, local_conv_size: TinyViT block widths and its depthwise
-            convolution's kernel.
-        dim: the SAM decoder's width (= the prompt width, 256 for the pretrained weights).
-        depth, heads, mlp_dim: SAM's two-way transformer.
-        num_multimask_outputs: SAM's extra mask tokens (they take part in attention; only mask
-            token 0, the single-mask output, is decoded).
-        iou_head_depth, iou_head_hidden_dim: SAM's IoU prediction MLP.
-        normalize: "minmax" (the resized image scaled to [0, 1] by its own minimum and maximum,
-            as LiteMedSAM's inference does) or "unit" (pixel / 255).
-    """
-
-    kind: Literal["litemedsam"] = "litemedsam"
-    pretrained_path: str | None = None
-    image_size: int = 256
-    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: tuple[int, ...] = (2, 4, 5, 10)
-    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
-    mlp_ratio: float = 4.0
-    mbconv_expand_ratio: float = 4.0
-    local_conv_size: int = 3
-    dim: int = 256
-    depth: int = 2
-    heads: int = 8
-    mlp_dim: int = 2048
-    num_multimask_outputs: int = 3
-    iou_head_depth: int = 3
-    iou_head_hidden_dim: int = 256
-    normalize: Literal["minmax", "unit"] = "minmax"
-
-
-@dataclass
 class TemplateConfig:
     """How a conversation is rendered into tokens.
 
@@ -345,7 +272,7 @@ class SegLLMConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     prompt_head: PromptHeadConfig = field(default_factory=PromptHeadConfig)
-    decoder: SamDecoderConfig | HipieDecoderConfig | LiteMedSamDecoderConfig = field(default_factory=SamDecoderConfig)
+    decoder: DecoderConfig = field(default_factory=SamDecoderConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)
@@ -411,6 +338,18 @@ def _kind(cls: type) -> str | None:
     return None
 
 
+def _decoder_config(value: Any, where: str) -> Any:
+    """A decoder config: ``kind`` picks the registered class (see :mod:`segllm.decoders.registry`)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    kind = value.get("kind", DEFAULT_KIND)
+    try:
+        cls = decoder_kind(kind).config_cls
+    except ConfigError as e:
+        raise ConfigError(f"{where}.kind: {e}") from None
+    return from_dict(cls, value, where)
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -420,6 +359,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
+    if tp is DecoderConfig:
+        return _decoder_config(value, where)
     if origin in (Union, types.UnionType):
         kinds = {_kind(a): a for a in args if dataclasses.is_dataclass(a) and _kind(a)}
         if kinds and isinstance(value, dict):

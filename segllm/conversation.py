@@ -8,7 +8,6 @@ masks themselves (ground truth for training, predictions at inference).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -214,11 +213,3 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
         top = 65535 if a.max(initial=0) <= 65535 else int(a.max())
         return (a.astype(np.float64) * (255.0 / top) + 0.5).clip(0, 255).astype(np.uint8)
     raise ImageError(f"unsupported image dtype {a.dtype}")
-
-
-def as_mask(mask: np.ndarray | Sequence, size: tuple[int, int], what: str = "mask") -> np.ndarray:
-    """Check and convert a mask to bool [H, W] of the given (H, W)."""
-    m = np.asarray(mask)
-    if m.shape != tuple(size):
-        raise MaskError(f"{what}: shape {m.shape} differs from the image's {tuple(size)}")
-    return m.astype(bool) if m.dtype != np.bool_ else m

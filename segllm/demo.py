@@ -17,9 +17,10 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 
 from segllm.conversation import load_image
-from segllm.default import EXAMPLES
+from segllm.default import EXAMPLES, load_model
 from segllm.errors import SegLLMError
 from segllm.session import Session
 from segllm.viz import colour
@@ -75,8 +76,6 @@ def legend_html(session: Session) -> str:
 
 def masks_zip(session: Session, folder: Path) -> Path:
     """A zip of every round's mask PNGs, the overlay and session.json (COCO-style, RLE masks)."""
-    from PIL import Image
-
     path = folder / "segllm-masks.zip"
     with zipfile.ZipFile(path, "w") as z:
         for r in session.history:
@@ -181,13 +180,10 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32):
         undo_btn.click(undo, None, outs)
         clear_btn.click(clear, None, outs)
     demo.queue(default_concurrency_limit=1)
-    demo.segllm_store = store  # for tests: the server-side sessions
     return demo
 
 
 def launch(checkpoint=None, *, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu", **kwargs):
-    from segllm.default import load_model
-
     model = load_model(checkpoint, device=device)
     demo = build_demo(model, **kwargs)
     demo.launch(server_name=host, server_port=port)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +64,3 @@ def session_to_coco(replies, image_size: tuple[int, int], *, file_name: str = "i
         "annotations": anns,
         "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
     }
-
-
-def save_coco(replies, image_size: tuple[int, int], path: str | Path, **kwargs) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(session_to_coco(replies, image_size, **kwargs), indent=1) + "\n")
-    return path

@@ -19,6 +19,7 @@ from segllm.config import (
     TemplateConfig,
     VisionConfig,
 )
+from segllm.data.world.dense import DENSE_GROUPS
 
 # every part starts from random weights here, so every part trains (a pretrained vision tower
 # would stay frozen, as in the released recipe)
@@ -98,8 +99,6 @@ def grounded_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMCon
     colour, category, texture and size from the procedural world's labels (``dense``), so the
     image tokens carry what the questions' words name from the start (issue 13's experiments).
     """
-    from segllm.data.world.dense import DENSE_GROUPS
-
     cfg = small_config(vocab_size, memory=memory)
     cfg.vision = VisionConfig(
         hf_config={"model_type": "segllm_conv", "image_size": 128, "stride": 16, "width": 64, "depth": 1, "hidden_size": 128},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from segllm.config import MemoryConfig, TemplateConfig
@@ -260,6 +261,5 @@ def _mid_string_tokenizer(tokenizer: PreTrainedTokenizerBase):
 
     if not never(data.get("pre_tokenizer")):
         return None
-    from tokenizers import Tokenizer
 
     return Tokenizer.from_str(json.dumps(data))

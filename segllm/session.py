@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from segllm.conversation import Conversation, Round, load_image, parse_refs
+from segllm.default import load_model
 from segllm.errors import ConversationError, MaskError
+from segllm.export import save_masks, session_to_coco
+from segllm.viz import overlay
 
 
 @dataclass
@@ -88,28 +92,20 @@ class Session:
     @classmethod
     def from_pretrained(cls, path=None, image=None, *, device: str | None = None, dtype=None, **kwargs) -> Session:
         """A session on the model in folder ``path`` (default: the bundled model)."""
-        from segllm.default import load_model
-
         return cls(load_model(path, device=device, dtype=dtype), image, **kwargs)
 
     # -- exporting -------------------------------------------------------------------------
     def save_masks(self, folder) -> list:
         """Every round's masks as ``round{k}_mask{j}.png`` in ``folder``."""
-        from segllm.export import save_masks
-
         return save_masks(self.history, folder)
 
     def to_coco(self, *, file_name: str = "image.png") -> dict:
         """The session as COCO-style JSON data (masks as compressed RLE, one annotation per mask)."""
-        from segllm.export import session_to_coco
-
         self._need_image()
         return session_to_coco(self.history, self.image.shape[:2], file_name=file_name)
 
     def overlay(self):
         """The image with every round's masks, each round in its own colour and numbered (PIL image)."""
-        from segllm.viz import overlay
-
         self._need_image()
         return overlay(self.image, [(r.round, m) for r in self.history for m in r.masks])
 
@@ -230,8 +226,6 @@ class Session:
         return Reply(p.round, last.question, last.refs, p.text, p.masks, p.boxes, p.scores)
 
     def _prefill(self) -> None:
-        from transformers import DynamicCache
-
         m, st = self.model, self._state
         image = torch.tensor(self.image).permute(2, 0, 1)
         ids, image_pos = m.processor.prefix_ids()

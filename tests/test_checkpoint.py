@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from segllm.checkpoint import WEIGHTS_NAME, load_pretrained
+from segllm.checkpoint import WEIGHTS_NAME
 from segllm.conversation import Conversation, Round
 from segllm.errors import CheckpointError
+from segllm.model.loading import load_pretrained
 from segllm.model.segllm import SegLLM
 
 

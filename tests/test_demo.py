@@ -15,6 +15,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from segllm.default import EXAMPLES, load_model  # noqa: E402
 from segllm.demo import build_demo  # noqa: E402
+from tests.conftest import RELEASED_FIXTURES  # noqa: E402
 
 CHROMIUM = os.environ.get("SEGLLM_CHROMIUM", "/usr/bin/chromium")
 
@@ -126,9 +127,7 @@ def test_browser_two_rounds_with_a_reference(server, tmp_path):
     assert (shots / "demo_two_rounds.png").stat().st_size > 10_000
 
 
-RELEASED = Path(
-    os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared/fixtures/released")
-)
+RELEASED = RELEASED_FIXTURES
 
 
 @pytest.mark.skipif(

@@ -49,6 +49,9 @@ from typing import Any
 import numpy as np
 
 from segllm.conversation import Conversation, Round, load_image
+from segllm.data.released.convert import MaskStore, conversation_to_released
+from segllm.data.released.masks import DATASETS, decode_segmentation
+from segllm.data.released.refer import load_refs
 from segllm.errors import SegLLMError
 
 log = logging.getLogger(__name__)
@@ -236,8 +239,6 @@ def _clean_sentence(raw: Any) -> str | None:
 
 def _add_refs(source: _Source, refs_path: Path, split: str | None, skips: SkipLog) -> None:
     """Attach the sentences of the refs (of ``split``) to their images; keep only images with refs."""
-    from segllm.data.released.refer import load_refs
-
     try:
         refs = load_refs(refs_path)
     except SegLLMError as e:
@@ -293,8 +294,6 @@ class _Scene:
 
 def _decode(ann: dict[str, Any], h: int, w: int) -> np.ndarray | None:
     """The annotation's mask, or None when its segmentation is missing, malformed or empty."""
-    from segllm.data.released.masks import decode_segmentation
-
     seg = ann.get("segmentation")
     if not seg:
         return None
@@ -602,8 +601,6 @@ def _check_params(kind: str, refs: Any, split: Any, seed: int, min_rounds: int, 
 
 def _dataset_mode(dataset_name: str) -> str:
     """'ids' when the released records can name COCO annotation ids in ``dataset_name``, else 'store'."""
-    from segllm.data.released.masks import DATASETS
-
     kind = DATASETS.get(dataset_name, (None,))[0]
     if kind == "coco":
         return "ids"
@@ -787,9 +784,6 @@ class _Writer:
     """Writes the conversations of each used image as they come, then the annotation and released files."""
 
     def __init__(self, out: Path, images_root: Path, dataset: str, mode: str, prefix: str, copy_images: bool) -> None:
-        from segllm.data.released.convert import MaskStore
-        from segllm.data.released.masks import DATASETS
-
         self.out, self.images_root, self.dataset, self.mode = out, images_root, dataset, mode
         self.prefix, self.copy_images = prefix, copy_images
         self.store = MaskStore("described" if DATASETS[dataset][0] == "described" else "rle") if mode == "store" else None
@@ -806,8 +800,6 @@ class _Writer:
 
     def add(self, scene: _Scene, rounds: list[PlannedRound], conv_id: str) -> None:
         """Write one conversation; raises :class:`_SkipImage` (nothing written) when its image or record is unusable."""
-        from segllm.data.released.convert import conversation_to_released
-
         img = scene.image
         file_name = img["file_name"]
         src = self.images_root / file_name

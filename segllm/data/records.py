@@ -23,6 +23,8 @@ counts what it skipped.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -31,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools.coco import COCO
 
 from segllm.conversation import Conversation, Round, load_image
+from segllm.data.world import World, WorldConfig
+from segllm.data.world.dense import dense_labels
 from segllm.errors import SegLLMError
 
 log = logging.getLogger(__name__)
@@ -185,8 +190,6 @@ class ConversationFolder(SkippingGet):
     """
 
     def __init__(self, root: str | Path, *, max_rounds: int | None = None) -> None:
-        from pycocotools.coco import COCO
-
         self.root = Path(root)
         ann = self.root / "annotations.json"
         convs = self.root / "conversations.jsonl"
@@ -210,8 +213,6 @@ class ConversationFolder(SkippingGet):
         if not self.records:
             raise RecordError(f"{convs} has no usable conversation records")
         self._convs_file = convs
-        import contextlib
-        import io
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco = COCO(str(ann))
@@ -262,8 +263,6 @@ class WorldConversations:
     """Conversations of the procedural world, generated on demand (deterministic by index)."""
 
     def __init__(self, split: str, size: int, *, seed: int = 0, config=None, max_rounds: int | None = None) -> None:
-        from segllm.data.world import World, WorldConfig
-
         self.world = World(config or WorldConfig(), seed=seed)
         self.split = split
         self.size = size
@@ -284,8 +283,6 @@ class WorldConversations:
         return f"world {self.split}[{index}]"
 
     def __getitem__(self, index: int) -> Conversation:
-        from segllm.data.world.dense import dense_labels
-
         s = self.sample(index)
         conv = record_to_conversation(s.record, s.image, lambda mid: s.masks[mid])
         conv.dense = dense_labels(s.objects, s.masks)

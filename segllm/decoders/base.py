@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from segllm.errors import ImageError
@@ -96,8 +97,6 @@ def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Te
 def image_to_frame(image: Tensor, frame: Frame) -> Tensor:
     """uint8 image [3, H, W] -> uint8 [3, size, size]: resized with PIL's bilinear filter (as the
     released code's ResizeLongestSide) and zero-padded at the bottom/right."""
-    from PIL import Image
-
     pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     resized = pil.resize((frame.resized_width, frame.resized_height), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
@@ -159,13 +158,22 @@ class MaskDecoder(nn.Module, abc.ABC):
     """A promptable mask decoder: image features + K prompt tokens -> [REF]/[SEG] masks.
 
     Subclasses set ``image_size`` (side of the square input), ``num_prompt_tokens`` (K),
-    ``num_ref_tokens`` and ``prompt_dim`` (D) and implement the three abstract methods.
+    ``num_ref_tokens`` and ``prompt_dim`` (D), have an ``image_encoder`` module (the part that
+    :meth:`encode_image` runs: the "decoder_encoder" trainable part) and implement the three
+    abstract methods and :attr:`output_size`. New kinds are registered in
+    :mod:`segllm.decoders.registry`.
+
+    ``supports_set_prediction``: the decoder can be trained with set-prediction losses
+    (``loss.set_prediction``): its ``forward`` also takes ``denoising=`` and
+    ``set_outputs=True`` and then fills :attr:`DecoderOutput.set_outputs` with per-query
+    predictions that :class:`segllm.decoders.hipie.criterion.HipieSetCriterion` scores (HIPIE).
     """
 
     image_size: int
     num_prompt_tokens: int
     num_ref_tokens: int
     prompt_dim: int
+    supports_set_prediction: bool = False
 
     @abc.abstractmethod
     def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segllm.data.benchmark_readers import ReasonSegData, RefcocoSentences
+from segllm.data.released.convert import ReleasedConversations
 from segllm.eval.evaluate import EvalResult
 
 # Published per-round cIoU on MR-RefCOCO/+/g (val), LISA / GLaMM / SegLLM.
@@ -82,8 +84,6 @@ def open_benchmark(name: str, roots: Roots, *, split: str, conversations: str | 
         raise ValueError(f"unknown benchmark {name!r}: one of {sorted(BENCHMARKS)}")
     bench = BENCHMARKS[name]
     if bench.kind == "released":
-        from segllm.data.released.convert import ReleasedConversations
-
         if conversations is None:
             raise ValueError(f"{name}: pass --conversations FILE (a released conversation JSON, e.g. under conversations_folder/)")
         path = Path(conversations)
@@ -92,12 +92,9 @@ def open_benchmark(name: str, roots: Roots, *, split: str, conversations: str | 
         data = ReleasedConversations(path, roots.get("images"), roots.get("annotations"), max_rounds=max_rounds, is_eval=True)
         return data, f"{name} ({path}, {len(data)} conversations)"
     if bench.kind == "refcoco":
-        from segllm.data.benchmarks import RefcocoSentences
-
         images = roots.images if roots.images is not None else roots.get("images") / "coco" / "train2014"
         data = RefcocoSentences(roots.get("annotations"), images, dataset=name, split=split, templates=templates)
         return data, f"{name} {split} ({len(data)} sentences)"
-    from segllm.data.benchmarks import ReasonSegData
 
     if roots.images is not None and roots.annotations is None:  # LISA's layout: jpg and json side by side
         images = annotations = Path(roots.images) / split

@@ -33,9 +33,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from segllm.conversation import Conversation
 from segllm.eval.metrics import Diagnostics, RoundMetrics, grounding, mask_box, mask_scores, released_frame_gt
+from segllm.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,6 @@ def evaluate(
     left out of the metrics (or None); ReasonSeg's ignore regions, scored as LISA does.
     Returns the metrics of the conversations this process evaluated (resumed ones included).
     """
-    from tqdm.auto import tqdm
-
     if protocol not in ("oracle", "own"):
         raise ValueError(f"unknown protocol {protocol!r} (oracle or own)")
     if frame not in ("original", "released"):
@@ -298,8 +298,6 @@ class _Scorer:
     """Runs the model on conversations and scores every ground-truth mask."""
 
     def __init__(self, model, dataset, frame: Frame, session_factory=None) -> None:
-        from segllm.session import Session
-
         self.model, self.dataset, self.frame = model, dataset, frame
         self.eps = 1e-4 if frame == "released" else 0.0
         self.session_factory = session_factory or Session

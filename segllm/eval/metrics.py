@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:
@@ -90,8 +91,6 @@ def released_frame_gt(gt: np.ndarray, size: int = 1024) -> np.ndarray:
     The 0/1 mask is resized with PIL's bilinear filter as uint8 (longest side ``size``; values
     round to 0 or 1, so in effect a 0.5 threshold) and zero-padded at the bottom/right.
     """
-    from PIL import Image
-
     h, w = gt.shape
     scale = size / max(h, w)
     nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from segllm.config import HipieDecoderConfig, LiteMedSamDecoderConfig, SegLLMConfig
-from segllm.decoders.sam import SamMaskDecoder
-from segllm.errors import ConfigError
-from segllm.model.llm import build_llm, max_positions
+from segllm.config import SegLLMConfig
+from segllm.decoders.base import MaskDecoder
+from segllm.decoders.registry import decoder_kind
 from segllm.model.dense_head import DenseHeads
+from segllm.model.llm import _config_dict, build_llm, max_positions
+from segllm.model.lora import add_lora
 from segllm.model.memory import MaskMemoryEncoder
 from segllm.model.projector import build_projector
 from segllm.model.prompt_head import PromptHead
@@ -18,34 +19,11 @@ from segllm.processor import Processor
 from segllm.tokenizer import add_segllm_tokens
 
 
-def build_decoder(config: SegLLMConfig, *, load_weights: bool = True):
-    """The mask decoder named by ``config.decoder`` (SAM-style, HIPIE or LiteMedSAM), checked
-    against the prompt head. ``load_weights``: read LiteMedSAM's ``pretrained_path`` (a
-    checkpoint loader passes False: the checkpoint holds every weight)."""
-    ph, dec = config.prompt_head, config.decoder
-    if isinstance(dec, HipieDecoderConfig):
-        from segllm.decoders.hipie import HipieDecoder
-
-        width, tokens, ref = dec.lang_dim, dec.num_prompt_tokens, dec.num_ref_tokens
-        if (ph.num_tokens, ph.num_ref_tokens) != (tokens, ref):
-            raise ConfigError(
-                f"prompt_head gives {ph.num_tokens} tokens ({ph.num_ref_tokens} [REF]) but the HIPIE decoder takes {tokens} ({ref} [REF])"
-            )
-        if ph.dim != width:
-            raise ConfigError(f"prompt_head.dim ({ph.dim}) must equal decoder.lang_dim ({width})")
-        return HipieDecoder(dec)
-    if isinstance(dec, LiteMedSamDecoderConfig):
-        from segllm.decoders.litemedsam import LiteMedSamDecoder, load_litemedsam
-
-        if ph.dim != dec.dim:
-            raise ConfigError(f"prompt_head.dim ({ph.dim}) must equal decoder.dim ({dec.dim}), LiteMedSAM's prompt width")
-        decoder = LiteMedSamDecoder(dec, num_prompt_tokens=ph.num_tokens, num_ref_tokens=ph.num_ref_tokens)
-        if load_weights and dec.pretrained_path:
-            load_litemedsam(dec.pretrained_path, decoder)
-        return decoder
-    if ph.dim != dec.dim:
-        raise ConfigError(f"prompt_head.dim ({ph.dim}) must equal decoder.dim ({dec.dim})")
-    return SamMaskDecoder(dec, num_prompt_tokens=ph.num_tokens, num_ref_tokens=ph.num_ref_tokens)
+def build_decoder(config: SegLLMConfig, *, load_weights: bool = True) -> MaskDecoder:
+    """The mask decoder of the kind ``config.decoder.kind`` (see :mod:`segllm.decoders.registry`),
+    checked against the prompt head. ``load_weights``: read the decoder's pretrained weights, if
+    its config names any (a checkpoint loader passes False: the checkpoint holds every weight)."""
+    return decoder_kind(config.decoder.kind).build_decoder(config.decoder, config.prompt_head, load_weights=load_weights)
 
 
 def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, load_weights: bool = True) -> SegLLM:
@@ -62,13 +40,9 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     vision = VisionTower(build_vision_model(config.vision, load_weights=load_weights), config.vision)
     if load_weights and config.vision.pretrained_path:
         # record the architecture, so a checkpoint rebuilds the tower without the folder
-        from segllm.model.llm import _config_dict
-
         config.vision.hf_config = {"model_type": vision.model.config.model_type, **_config_dict(vision.model.config)}
     llm = build_llm(config.llm, tokenizer, load_weights=load_weights)
     if config.llm.lora.r:
-        from segllm.model.lora import add_lora
-
         add_lora(llm, config.llm.lora)
     d_llm = llm.get_input_embeddings().weight.shape[1]
     projector = build_projector(config.projector, vision.hidden_size, d_llm)

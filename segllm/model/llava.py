@@ -22,9 +22,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from segllm.config import HipieDecoderConfig, VisionConfig
+from segllm.decoders.hipie import load_released_hipie
 from segllm.errors import CheckpointError
+from segllm.model.builder import build_segllm
 from segllm.model.released import (
     _read,
     _weight_files,
@@ -97,10 +101,6 @@ def segllm_from_llava15(
     Raises:
         CheckpointError: naming the file or key that does not fit.
     """
-    from transformers import AutoTokenizer
-
-    from segllm.model.builder import build_segllm
-
     path = Path(path)
     layout = llava_layout(path)
     data = json.loads((path / "config.json").read_text())
@@ -131,10 +131,6 @@ def segllm_from_llava15(
         ours[key] = value
     model.load_state_dict(ours, strict=False)
     if hipie_weights is not None:
-        from safetensors.torch import load_file
-
-        from segllm.decoders.hipie import load_released_hipie
-
         weights = load_file(str(hipie_weights))
         prefix = "model.segmentator.hipie." if any(k.startswith("model.segmentator.hipie.") for k in weights) else ""
         load_released_hipie(model.decoder, weights, prefix=prefix, gamma="stored")

@@ -8,6 +8,9 @@ its config and reloads with the adapters in place.
 
 from __future__ import annotations
 
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from segllm.config import LoraConfig
@@ -16,9 +19,6 @@ from segllm.errors import ConfigError
 
 def add_lora(llm: nn.Module, config: LoraConfig) -> nn.Module:
     """Inject LoRA adapters (rank ``config.r``) into ``llm``'s target linear layers, in place."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import inject_adapter_in_model
-
     if config.r <= 0:
         raise ConfigError(f"LoRA rank must be > 0, got {config.r}")
     if has_lora(llm):
@@ -33,8 +33,6 @@ def add_lora(llm: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 def has_lora(module: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
     return any(isinstance(m, LoraLayer) for m in module.modules())
 
 
@@ -45,8 +43,6 @@ def is_lora_parameter(name: str) -> bool:
 def merge_lora(llm: nn.Module) -> int:
     """Fold every adapter into its base layer's weights and put the plain layer back; returns
     how many layers were merged. The merged LLM computes the same function (up to rounding)."""
-    from peft.tuners.lora import LoraLayer
-
     targets = [(name, m) for name, m in llm.named_modules() if isinstance(m, LoraLayer)]
     for name, module in targets:
         module.merge()

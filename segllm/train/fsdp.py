@@ -18,6 +18,8 @@ from torch import nn
 
 def shard(model: nn.Module, device_type: str) -> nn.Module:
     """Shard ``model`` (a SegLLM) in place across all processes of the default process group."""
+    # torch.distributed.fsdp.fully_shard is public from torch 2.6 (segllm needs >= 2.4): imported
+    # only when sharding is asked for
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -37,6 +39,7 @@ def trainable_names(model: nn.Module) -> list[str]:
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (gathered) model state dict, on CPU, on the first process (others get an empty
     dict). Collective: every process must call it."""
+    # only a sharded run gets here (see shard for why this is not at the top)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -45,6 +48,7 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The full optimizer state keyed by parameter index (the layout of an unsharded run), on the
     first process (others get an empty dict). Collective."""
+    # only a sharded run gets here (see shard for why this is not at the top)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -59,6 +63,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """Load an index-keyed full optimizer state (see :func:`full_optimizer_state`) into the shards."""
+    # only a sharded run gets here (see shard for why this is not at the top)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = trainable_names(model)

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from segllm.config import LossConfig, LoraConfig, SegLLMConfig, from_dict
+from segllm import presets
+from segllm.checkpoint import load_config
+from segllm.config import LoraConfig, LossConfig, SegLLMConfig, from_dict
+from segllm.decoders.hipie import HipieDecoderConfig
 from segllm.errors import ConfigError
 
 
@@ -71,8 +74,6 @@ class ModelRecipe:
         if self.llava.path and not self.llava.vision_tower:
             raise ConfigError("model.llava.path needs model.llava.vision_tower (a local CLIP folder)")
         if self.llava.hipie:
-            from segllm.decoders.hipie import HipieDecoderConfig
-
             try:
                 from_dict(HipieDecoderConfig, self.llava.hipie)
             except ConfigError as e:
@@ -229,9 +230,6 @@ class TrainRecipe:
         return from_dict(LossConfig, {**dataclasses.asdict(loss), **self.model.loss})
 
     def model_config(self, vocab_size: int) -> SegLLMConfig:
-        from segllm import presets
-        from segllm.checkpoint import load_config
-
         if self.model.config:
             cfg = SegLLMConfig.load(self.model.config)
         elif self.model.init:

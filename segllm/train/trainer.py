@@ -20,8 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
+from segllm.checkpoint import usual_permissions
+from segllm.config import from_dict
+from segllm.data.mix import MixedConversations
+from segllm.data.records import ConversationFolder, WorldConversations
+from segllm.data.released.convert import ReleasedConversations
+from segllm.data.world import WorldConfig
+from segllm.decoders.hipie import HipieDecoderConfig
+from segllm.eval.evaluate import evaluate
+from segllm.model.builder import build_segllm
+from segllm.model.llava import segllm_from_llava15
+from segllm.model.loading import load_pretrained
+from segllm.tokenizer import train_bpe_tokenizer
+from segllm.train import fsdp
 from segllm.train.recipe import TrainRecipe
+from segllm.train.state import load_optimizer, read_optimizer_state, save_optimizer, save_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +57,12 @@ class TrainSummary:
 
 def build_datasets(recipe: TrainRecipe, *, processes: int = 1):
     """(train, val) datasets of the recipe; ``processes`` sizes the global batch of a mix."""
-    from segllm.data.mix import MixedConversations
-    from segllm.data.records import ConversationFolder, WorldConversations
-    from segllm.data.world import WorldConfig
-
     d = recipe.data
 
     def make(source: str, split: str, size: int):
         if source == "world":
             return WorldConversations(split, size, seed=d.seed, config=WorldConfig.from_dict(d.world), max_rounds=d.max_rounds)
         if source.endswith(".json"):
-            from segllm.data.released.convert import ReleasedConversations
-
             if d.images is None or d.annotations is None:
                 raise ValueError(f"data source {source} is a released conversation file: set data.images and data.annotations")
             return ReleasedConversations(source, d.images, d.annotations, max_rounds=d.max_rounds)
@@ -65,10 +77,6 @@ def build_datasets(recipe: TrainRecipe, *, processes: int = 1):
 
 
 def build_tokenizer(recipe: TrainRecipe, train_set):
-    from transformers import AutoTokenizer
-
-    from segllm.tokenizer import train_bpe_tokenizer
-
     t = recipe.tokenizer
     if t.path:
         return AutoTokenizer.from_pretrained(t.path, local_files_only=True)
@@ -136,15 +144,6 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         stop_after: stop (with a checkpoint) once this step is reached, as if interrupted; the
             schedule stays that of ``recipe.steps``, so ``resume`` continues the same run.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-    from tqdm.auto import tqdm
-
-    from segllm.checkpoint import load_pretrained
-    from segllm.eval.evaluate import evaluate
-    from segllm.model.builder import build_segllm
-    from segllm.train.state import load_optimizer
-
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     acc = Accelerator(
@@ -169,10 +168,6 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         raise FileNotFoundError(f"--resume: no checkpoint at {last}")
     else:
         if recipe.model.llava.path:
-            from segllm.config import from_dict
-            from segllm.decoders.hipie import HipieDecoderConfig
-            from segllm.model.llava import segllm_from_llava15
-
             li = recipe.model.llava
             hipie = from_dict(HipieDecoderConfig, li.hipie)
             model = segllm_from_llava15(li.path, vision_tower=li.vision_tower, hipie=hipie, hipie_weights=li.hipie_weights, seed=recipe.seed)
@@ -212,16 +207,12 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     if deepspeed and sharded:
         raise ValueError("parallel = 'fsdp' and a DeepSpeed launch exclude each other: choose one")
     if sharded:
-        from segllm.train import fsdp
-
         fsdp.shard(model.to(acc.device), acc.device.type)
     params = [p for p in model.parameters() if p.requires_grad]
     o = recipe.optim
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
     if start_step:
         if sharded:
-            from segllm.train.state import read_optimizer_state
-
             fsdp.load_full_optimizer_state(model, opt, read_optimizer_state(last / "optimizer.safetensors"))
         elif not deepspeed:  # DeepSpeed's optimizer state is loaded once it wraps the optimizer
             load_optimizer(opt, last / "optimizer.safetensors")
@@ -354,14 +345,9 @@ def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False, deep
     state in DeepSpeed's own sharded format (``deepspeed/``, written by every process through
     accelerate); their model folder is the usual one (ZeRO-2 keeps whole parameters everywhere).
     """
-    from segllm.checkpoint import usual_permissions
-    from segllm.train.state import save_optimizer, save_optimizer_state
-
     acc.wait_for_everyone()
     model_state = opt_state = None
     if sharded:
-        from segllm.train import fsdp
-
         model_state, opt_state = fsdp.full_model_state(core), fsdp.full_optimizer_state(core, opt)
     # a name every process knows, so that all of them can write into it (DeepSpeed)
     tmp = out / f".ckpt.{state['step']}"

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
-
 import numpy as np
 import pytest
-from PIL import Image
-from pycocotools import mask as mask_utils
 
 from segllm.conversation import Conversation
 from segllm.data.released import (
@@ -31,413 +25,7 @@ from segllm.data.released import (
     split_text,
 )
 from segllm.errors import ConfigError
-
-IMG1 = "coco/train2014/COCO_train2014_000000000001.jpg"  # 12 x 16
-IMG2 = "coco/train2014/COCO_train2014_000000000002.jpg"  # 10 x 14
-IMG9 = "coco/train2017/000000000009.jpg"  # 8 x 10 (PACO, LVIS, COCO-Stuff)
-RS1 = "reason_seg/images/train/rs1.jpg"  # 20 x 20
-ADE = "ade20k/images/training/ADE_train_00000001.jpg"  # 8 x 8
-VG = "VG_100K/55.jpg"  # stored under vg/, 9 x 11
-
-
-def box(h, w, y0, y1, x0, x1):
-    m = np.zeros((h, w), bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-def rle(m):
-    r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-    return {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
-
-
-def rect_poly(x0, y0, x1, y1):
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
-# hand-made expected masks
-EXP = {
-    ("refcoco", 101): box(12, 16, 3, 7, 2, 8),  # polygon with corners on pixel edges
-    ("refcoco", 102): box(10, 14, 1, 9, 5, 12),  # RLE
-    ("refcoco", 103): box(12, 16, 0, 3, 10, 16),
-    ("paco_lvis", 201): box(8, 10, 1, 7, 1, 9),  # an object
-    ("paco_lvis", 202): box(8, 10, 1, 3, 6, 9),  # its part
-    ("paco_lvis_eval", 301): box(8, 10, 0, 2, 0, 2),
-    ("lvis", 401): box(8, 10, 2, 6, 2, 6),
-    ("ade20k", 0): box(8, 8, 0, 4, 0, 8),
-    ("ade20k", 4): box(8, 8, 5, 8, 2, 6),
-    ("cocostuff", 0): box(8, 10, 0, 8, 0, 3),
-    ("cocostuff", 17): box(8, 10, 4, 8, 3, 10),
-    ("visual_genome", "55_1"): box(9, 11, 2, 5, 3, 9),
-    ("pascal", "2008_000001_3"): box(9, 11, 0, 9, 0, 2),
-    ("description_based_coco", "d_1"): box(10, 14, 2, 6, 2, 9),  # polygon
-    ("description_based_coco", "d_2"): box(10, 14, 6, 10, 0, 4),  # compressed RLE
-    ("description_based_coco", "d-3"): box(10, 14, 0, 2, 12, 14),  # uncompressed RLE
-}
-# ReasonSeg: target 2..15 square (inclusive, points 2.7 truncate to 2), ignore square 5..8 inside,
-# a second target 17..18, a flag elsewhere
-RS_TARGET = box(20, 20, 2, 16, 2, 16) | box(20, 20, 17, 19, 17, 19)
-RS_IGNORE = box(20, 20, 5, 9, 5, 9)
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def _save_image(root, rel, h, w, seed):
-    p = root / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
-
-
-def _write_json(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-
-
-def _coco(images, anns, **extra):
-    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}], **extra}
-
-
-def _turn(who, value, ind=None):
-    t = {"from": who, "value": value}
-    if ind is not None:
-        t["ind"] = ind
-    return t
-
-
-def _records():
-    i1 = IMG1
-    r0 = {  # refcoco: old and new MASK-DECODE, the 6-field form, ind int and list, [REF:1] as text
-        "task": "segmentation",
-        "base": None,
-        "conv_id": 17,
-        "conversations": [
-            _turn("human", f"[IMAGE256:{i1}] Segment the dog."),
-            _turn("gpt", f"[MASK-DECODE:{i1}|refcoco|101]."),
-            _turn(
-                "human",
-                f"[MASK-ENCODE:{i1}|refcoco|101][BOX-ENCODE:{i1}|refcoco|101] Segment the cup near instance 1 [REF:1].",
-                ind=1,
-            ),
-            _turn("gpt", "Sure, [MASK-DECODE:relational:101:103:coco/val2014/COCO_val2014_000000000001.jpg:refcoco]."),
-            _turn(
-                "human",
-                f"[MASK-ENCODE:{i1}|refcoco|103][BOX-ENCODE:{i1}|refcoco|103] [MASK-ENCODE:{i1}|refcoco|101]"
-                f"[BOX-ENCODE:{i1}|refcoco|101] Segment the one left of both.",
-                ind=[2, 1],
-            ),
-            _turn("gpt", f"It is [MASK-DECODE:attribute:103:0:101:{i1}:refcoco]."),
-        ],
-    }
-    r1 = {  # visual genome: string id, path under vg/
-        "task": "segmentation",
-        "base": None,
-        "conversations": [
-            _turn("human", f"[IMAGE256:{VG}] Segment the man."),
-            _turn("gpt", f"[MASK-DECODE:none:none:55_1:{VG}:visual_genome]"),
-            _turn(
-                "human",
-                f"[MASK-ENCODE:{VG}|visual_genome|55_1][BOX-ENCODE:{VG}|visual_genome|55_1] And the sky?",
-                ind=[1],
-            ),
-            _turn("gpt", f"[MASK-DECODE:none:none:2008_000001_3:{VG}:pascal]"),
-        ],
-    }
-    r2 = {  # reason_seg: ids "'" and '' are none
-        "task": "segmentation",
-        "base": None,
-        "conversations": [
-            _turn("human", f"[IMAGE256:{RS1}] What can hold water?"),
-            _turn("gpt", f"[MASK-DECODE:none:none:':{RS1}:reason_seg]"),
-            _turn("human", "Again please."),
-            _turn("gpt", f"[MASK-DECODE:{RS1}|reason_seg|]"),
-        ],
-    }
-    r3 = {  # ade20k then cocostuff-free; class id 0 is a real class
-        "task": "segmentation",
-        "base": None,
-        "conversations": [
-            _turn("human", f"[IMAGE256:{ADE}] Segment the wall."),
-            _turn("gpt", f"[MASK-DECODE:none:none:0:{ADE}:ade20k]"),
-            _turn(
-                "human",
-                f"[MASK-ENCODE:{ADE}|ade20k|0][BOX-ENCODE:{ADE}|ade20k|0] Segment the bed below instance 1.",
-                ind=[1],
-            ),
-            _turn("gpt", f"[MASK-DECODE:positional:0:4:{ADE}:ade20k]"),
-        ],
-    }
-    i9 = IMG9
-    r4 = {  # cocostuff + PACO (object then part) on one image; IMAGE256 names val2017 (fix-up)
-        "task": "segmentation",
-        "base": None,
-        "conversations": [
-            _turn("human", "[IMAGE256:coco/val2017/000000000009.jpg] Segment the grass."),
-            _turn("gpt", f"[MASK-DECODE:none:none:17:{i9}:cocostuff]"),
-            _turn("human", "Segment the mug."),
-            _turn("gpt", f"[MASK-DECODE:none:none:201:{i9}:paco_lvis]"),
-            _turn(
-                "human",
-                f"[MASK-ENCODE:{i9}|paco_lvis|201][BOX-ENCODE:{i9}|paco_lvis|201] Segment the handle of instance 2.",
-                ind=[2],
-            ),
-            _turn("gpt", f"[MASK-DECODE:hierarchical:201:202:{i9}:paco_lvis]"),
-        ],
-    }
-    r5 = {  # description_based_coco
-        "task": "segmentation",
-        "base": None,
-        "conversations": [
-            _turn("human", f"[IMAGE256:{IMG2}] Segment the red thing."),
-            _turn(
-                "gpt",
-                f"[MASK-DECODE:none:none:d_1:{IMG2}:description_based_coco] and [MASK-DECODE:none:none:d_2:{IMG2}:description_based_coco]",
-            ),
-        ],
-    }
-
-    def one_round(dataset, mid, image=IMG1):
-        return {
-            "task": "segmentation",
-            "base": None,
-            "conversations": [
-                _turn("human", f"[IMAGE256:{image}] Segment it."),
-                _turn("gpt", f"[MASK-DECODE:none:none:{mid}:{image}:{dataset}]"),
-            ],
-        }
-
-    bad = [
-        one_round("foo_dataset", 5),  # 6: unknown dataset
-        one_round("refcoco", 101, image="coco/train2014/missing.jpg"),  # 7: missing image
-        one_round("refcoco", 999),  # 8: id not in annotations
-        one_round("refcoco", 104),  # 9: empty mask
-        {
-            "task": "segmentation",
-            "base": None,
-            "conversations": [  # 10: malformed macro
-                _turn("human", f"[IMAGE256:{IMG1}] Segment it."),
-                _turn("gpt", "[MASK-DECODE:a:b:c]"),
-            ],
-        },
-    ]
-    return [r0, r1, r2, r3, r4, r5, *bad]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("released")
-    images, ann = root / "images_folder", root / "annotations_folder"
-    for rel, (h, w), seed in [
-        (IMG1, (12, 16), 1),
-        (IMG2, (10, 14), 2),
-        (IMG9, (8, 10), 9),
-        (RS1, (20, 20), 3),
-        (ADE, (8, 8), 4),
-        ("vg/" + VG, (9, 11), 5),
-    ]:
-        _save_image(images, rel, h, w, seed)
-
-    # refcoco: COCO instances with a polygon and RLE annotations, plus REFER pickles
-    coco_imgs = [
-        {"id": 1, "file_name": IMG1.rsplit("/", 1)[1], "height": 12, "width": 16},
-        {"id": 2, "file_name": IMG2.rsplit("/", 1)[1], "height": 10, "width": 14},
-    ]
-    coco_anns = [
-        {
-            "id": 101,
-            "image_id": 1,
-            "category_id": 1,
-            "iscrowd": 0,
-            "bbox": [2, 3, 6, 4],
-            "area": 24,
-            "segmentation": [rect_poly(2, 3, 8, 7)],
-        },
-        {
-            "id": 102,
-            "image_id": 2,
-            "category_id": 1,
-            "iscrowd": 1,
-            "bbox": [5, 1, 7, 8],
-            "area": 56,
-            "segmentation": rle(EXP["refcoco", 102]),
-        },
-        {
-            "id": 103,
-            "image_id": 1,
-            "category_id": 1,
-            "iscrowd": 1,
-            "bbox": [10, 0, 6, 3],
-            "area": 18,
-            "segmentation": rle(EXP["refcoco", 103]),
-        },
-        {
-            "id": 104,
-            "image_id": 1,
-            "category_id": 1,
-            "iscrowd": 1,
-            "bbox": [0, 0, 0, 0],
-            "area": 0,
-            "segmentation": rle(np.zeros((12, 16), bool)),
-        },
-    ]
-    _write_json(ann / "refcoco" / "instances.json", _coco(coco_imgs, coco_anns))
-    refs = [
-        {
-            "ref_id": 7,
-            "ann_id": 101,
-            "image_id": 1,
-            "split": "train",
-            "category_id": 1,
-            "sent_ids": [70, 71],
-            "file_name": "COCO_train2014_000000000001_7.jpg",
-            "sentences": [
-                {"tokens": ["left", "dog"], "raw": "Left dog", "sent_id": 70, "sent": "left dog"},
-                {"tokens": ["dog"], "raw": "dog", "sent_id": 71, "sent": "dog"},
-            ],
-        },
-        {
-            "ref_id": 8,
-            "ann_id": 102,
-            "image_id": 2,
-            "split": "testA",
-            "category_id": 1,
-            "sent_ids": [80],
-            "file_name": "COCO_train2014_000000000002_8.jpg",
-            "sentences": [{"tokens": ["man"], "raw": "man", "sent_id": 80, "sent": "man"}],
-        },
-    ]
-    (ann / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
-    (root / "evil.p").write_bytes(pickle.dumps([{"ref_id": 1}, _Evil()]))
-
-    # PACO-LVIS (object + part with obj_ann_id), its val file, and LVIS
-    paco_img = [{"id": 9, "file_name": "train2017/000000000009.jpg", "height": 8, "width": 10}]
-    paco = _coco(
-        paco_img,
-        [
-            {
-                "id": 201,
-                "image_id": 9,
-                "category_id": 1,
-                "bbox": [1, 1, 8, 6],
-                "area": 48,
-                "obj_ann_id": 201,
-                "attribute_ids": [],
-                "segmentation": rle(EXP["paco_lvis", 201]),
-            },
-            {
-                "id": 202,
-                "image_id": 9,
-                "category_id": 2001,
-                "bbox": [6, 1, 3, 2],
-                "area": 6,
-                "obj_ann_id": 201,
-                "attribute_ids": [3],
-                "segmentation": [rect_poly(6, 1, 9, 3)],
-            },
-        ],
-        part_categories=[{"id": 2001, "name": "mug:handle"}],
-        attributes=[],
-        attr_type_to_attr_idxs={},
-    )
-    _write_json(ann / "paco_lvis/annotations/paco_lvis_v1_train.json", paco)
-    _write_json(
-        ann / "paco_lvis/annotations/paco_lvis_v1_val.json",
-        _coco(
-            paco_img,
-            [
-                {
-                    "id": 301,
-                    "image_id": 9,
-                    "category_id": 1,
-                    "bbox": [0, 0, 2, 2],
-                    "area": 4,
-                    "obj_ann_id": 301,
-                    "segmentation": [rect_poly(0, 0, 2, 2)],
-                }
-            ],
-        ),
-    )
-    _write_json(
-        ann / "lvis/lvis_v1_train.json",
-        _coco(
-            [
-                {
-                    "id": 9,
-                    "coco_url": "http://images.cocodataset.org/train2017/000000000009.jpg",
-                    "height": 8,
-                    "width": 10,
-                    "neg_category_ids": [],
-                    "not_exhaustive_category_ids": [],
-                }
-            ],
-            [
-                {
-                    "id": 401,
-                    "image_id": 9,
-                    "category_id": 1,
-                    "bbox": [2, 2, 4, 4],
-                    "area": 16,
-                    "segmentation": [rect_poly(2, 2, 6, 6)],
-                }
-            ],
-        ),
-    )
-
-    # ReasonSeg: one JSON per image, target / ignore / flag polygons (LabelMe layout)
-    _write_json(
-        ann / "reason_seg/annotations/train/rs1.json",
-        {
-            "text": ["What can hold water?"],
-            "is_sentence": True,
-            "shapes": [
-                {"label": "flag", "points": [[0, 17], [3, 17], [3, 19], [0, 19]]},
-                {"label": "target", "points": [[2.7, 2.2], [15.9, 2.0], [15.5, 15.9], [2.0, 15.0]]},
-                {"label": "ignore", "points": [[5, 5], [8, 5], [8, 8], [5, 8]]},
-                {"label": "target", "points": [[17, 17], [18, 17], [18, 18], [17, 18]]},
-            ],
-        },
-    )
-
-    # ADE20K: PNG of class ids + 1 (0 = ignore); COCO-Stuff: PNG of class ids (255 unlabeled)
-    ade = np.zeros((8, 8), np.uint8)
-    ade[0:4] = 1
-    ade[5:8, 2:6] = 5
-    (ann / "ade20k/annotations/training").mkdir(parents=True)
-    Image.fromarray(ade).save(ann / "ade20k/annotations/training/ADE_train_00000001.png")
-    stuff = np.full((8, 10), 255, np.uint8)
-    stuff[:, 0:3] = 0
-    stuff[4:8, 3:10] = 17
-    (ann / "cocostuff/train2017").mkdir(parents=True)
-    Image.fromarray(stuff).save(ann / "cocostuff/train2017/000000000009.png")
-
-    # Visual Genome / PASCAL: id -> compressed RLE; description_based_coco: id -> {segmentation, image_dim}
-    _write_json(ann / "visual_genome/vg_masks_train_new.json", {"55_1": rle(EXP["visual_genome", "55_1"])})
-    _write_json(ann / "pascal/pascal_labels.json", {"2008_000001_3": rle(EXP["pascal", "2008_000001_3"])})
-    d3 = EXP["description_based_coco", "d-3"]
-    flat = d3.flatten(order="F").astype(np.uint8)
-    runs, cur, n = [], 0, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    runs.append(n)
-    _write_json(
-        ann / "description_based_coco/seg_mask_per_instance.json",
-        {
-            "d_1": {"segmentation": [rect_poly(2, 2, 9, 6)], "image_dim": [10, 14]},
-            "d_2": {"segmentation": rle(EXP["description_based_coco", "d_2"]), "image_dim": [10, 14]},
-            "d-3": {"segmentation": {"size": [10, 14], "counts": runs}, "image_dim": [10, 14]},
-        },
-    )
-
-    convs = root / "conversations_folder/all_data_mix_train/mix.json"
-    _write_json(convs, _records())
-    return {"root": root, "images": images, "ann": ann, "convs": convs}
-
+from tests.released_layout import ADE, EXP, IMG1, IMG2, IMG9, RS1, RS_IGNORE, RS_TARGET, VG, released_records, turn
 
 # ------------------------------------------------------------------------------ macros
 
@@ -470,7 +58,7 @@ def test_non_macro_brackets_stay_text_and_round_trip_exactly():
     pieces = split_text(text)
     assert [type(p).__name__ for p in pieces] == ["EncodeMacro", "EncodeMacro", "str"]
     assert pieces[2] == " Segment the one near [REF:1] [sic]."
-    rec = _records()[0]
+    rec = released_records()[0]
     parsed = parse_record(rec)
     assert parsed.to_record() == rec  # unedited records are written back unchanged
     assert parsed.turns[2].ind == (1,) and parsed.turns[4].ind == (2, 1)
@@ -519,8 +107,8 @@ def test_path_fixups():
 # ------------------------------------------------------------------------------- masks
 
 
-def test_every_mask_lookup_matches_hand_made_masks(setup):
-    lookup = MaskLookup(setup["ann"])
+def test_every_mask_lookup_matches_hand_made_masks(released_layout):
+    lookup = MaskLookup(released_layout["ann"])
     images = {
         "refcoco": IMG1,
         "paco_lvis": IMG9,
@@ -543,12 +131,12 @@ def test_every_mask_lookup_matches_hand_made_masks(setup):
     assert np.array_equal(labels == 1, RS_TARGET & ~RS_IGNORE)
     # files are read once and cached; is_eval switches to the evaluation file
     assert len(lookup._cache) == 7
-    assert MaskLookup(setup["ann"], is_eval=True).path("paco_lvis").name == "paco_lvis_v1_val.json"
-    assert MaskLookup(setup["ann"], is_eval=True).path("refcoco").name == "instances.json"
+    assert MaskLookup(released_layout["ann"], is_eval=True).path("paco_lvis").name == "paco_lvis_v1_val.json"
+    assert MaskLookup(released_layout["ann"], is_eval=True).path("refcoco").name == "instances.json"
 
 
-def test_lookup_errors_name_the_problem(setup):
-    lookup = MaskLookup(setup["ann"])
+def test_lookup_errors_name_the_problem(released_layout):
+    lookup = MaskLookup(released_layout["ann"])
     cases = [
         (("foo", IMG1, 1), "unknown dataset name 'foo'"),
         (("refcoco", IMG1, 999), "annotation id 999 not found"),
@@ -566,16 +154,16 @@ def test_lookup_errors_name_the_problem(setup):
     with pytest.raises(RecordError, match="is .12, 16., the image"):
         lookup("refcoco", IMG1, 101, image_size=(5, 5))
     with pytest.raises(ConfigError, match="unknown dataset 'bogus'"):
-        MaskLookup(setup["ann"], overrides={"bogus": "x.json"})
-    over = MaskLookup(setup["ann"], overrides={"reason_seg_eval": "reason_seg/annotations/train"})
+        MaskLookup(released_layout["ann"], overrides={"bogus": "x.json"})
+    over = MaskLookup(released_layout["ann"], overrides={"reason_seg_eval": "reason_seg/annotations/train"})
     assert over("reason_seg_eval", RS1, "", image_size=(20, 20)).sum() == RS_TARGET.sum()
 
 
 # ------------------------------------------------------------------------------- refer
 
 
-def test_refer_pickles_and_instances(setup):
-    refer = Refer(setup["ann"] / "refcoco")
+def test_refer_pickles_and_instances(released_layout):
+    refer = Refer(released_layout["ann"] / "refcoco")
     assert refer.split_by == "unc" and len(refer) == 2 and refer.splits == ["testA", "train"]
     (train,) = refer.refs("train")
     assert refer.sentences(train) == ["left dog", "dog"] and refer.ann_id(train) == 101
@@ -583,12 +171,12 @@ def test_refer_pickles_and_instances(setup):
     assert np.array_equal(refer.mask(7), EXP["refcoco", 101])
     with pytest.raises(RecordError, match="no split 'val'"):
         refer.refs("val")
-    assert len(load_instances(setup["ann"] / "refcoco/instances.json")["annotations"]) == 4
+    assert len(load_instances(released_layout["ann"] / "refcoco/instances.json")["annotations"]) == 4
 
 
-def test_malicious_pickle_is_refused(setup, capfd):
+def test_malicious_pickle_is_refused(released_layout, capfd):
     with pytest.raises(RecordError, match=r"refused to load global (posix|os|nt)\.system"):
-        load_refs(setup["root"] / "evil.p")
+        load_refs(released_layout["root"] / "evil.p")
     assert "pwned" not in capfd.readouterr().out
 
 
@@ -604,8 +192,8 @@ def _same(a: Conversation, b: Conversation):
         assert len(ra.masks) == len(rb.masks) and all(np.array_equal(x, y) for x, y in zip(ra.masks, rb.masks))
 
 
-def test_released_to_conversation(setup):
-    ds = ReleasedConversations(setup["convs"], setup["images"], setup["ann"])
+def test_released_to_conversation(released_layout):
+    ds = ReleasedConversations(released_layout["convs"], released_layout["images"], released_layout["ann"])
     assert len(ds) == 11
     c0 = ds[0]
     assert c0.size == (12, 16)
@@ -630,25 +218,25 @@ def test_released_to_conversation(setup):
     assert np.array_equal(c4.rounds[2].masks[0], EXP["paco_lvis", 202])
     c5 = ds[5]
     assert c5.rounds[0].answer == "<seg> and <seg>" and len(c5.rounds[0].masks) == 2
-    assert len(ReleasedConversations(setup["convs"], setup["images"], setup["ann"], max_rounds=1)[0].rounds) == 1
+    assert len(ReleasedConversations(released_layout["convs"], released_layout["images"], released_layout["ann"], max_rounds=1)[0].rounds) == 1
 
 
-def test_round_trip(setup, tmp_path):
-    ds = ReleasedConversations(setup["convs"], setup["images"], setup["ann"])
+def test_round_trip(released_layout, tmp_path):
+    ds = ReleasedConversations(released_layout["convs"], released_layout["images"], released_layout["ann"])
     store = MaskStore()
     for i in range(6):
         conv, info = ds.convert(i)
         # masks already in their datasets: ids written back as they were
         if len({d.removesuffix("_eval") for r in info.dataset for d in r}) == 1:
             rec = conversation_to_released(conv, image=info.image, dataset=info.dataset[0][0], mask_ids=info.mask_ids)
-            _same(conv, released_to_conversation(rec, images_root=setup["images"], lookup=ds.lookup))
+            _same(conv, released_to_conversation(rec, images_root=released_layout["images"], lookup=ds.lookup))
         # any conversation: masks into a store the original reads as description_based_coco
         rec = conversation_to_released(conv, image=info.image, store=store, conv_id=i)
         assert rec["task"] == "segmentation" and "base" in rec
         assert parse_record(rec).to_record() == rec
         path = store.save(tmp_path / "store.json")
-        lookup = MaskLookup(setup["ann"], overrides={"description_based_coco": path})
-        conv2 = released_to_conversation(rec, images_root=setup["images"], lookup=lookup)
+        lookup = MaskLookup(released_layout["ann"], overrides={"description_based_coco": path})
+        conv2 = released_to_conversation(rec, images_root=released_layout["images"], lookup=lookup)
         _same(conv, conv2)
         rec2 = conversation_to_released(
             conv2,
@@ -666,8 +254,8 @@ def test_round_trip(setup, tmp_path):
         conversation_to_released(ds[0], image=IMG1)
 
 
-def test_bad_records_raise_and_skip_with_the_record_named(setup):
-    ds = ReleasedConversations(setup["convs"], setup["images"], setup["ann"])
+def test_bad_records_raise_and_skip_with_the_record_named(released_layout):
+    ds = ReleasedConversations(released_layout["convs"], released_layout["images"], released_layout["ann"])
     expected = {
         6: "unknown dataset name 'foo_dataset'",
         7: "image 'coco/train2014/missing.jpg' not found",
@@ -688,7 +276,7 @@ def test_bad_records_raise_and_skip_with_the_record_named(setup):
 
 def test_structural_errors():
     lookup = MaskLookup("/nonexistent")
-    base = _records()[0]
+    base = released_records()[0]
     cases = [
         ({**base, "task": "any2any"}, "only 'segmentation'"),
         ({**base, "conversations": base["conversations"][:3]}, "no gpt answer"),
@@ -697,10 +285,10 @@ def test_structural_errors():
             {
                 **base,
                 "conversations": [
-                    _turn("human", f"[IMAGE256:{IMG1}] a"),
-                    _turn("gpt", "[MASK-DECODE:x.jpg|refcoco|1]"),
-                    _turn("human", "[MASK-ENCODE:x.jpg|refcoco|1] b", ind=[3]),
-                    _turn("gpt", "ok"),
+                    turn("human", f"[IMAGE256:{IMG1}] a"),
+                    turn("gpt", "[MASK-DECODE:x.jpg|refcoco|1]"),
+                    turn("human", "[MASK-ENCODE:x.jpg|refcoco|1] b", ind=[3]),
+                    turn("gpt", "ok"),
                 ],
             },
             "not an earlier round",
@@ -711,29 +299,29 @@ def test_structural_errors():
             released_to_conversation(rec, images_root="/nonexistent", lookup=lookup)
 
 
-def test_encode_ties_and_image_checks(setup, tmp_path):
-    lookup = MaskLookup(setup["ann"])
+def test_encode_ties_and_image_checks(released_layout, tmp_path):
+    lookup = MaskLookup(released_layout["ann"])
 
     def conv(turn3, gpt2=f"[MASK-DECODE:none:none:101:{IMG1}:refcoco]"):
         rec = {
             "task": "segmentation",
             "base": None,
-            "conversations": [_turn("human", f"[IMAGE256:{IMG1}] a"), _turn("gpt", gpt2), turn3, _turn("gpt", "ok")],
+            "conversations": [turn("human", f"[IMAGE256:{IMG1}] a"), turn("gpt", gpt2), turn3, turn("gpt", "ok")],
         }
-        return released_to_conversation(rec, images_root=setup["images"], lookup=lookup)
+        return released_to_conversation(rec, images_root=released_layout["images"], lookup=lookup)
 
     # an encoded id no earlier round decoded: the turn's ind decides, else it is an error
-    assert conv(_turn("human", f"[MASK-ENCODE:{IMG1}|refcoco|103] b", ind=1)).rounds[1].refs == (1,)
+    assert conv(turn("human", f"[MASK-ENCODE:{IMG1}|refcoco|103] b", ind=1)).rounds[1].refs == (1,)
     with pytest.raises(RecordError, match="mask 103 is no earlier round's MASK-DECODE target"):
-        conv(_turn("human", f"[MASK-ENCODE:{IMG1}|refcoco|103] b"))
+        conv(turn("human", f"[MASK-ENCODE:{IMG1}|refcoco|103] b"))
     # an encode without ind ties by its id alone
-    assert conv(_turn("human", f"[BOX-ENCODE:{IMG1}|refcoco|101] b")).rounds[1].refs == (1,)
+    assert conv(turn("human", f"[BOX-ENCODE:{IMG1}|refcoco|101] b")).rounds[1].refs == (1,)
     with pytest.raises(RecordError, match="differs from the conversation's"):
-        conv(_turn("human", "b"), gpt2=f"[MASK-DECODE:none:none:101:{IMG2}:refcoco]")
+        conv(turn("human", "b"), gpt2=f"[MASK-DECODE:none:none:101:{IMG2}:refcoco]")
     with pytest.raises(RecordError, match="only MASK-DECODE macros may appear in a gpt turn"):
-        conv(_turn("human", "b"), gpt2=f"[IMAGE256:{IMG1}]")
+        conv(turn("human", "b"), gpt2=f"[IMAGE256:{IMG1}]")
     # the visual_genome / pascal layout of a MaskStore
-    ds = ReleasedConversations(setup["convs"], setup["images"], setup["ann"])
+    ds = ReleasedConversations(released_layout["convs"], released_layout["images"], released_layout["ann"])
     c1, info = ds.convert(1)
     store = MaskStore(layout="rle")
     rec = conversation_to_released(c1, image=info.image, dataset="pascal", store=store, id_prefix="p")
@@ -741,6 +329,6 @@ def test_encode_ties_and_image_checks(setup, tmp_path):
     _same(
         c1,
         released_to_conversation(
-            rec, images_root=setup["images"], lookup=MaskLookup(setup["ann"], overrides={"pascal": path})
+            rec, images_root=released_layout["images"], lookup=MaskLookup(released_layout["ann"], overrides={"pascal": path})
         ),
     )

@@ -10,8 +10,6 @@ mask logits 5e-4 (values up to ~35; observed 6e-5); boxes in 1024-pixel units 1e
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +19,9 @@ from segllm.decoders.base import REF, SEG, DecoderOutput, MaskDecoder
 from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig, load_released_hipie
 from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample
 from segllm.errors import CheckpointError
+from tests.conftest import RELEASED_FIXTURES
 
-FIXTURES = Path(
-    os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[2].parent / "shared/fixtures/released")
-)
-HIPIE = FIXTURES / "hipie"
+HIPIE = RELEASED_FIXTURES / "hipie"
 
 needs_fixtures = pytest.mark.skipif(
     not (HIPIE / "weights.safetensors").exists(),
@@ -135,15 +131,28 @@ def golden():
 
 @pytest.fixture(scope="module")
 def run(fixture_weights, golden):
-    """The reduced model on the fixture photo and its two prompts (computed once)."""
+    """The reduced model on the fixture photo and its two prompts (computed once), and the first
+    fusion and encoder layers' outputs (caught by forward hooks)."""
     inputs, _ = golden
     model = load_released_hipie(HipieDecoder(HipieDecoderConfig.reduced()), fixture_weights, prefix="hipie.").eval()
+    encoder = model.detr.detr.transformer.encoder
+    trace = {}
+
+    def after_fusion(module, args, out):
+        trace["after_fusion0.visual"], trace["after_fusion0.lang"] = out
+
+    def after_layer(module, args, out):
+        trace["layer0.visual"] = out
+
+    hooks = [encoder.vl_layers[0].register_forward_hook(after_fusion), encoder.layers[0].register_forward_hook(after_layer)]
     with torch.no_grad():
         pixels = model.normalize(inputs["image_resized_padded_uint8"])[None]
         features = model.encode_image(pixels, keep_backbone=True)
-        raw = model.forward_raw(features, inputs["prompts"], torch.zeros(2, dtype=torch.long), keep_trace=True)
+        raw = model.forward_raw(features, inputs["prompts"], torch.zeros(2, dtype=torch.long))
         selected = model.select(raw)
-    return model, features, raw, selected
+    for h in hooks:
+        h.remove()
+    return model, features, raw, selected, trace
 
 
 @needs_fixtures
@@ -163,7 +172,7 @@ def test_preprocess_matches_released(golden):
 @needs_fixtures
 def test_backbone(run, golden):
     _, out = golden
-    _, features, _, _ = run
+    _, features, _, _, _ = run
     res3, res4, res5 = features.backbone
     close(res3[..., ::2, ::2], out["backbone.res3.stride2_subsample"])
     close(res4, out["backbone.res4"])
@@ -183,7 +192,7 @@ def test_input_projections(run, golden):
 @needs_fixtures
 def test_vl_fusion_and_first_encoder_layer(run, golden):
     _, out = golden
-    trace = run[2].transformer.trace
+    trace = run[4]
     close(trace["after_fusion0.lang"], out["encoder.after_fusion0.lang"])
     close(trace["after_fusion0.visual"][:1, 20480:], out["encoder.after_fusion0.visual.prompt0.levels2_3"])
     close(trace["layer0.visual"][:1, 20480:], out["encoder.layer0.visual.prompt0.levels2_3"])
@@ -247,7 +256,7 @@ def test_postprocessed_instances(run, golden):
 @needs_fixtures
 def test_final_selection(run, golden):
     _, out = golden
-    model, _, raw, selected = run
+    model, _, raw, selected, _ = run
     for i, inst in enumerate(raw.instances):
         target = inst.labels == 1
         index = int(torch.where(target, inst.scores, torch.full_like(inst.scores, -1.0)).argmax())
@@ -267,7 +276,7 @@ def test_final_selection(run, golden):
 @needs_fixtures
 def test_mask_decoder_interface(run, golden):
     inputs, _ = golden
-    model, features, _, selected = run
+    model, features, _, selected, _ = run
     assert isinstance(model, MaskDecoder)
     assert (model.image_size, model.num_prompt_tokens, model.num_ref_tokens, model.prompt_dim) == (1024, 8, 4, 768)
     assert model.output_size == 256
@@ -308,7 +317,7 @@ def test_small_frame_any_dtype_and_gradients(dtype):
         assert model.detr.detr.input_proj[0][0].weight.grad is not None
 
 
-TINY = FIXTURES / "segllm_tiny"
+TINY = RELEASED_FIXTURES / "segllm_tiny"
 
 
 @pytest.mark.skipif(

@@ -31,8 +31,7 @@ from segllm.decoders.hipie.criterion import (
     sigmoid_focal,
 )
 from segllm.decoders.hipie.decoder import HipieSetOutputs, LayerPredictions
-from tests.conftest import box_mask
-from tests.model.test_released import CKPT, FIXTURES
+from tests.conftest import RELEASED_FIXTURES, box_mask
 
 
 # -- matchers ------------------------------------------------------------------------------
@@ -395,7 +394,7 @@ def test_a_tiny_segllm_learns_with_set_prediction(tokenizer, three_rounds):
 
 
 needs_released = pytest.mark.skipif(
-    not (CKPT / "model.safetensors").exists() or not (FIXTURES / "hipie/inputs.safetensors").exists(),
+    not (RELEASED_FIXTURES / "segllm_tiny/checkpoint/model.safetensors").exists() or not (RELEASED_FIXTURES / "hipie/inputs.safetensors").exists(),
     reason="released tiny SegLLM fixture not found (set SEGLLM_FIXTURES)",
 )
 
@@ -406,7 +405,7 @@ def test_the_released_fixture_fine_tunes_with_the_released_losses():
 
     from segllm import SegLLM
 
-    model = SegLLM.from_pretrained(CKPT)
+    model = SegLLM.from_pretrained(RELEASED_FIXTURES / "segllm_tiny/checkpoint")
     loss = model.config.loss
     assert (loss.set_prediction, loss.set_max_rounds, loss.prompt_l2, loss.set_matcher, loss.set_denoising) == (
         True,
@@ -416,7 +415,7 @@ def test_the_released_fixture_fine_tunes_with_the_released_losses():
         True,
     )
     assert (loss.set_class, loss.set_l1, loss.set_giou, loss.set_mask, loss.set_dice) == (2.0, 5.0, 2.0, 5.0, 5.0)
-    photo = load_file(FIXTURES / "hipie/inputs.safetensors")["image_rgb_uint8"].numpy()
+    photo = load_file(RELEASED_FIXTURES / "hipie/inputs.safetensors")["image_rgb_uint8"].numpy()
     h, w = photo.shape[:2]
     conv = Conversation(
         photo,

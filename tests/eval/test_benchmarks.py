@@ -1,4 +1,4 @@
-"""The paper's benchmarks on miniature data in the real formats (built by tests/data/test_released.py):
+"""The paper's benchmarks on miniature data in the real formats (tests/released_layout.py):
 readers, metrics against hand-computed values (released-frame variant and ignore regions included),
 a full ``segllm eval`` per benchmark type, and several processes' logs merged."""
 
@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from segllm.cli import main
-from segllm.data.benchmarks import TEMPLATES, ReasonSegData, RefcocoSentences, read_templates
+from segllm.data.benchmark_readers import TEMPLATES, ReasonSegData, RefcocoSentences, read_templates
 from segllm.eval.evaluate import evaluate, read_logs
 from segllm.eval.metrics import RoundMetrics, mask_scores, released_frame_gt
-from tests.data.test_released import setup  # noqa: F401  (the miniature released layout, a fixture)
 
 
 def test_mask_scores_by_hand():
@@ -46,8 +45,8 @@ def test_round_metrics_released_epsilon():
     assert m.summary()["1"]["mIoU"] == pytest.approx(100 * 4 / (4 + 1e-4))
 
 
-def test_refcoco_sentences(setup):  # noqa: F811
-    ann, images = setup["ann"], setup["images"] / "coco/train2014"
+def test_refcoco_sentences(released_layout):
+    ann, images = released_layout["ann"], released_layout["images"] / "coco/train2014"
     train = RefcocoSentences(ann, images, "refcoco", "train", templates=read_templates("lisa"))
     assert len(train) == 2
     conv = train[0]
@@ -71,25 +70,25 @@ def test_template_files(tmp_path):
     assert read_templates("segllm") == TEMPLATES["segllm"]
 
 
-def test_refcoco_bad_refs_are_skipped(setup, tmp_path):  # noqa: F811
+def test_refcoco_bad_refs_are_skipped(released_layout, tmp_path):
     ann = tmp_path / "ann"
     (ann / "refcoco").mkdir(parents=True)
-    (ann / "refcoco/instances.json").write_text((setup["ann"] / "refcoco/instances.json").read_text())
+    (ann / "refcoco/instances.json").write_text((released_layout["ann"] / "refcoco/instances.json").read_text())
     refs = [
         {"ref_id": 1, "ann_id": 999, "image_id": 1, "split": "val", "sentences": [{"sent": "ghost"}]},
         {"ref_id": 2, "ann_id": 101, "image_id": 1, "split": "val", "sentences": [{"sent": "dog"}]},
         {"ref_id": 3, "ann_id": 104, "image_id": 1, "split": "val", "sentences": [{"sent": "nothing"}]},
     ]
     (ann / "refcoco/refs(unc).p").write_bytes(pickle.dumps(refs))
-    data = RefcocoSentences(ann, setup["images"] / "coco/train2014", "refcoco", "val")
+    data = RefcocoSentences(ann, released_layout["images"] / "coco/train2014", "refcoco", "val")
     got = [data.get(i) for i in range(len(data))]
     assert got[0] is None and got[1] is not None and got[2] is None
     reasons = [r for _, r in data.skipped.items]
     assert "annotation 999 is not in instances.json" in reasons[0] and "empty" in reasons[1]
 
 
-def test_reasonseg_question_target_and_ignore(setup):  # noqa: F811
-    data = ReasonSegData(setup["images"] / "reason_seg/images/train", setup["ann"] / "reason_seg/annotations/train")
+def test_reasonseg_question_target_and_ignore(released_layout):
+    data = ReasonSegData(released_layout["images"] / "reason_seg/images/train", released_layout["ann"] / "reason_seg/annotations/train")
     conv = data[0]
     assert conv.rounds[0].question == "What can hold water? Please output segmentation mask."
     (ignore,) = data.ignore(0)[0]
@@ -131,8 +130,8 @@ def test_sharded_logs_merge_to_the_single_process_result(tmp_path):
         (["--benchmark", "mr-paco", "--conversations", "all_data_mix_train/mix.json", "--protocol", "oracle", "own"], "own cIoU"),
     ],
 )
-def test_segllm_eval_per_benchmark(setup, tmp_path, capsys, args, expect):  # noqa: F811
-    rc = main(["eval", "--data-root", str(setup["root"]), "--out", str(tmp_path), "--name", "b", *args])
+def test_segllm_eval_per_benchmark(released_layout, tmp_path, capsys, args, expect):
+    rc = main(["eval", "--data-root", str(released_layout["root"]), "--out", str(tmp_path), "--name", "b", *args])
     captured = capsys.readouterr()
     out = captured.out
     assert rc == 0, out + captured.err

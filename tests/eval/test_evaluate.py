@@ -193,8 +193,8 @@ def test_own_protocol_feeds_back_the_recorded_pick():
 def test_union_baseline_and_reports(tmp_path):
     import json
 
-    from segllm.eval.evaluate import evaluate_baseline
     from segllm.errors import SegLLMError
+    from segllm.eval.evaluate import evaluate_baseline
 
     data, (A, B, C) = _pick_data()
     r = evaluate_baseline(data)

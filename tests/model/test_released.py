@@ -10,7 +10,6 @@ Tolerance: fp32 on CPU, 1e-4 absolute on features; masks IoU >= 0.99 (they come 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,10 +22,9 @@ from segllm.conversation import Conversation, Round
 from segllm.errors import CheckpointError, MaskError
 from segllm.model.released import IGNORED, is_released_checkpoint, load_released
 from segllm.session import Session
+from tests.conftest import RELEASED_FIXTURES
 
-FIXTURES = Path(
-    os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[2].parent / "shared/fixtures/released")
-)
+FIXTURES = RELEASED_FIXTURES
 TINY = FIXTURES / "segllm_tiny"
 CKPT = TINY / "checkpoint"
 

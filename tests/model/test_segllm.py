@@ -222,7 +222,7 @@ def test_box_head_and_box_loss(make_model, three_rounds):
 
 
 def test_box_loss_values():
-    from segllm.train.losses import box_loss
+    from segllm.losses import box_loss
 
     b = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
     assert float(box_loss(b, b, 100)) == pytest.approx(0.0, abs=1e-6)

@@ -10,7 +10,7 @@ import torch
 
 from segllm.train.recipe import TrainRecipe
 from segllm.train.trainer import train
-from tests.model.test_llava import _original, parts  # noqa: F401  (the miniature LLaVA fixture)
+from tests.conftest import llava_original
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASED = ROOT / "configs" / "released"
@@ -51,11 +51,11 @@ def test_epochs_and_warmup_ratio_become_steps():
     assert r.steps == 5000 and r.optim.warmup_steps == 100  # the recipe itself is unchanged
 
 
-def test_a_released_recipe_trains_from_a_llava_folder(parts, tmp_path):  # noqa: F811
+def test_a_released_recipe_trains_from_a_llava_folder(llava_parts, tmp_path):
     """mr_refcoco.toml as written, with only the paths (miniature LLaVA, world data in place of
     the released files), the decoder size and the precision changed."""
-    folder = _original(parts)
-    root = parts[0]
+    folder = llava_original(llava_parts)
+    root = llava_parts[0]
     r = TrainRecipe.load(RELEASED / "mr_refcoco.toml", {
         "output_dir": str(tmp_path / "run"), "model.llava.path": str(folder), "model.llava.vision_tower": str(root / "clip"),
         "model.llava.hipie_weights": None, "model.llava.hipie": SMALL_HIPIE, "mixed_precision": "no", "workers": 0,
@@ -76,7 +76,7 @@ def test_a_released_recipe_trains_from_a_llava_folder(parts, tmp_path):  # noqa:
     trained = set(model.config.trainable)
     assert "vision" not in trained and "embeddings" not in trained and {"llm", "decoder", "prompt_head"} <= trained
     # the LLM moved away from LLaVA's weights; the frozen CLIP tower did not
-    llava_q = parts[2]["model.layers.0.self_attn.q_proj.weight"]
+    llava_q = llava_parts[2]["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(model.llm.model.layers[0].self_attn.q_proj.weight, llava_q)
 
 

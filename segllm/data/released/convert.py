@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from segllm.conversation import SEG, Conversation, Round, load_image
 from segllm.data.records import RecordError, Skipped
@@ -216,8 +217,6 @@ class MaskStore:
         return mask_id in self.entries
 
     def add(self, mask_id: str, mask: np.ndarray) -> str:
-        from pycocotools import mask as mask_utils
-
         format_id(mask_id)  # checks it reads back as the same string
         if mask_id in self.entries:
             raise RecordError(f"mask id {mask_id!r} is already in the store")

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from segllm.data.records import RecordError
 from segllm.errors import ConfigError
@@ -68,8 +70,6 @@ def _read_json(path: Path) -> Any:
 
 
 def _quiet_coco(data: dict) -> Any:
-    from pycocotools.coco import COCO
-
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco = COCO()
         coco.dataset = data
@@ -79,8 +79,6 @@ def _quiet_coco(data: dict) -> Any:
 
 def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as bool [H, W]."""
-    from pycocotools import mask as mask_utils
-
     if isinstance(seg, list):
         if not seg:
             raise RecordError("segmentation is an empty polygon list")

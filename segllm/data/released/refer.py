@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from segllm.data.records import RecordError
+from segllm.data.released.masks import _quiet_coco
 
 # the split-by variants of each dataset's refs file; the first is the default
 SPLIT_BY = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
@@ -151,8 +152,6 @@ class Refer:
     def coco(self):
         """A pycocotools ``COCO`` over ``instances.json`` (built on first use)."""
         if self._coco is None:
-            from segllm.data.released.masks import _quiet_coco
-
             self._coco = _quiet_coco(self.instances)
         return self._coco
 

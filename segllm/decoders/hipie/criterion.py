@@ -35,7 +35,7 @@ from torch import Tensor
 
 from segllm.decoders.hipie.common import box_cxcywh_to_xyxy, inverse_sigmoid
 from segllm.decoders.hipie.decoder import DenoisingQueries, HipieDecoder, HipieSetOutputs, LayerPredictions
-from segllm.train.losses import sigmoid_focal
+from segllm.losses import sigmoid_focal
 
 __all__ = [
     "HipieSetCriterion",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from segllm.config import PromptHeadConfig
 from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, image_to_frame
 from segllm.decoders.hipie.backbone import BackboneWithPosition
 from segllm.decoders.hipie.common import MLP, FeatureResizer, inverse_sigmoid
@@ -44,7 +45,7 @@ from segllm.decoders.hipie.heads import (
 )
 from segllm.decoders.hipie.postprocess import Instances, postprocess, select_best
 from segllm.decoders.hipie.transformer import DeformableTransformer, TransformerOutput
-from segllm.errors import CheckpointError, ImageError
+from segllm.errors import CheckpointError, ConfigError, ImageError
 
 __all__ = [
     "DeformableDetr",
@@ -56,6 +57,7 @@ __all__ = [
     "HipieSegmenter",
     "HipieSetOutputs",
     "LayerPredictions",
+    "build_hipie_decoder",
     "load_released_hipie",
 ]
 
@@ -262,6 +264,8 @@ class HipieImageEncoder(nn.Module):
 class HipieDecoder(MaskDecoder):
     """HIPIE-R50 as SegLLM uses it: prompt tokens in, [REF]/[SEG] masks, scores and boxes out."""
 
+    supports_set_prediction = True  # trains with HIPIE's own set-prediction losses
+
     def __init__(self, config: HipieDecoderConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or HipieDecoderConfig()
@@ -350,7 +354,6 @@ class HipieDecoder(MaskDecoder):
         prompts: Tensor,
         batch_index: Tensor,
         *,
-        keep_trace: bool = False,
         denoising: DenoisingQueries | None = None,
         set_outputs: bool = False,
     ) -> HipieRawOutput:
@@ -360,7 +363,6 @@ class HipieDecoder(MaskDecoder):
             features: from :meth:`encode_image`.
             prompts: [N, T, D] prompt tokens.
             batch_index: [N] long, image of each prompt.
-            keep_trace: keep encoder intermediates in ``transformer.trace``.
             denoising: see :meth:`forward`.
             set_outputs: fill ``set_outputs`` (see :meth:`forward`).
         """
@@ -375,7 +377,7 @@ class HipieDecoder(MaskDecoder):
             # HIPIE's dynamic label encoding: the mean prompt token, resized, for every target
             label = self.detr.resizer(prompts.mean(1))[:, None]
             dn = (torch.where(denoising.filled[..., None], label, torch.zeros_like(label)), denoising.boxes)
-        out = detr.transformer(srcs, features.pos, prompts, keep_trace=keep_trace, denoising=dn)
+        out = detr.transformer(srcs, features.pos, prompts, denoising=dn)
 
         last = c.dec_layers - 1
         layers = range(c.dec_layers) if set_outputs else range(last, last + 1)
@@ -498,6 +500,21 @@ class HipieDecoder(MaskDecoder):
                 boxes[i, channel] = inst.boxes[k]
         masks = raw.pred_masks[torch.arange(n, device=device)[:, None], query]
         return DecoderOutput(mask_logits=masks, iou_scores=scores, boxes=boxes)
+
+
+def build_hipie_decoder(config: HipieDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> HipieDecoder:
+    """The decoder kind "hipie" (see :mod:`segllm.decoders.registry`), random weights (the released
+    ones come with a released checkpoint, :func:`load_released_hipie`, so ``load_weights`` changes
+    nothing). The prompt head must give the decoder's ``num_prompt_tokens`` / ``num_ref_tokens``,
+    ``lang_dim`` wide."""
+    tokens, ref = config.num_prompt_tokens, config.num_ref_tokens
+    if (prompt_head.num_tokens, prompt_head.num_ref_tokens) != (tokens, ref):
+        raise ConfigError(
+            f"prompt_head gives {prompt_head.num_tokens} tokens ({prompt_head.num_ref_tokens} [REF]) but the HIPIE decoder takes {tokens} ({ref} [REF])"
+        )
+    if prompt_head.dim != config.lang_dim:
+        raise ConfigError(f"prompt_head.dim ({prompt_head.dim}) must equal decoder.lang_dim ({config.lang_dim})")
+    return HipieDecoder(config)
 
 
 def load_released_hipie(

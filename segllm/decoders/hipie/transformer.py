@@ -7,7 +7,7 @@ then foreground), C = hidden width, L = feature levels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +138,6 @@ class FusionEncoder(nn.Module):
         lang: Tensor,
         spatial_shapes: list[tuple[int, int]],
         lang_mask: Tensor | None = None,
-        trace: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Fuse and encode.
 
@@ -147,7 +146,6 @@ class FusionEncoder(nn.Module):
             lang: [B, T, D] prompt tokens.
             spatial_shapes: (H_l, W_l) per level.
             lang_mask: [B, T] bool, valid prompt tokens (None = all).
-            trace: if given, receives ``after_fusion{i}.visual/.lang`` and ``layer{i}.visual``.
 
         Returns:
             (memory [B, S, C], fused prompt tokens [B, T, D]).
@@ -158,11 +156,7 @@ class FusionEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if i < len(self.vl_layers):
                 src, lang = self.vl_layers[i](src, lang, lang_mask)
-                if trace is not None:
-                    trace[f"after_fusion{i}.visual"], trace[f"after_fusion{i}.lang"] = src, lang
             src = layer(src, pos, reference, spatial_shapes)
-            if trace is not None:
-                trace[f"layer{i}.visual"] = src
         return src, lang
 
 
@@ -249,7 +243,6 @@ class TransformerOutput:
         enc_class: [B, S, 1] proposal objectness logits.
         enc_coord_unact: [B, S, 4] proposal boxes in logit space.
         topk_indices: [B, num_queries] selected proposal tokens.
-        trace: optional intermediate tensors (encoder), by name.
         denoising: the denoising queries' results when some were given (they are not part of
             ``hs``/``references``, which hold the matching queries only).
     """
@@ -262,7 +255,6 @@ class TransformerOutput:
     enc_class: Tensor
     enc_coord_unact: Tensor
     topk_indices: Tensor
-    trace: dict[str, Tensor] = field(default_factory=dict)
     denoising: DenoisingStates | None = None
 
 
@@ -301,7 +293,6 @@ class DeformableTransformer(nn.Module):
         pos: list[Tensor],
         lang: Tensor,
         lang_mask: Tensor | None = None,
-        keep_trace: bool = False,
         denoising: tuple[Tensor, Tensor] | None = None,
     ) -> TransformerOutput:
         """Run the transformer for B prompts.
@@ -311,7 +302,6 @@ class DeformableTransformer(nn.Module):
             pos: per level [1 or B, C, H_l, W_l] sine position encodings.
             lang: [B, T, D_lang] prompt tokens.
             lang_mask: [B, T] bool, valid tokens (None = all valid).
-            keep_trace: keep encoder intermediates in ``trace``.
             denoising: training only: (content [B, P, C], boxes [B, P, 4] (cx, cy, w, h)
                 normalised) of P denoising queries, placed before the matching queries.
         """
@@ -325,8 +315,7 @@ class DeformableTransformer(nn.Module):
             ],
             1,
         )
-        trace: dict[str, Tensor] | None = {} if keep_trace else None
-        memory, lang = self.encoder(src_flat, pos_flat, lang, spatial_shapes, lang_mask, trace)
+        memory, lang = self.encoder(src_flat, pos_flat, lang, spatial_shapes, lang_mask)
 
         # Two-stage: score every encoder token as a box proposal, keep the top num_queries.
         proposals, valid = encoder_proposals(spatial_shapes, memory.device)
@@ -365,6 +354,5 @@ class DeformableTransformer(nn.Module):
             enc_class=enc_class,
             enc_coord_unact=enc_coord_unact,
             topk_indices=topk_indices,
-            trace=trace or {},
             denoising=dn_states,
         )

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from segllm.cli import main
-from segllm.convert import pickle_to_safetensors
+from segllm.convert_weights import pickle_to_safetensors
 from segllm.errors import CheckpointError
 
 

@@ -1,4 +1,5 @@
-"""Mask losses on soft targets in the decoder's output frame."""
+"""Mask and box losses on soft targets in the decoder's output frame (used by the model's
+training forward and by HIPIE's set-prediction criterion, so they live outside segllm.train)."""
 
 from __future__ import annotations
 

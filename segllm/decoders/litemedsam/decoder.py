@@ -40,18 +40,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from segllm.config import LiteMedSamDecoderConfig
+from segllm.config import PromptHeadConfig
 from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, check_image
 from segllm.decoders.layers import MLP
-from segllm.decoders.sam import LayerNorm2d, RandomFourierPositionEncoding, SamFamilyDecoder, TwoWayTransformer
+from segllm.decoders.litemedsam.config import LiteMedSamDecoderConfig
+from segllm.decoders.sam.decoder import LayerNorm2d, RandomFourierPositionEncoding, SamFamilyDecoder, TwoWayTransformer
 from segllm.errors import CheckpointError, ConfigError
 
 __all__ = [
     "ConvBN",
     "LiteMedSamDecoder",
     "TinyViTEncoder",
+    "build_litemedsam_decoder",
     "litemedsam_checkpoint",
     "load_litemedsam",
     "map_litemedsam_state",
@@ -431,6 +434,18 @@ class LiteMedSamDecoder(SamFamilyDecoder):
         return DecoderOutput(mask_logits=masks.contiguous(), iou_scores=iou.contiguous())
 
 
+def build_litemedsam_decoder(config: LiteMedSamDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> LiteMedSamDecoder:
+    """The decoder kind "litemedsam" (see :mod:`segllm.decoders.registry`), with the weights of
+    ``config.pretrained_path`` when ``load_weights`` (a checkpoint loader passes False: the
+    checkpoint holds every weight); the prompts must be ``dim`` (256) wide."""
+    if prompt_head.dim != config.dim:
+        raise ConfigError(f"prompt_head.dim ({prompt_head.dim}) must equal decoder.dim ({config.dim}), LiteMedSAM's prompt width")
+    decoder = LiteMedSamDecoder(config, num_prompt_tokens=prompt_head.num_tokens, num_ref_tokens=prompt_head.num_ref_tokens)
+    if load_weights and config.pretrained_path:
+        load_litemedsam(config.pretrained_path, decoder)
+    return decoder
+
+
 def _check_config(config: LiteMedSamDecoderConfig, num_prompt_tokens: int, num_ref_tokens: int) -> None:
     stages = len(config.embed_dims)
     for name in ("depths", "num_heads", "window_sizes"):
@@ -518,8 +533,6 @@ def read_litemedsam_state(path: str | Path | None = None) -> dict[str, Tensor]:
         raise CheckpointError(f"LiteMedSAM checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segllm.config import SamDecoderConfig
+from segllm.config import PromptHeadConfig
 from segllm.decoders.base import (
     REF,
     SEG,
@@ -42,6 +42,7 @@ from segllm.decoders.base import (
 )
 from segllm.decoders.convnet import ConvBackbone
 from segllm.decoders.layers import MLP
+from segllm.decoders.sam.config import SamDecoderConfig
 from segllm.errors import ConfigError
 
 __all__ = [
@@ -51,9 +52,11 @@ __all__ = [
     "ImageEncoder",
     "LayerNorm2d",
     "RandomFourierPositionEncoding",
+    "SamFamilyDecoder",
     "SamMaskDecoder",
     "TwoWayBlock",
     "TwoWayTransformer",
+    "build_sam_decoder",
 ]
 
 
@@ -416,6 +419,14 @@ class SamMaskDecoder(SamFamilyDecoder):
             half = cxcywh[..., 2:] / 2
             boxes = torch.cat([cxcywh[..., :2] - half, cxcywh[..., :2] + half], dim=-1) * self.image_size
         return DecoderOutput(mask_logits=masks, iou_scores=iou, boxes=boxes)
+
+
+def build_sam_decoder(config: SamDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> SamMaskDecoder:
+    """The decoder kind "sam" (see :mod:`segllm.decoders.registry`): random weights (there are no
+    pretrained ones, so ``load_weights`` changes nothing); the prompts must be ``dim`` wide."""
+    if prompt_head.dim != config.dim:
+        raise ConfigError(f"prompt_head.dim ({prompt_head.dim}) must equal decoder.dim ({config.dim})")
+    return SamMaskDecoder(config, num_prompt_tokens=prompt_head.num_tokens, num_ref_tokens=prompt_head.num_ref_tokens)
 
 
 def _check_config(config: SamDecoderConfig, num_prompt_tokens: int, num_ref_tokens: int) -> None:

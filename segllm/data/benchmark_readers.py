@@ -14,14 +14,20 @@ The multi-round benchmarks (MR-RefCOCO/+/g, MR-PACO) are released conversation f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from pycocotools.coco import COCO
 
 from segllm.conversation import Conversation, Round, load_image
 from segllm.data.records import RecordError, Skipped, SkippingGet
+from segllm.data.released.masks import reason_seg_label_map
+from segllm.data.released.refer import load_refs
 from segllm.errors import SegLLMError
 
 __all__ = ["TEMPLATES", "ReasonSegData", "RefcocoSentences", "read_templates"]
@@ -82,9 +88,6 @@ class RefcocoSentences(SkippingGet):
         templates: list[str] | None = None,
         refs_file: str | None = None,
     ) -> None:
-        from pycocotools.coco import COCO
-
-        from segllm.data.released.refer import load_refs
 
         if dataset not in REFS_FILE:
             raise ValueError(f"unknown RefCOCO dataset {dataset!r}: one of {sorted(REFS_FILE)}")
@@ -98,8 +101,6 @@ class RefcocoSentences(SkippingGet):
         instances = folder / "instances.json"
         if not instances.is_file():
             raise RecordError(f"{instances} not found")
-        import contextlib
-        import io
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco = COCO(str(instances))
@@ -177,8 +178,6 @@ class ReasonSegData(SkippingGet):
         return self.images / f"{name}.jpg"
 
     def __getitem__(self, index: int) -> Conversation:
-        from segllm.data.released.masks import reason_seg_label_map
-
         name, where = self.names[index], self.where(index)
         try:
             anno = json.loads(Path(where).read_text(encoding="utf-8"))
@@ -204,9 +203,6 @@ class ReasonSegData(SkippingGet):
     def ignore(self, index: int) -> list[list[np.ndarray | None]]:
         """Per round, per mask: the ignore region of conversation ``index`` ([H, W] bool),
         recomputed from its JSON (cheap; keeping them all would hold every image's size)."""
-        from PIL import Image
-
-        from segllm.data.released.masks import reason_seg_label_map
 
         anno = json.loads(Path(self.where(index)).read_text(encoding="utf-8"))
         with Image.open(self._image_path(self.names[index])) as im:

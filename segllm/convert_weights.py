@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from segllm.errors import CheckpointError
 
@@ -43,7 +44,6 @@ def pickle_to_safetensors(src: str | Path, dst: str | Path, *, key: str | None =
         CheckpointError: the file is missing, not a PyTorch pickle, holds objects other than
             tensors and plain containers (refused unread), or holds no tensors.
     """
-    from safetensors.torch import save_file
 
     src = Path(src)
     if not src.is_file():

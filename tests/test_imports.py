@@ -1,0 +1,150 @@
+"""The package's import graph, read statically (ast) from every module's top-level imports.
+
+An edge A -> B means module A's top level imports module B (``import B``, ``from B import x``,
+or ``from A import B`` naming a submodule). Imports under ``if TYPE_CHECKING:`` and inside
+functions are not edges (the latter are kept for optional extras only). The implicit import of
+a module's parent packages is not an edge either: ``segllm/__init__.py`` imports the public API,
+so counting it would tie every module into one cycle through the root.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import segllm
+
+ROOT = Path(segllm.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _resolve(module: str, level: int, here: str, is_package: bool) -> str:
+    if not level:
+        return module
+    base = here.split(".")[: len(here.split(".")) - level + (1 if is_package else 0)]
+    return ".".join(base + ([module] if module else []))
+
+
+def _imports(node: ast.stmt, here: str, is_package: bool) -> list[str]:
+    """The segllm modules that one import statement loads."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = _resolve(node.module or "", node.level, here, is_package)
+        subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+        # "from package import submodule" loads the package only as the submodule's parent
+        return subs if len(subs) == len(node.names) else [base, *subs]
+    return []
+
+
+def _is_type_checking(node: ast.stmt) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+
+
+def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """Statements run at import time: the module body and the bodies of its top-level
+    ``if`` (except ``if TYPE_CHECKING``) and ``try`` blocks."""
+    out = []
+    for node in body:
+        if isinstance(node, ast.If) and not _is_type_checking(node):
+            out += _top_level(node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            out += _top_level(node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body])
+        else:
+            out.append(node)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    edges = {}
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(), str(path))
+        targets = set()
+        for node in _top_level(tree.body):
+            targets.update(m for m in _imports(node, name, path.name == "__init__.py") if m in MODULES and m != name)
+        edges[name] = targets
+    return edges
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One cycle (a list of modules, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(edges[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n) :] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(edges):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def closure(edges: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(edges[m])
+    return seen
+
+
+def test_the_graph_sees_the_package():
+    edges = graph()
+    assert len(MODULES) > 60 and "segllm.model.segllm" in edges
+    assert "segllm.config" in edges["segllm.model.builder"]
+    assert "segllm.decoders.hipie.config" in edges["segllm.decoders.registry"]  # from-import of a submodule
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_cycle_among_top_level_imports():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_checkpoint_module_imports_no_model_code():
+    reached = closure(graph(), "segllm.checkpoint")
+    assert not [m for m in reached if m.startswith(("segllm.model", "segllm.decoders.hipie.decoder", "segllm.train"))], reached
+
+
+def test_configs_do_not_import_decoder_code():
+    """Reading a config (segllm.config) reaches the decoders' config modules, not the decoders."""
+    reached = closure(graph(), "segllm.config")
+    assert {"segllm.decoders.registry", "segllm.decoders.sam.config", "segllm.decoders.hipie.config"} <= reached
+    heavy = []
+    for m in reached:
+        tree = ast.parse(MODULES[m].read_text())
+        if any(n.split(".")[0] == "torch" for node in _top_level(tree.body) for n in _imports(node, m, False)):
+            heavy.append(m)
+    assert not heavy, f"modules that segllm.config imports load torch: {heavy}"
+
+
+def test_model_and_decoders_do_not_import_training_code():
+    offenders = []
+    for name, path in MODULES.items():
+        if not name.startswith(("segllm.model", "segllm.decoders")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count here too
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found = _imports(node, name, path.name == "__init__.py")
+                offenders += [f"{name} imports {m}" for m in found if m == "segllm.train" or m.startswith("segllm.train.")]
+    assert not offenders, offenders
