@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segllm.checkpoint import load_pretrained
 from segllm.data.records import WorldConversations, record_to_conversation
 from segllm.data.world import WorldConfig
 from segllm.eval.metrics import grounding
+from segllm.model.loading import load_pretrained
 from segllm.train.recipe import TrainRecipe
 from segllm.train.trainer import LAST, train
 

@@ -1,7 +1,7 @@
 """The committed default model: its accuracy stays where the README says, and incremental
 rounds give what full recomputation gives on it."""
 
-import re
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +11,10 @@ from segllm.default import DEFAULT_MODEL, has_default_model
 
 pytestmark = pytest.mark.skipif(not has_default_model(), reason=f"no bundled model at {DEFAULT_MODEL}")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SLICE = re.compile(
-    r"fixed test slice \(world seed (\d+), test split, conversations 0-(\d+), (oracle|own) protocol\), "
-    r"cIoU over all rounds: \*\*([\d.]+)\*\*",
-    re.IGNORECASE,
-)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# written by scripts/bundled_slice.py from the bundled model; the README quotes it
+FIGURES = json.loads((ROOT / "docs" / "results" / "bundled_slice.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +34,20 @@ def test_slice_ciou_matches_readme(model, protocol):
     from segllm.data.records import WorldConversations
     from segllm.eval.evaluate import evaluate
 
-    text = " ".join(README.read_text().split())  # the sentence may wrap over lines
-    figures = {m.group(3): (int(m.group(1)), int(m.group(2)), float(m.group(4))) for m in SLICE.finditer(text)}
-    assert protocol in figures, "the README states the fixed-slice figure for this protocol"
-    seed, last, expected = figures[protocol]
-    data = WorldConversations("test", last + 1, seed=seed)
+    sl = FIGURES["slice"]
+    expected = FIGURES["cIoU_all_rounds"][protocol]
+    data = WorldConversations(sl["split"], sl["conversations"], seed=sl["world_seed"])
     result = evaluate(model, data, protocol=protocol, batch_size=16)
     assert result.metrics["all"]["cIoU"] == pytest.approx(expected, abs=2.0)
+
+
+def test_readme_quotes_the_pinned_figures():
+    text = " ".join(README.read_text().split())  # the sentence may wrap over lines
+    sl = FIGURES["slice"]
+    for protocol, value in FIGURES["cIoU_all_rounds"].items():
+        sentence = (f"Fixed test slice (world seed {sl['world_seed']}, {sl['split']} split, conversations "
+                    f"0-{sl['conversations'] - 1}, {protocol} protocol), cIoU over all rounds: **{value:.1f}**")
+        assert sentence in text, sentence
 
 
 def _play(model, image, script, incremental):

@@ -304,6 +304,9 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
                     res_eval = evaluate(core, val_set, protocol="oracle", limit=recipe.eval_size, batch_size=recipe.batch_size)
                 rounds = {k: round(v["cIoU"], 2) for k, v in res_eval.metrics.items()}
                 entry = {"step": step, "oracle_cIoU": rounds}
+                per_round = res_eval.diagnostics.get("per_round", {})
+                if per_round:  # world data: the share of predictions on the right object
+                    entry["oracle_grounded"] = {k: round(v["grounded"], 1) for k, v in per_round.items()}
                 summary.evals.append(entry)
                 history["evals"] = summary.evals
                 if acc.is_main_process:

@@ -215,3 +215,12 @@ def test_recipe_loss_overrides_reach_the_model_config(tmp_path):
     assert cfg.loss.select_weight == 0.5 and cfg.loss.lm == 0.2 and cfg.loss.dice_weight == 2.0
     with pytest.raises(ConfigError, match="model.loss"):
         _recipe(tmp_path, **{"model.loss": {"selekt_weight": 0.5}})
+
+
+def test_validation_logs_the_grounded_rate_on_world_data(tmp_path):
+    train(_recipe(tmp_path, steps=2, eval_every=2, eval_size=4, save_every=0), progress=False)
+    entry = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
+    grounded = entry["oracle_grounded"]
+    assert "1" in grounded and "all" in grounded
+    assert all(0.0 <= v <= 100.0 for v in grounded.values())
+    assert set(grounded) == set(entry["oracle_cIoU"])
