@@ -11,13 +11,9 @@ CondInst mask head), :mod:`.postprocess` (scores, NMS, ranking), :mod:`.decoder`
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from segllm.decoders.hipie.config import HipieDecoderConfig
+from segllm.decoders.lazy import lazy_exports
 
-# The decoder module (torch) loads on first access to one of its names, so that segllm.config,
-# which reads this package's config module, never imports it.
 _DECODER_MODULE = "segllm.decoders.hipie.decoder"
 _DECODER_NAMES = (
     "HipieDecoder",
@@ -31,11 +27,4 @@ _DECODER_NAMES = (
 __all__ = ["HipieDecoderConfig", *_DECODER_NAMES]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _DECODER_NAMES:
-        return getattr(importlib.import_module(_DECODER_MODULE), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _DECODER_MODULE, _DECODER_NAMES)
