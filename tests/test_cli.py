@@ -5,6 +5,7 @@ from PIL import Image
 
 from segllm.cli import main
 from segllm.default import EXAMPLES
+from tests.conftest import png_declaring
 
 EXAMPLE = EXAMPLES / "shapes.png"
 
@@ -65,6 +66,11 @@ def test_chat_bad_image(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert main(["chat", str(tmp_path / "bad.png"), "--ask", "x"]) == 2
     assert "cannot read image" in capsys.readouterr().err
+    # a header declaring 60000 x 60000 pixels: one line naming the file, no Pillow traceback
+    bomb = png_declaring(tmp_path / "bomb.png", 60000, 60000)
+    assert main(["chat", str(bomb), "--ask", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "bomb.png" in err and "too large to decode safely" in err and "Traceback" not in err
 
 
 def test_eval_writes_table_and_reports(tmp_path, capsys):
