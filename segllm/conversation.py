@@ -178,6 +178,26 @@ def load_image(source: str | Path | Image.Image | np.ndarray, *, max_side: int =
     return np.ascontiguousarray(arr)
 
 
+_SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations shown rotated by 90 degrees: width and height swap
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file as :func:`load_image` returns it (EXIF orientation
+    applied), read from the header without decoding the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                sideways = im.getexif().get(0x0112) in _SIDEWAYS
+    except Exception as e:  # every reader error is the file's problem
+        raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    return (w, h) if sideways else (h, w)
+
+
 def _read_image_file(path: Path, max_side: int) -> np.ndarray:
     """Decode ``path`` as displayed, refusing oversized images from the header before decoding."""
     if not path.is_file():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segllm.conversation import Conversation, Round, load_image, parse_refs
+from segllm.conversation import Conversation, Round, image_size, load_image, parse_refs
 from segllm.errors import ConversationError, ImageError, MaskError
 from tests.conftest import box_mask, png_declaring
 
@@ -97,6 +97,10 @@ def test_exif_orientation_is_applied(tmp_path):
         assert load_image(im).shape == (8, 4, 3)
     _exif_jpeg(tmp_path / "upright.jpg", 1)
     assert load_image(tmp_path / "upright.jpg").shape == (4, 8, 3)
+    # the header-only size agrees with what load_image returns
+    assert image_size(tmp_path / "photo.jpg") == (8, 4) and image_size(tmp_path / "upright.jpg") == (4, 8)
+    with pytest.raises(ImageError, match="bomb"):
+        image_size(png_declaring(tmp_path / "bomb.png", 60000, 60000))
 
 
 def test_validate_errors(image):
