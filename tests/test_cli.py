@@ -106,6 +106,15 @@ def test_eval_unknown_benchmark_and_missing_paths_are_errors(tmp_path, capsys):
     assert "--data-root" in capsys.readouterr().err
 
 
+def test_train_resume_without_checkpoint_is_one_line(tmp_path, capsys):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.toml"
+    assert main(["train", str(recipe), "--set", f"output_dir='{tmp_path / 'run'}'", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume from in" in err and str(tmp_path / "run") in err and "Traceback" not in err
+
+
 def test_train_rejects_unknown_recipe_key(tmp_path, capsys):
     from pathlib import Path
 
