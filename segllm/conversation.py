@@ -8,11 +8,12 @@ masks themselves (ground truth for training, predictions at inference).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from segllm.errors import ConversationError, ImageError, MaskError
 
@@ -152,23 +153,23 @@ def check_image_array(image: np.ndarray) -> None:
 def load_image(source: str | Path | Image.Image | np.ndarray, *, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
     """Read an image from a path, a PIL image or an array and return RGB uint8 [H, W, 3].
 
-    Grayscale, palette, RGBA (alpha dropped), 16-bit and float
-    images are converted. Raises :class:`ImageError` naming the problem for a missing or broken
-    file, an empty image, or one whose longest side exceeds ``max_side`` pixels.
+    Files and PIL images are read as displayed: an EXIF orientation tag (phone photos) is applied.
+    Grayscale, palette, RGBA (alpha dropped), 16-bit and float images are converted. A file's size
+    is checked from its header before any pixel is decoded, so an image that declares an enormous
+    size (a decompression bomb) costs nothing. Raises :class:`ImageError` naming the file and the
+    problem for a missing, unreadable or truncated file, an empty image, or one whose longest side
+    exceeds ``max_side`` pixels; no reader error escapes as anything else.
     """
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                source = im.copy()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise ImageError(f"cannot read image {path}: {e}") from e
+        return np.ascontiguousarray(_read_image_file(Path(source), max_side))
     if isinstance(source, Image.Image):
         _check_side(source.height, source.width, max_side)
-        arr = _pil_to_rgb(source)
+        try:
+            arr = _pil_to_rgb(ImageOps.exif_transpose(source))
+        except ImageError:
+            raise
+        except Exception as e:  # a lazily opened image decodes here: any reader error is the image's
+            raise ImageError(f"cannot read the image: {type(e).__name__}: {e}") from e
     elif isinstance(source, np.ndarray):
         arr = _array_to_rgb(source)
     else:
@@ -177,11 +178,53 @@ def load_image(source: str | Path | Image.Image | np.ndarray, *, max_side: int =
     return np.ascontiguousarray(arr)
 
 
-def _check_side(h: int, w: int, max_side: int) -> None:
+_SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations shown rotated by 90 degrees: width and height swap
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file as :func:`load_image` returns it (EXIF orientation
+    applied), read from the header without decoding the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                sideways = im.getexif().get(0x0112) in _SIDEWAYS
+    except Exception as e:  # every reader error is the file's problem
+        raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    return (w, h) if sideways else (h, w)
+
+
+def _read_image_file(path: Path, max_side: int) -> np.ndarray:
+    """Decode ``path`` as displayed, refusing oversized images from the header before decoding."""
+    if not path.is_file():
+        raise ImageError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # max_side, checked below from the header, is the size limit; Pillow's pixel-count
+            # warning would only repeat it (its hard error, at twice that count, is caught below)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size  # read from the header: nothing is decoded yet
+                _check_side(h, w, max_side, where=str(path))
+                im.load()
+                return _pil_to_rgb(ImageOps.exif_transpose(im))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"cannot read image {path}: it declares a size too large to decode safely ({e})") from e
+    except Exception as e:  # every reader error (truncated data, bad chunks, codec errors) is the file's problem
+        raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def _check_side(h: int, w: int, max_side: int, *, where: str = "image") -> None:
     if h < 1 or w < 1:
-        raise ImageError(f"image is empty ({h}x{w})")
+        raise ImageError(f"{where} is empty ({h}x{w})")
     if max(h, w) > max_side:
-        raise ImageError(f"image is {w}x{h}; the longest side may be at most {max_side} pixels")
+        raise ImageError(f"{where} is {w}x{h}; the longest side may be at most {max_side} pixels")
 
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:

@@ -51,10 +51,13 @@ def pickle_to_safetensors(src: str | Path, dst: str | Path, *, key: str | None =
     try:
         data = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise CheckpointError(f"{src}: refused: it holds objects other than tensors and plain containers ({found.group(1)})") from e
-        raise CheckpointError(f"{src}: not a PyTorch weights file (unreadable pickle)") from e
+        reason = _refusal_reason(str(e))
+        if reason is not None:
+            raise CheckpointError(
+                f"{src}: refused: it holds objects other than tensors and plain containers (nothing was run); "
+                f"torch: {reason}"
+            ) from e
+        raise CheckpointError(f"{src}: not a PyTorch weights file (unreadable pickle: {_torch_reason(str(e))})") from e
     except Exception as e:  # zip/pickle format errors surface as several exception types
         raise CheckpointError(f"{src}: not a PyTorch weights file ({type(e).__name__}: {e})") from e
     if isinstance(data, dict):
@@ -74,3 +77,32 @@ def pickle_to_safetensors(src: str | Path, dst: str | Path, *, key: str | None =
     # safetensors wants contiguous tensors that share no storage
     save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(dst))
     return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# what a refusal names: a global, class or function the restricted unpickler would not load
+_NAMES_CODE = re.compile(r"global|class|function|reduce|allowlist|not an allowed", re.IGNORECASE)
+
+
+def _torch_reason(message: str) -> str:
+    """The line of torch's ``weights_only`` error that says what went wrong.
+
+    The wording differs between torch versions ("WeightsUnpickler error: Unsupported global:
+    GLOBAL x", "Unsupported class x", "Trying to call reduce for unrecognized function x"), so
+    the line is reported as torch wrote it, not parsed.
+    """
+    text = _ANSI.sub("", message)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        found = re.search(r"Weights\s*Unpickler error:\s*(.+)", line, re.IGNORECASE)
+        if found:
+            return found.group(1)
+    named = [line for line in lines if re.search(r"unsupported|unrecognized|not allowed", line, re.IGNORECASE)]
+    return (named or lines or [text.strip()])[-1]
+
+
+def _refusal_reason(message: str) -> str | None:
+    """torch's reason when it refused code in the pickle (a global, class or function), else None
+    (the file is then no pickle of weights at all, e.g. "Unsupported operand")."""
+    reason = _torch_reason(message)
+    return reason if _NAMES_CODE.search(reason) else None

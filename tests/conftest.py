@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,19 @@ def box_mask(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     m = np.zeros((h, w), bool)
     m[y0:y1, x0:x1] = True
     return m
+
+
+def png_declaring(path: Path, width: int, height: int) -> Path:
+    """Write a few-byte PNG whose header (IHDR) declares ``width`` x ``height`` RGB pixels but whose
+    data is one short row: what a decompression bomb or a lying header looks like to a reader."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    idat = zlib.compress(b"\x00" + b"\x00" * 3 * min(width, 16))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
 
 
 @pytest.fixture

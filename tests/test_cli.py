@@ -5,6 +5,7 @@ from PIL import Image
 
 from segllm.cli import main
 from segllm.default import EXAMPLES
+from tests.conftest import png_declaring
 
 EXAMPLE = EXAMPLES / "shapes.png"
 
@@ -65,6 +66,11 @@ def test_chat_bad_image(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert main(["chat", str(tmp_path / "bad.png"), "--ask", "x"]) == 2
     assert "cannot read image" in capsys.readouterr().err
+    # a header declaring 60000 x 60000 pixels: one line naming the file, no Pillow traceback
+    bomb = png_declaring(tmp_path / "bomb.png", 60000, 60000)
+    assert main(["chat", str(bomb), "--ask", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "bomb.png" in err and "too large to decode safely" in err and "Traceback" not in err
 
 
 def test_eval_writes_table_and_reports(tmp_path, capsys):
@@ -98,6 +104,15 @@ def test_eval_unknown_benchmark_and_missing_paths_are_errors(tmp_path, capsys):
     assert "--conversations" in capsys.readouterr().err
     assert main(["eval", "--benchmark", "reasonseg"]) == 2
     assert "--data-root" in capsys.readouterr().err
+
+
+def test_train_resume_without_checkpoint_is_one_line(tmp_path, capsys):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "test_tiny.toml"
+    assert main(["train", str(recipe), "--set", f"output_dir='{tmp_path / 'run'}'", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume from in" in err and str(tmp_path / "run") in err and "Traceback" not in err
 
 
 def test_train_rejects_unknown_recipe_key(tmp_path, capsys):

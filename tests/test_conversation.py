@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segllm.conversation import Conversation, Round, load_image, parse_refs
+from segllm.conversation import Conversation, Round, image_size, load_image, parse_refs
 from segllm.errors import ConversationError, ImageError, MaskError
-from tests.conftest import box_mask
+from tests.conftest import box_mask, png_declaring
 
 
 def test_parse_refs_macro_and_instance():
@@ -50,6 +50,57 @@ def test_load_image_errors(tmp_path):
 
 def _conv(image, *rounds):
     return Conversation(image, list(rounds))
+
+
+def test_decompression_bomb_is_an_image_error_naming_the_file(tmp_path):
+    bomb = png_declaring(tmp_path / "bomb.png", 60000, 60000)  # 3.6 gigapixels declared in ~60 bytes
+    with pytest.raises(ImageError, match=r"bomb\.png.*too large to decode safely"):
+        load_image(bomb)
+    # a limit above Pillow's own still gets the package's error, never Pillow's
+    with pytest.raises(ImageError, match=r"bomb\.png"):
+        load_image(bomb, max_side=100_000)
+
+
+def test_size_limit_is_checked_from_the_header_before_decoding(tmp_path, recwarn):
+    # the file declares 9000 x 2 but holds one short row: decoding it would fail as truncated, so
+    # the size error proves the limit was applied before any pixel was decoded
+    liar = png_declaring(tmp_path / "wide.png", 9000, 2)
+    with pytest.raises(ImageError, match=r"wide\.png is 9000x2; the longest side may be at most 8192"):
+        load_image(liar)
+    with pytest.raises(ImageError, match=r"cannot read image .*wide\.png"):  # within the limit: the truncation
+        load_image(liar, max_side=9000)
+    # an image over Pillow's warning threshold but within max_side reads without Pillow's warning
+    png_declaring(tmp_path / "many.png", 10000, 10000)
+    with pytest.raises(ImageError, match="cannot read image"):
+        load_image(tmp_path / "many.png", max_side=10000)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def _exif_jpeg(path, orientation: int) -> np.ndarray:
+    """A 4 x 8 JPEG (left half dark, right half bright) with an EXIF orientation tag."""
+    pixels = np.zeros((4, 8, 3), np.uint8)
+    pixels[:, 4:] = 250
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=100)
+    return pixels
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = _exif_jpeg(tmp_path / "photo.jpg", 6)  # 6: shown rotated 90 degrees clockwise
+    shown = load_image(tmp_path / "photo.jpg")
+    assert shown.shape == (8, 4, 3)
+    # rotated clockwise, the stored left (dark) half is on top and the right (bright) half below
+    assert shown[:3].mean() < 30 and shown[5:].mean() > 220
+    assert stored.shape == (4, 8, 3)
+    with Image.open(tmp_path / "photo.jpg") as im:  # a PIL image given directly: the same
+        assert load_image(im).shape == (8, 4, 3)
+    _exif_jpeg(tmp_path / "upright.jpg", 1)
+    assert load_image(tmp_path / "upright.jpg").shape == (4, 8, 3)
+    # the header-only size agrees with what load_image returns
+    assert image_size(tmp_path / "photo.jpg") == (8, 4) and image_size(tmp_path / "upright.jpg") == (4, 8)
+    with pytest.raises(ImageError, match="bomb"):
+        image_size(png_declaring(tmp_path / "bomb.png", 60000, 60000))
 
 
 def test_validate_errors(image):

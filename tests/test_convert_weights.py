@@ -1,6 +1,7 @@
 """Converting a PyTorch pickle of weights to safetensors, with the restricted unpickler."""
 
 import collections
+import pickle
 
 import pytest
 import torch
@@ -39,6 +40,28 @@ def test_pickles_with_objects_are_refused_unread(tmp_path, capfd):
         pickle_to_safetensors(tmp_path / "evil.pth", tmp_path / "x.safetensors")
     assert "pwned" not in capfd.readouterr().out
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_refused_global_is_named_whatever_torch_version(tmp_path, monkeypatch):
+    torch.save({"model": {"w": torch.ones(1)}, "hook": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"refused: .*torch: .*print"):  # this torch's own wording
+        pickle_to_safetensors(tmp_path / "evil.pth", tmp_path / "x.safetensors")
+    # other torch versions word the refusal differently; torch's line is reported as it stands
+    wordings = {
+        "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed.\n"
+        "Please file an issue with the following so that we can make `weights_only=True` compatible with your use "
+        "case: WeightsUnpickler error: Unsupported class os.system\n\nCheck the documentation": "Unsupported class os.system",
+        "Weights only load failed. Trying to call reduce for unrecognized function <built-in function system>":
+            "unrecognized function <built-in function system>",
+    }
+    for message, named in wordings.items():
+        def refuse(*args, message=message, **kwargs):
+            raise pickle.UnpicklingError(message)
+
+        monkeypatch.setattr(torch, "load", refuse)
+        with pytest.raises(CheckpointError, match="refused") as info:
+            pickle_to_safetensors(tmp_path / "evil.pth", tmp_path / "x.safetensors")
+        assert named in str(info.value)
 
 
 def test_other_bad_files_are_named(tmp_path):

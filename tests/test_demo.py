@@ -15,7 +15,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from segllm.default import EXAMPLES, load_model  # noqa: E402
 from segllm.demo import build_demo  # noqa: E402
-from tests.conftest import RELEASED_FIXTURES  # noqa: E402
+from tests.conftest import RELEASED_FIXTURES, png_declaring  # noqa: E402
 
 CHROMIUM = os.environ.get("SEGLLM_CHROMIUM", "/usr/bin/chromium")
 
@@ -63,7 +63,8 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(server, tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     text = tmp_path / "notes.png"
     text.write_text("hello")
-    for bad in (broken, text):
+    bomb = png_declaring(tmp_path / "bomb.png", 60000, 60000)  # a decompression bomb's header
+    for bad in (broken, text, bomb):
         with pytest.raises(AppError, match="cannot read image"):
             c.predict(handle_file(str(bad)), api_name="/set_image")
     big = tmp_path / "big.png"

@@ -6,6 +6,7 @@ import torch
 
 from segllm.errors import ContextTooLongError, ConversationError, MaskError
 from segllm.session import Session
+from tests.tolerance import assert_close_scaled
 
 QUESTIONS = [
     "Segment the red circle.",
@@ -50,7 +51,7 @@ def _same(a, b):
     assert a.text == b.text
     assert a.refs == b.refs
     np.testing.assert_array_equal(a.masks, b.masks)
-    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+    assert_close_scaled(a.scores, b.scores, rel=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("forced", [False, True])

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools.coco import COCO
 
-from segllm.conversation import Conversation, Round, load_image
+from segllm.conversation import Conversation, Round, image_size, load_image
 from segllm.data.records import RecordError, Skipped, SkippingGet
 from segllm.data.released.masks import reason_seg_label_map
 from segllm.data.released.refer import load_refs
@@ -205,6 +204,5 @@ class ReasonSegData(SkippingGet):
         recomputed from its JSON (cheap; keeping them all would hold every image's size)."""
 
         anno = json.loads(Path(self.where(index)).read_text(encoding="utf-8"))
-        with Image.open(self._image_path(self.names[index])) as im:
-            w, h = im.size
+        h, w = image_size(self._image_path(self.names[index]))  # as displayed, as __getitem__ reads it
         return [[reason_seg_label_map(anno, h, w, with_ignore=True) == 255]]

@@ -212,6 +212,8 @@ class ConversationFolder(SkippingGet):
             self.records.append((line_no, rec))
         if not self.records:
             raise RecordError(f"{convs} has no usable conversation records")
+        # lines dropped while reading: no index reaches them, so an evaluation counts them from here
+        self.unreadable: list[tuple[str, str]] = list(self.skipped.items)
         self._convs_file = convs
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

@@ -128,6 +128,11 @@ def read_logs(paths, *, protocol: str, frame: Frame = "original") -> EvalResult:
     return result
 
 
+def _unreadable(dataset) -> list[tuple[str, str]]:
+    """The records ``dataset`` dropped while reading its files (see :func:`evaluate`)."""
+    return [tuple(item) for item in getattr(dataset, "unreadable", ())]
+
+
 def _finish(result: EvalResult, metrics: RoundMetrics, diag: Diagnostics) -> None:
     result.metrics = metrics.summary()
     # only where some mask could be checked for grounding (datasets with scene annotations)
@@ -194,7 +199,9 @@ def evaluate(
             under the own protocol (default: ``Session``).
 
     A dataset may also offer ``ignore(i)``: per round, per mask, a [H, W] bool mask of pixels
-    left out of the metrics (or None); ReasonSeg's ignore regions, scored as LISA does.
+    left out of the metrics (or None); ReasonSeg's ignore regions, scored as LISA does; and
+    ``unreadable``: (where, reason) of records it dropped while reading its files (malformed lines
+    of a conversations file), which no index reaches; they count as skipped (on rank 0 only).
     Returns the metrics of the conversations this process evaluated (resumed ones included).
     """
     if protocol not in ("oracle", "own"):
@@ -206,6 +213,8 @@ def evaluate(
     n = len(dataset) if limit is None else min(limit, len(dataset))
     metrics, diag = RoundMetrics(), Diagnostics()
     result = EvalResult(protocol, {}, 0, frame=frame)
+    if rank == 0:
+        result.skipped.extend(_unreadable(dataset))
     done: set[int] = set()
     log_file = None
     if log_path is not None:
@@ -278,6 +287,7 @@ def evaluate_baseline(dataset, *, limit: int | None = None, name: str = "baselin
     n = len(dataset) if limit is None else min(limit, len(dataset))
     metrics, diag = RoundMetrics(), Diagnostics()
     result = EvalResult(name, {}, 0)
+    result.skipped.extend(_unreadable(dataset))
     scorer = _Scorer(None, dataset, "original")
     for i in range(n):
         conv = dataset.get(i)

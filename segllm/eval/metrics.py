@@ -5,6 +5,10 @@
 - P@0.5: share of masks whose predicted box has IoU > 0.5 with the ground-truth mask's box.
 Boxes are (x0, y0, x1, y1) pixels with exclusive x1, y1 (the tight box of the mask).
 
+Empty against empty (an empty ground truth, correctly predicted empty, with an empty box) is a
+perfect answer under the default rule: IoU 1 and a P@0.5 hit. Under the released code's rule
+(``eps`` > 0) its IoU is 0, and it is a miss, so the two metrics never disagree on it.
+
 By default masks are compared at the original image resolution. :func:`released_frame_gt` and
 ``RoundMetrics(eps=1e-4)`` give the released code's variant instead: the ground truth resized
 (longest side 1024, bilinear on the 0/1 mask) and zero-padded to 1024x1024, the prediction in
@@ -81,8 +85,16 @@ def mask_scores(
         iou = inter / (union + eps)
     else:
         iou = inter / union if union else 1.0
-    hit = box_iou(mask_box(pred) if pred_box is None else np.asarray(pred_box, np.float64), mask_box(gt)) > 0.5
+    box, gt_box = mask_box(pred) if pred_box is None else np.asarray(pred_box, np.float64), mask_box(gt)
+    if _box_area(box) == 0 and _box_area(gt_box) == 0:
+        hit = iou > 0.5  # empty against empty: as the IoU says (a hit by default; see the module doc)
+    else:
+        hit = box_iou(box, gt_box) > 0.5
     return inter, union, iou, bool(hit)
+
+
+def _box_area(box: np.ndarray) -> float:
+    return max(0.0, float(box[2] - box[0])) * max(0.0, float(box[3] - box[1]))
 
 
 def released_frame_gt(gt: np.ndarray, size: int = 1024) -> np.ndarray:
@@ -104,8 +116,9 @@ class RoundMetrics:
     """Accumulates cIoU, mIoU and P@0.5 per round (1-indexed) and over all rounds.
 
     Args:
-        eps: per-mask IoU = I / (U + eps); 0 (the default) counts an empty union as IoU 1, the
-            released code uses 1e-4 (an empty union then counts as 0).
+        eps: per-mask IoU = I / (U + eps); 0 (the default) counts an empty union as IoU 1 (and
+            empty against empty as a P@0.5 hit), the released code uses 1e-4 (an empty union then
+            counts as 0, and a miss).
     """
 
     def __init__(self, eps: float = 0.0) -> None:

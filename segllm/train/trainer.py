@@ -25,13 +25,14 @@ from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from segllm.checkpoint import usual_permissions
+from segllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, usual_permissions
 from segllm.config import from_dict
 from segllm.data.mix import MixedConversations
 from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.released.convert import ReleasedConversations
 from segllm.data.world import WorldConfig
 from segllm.decoders.hipie import HipieDecoderConfig
+from segllm.errors import CheckpointError
 from segllm.eval.evaluate import evaluate
 from segllm.model.builder import build_segllm
 from segllm.model.llava import segllm_from_llava15
@@ -139,7 +140,9 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     """Run a recipe; returns the losses and evaluations of this run (main process).
 
     Args:
-        resume: continue from ``output_dir/checkpoint-last``.
+        resume: continue from ``output_dir/checkpoint-last`` (or, after a save interrupted between
+            its renames, from the newest complete checkpoint it left; see :func:`_recover_last`).
+            Raises :class:`CheckpointError` naming the folder where there is none.
         progress: show a progress bar.
         stop_after: stop (with a checkpoint) once this step is reached, as if interrupted; the
             schedule stays that of ``recipe.steps``, so ``resume`` continues the same run.
@@ -155,6 +158,11 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
     )
     out = Path(recipe.output_dir)
     last = out / LAST
+    if resume:
+        # every process must see the same folder: the main one repairs an interrupted save first
+        if acc.is_main_process:
+            _recover_last(out)
+        acc.wait_for_everyone()
     train_set, val_set = build_datasets(recipe, processes=acc.num_processes)
     recipe = recipe.resolved(getattr(train_set, "epoch_size", None) or len(train_set), acc.num_processes)
     start_step, samples_seen, history = 0, 0, {"evals": []}
@@ -165,7 +173,7 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         if acc.is_main_process:
             log.info("resuming from %s at step %d", last, start_step)
     elif resume:
-        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+        raise CheckpointError(f"--resume: no checkpoint to resume from in {out} (no complete {LAST} folder there)")
     else:
         if recipe.model.llava.path:
             li = recipe.model.llava
@@ -340,6 +348,56 @@ def part_grad_norms(model) -> dict[str, float]:
     return out
 
 
+OLD = ".checkpoint-old"  # _save's name for the previous checkpoint-last while the new one is renamed in
+TMP_PREFIX = ".ckpt."  # _save's temp folders, .ckpt.<step>
+
+
+def _complete_step(folder: Path) -> int | None:
+    """The step of a complete checkpoint folder (its trainer_state.json, written last, parses, and
+    the model's config and weights are there), else None."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    model = folder / "model"
+    if not ((model / CONFIG_NAME).is_file() and (model / WEIGHTS_NAME).is_file()):
+        return None
+    return step
+
+
+def _recover_last(out: Path) -> Path | None:
+    """Make ``out/checkpoint-last`` the newest complete checkpoint after an interrupted save.
+
+    :func:`_save` writes a temp folder (``.ckpt.<step>``), renames checkpoint-last to
+    ``.checkpoint-old`` and the temp folder to checkpoint-last; a run killed between those renames
+    leaves no checkpoint-last, only the old one (and the complete new temp folder). The newest
+    complete candidate is renamed to checkpoint-last (the same renames as a save, so a crash here
+    loses nothing either); returns it, or None where there is no complete checkpoint at all.
+    """
+    last = out / LAST
+    candidates = [last, out / OLD, *sorted(out.glob(TMP_PREFIX + "*"))]
+    steps = {c: _complete_step(c) for c in candidates if c.is_dir()}
+    complete = {c: s for c, s in steps.items() if s is not None}
+    if not complete:
+        return None
+    best = max(complete, key=lambda c: (complete[c], c == last))  # the newest; checkpoint-last on a tie
+    if best != last:
+        log.warning("checkpoint-last is missing or older: resuming from %s (step %d), left by an interrupted save", best, complete[best])
+        if last.exists():
+            old = out / OLD
+            if best != old and old.exists():
+                shutil.rmtree(old)
+            if best == old:  # checkpoint-last is damaged or older: kept aside, never deleted
+                stale = out / ".checkpoint-stale"
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(last, stale)
+            else:
+                os.replace(last, old)
+        os.replace(best, last)
+    return last
+
+
 def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False, deepspeed: bool = False) -> None:
     """Write checkpoint-last atomically: a crash loses at most the steps since the last save.
 
@@ -353,7 +411,7 @@ def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False, deep
     if sharded:
         model_state, opt_state = fsdp.full_model_state(core), fsdp.full_optimizer_state(core, opt)
     # a name every process knows, so that all of them can write into it (DeepSpeed)
-    tmp = out / f".ckpt.{state['step']}"
+    tmp = out / f"{TMP_PREFIX}{state['step']}"
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -369,7 +427,7 @@ def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False, deep
                 save_optimizer(opt.optimizer if hasattr(opt, "optimizer") else opt, tmp / "optimizer.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
             usual_permissions(tmp)
-            old = out / ".checkpoint-old"
+            old = out / OLD
             if old.exists():
                 shutil.rmtree(old)
             if (out / LAST).exists():

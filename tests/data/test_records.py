@@ -5,6 +5,7 @@ import pytest
 
 from segllm.data.records import ConversationFolder, RecordError, WorldConversations, record_to_conversation
 from segllm.data.world import WorldConfig, write_split
+from segllm.eval.evaluate import evaluate_baseline
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,11 @@ def test_bad_records_are_skipped_and_named(folder, tmp_path):
     assert ds.get(3) is None and "0 <seg> in the answer but 1 mask" in ds.skipped.items[-1][1]
     with pytest.raises(RecordError, match=r"conversations.jsonl:5"):
         ds[3]
+    # an evaluation counts the malformed line with the records it could not use
+    assert ds.unreadable == [ds.skipped.items[0]]
+    result = evaluate_baseline(ConversationFolder(ds.root))
+    assert len(result.skipped) == 4 and result.to_dict()["skipped"] == 4
+    assert any("conversations.jsonl:2" in where for where, _ in result.skipped)
 
 
 def test_empty_dataset(tmp_path, folder):

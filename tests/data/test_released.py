@@ -314,6 +314,18 @@ def test_encode_ties_and_image_checks(released_layout, tmp_path):
     assert conv(turn("human", f"[MASK-ENCODE:{IMG1}|refcoco|103] b", ind=1)).rounds[1].refs == (1,)
     with pytest.raises(RecordError, match="mask 103 is no earlier round's MASK-DECODE target"):
         conv(turn("human", f"[MASK-ENCODE:{IMG1}|refcoco|103] b"))
+    # ind -1 is the original's "no reference" (its demos write it on every turn without an encode)
+    plain = conv(turn("human", "the one on the left", ind=[-1]))
+    assert plain.rounds[1].refs == () and plain.rounds[1].question == "the one on the left"
+    assert conv(turn("human", "b", ind=-1)).rounds[1].refs == ()
+    rec = {"task": "segmentation", "base": None,
+           "conversations": [turn("human", f"[IMAGE256:{IMG1}] a"), turn("gpt", "ok"), turn("human", "b", ind=[-1]), turn("gpt", "ok")]}
+    assert parse_record(rec).turns[2].ind == () and parse_record(rec).to_record() == rec  # written back as it was
+    assert conv(turn("human", f"[MASK-ENCODE:{IMG1}|refcoco|101] b", ind=[-1])).rounds[1].refs == (1,)  # tied by id
+    with pytest.raises(RecordError, match="mixes -1"):
+        conv(turn("human", f"[MASK-ENCODE:{IMG1}|refcoco|101] b", ind=[-1, 1]))
+    with pytest.raises(RecordError, match="'ind' entry -2 is not a 1-based round number"):
+        conv(turn("human", "b", ind=[-2]))
     # an encode without ind ties by its id alone
     assert conv(turn("human", f"[BOX-ENCODE:{IMG1}|refcoco|101] b")).rounds[1].refs == (1,)
     with pytest.raises(RecordError, match="differs from the conversation's"):

@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from segllm.cli import main
 from segllm.data.benchmark_readers import TEMPLATES, ReasonSegData, RefcocoSentences, read_templates
@@ -85,6 +86,18 @@ def test_refcoco_bad_refs_are_skipped(released_layout, tmp_path):
     assert got[0] is None and got[1] is not None and got[2] is None
     reasons = [r for _, r in data.skipped.items]
     assert "annotation 999 is not in instances.json" in reasons[0] and "empty" in reasons[1]
+
+
+def test_reasonseg_ignore_follows_the_exif_orientation(released_layout):
+    """A photo stored 20 wide x 16 tall with EXIF orientation 6 is read 16 x 20 (as displayed): the
+    ignore map is made at that size too, so the evaluation can apply it."""
+    rs1 = released_layout["images"] / "reason_seg/images/train/rs1.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((16, 20, 3), 90, np.uint8)).save(rs1, exif=exif.tobytes())
+    data = ReasonSegData(released_layout["images"] / "reason_seg/images/train", released_layout["ann"] / "reason_seg/annotations/train")
+    (ignore,) = data.ignore(0)[0]
+    assert data[0].image.shape[:2] == ignore.shape == (20, 16)
 
 
 def test_reasonseg_question_target_and_ignore(released_layout):

@@ -105,6 +105,7 @@ def test_skipped_records_are_reported(tmp_path):
             from segllm.data.records import Skipped
 
             self.skipped = Skipped()
+            self.unreadable = [("convs.jsonl:4", "malformed JSON")]  # dropped while reading: no index
 
         def get(self, i):
             if i == 1:
@@ -113,7 +114,11 @@ def test_skipped_records_are_reported(tmp_path):
             return self.convs[i]
 
     r = evaluate(Oracle(gts), WithBad([conv, conv, conv]), protocol="oracle")
-    assert r.conversations == 2 and r.skipped == [("record 1", "broken")]
+    assert r.conversations == 2 and r.skipped == [("convs.jsonl:4", "malformed JSON"), ("record 1", "broken")]
+    assert r.to_dict()["skipped"] == 2
+    # several processes: the dropped lines are counted once, by rank 0
+    other = evaluate(Oracle(gts), WithBad([conv, conv, conv]), protocol="oracle", rank=1, world_size=2)
+    assert other.skipped == [("record 1", "broken")]
     paths = write_reports([r], tmp_path, name="x")
     assert [p.name for p in paths] == ["x.json", "x.csv", "x_ciou.png"]
     assert "oracle,1,100.00" in (tmp_path / "x.csv").read_text()

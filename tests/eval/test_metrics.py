@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from segllm.eval.metrics import RoundMetrics, box_iou, mask_box
+from segllm.eval.metrics import RoundMetrics, box_iou, mask_box, mask_scores
 
 
 def _mask(h, w, y0, y1, x0, x1):
@@ -91,3 +91,18 @@ def test_diagnostics_slices():
     assert s["per_family"]["positional"]["cIoU"] == pytest.approx(100 * 5 / 30)
     assert s["text_resolvable"]["true"]["n"] == 1 and s["text_resolvable"]["false"]["n"] == 2
     assert set(s["text_resolvable_late"]) == {"false"}
+
+
+def test_empty_against_empty_is_iou_1_and_a_hit():
+    empty = np.zeros((6, 6), bool)
+    m = RoundMetrics()
+    assert m.add(1, empty, empty) == 1.0
+    s = m.summary()["1"]
+    assert s["mIoU"] == 100.0 and s["P@0.5"] == 100.0  # the two metrics agree
+    # a predicted box with area on an empty ground truth is still a miss; so is an empty prediction of a real mask
+    assert mask_scores(empty, empty, np.array([0, 0, 3, 3]))[3] is False
+    full = empty.copy()
+    full[1:4, 1:4] = True
+    assert mask_scores(empty, full)[2:] == (0.0, False)
+    # the released rule (eps): IoU 0, and a miss
+    assert mask_scores(empty, empty, eps=1e-4)[2:] == (0.0, False)

@@ -10,6 +10,7 @@ from segllm.cli import main
 from segllm.config import LoraConfig
 from segllm.errors import ConfigError
 from segllm.model.lora import has_lora
+from tests.tolerance import assert_close_scaled
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "test_tiny.toml"
 
@@ -60,7 +61,7 @@ def test_checkpoint_keeps_adapters_and_merge_preserves_outputs(make_model, three
     merged = SegLLM.from_pretrained(tmp_path / "merged")
     assert not has_lora(merged.llm) and merged.config.llm.lora.r == 0
     assert not any("lora_" in k or "base_layer" in k for k in merged.state_dict())
-    torch.testing.assert_close(_hidden(merged, three_rounds), before, atol=1e-5, rtol=1e-4)
+    assert_close_scaled(_hidden(merged, three_rounds), before, rel=1e-5, rtol=1e-4)  # merging changes the rounding only
     assert main(["merge-lora", str(tmp_path / "merged"), str(tmp_path / "again")]) == 2
 
 

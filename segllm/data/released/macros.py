@@ -280,8 +280,17 @@ def plain_text(pieces: Sequence[Piece], *, replace: Callable[[Macro], str] | Non
 # ----------------------------------------------------------------------------------- ind
 
 
+NO_REFERENCE = -1  # the original's "this turn refers to no earlier round" (its demos write "ind": [-1])
+
+
 def parse_ind(ind: Any) -> tuple[int, ...]:
-    """A human turn's ``ind``: an int or a list of ints (1-based earlier rounds)."""
+    """A human turn's ``ind``: an int or a list of ints (1-based earlier rounds).
+
+    ``-1`` means no reference: the original's inference code writes ``"ind": [-1]`` on a turn
+    without MASK-ENCODE / BOX-ENCODE and pads its reference list with -1, so an ``ind`` of only
+    -1 entries reads as ``()``. Mixed with round numbers it would shift which encode each number
+    belongs to (the original indexes encodes by position), so that is refused.
+    """
     items = ind if isinstance(ind, (list, tuple)) else [ind]
     out = []
     for x in items:
@@ -293,9 +302,13 @@ def parse_ind(ind: Any) -> tuple[int, ...]:
             raise RecordError(f"'ind' entry {x!r} is not a round number") from None
         if isinstance(x, float) and k != x:
             raise RecordError(f"'ind' entry {x!r} is not a whole round number")
-        if k < 1:
-            raise RecordError(f"'ind' entry {k} is not a 1-based round number")
+        if k < 1 and k != NO_REFERENCE:
+            raise RecordError(f"'ind' entry {k} is not a 1-based round number (or -1 for no reference)")
         out.append(k)
+    if NO_REFERENCE in out:
+        if any(k != NO_REFERENCE for k in out):
+            raise RecordError(f"'ind' {ind!r} mixes -1 (no reference) with round numbers")
+        return ()
     return tuple(out)
 
 
