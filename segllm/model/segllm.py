@@ -506,7 +506,13 @@ class SegLLM(nn.Module):
             slots.append((proc.mask_id, batch.memory_batch, batch.memory_pos, mask_feats))
             has_box = batch.box_pos >= 0
             slots.append((proc.box_id, batch.memory_batch[has_box], batch.box_pos[has_box], box_feats[has_box]))
-        return self.inject(ids, slots, batch.attention_mask)
+        embeds = self.inject(ids, slots, batch.attention_mask)
+        if not batch.memory_pos.numel() and self.training and torch.is_grad_enabled():
+            # a batch without earlier masks still gives the box encoder a (zero) gradient: sharded
+            # training (FSDP) reduces every parameter's gradient on every process, and processes
+            # whose batches differ in this would exchange different sizes and fail
+            embeds = embeds + 0.0 * self.memory.encode_boxes(embeds.new_zeros(0, 4)).sum()
+        return embeds
 
     def _memory_scale(self, M: int, like: Tensor) -> Tensor:
         cfg = self.config.memory
