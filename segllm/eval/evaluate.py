@@ -443,7 +443,3 @@ def format_table(results: list[EvalResult], *, title: str = "") -> str:
         if parts:
             lines.append(f"{r.protocol}: " + "; ".join(parts))
     return "\n".join(lines)
-
-
-def mean_ciou(result: EvalResult) -> float:
-    return float(np.nan_to_num(result.metrics.get("all", {}).get("cIoU", float("nan"))))

@@ -242,10 +242,6 @@ class WorldObject:
         return {"colour": self.colour, "shape": self.shape, "size": self.size,
                 "texture": self.texture}
 
-    @property
-    def top_level(self) -> bool:
-        return self.parent is None
-
     def to_dict(self) -> dict:
         return {"id": self.id, "kind": self.kind, "parent_id": self.parent,
                 "part_ids": list(self.parts), "attributes": self.attributes,
