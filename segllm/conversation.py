@@ -7,8 +7,10 @@ masks themselves (ground truth for training, predictions at inference).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -184,34 +186,35 @@ _SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations shown rotated by 90 degrees: width
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of an image file as :func:`load_image` returns it (EXIF orientation
     applied), read from the header without decoding the pixels."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"image file not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                sideways = im.getexif().get(0x0112) in _SIDEWAYS
-    except Exception as e:  # every reader error is the file's problem
-        raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    with _opened(Path(path)) as im:
+        w, h = im.size
+        sideways = im.getexif().get(0x0112) in _SIDEWAYS
     return (w, h) if sideways else (h, w)
 
 
 def _read_image_file(path: Path, max_side: int) -> np.ndarray:
     """Decode ``path`` as displayed, refusing oversized images from the header before decoding."""
+    with _opened(path) as im:
+        w, h = im.size  # read from the header: nothing is decoded yet
+        _check_side(h, w, max_side, where=str(path))
+        im.load()
+        return _pil_to_rgb(ImageOps.exif_transpose(im))
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """``path`` opened by Pillow (header read, pixels not decoded); every reader error, here or in
+    the caller's block, becomes an :class:`ImageError` naming the file."""
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     try:
         with warnings.catch_warnings():
-            # max_side, checked below from the header, is the size limit; Pillow's pixel-count
-            # warning would only repeat it (its hard error, at twice that count, is caught below)
+            # the callers' max_side, checked from the header, is the size limit; Pillow's
+            # pixel-count warning would only repeat it (its hard error, at twice that count, is
+            # caught below)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                w, h = im.size  # read from the header: nothing is decoded yet
-                _check_side(h, w, max_side, where=str(path))
-                im.load()
-                return _pil_to_rgb(ImageOps.exif_transpose(im))
+                yield im
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
