@@ -2,11 +2,15 @@
 
 ``tiny``: a few hundred thousand parameters, for tests (builds in well under a second).
 ``small``: the size of the bundled default model (CPU-trainable).
+``grounded`` and ``direct``: the ``small`` LLM with convolutional image encoders and dense
+attribute supervision (issue 13's designs); ``direct`` also has the direct mask decoder.
 Both use a LLaMA-layout LLM and a CLIP-layout vision tower built from config, so any
 transformers model of those families plugs into the same places.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from segllm.config import (
     PART_NAMES,
@@ -20,6 +24,7 @@ from segllm.config import (
     VisionConfig,
 )
 from segllm.data.world.dense import DENSE_GROUPS
+from segllm.decoders.direct.config import DirectDecoderConfig
 
 # every part starts from random weights here, so every part trains (a pretrained vision tower
 # would stay frozen, as in the released recipe)
@@ -111,4 +116,18 @@ def grounded_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMCon
     return cfg
 
 
-PRESETS = {"tiny": tiny_config, "small": small_config, "grounded": grounded_config}
+def direct_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig:
+    """The ``grounded`` model with the direct mask decoder (stride 4: 32x32 features and masks)
+    and a prompt head that reads its round's tokens.
+
+    Why: the masks are a dot product of the prompt with prompt-modulated pixel features
+    (:mod:`segllm.decoders.direct`), so the mask loss reaches the prompt head and the LLM in two
+    steps instead of through a two-way transformer and a hypernetwork (issue 13).
+    """
+    cfg = grounded_config(vocab_size, memory=memory)
+    cfg.decoder = DirectDecoderConfig(image_size=128, stride=4, encoder_width=32, encoder_depth=1, dim=128, fuse_dim=64, fuse_depth=1, context_grid=8)
+    cfg.prompt_head = dataclasses.replace(cfg.prompt_head, attend_round=True)
+    return cfg
+
+
+PRESETS = {"tiny": tiny_config, "small": small_config, "grounded": grounded_config, "direct": direct_config}

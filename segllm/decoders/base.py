@@ -94,6 +94,25 @@ def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Te
     return F.pad(resized, (0, pad_right, 0, pad_bottom))
 
 
+def normalized_frame(image: Tensor, size: int, mean: tuple[float, float, float], std: tuple[float, float, float]) -> tuple[Tensor, Frame]:
+    """uint8 image [3, H, W] -> float32 [3, size, size] and its :class:`Frame`: scaled to [0, 1],
+    normalised by ``mean`` / ``std`` per channel, resized (longest side ``size``) and zero-padded.
+
+    Normalising BEFORE padding leaves the padding exactly 0 in the normalised space (the mean
+    colour), as SAM does; normalisation is a per-channel affine map and the resize weights sum
+    to one, so normalising before or after the resize gives the same pixels.
+
+    Raises:
+        ImageError: if ``image`` is not a uint8 tensor of shape [3, H, W] with H, W >= 1.
+    """
+    height, width = check_image(image)
+    frame = Frame.fit(height, width, size)
+    x = image.float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return resize_and_pad(((x - m) / s)[None], frame)[0], frame
+
+
 def image_to_frame(image: Tensor, frame: Frame) -> Tensor:
     """uint8 image [3, H, W] -> uint8 [3, size, size]: resized with PIL's bilinear filter (as the
     released code's ResizeLongestSide) and zero-padded at the bottom/right."""

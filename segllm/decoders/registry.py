@@ -2,8 +2,8 @@
 
 A decoder config is a dataclass whose ``kind`` field (a string with a default) is its tag:
 ``SegLLMConfig.decoder`` is read as the registered class that ``decoder.kind`` names, and
-:func:`segllm.model.builder.build_decoder` calls that kind's build function. The three built-in
-kinds ("sam", "litemedsam", "hipie") are registered here, so they need no import by the user.
+:func:`segllm.model.builder.build_decoder` calls that kind's build function. The four built-in
+kinds ("sam", "litemedsam", "hipie", "direct") are registered here, so they need no import by the user.
 
 Adding a decoder::
 
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from segllm.decoders.direct.config import DirectDecoderConfig
 from segllm.decoders.hipie.config import HipieDecoderConfig
 from segllm.decoders.litemedsam.config import LiteMedSamDecoderConfig
 from segllm.decoders.sam.config import SamDecoderConfig
@@ -124,3 +125,4 @@ def decoder_kinds() -> list[str]:
 register_decoder("sam", SamDecoderConfig, "segllm.decoders.sam.decoder:build_sam_decoder")
 register_decoder("litemedsam", LiteMedSamDecoderConfig, "segllm.decoders.litemedsam.decoder:build_litemedsam_decoder")
 register_decoder("hipie", HipieDecoderConfig, "segllm.decoders.hipie.decoder:build_hipie_decoder")
+register_decoder("direct", DirectDecoderConfig, "segllm.decoders.direct.decoder:build_direct_decoder")

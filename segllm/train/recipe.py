@@ -41,7 +41,7 @@ class ModelRecipe:
     """Which model to train.
 
     Attributes:
-        preset: "tiny", "small" or "grounded" (see :mod:`segllm.presets`), used unless ``config``
+        preset: "tiny", "small", "grounded" or "direct" (see :mod:`segllm.presets`), used unless ``config``
             is set.
         config: path to a SegLLM config.json to use instead of a preset.
         memory: feed earlier masks back into the LLM (False: text-only history baseline).
@@ -55,7 +55,7 @@ class ModelRecipe:
             e.g. ``{select_weight = 1.0}``), applied to a new model's config.
     """
 
-    preset: Literal["tiny", "small", "grounded"] = "small"
+    preset: Literal["tiny", "small", "grounded", "direct"] = "small"
     config: str | None = None
     memory: bool = True
     init: str | None = None

@@ -37,8 +37,7 @@ from segllm.decoders.base import (
     Frame,
     MaskDecoder,
     check_decoder_inputs,
-    check_image,
-    resize_and_pad,
+    normalized_frame,
 )
 from segllm.decoders.convnet import ConvBackbone
 from segllm.decoders.layers import MLP
@@ -363,16 +362,7 @@ class SamMaskDecoder(SamFamilyDecoder):
         Raises:
             ImageError: if ``image`` is not a uint8 tensor of shape [3, H, W] with H, W >= 1.
         """
-        height, width = check_image(image)
-        frame = Frame.fit(height, width, self.image_size)
-        x = image.float().div_(255.0)
-        # Normalise BEFORE padding so the padding is exactly 0 in the normalised space (the mean
-        # colour), as SAM does. Normalisation is a per-channel affine map and the resize weights
-        # sum to one, so normalising before or after the resize gives the same pixels.
-        mean = torch.tensor(self.config.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.config.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
-        x = (x - mean) / std
-        return resize_and_pad(x[None], frame)[0], frame
+        return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
 
     # ----------------------------------------------------------------- decoding
 

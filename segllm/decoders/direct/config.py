@@ -1,0 +1,44 @@
+"""Hyperparameters of the direct mask decoder (light: no torch, so configs read fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["DirectDecoderConfig"]
+
+
+@dataclass
+class DirectDecoderConfig:
+    """A mask decoder whose masks are a dot product between the prompt and per-pixel features.
+
+    Attributes:
+        image_size: side of the square input, pixels (image resized longest side + padded).
+        stride: input pixels per feature cell (4, 8 or 16); masks come out at
+            ``image_size / stride`` per side.
+        encoder_width, encoder_depth: the convolutional image encoder
+            (:class:`segllm.decoders.convnet.ConvBackbone`: channels at stride 4, residual blocks
+            per resolution).
+        dim: width of the prompt tokens and of the encoder's output features.
+        fuse_dim: width of the prompt-modulated features the masks are read from.
+        fuse_depth: residual 3x3 convolution blocks after the prompt's modulation (local context:
+            the pixels around a pixel).
+        context_grid: side of the pooled grid that one self-attention block mixes (global
+            context: "left-most", "largest", "left of instance 1"); 0 turns it off. Must divide
+            the feature grid.
+        heads: attention heads of that block.
+        mean, std: normalisation of [0, 1] pixel values.
+    """
+
+    kind: Literal["direct"] = "direct"
+    image_size: int = 128
+    stride: int = 4
+    encoder_width: int = 64
+    encoder_depth: int = 2
+    dim: int = 128
+    fuse_dim: int = 64
+    fuse_depth: int = 1
+    context_grid: int = 8
+    heads: int = 4
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)

@@ -1,0 +1,156 @@
+"""The direct mask decoder: a mask is the dot product of the prompt with prompt-modulated
+per-pixel features.
+
+Why (issue 13): in the SAM-style decoder the prompt reaches the mask through a two-way
+transformer and a hypernetwork, all learned from scratch, and the project's experiments found the
+decoder learning a question-blind "where are the objects" mask while the prompt stayed unused.
+Here the prompt acts on the mask in two short steps: it scales and shifts every feature channel
+(FiLM) and its [SEG] / [REF] query vectors are dotted with each pixel's features, so the mask loss
+reaches the prompt (and the LLM behind it) directly. A small convolution stack gives each pixel
+its neighbourhood and one self-attention block over a pooled grid gives it the whole image
+(relations such as "left-most" or "left of instance 1" compare objects across the image).
+
+Shapes: B images, N prompts, K tokens per prompt (the first ``num_ref_tokens`` [REF]), D prompt
+width (``dim``), F ``fuse_dim``, g = image_size / stride feature grid side, c ``context_grid``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segllm.config import PromptHeadConfig
+from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, check_decoder_inputs, normalized_frame
+from segllm.decoders.convnet import ConvBackbone, ResidualBlock
+from segllm.decoders.direct.config import DirectDecoderConfig
+from segllm.decoders.layers import MLP
+from segllm.decoders.sam.decoder import EncoderBlock
+from segllm.errors import ConfigError
+
+__all__ = ["DirectMaskDecoder", "build_direct_decoder"]
+
+
+class DirectMaskDecoder(MaskDecoder):
+    """Image + N prompts of K tokens -> [N, 2, g, g] mask logits ([REF], [SEG]) and [N, 2] IoU.
+
+    Parameters under ``image_encoder.`` form the image encoder (the "decoder_encoder" part);
+    the rest is the decoder.
+    """
+
+    def __init__(self, config: DirectDecoderConfig, *, num_prompt_tokens: int, num_ref_tokens: int) -> None:
+        super().__init__()
+        _check_config(config, num_prompt_tokens, num_ref_tokens)
+        self.config = config
+        self.image_size = config.image_size
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_ref_tokens = num_ref_tokens
+        self.prompt_dim = config.dim
+        self.grid_size = config.image_size // config.stride
+        d, f = config.dim, config.fuse_dim
+
+        self.image_encoder = ConvBackbone(config.image_size, config.stride, config.encoder_width, config.encoder_depth, d)
+        self.prompt_norm = nn.LayerNorm(2 * d)
+        self.film = nn.Linear(2 * d, 2 * f)  # [REF; SEG] summary -> per-channel scale and shift
+        self.in_proj = nn.Conv2d(d, f, 1)
+        self.local = nn.Sequential(*(ResidualBlock(f) for _ in range(config.fuse_depth)))
+        if config.context_grid:
+            self.context_pos = nn.Parameter(torch.zeros(config.context_grid**2, f))
+            self.context = EncoderBlock(f, config.heads)
+            self.context_out = nn.Conv2d(f, f, 1)
+        self.out_norm = nn.GroupNorm(1, f)
+        self.queries = nn.ModuleList(nn.Linear(d, f) for _ in range(2))  # REF, SEG
+        self.mask_bias = nn.Parameter(torch.zeros(2))
+        self.iou_head = MLP(2 * d, d, 2, 2)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # the modulation starts as the identity, so at first the masks read the encoder's features
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        if self.config.context_grid:
+            nn.init.trunc_normal_(self.context_pos, std=0.02)
+            nn.init.zeros_(self.context_out.weight)  # the global branch starts switched off
+            nn.init.zeros_(self.context_out.bias)
+
+    @property
+    def output_size(self) -> int:
+        return self.grid_size
+
+    def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
+        """uint8 image [3, H, W] -> normalised float32 input [3, S, S] and its :class:`Frame`.
+
+        Raises:
+            ImageError: if ``image`` is not a uint8 tensor of shape [3, H, W] with H, W >= 1.
+        """
+        return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """[B, 3, S, S] preprocessed images -> features [B, dim, g, g]."""
+        return self.image_encoder(pixels)
+
+    def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> DecoderOutput:
+        """Decode N prompts.
+
+        Args:
+            image_features: [B, dim, g, g] from :meth:`encode_image`.
+            prompts: [N, K, dim] prompt tokens.
+            batch_index: [N] integer, which image each prompt belongs to (in [0, B)).
+
+        Returns:
+            DecoderOutput with mask_logits [N, 2, g, g] and iou_scores [N, 2].
+
+        Raises:
+            ValueError: naming the mismatch if a shape, dtype or index is wrong.
+        """
+        check_decoder_inputs(image_features, prompts, batch_index, width=self.prompt_dim, grid=self.grid_size, tokens=self.num_prompt_tokens)
+        dtype = self.film.weight.dtype
+        feats = image_features.to(dtype).index_select(0, batch_index.long())  # [N, D, g, g]
+        prompts = prompts.to(dtype)
+        r = self.num_ref_tokens
+        summary = torch.stack([prompts[:, :r].mean(1), prompts[:, r:].mean(1)], dim=1)  # [N, 2, D]: REF, SEG
+        both = self.prompt_norm(summary.flatten(1))  # [N, 2D]
+        scale, shift = self.film(both).chunk(2, dim=-1)  # [N, F] each
+
+        x = self.in_proj(feats) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]  # [N, F, g, g]
+        x = self.local(x)
+        if self.config.context_grid:
+            x = x + self._global(x)
+        x = self.out_norm(x)
+        q = torch.stack([self.queries[REF](summary[:, REF]), self.queries[SEG](summary[:, SEG])], dim=1)  # [N, 2, F]
+        n, f, g, _ = x.shape
+        masks = (q @ x.flatten(2)).view(n, 2, g, g) / math.sqrt(f) + self.mask_bias.view(1, 2, 1, 1)
+        return DecoderOutput(mask_logits=masks, iou_scores=self.iou_head(both))
+
+    def _global(self, x: Tensor) -> Tensor:
+        """[N, F, g, g] -> [N, F, g, g]: one self-attention block over the c x c average-pooled map,
+        brought back to g x g (nearest)."""
+        c = self.config.context_grid
+        n, f, g, _ = x.shape
+        pooled = F.adaptive_avg_pool2d(x, c).flatten(2).transpose(1, 2) + self.context_pos  # [N, c*c, F]
+        mixed = self.context(pooled).transpose(1, 2).reshape(n, f, c, c)
+        return self.context_out(F.interpolate(mixed, size=(g, g), mode="nearest"))
+
+
+def build_direct_decoder(config: DirectDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> DirectMaskDecoder:
+    """The decoder kind "direct" (see :mod:`segllm.decoders.registry`): random weights (there are
+    no pretrained ones, so ``load_weights`` changes nothing); the prompts must be ``dim`` wide."""
+    if prompt_head.dim != config.dim:
+        raise ConfigError(f"prompt_head.dim ({prompt_head.dim}) must equal decoder.dim ({config.dim})")
+    return DirectMaskDecoder(config, num_prompt_tokens=prompt_head.num_tokens, num_ref_tokens=prompt_head.num_ref_tokens)
+
+
+def _check_config(config: DirectDecoderConfig, num_prompt_tokens: int, num_ref_tokens: int) -> None:
+    if config.stride not in (4, 8, 16):
+        raise ConfigError(f"decoder.stride must be 4, 8 or 16, got {config.stride}")
+    if config.image_size % config.stride:
+        raise ConfigError(f"decoder.image_size {config.image_size} is not a multiple of stride {config.stride}")
+    g = config.image_size // config.stride
+    if config.context_grid and g % config.context_grid:
+        raise ConfigError(f"decoder.context_grid {config.context_grid} must divide the feature grid ({g})")
+    if config.context_grid and config.fuse_dim % config.heads:
+        raise ConfigError(f"decoder.fuse_dim {config.fuse_dim} is not divisible by decoder.heads {config.heads}")
+    if not 0 < num_ref_tokens < num_prompt_tokens:
+        raise ConfigError(f"the direct decoder needs [REF] and [SEG] tokens: num_ref_tokens {num_ref_tokens} of {num_prompt_tokens}")

@@ -1,0 +1,128 @@
+"""Tests of the direct mask decoder (tiny configs, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segllm.config import PromptHeadConfig, SegLLMConfig
+from segllm.decoders.base import REF, SEG, MaskDecoder
+from segllm.decoders.direct import DirectDecoderConfig, DirectMaskDecoder, build_direct_decoder
+from segllm.errors import ConfigError, ImageError
+from segllm.model.builder import build_segllm
+from segllm.model.segllm import SegLLM
+from segllm.presets import tiny_config
+from tests.tolerance import assert_close_scaled
+
+K, R, D = 4, 2, 32
+
+
+def config(**overrides) -> DirectDecoderConfig:
+    kwargs = {"image_size": 64, "stride": 4, "encoder_width": 16, "encoder_depth": 1, "dim": D, "fuse_dim": 16, "fuse_depth": 1, "context_grid": 4, "heads": 2}
+    return DirectDecoderConfig(**(kwargs | overrides))
+
+
+def make(seed: int = 0, **overrides) -> DirectMaskDecoder:
+    torch.manual_seed(seed)
+    return DirectMaskDecoder(config(**overrides), num_prompt_tokens=K, num_ref_tokens=R)
+
+
+def test_interface_and_shapes():
+    m = make()
+    assert isinstance(m, MaskDecoder)
+    assert (m.image_size, m.num_prompt_tokens, m.num_ref_tokens, m.prompt_dim, m.output_size) == (64, K, R, D, 16)
+    img = torch.randint(0, 256, (3, 40, 64), dtype=torch.uint8)
+    pixels, frame = m.preprocess(img)
+    assert pixels.shape == (3, 64, 64) and (frame.resized_height, frame.resized_width) == (40, 64)
+    assert torch.all(pixels[:, 40:] == 0)  # the padding is the mean colour
+    feats = m.encode_image(torch.stack([pixels, pixels.flip(-1)]))
+    assert feats.shape == (2, D, 16, 16)
+    out = m(feats, torch.randn(3, K, D), torch.tensor([0, 1, 1]))
+    assert out.mask_logits.shape == (3, 2, 16, 16) and out.iou_scores.shape == (3, 2)
+    assert torch.isfinite(out.mask_logits).all()
+    assert not torch.allclose(out.mask_logits[1], out.mask_logits[2])  # the prompt changes the mask
+    assert not torch.allclose(out.mask_logits[:, REF], out.mask_logits[:, SEG])
+
+
+def test_prompt_uses_its_own_image():
+    m = make()
+    feats = m.encode_image(torch.randn(2, 3, 64, 64))
+    p = torch.randn(1, K, D)
+    both = m(feats, p.expand(2, -1, -1), torch.tensor([0, 1]))
+    alone = m(feats[1:], p, torch.tensor([0]))
+    assert_close_scaled(both.mask_logits[1:], alone.mask_logits, rel=1e-5)
+    assert not torch.allclose(both.mask_logits[0], both.mask_logits[1])
+
+
+@pytest.mark.parametrize("context_grid", [0, 4])
+def test_the_mask_loss_reaches_the_prompt_at_initialisation(context_grid):
+    # the point of the design: a from-scratch prompt gets gradient from the first step
+    m = make(context_grid=context_grid)
+    feats = m.encode_image(torch.randn(1, 3, 64, 64)).detach()
+    for channel, own, other in ((SEG, slice(R, K), slice(0, R)), (REF, slice(0, R), slice(R, K))):
+        prompts = torch.randn(2, K, D, requires_grad=True)
+        out = m(feats, prompts, torch.tensor([0, 0]))
+        F.binary_cross_entropy_with_logits(out.mask_logits[:, channel], torch.ones(2, 16, 16)).backward()
+        assert prompts.grad[:, own].abs().sum() > 0
+        # the modulation starts as the identity, so the other half only matters once it has learned
+        assert prompts.grad[:, other].abs().sum() == 0
+
+
+def test_two_prompts_learn_two_different_masks():
+    # one image, two objects; prompt A must give the left one, prompt B the right one
+    m = make()
+    img = torch.zeros(1, 3, 64, 64)
+    img[:, 0, 8:24, 8:24] = 1.0
+    img[:, 2, 40:56, 40:56] = 1.0
+    target = torch.zeros(2, 16, 16)
+    target[0, 2:6, 2:6] = 1
+    target[1, 10:14, 10:14] = 1
+    prompts = torch.nn.Parameter(torch.randn(2, K, D))
+    opt = torch.optim.Adam([*m.parameters(), prompts], lr=3e-3)
+    for _ in range(150):
+        out = m(m.encode_image(img), prompts, torch.tensor([0, 0]))
+        loss = F.binary_cross_entropy_with_logits(out.mask_logits[:, SEG], target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pred = m(m.encode_image(img), prompts, torch.tensor([0, 0])).mask_logits[:, SEG] > 0
+    for i in range(2):
+        inter = (pred[i] & (target[i] > 0)).sum().item()
+        union = (pred[i] | (target[i] > 0)).sum().item()
+        assert inter / union > 0.8, (i, inter, union)
+
+
+def test_bad_configs_and_inputs_are_named():
+    with pytest.raises(ConfigError, match="stride"):
+        make(stride=5)
+    with pytest.raises(ConfigError, match="context_grid"):
+        make(context_grid=3)
+    with pytest.raises(ConfigError, match="REF"):
+        DirectMaskDecoder(config(), num_prompt_tokens=2, num_ref_tokens=0)
+    with pytest.raises(ConfigError, match="prompt_head.dim"):
+        build_direct_decoder(config(), PromptHeadConfig(num_tokens=K, num_ref_tokens=R, dim=D + 8))
+    m = make()
+    with pytest.raises(ValueError, match="tokens per prompt"):
+        m(torch.zeros(1, D, 16, 16), torch.zeros(1, K + 1, D), torch.tensor([0]))
+    with pytest.raises(ImageError, match="uint8"):
+        m.preprocess(torch.zeros(3, 8, 8))
+
+
+def test_a_model_with_the_direct_decoder_saves_and_loads(tokenizer, three_rounds, tmp_path):
+    cfg = tiny_config(len(tokenizer))
+    cfg.decoder = config(dim=cfg.prompt_head.dim)
+    assert SegLLMConfig.from_dict(cfg.to_dict()).decoder == cfg.decoder  # read back by its kind
+    torch.manual_seed(0)
+    model = build_segllm(cfg, copy.deepcopy(tokenizer)).eval()
+    out = model(model.prepare([three_rounds]))
+    assert torch.isfinite(out.loss)
+    model.save_pretrained(tmp_path / "m")
+    again = SegLLM.from_pretrained(tmp_path / "m").eval()
+    assert again.config.decoder.kind == "direct"
+    for (ma, sa), (mb, sb) in zip(model.segment([three_rounds])[0], again.segment([three_rounds])[0]):
+        assert np.array_equal(ma, mb)
+        assert_close_scaled(sa, sb, rel=1e-5, rtol=1e-4)
