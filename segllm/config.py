@@ -226,6 +226,9 @@ class LossConfig:
     select_weight: float = 0.0  # the selection loss (conversations with candidates; see SegLLM.forward)
 
 
+DENSE_FEATURES = ("vision", "decoder", "target")  # what DenseConfig.on may name
+
+
 @dataclass
 class DenseConfig:
     """Dense auxiliary supervision of image features (training only; see
@@ -235,17 +238,19 @@ class DenseConfig:
         groups: label groups and their class counts (class 0 is background), e.g. the world's
             ``{"colour": 10, "category": 25, "texture": 5, "size": 4}``; empty: off (no heads).
             Training conversations must carry these maps (``Conversation.dense``).
-        on: the features supervised: "vision" (the vision tower's patch tokens) and/or
-            "decoder" (the mask decoder's image features).
+        on: the features supervised: "vision" (the vision tower's patch tokens), "decoder"
+            (the mask decoder's image features) and "target" (each ``<seg>``'s prompt, the mean
+            of its [SEG] tokens, learns the classes of the object it asks for: the most common
+            class under its target mask, per group).
     """
 
     groups: dict[str, int] = field(default_factory=dict)
     on: tuple[str, ...] = ("vision", "decoder")
 
     def __post_init__(self) -> None:
-        bad = [o for o in self.on if o not in ("vision", "decoder")]
+        bad = [o for o in self.on if o not in DENSE_FEATURES]
         if bad:
-            raise ConfigError(f"dense.on names unknown feature(s) {bad}; known: ['vision', 'decoder']")
+            raise ConfigError(f"dense.on names unknown feature(s) {bad}; known: {list(DENSE_FEATURES)}")
         for name, n in self.groups.items():
             if not isinstance(n, int) or n < 2:
                 raise ConfigError(f"dense.groups[{name!r}] must be a class count >= 2, got {n!r}")

@@ -122,11 +122,14 @@ def direct_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfi
 
     Why: the masks are a dot product of the prompt with prompt-modulated pixel features
     (:mod:`segllm.decoders.direct`), so the mask loss reaches the prompt head and the LLM in two
-    steps instead of through a two-way transformer and a hypernetwork (issue 13).
+    steps instead of through a two-way transformer and a hypernetwork (issue 13). The dense heads
+    also teach each prompt the classes of the object it asks for (``dense.on`` "target"), so the
+    prompt and the pixel features learn the same attribute vocabulary.
     """
     cfg = grounded_config(vocab_size, memory=memory)
     cfg.decoder = DirectDecoderConfig(image_size=128, stride=4, encoder_width=32, encoder_depth=1, dim=128, fuse_dim=64, fuse_depth=1, context_grid=8)
     cfg.prompt_head = dataclasses.replace(cfg.prompt_head, attend_round=True)
+    cfg.dense = DenseConfig(groups=dict(DENSE_GROUPS), on=("vision", "decoder", "target"))
     return cfg
 
 

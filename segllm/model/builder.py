@@ -51,7 +51,7 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     decoder = build_decoder(config, load_weights=load_weights)
     dense_head = None
     if config.dense.groups:
-        dense_head = DenseHeads(config.dense, {"vision": vision.hidden_size, "decoder": decoder.prompt_dim})
+        dense_head = DenseHeads(config.dense, {"vision": vision.hidden_size, "decoder": decoder.prompt_dim, "target": decoder.prompt_dim})
     processor = Processor(
         tokenizer,
         config.template,

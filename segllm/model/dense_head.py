@@ -12,6 +12,7 @@ Shapes: B images, G label groups, g feature grid side, S label map side.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +37,32 @@ class DenseHeads(nn.Module):
         total = sum(self.groups.values())
         self.heads = nn.ModuleDict({name: nn.Linear(widths[name], total) for name in config.on})
 
+    def _group_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean over the label groups of the cross-entropy of ``logits`` [..., sum of classes]
+        against ``labels`` [..., G] (``IGNORE_LABEL`` skipped); zero where nothing is supervised."""
+        total = logits.new_zeros((), dtype=torch.float32)
+        start = 0
+        for i, n in enumerate(self.groups.values()):
+            lg = logits[..., start : start + n].reshape(-1, n).float()
+            tg = labels[..., i].reshape(-1)
+            start += n
+            if (tg != IGNORE_LABEL).any():
+                total = total + F.cross_entropy(lg, tg, ignore_index=IGNORE_LABEL)
+        return total / max(1, len(self.groups))
+
+    def target_loss(self, prompts: Tensor, labels: Tensor) -> Tensor:
+        """The "target" head: which classes the object each ``<seg>`` asks for has.
+
+        Args:
+            prompts: [S, D] each ``<seg>``'s prompt summary (the mean of its [SEG] tokens).
+            labels: [S, G] long, from :func:`target_labels`.
+
+        Returns:
+            scalar loss (zero when nothing is supervised).
+        """
+        w = self.heads["target"].weight
+        return self._group_loss(self.heads["target"](prompts.to(w.dtype)), labels.to(prompts.device))
+
     def loss(self, name: str, features: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the label groups.
 
@@ -53,12 +80,28 @@ class DenseHeads(nn.Module):
         centres = ((torch.arange(g, device=labels.device) + 0.5) * s / g).long().clamp_(max=s - 1)
         cells = labels[:, :, centres][:, :, :, centres]  # [B, G, g, g]
         logits = self.heads[name](features.float() if features.dtype != self.heads[name].weight.dtype else features)
-        total = features.new_zeros((), dtype=torch.float32)
-        start = 0
-        for i, n in enumerate(self.groups.values()):
-            lg = logits[..., start : start + n].reshape(-1, n).float()
-            tg = cells[:, i].reshape(-1)
-            start += n
-            if (tg != IGNORE_LABEL).any():
-                total = total + F.cross_entropy(lg, tg, ignore_index=IGNORE_LABEL)
-        return total / max(1, len(self.groups))
+        return self._group_loss(logits, cells.permute(0, 2, 3, 1))
+
+
+def target_labels(dense: dict[str, np.ndarray], masks: list[np.ndarray], groups: list[str]) -> Tensor:
+    """The classes of the objects some masks cover: per mask and group, the most common
+    non-background class under the mask (``IGNORE_LABEL`` where the mask covers only background
+    or nothing).
+
+    Args:
+        dense: a conversation's class maps [H, W] by group (``Conversation.dense``).
+        masks: bool [H, W] target masks at the same resolution.
+        groups: the label groups, in the heads' order.
+
+    Returns:
+        [len(masks), len(groups)] long.
+    """
+    out = torch.full((len(masks), len(groups)), IGNORE_LABEL, dtype=torch.long)
+    for g, name in enumerate(groups):
+        labels = np.asarray(dense[name])
+        for i, m in enumerate(masks):
+            counts = np.bincount(labels[np.asarray(m, dtype=bool)].astype(np.int64).ravel(), minlength=1)
+            counts[0] = 0  # background says nothing about the object
+            if counts.any():
+                out[i, g] = int(counts.argmax())
+    return out

@@ -45,7 +45,7 @@ from segllm.decoders.hipie.criterion import (
 )
 from segllm.errors import ConfigError, ConversationError, PlaceholderMismatchError
 from segllm.losses import bce_loss, box_loss, dice_loss, focal_loss, mask_iou
-from segllm.model.dense_head import IGNORE_LABEL, DenseHeads
+from segllm.model.dense_head import IGNORE_LABEL, DenseHeads, target_labels
 from segllm.model.lora import add_lora, is_lora_parameter, merge_lora
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
@@ -72,6 +72,8 @@ class Batch:
         dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] long per-pixel class maps in
             the vision tower's and the decoder's input frames, for the dense auxiliary loss
             (``None`` unless the model has dense heads and every conversation has ``dense``).
+        seg_attrs: [S, G] long classes of each ``<seg>``'s target object per dense label group
+            (``dense.on`` has "target"; ``IGNORE_LABEL`` where unknown), else ``None``.
         seg_context: [S, T] long positions of each ``<seg>``'s round tokens before it (the
             user turn and the answer so far), -1 padded; for ``prompt_head.attend_round``.
         cand_masks: [C, h, w] soft masks of every conversation's candidate objects in the
@@ -100,6 +102,7 @@ class Batch:
     has_ref: Tensor | None = None
     dense_vision: Tensor | None = None
     dense_decoder: Tensor | None = None
+    seg_attrs: Tensor | None = None
     seg_context: Tensor | None = None
     cand_masks: Tensor | None = None
     seg_pool: Tensor | None = None
@@ -356,6 +359,10 @@ class SegLLM(nn.Module):
             batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
             if self.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
                 batch.dense_vision, batch.dense_decoder = self._dense_targets(conversations, frames)
+                if "target" in self.config.dense.on:
+                    groups = list(self.config.dense.groups)
+                    rows = [target_labels(c.dense, [c.rounds[i.round_index].masks[i.index] for i in e.segs], groups) for c, e in zip(conversations, encs)]
+                    batch.seg_attrs = torch.cat(rows) if rows else torch.zeros(0, len(groups), dtype=torch.long)
             if self.config.loss.select_weight and conversations and all(c.candidates is not None for c in conversations):
                 batch.cand_masks, batch.seg_pool, batch.seg_valid = self._selection_targets(conversations, encs, frames)
         return batch
@@ -570,7 +577,7 @@ class SegLLM(nn.Module):
                 terms.append(self.dense_head.loss("vision", patches.reshape(patches.shape[0], g, g, -1), batch.dense_vision.to(patches.device)))
             if "decoder" in self.config.dense.on:
                 terms.append(self.dense_head.loss("decoder", decoder_feats.permute(0, 2, 3, 1), batch.dense_decoder.to(decoder_feats.device)))
-            dense_loss = sum(terms) / len(terms)
+            dense_loss = sum(terms) / len(terms) if terms else None
         embeds = self.embed(batch, image_tokens=image_tokens)
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         labels = batch.labels[:, 1:]
@@ -583,7 +590,13 @@ class SegLLM(nn.Module):
             lm_loss = zero
         if cfg.set_prediction:
             return self._set_prediction_forward(hidden, batch, lm_loss, zero)
-        mask_logits, iou, boxes = self._decode(hidden, batch, decoder_feats)
+        decoded, prompts = self._run_decoder(hidden, batch, feats=decoder_feats)
+        mask_logits, iou, boxes = decoded.mask_logits, decoded.iou_scores, decoded.boxes
+        if dense and batch.seg_attrs is not None and len(prompts):
+            # the prompt learns what its target is (the image terms above: what each pixel is)
+            r = self.config.prompt_head.num_ref_tokens
+            target_term = self.dense_head.target_loss(prompts[:, r:].mean(1), batch.seg_attrs)
+            dense_loss = target_term if dense_loss is None else dense_loss + target_term
         S = mask_logits.shape[0]
         select_loss = None
         if S and batch.seg_targets is not None:

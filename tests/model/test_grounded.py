@@ -11,7 +11,7 @@ from segllm.conversation import Conversation
 from segllm.decoders.convnet import ConvBackbone, coordinate_channels
 from segllm.errors import ConfigError, ConversationError
 from segllm.model.builder import build_segllm
-from segllm.model.dense_head import IGNORE_LABEL
+from segllm.model.dense_head import IGNORE_LABEL, target_labels
 from segllm.model.segllm import SegLLM
 from segllm.presets import tiny_config
 from tests.tolerance import assert_close_scaled
@@ -121,6 +121,44 @@ def test_dense_heads_learn_the_labels(grounded, three_rounds):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_target_labels_are_the_most_common_object_class_under_the_mask():
+    dense = {"colour": np.array([[0, 1, 1], [2, 2, 2]]), "shape": np.zeros((2, 3), np.int16)}
+    masks = [np.array([[1, 1, 1], [1, 1, 1]], bool), np.array([[1, 1, 0], [0, 0, 0]], bool), np.zeros((2, 3), bool)]
+    got = target_labels(dense, masks, ["colour", "shape"])
+    # colour 2 (3 pixels) beats 1 (2) and background; the second mask is 1 pixel of background and
+    # 1 of colour 1; shape is background everywhere and the empty mask covers nothing: unknown
+    assert got.tolist() == [[2, IGNORE_LABEL], [1, IGNORE_LABEL], [IGNORE_LABEL, IGNORE_LABEL]]
+
+
+def test_the_target_head_teaches_each_prompt_its_object(tokenizer, three_rounds):
+    cfg = tiny_grounded(len(tokenizer))
+    cfg.dense = DenseConfig(groups=dict(GROUPS), on=("decoder", "target"))
+    torch.manual_seed(0)
+    model = build_segllm(cfg, copy.deepcopy(tokenizer)).train()
+    batch = model.prepare([with_dense(three_rounds)])
+    # round 1's target has colour 1 and shape 2; round 2's colour 2 and no shape; round 3's target
+    # lies in round 1's box corner only partly: whatever covers most of it
+    assert batch.seg_attrs.shape == (3, 2)
+    assert batch.seg_attrs[0].tolist() == [1, 2] and batch.seg_attrs[1].tolist() == [2, IGNORE_LABEL]
+    only_image = copy.deepcopy(model)
+    only_image.config.dense = DenseConfig(groups=dict(GROUPS), on=("decoder",))
+    with_target, without = model(batch).dense_loss, only_image(only_image.prepare([with_dense(three_rounds)])).dense_loss
+    assert with_target > without  # the target term is added
+    # with the target head alone, the dense loss is the target term: the prompts learn it
+    only_target = copy.deepcopy(model)
+    only_target.config.dense = DenseConfig(groups=dict(GROUPS), on=("target",))
+    params = [p for part in ("llm", "prompt_head", "dense_head") for p in only_target.part_parameters()[part]]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = only_target(batch).dense_loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.3 * losses[0]
 
 
 def test_missing_label_group_is_named(grounded, three_rounds):
