@@ -62,6 +62,9 @@ class Conversation:
       objects, 1 parts), for the selection loss (``LossConfig.select_weight``).
     - ``alternatives``: round index (0-based) -> indices into ``candidates`` of every valid
       answer, for rounds with several right answers ("segment one of the red objects").
+    - ``named``: per round, the class each ``dense`` label group's value the question names
+      (0: the question does not name one), e.g. ``{"colour": 1, "texture": 0, ...}`` for "the
+      red object", for the decoder's attribute matching (``attributes`` of the direct decoder).
     """
 
     image: np.ndarray
@@ -70,6 +73,7 @@ class Conversation:
     candidates: np.ndarray | None = None
     candidate_groups: np.ndarray | None = None
     alternatives: dict[int, list[int]] | None = None
+    named: list[dict[str, int]] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -124,7 +128,8 @@ class Conversation:
 
     def truncated(self, num_rounds: int) -> Conversation:
         """The first ``num_rounds`` rounds (references stay valid since they point backwards)."""
-        return replace(self, rounds=list(self.rounds[:num_rounds]))
+        named = None if self.named is None else list(self.named[:num_rounds])
+        return replace(self, rounds=list(self.rounds[:num_rounds]), named=named)
 
 
 def parse_refs(text: str, *, instance_mentions: bool = True) -> tuple[str, tuple[int, ...]]:

@@ -117,20 +117,25 @@ def grounded_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMCon
 
 
 def direct_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig:
-    """The ``grounded`` model with the direct mask decoder (stride 4: 32x32 features and masks)
-    and a prompt head that reads its round's tokens.
+    """The ``grounded`` LLM side with the direct mask decoder (stride 4: 32x32 features and masks)
+    with attribute matching, and a prompt head that reads its round's tokens.
 
-    Why: the masks are a dot product of the prompt with prompt-modulated pixel features
+    Why (issue 13): the masks are a dot product of the prompt with prompt-modulated pixel features
     (:mod:`segllm.decoders.direct`), so the mask loss reaches the prompt head and the LLM in two
-    steps instead of through a two-way transformer and a hypernetwork (issue 13). The dense heads
-    also teach each prompt the classes of the object it asks for (``dense.on`` "target"), so the
-    prompt and the pixel features learn the same attribute vocabulary.
+    steps instead of through a two-way transformer and a hypernetwork; and the decoder's attribute
+    matching marks the pixels whose classes (colour, category, texture, size) the question names,
+    with both classifiers supervised directly (the pixels by the world's dense maps, the prompt by
+    what its question names), so "the red star" can be found before the rest of the model has
+    learned to link words to pixels.
     """
     cfg = grounded_config(vocab_size, memory=memory)
-    cfg.decoder = DirectDecoderConfig(image_size=128, stride=4, encoder_width=32, encoder_depth=1, dim=128, fuse_dim=64, fuse_depth=1, context_grid=8)
+    cfg.decoder = DirectDecoderConfig(
+        image_size=128, stride=4, encoder_width=32, encoder_depth=1, dim=128, fuse_dim=64, fuse_depth=1, context_grid=8,
+        attributes=dict(DENSE_GROUPS),
+    )
     cfg.prompt_head = dataclasses.replace(cfg.prompt_head, attend_round=True)
-    cfg.dense = DenseConfig(groups=dict(DENSE_GROUPS), on=("vision", "decoder", "target"))
+    # the decoder's own pixel classifier is its dense head; the vision tower keeps one
+    cfg.dense = DenseConfig(groups=dict(DENSE_GROUPS), on=("vision",))
     return cfg
-
 
 PRESETS = {"tiny": tiny_config, "small": small_config, "grounded": grounded_config, "direct": direct_config}

@@ -37,7 +37,7 @@ from pycocotools.coco import COCO
 
 from segllm.conversation import Conversation, Round, load_image
 from segllm.data.world import World, WorldConfig
-from segllm.data.world.dense import dense_labels
+from segllm.data.world.dense import dense_labels, named_labels
 from segllm.errors import SegLLMError
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,7 @@ class WorldConversations:
         s = self.sample(index)
         conv = record_to_conversation(s.record, s.image, lambda mid: s.masks[mid])
         conv.dense = dense_labels(s.objects, s.masks)
+        conv.named = [named_labels(q.head) for q in s.queries]
         ids = sorted(s.masks)
         conv.candidates = np.stack([s.masks[i] for i in ids])
         parents = {o.id: o.parent for o in s.objects}

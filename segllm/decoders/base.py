@@ -68,12 +68,17 @@ class DecoderOutput:
         set_outputs: optional decoder-specific per-query predictions for set-prediction
             training losses (HIPIE: :class:`~segllm.decoders.hipie.decoder.HipieSetOutputs`),
             only when the caller asks for them; None otherwise.
+        attributes: for decoders with attribute matching (the direct decoder's
+            ``attributes``), the class logits of every pixel, [B, g, g, T] per image (T: the
+            groups' class counts summed), and of every prompt's named classes, [N, T], for the
+            dense labels to supervise; None otherwise.
     """
 
     mask_logits: Tensor
     iou_scores: Tensor
     boxes: Tensor | None = None
     set_outputs: Any = None
+    attributes: tuple[Tensor, Tensor] | None = None
 
 
 def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Tensor:

@@ -7,6 +7,7 @@ from transformers import PreTrainedTokenizerBase
 from segllm.config import SegLLMConfig
 from segllm.decoders.base import MaskDecoder
 from segllm.decoders.registry import decoder_kind
+from segllm.errors import ConfigError
 from segllm.model.dense_head import DenseHeads
 from segllm.model.llm import _config_dict, build_llm, max_positions
 from segllm.model.lora import add_lora
@@ -49,6 +50,10 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
     memory = MaskMemoryEncoder(config.memory, d_llm)
     prompt_head = PromptHead(config.prompt_head, d_llm)
     decoder = build_decoder(config, load_weights=load_weights)
+    attributes = getattr(config.decoder, "attributes", None)
+    if attributes and dict(attributes) != dict(config.dense.groups):
+        # the decoder's classifiers are supervised by the dense labels: the same groups
+        raise ConfigError(f"decoder.attributes {dict(attributes)} must equal dense.groups {dict(config.dense.groups)}")
     dense_head = None
     if config.dense.groups:
         dense_head = DenseHeads(config.dense, {"vision": vision.hidden_size, "decoder": decoder.prompt_dim, "target": decoder.prompt_dim})

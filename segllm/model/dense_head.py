@@ -37,19 +37,6 @@ class DenseHeads(nn.Module):
         total = sum(self.groups.values())
         self.heads = nn.ModuleDict({name: nn.Linear(widths[name], total) for name in config.on})
 
-    def _group_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Mean over the label groups of the cross-entropy of ``logits`` [..., sum of classes]
-        against ``labels`` [..., G] (``IGNORE_LABEL`` skipped); zero where nothing is supervised."""
-        total = logits.new_zeros((), dtype=torch.float32)
-        start = 0
-        for i, n in enumerate(self.groups.values()):
-            lg = logits[..., start : start + n].reshape(-1, n).float()
-            tg = labels[..., i].reshape(-1)
-            start += n
-            if (tg != IGNORE_LABEL).any():
-                total = total + F.cross_entropy(lg, tg, ignore_index=IGNORE_LABEL)
-        return total / max(1, len(self.groups))
-
     def target_loss(self, prompts: Tensor, labels: Tensor) -> Tensor:
         """The "target" head: which classes the object each ``<seg>`` asks for has.
 
@@ -61,7 +48,7 @@ class DenseHeads(nn.Module):
             scalar loss (zero when nothing is supervised).
         """
         w = self.heads["target"].weight
-        return self._group_loss(self.heads["target"](prompts.to(w.dtype)), labels.to(prompts.device))
+        return group_loss(self.groups, self.heads["target"](prompts.to(w.dtype)), labels.to(prompts.device))
 
     def loss(self, name: str, features: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the label groups.
@@ -75,12 +62,30 @@ class DenseHeads(nn.Module):
         Returns:
             scalar loss (zero when no pixel is supervised).
         """
-        g = features.shape[1]
-        s = labels.shape[-1]
-        centres = ((torch.arange(g, device=labels.device) + 0.5) * s / g).long().clamp_(max=s - 1)
-        cells = labels[:, :, centres][:, :, :, centres]  # [B, G, g, g]
         logits = self.heads[name](features.float() if features.dtype != self.heads[name].weight.dtype else features)
-        return self._group_loss(logits, cells.permute(0, 2, 3, 1))
+        return group_loss(self.groups, logits, cell_labels(labels, features.shape[1]))
+
+
+def cell_labels(labels: Tensor, g: int) -> Tensor:
+    """Class maps [B, G, S, S] -> the class at each of g x g cells' centre pixels, [B, g, g, G]."""
+    s = labels.shape[-1]
+    centres = ((torch.arange(g, device=labels.device) + 0.5) * s / g).long().clamp_(max=s - 1)
+    return labels[:, :, centres][:, :, :, centres].permute(0, 2, 3, 1)
+
+
+def group_loss(groups: dict[str, int], logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean over the label groups of the cross-entropy of ``logits`` [..., sum of class counts]
+    (the groups' classes side by side, in ``groups`` order) against ``labels`` [..., G]
+    (``IGNORE_LABEL`` skipped); zero where nothing is supervised."""
+    total = logits.new_zeros((), dtype=torch.float32)
+    start = 0
+    for i, n in enumerate(groups.values()):
+        lg = logits[..., start : start + n].reshape(-1, n).float()
+        tg = labels[..., i].reshape(-1)
+        start += n
+        if (tg != IGNORE_LABEL).any():
+            total = total + F.cross_entropy(lg, tg, ignore_index=IGNORE_LABEL)
+    return total / max(1, len(groups))
 
 
 def target_labels(dense: dict[str, np.ndarray], masks: list[np.ndarray], groups: list[str]) -> Tensor:

@@ -45,7 +45,7 @@ from segllm.decoders.hipie.criterion import (
 )
 from segllm.errors import ConfigError, ConversationError, PlaceholderMismatchError
 from segllm.losses import bce_loss, box_loss, dice_loss, focal_loss, mask_iou
-from segllm.model.dense_head import IGNORE_LABEL, DenseHeads, target_labels
+from segllm.model.dense_head import IGNORE_LABEL, DenseHeads, cell_labels, group_loss, target_labels
 from segllm.model.lora import add_lora, is_lora_parameter, merge_lora
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
@@ -74,6 +74,8 @@ class Batch:
             (``None`` unless the model has dense heads and every conversation has ``dense``).
         seg_attrs: [S, G] long classes of each ``<seg>``'s target object per dense label group
             (``dense.on`` has "target"; ``IGNORE_LABEL`` where unknown), else ``None``.
+        seg_named: [S, G] long classes each ``<seg>``'s question names per dense label group (0:
+            none; from ``Conversation.named``), for a decoder with attribute matching, else ``None``.
         seg_context: [S, T] long positions of each ``<seg>``'s round tokens before it (the
             user turn and the answer so far), -1 padded; for ``prompt_head.attend_round``.
         cand_masks: [C, h, w] soft masks of every conversation's candidate objects in the
@@ -103,6 +105,7 @@ class Batch:
     dense_vision: Tensor | None = None
     dense_decoder: Tensor | None = None
     seg_attrs: Tensor | None = None
+    seg_named: Tensor | None = None
     seg_context: Tensor | None = None
     cand_masks: Tensor | None = None
     seg_pool: Tensor | None = None
@@ -359,6 +362,10 @@ class SegLLM(nn.Module):
             batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
             if self.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
                 batch.dense_vision, batch.dense_decoder = self._dense_targets(conversations, frames)
+                if getattr(self.config.decoder, "attributes", None) and all(c.named is not None for c in conversations):
+                    groups = list(self.config.dense.groups)
+                    rows = [[c.named[i.round_index].get(g, 0) for g in groups] for c, e in zip(conversations, encs) for i in e.segs]
+                    batch.seg_named = torch.tensor(rows, dtype=torch.long).view(len(rows), len(groups))
                 if "target" in self.config.dense.on:
                     groups = list(self.config.dense.groups)
                     rows = [target_labels(c.dense, [c.rounds[i.round_index].masks[i.index] for i in e.segs], groups) for c, e in zip(conversations, encs)]
@@ -597,6 +604,16 @@ class SegLLM(nn.Module):
             r = self.config.prompt_head.num_ref_tokens
             target_term = self.dense_head.target_loss(prompts[:, r:].mean(1), batch.seg_attrs)
             dense_loss = target_term if dense_loss is None else dense_loss + target_term
+        if dense and decoded.attributes is not None:
+            # the direct decoder's attribute matching: its pixel classes learn the dense maps and
+            # its prompt classes what each question names
+            pixels, named = decoded.attributes
+            groups = self.config.dense.groups
+            terms = [group_loss(groups, pixels, cell_labels(batch.dense_decoder.to(pixels.device), pixels.shape[1]))]
+            if batch.seg_named is not None and len(named):
+                terms.append(group_loss(groups, named, batch.seg_named.to(named.device)))
+            attr_term = sum(terms) / len(terms)
+            dense_loss = attr_term if dense_loss is None else dense_loss + attr_term
         S = mask_logits.shape[0]
         select_loss = None
         if S and batch.seg_targets is not None:

@@ -33,3 +33,28 @@ def test_world_conversations_carry_the_maps():
     conv = WorldConversations("val", 4)[1]
     assert conv.dense is not None and conv.dense["colour"].shape == conv.size
     assert conv.truncated(1).dense is conv.dense
+
+
+def test_what_a_question_names_is_true_of_its_target():
+    from segllm.data.world.dense import named_labels
+    from segllm.data.world.language import Head
+    from segllm.model.dense_head import target_labels
+
+    assert named_labels(Head(colour="red", shape="star")) == {
+        "colour": COLOUR_CLASSES["red"], "category": CATEGORY_IDS["star"], "object": 0, "texture": 0, "size": 0}
+    assert named_labels(Head(shape="house", size="large"))["object"] == CATEGORY_IDS["house"]
+    ds = WorldConversations("train", 40, seed=3)
+    groups = list(DENSE_GROUPS)
+    named_somewhere = 0
+    for i in range(40):
+        conv = ds[i]
+        assert len(conv.named) == len(conv.rounds)
+        got = target_labels(conv.dense, [r.masks[0] for r in conv.rounds], groups)
+        for r, named in enumerate(conv.named):
+            for g, name in enumerate(groups):
+                if named[name]:
+                    named_somewhere += 1
+                    # pick rounds name what every valid answer shares, the target included
+                    assert got[r, g].item() == named[name], (i, r, name)
+    assert named_somewhere > 40
+    assert len(ds[0].truncated(1).named) == 1

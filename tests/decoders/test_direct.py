@@ -126,3 +126,33 @@ def test_a_model_with_the_direct_decoder_saves_and_loads(tokenizer, three_rounds
     for (ma, sa), (mb, sb) in zip(model.segment([three_rounds])[0], again.segment([three_rounds])[0]):
         assert np.array_equal(ma, mb)
         assert_close_scaled(sa, sb, rel=1e-5, rtol=1e-4)
+
+
+def test_attribute_matching_marks_the_pixels_of_the_named_class():
+    m = make(attributes={"colour": 3, "shape": 2})
+    pixels = torch.full((1, 5, 2, 2), -8.0)
+    pixels[0, 1, :, 0] = 8.0  # colour 1 in the left column, colour 2 in the right one
+    pixels[0, 2, :, 1] = 8.0
+    pixels[0, 4] = 8.0  # shape 1 everywhere
+    named = torch.full((2, 5), -20.0)
+    named[0, 1] = 20.0  # prompt 0 names colour 1 ...
+    named[0, 3] = 20.0  # ... and no shape
+    named[1, 0] = named[1, 3] = 20.0  # prompt 1 names nothing
+    match = m._match(pixels.expand(2, -1, -1, -1), named)
+    assert match.shape == (2, 2, 2)
+    assert (match[0, :, 0] > -1e-3).all() and (match[0, :, 1] < -15).all()  # log p(colour 1): ~0 left, ~-16 right
+    assert match[1].abs().max() < 1e-3  # naming nothing changes nothing
+
+
+def test_attribute_outputs_and_their_gradients():
+    m = make(attributes={"colour": 3, "shape": 2})
+    feats = m.encode_image(torch.randn(2, 3, 64, 64))
+    prompts = torch.randn(3, K, D, requires_grad=True)
+    out = m(feats, prompts, torch.tensor([0, 1, 1]))
+    pixels, named = out.attributes
+    assert pixels.shape == (2, 16, 16, 5) and named.shape == (3, 5)
+    named[:, 1].sum().backward()  # what a prompt names is read from its [SEG] tokens
+    assert prompts.grad[:, R:].abs().sum() > 0 and prompts.grad[:, :R].abs().sum() == 0
+    with pytest.raises(ConfigError, match="class count"):
+        make(attributes={"colour": 1})
+    assert make().forward(feats, prompts.detach(), torch.tensor([0, 1, 1])).attributes is None

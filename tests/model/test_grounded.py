@@ -250,3 +250,38 @@ def test_prompt_head_reads_its_rounds_tokens(make_model, three_rounds, tokenizer
         model.prompt_head(hidden[:, 0])
     segs = model.eval().segment([three_rounds])[0]
     assert [m.shape for m, _ in segs] == [(1, 48, 80)] * 3
+
+
+def test_the_direct_decoders_attribute_matching_trains_from_dense_and_named_labels(tokenizer, three_rounds):
+    from segllm.decoders.direct import DirectDecoderConfig
+
+    cfg = tiny_grounded(len(tokenizer))
+    cfg.decoder = DirectDecoderConfig(image_size=64, stride=4, encoder_width=16, encoder_depth=1, dim=32, fuse_dim=16, context_grid=4, heads=2, attributes=dict(GROUPS))
+    cfg.dense = DenseConfig(groups=dict(GROUPS), on=("vision",))
+    torch.manual_seed(0)
+    model = build_segllm(cfg, copy.deepcopy(tokenizer)).train()
+    conv = with_dense(three_rounds)
+    conv.named = [{"colour": 1, "shape": 2}, {"colour": 2}, {}]  # round 3 names nothing
+    batch = model.prepare([conv])
+    assert batch.seg_named.tolist() == [[1, 2], [2, 0], [0, 0]]
+    out = model(batch)
+    # the attribute terms come on top of the vision tower's dense term
+    assert out.dense_loss > model.dense_head.loss("vision", *_vision_features(model, batch))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = out.dense_loss.item()
+    for _ in range(30):
+        loss = model(batch).dense_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    # a config whose decoder groups differ from the dense labels is refused
+    cfg.decoder.attributes = {"colour": 3}
+    with pytest.raises(ConfigError, match="dense.groups"):
+        build_segllm(cfg, copy.deepcopy(tokenizer))
+
+
+def _vision_features(model, batch):
+    patches = model.vision(batch.image_pixels)
+    g = int(round(patches.shape[1] ** 0.5))
+    return patches.reshape(patches.shape[0], g, g, -1), batch.dense_vision

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segllm.data.world.scene import CATEGORY_IDS, COLOURS, MIXED, SIZES, TEXTURES, WorldObject
+from segllm.data.world.scene import CATEGORY_IDS, COLOURS, COMPOSITES, MIXED, SIZES, TEXTURES, WorldObject
 
 COLOUR_CLASSES = {c: i + 1 for i, c in enumerate(COLOURS)}
 SIZE_CLASSES = {s: i + 1 for i, s in enumerate(SIZES)}
@@ -47,4 +47,21 @@ def dense_labels(objects: list[WorldObject], masks: dict[int, np.ndarray]) -> di
             out["object"][m] = CATEGORY_IDS[o.shape]
             out["texture"][m] = TEXTURE_CLASSES.get(o.texture, 0)
             out["size"][m] = SIZE_CLASSES.get(o.size, 0)
+    return out
+
+
+def named_labels(head) -> dict[str, int]:
+    """The classes a question's head (:class:`segllm.data.world.language.Head`: the attributes the
+    asked-for object must have) names, by label group of :data:`DENSE_GROUPS`; 0 where it names
+    none. A composite's name ("house") is its ``object`` class; any other shape or part name
+    ("star", "roof") is its ``category`` class (what is drawn at the object's pixels)."""
+    out = dict.fromkeys(DENSE_GROUPS, 0)
+    if head.colour is not None and head.colour != MIXED:
+        out["colour"] = COLOUR_CLASSES[head.colour]
+    if head.texture is not None:
+        out["texture"] = TEXTURE_CLASSES[head.texture]
+    if head.size is not None:
+        out["size"] = SIZE_CLASSES[head.size]
+    if head.shape is not None:
+        out["object" if head.shape in COMPOSITES else "category"] = CATEGORY_IDS[head.shape]
     return out

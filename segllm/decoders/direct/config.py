@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = ["DirectDecoderConfig"]
@@ -27,6 +27,13 @@ class DirectDecoderConfig:
             context: "left-most", "largest", "left of instance 1"); 0 turns it off. Must divide
             the feature grid.
         heads: attention heads of that block.
+        attributes: attribute matching (empty: off): label groups and their class counts (class
+            0: background, or "not named" for a prompt), the same as ``SegLLMConfig.dense.groups``.
+            Each pixel's classes are predicted from the encoder's features and each prompt's
+            named classes from its [SEG] tokens (both supervised by the model's dense labels),
+            and the [SEG] mask gains, per group, the expected log-probability of the prompt's
+            named class at each pixel: "the red star" marks the pixels that are both red and
+            star-shaped, by construction, as soon as the two classifiers have learned.
         mean, std: normalisation of [0, 1] pixel values.
     """
 
@@ -40,5 +47,6 @@ class DirectDecoderConfig:
     fuse_depth: int = 1
     context_grid: int = 8
     heads: int = 4
+    attributes: dict[str, int] = field(default_factory=dict)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

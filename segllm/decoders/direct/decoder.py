@@ -64,6 +64,11 @@ class DirectMaskDecoder(MaskDecoder):
         self.queries = nn.ModuleList(nn.Linear(d, f) for _ in range(2))  # REF, SEG
         self.mask_bias = nn.Parameter(torch.zeros(2))
         self.iou_head = MLP(2 * d, d, 2, 2)
+        if config.attributes:
+            total = sum(config.attributes.values())
+            self.pixel_attributes = nn.Conv2d(d, total, 1)
+            self.prompt_attributes = nn.Linear(d, total)
+            self.match_scale = nn.Parameter(torch.ones(()))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -122,7 +127,35 @@ class DirectMaskDecoder(MaskDecoder):
         q = torch.stack([self.queries[REF](summary[:, REF]), self.queries[SEG](summary[:, SEG])], dim=1)  # [N, 2, F]
         n, f, g, _ = x.shape
         masks = (q @ x.flatten(2)).view(n, 2, g, g) / math.sqrt(f) + self.mask_bias.view(1, 2, 1, 1)
-        return DecoderOutput(mask_logits=masks, iou_scores=self.iou_head(both))
+        attributes = None
+        if self.config.attributes:
+            pixels = self.pixel_attributes(image_features.to(dtype))  # [B, T, g, g]
+            named = self.prompt_attributes(summary[:, SEG])  # [N, T]
+            match = self.match_scale * self._match(pixels.index_select(0, batch_index.long()), named)  # [N, g, g]
+            masks = torch.stack([masks[:, REF], masks[:, SEG] + match], dim=1)
+            attributes = (pixels.permute(0, 2, 3, 1), named)
+        return DecoderOutput(mask_logits=masks, iou_scores=self.iou_head(both), attributes=attributes)
+
+    def _match(self, pixels: Tensor, named: Tensor) -> Tensor:
+        """How well each pixel's classes agree with what each prompt names.
+
+        Args:
+            pixels: [N, T, g, g] class logits of each prompt's image.
+            named: [N, T] class logits of what each prompt names (class 0: names none).
+
+        Returns:
+            [N, g, g]: the sum over the groups of E_{c ~ named, c >= 1}[log p(c | pixel)]; a
+            group the prompt names nothing of (its mass on class 0) adds about 0, a named class
+            adds its log-probability at the pixel.
+        """
+        total = pixels.new_zeros(pixels.shape[0], *pixels.shape[2:])
+        start = 0
+        for n in self.config.attributes.values():
+            logp = F.log_softmax(pixels[:, start : start + n].float(), dim=1)[:, 1:]  # [N, n-1, g, g]
+            p = F.softmax(named[:, start : start + n].float(), dim=-1)[:, 1:]  # [N, n-1]
+            total = total + torch.einsum("nc,nchw->nhw", p, logp).to(total.dtype)
+            start += n
+        return total
 
     def _global(self, x: Tensor) -> Tensor:
         """[N, F, g, g] -> [N, F, g, g]: one self-attention block over the c x c average-pooled map,
@@ -152,5 +185,8 @@ def _check_config(config: DirectDecoderConfig, num_prompt_tokens: int, num_ref_t
         raise ConfigError(f"decoder.context_grid {config.context_grid} must divide the feature grid ({g})")
     if config.context_grid and config.fuse_dim % config.heads:
         raise ConfigError(f"decoder.fuse_dim {config.fuse_dim} is not divisible by decoder.heads {config.heads}")
+    for name, n in config.attributes.items():
+        if not isinstance(n, int) or n < 2:
+            raise ConfigError(f"decoder.attributes[{name!r}] must be a class count >= 2, got {n!r}")
     if not 0 < num_ref_tokens < num_prompt_tokens:
         raise ConfigError(f"the direct decoder needs [REF] and [SEG] tokens: num_ref_tokens {num_ref_tokens} of {num_prompt_tokens}")
