@@ -19,20 +19,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from segllm.checkpoint import save_pretrained
 from segllm.config import LoraConfig, SegLLMConfig
-from segllm.conversation import Conversation, Round
+from segllm.conversation import Conversation
 from segllm.decoders.base import (
     REF,
     SEG,
     DecoderOutput,
     Frame,
     MaskDecoder,
-    frame_to_image,
     image_to_frame,
-    logits_to_frame,
     mask_to_frame,
     masks_to_frame,
 )
@@ -49,6 +47,7 @@ from segllm.model.dense_head import IGNORE_LABEL, DenseHeads
 from segllm.model.lora import add_lora, is_lora_parameter, merge_lora
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
+from segllm.model.rounds import RoundEngine, frame_and_image_masks, round_context, seg_context, seg_prompts
 from segllm.model.vision import VisionTower
 from segllm.processor import IGNORE, Encoded, Processor
 
@@ -331,7 +330,7 @@ class SegLLM(nn.Module):
             box_pos=torch.tensor(bp, dtype=torch.long),
             seg_batch=torch.tensor([b for b, e in enumerate(encs) for _ in e.segs], dtype=torch.long),
             seg_pos=torch.tensor([s.pos for e in encs for s in e.segs], dtype=torch.long),
-            seg_context=_seg_context(encs) if self.config.prompt_head.attend_round else None,
+            seg_context=seg_context(encs) if self.config.prompt_head.attend_round else None,
             encoded=encs,
         )
         if targets:
@@ -424,7 +423,7 @@ class SegLLM(nn.Module):
         Args:
             image: [3, H, W] uint8.
             mask: [H, W] bool; or, when ``memory.crop_frame == "decoder"``, the mask in the
-                decoder's square frame ([Sd, Sd], as :meth:`decode_masks` gives it).
+                decoder's square frame ([Sd, Sd], as :meth:`segllm.model.rounds.RoundEngine.decode` gives it).
             box: the decoder's predicted box for this mask, [4] (x0, y0, x1, y1) float pixels of
                 the image; used when ``memory.box_source == "decoder"``.
         """
@@ -720,12 +719,11 @@ class SegLLM(nn.Module):
         seg_batch = batch.seg_batch if index is None else batch.seg_batch[index]
         seg_pos = batch.seg_pos if index is None else batch.seg_pos[index]
         seg_hidden = hidden[seg_batch, seg_pos - 1]  # the state that predicts <seg>
+        context = None
         if batch.seg_context is not None:
             positions = batch.seg_context.to(hidden.device)
-            positions = positions if index is None else positions[index]
-            prompts = self.prompt_head(seg_hidden, *round_context(hidden, seg_batch, positions))
-        else:
-            prompts = self.prompt_head(seg_hidden)
+            context = round_context(hidden, seg_batch, positions if index is None else positions[index])
+        prompts = seg_prompts(self.prompt_head, seg_hidden, *(context or ()))
         if feats is None:
             feats = self.encode_decoder_image(batch.decoder_pixels)
         if targets is None:
@@ -748,33 +746,12 @@ class SegLLM(nn.Module):
 
         Earlier rounds must have their answers and masks (ground truth or earlier predictions);
         the last round's answer is generated greedily, or taken from ``answer`` (teacher-forced,
-        e.g. ``"<seg>"``, as the released demo does). Runs the whole conversation (no cache);
-        :class:`segllm.session.Session` reuses work across rounds.
+        e.g. ``"<seg>"``, as the released demo does). Runs the whole conversation (no cache;
+        :meth:`segllm.model.rounds.RoundEngine.recompute`); :class:`segllm.session.Session`
+        reuses work across rounds.
         """
-        if not conversation.rounds:
-            raise ConversationError("conversation has no rounds")
-        last = conversation.rounds[-1]
-        if answer is None and last.answer is None:
-            answer = self.config.template.fixed_answer  # a model that never writes text
-        if answer is not None or last.answer is not None:
-            text = answer if answer is not None else last.answer
-            seg_count = text.count("<seg>")
-            # placeholder masks only satisfy validation: the last round's masks are what we predict
-            forced = Round(last.question, last.refs, text, [np.ones(conversation.size, bool)] * seg_count)
-            conv = Conversation(conversation.image, conversation.rounds[:-1] + [forced])
-            batch = self.prepare([conv], targets=False).to(self.device)
-            hidden = self.llm.get_decoder()(inputs_embeds=self.embed(batch), use_cache=False).last_hidden_state
-            enc, last = batch.encoded[0], len(conv.rounds) - 1
-            start = enc.round_spans[-1][0]
-            u_len = len(self.processor.user_ids(conv, last, start)[0])
-            token_ids = enc.input_ids[start + u_len : -1]
-            pos = torch.tensor([s.pos for s in enc.segs if s.round_index == last], dtype=torch.long, device=hidden.device)
-            seg_hidden = hidden[0, pos - 1]
-            return self._prediction(len(conv.rounds), token_ids, seg_hidden, batch)
-        batch = self.prepare([conversation], open_last=True, targets=False).to(self.device)
-        embeds = self.embed(batch)
-        token_ids, seg_hidden, _ = self.generate(embeds, max_new_tokens=max_new_tokens, num_rounds=len(conversation.rounds))
-        return self._prediction(len(conversation.rounds), token_ids, seg_hidden, batch)
+        r = RoundEngine(self).recompute(conversation, answer=answer, max_new_tokens=max_new_tokens)
+        return Prediction(r.round, r.text, r.masks, r.boxes, r.scores, r.token_ids)
 
     @torch.no_grad()
     def segment(self, conversations: Sequence[Conversation], *, frame: bool = False) -> list[list[tuple]]:
@@ -801,18 +778,20 @@ class SegLLM(nn.Module):
         s = 0
         for b, (conv, enc) in enumerate(zip(conversations, batch.encoded)):
             fr = batch.frames[b]
+            n = len(enc.segs)
+            if n:  # every <seg> of the image at once: they share its frame
+                frame_logits, masks = frame_and_image_masks(logits[s : s + n, SEG], fr)
             per_round: list[list[list]] = [[[], [], [], []] for _ in conv.rounds]
-            for item in enc.segs:
+            for k, item in enumerate(enc.segs):
                 entry = per_round[item.round_index]
-                frame_logits = logits_to_frame(logits[s : s + 1, SEG], fr)  # computed once for both resolutions
-                entry[0].append((frame_to_image(frame_logits, fr)[0] > 0).cpu().numpy())
-                entry[1].append(float(iou[s, SEG]))
+                entry[0].append(masks[k].cpu().numpy())
+                entry[1].append(float(iou[s + k, SEG]))
                 if frame:
-                    fm = frame_logits[0] > 0
+                    fm = frame_logits[k] > 0
                     entry[2].append(fm.cpu().numpy())
-                    box = boxes[s, SEG].float().cpu() if boxes is not None else mask_boxes(fm[None].cpu())[0]
+                    box = boxes[s + k, SEG].float().cpu() if boxes is not None else mask_boxes(fm[None].cpu())[0]
                     entry[3].append(box.numpy())
-                s += 1
+            s += n
             h, w, size = fr.height, fr.width, fr.size
             rounds = []
             for m, sc, fm, fb in per_round:
@@ -822,118 +801,6 @@ class SegLLM(nn.Module):
                 rounds.append(item)
             result.append(rounds)
         return result
-
-    @torch.no_grad()
-    def generate(self, embeds: Tensor, *, max_new_tokens: int, past_key_values=None, past_length: int = 0, num_rounds: int = 1):
-        """Greedy decoding from input embeddings [1, T, D] on top of an optional key/value cache.
-
-        The answer always ends with the end-of-answer token, which is fed through the LLM too,
-        so the returned cache covers exactly what the processor renders for this round.
-
-        Returns:
-            (answer token ids without the end token, [S, D] hidden states that predicted each
-            ``<seg>``, the key/value cache after the answer)
-        """
-        cache = past_key_values if past_key_values is not None else DynamicCache()
-        proc = self.processor
-        decoder = self.llm.get_decoder()
-        head = self.llm.get_output_embeddings()
-        emb = self.llm.get_input_embeddings()
-        proc.check_length(past_length + embeds.shape[1] + 1, num_rounds, reserve=0)
-        budget = min(max_new_tokens, proc.max_length - past_length - embeds.shape[1] - 1)
-        tokens: list[int] = []
-        seg_hidden: list[Tensor] = []
-        cur = embeds
-        prefilled = False
-        while len(tokens) < budget:
-            out = decoder(inputs_embeds=cur, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            prefilled = True
-            h = out.last_hidden_state[:, -1]
-            nxt = int(head(h).argmax(-1))
-            tokens.append(nxt)
-            if nxt == proc.eos_id:
-                break
-            if nxt == proc.seg_id:
-                seg_hidden.append(h[0])
-            cur = emb(torch.tensor([[nxt]], device=embeds.device))
-        # the cache now holds embeds + tokens[:-1]; feed the rest, ending with the end token
-        rest = tokens[-1:] if tokens else []
-        if not tokens or tokens[-1] != proc.eos_id:
-            tokens.append(proc.eos_id)
-            rest = rest + [proc.eos_id]
-        tail = emb(torch.tensor([rest], device=embeds.device))
-        if not prefilled:
-            tail = torch.cat([embeds, tail], dim=1)
-        cache = decoder(inputs_embeds=tail, past_key_values=cache, use_cache=True).past_key_values
-        hs = torch.stack(seg_hidden) if seg_hidden else embeds.new_zeros(0, embeds.shape[-1])
-        return tokens[:-1], hs, cache
-
-    def _prediction(self, round_number: int, token_ids: list[int], seg_hidden: Tensor, batch: Batch) -> Prediction:
-        frame = batch.frames[0]
-        masks, boxes, scores = self.decode_masks(seg_hidden, batch.decoder_pixels[:1], frame)
-        return Prediction(round_number, self.answer_text(token_ids), masks, boxes, scores, list(token_ids))
-
-    def answer_text(self, token_ids: list[int]) -> str:
-        """An answer's text from its token ids: ``<seg>`` kept, end and padding tokens dropped."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
-        for t in (self.tokenizer.eos_token, self.tokenizer.pad_token):
-            if t:
-                text = text.replace(t, "")
-        return text.strip()
-
-    @torch.no_grad()
-    def decode_masks(self, seg_hidden: Tensor, decoder_pixels_or_features: Tensor, frame: Frame, *, features: bool = False, frame_masks: bool = False):
-        """Masks at the image's resolution from the hidden states that predicted ``<seg>``.
-
-        Args:
-            seg_hidden: [S, D] LLM hidden states.
-            decoder_pixels_or_features: [1, 3, Sd, Sd] decoder input, or its features when
-                ``features`` is set (so a session computes them once per image).
-            frame: where the image sits in the decoder frame.
-            frame_masks: also return the masks in the decoder's square input frame.
-
-        Returns:
-            masks [S, H, W] bool, boxes [S, 4] float32, scores [S] float32 (numpy), and with
-            ``frame_masks`` the masks [S, Sd, Sd] bool in the decoder frame (the padding
-            included: a model whose memory works in that frame feeds these back).
-        """
-        S = seg_hidden.shape[0]
-        h, w = frame.height, frame.width
-        if S == 0:
-            empty = (np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
-            return (*empty, np.zeros((0, frame.size, frame.size), bool)) if frame_masks else empty
-        feats = decoder_pixels_or_features if features else self.encode_decoder_image(decoder_pixels_or_features)
-        prompts = self.prompt_head(seg_hidden.to(self.prompt_head.mlp[0].weight.dtype))
-        out = self.decoder(feats, prompts.to(feats.dtype), torch.zeros(S, dtype=torch.long, device=feats.device))
-        frame_logits = logits_to_frame(out.mask_logits[:, SEG], frame)  # computed once for both resolutions
-        masks = frame_to_image(frame_logits, frame) > 0
-        if self.config.memory.box_source == "decoder" and out.boxes is not None:
-            # the decoder's own box (it can differ from the mask's), back in image pixels
-            boxes = out.boxes[:, SEG].float().cpu() * (max(h, w) / frame.size)
-        else:
-            boxes = mask_boxes(masks.cpu())
-        result = (masks.cpu().numpy(), boxes.numpy().astype(np.float32), out.iou_scores[:, SEG].float().cpu().numpy())
-        if frame_masks:
-            return (*result, (frame_logits > 0).cpu().numpy())
-        return result
-
-
-def _seg_context(encs: list[Encoded]) -> Tensor:
-    """[S, T] positions of each ``<seg>``'s round tokens before it, -1 padded (see :class:`Batch`)."""
-    rows = [list(range(e.round_spans[item.round_index][0], item.pos)) for e in encs for item in e.segs]
-    t = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), max(1, t)), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def round_context(hidden: Tensor, rows: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather LLM states [N, T, D] at ``positions`` [N, T] (-1 = padding) of conversations
-    ``rows`` [N] from ``hidden`` [B, L, D]; returns them and the [N, T] bool mask of real ones."""
-    mask = positions >= 0
-    return hidden[rows[:, None], positions.clamp(min=0)], mask
 
 
 def _square_labels(maps: Tensor, s: int, resize: str) -> Tensor:
