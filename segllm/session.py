@@ -1,6 +1,8 @@
 """A conversation about one image, round by round: what the CLI, the web demo and evaluation use.
 
-``Session`` holds what earlier rounds computed so that a new round costs only its new work:
+``Session`` holds what earlier rounds computed so that a new round costs only its new work (a
+:class:`segllm.model.rounds.Dialogue`; the rounds themselves are run by
+:class:`segllm.model.rounds.RoundEngine`, the Session adds the history, references and exports):
 
 - the image's vision tokens and the mask decoder's image features, computed once per image;
 - the LLM's key/value cache over everything said so far; a new round feeds only its own

@@ -17,9 +17,10 @@ Every inference path runs its rounds here:
   training forward share :func:`seg_prompts`, :func:`seg_context`/:func:`round_context` and
   :func:`frame_and_image_masks` with them.
 
-The rule for a round without ``<seg>`` (a model that never writes text answers
-``template.fixed_answer``; with ``force_mask``, an answer without ``<seg>`` is replaced by
-``"<seg>"``) lives in :meth:`RoundEngine.answer_to_use` and :meth:`RoundEngine._with_forced_mask`.
+The rules for answering live here once: without a given answer, a model that never writes text
+answers ``template.fixed_answer`` (:meth:`RoundEngine.answer_to_use`), and with ``force_mask`` a
+round so answered without any ``<seg>`` is undone and answered ``"<seg>"`` instead
+(:meth:`RoundEngine._with_forced_mask`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Data flow of a round::
     image --> decoder image encoder --> image features                 hidden before <seg>
                                               |                              |
                                               +---- mask decoder <-- prompt head
+
+Inference rounds are run by :class:`segllm.model.rounds.RoundEngine` (``predict`` delegates to
+it); this module holds the composition, embedding, batch assembly and the training forward.
 """
 
 from __future__ import annotations
