@@ -192,7 +192,7 @@ class Session:
 
     @property
     def _frame_memory(self) -> bool:
-        return self.incremental and self.model.config.memory.crop_frame == "decoder"
+        return self.incremental and self._engine.frame_memory
 
     def _memory_mask(self, k: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Round k's j-th mask as the memory reads it, and its box (see ``RoundEngine.extend``)."""

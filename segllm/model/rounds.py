@@ -189,6 +189,13 @@ class RoundEngine:
     def _attend(self) -> bool:
         return self.model.config.prompt_head.attend_round
 
+    @property
+    def frame_memory(self) -> bool:
+        """Whether the memory crops earlier masks in the decoder's square frame
+        (``memory.crop_frame = "decoder"``, the released model): a caller that keeps masks then
+        feeds back ``RoundResult.frame_masks`` (padding included) through :meth:`extend`."""
+        return self.model.config.memory.crop_frame == "decoder"
+
     def answer_to_use(self, answer: str | None) -> str | None:
         """The answer to force for a round: ``answer``, or the model's fixed answer (a model that
         never writes text), or None (generate)."""
@@ -233,7 +240,7 @@ class RoundEngine:
     # -- one round, incrementally -----------------------------------------------------------
     @torch.no_grad()
     def extend(
-        self, dialogue: Dialogue, conv: Conversation, masks: MaskSource, *, answer: str | None = None,
+        self, dialogue: Dialogue, conv: Conversation, masks: MaskSource | None, *, answer: str | None = None,
         max_new_tokens: int = 32, force_mask: bool = False,
     ) -> RoundResult:
         """Answer the last round of ``conv`` on top of ``dialogue``, which holds its earlier rounds.
@@ -245,7 +252,8 @@ class RoundEngine:
         Args:
             dialogue: the conversation's state (``dialogue.rounds == len(conv.rounds) - 1``).
             conv: the conversation, its last round open (earlier rounds answered, with masks).
-            masks: where the memory reads earlier masks from (see :data:`MaskSource`).
+            masks: where the memory reads earlier masks from (see :data:`MaskSource`; only called
+                for masks not yet in ``dialogue.memory``, so None does for a round without refs).
             answer: force this answer; default the model's fixed answer, else generate.
             max_new_tokens: longest generated answer.
             force_mask: when a generated answer has no ``<seg>``, answer ``"<seg>"`` instead.
@@ -263,7 +271,7 @@ class RoundEngine:
         dialogue.lengths.append(dialogue.cache.get_seq_length())
         return result
 
-    def _extend(self, dialogue: Dialogue, conv: Conversation, masks: MaskSource, answer: str | None, max_new_tokens: int) -> RoundResult:
+    def _extend(self, dialogue: Dialogue, conv: Conversation, masks: MaskSource | None, answer: str | None, max_new_tokens: int) -> RoundResult:
         m = self.model
         proc, dev = m.processor, m.device
         i = len(conv.rounds) - 1
@@ -290,8 +298,10 @@ class RoundEngine:
             out = self._teacher_forced(embeds, dialogue.cache, a_ids[:-1], [s.pos - offset for s in segs], round_start=0)
         return self._result(i + 1, out, dialogue.image.features, dialogue.image.frame)
 
-    def _memory(self, dialogue: Dialogue, masks: MaskSource, k: int, j: int) -> tuple[Tensor, Tensor]:
+    def _memory(self, dialogue: Dialogue, masks: MaskSource | None, k: int, j: int) -> tuple[Tensor, Tensor]:
         if (k, j) not in dialogue.memory:
+            if masks is None:
+                raise ValueError(f"the round refers to round {k}'s masks, which the dialogue has not encoded: pass masks")
             mask, box = masks(k, j)
             dialogue.memory[(k, j)] = self.encode_memory(dialogue.image, mask, box)
         return dialogue.memory[(k, j)]
