@@ -1,6 +1,8 @@
 """A conversation about one image, round by round: what the CLI, the web demo and evaluation use.
 
-``Session`` holds what earlier rounds computed so that a new round costs only its new work:
+``Session`` holds what earlier rounds computed so that a new round costs only its new work (a
+:class:`segllm.model.rounds.Dialogue`; the rounds themselves are run by
+:class:`segllm.model.rounds.RoundEngine`, the Session adds the history, references and exports):
 
 - the image's vision tokens and the mask decoder's image features, computed once per image;
 - the LLM's key/value cache over everything said so far; a new round feeds only its own
@@ -15,16 +17,16 @@ answers and masks (up to float rounding), which the tests check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from segllm.conversation import Conversation, Round, load_image, parse_refs
 from segllm.default import load_model
 from segllm.errors import ConversationError, MaskError
 from segllm.export import save_masks, session_to_coco
+from segllm.model.rounds import Dialogue, RoundEngine
 from segllm.viz import overlay
 
 
@@ -57,15 +59,6 @@ class Reply:
     frame_masks: np.ndarray | None = None
 
 
-@dataclass
-class _State:
-    cache: object = None  # transformers DynamicCache
-    lengths: list[int] = field(default_factory=list)  # cache length after the prefix, then after each round
-    memory: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    decoder_features: torch.Tensor | None = None
-    frame: object = None
-
-
 class Session:
     """Segment objects in one image through a conversation.
 
@@ -85,7 +78,8 @@ class Session:
         self.force_mask = force_mask
         self.image: np.ndarray | None = None
         self.history: list[Reply] = []
-        self._state = _State()
+        self._engine = RoundEngine(self.model)
+        self._state: Dialogue | None = None  # the incremental state of the conversation
         if image is not None:
             self.set_image(image)
 
@@ -115,31 +109,22 @@ class Session:
         """Use a new image (and start a new conversation); its features are computed once here."""
         self.image = load_image(image)
         self.history = []
-        self._state = _State()
-        if self.incremental:
-            self._prefill()
+        self._state = self._engine.open(self._engine.encode_image(self.image)) if self.incremental else None
 
     def reset(self) -> None:
         """Forget every round (keep the image and its features)."""
         self._need_image()
         self.history = []
-        st = self._state
-        if st.cache is not None:
-            st.cache.crop(st.lengths[0])
-            del st.lengths[1:]
-        st.memory.clear()
+        if self._state is not None:
+            self._state.truncate(0)
 
     def undo(self) -> Reply | None:
         """Drop the last round; returns it (None when there is none)."""
         if not self.history:
             return None
         last = self.history.pop()
-        st = self._state
-        if st.cache is not None:
-            st.lengths.pop()
-            st.cache.crop(st.lengths[-1])
-        for key in [k for k in st.memory if k[0] == last.round]:
-            del st.memory[key]
+        if self._state is not None:
+            self._state.truncate(len(self.history))
         return last
 
     @property
@@ -184,17 +169,16 @@ class Session:
                     raise MaskError(f"round {n} refers to round {k}, whose mask is empty (zero area)")
         if not text:
             raise ConversationError("the question is empty once [REF:k] is removed")
-        try:
-            reply = self._answer(conv, answer)
-            if self.force_mask and answer is None and reply.masks.shape[0] == 0:
-                self._rewind()
-                reply = self._answer(conv, "<seg>")
-                reply.forced = True
-        except BaseException:
-            self._rewind()  # whatever failed, the session stays as it was before this round
-            raise
+        # the engine answers the round (and, with force_mask, asks for a mask where the answer
+        # has none); on an error it leaves the cache as it was
+        options = dict(answer=answer, max_new_tokens=self.max_new_tokens, force_mask=self.force_mask)
         if self.incremental:
-            self._state.lengths.append(self._state.cache.get_seq_length())
+            r = self._engine.extend(self._state, conv, self._memory_mask, **options)
+            frame_masks = r.frame_masks
+        else:
+            r = self._engine.recompute(conv, **options)
+            frame_masks = None  # as documented on Reply: only incremental rounds keep them
+        reply = Reply(r.round, text, all_refs, r.text, r.masks, r.boxes, r.scores, forced=r.forced, frame_masks=frame_masks)
         self.history.append(reply)
         assert reply.round == n
         return reply
@@ -208,82 +192,13 @@ class Session:
 
     @property
     def _frame_memory(self) -> bool:
-        return self.incremental and self.model.config.memory.crop_frame == "decoder"
+        return self.incremental and self._engine.frame_memory
 
-    def _answer(self, conv: Conversation, answer: str | None) -> Reply:
-        if answer is None:
-            answer = self.model.config.template.fixed_answer  # a model that never writes text
-        return self._incremental(conv, answer) if self.incremental else self._full(conv, answer)
-
-    def _rewind(self) -> None:
-        """Cut the cache back to the end of the last completed round."""
-        if self.incremental and self._state.cache is not None:
-            self._state.cache.crop(self._state.lengths[-1])
-
-    def _full(self, conv: Conversation, answer: str | None) -> Reply:
-        p = self.model.predict(conv, max_new_tokens=self.max_new_tokens, answer=answer)
-        last = conv.rounds[-1]
-        return Reply(p.round, last.question, last.refs, p.text, p.masks, p.boxes, p.scores)
-
-    def _prefill(self) -> None:
-        m, st = self.model, self._state
-        image = torch.tensor(self.image).permute(2, 0, 1)
-        ids, image_pos = m.processor.prefix_ids()
-        ids_t = torch.tensor([ids], device=m.device)
-        feats = m.image_features(m.vision.preprocess(image)[None].to(m.device))[0]
-        rows = torch.zeros(len(image_pos), dtype=torch.long, device=m.device)
-        embeds = m.inject(ids_t, [(m.processor.image_id, rows, torch.tensor(image_pos, device=m.device), feats)])
-        st.cache = DynamicCache()
-        m.llm.get_decoder()(inputs_embeds=embeds, past_key_values=st.cache, use_cache=True)
-        st.lengths = [len(ids)]
-        pixels, st.frame = m.decoder.preprocess(image)
-        st.decoder_features = m.encode_decoder_image(pixels[None].to(m.device))
-
-    def _memory(self, k: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask and box tokens of round k's j-th mask, computed once."""
-        st, m = self._state, self.model
-        if (k, j) not in st.memory:
-            image = torch.tensor(self.image).permute(2, 0, 1)
-            reply = self.history[k - 1]
-            mask = torch.tensor(reply.frame_masks[j] if self._frame_memory else reply.masks[j])
-            crop, box = m.memory_inputs(image, mask, torch.as_tensor(reply.boxes[j]))
-            mf, bf = m.memory_features(crop[None].to(m.device), box[None])
-            st.memory[(k, j)] = (mf[0], bf[0])
-        return st.memory[(k, j)]
-
-    def _incremental(self, conv: Conversation, answer: str | None) -> Reply:
-        m, st = self.model, self._state
-        proc = m.processor
-        i = len(conv.rounds) - 1
-        offset = st.lengths[-1]
-        u_ids, items = proc.user_ids(conv, i, offset)
-        dev = m.device
-        slots = []
-        if items:
-            feats = [self._memory(it.ref_round, it.mask_index) for it in items]
-            zeros = torch.zeros(len(items), dtype=torch.long, device=dev)
-            slots.append((proc.mask_id, zeros, torch.tensor([it.mask_pos - offset for it in items], device=dev), torch.stack([f[0] for f in feats])))
-            boxed = [(it, f) for it, f in zip(items, feats) if it.box_pos >= 0]
-            if boxed:
-                slots.append((proc.box_id, zeros[: len(boxed)], torch.tensor([it.box_pos - offset for it, _ in boxed], device=dev), torch.stack([f[1] for _, f in boxed])))
-        if answer is None:
-            embeds = m.inject(torch.tensor([u_ids], device=dev), slots)
-            tokens, seg_hidden, st.cache = m.generate(
-                embeds, max_new_tokens=self.max_new_tokens, past_key_values=st.cache, past_length=offset, num_rounds=i + 1
-            )
-        else:
-            forced = Conversation(conv.image, conv.rounds[:-1] + [Round(conv.rounds[-1].question, conv.rounds[-1].refs, answer, [])])
-            a_ids, segs = proc.answer_ids(forced, i, offset + len(u_ids))
-            ids = u_ids + a_ids
-            proc.check_length(offset + len(ids), i + 1, reserve=0)
-            embeds = m.inject(torch.tensor([ids], device=dev), slots)
-            hidden = m.llm.get_decoder()(inputs_embeds=embeds, past_key_values=st.cache, use_cache=True).last_hidden_state
-            pos = torch.tensor([s.pos - offset - 1 for s in segs], dtype=torch.long, device=dev)
-            seg_hidden = hidden[0, pos]
-            tokens = a_ids[:-1]
-        masks, boxes, scores, frame_masks = m.decode_masks(seg_hidden, st.decoder_features, st.frame, features=True, frame_masks=True)
-        last = conv.rounds[-1]
-        return Reply(i + 1, last.question, last.refs, m.answer_text(tokens), masks, boxes, scores, frame_masks=frame_masks)
+    def _memory_mask(self, k: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round k's j-th mask as the memory reads it, and its box (see ``RoundEngine.extend``)."""
+        reply = self.history[k - 1]
+        mask = reply.frame_masks[j] if self._frame_memory else reply.masks[j]
+        return torch.tensor(mask), torch.as_tensor(reply.boxes[j])
 
     def _need_image(self) -> None:
         if self.image is None:

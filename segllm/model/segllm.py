@@ -8,33 +8,35 @@ Data flow of a round::
     image --> decoder image encoder --> image features                 hidden before <seg>
                                               |                              |
                                               +---- mask decoder <-- prompt head
+
+Inference rounds are run by :class:`segllm.model.rounds.RoundEngine` (``predict`` delegates to
+it) and batches are assembled in :mod:`segllm.batch` (``prepare`` delegates to it); this module
+holds the composition, the embedding and the training forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from segllm.batch import Batch, build_batch
 from segllm.checkpoint import save_pretrained
 from segllm.config import LoraConfig, SegLLMConfig
-from segllm.conversation import Conversation, Round
+from segllm.conversation import Conversation
 from segllm.decoders.base import (
     REF,
     SEG,
     DecoderOutput,
     Frame,
     MaskDecoder,
-    frame_to_image,
     image_to_frame,
-    logits_to_frame,
     mask_to_frame,
-    masks_to_frame,
 )
 from segllm.decoders.hipie.criterion import (
     REF_LABEL,
@@ -43,81 +45,15 @@ from segllm.decoders.hipie.criterion import (
     SetTarget,
     make_denoising_queries,
 )
-from segllm.errors import ConfigError, ConversationError, PlaceholderMismatchError
+from segllm.errors import ConfigError, PlaceholderMismatchError
 from segllm.losses import bce_loss, box_loss, dice_loss, focal_loss, mask_iou
-from segllm.model.dense_head import IGNORE_LABEL, DenseHeads, cell_labels, group_loss, target_labels
+from segllm.model.dense_head import DenseHeads, cell_labels, group_loss
 from segllm.model.lora import add_lora, is_lora_parameter, merge_lora
 from segllm.model.memory import MaskMemoryEncoder, mask_boxes
 from segllm.model.prompt_head import PromptHead
+from segllm.model.rounds import RoundEngine, frame_and_image_masks, round_context, seg_prompts
 from segllm.model.vision import VisionTower
-from segllm.processor import IGNORE, Encoded, Processor
-
-
-@dataclass
-class Batch:
-    """Model input for B conversations (one image each), padded on the right to length L.
-
-    Attributes:
-        input_ids, attention_mask, labels: [B, L].
-        image_pixels: [B, 3, S, S] vision-tower input.
-        image_pos: [B, N] positions of the N image placeholders.
-        decoder_pixels: [B, 3, Sd, Sd] mask-decoder input; ``frames`` says where each image sits.
-        memory_pixels: [M, 3, S, S] masked crops of the M earlier masks fed back.
-        memory_boxes: [M, 4] their normalised boxes.
-        memory_batch, memory_pos, box_pos: [M] conversation index, mask placeholder position
-            and box placeholder position (-1 when boxes are off) of each.
-        seg_batch, seg_pos: [S] conversation index and position of each ``<seg>`` token.
-        seg_targets, ref_targets: [S, h, w] soft masks in the decoder's output frame
-            (``None`` at inference); ``has_ref``: [S] bool, whether the [REF] half is supervised.
-        dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] long per-pixel class maps in
-            the vision tower's and the decoder's input frames, for the dense auxiliary loss
-            (``None`` unless the model has dense heads and every conversation has ``dense``).
-        seg_attrs: [S, G] long classes of each ``<seg>``'s target object per dense label group
-            (``dense.on`` has "target"; ``IGNORE_LABEL`` where unknown), else ``None``.
-        seg_named: [S, G] long classes each ``<seg>``'s question names per dense label group (0:
-            none; from ``Conversation.named``), for a decoder with attribute matching, else ``None``.
-        seg_context: [S, T] long positions of each ``<seg>``'s round tokens before it (the
-            user turn and the answer so far), -1 padded; for ``prompt_head.attend_round``.
-        cand_masks: [C, h, w] soft masks of every conversation's candidate objects in the
-            decoder's output frame; ``seg_pool``, ``seg_valid``: [S, C] bool, the candidates each
-            ``<seg>`` chooses among (same image, same group) and the right ones (``None`` unless
-            every conversation has ``candidates`` and ``loss.select_weight`` > 0).
-        encoded: the processor's output per conversation.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-    image_pixels: Tensor
-    image_pos: Tensor
-    decoder_pixels: Tensor
-    frames: list[Frame]
-    memory_pixels: Tensor
-    memory_boxes: Tensor
-    memory_batch: Tensor
-    memory_pos: Tensor
-    box_pos: Tensor
-    seg_batch: Tensor
-    seg_pos: Tensor
-    seg_targets: Tensor | None = None
-    ref_targets: Tensor | None = None
-    has_ref: Tensor | None = None
-    dense_vision: Tensor | None = None
-    dense_decoder: Tensor | None = None
-    seg_attrs: Tensor | None = None
-    seg_named: Tensor | None = None
-    seg_context: Tensor | None = None
-    cand_masks: Tensor | None = None
-    seg_pool: Tensor | None = None
-    seg_valid: Tensor | None = None
-    encoded: list[Encoded] = field(default_factory=list)
-
-    def to(self, device: torch.device | str) -> Batch:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.to(device) if isinstance(v, Tensor) else v
-        return Batch(**out)
+from segllm.processor import IGNORE, Processor
 
 
 @dataclass
@@ -287,142 +223,15 @@ class SegLLM(nn.Module):
 
     # -- inputs ----------------------------------------------------------------------------
     def prepare(self, conversations: Sequence[Conversation], *, open_last: bool = False, targets: bool = True) -> Batch:
-        """Render and preprocess conversations into a :class:`Batch` (on the CPU).
+        """Render and preprocess conversations into a :class:`segllm.batch.Batch` (on the CPU; see
+        :func:`segllm.batch.build_batch`).
 
         Args:
             conversations: B conversations (validated here).
             open_last: each conversation's last round is to be answered by the model.
             targets: build ground-truth mask targets for the losses.
         """
-        encs = [self.processor.encode(c, open_last=open_last) for c in conversations]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.processor.eos_id
-        L = max(len(e) for e in encs)
-        B = len(encs)
-        ids = torch.full((B, L), pad, dtype=torch.long)
-        att = torch.zeros(B, L, dtype=torch.long)
-        lab = torch.full((B, L), IGNORE, dtype=torch.long)
-        for b, e in enumerate(encs):
-            ids[b, : len(e)] = torch.tensor(e.input_ids)
-            lab[b, : len(e)] = torch.tensor(e.labels)
-            att[b, : len(e)] = 1
-        images = [torch.tensor(c.image).permute(2, 0, 1) for c in conversations]  # a copy: inputs may be read-only
-        image_pixels = torch.stack([self.vision.preprocess(im) for im in images])
-        dec = [self.decoder.preprocess(im) for im in images]
-        decoder_pixels = torch.stack([d[0] for d in dec])
-        frames = [d[1] for d in dec]
-
-        crops, boxes, mb, mp, bp = [], [], [], [], []
-        for b, (c, e) in enumerate(zip(conversations, encs)):
-            for item in e.memory:
-                mask = torch.tensor(np.asarray(c.rounds[item.ref_round - 1].masks[item.mask_index], dtype=bool))
-                crop, box = self.memory_inputs(images[b], mask)
-                crops.append(crop)
-                boxes.append(box)
-                mb.append(b)
-                mp.append(item.mask_pos)
-                bp.append(item.box_pos)
-        s = self.config.vision.image_size
-        batch = Batch(
-            input_ids=ids,
-            attention_mask=att,
-            labels=lab,
-            image_pixels=image_pixels,
-            image_pos=torch.tensor([e.image_pos for e in encs], dtype=torch.long).view(B, -1),
-            decoder_pixels=decoder_pixels,
-            frames=frames,
-            memory_pixels=torch.stack(crops) if crops else torch.zeros(0, 3, s, s),
-            memory_boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
-            memory_batch=torch.tensor(mb, dtype=torch.long),
-            memory_pos=torch.tensor(mp, dtype=torch.long),
-            box_pos=torch.tensor(bp, dtype=torch.long),
-            seg_batch=torch.tensor([b for b, e in enumerate(encs) for _ in e.segs], dtype=torch.long),
-            seg_pos=torch.tensor([s.pos for e in encs for s in e.segs], dtype=torch.long),
-            seg_context=_seg_context(encs) if self.config.prompt_head.attend_round else None,
-            encoded=encs,
-        )
-        if targets:
-            out = self.decoder.output_size
-            seg_t, ref_t, has_ref = [], [], []
-            for c, e in zip(conversations, encs):
-                for item in e.segs:
-                    seg_t.append(torch.tensor(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)))
-                    if item.ref is not None:
-                        ref_t.append(torch.tensor(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)))
-                        has_ref.append(True)
-                    else:
-                        ref_t.append(torch.zeros_like(seg_t[-1]))
-                        has_ref.append(False)
-            if seg_t:
-                per_conv = [len(e.segs) for e in encs]
-                batch.seg_targets = _frame_targets(seg_t, per_conv, frames, out)
-                batch.ref_targets = _frame_targets(ref_t, per_conv, frames, out)
-            else:
-                batch.seg_targets = torch.zeros(0, out, out)
-                batch.ref_targets = torch.zeros(0, out, out)
-            batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
-            if self.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
-                batch.dense_vision, batch.dense_decoder = self._dense_targets(conversations, frames)
-                if getattr(self.config.decoder, "attributes", None) and all(c.named is not None for c in conversations):
-                    groups = list(self.config.dense.groups)
-                    rows = [[c.named[i.round_index].get(g, 0) for g in groups] for c, e in zip(conversations, encs) for i in e.segs]
-                    batch.seg_named = torch.tensor(rows, dtype=torch.long).view(len(rows), len(groups))
-                if "target" in self.config.dense.on:
-                    groups = list(self.config.dense.groups)
-                    rows = [target_labels(c.dense, [c.rounds[i.round_index].masks[i.index] for i in e.segs], groups) for c, e in zip(conversations, encs)]
-                    batch.seg_attrs = torch.cat(rows) if rows else torch.zeros(0, len(groups), dtype=torch.long)
-            if self.config.loss.select_weight and conversations and all(c.candidates is not None for c in conversations):
-                batch.cand_masks, batch.seg_pool, batch.seg_valid = self._selection_targets(conversations, encs, frames)
-        return batch
-
-    def _selection_targets(self, conversations: Sequence[Conversation], encs: list[Encoded], frames: list[Frame]) -> tuple[Tensor, Tensor, Tensor]:
-        """Candidates and, per ``<seg>``, which of them it chooses among and which are right (see
-        :class:`Batch`). A ``<seg>`` whose target matches no candidate (IoU < 0.5) chooses among none."""
-        out = self.decoder.output_size
-        cands, groups, owner = [], [], []
-        for b, (c, fr) in enumerate(zip(conversations, frames)):
-            m = torch.from_numpy(np.asarray(c.candidates, dtype=bool))
-            cands.append(masks_to_frame(m, fr, out))
-            groups.append(torch.as_tensor(np.asarray(c.candidate_groups if c.candidate_groups is not None else np.zeros(len(m)), dtype=np.int64)))
-            owner.append(torch.full((len(m),), b, dtype=torch.long))
-        cand, group, owner_t = torch.cat(cands), torch.cat(groups), torch.cat(owner)
-        offsets = np.cumsum([0] + [len(x) for x in cands])
-        rows_pool, rows_valid = [], []
-        for b, (c, e) in enumerate(zip(conversations, encs)):
-            flat = np.asarray(c.candidates, dtype=bool).reshape(len(c.candidates), -1)
-            for item in e.segs:
-                pool = torch.zeros(len(cand), dtype=torch.bool)
-                valid = torch.zeros(len(cand), dtype=torch.bool)
-                alts = (c.alternatives or {}).get(item.round_index)
-                if alts is None:
-                    target = np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool).reshape(-1)
-                    inter = flat[:, target].sum(axis=1)
-                    union = flat.sum(axis=1) + target.sum() - inter
-                    best = int(np.argmax(inter / np.maximum(union, 1)))
-                    alts = [best] if inter[best] / max(union[best], 1) >= 0.5 else []
-                if alts:
-                    idx = torch.tensor([offsets[b] + a for a in alts])
-                    valid[idx] = True
-                    pool = (owner_t == b) & (group == group[idx[0]])
-                rows_pool.append(pool)
-                rows_valid.append(valid & pool)
-        return cand, torch.stack(rows_pool), torch.stack(rows_valid)
-
-    def _dense_targets(self, conversations: Sequence[Conversation], frames: list[Frame]) -> tuple[Tensor, Tensor]:
-        """Each conversation's ``dense`` maps placed in the vision tower's and the decoder's input
-        frames (nearest neighbour; padding is IGNORE_LABEL): [B, G, S, S] and [B, G, Sd, Sd]."""
-        groups = list(self.config.dense.groups)
-        vis, dec = [], []
-        s = self.config.vision.image_size
-        for c, fr in zip(conversations, frames):
-            try:
-                maps = torch.from_numpy(np.stack([np.asarray(c.dense[g], dtype=np.int64) for g in groups]))
-            except KeyError as e:
-                raise ConversationError(f"conversation's dense maps lack the label group {e}; the model needs {groups}") from e
-            x = maps[None].float()
-            vis.append(_square_labels(x, s, self.config.vision.resize))
-            y = F.interpolate(x, size=(fr.resized_height, fr.resized_width), mode="nearest")
-            dec.append(F.pad(y, (0, fr.size - fr.resized_width, 0, fr.size - fr.resized_height), value=IGNORE_LABEL)[0].long())
-        return torch.stack(vis), torch.stack(dec)
+        return build_batch(self, conversations, open_last=open_last, targets=targets)
 
     def image_features(self, image_pixels: Tensor) -> Tensor:
         """[B, 3, S, S] vision input -> [B, N, D] image tokens in the LLM's width."""
@@ -438,7 +247,7 @@ class SegLLM(nn.Module):
         Args:
             image: [3, H, W] uint8.
             mask: [H, W] bool; or, when ``memory.crop_frame == "decoder"``, the mask in the
-                decoder's square frame ([Sd, Sd], as :meth:`decode_masks` gives it).
+                decoder's square frame ([Sd, Sd], as :meth:`segllm.model.rounds.RoundEngine.decode` gives it).
             box: the decoder's predicted box for this mask, [4] (x0, y0, x1, y1) float pixels of
                 the image; used when ``memory.box_source == "decoder"``.
         """
@@ -750,12 +559,11 @@ class SegLLM(nn.Module):
         seg_batch = batch.seg_batch if index is None else batch.seg_batch[index]
         seg_pos = batch.seg_pos if index is None else batch.seg_pos[index]
         seg_hidden = hidden[seg_batch, seg_pos - 1]  # the state that predicts <seg>
+        context = None
         if batch.seg_context is not None:
             positions = batch.seg_context.to(hidden.device)
-            positions = positions if index is None else positions[index]
-            prompts = self.prompt_head(seg_hidden, *round_context(hidden, seg_batch, positions))
-        else:
-            prompts = self.prompt_head(seg_hidden)
+            context = round_context(hidden, seg_batch, positions if index is None else positions[index])
+        prompts = seg_prompts(self.prompt_head, seg_hidden, *(context or ()))
         if feats is None:
             feats = self.encode_decoder_image(batch.decoder_pixels)
         if targets is None:
@@ -778,33 +586,12 @@ class SegLLM(nn.Module):
 
         Earlier rounds must have their answers and masks (ground truth or earlier predictions);
         the last round's answer is generated greedily, or taken from ``answer`` (teacher-forced,
-        e.g. ``"<seg>"``, as the released demo does). Runs the whole conversation (no cache);
-        :class:`segllm.session.Session` reuses work across rounds.
+        e.g. ``"<seg>"``, as the released demo does). Runs the whole conversation (no cache;
+        :meth:`segllm.model.rounds.RoundEngine.recompute`); :class:`segllm.session.Session`
+        reuses work across rounds.
         """
-        if not conversation.rounds:
-            raise ConversationError("conversation has no rounds")
-        last = conversation.rounds[-1]
-        if answer is None and last.answer is None:
-            answer = self.config.template.fixed_answer  # a model that never writes text
-        if answer is not None or last.answer is not None:
-            text = answer if answer is not None else last.answer
-            seg_count = text.count("<seg>")
-            # placeholder masks only satisfy validation: the last round's masks are what we predict
-            forced = Round(last.question, last.refs, text, [np.ones(conversation.size, bool)] * seg_count)
-            conv = Conversation(conversation.image, conversation.rounds[:-1] + [forced])
-            batch = self.prepare([conv], targets=False).to(self.device)
-            hidden = self.llm.get_decoder()(inputs_embeds=self.embed(batch), use_cache=False).last_hidden_state
-            enc, last = batch.encoded[0], len(conv.rounds) - 1
-            start = enc.round_spans[-1][0]
-            u_len = len(self.processor.user_ids(conv, last, start)[0])
-            token_ids = enc.input_ids[start + u_len : -1]
-            pos = torch.tensor([s.pos for s in enc.segs if s.round_index == last], dtype=torch.long, device=hidden.device)
-            seg_hidden = hidden[0, pos - 1]
-            return self._prediction(len(conv.rounds), token_ids, seg_hidden, batch)
-        batch = self.prepare([conversation], open_last=True, targets=False).to(self.device)
-        embeds = self.embed(batch)
-        token_ids, seg_hidden, _ = self.generate(embeds, max_new_tokens=max_new_tokens, num_rounds=len(conversation.rounds))
-        return self._prediction(len(conversation.rounds), token_ids, seg_hidden, batch)
+        r = RoundEngine(self).recompute(conversation, answer=answer, max_new_tokens=max_new_tokens)
+        return Prediction(r.round, r.text, r.masks, r.boxes, r.scores, r.token_ids)
 
     @torch.no_grad()
     def segment(self, conversations: Sequence[Conversation], *, frame: bool = False) -> list[list[tuple]]:
@@ -831,18 +618,20 @@ class SegLLM(nn.Module):
         s = 0
         for b, (conv, enc) in enumerate(zip(conversations, batch.encoded)):
             fr = batch.frames[b]
+            n = len(enc.segs)
+            if n:  # every <seg> of the image at once: they share its frame
+                frame_logits, masks = frame_and_image_masks(logits[s : s + n, SEG], fr)
             per_round: list[list[list]] = [[[], [], [], []] for _ in conv.rounds]
-            for item in enc.segs:
+            for k, item in enumerate(enc.segs):
                 entry = per_round[item.round_index]
-                frame_logits = logits_to_frame(logits[s : s + 1, SEG], fr)  # computed once for both resolutions
-                entry[0].append((frame_to_image(frame_logits, fr)[0] > 0).cpu().numpy())
-                entry[1].append(float(iou[s, SEG]))
+                entry[0].append(masks[k].cpu().numpy())
+                entry[1].append(float(iou[s + k, SEG]))
                 if frame:
-                    fm = frame_logits[0] > 0
+                    fm = frame_logits[k] > 0
                     entry[2].append(fm.cpu().numpy())
-                    box = boxes[s, SEG].float().cpu() if boxes is not None else mask_boxes(fm[None].cpu())[0]
+                    box = boxes[s + k, SEG].float().cpu() if boxes is not None else mask_boxes(fm[None].cpu())[0]
                     entry[3].append(box.numpy())
-                s += 1
+            s += n
             h, w, size = fr.height, fr.width, fr.size
             rounds = []
             for m, sc, fm, fb in per_round:
@@ -852,145 +641,6 @@ class SegLLM(nn.Module):
                 rounds.append(item)
             result.append(rounds)
         return result
-
-    @torch.no_grad()
-    def generate(self, embeds: Tensor, *, max_new_tokens: int, past_key_values=None, past_length: int = 0, num_rounds: int = 1):
-        """Greedy decoding from input embeddings [1, T, D] on top of an optional key/value cache.
-
-        The answer always ends with the end-of-answer token, which is fed through the LLM too,
-        so the returned cache covers exactly what the processor renders for this round.
-
-        Returns:
-            (answer token ids without the end token, [S, D] hidden states that predicted each
-            ``<seg>``, the key/value cache after the answer)
-        """
-        cache = past_key_values if past_key_values is not None else DynamicCache()
-        proc = self.processor
-        decoder = self.llm.get_decoder()
-        head = self.llm.get_output_embeddings()
-        emb = self.llm.get_input_embeddings()
-        proc.check_length(past_length + embeds.shape[1] + 1, num_rounds, reserve=0)
-        budget = min(max_new_tokens, proc.max_length - past_length - embeds.shape[1] - 1)
-        tokens: list[int] = []
-        seg_hidden: list[Tensor] = []
-        cur = embeds
-        prefilled = False
-        while len(tokens) < budget:
-            out = decoder(inputs_embeds=cur, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            prefilled = True
-            h = out.last_hidden_state[:, -1]
-            nxt = int(head(h).argmax(-1))
-            tokens.append(nxt)
-            if nxt == proc.eos_id:
-                break
-            if nxt == proc.seg_id:
-                seg_hidden.append(h[0])
-            cur = emb(torch.tensor([[nxt]], device=embeds.device))
-        # the cache now holds embeds + tokens[:-1]; feed the rest, ending with the end token
-        rest = tokens[-1:] if tokens else []
-        if not tokens or tokens[-1] != proc.eos_id:
-            tokens.append(proc.eos_id)
-            rest = rest + [proc.eos_id]
-        tail = emb(torch.tensor([rest], device=embeds.device))
-        if not prefilled:
-            tail = torch.cat([embeds, tail], dim=1)
-        cache = decoder(inputs_embeds=tail, past_key_values=cache, use_cache=True).past_key_values
-        hs = torch.stack(seg_hidden) if seg_hidden else embeds.new_zeros(0, embeds.shape[-1])
-        return tokens[:-1], hs, cache
-
-    def _prediction(self, round_number: int, token_ids: list[int], seg_hidden: Tensor, batch: Batch) -> Prediction:
-        frame = batch.frames[0]
-        masks, boxes, scores = self.decode_masks(seg_hidden, batch.decoder_pixels[:1], frame)
-        return Prediction(round_number, self.answer_text(token_ids), masks, boxes, scores, list(token_ids))
-
-    def answer_text(self, token_ids: list[int]) -> str:
-        """An answer's text from its token ids: ``<seg>`` kept, end and padding tokens dropped."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
-        for t in (self.tokenizer.eos_token, self.tokenizer.pad_token):
-            if t:
-                text = text.replace(t, "")
-        return text.strip()
-
-    @torch.no_grad()
-    def decode_masks(self, seg_hidden: Tensor, decoder_pixels_or_features: Tensor, frame: Frame, *, features: bool = False, frame_masks: bool = False):
-        """Masks at the image's resolution from the hidden states that predicted ``<seg>``.
-
-        Args:
-            seg_hidden: [S, D] LLM hidden states.
-            decoder_pixels_or_features: [1, 3, Sd, Sd] decoder input, or its features when
-                ``features`` is set (so a session computes them once per image).
-            frame: where the image sits in the decoder frame.
-            frame_masks: also return the masks in the decoder's square input frame.
-
-        Returns:
-            masks [S, H, W] bool, boxes [S, 4] float32, scores [S] float32 (numpy), and with
-            ``frame_masks`` the masks [S, Sd, Sd] bool in the decoder frame (the padding
-            included: a model whose memory works in that frame feeds these back).
-        """
-        S = seg_hidden.shape[0]
-        h, w = frame.height, frame.width
-        if S == 0:
-            empty = (np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
-            return (*empty, np.zeros((0, frame.size, frame.size), bool)) if frame_masks else empty
-        feats = decoder_pixels_or_features if features else self.encode_decoder_image(decoder_pixels_or_features)
-        prompts = self.prompt_head(seg_hidden.to(self.prompt_head.mlp[0].weight.dtype))
-        out = self.decoder(feats, prompts.to(feats.dtype), torch.zeros(S, dtype=torch.long, device=feats.device))
-        frame_logits = logits_to_frame(out.mask_logits[:, SEG], frame)  # computed once for both resolutions
-        masks = frame_to_image(frame_logits, frame) > 0
-        if self.config.memory.box_source == "decoder" and out.boxes is not None:
-            # the decoder's own box (it can differ from the mask's), back in image pixels
-            boxes = out.boxes[:, SEG].float().cpu() * (max(h, w) / frame.size)
-        else:
-            boxes = mask_boxes(masks.cpu())
-        result = (masks.cpu().numpy(), boxes.numpy().astype(np.float32), out.iou_scores[:, SEG].float().cpu().numpy())
-        if frame_masks:
-            return (*result, (frame_logits > 0).cpu().numpy())
-        return result
-
-
-def _seg_context(encs: list[Encoded]) -> Tensor:
-    """[S, T] positions of each ``<seg>``'s round tokens before it, -1 padded (see :class:`Batch`)."""
-    rows = [list(range(e.round_spans[item.round_index][0], item.pos)) for e in encs for item in e.segs]
-    t = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), max(1, t)), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def round_context(hidden: Tensor, rows: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather LLM states [N, T, D] at ``positions`` [N, T] (-1 = padding) of conversations
-    ``rows`` [N] from ``hidden`` [B, L, D]; returns them and the [N, T] bool mask of real ones."""
-    mask = positions >= 0
-    return hidden[rows[:, None], positions.clamp(min=0)], mask
-
-
-def _square_labels(maps: Tensor, s: int, resize: str) -> Tensor:
-    """[1, G, H, W] float class maps -> [G, s, s] long, placed as the vision tower places the
-    image (``VisionConfig.resize``), nearest neighbour, IGNORE_LABEL where no pixel lies."""
-    h, w = maps.shape[-2:]
-    if resize == "squash":
-        return F.interpolate(maps, size=(s, s), mode="nearest")[0].long()
-    if resize == "center_crop":
-        scale = s / min(h, w)
-        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-        x = F.interpolate(maps, size=(nh, nw), mode="nearest")
-        top, left = (nh - s) // 2, (nw - s) // 2
-        return x[0, :, top : top + s, left : left + s].long()
-    scale = s / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = F.interpolate(maps, size=(nh, nw), mode="nearest")
-    return F.pad(x, (0, s - nw, 0, s - nh), value=IGNORE_LABEL)[0].long()
-
-
-def _frame_targets(masks: list[Tensor], per_conv: list[int], frames: list[Frame], out: int) -> Tensor:
-    res, i = [], 0
-    for n, fr in zip(per_conv, frames):
-        if n:
-            res.append(masks_to_frame(torch.stack(masks[i : i + n]), fr, out))
-        i += n
-    return torch.cat(res)
 
 
 def _pick_rounds(seg_batch: Tensor, most: int) -> Tensor:

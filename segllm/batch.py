@@ -1,0 +1,271 @@
+"""Batch assembly: conversations -> a model's input :class:`Batch` (tokens, pixels, memory crops,
+``<seg>`` slots and, for training, the mask, dense and selection targets).
+
+Beside :mod:`segllm.processor`, which renders one conversation into tokens and slots, this
+module pads B of them into tensors and preprocesses what goes with them (the image for the
+vision tower and the mask decoder, each referenced earlier mask's crop). Training batches and
+whole-conversation inference (:meth:`segllm.model.segllm.SegLLM.prepare`, which calls
+:func:`build_batch`) share it; a session's rounds need no batch
+(:class:`segllm.model.rounds.RoundEngine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segllm.conversation import Conversation
+from segllm.decoders.base import Frame, masks_to_frame
+from segllm.errors import ConversationError
+from segllm.model.dense_head import IGNORE_LABEL, target_labels
+from segllm.model.rounds import seg_context
+from segllm.processor import IGNORE, Encoded
+
+if TYPE_CHECKING:  # the model imports this module; batches are only made for a built model
+    from segllm.model.segllm import SegLLM
+
+
+@dataclass
+class Batch:
+    """Model input for B conversations (one image each), padded on the right to length L.
+
+    Attributes:
+        input_ids, attention_mask, labels: [B, L].
+        image_pixels: [B, 3, S, S] vision-tower input.
+        image_pos: [B, N] positions of the N image placeholders.
+        decoder_pixels: [B, 3, Sd, Sd] mask-decoder input; ``frames`` says where each image sits.
+        memory_pixels: [M, 3, S, S] masked crops of the M earlier masks fed back.
+        memory_boxes: [M, 4] their normalised boxes.
+        memory_batch, memory_pos, box_pos: [M] conversation index, mask placeholder position
+            and box placeholder position (-1 when boxes are off) of each.
+        seg_batch, seg_pos: [S] conversation index and position of each ``<seg>`` token.
+        seg_targets, ref_targets: [S, h, w] soft masks in the decoder's output frame
+            (``None`` at inference); ``has_ref``: [S] bool, whether the [REF] half is supervised.
+        dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] long per-pixel class maps in
+            the vision tower's and the decoder's input frames, for the dense auxiliary loss
+            (``None`` unless the model has dense heads and every conversation has ``dense``).
+        seg_attrs: [S, G] long classes of each ``<seg>``'s target object per dense label group
+            (``dense.on`` has "target"; ``IGNORE_LABEL`` where unknown), else ``None``.
+        seg_named: [S, G] long classes each ``<seg>``'s question names per dense label group (0:
+            none; from ``Conversation.named``), for a decoder with attribute matching, else ``None``.
+        seg_context: [S, T] long positions of each ``<seg>``'s round tokens before it (the
+            user turn and the answer so far), -1 padded; for ``prompt_head.attend_round``.
+        cand_masks: [C, h, w] soft masks of every conversation's candidate objects in the
+            decoder's output frame; ``seg_pool``, ``seg_valid``: [S, C] bool, the candidates each
+            ``<seg>`` chooses among (same image, same group) and the right ones (``None`` unless
+            every conversation has ``candidates`` and ``loss.select_weight`` > 0).
+        encoded: the processor's output per conversation.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    image_pixels: Tensor
+    image_pos: Tensor
+    decoder_pixels: Tensor
+    frames: list[Frame]
+    memory_pixels: Tensor
+    memory_boxes: Tensor
+    memory_batch: Tensor
+    memory_pos: Tensor
+    box_pos: Tensor
+    seg_batch: Tensor
+    seg_pos: Tensor
+    seg_targets: Tensor | None = None
+    ref_targets: Tensor | None = None
+    has_ref: Tensor | None = None
+    dense_vision: Tensor | None = None
+    dense_decoder: Tensor | None = None
+    seg_attrs: Tensor | None = None
+    seg_named: Tensor | None = None
+    seg_context: Tensor | None = None
+    cand_masks: Tensor | None = None
+    seg_pool: Tensor | None = None
+    seg_valid: Tensor | None = None
+    encoded: list[Encoded] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> Batch:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to(device) if isinstance(v, Tensor) else v
+        return Batch(**out)
+
+
+def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_last: bool = False, targets: bool = True) -> Batch:
+    """Render and preprocess conversations into a :class:`Batch` for ``model`` (on the CPU).
+
+    Args:
+        model: the :class:`segllm.model.segllm.SegLLM` whose processor, preprocessing, memory
+            crops, decoder frame and options (dense heads, selection loss, attend_round) the
+            batch is made for.
+        conversations: B conversations (validated here).
+        open_last: each conversation's last round is to be answered by the model.
+        targets: build ground-truth mask targets for the losses.
+    """
+    encs = [model.processor.encode(c, open_last=open_last) for c in conversations]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.processor.eos_id
+    L = max(len(e) for e in encs)
+    B = len(encs)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    att = torch.zeros(B, L, dtype=torch.long)
+    lab = torch.full((B, L), IGNORE, dtype=torch.long)
+    for b, e in enumerate(encs):
+        ids[b, : len(e)] = torch.tensor(e.input_ids)
+        lab[b, : len(e)] = torch.tensor(e.labels)
+        att[b, : len(e)] = 1
+    images = [torch.tensor(c.image).permute(2, 0, 1) for c in conversations]  # a copy: inputs may be read-only
+    image_pixels = torch.stack([model.vision.preprocess(im) for im in images])
+    dec = [model.decoder.preprocess(im) for im in images]
+    decoder_pixels = torch.stack([d[0] for d in dec])
+    frames = [d[1] for d in dec]
+
+    crops, boxes, mb, mp, bp = [], [], [], [], []
+    for b, (c, e) in enumerate(zip(conversations, encs)):
+        for item in e.memory:
+            mask = torch.tensor(np.asarray(c.rounds[item.ref_round - 1].masks[item.mask_index], dtype=bool))
+            crop, box = model.memory_inputs(images[b], mask)
+            crops.append(crop)
+            boxes.append(box)
+            mb.append(b)
+            mp.append(item.mask_pos)
+            bp.append(item.box_pos)
+    s = model.config.vision.image_size
+    batch = Batch(
+        input_ids=ids,
+        attention_mask=att,
+        labels=lab,
+        image_pixels=image_pixels,
+        image_pos=torch.tensor([e.image_pos for e in encs], dtype=torch.long).view(B, -1),
+        decoder_pixels=decoder_pixels,
+        frames=frames,
+        memory_pixels=torch.stack(crops) if crops else torch.zeros(0, 3, s, s),
+        memory_boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
+        memory_batch=torch.tensor(mb, dtype=torch.long),
+        memory_pos=torch.tensor(mp, dtype=torch.long),
+        box_pos=torch.tensor(bp, dtype=torch.long),
+        seg_batch=torch.tensor([b for b, e in enumerate(encs) for _ in e.segs], dtype=torch.long),
+        seg_pos=torch.tensor([s.pos for e in encs for s in e.segs], dtype=torch.long),
+        seg_context=seg_context(encs) if model.config.prompt_head.attend_round else None,
+        encoded=encs,
+    )
+    if targets:
+        out = model.decoder.output_size
+        seg_t, ref_t, has_ref = [], [], []
+        for c, e in zip(conversations, encs):
+            for item in e.segs:
+                seg_t.append(torch.tensor(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)))
+                if item.ref is not None:
+                    ref_t.append(torch.tensor(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)))
+                    has_ref.append(True)
+                else:
+                    ref_t.append(torch.zeros_like(seg_t[-1]))
+                    has_ref.append(False)
+        if seg_t:
+            per_conv = [len(e.segs) for e in encs]
+            batch.seg_targets = _frame_targets(seg_t, per_conv, frames, out)
+            batch.ref_targets = _frame_targets(ref_t, per_conv, frames, out)
+        else:
+            batch.seg_targets = torch.zeros(0, out, out)
+            batch.ref_targets = torch.zeros(0, out, out)
+        batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
+        if model.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
+            batch.dense_vision, batch.dense_decoder = _dense_targets(model, conversations, frames)
+            groups = list(model.config.dense.groups)
+            if getattr(model.config.decoder, "attributes", None) and all(c.named is not None for c in conversations):
+                rows = [[c.named[i.round_index].get(g, 0) for g in groups] for c, e in zip(conversations, encs) for i in e.segs]
+                batch.seg_named = torch.tensor(rows, dtype=torch.long).view(len(rows), len(groups))
+            if "target" in model.config.dense.on:
+                rows = [target_labels(c.dense, [c.rounds[i.round_index].masks[i.index] for i in e.segs], groups) for c, e in zip(conversations, encs)]
+                batch.seg_attrs = torch.cat(rows) if rows else torch.zeros(0, len(groups), dtype=torch.long)
+        if model.config.loss.select_weight and conversations and all(c.candidates is not None for c in conversations):
+            batch.cand_masks, batch.seg_pool, batch.seg_valid = _selection_targets(model, conversations, encs, frames)
+    return batch
+
+
+def _selection_targets(model: SegLLM, conversations: Sequence[Conversation], encs: list[Encoded], frames: list[Frame]) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates and, per ``<seg>``, which of them it chooses among and which are right (see
+    :class:`Batch`). A ``<seg>`` whose target matches no candidate (IoU < 0.5) chooses among none."""
+    out = model.decoder.output_size
+    cands, groups, owner = [], [], []
+    for b, (c, fr) in enumerate(zip(conversations, frames)):
+        m = torch.from_numpy(np.asarray(c.candidates, dtype=bool))
+        cands.append(masks_to_frame(m, fr, out))
+        groups.append(torch.as_tensor(np.asarray(c.candidate_groups if c.candidate_groups is not None else np.zeros(len(m)), dtype=np.int64)))
+        owner.append(torch.full((len(m),), b, dtype=torch.long))
+    cand, group, owner_t = torch.cat(cands), torch.cat(groups), torch.cat(owner)
+    offsets = np.cumsum([0] + [len(x) for x in cands])
+    rows_pool, rows_valid = [], []
+    for b, (c, e) in enumerate(zip(conversations, encs)):
+        flat = np.asarray(c.candidates, dtype=bool).reshape(len(c.candidates), -1)
+        for item in e.segs:
+            pool = torch.zeros(len(cand), dtype=torch.bool)
+            valid = torch.zeros(len(cand), dtype=torch.bool)
+            alts = (c.alternatives or {}).get(item.round_index)
+            if alts is None:
+                target = np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool).reshape(-1)
+                inter = flat[:, target].sum(axis=1)
+                union = flat.sum(axis=1) + target.sum() - inter
+                best = int(np.argmax(inter / np.maximum(union, 1)))
+                alts = [best] if inter[best] / max(union[best], 1) >= 0.5 else []
+            if alts:
+                idx = torch.tensor([offsets[b] + a for a in alts])
+                valid[idx] = True
+                pool = (owner_t == b) & (group == group[idx[0]])
+            rows_pool.append(pool)
+            rows_valid.append(valid & pool)
+    return cand, torch.stack(rows_pool), torch.stack(rows_valid)
+
+
+def _dense_targets(model: SegLLM, conversations: Sequence[Conversation], frames: list[Frame]) -> tuple[Tensor, Tensor]:
+    """Each conversation's ``dense`` maps placed in the vision tower's and the decoder's input
+    frames (nearest neighbour; padding is IGNORE_LABEL): [B, G, S, S] and [B, G, Sd, Sd]."""
+    groups = list(model.config.dense.groups)
+    vis, dec = [], []
+    s = model.config.vision.image_size
+    for c, fr in zip(conversations, frames):
+        try:
+            maps = torch.from_numpy(np.stack([np.asarray(c.dense[g], dtype=np.int64) for g in groups]))
+        except KeyError as e:
+            raise ConversationError(f"conversation's dense maps lack the label group {e}; the model needs {groups}") from e
+        x = maps[None].float()
+        vis.append(_square_labels(x, s, model.config.vision.resize))
+        y = F.interpolate(x, size=(fr.resized_height, fr.resized_width), mode="nearest")
+        dec.append(F.pad(y, (0, fr.size - fr.resized_width, 0, fr.size - fr.resized_height), value=IGNORE_LABEL)[0].long())
+    return torch.stack(vis), torch.stack(dec)
+
+
+def _square_labels(maps: Tensor, s: int, resize: str) -> Tensor:
+    """[1, G, H, W] float class maps -> [G, s, s] long, placed as the vision tower places the
+    image (``VisionConfig.resize``), nearest neighbour, IGNORE_LABEL where no pixel lies."""
+    h, w = maps.shape[-2:]
+    if resize == "squash":
+        return F.interpolate(maps, size=(s, s), mode="nearest")[0].long()
+    if resize == "center_crop":
+        scale = s / min(h, w)
+        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+        x = F.interpolate(maps, size=(nh, nw), mode="nearest")
+        top, left = (nh - s) // 2, (nw - s) // 2
+        return x[0, :, top : top + s, left : left + s].long()
+    scale = s / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = F.interpolate(maps, size=(nh, nw), mode="nearest")
+    return F.pad(x, (0, s - nw, 0, s - nh), value=IGNORE_LABEL)[0].long()
+
+
+def _frame_targets(masks: list[Tensor], per_conv: list[int], frames: list[Frame], out: int) -> Tensor:
+    res, i = [], 0
+    for n, fr in zip(per_conv, frames):
+        if n:
+            res.append(masks_to_frame(torch.stack(masks[i : i + n]), fr, out))
+        i += n
+    return torch.cat(res)
+
+
+__all__ = ["Batch", "build_batch"]

@@ -1,0 +1,486 @@
+"""The round engine: one round of a conversation, from its question to its masks.
+
+A round is: render its tokens (the template, the image placeholders before the first round, one
+``<mask>``/``<box>`` per earlier mask it refers to), put the image and memory features into their
+placeholders, run the LLM (over the whole conversation, or only the round's tokens on top of a
+key/value cache), answer (greedy generation, or a given answer), take the LLM state that
+predicted each ``<seg>`` (and, with ``prompt_head.attend_round``, the states of the round's
+tokens before it), turn them into prompts and decode the masks.
+
+Every inference path runs its rounds here:
+
+- :class:`segllm.session.Session` keeps a :class:`Dialogue` (the cache, the encoded image and
+  the encoded memory masks) and calls :meth:`RoundEngine.extend` once per round;
+- full recomputation (:meth:`segllm.model.segllm.SegLLM.predict` and
+  ``Session(incremental=False)``) calls :meth:`RoundEngine.recompute`;
+- teacher-forced evaluation (:meth:`segllm.model.segllm.SegLLM.segment`, a batch path) and the
+  training forward share :func:`seg_prompts`, :func:`seg_context`/:func:`round_context` and
+  :func:`frame_and_image_masks` with them.
+
+The rules for answering live here once: without a given answer, a model that never writes text
+answers ``template.fixed_answer`` (:meth:`RoundEngine.answer_to_use`), and with ``force_mask`` a
+round so answered without any ``<seg>`` is undone and answered ``"<seg>"`` instead
+(:meth:`RoundEngine._with_forced_mask`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from segllm.conversation import Conversation, Round
+from segllm.decoders.base import SEG, Frame, frame_to_image, logits_to_frame
+from segllm.errors import ConversationError
+from segllm.model.memory import mask_boxes
+from segllm.model.prompt_head import PromptHead
+from segllm.processor import Encoded
+
+if TYPE_CHECKING:  # the model imports this module; the engine only drives a built model
+    from segllm.model.segllm import SegLLM
+
+FORCED_ANSWER = "<seg>"  # what a round says when a mask is asked for explicitly
+
+
+# -- shared by every path (and by training) --------------------------------------------------
+def context_positions(spans: list[tuple[int, int]]) -> Tensor:
+    """[S, T] long: for each ``<seg>`` given as (its round's first token, its own position), the
+    positions of the round's tokens before it, -1 padded (T = the longest, at least 1)."""
+    rows = [list(range(start, pos)) for start, pos in spans]
+    t = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(1, t)), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def seg_context(encs: list[Encoded]) -> Tensor:
+    """[S, T] positions of each ``<seg>``'s round tokens before it (the user turn and the answer
+    so far), -1 padded, for every ``<seg>`` of the rendered conversations in order."""
+    return context_positions([(e.round_spans[item.round_index][0], item.pos) for e in encs for item in e.segs])
+
+
+def round_context(hidden: Tensor, rows: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather LLM states [N, T, D] at ``positions`` [N, T] (-1 = padding) of conversations
+    ``rows`` [N] from ``hidden`` [B, L, D]; returns them and the [N, T] bool mask of real ones."""
+    mask = positions >= 0
+    return hidden[rows[:, None], positions.clamp(min=0)], mask
+
+
+def seg_prompts(head: PromptHead, seg_hidden: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+    """The prompt tokens [S, K, d] of the ``<seg>`` states [S, D] (in the head's dtype).
+
+    ``context`` [S, T, D] and ``context_mask`` [S, T]: each ``<seg>``'s round states (see
+    :func:`round_context`); read only by a head with ``attend_round``, which needs them.
+    """
+    dtype = head.mlp[0].weight.dtype
+    if head.config.attend_round and context is not None:
+        return head(seg_hidden.to(dtype), context.to(dtype), context_mask)
+    return head(seg_hidden.to(dtype))
+
+
+def frame_and_image_masks(seg_logits: Tensor, frame: Frame) -> tuple[Tensor, Tensor]:
+    """[S, h, w] [SEG] logits of one image -> (logits [S, Sd, Sd] in the decoder's square input
+    frame, bool masks [S, H, W] at the image's resolution); the frame logits are computed once
+    for both resolutions."""
+    frame_logits = logits_to_frame(seg_logits, frame)
+    return frame_logits, frame_to_image(frame_logits, frame) > 0
+
+
+# -- the engine's state ----------------------------------------------------------------------
+@dataclass
+class EncodedImage:
+    """An image encoded once for a whole conversation.
+
+    Attributes:
+        pixels: [3, H, W] uint8, the image (masked crops of earlier masks are cut from it).
+        tokens: [N, D] the projected vision tokens that fill the image placeholders.
+        features: the mask decoder's image features of a batch of one.
+        frame: where the image sits in the decoder's square frame.
+    """
+
+    pixels: Tensor
+    tokens: Tensor
+    features: object
+    frame: Frame
+
+
+@dataclass
+class Dialogue:
+    """What a conversation keeps between rounds: the LLM's key/value cache over everything said
+    so far, the cache length after the prefix and after each round, and the memory tokens (mask
+    [D], box [D]) of each earlier mask, keyed by (1-indexed round, mask index), made once."""
+
+    image: EncodedImage
+    cache: DynamicCache
+    lengths: list[int]
+    memory: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    @property
+    def rounds(self) -> int:
+        """How many rounds the cache holds."""
+        return len(self.lengths) - 1
+
+    def truncate(self, rounds: int) -> None:
+        """Keep only the first ``rounds`` rounds (the cache and the memory of later rounds go)."""
+        del self.lengths[rounds + 1 :]
+        self.cache.crop(self.lengths[-1])
+        for key in [k for k in self.memory if k[0] > rounds]:
+            del self.memory[key]
+
+
+@dataclass
+class RoundResult:
+    """One answered round.
+
+    Attributes:
+        round: 1-indexed round number.
+        token_ids: the answer's token ids (without the end-of-answer token).
+        text: the answer text, with ``<seg>`` where masks were produced.
+        masks: [S, H, W] bool at the image's resolution, one per ``<seg>``.
+        boxes: [S, 4] float32 (x0, y0, x1, y1) image pixels, x1/y1 exclusive.
+        scores: [S] float32, the decoder's predicted IoU of each mask.
+        frame_masks: [S, Sd, Sd] bool, the masks in the decoder's square input frame (padding
+            included: a model whose memory crops in that frame feeds these back).
+        forced: the answer had no ``<seg>`` and one mask was asked for explicitly.
+    """
+
+    round: int
+    token_ids: list[int]
+    text: str
+    masks: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    frame_masks: np.ndarray
+    forced: bool = False
+
+
+@dataclass
+class _Answer:
+    """The LLM's side of a round: answer token ids (no end token), the states [S, D] that
+    predicted each ``<seg>``, and with ``attend_round`` their round contexts [S, T, D] and mask [S, T]."""
+
+    token_ids: list[int]
+    seg_hidden: Tensor
+    context: Tensor | None = None
+    context_mask: Tensor | None = None
+
+
+MaskSource = Callable[[int, int], tuple[Tensor, Tensor | None]]
+"""(1-indexed round k, mask index j) -> round k's j-th mask as the memory reads it ([H, W] bool,
+or [Sd, Sd] in the decoder frame) and its box ([4] image pixels, or None)."""
+
+
+class RoundEngine:
+    """Runs the rounds of a :class:`segllm.model.segllm.SegLLM` (see the module docstring).
+
+    Holds no state of its own: a conversation's state is a :class:`Dialogue`.
+    """
+
+    def __init__(self, model: SegLLM) -> None:
+        self.model = model
+
+    @property
+    def _attend(self) -> bool:
+        return self.model.config.prompt_head.attend_round
+
+    @property
+    def frame_memory(self) -> bool:
+        """Whether the memory crops earlier masks in the decoder's square frame
+        (``memory.crop_frame = "decoder"``, the released model): a caller that keeps masks then
+        feeds back ``RoundResult.frame_masks`` (padding included) through :meth:`extend`."""
+        return self.model.config.memory.crop_frame == "decoder"
+
+    def answer_to_use(self, answer: str | None) -> str | None:
+        """The answer to force for a round: ``answer``, or the model's fixed answer (a model that
+        never writes text), or None (generate)."""
+        return answer if answer is not None else self.model.config.template.fixed_answer
+
+    # -- per image ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray) -> EncodedImage:
+        """[H, W, 3] uint8 -> its vision tokens and mask-decoder features, computed once."""
+        m = self.model
+        pixels = torch.tensor(image).permute(2, 0, 1)  # a copy: the caller's array may be read-only
+        tokens = m.image_features(m.vision.preprocess(pixels)[None].to(m.device))[0]
+        dec, frame = m.decoder.preprocess(pixels)
+        return EncodedImage(pixels, tokens, m.encode_decoder_image(dec[None].to(m.device)), frame)
+
+    @torch.no_grad()
+    def open(self, image: EncodedImage) -> Dialogue:
+        """A conversation about ``image``: the tokens before the first round (the image's
+        included) run through the LLM into a fresh key/value cache."""
+        m = self.model
+        ids, image_pos = m.processor.prefix_ids()
+        rows = torch.zeros(len(image_pos), dtype=torch.long, device=m.device)
+        slot = (m.processor.image_id, rows, torch.tensor(image_pos, device=m.device), image.tokens)
+        embeds = m.inject(torch.tensor([ids], device=m.device), [slot])
+        cache = DynamicCache()
+        m.llm.get_decoder()(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        return Dialogue(image, cache, [len(ids)])
+
+    @torch.no_grad()
+    def encode_memory(self, image: EncodedImage, mask: Tensor, box: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One earlier mask's LLM tokens (mask [D], box [D]), at inference scale.
+
+        ``mask``: [H, W] bool, or [Sd, Sd] in the decoder frame with ``memory.crop_frame =
+        "decoder"``; ``box``: the decoder's box for it ([4] image pixels), used with
+        ``memory.box_source = "decoder"``.
+        """
+        m = self.model
+        crop, norm_box = m.memory_inputs(image.pixels, mask, box)
+        mask_tok, box_tok = m.memory_features(crop[None].to(m.device), norm_box[None])
+        return mask_tok[0], box_tok[0]
+
+    # -- one round, incrementally -----------------------------------------------------------
+    @torch.no_grad()
+    def extend(
+        self, dialogue: Dialogue, conv: Conversation, masks: MaskSource | None, *, answer: str | None = None,
+        max_new_tokens: int = 32, force_mask: bool = False,
+    ) -> RoundResult:
+        """Answer the last round of ``conv`` on top of ``dialogue``, which holds its earlier rounds.
+
+        Only the round's own tokens run through the LLM; the memory tokens of the earlier masks
+        it refers to are made once per mask (from ``masks``) and kept in ``dialogue``. On
+        success the dialogue holds the round; on any error it is left as it was.
+
+        Args:
+            dialogue: the conversation's state (``dialogue.rounds == len(conv.rounds) - 1``).
+            conv: the conversation, its last round open (earlier rounds answered, with masks).
+            masks: where the memory reads earlier masks from (see :data:`MaskSource`; only called
+                for masks not yet in ``dialogue.memory``, so None does for a round without refs).
+            answer: force this answer; default the model's fixed answer, else generate.
+            max_new_tokens: longest generated answer.
+            force_mask: when a generated answer has no ``<seg>``, answer ``"<seg>"`` instead.
+        """
+        if dialogue.rounds != len(conv.rounds) - 1:
+            raise ConversationError(f"the dialogue holds {dialogue.rounds} round(s); round {len(conv.rounds)} cannot follow them")
+        try:
+            result = self._with_forced_mask(
+                lambda a: self._extend(dialogue, conv, masks, a, max_new_tokens), answer, force_mask,
+                lambda: dialogue.cache.crop(dialogue.lengths[-1]),
+            )
+        except BaseException:
+            dialogue.cache.crop(dialogue.lengths[-1])  # whatever failed, the dialogue stays as it was
+            raise
+        dialogue.lengths.append(dialogue.cache.get_seq_length())
+        return result
+
+    def _extend(self, dialogue: Dialogue, conv: Conversation, masks: MaskSource | None, answer: str | None, max_new_tokens: int) -> RoundResult:
+        m = self.model
+        proc, dev = m.processor, m.device
+        i = len(conv.rounds) - 1
+        offset = dialogue.lengths[-1]
+        u_ids, items = proc.user_ids(conv, i, offset)
+        slots = []
+        if items:
+            feats = [self._memory(dialogue, masks, it.ref_round, it.mask_index) for it in items]
+            zeros = torch.zeros(len(items), dtype=torch.long, device=dev)
+            slots.append((proc.mask_id, zeros, torch.tensor([it.mask_pos - offset for it in items], device=dev), torch.stack([f[0] for f in feats])))
+            boxed = [(it, f) for it, f in zip(items, feats) if it.box_pos >= 0]
+            if boxed:
+                slots.append((proc.box_id, zeros[: len(boxed)], torch.tensor([it.box_pos - offset for it, _ in boxed], device=dev), torch.stack([f[1] for _, f in boxed])))
+        if answer is None:
+            embeds = m.inject(torch.tensor([u_ids], device=dev), slots)
+            out = self._generate(embeds, dialogue.cache, max_new_tokens=max_new_tokens, past_length=offset, round_start=0, num_rounds=i + 1)
+        else:
+            last = conv.rounds[-1]
+            forced = Conversation(conv.image, conv.rounds[:-1] + [Round(last.question, last.refs, answer, [])])
+            a_ids, segs = proc.answer_ids(forced, i, offset + len(u_ids))
+            ids = u_ids + a_ids
+            proc.check_length(offset + len(ids), i + 1, reserve=0)
+            embeds = m.inject(torch.tensor([ids], device=dev), slots)
+            out = self._teacher_forced(embeds, dialogue.cache, a_ids[:-1], [s.pos - offset for s in segs], round_start=0)
+        return self._result(i + 1, out, dialogue.image.features, dialogue.image.frame)
+
+    def _memory(self, dialogue: Dialogue, masks: MaskSource | None, k: int, j: int) -> tuple[Tensor, Tensor]:
+        if (k, j) not in dialogue.memory:
+            if masks is None:
+                raise ValueError(f"the round refers to round {k}'s masks, which the dialogue has not encoded: pass masks")
+            mask, box = masks(k, j)
+            dialogue.memory[(k, j)] = self.encode_memory(dialogue.image, mask, box)
+        return dialogue.memory[(k, j)]
+
+    # -- one round, from scratch ------------------------------------------------------------
+    @torch.no_grad()
+    def recompute(self, conv: Conversation, *, answer: str | None = None, max_new_tokens: int = 32, force_mask: bool = False) -> RoundResult:
+        """Answer the last round of ``conv`` running the whole conversation through the LLM.
+
+        Earlier rounds must have their answers and masks; the last round's answer is ``answer``,
+        else its own answer, else the model's fixed answer, else generated greedily.
+        """
+        if not conv.rounds:
+            raise ConversationError("conversation has no rounds")
+        own = conv.rounds[-1].answer
+        return self._with_forced_mask(lambda a: self._recompute(conv, a, max_new_tokens), answer if answer is not None else own, force_mask)
+
+    def _recompute(self, conv: Conversation, answer: str | None, max_new_tokens: int) -> RoundResult:
+        m = self.model
+        n = len(conv.rounds)
+        last = conv.rounds[-1]
+        if answer is not None:
+            # placeholder masks only satisfy validation: the last round's masks are what we predict
+            forced = Round(last.question, last.refs, answer, [np.ones(conv.size, bool)] * answer.count("<seg>"))
+            conv = Conversation(conv.image, conv.rounds[:-1] + [forced])
+        batch = m.prepare([conv], open_last=answer is None, targets=False).to(m.device)
+        embeds = m.embed(batch)
+        enc = batch.encoded[0]
+        start = enc.round_spans[-1][0]
+        if answer is None:
+            out = self._generate(embeds, None, max_new_tokens=max_new_tokens, past_length=0, round_start=start, num_rounds=n)
+        else:
+            u_len = len(m.processor.user_ids(conv, n - 1, start)[0])
+            seg_pos = [s.pos for s in enc.segs if s.round_index == n - 1]
+            out = self._teacher_forced(embeds, None, enc.input_ids[start + u_len : -1], seg_pos, round_start=start)
+        features = m.encode_decoder_image(batch.decoder_pixels[:1]) if out.seg_hidden.shape[0] else None
+        return self._result(n, out, features, batch.frames[0])
+
+    # -- the shared steps -------------------------------------------------------------------
+    def _with_forced_mask(self, run: Callable[[str | None], RoundResult], answer: str | None, force_mask: bool, rewind: Callable[[], None] | None = None) -> RoundResult:
+        """The round answered by ``run(answer)`` (``answer`` or the fixed answer; None generates);
+        with ``force_mask``, a generated answer without ``<seg>`` is undone (``rewind``) and the
+        round answered ``"<seg>"`` instead."""
+        result = run(self.answer_to_use(answer))
+        if force_mask and answer is None and result.masks.shape[0] == 0:
+            if rewind is not None:
+                rewind()
+            result = run(FORCED_ANSWER)
+            result.forced = True
+        return result
+
+    def _teacher_forced(self, embeds: Tensor, cache: DynamicCache | None, token_ids: list[int], seg_pos: list[int], *, round_start: int) -> _Answer:
+        """One LLM pass over ``embeds`` [1, T, D] (on ``cache`` if given, which it extends), which
+        end with the given answer; ``seg_pos``: the ``<seg>`` positions within ``embeds``."""
+        decoder = self.model.llm.get_decoder()
+        if cache is None:
+            hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        else:
+            hidden = decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+        pos = torch.tensor(seg_pos, dtype=torch.long, device=hidden.device)
+        out = _Answer(list(token_ids), hidden[0, pos - 1])
+        if self._attend:
+            out.context, out.context_mask = self._contexts(hidden[0, round_start:], [p - round_start for p in seg_pos])
+        return out
+
+    def _generate(
+        self, embeds: Tensor, cache: DynamicCache | None, *, max_new_tokens: int, past_length: int, round_start: int, num_rounds: int,
+    ) -> _Answer:
+        """Greedy decoding from input embeddings [1, T, D] on top of ``cache`` (which holds
+        ``past_length`` tokens; None: a fresh one); ``round_start``: where the round begins in
+        ``embeds``.
+
+        The answer always ends with the end-of-answer token, which is fed through the LLM too,
+        so the cache afterwards covers exactly what the processor renders for the round.
+        """
+        m, proc = self.model, self.model.processor
+        cache = cache if cache is not None else DynamicCache()
+        decoder = m.llm.get_decoder()
+        head = m.llm.get_output_embeddings()
+        emb = m.llm.get_input_embeddings()
+        proc.check_length(past_length + embeds.shape[1] + 1, num_rounds, reserve=0)
+        budget = min(max_new_tokens, proc.max_length - past_length - embeds.shape[1] - 1)
+        tokens: list[int] = []
+        seg_hidden: list[Tensor] = []
+        states: list[Tensor] = []  # the round's states so far, [t, D] pieces (for attend_round)
+        seg_ends: list[int] = []  # how many of them each <seg> reads
+        cur = embeds
+        prefilled = False
+        while len(tokens) < budget:
+            out = decoder(inputs_embeds=cur, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            states.append(out.last_hidden_state[0, round_start:] if not prefilled else out.last_hidden_state[0])
+            prefilled = True
+            h = out.last_hidden_state[:, -1]
+            nxt = int(head(h).argmax(-1))
+            tokens.append(nxt)
+            if nxt == proc.eos_id:
+                break
+            if nxt == proc.seg_id:
+                seg_hidden.append(h[0])
+                seg_ends.append(sum(s.shape[0] for s in states))
+            cur = emb(torch.tensor([[nxt]], device=embeds.device))
+        # the cache now holds embeds + tokens[:-1]; feed the rest, ending with the end token
+        rest = tokens[-1:] if tokens else []
+        if not tokens or tokens[-1] != proc.eos_id:
+            tokens.append(proc.eos_id)
+            rest = rest + [proc.eos_id]
+        tail = emb(torch.tensor([rest], device=embeds.device))
+        if not prefilled:
+            tail = torch.cat([embeds, tail], dim=1)
+        decoder(inputs_embeds=tail, past_key_values=cache, use_cache=True)
+        hs = torch.stack(seg_hidden) if seg_hidden else embeds.new_zeros(0, embeds.shape[-1])
+        answer = _Answer(tokens[:-1], hs)
+        if self._attend and seg_hidden:
+            answer.context, answer.context_mask = self._contexts(torch.cat(states), seg_ends)
+        return answer
+
+    @staticmethod
+    def _contexts(states: Tensor, ends: list[int]) -> tuple[Tensor, Tensor]:
+        """Each ``<seg>``'s round context from its round's states [T, D]: the first ``ends[s]``
+        of them (those up to the state that predicted it): [S, T', D] and mask [S, T']."""
+        positions = context_positions([(0, e) for e in ends]).to(states.device)
+        return round_context(states[None], torch.zeros(len(ends), dtype=torch.long, device=states.device), positions)
+
+    def _result(self, round_number: int, out: _Answer, features, frame: Frame) -> RoundResult:
+        masks, boxes, scores, frame_masks = self.decode(out.seg_hidden, features, frame, out.context, out.context_mask)
+        return RoundResult(round_number, out.token_ids, self.answer_text(out.token_ids), masks, boxes, scores, frame_masks)
+
+    @torch.no_grad()
+    def decode(
+        self, seg_hidden: Tensor, features, frame: Frame, context: Tensor | None = None, context_mask: Tensor | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Masks of one image from the LLM states that predicted its ``<seg>`` tokens.
+
+        Args:
+            seg_hidden: [S, D] LLM states.
+            features: the decoder's features of the image (a batch of one; unused when S = 0).
+            frame: where the image sits in the decoder's frame.
+            context, context_mask: [S, T, D] and [S, T], each ``<seg>``'s round context (needed
+                with ``prompt_head.attend_round``).
+
+        Returns:
+            masks [S, H, W] bool, boxes [S, 4] float32 image pixels, scores [S] float32 and the
+            masks [S, Sd, Sd] bool in the decoder's square input frame (padding included).
+        """
+        m = self.model
+        S = seg_hidden.shape[0]
+        h, w = frame.height, frame.width
+        if S == 0:
+            return np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, frame.size, frame.size), bool)
+        prompts = seg_prompts(m.prompt_head, seg_hidden, context, context_mask)
+        out = m.decoder(features, prompts.to(features.dtype), torch.zeros(S, dtype=torch.long, device=features.device))
+        frame_logits, masks = frame_and_image_masks(out.mask_logits[:, SEG], frame)
+        if m.config.memory.box_source == "decoder" and out.boxes is not None:
+            # the decoder's own box (it can differ from the mask's), back in image pixels
+            boxes = out.boxes[:, SEG].float().cpu() * (max(h, w) / frame.size)
+        else:
+            boxes = mask_boxes(masks.cpu())
+        scores = out.iou_scores[:, SEG].float().cpu().numpy()
+        return masks.cpu().numpy(), boxes.numpy().astype(np.float32), scores, (frame_logits > 0).cpu().numpy()
+
+    def answer_text(self, token_ids: list[int]) -> str:
+        """An answer's text from its token ids: ``<seg>`` kept, end and padding tokens dropped."""
+        tok = self.model.tokenizer
+        text = tok.decode(token_ids, skip_special_tokens=False)
+        for t in (tok.eos_token, tok.pad_token):
+            if t:
+                text = text.replace(t, "")
+        return text.strip()
+
+
+__all__ = [
+    "Dialogue",
+    "EncodedImage",
+    "RoundEngine",
+    "RoundResult",
+    "context_positions",
+    "frame_and_image_masks",
+    "round_context",
+    "seg_context",
+    "seg_prompts",
+]
