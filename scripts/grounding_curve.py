@@ -8,7 +8,10 @@ the world's validation split, every round teacher-forced (oracle history):
 - grounded rate: the share of predictions that overlap the target more than any other object or
   part (:func:`segllm.eval.metrics.grounding`): "picking the object" as opposed to "drawing it";
   a pick round ("segment one of the red objects") is scored against its best valid answer;
-- IoU given grounded: mean IoU of the grounded predictions.
+- IoU given grounded: mean IoU of the grounded predictions;
+- question blindness: the mean IoU between round 1's mask for its own question and for another
+  conversation's round-1 question on the same image (1.0: the question changes nothing, the
+  model draws "where the objects are"; issue 13's failure mode).
 
 Writes ``OUT/curve.jsonl`` (one line per evaluation) and prints a line per chunk. Runs resume:
 a second call with the same ``--out`` continues from its last checkpoint.
@@ -19,6 +22,7 @@ a second call with the same ``--out`` continues from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -66,7 +70,9 @@ def evaluate_curve(model, recipe: TrainRecipe, n: int, batch: int = 16) -> dict:
                 grounded.setdefault(r, []).append(best[1] if best[0] else -1.0)
     rounds = sorted(inter)
     all_g = [v for r in rounds for v in grounded[r]]
+    blind = question_blindness(model, samples, batch)
     return {
+        "question_blindness": round(blind, 3),
         "cIoU": 100 * sum(inter.values()) / max(1, sum(union.values())),
         "grounded": 100 * float(np.mean([v >= 0 for v in all_g])),
         "iou_given_grounded": 100 * float(np.mean([v for v in all_g if v >= 0])) if any(v >= 0 for v in all_g) else 0.0,
@@ -75,6 +81,23 @@ def evaluate_curve(model, recipe: TrainRecipe, n: int, batch: int = 16) -> dict:
             for r in rounds
         },
     }
+
+
+def question_blindness(model, samples: list, batch: int = 16) -> float:
+    """Mean IoU between round 1's predicted mask for its own question and for the round-1 question
+    of the conversation 7 places on (same image, same history: none)."""
+    convs = [record_to_conversation(s.record, s.image, lambda mid, s=s: s.masks[mid]).truncated(1) for s in samples]
+    other = [dataclasses.replace(c, rounds=[dataclasses.replace(c.rounds[0], question=convs[(i + 7) % len(convs)].rounds[0].question)])
+             for i, c in enumerate(convs)]
+    ious = []
+    for start in range(0, len(convs), batch):
+        with torch.no_grad():
+            own = model.segment(convs[start : start + batch])
+            swapped = model.segment(other[start : start + batch])
+        for a, b in zip(own, swapped):
+            ma, mb = a[0][0][0], b[0][0][0]
+            ious.append(np.logical_and(ma, mb).sum() / max(1, np.logical_or(ma, mb).sum()))
+    return float(np.mean(ious))
 
 
 def main() -> None:
@@ -106,7 +129,7 @@ def main() -> None:
         with curve.open("a") as f:
             f.write(json.dumps(entry) + "\n")
         print(f"step {step} conv {entry['conversations']} loss {entry['loss']:.3f} cIoU {res['cIoU']:.1f} "
-              f"grounded {res['grounded']:.1f}% IoU|grounded {res['iou_given_grounded']:.1f} "
+              f"grounded {res['grounded']:.1f}% IoU|grounded {res['iou_given_grounded']:.1f} blind {res['question_blindness']:.2f} "
               f"round1 {res['per_round'].get(1, {})} ({train_s:.0f}s train)", flush=True)
 
 
