@@ -2,7 +2,9 @@
 
 Every browser session has its own conversation (kept server-side under Gradio's session id),
 so one user's rounds never appear in another's. Errors show as a message in the page and the
-conversation goes on. Images whose longest side exceeds ``max_side`` pixels are refused.
+conversation goes on. Images whose longest side exceeds ``max_side`` pixels are refused, and
+uploads over ``max_upload_mb``. Conversations are dropped with everything they hold (session,
+files) when their tab closes, when idle ``idle_timeout`` seconds or beyond ``max_sessions``.
 """
 
 import html
@@ -17,7 +19,7 @@ import threading
 import time
 import uuid
 import zipfile
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +114,7 @@ class SessionStore:
             return key in self._expired
 
     def drop(self, key: str) -> None:
-        """Forget ``key``'s conversation now (its tab closed); a busy one goes when its handler ends."""
+        """Forget ``key``'s conversation now (its tab closed); one mid-request is left to the idle timeout."""
         with self._lock:
             entry = self._items.get(key)
             if entry is not None and not entry.busy:
