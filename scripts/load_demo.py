@@ -161,6 +161,7 @@ class Stats:
         self.upload: list[float] = []
         self.errors: list[str] = []
         self.crosstalk: list[str] = []
+        self.cut = 0  # sessions stopped by --time-limit: the run's bound, not the server's error
 
     def error(self, msg: str) -> None:
         with self.lock:
@@ -241,6 +242,12 @@ def run_session(url: str, i: int, rounds: int, inputs, stats: Stats, deadline: f
             problems = check_answer(out, i, r, image, questions)
             if problems:
                 stats.mixed(f"session {i} round {r + 1}: " + "; ".join(problems))
+    except TimeoutError as e:
+        if time.monotonic() < deadline:
+            stats.error(f"session {i}: TimeoutError: {e}".strip())
+        else:
+            with stats.lock:
+                stats.cut += 1
     except Exception as e:  # every failure is counted and reported; the other sessions go on
         stats.error(f"session {i}: {type(e).__name__}: {e}".strip()[:300])
         if os.environ.get("LOAD_DEMO_TRACEBACKS"):
@@ -330,6 +337,8 @@ def main(argv=None) -> int:
             print(f"  round {r}: n={len(xs)} p50={percentile(xs, 0.5):.3f} p95={percentile(xs, 0.95):.3f}")
         print(f"  upload+set_image: n={len(stats.upload)} p50={percentile(stats.upload, 0.5):.3f} "
               f"p95={percentile(stats.upload, 0.95):.3f}")
+        if stats.cut:
+            print(f"sessions cut short by the time limit (not errors; their repeat is partial): {stats.cut}")
         print(f"errors: {len(stats.errors)}")
         for e in stats.errors[:10]:
             print("  " + e)
