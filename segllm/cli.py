@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument("--port", type=int, default=7860)
     dm.add_argument("--device", default="cpu")
     dm.add_argument("--max-side", type=int, default=4096, help="largest image side accepted, pixels (default: %(default)s)")
+    dm.add_argument("--max-sessions", type=int, default=32,
+                    help="live conversations at most; the least recently used is dropped beyond it (default: %(default)s)")
+    dm.add_argument("--idle-timeout", type=float, default=900,
+                    help="seconds after which an idle conversation and its files are dropped (default: %(default)s)")
+    dm.add_argument("--max-upload-mb", type=float, default=20,
+                    help="uploads over this many MB are refused before they are stored (default: %(default)s)")
     dm.set_defaults(func=_demo)
 
     bn = sub.add_parser("bench", help="per-round latency, incremental vs full recompute (bundled and a large-LLM model)")
@@ -364,7 +370,8 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     from segllm.demo import launch  # imports gradio, an optional extra (segllm[demo])
 
-    launch(args.checkpoint, host=args.host, port=args.port, device=args.device, max_side=args.max_side)
+    launch(args.checkpoint, host=args.host, port=args.port, device=args.device, max_side=args.max_side,
+           max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, max_upload_mb=args.max_upload_mb)
     return 0
 
 

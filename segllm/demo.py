@@ -2,17 +2,26 @@
 
 Every browser session has its own conversation (kept server-side under Gradio's session id),
 so one user's rounds never appear in another's. Errors show as a message in the page and the
-conversation goes on. Images whose longest side exceeds ``max_side`` pixels are refused.
+conversation goes on. Images whose longest side exceeds ``max_side`` pixels are refused, and
+uploads over ``max_upload_mb``. Conversations are dropped with everything they hold (session,
+files) when their tab closes, when idle ``idle_timeout`` seconds or beyond ``max_sessions``.
 """
 
 import html
 import io
 import json
 import logging
+import os
+import re
+import shutil
 import tempfile
 import threading
+import time
+import uuid
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -28,27 +37,144 @@ from segllm.viz import colour
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 4096  # pixels; larger uploads are refused (memory and latency on a CPU server)
-MAX_SESSIONS = 64  # conversations kept at once; the least recently used is dropped first
+# Live conversations at once; beyond it the least recently used one is dropped. Each holds its
+# image, masks, LLM key/value cache and decoder features: ~2 MB for a 128 px image, up to
+# ~100 MB for a 4096 px one with a few rounds, so 32 bounds the worst case to a few GB.
+MAX_SESSIONS = 32
+IDLE_TIMEOUT = 15 * 60  # seconds without a request after which a conversation and its files are dropped
+# Uploads over this are refused by the server while they stream in, before they are stored or
+# decoded. 20 MB holds any JPEG/WebP and most PNGs up to MAX_SIDE (a phone photo is 2-6 MB); a
+# bigger file costs bandwidth and disk for an image the model reads at a few hundred pixels.
+MAX_UPLOAD_MB = 20
+_EXPIRED_REMEMBERED = 4096  # dropped session ids kept to explain "your session expired"
+
+
+@dataclass
+class _Entry:
+    session: Session
+    folder: Path  # this conversation's files (overlay, zip), under Gradio's cache so it serves them uncopied
+    last_used: float
+    busy: int = 0  # handlers running on it: never dropped under them
+    files: list[Path] = field(default_factory=list)  # what the page currently shows
 
 
 class SessionStore:
-    """Per-browser-session conversations, least recently used dropped beyond ``capacity``."""
+    """Per-browser-session conversations, bounded in number and in idle time.
 
-    def __init__(self, model, capacity: int = MAX_SESSIONS, **session_kwargs) -> None:
+    A conversation is dropped when it has been idle ``idle_timeout`` seconds, when more than
+    ``capacity`` are live (least recently used first), or when its browser tab closes; dropping
+    it deletes its files and lets go of the :class:`Session` (image, masks, caches), so nothing
+    it held stays alive. ``sweep`` runs the idle check; :meth:`start_sweeper` runs it every
+    ``interval`` seconds in a daemon thread so idle memory is given back without traffic.
+    """
+
+    def __init__(self, model, capacity: int = MAX_SESSIONS, *, idle_timeout: float = IDLE_TIMEOUT,
+                 folder: Path | None = None, clock=time.monotonic, **session_kwargs) -> None:
+        if capacity < 1 or idle_timeout <= 0:
+            raise ValueError(f"capacity must be >= 1 and idle_timeout > 0, got {capacity} and {idle_timeout}")
         self.model = model
         self.capacity = capacity
+        self.idle_timeout = idle_timeout
         self.kwargs = session_kwargs
-        self._items: OrderedDict[str, Session] = OrderedDict()
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="segllm-demo-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self._items: OrderedDict[str, _Entry] = OrderedDict()
+        self._expired: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    @contextmanager
+    def use(self, key: str):
+        """The entry of ``key`` (created if new), held busy while the block runs."""
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None:
+                folder = self.folder / uuid.uuid4().hex
+                folder.mkdir()
+                entry = self._items[key] = _Entry(Session(self.model, **self.kwargs), folder, self.clock())
+            self._items.move_to_end(key)
+            entry.last_used = self.clock()
+            entry.busy += 1
+            self._evict_locked()
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                entry.busy -= 1
+                entry.last_used = self.clock()
 
     def get(self, key: str) -> Session:
+        with self.use(key) as entry:
+            return entry.session
+
+    def expired(self, key: str) -> bool:
+        """Whether ``key``'s conversation was dropped (idle, over the cap); to say so to its user."""
         with self._lock:
-            if key not in self._items:
-                self._items[key] = Session(self.model, **self.kwargs)
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
-            self._items.move_to_end(key)
-            return self._items[key]
+            return key in self._expired
+
+    def drop(self, key: str) -> None:
+        """Forget ``key``'s conversation now (its tab closed); one mid-request is left to the idle timeout."""
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is not None and not entry.busy:
+                self._release_locked(key, remember=False)
+
+    def sweep(self) -> int:
+        """Drop every conversation idle for ``idle_timeout`` seconds; returns how many."""
+        now = self.clock()
+        with self._lock:
+            stale = [k for k, e in self._items.items() if not e.busy and now - e.last_used >= self.idle_timeout]
+            for k in stale:
+                self._release_locked(k)
+        return len(stale)
+
+    def start_sweeper(self, interval: float | None = None, also=None) -> threading.Thread:
+        """Sweep every ``interval`` seconds (default: a tenth of the idle timeout, 5 s to 60 s),
+        calling ``also()`` after each sweep."""
+        every = interval if interval is not None else min(60.0, max(5.0, self.idle_timeout / 10))
+
+        def loop():
+            while not self._stop.wait(every):
+                try:
+                    self.sweep()
+                    if also is not None:
+                        also()
+                except Exception:  # the sweeper must outlive any one failure; the next sweep retries
+                    log.exception("demo session sweep failed")
+
+        t = threading.Thread(target=loop, name="segllm-demo-sweeper", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        """Stop the sweeper, drop every conversation and delete the store's folder."""
+        self._stop.set()
+        with self._lock:
+            for k in list(self._items):
+                self._release_locked(k, remember=False)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _evict_locked(self) -> None:
+        now = self.clock()
+        for k in [k for k, e in self._items.items() if not e.busy and now - e.last_used >= self.idle_timeout]:
+            self._release_locked(k)
+        idle_first = (k for k, e in list(self._items.items()) if not e.busy)
+        while len(self._items) > self.capacity:
+            k = next(idle_first, None)
+            if k is None:
+                break  # every live one is mid-request: over the cap until one ends
+            self._release_locked(k)
+
+    def _release_locked(self, key: str, remember: bool = True) -> None:
+        entry = self._items.pop(key)
+        shutil.rmtree(entry.folder, ignore_errors=True)
+        entry.files.clear()
+        entry.session = None  # the store held the only reference: image, masks and caches go now
+        if remember:
+            self._expired[key] = None
+            while len(self._expired) > _EXPIRED_REMEMBERED:
+                self._expired.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -90,37 +216,154 @@ def masks_zip(session: Session, folder: Path) -> Path:
     return path
 
 
-def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32):
-    """The Gradio Blocks app for ``model``."""
-    store = SessionStore(model, max_new_tokens=max_new_tokens)
-    tmp = Path(tempfile.mkdtemp(prefix="segllm-demo-"))
+def user_message(text: str, path: str | None = None) -> str:
+    """``text`` as a demo user may see it: the uploaded file named by its own name, never by the
+    server path it was stored under (which tells a stranger how the server is laid out)."""
+    if path:
+        name = Path(path).name
+        for form in {str(path), os.path.realpath(path)}:
+            text = text.replace(form, name)
+    for root in _server_roots():
+        text = re.sub(re.escape(root) + r"[^\s'\"]*", "<file>", text)
+    return text
+
+
+@contextmanager
+def shown_errors(path: str | None = None):
+    """Every error a demo user sees is a message naming the problem, never a server path or a
+    traceback; unexpected errors are logged here in full and shown by their kind only."""
+    try:
+        yield
+    except gr.Error as e:
+        e.message = user_message(str(e.message), path)
+        raise
+    except SegLLMError as e:
+        raise gr.Error(user_message(str(e), path)) from None
+    except Exception as e:
+        log.exception("demo request failed")
+        raise gr.Error(f"internal error ({type(e).__name__}); the conversation is unchanged") from None
+
+
+def _server_roots() -> list[str]:
+    roots = {gr.utils.get_upload_folder(), tempfile.gettempdir()}
+    roots |= {os.path.realpath(r) for r in roots}
+    return sorted(roots, key=len, reverse=True)  # longest first: a nested root is replaced whole
+
+
+def _trim_gradio_queue(blocks) -> None:
+    """Forget the finished events Gradio's queue keeps forever (gradio 6: every event, its HTTP
+    request and its task stay referenced after it completes, ~1 per click, never freed). Only
+    finished events go; whatever this Gradio version lacks is left alone."""
+    q = getattr(blocks, "_queue", None)
+    events, analytics = getattr(q, "event_ids_to_events", None), getattr(q, "event_analytics", None)
+    if not isinstance(events, dict) or not isinstance(analytics, dict):
+        return
+    pending = getattr(q, "pending_event_ids_session", {})
+    for eid, info in list(analytics.items()):
+        if isinstance(info, dict) and info.get("status") in ("success", "failed", "cancelled"):
+            event = events.pop(eid, None)
+            ids = pending.get(getattr(event, "session_hash", None)) if event is not None else None
+            if ids is not None:
+                ids.discard(eid)
+                if not ids:
+                    pending.pop(event.session_hash, None)
+    # the analytics (the monitoring page's table) keep the latest finished events only
+    finished = [k for k, v in analytics.items() if isinstance(v, dict) and v.get("status") not in ("queued", "processing")]
+    for k in finished[: max(0, len(finished) - 1000)]:
+        analytics.pop(k, None)
+    tasks = getattr(q, "_asyncio_tasks", None)
+    if isinstance(tasks, list):
+        for t in [t for t in list(tasks) if t.done()]:
+            tasks.remove(t)  # one by one: a task the event loop appends meanwhile is kept
+
+
+class _Demo(gr.Blocks):
+    """The demo's Blocks: launching it refuses uploads over its limit unless told otherwise."""
+
+    max_upload_bytes: int | None = None
+    max_sessions: int = MAX_SESSIONS
+
+    def launch(self, *args, **kwargs):
+        kwargs.setdefault("max_file_size", self.max_upload_bytes)
+        # Gradio keeps a copy of the page's settings per browser session (10,000 by default,
+        # ~50 kB each); past our cap those conversations are gone, so their copies may go too
+        kwargs.setdefault("state_session_capacity", 2 * self.max_sessions + 16)
+        return super().launch(*args, **kwargs)
+
+    def close(self, *args, **kwargs):
+        try:
+            return super().close(*args, **kwargs)
+        finally:
+            store = getattr(self, "segllm_store", None)
+            if store is not None:
+                store.close()
+
+
+def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max_sessions: int = MAX_SESSIONS,
+               idle_timeout: float = IDLE_TIMEOUT, max_upload_mb: float | None = MAX_UPLOAD_MB):
+    """The Gradio Blocks app for ``model``.
+
+    Args:
+        max_side: images whose longest side exceeds it (pixels) are refused.
+        max_sessions: live conversations at most (least recently used dropped first).
+        idle_timeout: seconds after which an idle conversation and its files are dropped.
+        max_upload_mb: uploads over it (MB) are refused; None: no limit.
+    """
+    # the store's files live in Gradio's cache folder, so Gradio serves them without a copy
+    # of its own that only its age-based cleanup would delete
+    cache = Path(gr.utils.get_upload_folder())
+    cache.mkdir(parents=True, exist_ok=True)
+    store = SessionStore(model, max_sessions, idle_timeout=idle_timeout,
+                         folder=Path(tempfile.mkdtemp(prefix="segllm-demo-", dir=cache)), max_new_tokens=max_new_tokens)
+    limit = None if max_upload_mb is None else int(max_upload_mb * 2**20)
     examples = example_images()
 
-    def session_of(request: gr.Request) -> Session:
-        return store.get(request.session_hash or "default")
+    def key_of(request: gr.Request) -> str:
+        return request.session_hash or "default"
 
-    def view(s: Session, status: str):
+    def view(entry: _Entry, status: str):
+        s = entry.session
         refs = gr.update(choices=[str(r.round) for r in s.history], value=[])
-        image = np.asarray(s.overlay()) if s.image is not None else None
-        download = None
-        if s.history:
-            folder = tmp / (str(id(s)) + f"-{len(s.history)}")
-            folder.mkdir(parents=True, exist_ok=True)
-            download = str(masks_zip(s, folder))
-        return image, legend_html(s), refs, status, download
+        # what the page showed before is superseded: its files go, so one overlay and one zip
+        # per conversation are on disk at any time
+        for old in entry.files:
+            shutil.rmtree(old.parent, ignore_errors=True)
+        entry.files.clear()
+        image = download = None
+        if s.image is not None:
+            folder = entry.folder / uuid.uuid4().hex  # a new URL each time: no stale browser cache
+            folder.mkdir()
+            image = folder / "overlay.png"
+            s.overlay().save(image)
+            entry.files.append(image)
+            if s.history:
+                download = masks_zip(s, folder)
+                entry.files.append(download)
+        return (str(image) if image else None), legend_html(s), refs, status, (str(download) if download else None)
+
+    def no_session(request: gr.Request) -> str:
+        if store.expired(key_of(request)):
+            return (f"This conversation expired (idle over {idle_timeout / 60:g} minutes, or too many users at once). "
+                    "Upload or pick the image again.")
+        return "Upload or pick an image first."
 
     def set_image(path, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         if not path:
             raise gr.Error("No image given.")
-        s = session_of(request)
+        name = Path(path).name
         try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise gr.Error(f"the upload {name} is gone; upload it again") from None
+        if limit is not None and size > limit:
+            # reached only where a file bypassed the server's upload limit (e.g. launched without it)
+            raise gr.Error(f"{name} is {size / 2**20:.1f} MB; uploads may be at most {limit / 2**20:g} MB")
+        with shown_errors(path), store.use(key_of(request)) as entry:
             image = load_image(path, max_side=max_side)
             progress(0.2, desc="encoding the image")
-            s.set_image(image)
-        except SegLLMError as e:
-            raise gr.Error(str(e)) from e
-        h, w = image.shape[:2]
-        return view(s, f"Image {w}x{h} ready. Ask a question.")
+            entry.session.set_image(image)
+            h, w = image.shape[:2]
+            return view(entry, f"Image {w}x{h} ready. Ask a question.")
 
     def pick_example(name, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         if not name:
@@ -128,34 +371,38 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32):
         return set_image(str(examples[name]), request, progress)
 
     def ask(question, refs, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
-        s = session_of(request)
-        if s.image is None:
-            raise gr.Error("Upload or pick an image first.")
-        progress(0.1, desc="thinking")
-        try:
+        with shown_errors(), store.use(key_of(request)) as entry:
+            s = entry.session
+            if s.image is None:
+                raise gr.Error(no_session(request))
+            progress(0.1, desc="thinking")
             r = s.ask(question or "", refs=[int(k) for k in refs or []])
-        except SegLLMError as e:
-            raise gr.Error(str(e)) from e
-        note = " (the model gave no mask; one was asked for)" if r.forced else ""
-        return (*view(s, f"Round {r.round}: `{r.text}`{note}"), "")
+            note = " (the model gave no mask; one was asked for)" if r.forced else ""
+            return (*view(entry, f"Round {r.round}: `{r.text}`{note}"), "")
 
     def undo(request: gr.Request):
-        s = session_of(request)
-        r = s.undo()
-        return view(s, f"Undid round {r.round}." if r else "Nothing to undo.")
+        with shown_errors(), store.use(key_of(request)) as entry:
+            r = entry.session.undo()
+            return view(entry, f"Undid round {r.round}." if r else "Nothing to undo.")
 
     def clear(request: gr.Request):
-        s = session_of(request)
-        if s.image is not None:
-            s.reset()
-        return view(s, "Cleared the conversation.")
+        with shown_errors(), store.use(key_of(request)) as entry:
+            if entry.session.image is not None:
+                entry.session.reset()
+            return view(entry, "Cleared the conversation.")
 
-    with gr.Blocks(title="SegLLM") as demo:
+    def closed(request: gr.Request):
+        store.drop(key_of(request))
+
+    limit_text = f" and {max_upload_mb:g} MB" if limit is not None else ""
+    # Gradio's own copies of uploads are deleted once older than the idle timeout (their
+    # conversation is gone by then); our files are deleted as soon as they are superseded
+    with _Demo(title="SegLLM", delete_cache=(int(min(idle_timeout, 300)) or 1, int(idle_timeout) or 1)) as demo:
         gr.Markdown(
             "# SegLLM: multi-round segmentation\n"
             "Upload an image (or pick an example), then ask for one object per round. A later question "
             "can refer to an earlier round's object: tick its round below, or write `instance k` or `[REF:k]`. "
-            f"Images up to {max_side} pixels on the longest side."
+            f"Images up to {max_side} pixels on the longest side{limit_text}."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -170,7 +417,8 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32):
                 status = gr.Markdown(elem_id="status")
                 download = gr.File(label="Download masks (zip: PNGs, overlay, session.json)", elem_id="download")
             with gr.Column(scale=1):
-                overlay = gr.Image(label="Masks by round", interactive=False, elem_id="overlay", format="png", height=420)
+                overlay = gr.Image(label="Masks by round", interactive=False, elem_id="overlay", format="png", height=420,
+                                   type="filepath")
                 legend = gr.HTML(legend_html(Session(model)), elem_id="legend")
         outs = [overlay, legend, refs, status, download]
         upload.upload(set_image, [upload], outs)
@@ -179,7 +427,11 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32):
         question.submit(ask, [question, refs], outs + [question])
         undo_btn.click(undo, None, outs)
         clear_btn.click(clear, None, outs)
+        demo.unload(closed)
     demo.queue(default_concurrency_limit=1)
+    demo.max_upload_bytes, demo.max_sessions = limit, max_sessions
+    demo.segllm_store = store
+    store.start_sweeper(also=lambda: _trim_gradio_queue(demo))
     return demo
 
 

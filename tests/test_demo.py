@@ -3,6 +3,8 @@
 import os
 import shutil
 import socket
+import weakref
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from segllm.default import EXAMPLES, load_model  # noqa: E402
-from segllm.demo import build_demo  # noqa: E402
+from segllm.demo import SessionStore, build_demo, user_message  # noqa: E402
 from tests.conftest import RELEASED_FIXTURES, png_declaring  # noqa: E402
 
 CHROMIUM = os.environ.get("SEGLLM_CHROMIUM", "/usr/bin/chromium")
@@ -64,9 +66,12 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(server, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("hello")
     bomb = png_declaring(tmp_path / "bomb.png", 60000, 60000)  # a decompression bomb's header
+    uploads = gr.utils.get_upload_folder()
     for bad in (broken, text, bomb):
-        with pytest.raises(AppError, match="cannot read image"):
+        with pytest.raises(AppError, match="cannot read image") as err:
             c.predict(handle_file(str(bad)), api_name="/set_image")
+        # the user's own file name, never where the server stored it
+        assert bad.name in str(err.value) and uploads not in str(err.value) and "/tmp" not in str(err.value)
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((8, 1500, 3), np.uint8)).save(big)
     with pytest.raises(AppError, match="at most 1024 pixels"):
@@ -155,3 +160,79 @@ def test_demo_serves_a_released_checkpoint(tmp_path):
         assert out[3].startswith("Round 2")
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+def test_store_drops_idle_and_over_cap_sessions_and_everything_they_hold(model, tmp_path):
+    now = [0.0]
+    store = SessionStore(model, 2, idle_timeout=10, folder=tmp_path / "store", clock=lambda: now[0], max_new_tokens=8)
+    with store.use("a") as entry:
+        entry.session.set_image(EXAMPLES / "shapes.png")
+        entry.session.ask("Segment the cross.")
+        (entry.folder / "overlay.png").write_bytes(b"x")
+        held, folder_a = weakref.ref(entry.session), entry.folder
+    del entry
+    now[0] = 5.0
+    with store.use("b"):
+        pass
+    now[0] = 10.5  # a idle 10.5 s, b 5.5 s
+    assert store.sweep() == 1 and len(store) == 1
+    assert held() is None, "the dropped session (image, masks, caches) is still referenced"
+    assert not folder_a.exists() and store.expired("a") and not store.expired("b")
+    # the cap: a third live session drops the least recently used idle one, never a busy one
+    with store.use("b"):
+        with store.use("c"):
+            with store.use("d"):
+                assert len(store) == 3  # all three mid-request: over the cap until one ends
+        with store.use("e"):
+            assert store.expired("c") and store.expired("d") and len(store) == 2
+    store.drop("e")  # its tab closed
+    assert len(store) == 1 and not store.expired("e")
+    store.close()
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_conversation_keeps_one_overlay_and_one_zip_and_drops_them_when_it_ends(server):
+    demo, url = server
+    store = demo.segllm_store
+    c = Client(url, verbose=False)
+    c.predict("shapes", api_name="/pick_example")
+    for q in ("Segment the cross.", "Segment the star.", "Segment the object closest to instance 1."):
+        out = c.predict(q, [], api_name="/ask")
+    assert sorted(zipfile.ZipFile(out[4]).namelist())[:3] == ["overlay.png", "round1_mask1.png", "round2_mask1.png"]
+    files = sorted(p.name for p in store.folder.rglob("*") if p.is_file() and c.session_hash in store._items
+                   and p.is_relative_to(store._items[c.session_hash].folder))
+    assert files == ["overlay.png", "segllm-masks.zip"], files  # earlier rounds' files are deleted
+    folder = store._items[c.session_hash].folder
+    store.drop(c.session_hash)
+    assert not folder.exists() and c.session_hash not in store._items
+    c.close()
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_stored(server, tmp_path):
+    demo, url = server
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(demo.max_upload_bytes + 1024))
+    uploads = Path(gr.utils.get_upload_folder())
+    before = {p for p in uploads.rglob("huge.png")}
+    c = Client(url, verbose=False)
+    with pytest.raises(Exception, match="exceeds the maximum file size"):  # the client reads the limit from the page
+        c.predict(handle_file(str(big)), api_name="/set_image")
+    # and the server refuses it while it streams in, whoever sends it
+    import httpx
+
+    with big.open("rb") as f:
+        r = httpx.post(url + "gradio_api/upload", files={"files": ("huge.png", f, "image/png")}, timeout=60)
+    assert r.status_code == 413 and "maximum allowed size" in r.text
+    assert {p for p in uploads.rglob("huge.png")} == before  # nothing of it was kept
+
+
+def test_user_messages_name_files_not_server_paths():
+    stored = os.path.join(gr.utils.get_upload_folder(), "0a1b2c", "photo.jpg")
+    msg = user_message(f"cannot read image {stored}: OSError: cannot identify image file '{stored}'", stored)
+    assert msg == "cannot read image photo.jpg: OSError: cannot identify image file 'photo.jpg'"
+    assert user_message(f"see {os.path.join(gr.utils.get_upload_folder(), 'x', 'y.zip')} now") == "see <file> now"
