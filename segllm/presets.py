@@ -1,9 +1,10 @@
 """Ready-made model configurations.
 
 ``tiny``: a few hundred thousand parameters, for tests (builds in well under a second).
-``small``: the size of the bundled default model (CPU-trainable).
+``small``: the previous bundled default model's shape (CPU-trainable).
 ``grounded`` and ``direct``: the ``small`` LLM with convolutional image encoders and dense
-attribute supervision (issue 13's designs); ``direct`` also has the direct mask decoder.
+attribute supervision (issue 13's designs); ``direct`` (the bundled default model's shape) also
+has the direct mask decoder with attribute matching.
 Both use a LLaMA-layout LLM and a CLIP-layout vision tower built from config, so any
 transformers model of those families plugs into the same places.
 """
@@ -78,7 +79,7 @@ def tiny_config(vocab_size: int = 512, *, memory: bool = True) -> SegLLMConfig:
 
 
 def small_config(vocab_size: int = 1024, *, memory: bool = True) -> SegLLMConfig:
-    """The bundled default model's shape: 128 px images, a 4-layer LLaMA of width 256."""
+    """The previous bundled default model's shape: 128 px images, a 4-layer LLaMA of width 256."""
     return SegLLMConfig(
         vision=VisionConfig(
             hf_config=clip_vision_config(image_size=128, patch=16, hidden=128, layers=3, heads=4),
