@@ -138,7 +138,7 @@ def test_attribute_matching_marks_the_pixels_of_the_named_class():
     named[0, 1] = 20.0  # prompt 0 names colour 1 ...
     named[0, 3] = 20.0  # ... and no shape
     named[1, 0] = named[1, 3] = 20.0  # prompt 1 names nothing
-    match = m._match(pixels.expand(2, -1, -1, -1), named)
+    match = m._match(pixels, named, torch.tensor([0, 0]))  # both prompts on the one image
     assert match.shape == (2, 2, 2)
     assert (match[0, :, 0] > -1e-3).all() and (match[0, :, 1] < -15).all()  # log p(colour 1): ~0 left, ~-16 right
     assert match[1].abs().max() < 1e-3  # naming nothing changes nothing

@@ -131,27 +131,29 @@ class DirectMaskDecoder(MaskDecoder):
         if self.config.attributes:
             pixels = self.pixel_attributes(image_features.to(dtype))  # [B, T, g, g]
             named = self.prompt_attributes(summary[:, SEG])  # [N, T]
-            match = self.match_scale * self._match(pixels.index_select(0, batch_index.long()), named)  # [N, g, g]
+            match = self.match_scale * self._match(pixels, named, batch_index.long())  # [N, g, g]
             masks = torch.stack([masks[:, REF], masks[:, SEG] + match], dim=1)
             attributes = (pixels.permute(0, 2, 3, 1), named)
         return DecoderOutput(mask_logits=masks, iou_scores=self.iou_head(both), attributes=attributes)
 
-    def _match(self, pixels: Tensor, named: Tensor) -> Tensor:
+    def _match(self, pixels: Tensor, named: Tensor, batch_index: Tensor) -> Tensor:
         """How well each pixel's classes agree with what each prompt names.
 
         Args:
-            pixels: [N, T, g, g] class logits of each prompt's image.
+            pixels: [B, T, g, g] class logits of each image.
             named: [N, T] class logits of what each prompt names (class 0: names none).
+            batch_index: [N] long, which image each prompt belongs to.
 
         Returns:
             [N, g, g]: the sum over the groups of E_{c ~ named, c >= 1}[log p(c | pixel)]; a
             group the prompt names nothing of (its mass on class 0) adds about 0, a named class
             adds its log-probability at the pixel.
         """
-        total = pixels.new_zeros(pixels.shape[0], *pixels.shape[2:])
+        total = pixels.new_zeros(named.shape[0], *pixels.shape[2:])
         start = 0
         for n in self.config.attributes.values():
-            logp = F.log_softmax(pixels[:, start : start + n].float(), dim=1)[:, 1:]  # [N, n-1, g, g]
+            # per image, then per prompt: several prompts share an image
+            logp = F.log_softmax(pixels[:, start : start + n].float(), dim=1)[:, 1:].index_select(0, batch_index)  # [N, n-1, g, g]
             p = F.softmax(named[:, start : start + n].float(), dim=-1)[:, 1:]  # [N, n-1]
             total = total + torch.einsum("nc,nchw->nhw", p, logp).to(total.dtype)
             start += n
