@@ -5,7 +5,8 @@ from segllm.conversation import Conversation, Round, load_image, parse_refs
 from segllm.default import load_model
 from segllm.errors import SegLLMError
 from segllm.model.builder import build_segllm
-from segllm.model.segllm import Prediction, SegLLM
+from segllm.model.rounds import Prediction
+from segllm.model.segllm import SegLLM
 
 __version__ = "0.1.0"
 

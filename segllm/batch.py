@@ -130,7 +130,7 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
     for b, (c, e) in enumerate(zip(conversations, encs)):
         for item in e.memory:
             mask = torch.tensor(np.asarray(c.rounds[item.ref_round - 1].masks[item.mask_index], dtype=bool))
-            crop, box = model.memory_inputs(images[b], mask)
+            crop, box = model.memory.inputs(images[b], mask, vision=model.vision)
             crops.append(crop)
             boxes.append(box)
             mb.append(b)

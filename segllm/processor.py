@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import torch
 from tokenizers import Tokenizer
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from segllm.config import MemoryConfig, TemplateConfig
 from segllm.conversation import SEG, Conversation
-from segllm.errors import ContextTooLongError, ConversationError
+from segllm.errors import ContextTooLongError, ConversationError, PlaceholderMismatchError
 
 IGNORE = -100
 
@@ -236,6 +238,41 @@ class Processor:
             f"{self.max_length}; about {fit} rounds like these fit: start a new conversation or drop rounds"
         )
 
+    def check_placeholders(self, ids: Tensor, att: Tensor, rows: Tensor, cols: Tensor, expected: list[tuple[int, int]]) -> None:
+        """Check that features go exactly into the placeholder tokens of their kind.
+
+        Args:
+            ids: [B, L] token ids; att: [B, L] attention mask (padding is not checked).
+            rows, cols: [n] the positions features are put at, in ``expected`` order.
+            expected: (placeholder token id, number of features) per kind of feature.
+
+        Raises:
+            PlaceholderMismatchError: the placeholders and features differ in number, a
+                position holds no placeholder of its kind, or two features share a position.
+        """
+        placeholder_ids = {tid for tid, _ in expected} | {self.image_id}
+        if self.memory.enabled:
+            placeholder_ids |= {self.mask_id}
+            if self.memory.use_box:
+                placeholder_ids |= {self.box_id}
+        is_ph = torch.zeros_like(ids, dtype=torch.bool)
+        for tid in placeholder_ids:
+            is_ph |= ids == tid
+        is_ph &= att.bool()
+        n_tokens, n_feats = int(is_ph.sum()), rows.numel()
+        if n_tokens != n_feats:
+            raise PlaceholderMismatchError(
+                f"{n_tokens} placeholder token(s) in the input but {n_feats} feature(s) to inject "
+                f"({', '.join(f'{n} for token {t}' for t, n in expected)})"
+            )
+        if not n_feats:
+            return
+        want = torch.cat([torch.full((n,), tid, dtype=ids.dtype, device=ids.device) for tid, n in expected])
+        if not bool((ids[rows, cols] == want).all()):
+            raise PlaceholderMismatchError("a feature slot points at a position that holds no placeholder token of its kind")
+        flat = rows * ids.shape[1] + cols
+        if flat.unique().numel() != flat.numel():
+            raise PlaceholderMismatchError("two features point at the same placeholder token")
 
 
 def _mid_string_tokenizer(tokenizer: PreTrainedTokenizerBase):

@@ -10,13 +10,14 @@ from segllm.conversation import Conversation, Round
 from segllm.errors import CheckpointError
 from segllm.model.loading import load_pretrained
 from segllm.model.segllm import SegLLM
+from segllm.train.objective import training_loss
 
 
 def _outputs(model, conv):
     model.eval()
     batch = model.prepare([conv])
     with torch.no_grad():
-        out = model(batch)
+        out = training_loss(model, batch)
     return out
 
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from segllm.cli import main
 from segllm.default import EXAMPLES
-from tests.conftest import png_declaring
+from tests.helpers import png_declaring
 
 EXAMPLE = EXAMPLES / "shapes.png"
 

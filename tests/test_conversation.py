@@ -4,7 +4,7 @@ from PIL import Image
 
 from segllm.conversation import Conversation, Round, image_size, load_image, parse_refs
 from segllm.errors import ConversationError, ImageError, MaskError
-from tests.conftest import box_mask, png_declaring
+from tests.helpers import box_mask, png_declaring
 
 
 def test_parse_refs_macro_and_instance():

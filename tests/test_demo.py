@@ -17,7 +17,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from segllm.default import EXAMPLES, load_model  # noqa: E402
 from segllm.demo import SessionStore, build_demo, user_message  # noqa: E402
-from tests.conftest import RELEASED_FIXTURES, png_declaring  # noqa: E402
+from tests.helpers import RELEASED_FIXTURES, png_declaring  # noqa: E402
 
 CHROMIUM = os.environ.get("SEGLLM_CHROMIUM", "/usr/bin/chromium")
 

@@ -148,3 +148,10 @@ def test_model_and_decoders_do_not_import_training_code():
                 found = _imports(node, name, path.name == "__init__.py")
                 offenders += [f"{name} imports {m}" for m in found if m == "segllm.train" or m.startswith("segllm.train.")]
     assert not offenders, offenders
+
+
+def test_the_model_module_stays_thin():
+    """Composition, embedding and decoding only (issue 14): losses, memory, rounds and part
+    selection live in their own modules."""
+    lines = (ROOT / "model" / "segllm.py").read_text().count("\n")
+    assert lines < 300, f"segllm/model/segllm.py has {lines} lines"

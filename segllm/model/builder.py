@@ -47,9 +47,10 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
         add_lora(llm, config.llm.lora)
     d_llm = llm.get_input_embeddings().weight.shape[1]
     projector = build_projector(config.projector, vision.hidden_size, d_llm)
-    memory = MaskMemoryEncoder(config.memory, d_llm)
+    memory = MaskMemoryEncoder(config.memory, d_llm)  # built before the decoder: seeded inits stay as they were
     prompt_head = PromptHead(config.prompt_head, d_llm)
     decoder = build_decoder(config, load_weights=load_weights)
+    memory.frame_size = decoder.image_size
     attributes = getattr(config.decoder, "attributes", None)
     if attributes and dict(attributes) != dict(config.dense.groups):
         # the decoder's classifiers are supervised by the dense labels: the same groups

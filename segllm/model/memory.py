@@ -3,8 +3,10 @@
 Released recipe: apply the mask to the image (background zeroed), crop to the mask's box, pad
 the crop to a square (top-left), run the vision tower and keep one pooled token, project it to
 the LLM width (one token); plus the box through a linear layer (a second token).
-This module owns the cropping and the box encoder; the vision tower and projector it uses are
-the model's own (shared with the image path), passed in by the caller.
+This module owns that whole path: the frame the crop is cut in, the crop, the box, the pooled
+vision token and its projection, the box token and the scales at training and inference. The
+vision tower and projector it runs are the model's own (shared with the image path, so they are
+not this module's parameters): callers pass them in.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from segllm.config import MemoryConfig
+from segllm.decoders.base import Frame, image_to_frame, mask_to_frame
 from segllm.errors import MaskError
 
 
@@ -36,17 +39,76 @@ def mask_boxes(masks: Tensor) -> Tensor:
 
 
 class MaskMemoryEncoder(nn.Module):
-    """Box encoder and crop geometry for mask memory.
+    """Mask memory: an earlier mask (and its box) -> a ``<mask>`` token and a ``<box>`` token.
 
     Args:
         config: memory options.
         llm_dim: the LLM width (output of the box encoder).
+        frame_size: the side of the mask decoder's square input frame, in pixels (where the
+            crop is cut with ``config.crop_frame == "decoder"``).
     """
 
-    def __init__(self, config: MemoryConfig, llm_dim: int) -> None:
+    def __init__(self, config: MemoryConfig, llm_dim: int, frame_size: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.frame_size = frame_size
         self.box_head = nn.Linear(4, llm_dim)
+
+    def inputs(self, image: Tensor, mask: Tensor, box: Tensor | None = None, *, vision: nn.Module) -> tuple[Tensor, Tensor]:
+        """One earlier mask's inputs for :meth:`tokens`: the preprocessed masked crop [3, S, S]
+        and the normalised box [4].
+
+        Args:
+            image: [3, H, W] uint8.
+            mask: [H, W] bool; or, when ``crop_frame == "decoder"``, the mask in the decoder's
+                square frame ([Sd, Sd], as :meth:`segllm.model.rounds.RoundEngine.decode` gives it).
+            box: the decoder's predicted box for this mask, [4] (x0, y0, x1, y1) float pixels of
+                the image; used when ``box_source == "decoder"``.
+            vision: the model's vision tower (its ``preprocess`` sizes and normalises the crop).
+        """
+        cfg = self.config
+        if cfg.crop_frame == "decoder":
+            frame = Frame.fit(image.shape[1], image.shape[2], self.frame_size)
+            if box is not None:
+                box = box * (frame.size / max(frame.height, frame.width))
+            if tuple(mask.shape) != (frame.size, frame.size):  # else it already is a frame mask
+                mask = mask_to_frame(mask, frame)
+            image = image_to_frame(image, frame)
+        predicted = box if cfg.box_source == "decoder" else None
+        used = self.box_of(mask, predicted)  # the box both the crop and the box token use
+        crop = self.cut(image, mask, used)
+        return vision.preprocess(crop), self.normalised_boxes(mask[None], used[None])[0]
+
+    def tokens(self, pixels: Tensor, boxes: Tensor, *, vision: nn.Module, projector: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Earlier masks -> LLM tokens.
+
+        Args:
+            pixels: [M, 3, S, S] preprocessed masked crops (:meth:`inputs`).
+            boxes: [M, 4] normalised boxes.
+            vision, projector: the model's vision tower (its ``pool``: one token per crop) and
+                projector (vision width -> LLM width).
+            dtype: the LLM's dtype.
+
+        Returns:
+            (mask tokens [M, D], box tokens [M, D]), scaled for training (feature dropout,
+            while this module is in training mode) or inference (``inference_scale``).
+        """
+        grad = any(p.requires_grad for p in vision.parameters()) and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            pooled = vision.pool(pixels)
+        mask_feats = projector(pooled.to(dtype))
+        box_feats = self.encode_boxes(boxes.to(mask_feats.device)).to(mask_feats.dtype)
+        scale = self._scale(pixels.shape[0], mask_feats)
+        return mask_feats * scale, box_feats * scale
+
+    def _scale(self, M: int, like: Tensor) -> Tensor:
+        """[M, 1]: each token's factor. Training drops whole tokens with ``feature_dropout``
+        (unscaled, as released); inference multiplies by ``inference_scale``."""
+        cfg = self.config
+        if self.training and cfg.feature_dropout > 0:
+            keep = torch.rand(M, 1, device=like.device) >= cfg.feature_dropout
+            return keep.to(like.dtype)
+        return torch.full((M, 1), cfg.inference_scale if not self.training else 1.0, device=like.device, dtype=like.dtype)
 
     def box_of(self, mask: Tensor, box: Tensor | None = None) -> Tensor:
         """The integer box [4] (x0, y0, x1, y1), x1/y1 exclusive, that a memory crop uses.

@@ -13,9 +13,10 @@ Every inference path runs its rounds here:
   the encoded memory masks) and calls :meth:`RoundEngine.extend` once per round;
 - full recomputation (:meth:`segllm.model.segllm.SegLLM.predict` and
   ``Session(incremental=False)``) calls :meth:`RoundEngine.recompute`;
-- teacher-forced evaluation (:meth:`segllm.model.segllm.SegLLM.segment`, a batch path) and the
-  training forward share :func:`seg_prompts`, :func:`seg_context`/:func:`round_context` and
-  :func:`frame_and_image_masks` with them.
+- teacher-forced evaluation (:meth:`RoundEngine.segment`, every round of a batch of
+  conversations in one LLM pass; :meth:`segllm.model.segllm.SegLLM.segment` calls it) and the
+  training objective (:mod:`segllm.train.objective`) share :func:`seg_prompts`,
+  :func:`seg_context`/:func:`round_context` and :func:`frame_and_image_masks` with the rounds.
 
 The rules for answering live here once: without a given answer, a model that never writes text
 answers ``template.fixed_answer`` (:meth:`RoundEngine.answer_to_use`), and with ``force_mask`` a
@@ -25,7 +26,7 @@ round so answered without any ``<seg>`` is undone and answered ``"<seg>"`` inste
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -135,6 +136,27 @@ class Dialogue:
 
 
 @dataclass
+class Prediction:
+    """The model's reply to one round.
+
+    Attributes:
+        round: 1-indexed round number.
+        text: the answer text (with ``<seg>`` where masks were produced).
+        masks: [S, H, W] bool, one per ``<seg>``, at the input image's resolution.
+        boxes: [S, 4] float (x0, y0, x1, y1) pixels, x1/y1 exclusive; zeros for an empty mask.
+        scores: [S] the decoder's predicted IoU (confidence) of each mask.
+        token_ids: the answer's token ids (without the end-of-answer token).
+    """
+
+    round: int
+    text: str
+    masks: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    token_ids: list[int]
+
+
+@dataclass
 class RoundResult:
     """One answered round.
 
@@ -233,8 +255,8 @@ class RoundEngine:
         ``memory.box_source = "decoder"``.
         """
         m = self.model
-        crop, norm_box = m.memory_inputs(image.pixels, mask, box)
-        mask_tok, box_tok = m.memory_features(crop[None].to(m.device), norm_box[None])
+        crop, norm_box = m.memory.inputs(image.pixels, mask, box, vision=m.vision)
+        mask_tok, box_tok = m.memory.tokens(crop[None].to(m.device), norm_box[None], vision=m.vision, projector=m.projector, dtype=m.dtype)
         return mask_tok[0], box_tok[0]
 
     # -- one round, incrementally -----------------------------------------------------------
@@ -462,6 +484,57 @@ class RoundEngine:
             boxes = mask_boxes(masks.cpu())
         scores = out.iou_scores[:, SEG].float().cpu().numpy()
         return masks.cpu().numpy(), boxes.numpy().astype(np.float32), scores, (frame_logits > 0).cpu().numpy()
+
+    # -- every round at once, teacher-forced (a batch path) ---------------------------------
+    @torch.no_grad()
+    def segment(self, conversations: Sequence[Conversation], *, frame: bool = False) -> list[list[tuple]]:
+        """Teacher-forced segmentation of every round at once (the oracle-history protocol).
+
+        Each conversation's answers are given (their masks are used only where later rounds
+        refer to them), so one LLM pass per batch yields every ``<seg>``'s mask.
+
+        Args:
+            conversations: the conversations (answers and masks given).
+            frame: also return each mask in the decoder's square input frame and its box there.
+
+        Returns:
+            per conversation, per round: (masks [k, H, W] bool, scores [k]) for its k ``<seg>``;
+            with ``frame``: (masks, scores, frame masks [k, Sd, Sd] bool, frame boxes [k, 4]
+            xyxy in frame pixels: the decoder's own box where it predicts one, else the mask's).
+        """
+        if not conversations:
+            return []
+        m = self.model
+        batch = m.prepare(conversations, targets=False).to(m.device)
+        out, _ = m.decode_segs(m.hidden_states(batch), batch)
+        logits, iou, boxes = out.mask_logits, out.iou_scores, out.boxes
+        result: list[list[tuple]] = []
+        s = 0
+        for b, (conv, enc) in enumerate(zip(conversations, batch.encoded)):
+            fr = batch.frames[b]
+            n = len(enc.segs)
+            if n:  # every <seg> of the image at once: they share its frame
+                frame_logits, masks = frame_and_image_masks(logits[s : s + n, SEG], fr)
+            per_round: list[list[list]] = [[[], [], [], []] for _ in conv.rounds]
+            for k, item in enumerate(enc.segs):
+                entry = per_round[item.round_index]
+                entry[0].append(masks[k].cpu().numpy())
+                entry[1].append(float(iou[s + k, SEG]))
+                if frame:
+                    fm = frame_logits[k] > 0
+                    entry[2].append(fm.cpu().numpy())
+                    box = boxes[s + k, SEG].float().cpu() if boxes is not None else mask_boxes(fm[None].cpu())[0]
+                    entry[3].append(box.numpy())
+            s += n
+            h, w, size = fr.height, fr.width, fr.size
+            rounds = []
+            for m, sc, fm, fb in per_round:
+                item = (np.stack(m) if m else np.zeros((0, h, w), bool), np.asarray(sc, np.float32))
+                if frame:
+                    item += (np.stack(fm) if fm else np.zeros((0, size, size), bool), np.asarray(fb, np.float32).reshape(-1, 4))
+                rounds.append(item)
+            result.append(rounds)
+        return result
 
     def answer_text(self, token_ids: list[int]) -> str:
         """An answer's text from its token ids: ``<seg>`` kept, end and padding tokens dropped."""

@@ -39,6 +39,7 @@ from segllm.model.llava import segllm_from_llava15
 from segllm.model.loading import load_pretrained
 from segllm.tokenizer import train_bpe_tokenizer
 from segllm.train import fsdp
+from segllm.train.objective import training_loss
 from segllm.train.recipe import TrainRecipe
 from segllm.train.state import load_optimizer, read_optimizer_state, save_optimizer, save_optimizer_state
 
@@ -147,193 +148,246 @@ def train(recipe: TrainRecipe, *, resume: bool = False, progress: bool = True, s
         stop_after: stop (with a checkpoint) once this step is reached, as if interrupted; the
             schedule stays that of ``recipe.steps``, so ``resume`` continues the same run.
     """
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    acc = Accelerator(
-        # accelerate treats several CPU processes as distributed (gloo) only when told it runs on CPU
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=recipe.mixed_precision,
-        gradient_accumulation_steps=recipe.grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    out = Path(recipe.output_dir)
-    last = out / LAST
-    if resume:
-        # every process must see the same folder: the main one repairs an interrupted save first
-        if acc.is_main_process:
-            _recover_last(out)
-        acc.wait_for_everyone()
-    train_set, val_set = build_datasets(recipe, processes=acc.num_processes)
-    recipe = recipe.resolved(getattr(train_set, "epoch_size", None) or len(train_set), acc.num_processes)
-    start_step, samples_seen, history = 0, 0, {"evals": []}
+    run = _Run(recipe, resume=resume, progress=progress, stop_after=stop_after)
+    while run.step < run.end and not run.timed_out:
+        terms = run.train_step()
+        run.log(terms)
+        r = run.recipe
+        if r.eval_every and (run.step % r.eval_every == 0 or run.step == r.steps or run.timed_out):
+            run.evaluate()
+        if (r.save_every and (run.step % r.save_every == 0 or run.step == r.steps)) or run.step == run.end or run.timed_out:
+            run.save()
+    return run.finish()
+
+
+def _start_model(recipe: TrainRecipe, train_set, last: Path, resume: bool):
+    """The model a run starts from and where it stands: (model, step, samples seen, history).
+
+    Resuming: checkpoint-last's model and trainer state. Otherwise, in order of precedence: a
+    LLaVA-1.5 folder (``model.llava``), a checkpoint (``model.init``) or a model built from the
+    recipe (with a tokenizer trained on the data where the recipe names none); then the recipe's
+    memory switch, loss overrides and context length.
+    """
     if resume and (last / "trainer_state.json").is_file():
         state = json.loads((last / "trainer_state.json").read_text())
-        start_step, samples_seen, history = state["step"], state["samples_seen"], state.get("history", history)
-        model = load_pretrained(last / "model")
-        if acc.is_main_process:
-            log.info("resuming from %s at step %d", last, start_step)
-    elif resume:
-        raise CheckpointError(f"--resume: no checkpoint to resume from in {out} (no complete {LAST} folder there)")
+        return load_pretrained(last / "model"), state["step"], state["samples_seen"], state.get("history", {"evals": []})
+    if resume:
+        raise CheckpointError(f"--resume: no checkpoint to resume from in {last.parent} (no complete {LAST} folder there)")
+    if recipe.model.llava.path:
+        li = recipe.model.llava
+        hipie = from_dict(HipieDecoderConfig, li.hipie)
+        model = segllm_from_llava15(li.path, vision_tower=li.vision_tower, hipie=hipie, hipie_weights=li.hipie_weights, seed=recipe.seed)
+    elif recipe.model.init:
+        model = load_pretrained(recipe.model.init)
+        if recipe.model.lora.r and not model.config.llm.lora.r:
+            model.add_lora(recipe.model.lora)
     else:
-        if recipe.model.llava.path:
-            li = recipe.model.llava
-            hipie = from_dict(HipieDecoderConfig, li.hipie)
-            model = segllm_from_llava15(li.path, vision_tower=li.vision_tower, hipie=hipie, hipie_weights=li.hipie_weights, seed=recipe.seed)
-        elif recipe.model.init:
-            model = load_pretrained(recipe.model.init)
-            if recipe.model.lora.r and not model.config.llm.lora.r:
-                model.add_lora(recipe.model.lora)
-        else:
-            tokenizer = build_tokenizer(recipe, train_set)
-            torch.manual_seed(recipe.seed)
-            model = build_segllm(recipe.model_config(len(tokenizer)), tokenizer)
-        model.config.memory.enabled = recipe.model.memory
-        if recipe.model.loss:  # also for a model started from a checkpoint (model.init)
-            model.config.loss = recipe.model_loss(model.config.loss)
-        if recipe.model.max_length:
-            model.config.template.max_length = model.processor.max_length = recipe.model.max_length
-    model.set_trainable()
-    model.train()
-    if recipe.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
-    end = min(recipe.steps, stop_after) if stop_after is not None else recipe.steps
-    micro_batches = MicroBatches(
-        train_set, model.prepare, start=samples_seen, batch_size=recipe.batch_size, processes=acc.num_processes,
-        rank=acc.process_index, accum=recipe.grad_accum, count=max(0, end - start_step) * recipe.grad_accum,
-    )
-    loader = torch.utils.data.DataLoader(
-        micro_batches, batch_size=None, collate_fn=_keep, num_workers=recipe.workers,
-        prefetch_factor=4 if recipe.workers else None,
-    )
-    # started now, while the model is still on the CPU: the workers fork with a CPU copy of the
-    # preprocessing it does (and never touch the training device)
-    batches = iter(loader)
-    sharded = recipe.parallel == "fsdp" and acc.num_processes > 1
-    # DeepSpeed comes from `accelerate launch --config_file` (configs/accelerate/deepspeed_zero2.yaml)
-    deepspeed = acc.state.deepspeed_plugin is not None
-    if deepspeed and sharded:
-        raise ValueError("parallel = 'fsdp' and a DeepSpeed launch exclude each other: choose one")
-    if sharded:
-        fsdp.shard(model.to(acc.device), acc.device.type)
-    params = [p for p in model.parameters() if p.requires_grad]
-    o = recipe.optim
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-    if start_step:
-        if sharded:
-            fsdp.load_full_optimizer_state(model, opt, read_optimizer_state(last / "optimizer.safetensors"))
-        elif not deepspeed:  # DeepSpeed's optimizer state is loaded once it wraps the optimizer
-            load_optimizer(opt, last / "optimizer.safetensors")
-    t_start = time.time() - history.get("elapsed_s", 0.0)  # a resumed run continues its time budget
+        tokenizer = build_tokenizer(recipe, train_set)
+        torch.manual_seed(recipe.seed)
+        model = build_segllm(recipe.model_config(len(tokenizer)), tokenizer)
+    model.config.memory.enabled = recipe.model.memory
+    if recipe.model.loss:  # also for a model started from a checkpoint (model.init)
+        model.config.loss = recipe.model_loss(model.config.loss)
+    if recipe.model.max_length:
+        model.config.template.max_length = model.processor.max_length = recipe.model.max_length
+    return model, 0, 0, {"evals": []}
 
-    def elapsed() -> float:
-        return time.time() - t_start
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe, elapsed), last_epoch=start_step - 1)
-    if deepspeed:
-        # our batches do not pass through accelerate, so DeepSpeed learns their size here; the
-        # recipe's clipping replaces DeepSpeed's default (1.0)
-        ds_config = acc.state.deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"] = recipe.batch_size
-        ds_config["gradient_clipping"] = o.grad_clip
-    if not sharded:  # FSDP shards above; accelerate would wrap the model in DDP
-        model, opt = acc.prepare(model, opt)
-    if deepspeed and start_step:
-        acc.load_state(str(last / "deepspeed"))
-    core = acc.unwrap_model(model)
-    summary = TrainSummary(start_step, output_dir=str(out), evals=list(history["evals"]))
-    bar = tqdm(total=recipe.steps, initial=start_step, disable=not (progress and acc.is_main_process), unit="step", desc="train")
-    log_file = out / "log.jsonl"
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    t0, seen0 = time.time(), 0
-    step = start_step
-    grad_norms: dict[str, float] = {}
-    # parameter groups for per-part clipping: each trainable part's parameters, once each
+def _part_groups(core) -> list[list[torch.nn.Parameter]]:
+    """Each trainable part's parameters, once each (tied weights in the first part that has
+    them): the groups that per-part clipping clips separately."""
     seen_ids: set[int] = set()
-    part_groups = []
+    groups = []
     for group in core.part_parameters().values():
         mine = [p for p in group if p.requires_grad and id(p) not in seen_ids]
         seen_ids.update(id(p) for p in mine)
         if mine:
-            part_groups.append(mine)
-    timed_out = False
-    while step < end and not timed_out:
+            groups.append(mine)
+    return groups
+
+
+class _Run:
+    """One training run: set up once (:meth:`__init__`), then :meth:`train_step`, :meth:`log`,
+    :meth:`evaluate` and :meth:`save` in turn, and :meth:`finish`."""
+
+    def __init__(self, recipe: TrainRecipe, *, resume: bool, progress: bool, stop_after: int | None) -> None:
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        self.acc = acc = Accelerator(
+            # accelerate treats several CPU processes as distributed (gloo) only when told it runs on CPU
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=recipe.mixed_precision,
+            gradient_accumulation_steps=recipe.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.out = out = Path(recipe.output_dir)
+        last = out / LAST
+        if resume:
+            # every process must see the same folder: the main one repairs an interrupted save first
+            if acc.is_main_process:
+                _recover_last(out)
+            acc.wait_for_everyone()
+        self.train_set, self.val_set = build_datasets(recipe, processes=acc.num_processes)
+        self.recipe = recipe = recipe.resolved(getattr(self.train_set, "epoch_size", None) or len(self.train_set), acc.num_processes)
+        model, start_step, self.samples_seen, self.history = _start_model(recipe, self.train_set, last, resume)
+        if start_step and acc.is_main_process:
+            log.info("resuming from %s at step %d", last, start_step)
+        model.set_trainable()
+        model.train()
+        if recipe.gradient_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
+        self.end = min(recipe.steps, stop_after) if stop_after is not None else recipe.steps
+        micro_batches = MicroBatches(
+            self.train_set, model.prepare, start=self.samples_seen, batch_size=recipe.batch_size, processes=acc.num_processes,
+            rank=acc.process_index, accum=recipe.grad_accum, count=max(0, self.end - start_step) * recipe.grad_accum,
+        )
+        loader = torch.utils.data.DataLoader(
+            micro_batches, batch_size=None, collate_fn=_keep, num_workers=recipe.workers,
+            prefetch_factor=4 if recipe.workers else None,
+        )
+        # started now, while the model is still on the CPU: the workers fork with a CPU copy of the
+        # preprocessing it does (and never touch the training device)
+        self.batches = iter(loader)
+        self.sharded = sharded = recipe.parallel == "fsdp" and acc.num_processes > 1
+        # DeepSpeed comes from `accelerate launch --config_file` (configs/accelerate/deepspeed_zero2.yaml)
+        self.deepspeed = deepspeed = acc.state.deepspeed_plugin is not None
+        if deepspeed and sharded:
+            raise ValueError("parallel = 'fsdp' and a DeepSpeed launch exclude each other: choose one")
+        if sharded:
+            fsdp.shard(model.to(acc.device), acc.device.type)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        o = recipe.optim
+        opt = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        if start_step:
+            if sharded:
+                fsdp.load_full_optimizer_state(model, opt, read_optimizer_state(last / "optimizer.safetensors"))
+            elif not deepspeed:  # DeepSpeed's optimizer state is loaded once it wraps the optimizer
+                load_optimizer(opt, last / "optimizer.safetensors")
+        self.t_start = time.time() - self.history.get("elapsed_s", 0.0)  # a resumed run continues its time budget
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe, self.elapsed), last_epoch=start_step - 1)
+        if deepspeed:
+            # our batches do not pass through accelerate, so DeepSpeed learns their size here; the
+            # recipe's clipping replaces DeepSpeed's default (1.0)
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = recipe.batch_size
+            ds_config["gradient_clipping"] = o.grad_clip
+        if not sharded:  # FSDP shards above; accelerate would wrap the model in DDP
+            model, opt = acc.prepare(model, opt)
+        if deepspeed and start_step:
+            acc.load_state(str(last / "deepspeed"))
+        self.model, self.opt = model, opt
+        self.core = acc.unwrap_model(model)
+        self.summary = TrainSummary(start_step, output_dir=str(out), evals=list(self.history["evals"]))
+        self.bar = tqdm(total=recipe.steps, initial=start_step, disable=not (progress and acc.is_main_process), unit="step", desc="train")
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+        self.t0, self.seen0 = time.time(), 0
+        self.step = start_step
+        self.grad_norms: dict[str, float] = {}
+        self.part_groups = _part_groups(self.core)
+        self.timed_out = False
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, resumed runs included (the time budget's clock)."""
+        return time.time() - self.t_start
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns each loss term's mean."""
+        r, acc, o = self.recipe, self.acc, self.recipe.optim
         terms: dict[str, float] = {}
-        for micro in range(recipe.grad_accum):
-            n_convs, batch, skips = next(batches)
-            if recipe.workers:  # counted in a worker's copy of the dataset
-                train_set.skipped.items.extend(skips)
-            torch.manual_seed(recipe.seed * 1_000_003 + step * 1009 + acc.process_index * 31 + micro)
+        for micro in range(r.grad_accum):
+            n_convs, batch, skips = next(self.batches)
+            if r.workers:  # counted in a worker's copy of the dataset
+                self.train_set.skipped.items.extend(skips)
+            torch.manual_seed(r.seed * 1_000_003 + self.step * 1009 + acc.process_index * 31 + micro)
             if batch is None:
                 continue
             batch = batch.to(acc.device)
-            with acc.accumulate(model):
-                res = model(batch)
+            with acc.accumulate(self.model):
+                res = self.model(batch, objective=training_loss)
                 acc.backward(res.loss)
                 if acc.sync_gradients:
-                    if step % recipe.log_every == recipe.log_every - 1 and not sharded and not deepspeed:
-                        grad_norms = part_grad_norms(core)  # before clipping: what each part receives
-                    if o.grad_clip > 0 and o.clip_mode == "per_part" and not deepspeed:
-                        for group in part_groups:
+                    if self.step % r.log_every == r.log_every - 1 and not self.sharded and not self.deepspeed:
+                        self.grad_norms = part_grad_norms(self.core)  # before clipping: what each part receives
+                    if o.grad_clip > 0 and o.clip_mode == "per_part" and not self.deepspeed:
+                        for group in self.part_groups:
                             acc.clip_grad_norm_(group, o.grad_clip)
                     elif o.grad_clip > 0:
-                        acc.clip_grad_norm_(params, o.grad_clip)
-                opt.step()
-                opt.zero_grad()
+                        acc.clip_grad_norm_(self.params, o.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad()
             parts = {name: getattr(res, name) for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss", "box_loss", "dense_loss", "select_loss")}
             parts = {k: v for k, v in parts.items() if v is not None}
             parts |= {f"set_{k}": v for k, v in (res.set_terms or {}).items()}  # HIPIE's set-prediction terms
             for name, value in parts.items():
-                terms[name] = terms.get(name, 0.0) + float(value.detach()) / recipe.grad_accum
-            seen0 += n_convs
-        sched.step()
-        samples_seen += per_step
-        step += 1
-        history["elapsed_s"] = elapsed()
-        if recipe.time_limit_s:
+                terms[name] = terms.get(name, 0.0) + float(value.detach()) / r.grad_accum
+            self.seen0 += n_convs
+        self.sched.step()
+        self.samples_seen += self.per_step
+        self.step += 1
+        self.history["elapsed_s"] = self.elapsed()
+        if r.time_limit_s:
             # every process must stop at the same step: the main process's clock decides
-            flag = torch.tensor([float(elapsed() >= recipe.time_limit_s)], device=acc.device)
-            timed_out = bool(acc.reduce(flag, reduction="max").item()) if acc.num_processes > 1 else bool(flag.item())
-        summary.losses.append(terms.get("loss", float("nan")))
-        if acc.is_main_process:
-            bar.update(1)
-            if step % recipe.log_every == 0 or step == recipe.steps or timed_out:
-                rate = seen0 * acc.num_processes / max(1e-9, time.time() - t0)
-                bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}", conv_s=f"{rate:.1f}")
-                entry = {"step": step, "lr": sched.get_last_lr()[0], "conv_per_s": rate, **terms}
-                if grad_norms:
-                    entry["grad_norm"] = grad_norms
-                with log_file.open("a") as f:
+            flag = torch.tensor([float(self.elapsed() >= r.time_limit_s)], device=acc.device)
+            self.timed_out = bool(acc.reduce(flag, reduction="max").item()) if acc.num_processes > 1 else bool(flag.item())
+        return terms
+
+    def log(self, terms: dict[str, float]) -> None:
+        """Record a step's loss; every ``log_every`` steps, a line of ``log.jsonl`` (the terms,
+        learning rate, conversations per second and each part's gradient norm)."""
+        self.summary.losses.append(terms.get("loss", float("nan")))
+        if not self.acc.is_main_process:
+            return
+        self.bar.update(1)
+        step = self.step
+        if step % self.recipe.log_every == 0 or step == self.recipe.steps or self.timed_out:
+            rate = self.seen0 * self.acc.num_processes / max(1e-9, time.time() - self.t0)
+            self.bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}", conv_s=f"{rate:.1f}")
+            entry = {"step": step, "lr": self.sched.get_last_lr()[0], "conv_per_s": rate, **terms}
+            if self.grad_norms:
+                entry["grad_norm"] = self.grad_norms
+            with (self.out / "log.jsonl").open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def evaluate(self) -> None:
+        """Oracle-history cIoU (and, on world data, the grounded rate) per round on the
+        validation slice, into ``eval.jsonl`` and the summary."""
+        acc, core = self.acc, self.core
+        if acc.is_main_process or self.sharded:  # sharded: every process takes part in each forward
+            with (fsdp.unsharded(core) if self.sharded else contextlib.nullcontext()):
+                res_eval = evaluate(core, self.val_set, protocol="oracle", limit=self.recipe.eval_size, batch_size=self.recipe.batch_size)
+            rounds = {k: round(v["cIoU"], 2) for k, v in res_eval.metrics.items()}
+            entry = {"step": self.step, "oracle_cIoU": rounds}
+            per_round = res_eval.diagnostics.get("per_round", {})
+            if per_round:  # world data: the share of predictions on the right object
+                entry["oracle_grounded"] = {k: round(v["grounded"], 1) for k, v in per_round.items()}
+            self.summary.evals.append(entry)
+            self.history["evals"] = self.summary.evals
+            if acc.is_main_process:
+                with (self.out / "eval.jsonl").open("a") as f:
                     f.write(json.dumps(entry) + "\n")
-        if recipe.eval_every and (step % recipe.eval_every == 0 or step == recipe.steps or timed_out):
-            if acc.is_main_process or sharded:  # sharded: every process takes part in each forward
-                with (fsdp.unsharded(core) if sharded else contextlib.nullcontext()):
-                    res_eval = evaluate(core, val_set, protocol="oracle", limit=recipe.eval_size, batch_size=recipe.batch_size)
-                rounds = {k: round(v["cIoU"], 2) for k, v in res_eval.metrics.items()}
-                entry = {"step": step, "oracle_cIoU": rounds}
-                per_round = res_eval.diagnostics.get("per_round", {})
-                if per_round:  # world data: the share of predictions on the right object
-                    entry["oracle_grounded"] = {k: round(v["grounded"], 1) for k, v in per_round.items()}
-                summary.evals.append(entry)
-                history["evals"] = summary.evals
-                if acc.is_main_process:
-                    with (out / "eval.jsonl").open("a") as f:
-                        f.write(json.dumps(entry) + "\n")
-                    bar.write(f"step {step}: val cIoU per round {rounds}")
-            acc.wait_for_everyone()
-            core.train()
-        if (recipe.save_every and (step % recipe.save_every == 0 or step == recipe.steps)) or step == end or timed_out:
-            _save(acc, core, opt, out, {"step": step, "samples_seen": samples_seen, "recipe": recipe.to_dict(), "history": history, "processes": acc.num_processes}, sharded=sharded, deepspeed=deepspeed)
-    bar.close()
-    if timed_out and acc.is_main_process:
-        log.info("time budget of %.0f s spent at step %d", recipe.time_limit_s, step)
-    summary.steps = step
-    summary.skipped = len(train_set.skipped) + len(val_set.skipped)
-    if summary.skipped and acc.is_main_process:
-        log.warning("skipped %d unusable record(s); see the warnings above", summary.skipped)
-    acc.end_training()
-    return summary
+                self.bar.write(f"step {self.step}: val cIoU per round {rounds}")
+        acc.wait_for_everyone()
+        core.train()
+
+    def save(self) -> None:
+        """checkpoint-last, atomically (see :func:`_save`), with the trainer state to resume from."""
+        state = {"step": self.step, "samples_seen": self.samples_seen, "recipe": self.recipe.to_dict(), "history": self.history, "processes": self.acc.num_processes}
+        _save(self.acc, self.core, self.opt, self.out, state, sharded=self.sharded, deepspeed=self.deepspeed)
+
+    def finish(self) -> TrainSummary:
+        """Close the run; the summary of what it did."""
+        self.bar.close()
+        acc = self.acc
+        if self.timed_out and acc.is_main_process:
+            log.info("time budget of %.0f s spent at step %d", self.recipe.time_limit_s, self.step)
+        self.summary.steps = self.step
+        self.summary.skipped = len(self.train_set.skipped) + len(self.val_set.skipped)
+        if self.summary.skipped and acc.is_main_process:
+            log.warning("skipped %d unusable record(s); see the warnings above", self.summary.skipped)
+        acc.end_training()
+        return self.summary
 
 
 def part_grad_norms(model) -> dict[str, float]:

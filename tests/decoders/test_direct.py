@@ -16,6 +16,7 @@ from segllm.errors import ConfigError, ImageError
 from segllm.model.builder import build_segllm
 from segllm.model.segllm import SegLLM
 from segllm.presets import tiny_config
+from segllm.train.objective import training_loss
 from tests.tolerance import assert_close_scaled
 
 K, R, D = 4, 2, 32
@@ -118,7 +119,7 @@ def test_a_model_with_the_direct_decoder_saves_and_loads(tokenizer, three_rounds
     assert SegLLMConfig.from_dict(cfg.to_dict()).decoder == cfg.decoder  # read back by its kind
     torch.manual_seed(0)
     model = build_segllm(cfg, copy.deepcopy(tokenizer)).eval()
-    out = model(model.prepare([three_rounds]))
+    out = training_loss(model, model.prepare([three_rounds]))
     assert torch.isfinite(out.loss)
     model.save_pretrained(tmp_path / "m")
     again = SegLLM.from_pretrained(tmp_path / "m").eval()

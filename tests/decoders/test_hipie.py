@@ -19,7 +19,7 @@ from segllm.decoders.base import REF, SEG, DecoderOutput, MaskDecoder
 from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig, load_released_hipie
 from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample
 from segllm.errors import CheckpointError
-from tests.conftest import RELEASED_FIXTURES
+from tests.helpers import RELEASED_FIXTURES
 from tests.tolerance import scaled_atol
 
 HIPIE = RELEASED_FIXTURES / "hipie"

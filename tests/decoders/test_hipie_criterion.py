@@ -31,7 +31,8 @@ from segllm.decoders.hipie.criterion import (
     sigmoid_focal,
 )
 from segllm.decoders.hipie.decoder import HipieSetOutputs, LayerPredictions
-from tests.conftest import RELEASED_FIXTURES, box_mask
+from segllm.train.objective import training_loss
+from tests.helpers import RELEASED_FIXTURES, box_mask
 from tests.tolerance import assert_close_scaled
 
 
@@ -378,7 +379,7 @@ def test_a_tiny_segllm_learns_with_set_prediction(tokenizer, three_rounds):
     losses, cls, box = [], [], []
     for step in range(12):
         torch.manual_seed(step)  # point sampling and denoising noise
-        out = model(batch)
+        out = training_loss(model, batch)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -428,7 +429,7 @@ def test_the_released_fixture_fine_tunes_with_the_released_losses():
     )
     model.train()
     torch.manual_seed(0)
-    out = model(model.prepare([conv]))
+    out = training_loss(model, model.prepare([conv]))
     assert torch.isfinite(out.loss) and out.mask_logits.shape[0] == 2  # at most 2 <seg> decoded
     assert all(torch.isfinite(v) and float(v.detach()) > 0 for v in out.set_terms.values()), out.set_terms
     out.loss.backward()

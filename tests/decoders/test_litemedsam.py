@@ -27,6 +27,7 @@ from segllm.decoders.litemedsam import (
     read_litemedsam_state,
 )
 from segllm.errors import CheckpointError, ConfigError, ImageError
+from segllm.train.objective import training_loss
 from tests.tolerance import assert_close_scaled, max_scaled_diff
 
 try:
@@ -336,7 +337,7 @@ def test_segllm_with_litemedsam_trains_saves_and_reloads(tokenizer, three_rounds
     assert any(p is model.decoder.iou_token for p in parts["decoder"])
     stats = {k: v.clone() for k, v in model.decoder.image_encoder.state_dict().items()}
     model.train()
-    out = model(model.prepare([three_rounds]))
+    out = training_loss(model, model.prepare([three_rounds]))
     out.loss.backward()
     assert out.mask_logits.shape == (3, 2, 64, 64) and torch.isfinite(out.loss)
     assert model.decoder.hypernet.layers[0].weight.grad is not None and model.decoder.iou_token.grad is not None

@@ -12,6 +12,7 @@ from segllm.errors import ConfigError
 from segllm.model.builder import build_decoder, build_segllm
 from segllm.model.segllm import SegLLM
 from segllm.presets import tiny_config
+from segllm.train.objective import training_loss
 from tests.decoders.toy import ToyDecoder, ToyDecoderConfig, build_toy
 
 
@@ -81,7 +82,7 @@ def test_a_segllm_with_the_toy_decoder_trains_and_round_trips(tokenizer, three_r
     assert isinstance(model.decoder, ToyDecoder)
     batch = model.prepare([three_rounds])
     assert batch.seg_targets.shape[-1] == model.decoder.output_size == 8
-    out = model(batch)
+    out = training_loss(model, batch)
     assert torch.isfinite(out.loss) and out.mask_loss > 0 and out.ref_loss > 0
     out.loss.backward()
     for name, p in model.decoder.named_parameters():
@@ -95,7 +96,7 @@ def test_a_segllm_with_the_toy_decoder_trains_and_round_trips(tokenizer, three_r
     state, back = model.state_dict(), again.state_dict()
     assert state.keys() == back.keys() and all(torch.equal(state[k], back[k]) for k in state)
     with torch.no_grad():
-        a, b = model(model.prepare([three_rounds])), again(again.prepare([three_rounds]))
+        a, b = training_loss(model, model.prepare([three_rounds])), training_loss(again, again.prepare([three_rounds]))
     assert torch.equal(a.mask_logits, b.mask_logits)
 
 
@@ -103,4 +104,4 @@ def test_set_prediction_needs_a_decoder_that_supports_it(tokenizer, three_rounds
     model = toy_model(tokenizer)
     model.config.loss = dataclasses.replace(model.config.loss, set_prediction=True)
     with pytest.raises(ConfigError, match="set prediction.*ToyDecoder"):
-        model(model.prepare([three_rounds]))
+        training_loss(model, model.prepare([three_rounds]))

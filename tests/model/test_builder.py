@@ -11,6 +11,7 @@ from segllm.conversation import Conversation, Round
 from segllm.errors import ConfigError
 from segllm.model.builder import build_segllm
 from segllm.presets import tiny_config
+from segllm.train.objective import training_loss
 
 VISION = {
     "clip": VisionConfig(hf_config={"model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
@@ -43,7 +44,7 @@ def test_families_plug_in(tokenizer, three_rounds, vision, llm):
     assert cfg.llm.hf_config["vocab_size"] == len(model.tokenizer)  # recorded for checkpoints
     assert model.vision.num_tokens == 16
     model.train()
-    out = model(model.prepare([three_rounds]))
+    out = training_loss(model, model.prepare([three_rounds]))
     out.loss.backward()
     assert torch.isfinite(out.loss)
     model.eval()
@@ -106,7 +107,7 @@ def test_hipie_decoder_plugs_into_the_same_place(tokenizer, three_rounds, tmp_pa
     assert isinstance(model.decoder, HipieDecoder)
     assert SegLLMConfig.from_dict(cfg.to_dict()).decoder == cfg.decoder
     model.train()
-    out = model(model.prepare([three_rounds]))
+    out = training_loss(model, model.prepare([three_rounds]))
     out.loss.backward()
     assert out.mask_logits.shape[:2] == (3, 2) and torch.isfinite(out.loss)
     model.eval()

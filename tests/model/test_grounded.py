@@ -14,6 +14,7 @@ from segllm.model.builder import build_segllm
 from segllm.model.dense_head import IGNORE_LABEL, target_labels
 from segllm.model.segllm import SegLLM
 from segllm.presets import tiny_config
+from segllm.train.objective import selection_loss, training_loss
 from tests.tolerance import assert_close_scaled
 
 GROUPS = {"colour": 3, "shape": 4}
@@ -92,7 +93,7 @@ def test_dense_loss_is_part_of_the_loss_and_trains_the_encoders(grounded, three_
     # the 48x80 image is padded at the bottom in the decoder's square frame: unsupervised there
     assert (batch.dense_decoder[0, :, 40:, :] == IGNORE_LABEL).all()
     assert (batch.dense_decoder[0, :, :38, :] != IGNORE_LABEL).all()
-    out = model(batch)
+    out = training_loss(model, batch)
     assert out.dense_loss is not None and out.dense_loss > 0
     w = model.config.loss
     rest = w.lm * out.lm_loss + w.mask_weight * out.mask_loss + w.dice_weight * out.dice_loss + w.ref_weight * out.ref_loss + w.iou_weight * out.iou_loss
@@ -103,7 +104,7 @@ def test_dense_loss_is_part_of_the_loss_and_trains_the_encoders(grounded, three_
     for part in ("vision", "decoder_encoder", "dense_head"):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[part]), part
     # without dense maps (inference data, other datasets) the model trains as before
-    plain = model(model.prepare([three_rounds]))
+    plain = training_loss(model, model.prepare([three_rounds]))
     assert plain.dense_loss is None
 
 
@@ -115,7 +116,7 @@ def test_dense_heads_learn_the_labels(grounded, three_rounds):
     opt = torch.optim.Adam(params, lr=3e-3)
     first = None
     for _ in range(30):
-        loss = model(batch).dense_loss
+        loss = training_loss(model, batch).dense_loss
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
@@ -144,7 +145,7 @@ def test_the_target_head_teaches_each_prompt_its_object(tokenizer, three_rounds)
     assert batch.seg_attrs[0].tolist() == [1, 2] and batch.seg_attrs[1].tolist() == [2, IGNORE_LABEL]
     only_image = copy.deepcopy(model)
     only_image.config.dense = DenseConfig(groups=dict(GROUPS), on=("decoder",))
-    with_target, without = model(batch).dense_loss, only_image(only_image.prepare([with_dense(three_rounds)])).dense_loss
+    with_target, without = training_loss(model, batch).dense_loss, training_loss(only_image, only_image.prepare([with_dense(three_rounds)])).dense_loss
     assert with_target > without  # the target term is added
     # with the target head alone, the dense loss is the target term: the prompts learn it
     only_target = copy.deepcopy(model)
@@ -153,7 +154,7 @@ def test_the_target_head_teaches_each_prompt_its_object(tokenizer, three_rounds)
     opt = torch.optim.Adam(params, lr=3e-3)
     losses = []
     for _ in range(25):
-        loss = only_target(batch).dense_loss
+        loss = training_loss(only_target, batch).dense_loss
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -183,7 +184,7 @@ def test_grounded_checkpoint_round_trip(grounded, three_rounds, tmp_path):
 def with_candidates(conv: Conversation, alternatives=None) -> Conversation:
     """Candidates: each round's target, plus one distractor object."""
     h, w = conv.size
-    from tests.conftest import box_mask
+    from tests.helpers import box_mask
 
     masks = [r.masks[0] for r in conv.rounds] + [box_mask(h, w, 30, 45, 0, 20)]
     return Conversation(conv.image, conv.rounds, candidates=np.stack(masks), candidate_groups=np.zeros(len(masks), np.int64),
@@ -199,7 +200,7 @@ def test_selection_loss_picks_the_target_among_the_images_objects(make_model, th
     # each <seg> chooses among its own image's 4 candidates; the right one is its round's mask
     assert batch.seg_pool.sum(dim=1).tolist() == [4, 4, 4, 4]
     assert batch.seg_valid.nonzero().tolist() == [[0, 0], [1, 1], [2, 2], [3, 4]]
-    out = model(batch)
+    out = training_loss(model, batch)
     assert out.select_loss is not None and out.select_loss > 0
     w = model.config.loss
     rest = w.lm * out.lm_loss + w.mask_weight * out.mask_loss + w.dice_weight * out.dice_loss + w.ref_weight * out.ref_loss + w.iou_weight * out.iou_loss
@@ -217,7 +218,7 @@ def test_selection_loss_by_hand(make_model, three_rounds):
     logits = torch.full((1, h, w), -5.0)
     cand = batch.cand_masks
     logits[0][cand[1] > 0.5] = 3.0  # the model prefers candidate 1, also a right answer here
-    loss, targets = model._selection_loss(logits, batch.seg_targets, batch)
+    loss, targets = selection_loss(logits, batch.seg_targets, batch)
     scores = (logits.flatten(1) @ cand.flatten(1).T) / cand.flatten(1).sum(1)
     p = scores.softmax(dim=1)[0]
     assert loss.item() == pytest.approx(-torch.log(p[0] + p[1]).item(), rel=1e-5)
@@ -237,7 +238,7 @@ def test_prompt_head_reads_its_rounds_tokens(make_model, three_rounds, tokenizer
     start = enc.round_spans[0][0]
     assert first[first >= 0].tolist() == list(range(start, enc.segs[0].pos))
     assert batch.seg_context.shape[0] == 5
-    out = model(batch)
+    out = training_loss(model, batch)
     out.mask_loss.backward()
     assert model.prompt_head.kv.weight.grad.abs().sum() > 0  # the round's states reach the masks
     # what a round says changes its prompt even where the state before <seg> would not see it
@@ -264,13 +265,13 @@ def test_the_direct_decoders_attribute_matching_trains_from_dense_and_named_labe
     conv.named = [{"colour": 1, "shape": 2}, {"colour": 2}, {}]  # round 3 names nothing
     batch = model.prepare([conv])
     assert batch.seg_named.tolist() == [[1, 2], [2, 0], [0, 0]]
-    out = model(batch)
+    out = training_loss(model, batch)
     # the attribute terms come on top of the vision tower's dense term
     assert out.dense_loss > model.dense_head.loss("vision", *_vision_features(model, batch))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = out.dense_loss.item()
     for _ in range(30):
-        loss = model(batch).dense_loss
+        loss = training_loss(model, batch).dense_loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -13,7 +13,7 @@ from segllm.decoders.hipie import HipieDecoderConfig
 from segllm.errors import CheckpointError
 from segllm.model.llava import llava_layout, segllm_from_llava15
 from segllm.session import Session
-from tests.conftest import LLAVA_LLAMA, llava_original, write_llava_folder
+from tests.helpers import LLAVA_LLAMA, llava_original, write_llava_folder
 
 
 def _hf(llava_parts):

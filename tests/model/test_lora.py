@@ -10,6 +10,7 @@ from segllm.cli import main
 from segllm.config import LoraConfig
 from segllm.errors import ConfigError
 from segllm.model.lora import has_lora
+from segllm.train.objective import training_loss
 from tests.tolerance import assert_close_scaled
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "test_tiny.toml"
@@ -36,7 +37,7 @@ def test_only_adapters_of_the_llm_train(make_model, three_rounds):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(3):
-        model(model.prepare([three_rounds])).loss.backward()
+        training_loss(model, model.prepare([three_rounds])).loss.backward()
         opt.step()
         opt.zero_grad()
     for n, p in model.llm.named_parameters():

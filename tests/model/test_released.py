@@ -22,7 +22,7 @@ from segllm.conversation import Conversation, Round
 from segllm.errors import CheckpointError, MaskError
 from segllm.model.released import IGNORED, is_released_checkpoint, load_released
 from segllm.session import Session
-from tests.conftest import RELEASED_FIXTURES
+from tests.helpers import RELEASED_FIXTURES
 from tests.tolerance import assert_close_scaled
 
 FIXTURES = RELEASED_FIXTURES
@@ -120,7 +120,7 @@ def test_memory_inputs_match_the_fed_back_crops_and_boxes(model, golden, photo):
     for r in (1, 2):
         mask = golden["final.masks"][r - 1].bool()  # in the 1024 frame, as the original keeps it
         box = golden["final.boxes_xyxy_1024"][r - 1] * (max(photo.shape[:2]) / 1024)  # back to image pixels
-        crop, norm_box = model.memory_inputs(image, mask, box)
+        crop, norm_box = model.memory.inputs(image, mask, box, vision=model.vision)
         assert_close_scaled(crop, golden[f"round{r}.mask_encode_fed_back"], rel=1e-5)
         assert_close_scaled(norm_box, golden[f"round{r}.box_encode_fed_back"], rel=1e-6)
 

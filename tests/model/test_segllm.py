@@ -4,7 +4,8 @@ import torch
 
 from segllm.conversation import Conversation, Round
 from segllm.errors import ContextTooLongError, ConversationError, MaskError, PlaceholderMismatchError
-from tests.conftest import box_mask
+from segllm.train.objective import training_loss
+from tests.helpers import box_mask
 from tests.tolerance import assert_close_scaled
 
 
@@ -16,7 +17,7 @@ def test_training_forward_shapes_and_losses(make_model, three_rounds):
     assert batch.memory_pixels.shape == (2, 3, 64, 64)  # two references in the 3-round conversation
     assert batch.seg_targets.shape == (4, model.decoder.output_size, model.decoder.output_size)
     assert batch.has_ref.tolist() == [False, True, True, False]
-    out = model(batch)
+    out = training_loss(model, batch)
     assert out.mask_logits.shape == (4, 2, model.decoder.output_size, model.decoder.output_size)
     assert out.iou_scores.shape == (4, 2)
     for name in ("loss", "lm_loss", "mask_loss", "dice_loss", "ref_loss", "iou_loss"):
@@ -30,7 +31,7 @@ def test_training_forward_shapes_and_losses(make_model, three_rounds):
 
 def test_no_reference_means_no_ref_loss(make_model, three_rounds):
     model = make_model().train()
-    out = model(model.prepare([three_rounds.truncated(1)]))
+    out = training_loss(model, model.prepare([three_rounds.truncated(1)]))
     assert out.ref_loss == 0
 
 
@@ -42,7 +43,7 @@ def test_gradients_reach_exactly_the_trainable_parts(make_model, three_rounds, p
     model = make_model()
     model.set_trainable(parts)
     model.train()
-    model(model.prepare([three_rounds])).loss.backward()
+    training_loss(model, model.prepare([three_rounds])).loss.backward()
     groups = model.part_parameters()
     for name, params in groups.items():
         has_grad = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params]
@@ -212,14 +213,14 @@ def test_box_head_and_box_loss(make_model, three_rounds):
     cfg.loss.box_weight = 1.0
     torch.manual_seed(0)
     model = build_segllm(cfg, base.tokenizer).train()
-    out = model(model.prepare([three_rounds]))
+    out = training_loss(model, model.prepare([three_rounds]))
     assert out.box_loss > 0
     w = cfg.loss
     total = w.lm * out.lm_loss + w.mask_weight * out.mask_loss + w.dice_weight * out.dice_loss + w.ref_weight * out.ref_loss + w.iou_weight * out.iou_loss + out.box_loss
     assert torch.allclose(out.loss, total)
     out.loss.backward()
     assert model.decoder.box_head.layers[-1].weight.grad.abs().sum() > 0
-    assert base(base.prepare([three_rounds])).box_loss == 0  # no head: no term
+    assert training_loss(base, base.prepare([three_rounds])).box_loss == 0  # no head: no term
 
 
 def test_box_loss_values():

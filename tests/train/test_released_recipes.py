@@ -10,7 +10,7 @@ import torch
 
 from segllm.train.recipe import TrainRecipe
 from segllm.train.trainer import train
-from tests.conftest import llava_original
+from tests.helpers import llava_original
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASED = ROOT / "configs" / "released"

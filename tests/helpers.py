@@ -1,0 +1,57 @@
+"""Plain helpers shared by test modules (no fixtures: those are in conftest.py): where the
+released fixtures live, masks and lying image headers made on the spot, the miniature LLaVA-1.5's
+shape and folder writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import save_file
+
+# the released checkpoint's miniature and HIPIE's golden outputs, made from the original code
+# (see shared/fixtures/released); tests that need them skip where they are absent
+RELEASED_FIXTURES = Path(os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared/fixtures/released"))
+
+def box_mask(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def png_declaring(path: Path, width: int, height: int) -> Path:
+    """Write a few-byte PNG whose header (IHDR) declares ``width`` x ``height`` RGB pixels but whose
+    data is one short row: what a decompression bomb or a lying header looks like to a reader."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    idat = zlib.compress(b"\x00" + b"\x00" * 3 * min(width, 16))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+LLAVA_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5}
+
+
+def write_llava_folder(folder: Path, tok, config: dict, state: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def llava_original(parts) -> Path:
+    """``llava_parts`` written as a LLaVA-1.5 folder in the original repository's layout."""
+    root, tok, llm, proj = parts
+    config = {"model_type": "llava", "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "vocab_size": len(tok), **LLAVA_LLAMA}
+    state = {**llm, **{f"model.mm_projector.{k}": v for k, v in proj.items()}}
+    return write_llava_folder(root / "original", tok, config, state)
