@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segllm.batch import Batch
-from segllm.decoders.base import REF, SEG
+from segllm.decoders.base import REF, SEG, DecoderOutput
 from segllm.decoders.hipie.criterion import (
     REF_LABEL,
     SEG_LABEL,
@@ -69,20 +69,9 @@ def training_loss(model: SegLLM, batch: Batch) -> LossOutput:
     """
     cfg = model.config.loss
     dense = model.dense_head is not None and batch.dense_vision is not None
-    image_tokens = decoder_feats = None
-    dense_loss = None
+    image_tokens = decoder_feats = dense_loss = None
     if dense:
-        # the features are computed here once, for the dense heads and for the LLM/decoder
-        patches = model.vision(batch.image_pixels)
-        image_tokens = model.projector(patches.to(model.dtype))
-        decoder_feats = model.encode_decoder_image(batch.decoder_pixels)
-        terms = []
-        if "vision" in model.config.dense.on:
-            g = int(round(patches.shape[1] ** 0.5))
-            terms.append(model.dense_head.loss("vision", patches.reshape(patches.shape[0], g, g, -1), batch.dense_vision.to(patches.device)))
-        if "decoder" in model.config.dense.on:
-            terms.append(model.dense_head.loss("decoder", decoder_feats.permute(0, 2, 3, 1), batch.dense_decoder.to(decoder_feats.device)))
-        dense_loss = sum(terms) / len(terms) if terms else None
+        image_tokens, decoder_feats, dense_loss = _image_dense_terms(model, batch)
     hidden = model.hidden_states(batch, image_tokens=image_tokens)
     labels = batch.labels[:, 1:]
     sel = labels != IGNORE
@@ -95,47 +84,16 @@ def training_loss(model: SegLLM, batch: Batch) -> LossOutput:
     if cfg.set_prediction:
         return _set_prediction_loss(model, hidden, batch, lm_loss, zero)
     decoded, prompts = model.decode_segs(hidden, batch, feats=decoder_feats)
+    if dense:
+        dense_loss = _add(dense_loss, _prompt_dense_terms(model, batch, decoded, prompts))
     mask_logits, iou, boxes = decoded.mask_logits, decoded.iou_scores, decoded.boxes
-    if dense and batch.seg_attrs is not None and len(prompts):
-        # the prompt learns what its target is (the image terms above: what each pixel is)
-        r = model.config.prompt_head.num_ref_tokens
-        target_term = model.dense_head.target_loss(prompts[:, r:].mean(1), batch.seg_attrs)
-        dense_loss = target_term if dense_loss is None else dense_loss + target_term
-    if dense and decoded.attributes is not None:
-        # the direct decoder's attribute matching: its pixel classes learn the dense maps and
-        # its prompt classes what each question names
-        pixels, named = decoded.attributes
-        groups = model.config.dense.groups
-        terms = [group_loss(groups, pixels, cell_labels(batch.dense_decoder.to(pixels.device), pixels.shape[1]))]
-        if batch.seg_named is not None and len(named):
-            terms.append(group_loss(groups, named, batch.seg_named.to(named.device)))
-        attr_term = sum(terms) / len(terms)
-        dense_loss = attr_term if dense_loss is None else dense_loss + attr_term
-    S = mask_logits.shape[0]
     select_loss = None
-    if S and batch.seg_targets is not None:
+    if mask_logits.shape[0] and batch.seg_targets is not None:
         tgt = batch.seg_targets.to(mask_logits.device)
         seg_l = mask_logits[:, SEG]
         if batch.seg_pool is not None and cfg.select_weight:
             select_loss, tgt = selection_loss(seg_l, tgt, batch)
-        if cfg.mask == "focal":
-            m_loss = focal_loss(seg_l, tgt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
-        else:
-            m_loss = bce_loss(seg_l, tgt)
-        d_loss = dice_loss(seg_l, tgt)
-        ref_loss = zero
-        has_ref = batch.has_ref.to(mask_logits.device)
-        if has_ref.any():
-            rl, rt = mask_logits[has_ref, REF], batch.ref_targets.to(mask_logits.device)[has_ref]
-            ref_loss = (focal_loss(rl, rt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma) if cfg.mask == "focal" else bce_loss(rl, rt)) + dice_loss(rl, rt)
-        with torch.no_grad():
-            true_iou = mask_iou(seg_l, tgt)
-        iou_loss = F.mse_loss(iou[:, SEG].float(), true_iou)
-        b_loss = zero
-        if boxes is not None and cfg.box_weight:
-            frame_size = model.decoder.image_size
-            target_boxes = mask_boxes(tgt > 0.5).to(boxes.device) * (frame_size / tgt.shape[-1])
-            b_loss = box_loss(boxes[:, SEG], target_boxes, frame_size)
+        m_loss, d_loss, ref_loss, iou_loss, b_loss = _mask_terms(model, batch, mask_logits, iou, boxes, tgt, zero)
     else:
         m_loss = d_loss = ref_loss = iou_loss = b_loss = zero
     loss = (
@@ -151,6 +109,74 @@ def training_loss(model: SegLLM, batch: Batch) -> LossOutput:
     if select_loss is not None:
         loss = loss + cfg.select_weight * select_loss
     return LossOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou, b_loss, dense_loss=dense_loss, select_loss=select_loss)
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b, where None is "no term"."""
+    return b if a is None else a if b is None else a + b
+
+
+def _image_dense_terms(model: SegLLM, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The image features, computed once for the dense heads and for the LLM and decoder, and
+    the dense heads' loss on them (``dense.on``: "vision" and/or "decoder").
+
+    Returns:
+        (image tokens [B, N, D], decoder features [B, C, h, w], the mean of the dense terms or None)
+    """
+    patches = model.vision(batch.image_pixels)
+    image_tokens = model.projector(patches.to(model.dtype))
+    decoder_feats = model.encode_decoder_image(batch.decoder_pixels)
+    terms = []
+    if "vision" in model.config.dense.on:
+        g = int(round(patches.shape[1] ** 0.5))
+        terms.append(model.dense_head.loss("vision", patches.reshape(patches.shape[0], g, g, -1), batch.dense_vision.to(patches.device)))
+    if "decoder" in model.config.dense.on:
+        terms.append(model.dense_head.loss("decoder", decoder_feats.permute(0, 2, 3, 1), batch.dense_decoder.to(decoder_feats.device)))
+    return image_tokens, decoder_feats, (sum(terms) / len(terms) if terms else None)
+
+
+def _prompt_dense_terms(model: SegLLM, batch: Batch, decoded: DecoderOutput, prompts: Tensor) -> Tensor | None:
+    """The dense terms on the prompts: the classes of each target ("target" head), and the
+    direct decoder's attribute matching (its pixel classes learn the dense maps, its prompt
+    classes what each question names). None where neither applies."""
+    out = None
+    if batch.seg_attrs is not None and len(prompts):
+        r = model.config.prompt_head.num_ref_tokens
+        out = model.dense_head.target_loss(prompts[:, r:].mean(1), batch.seg_attrs)
+    if decoded.attributes is not None:
+        pixels, named = decoded.attributes
+        groups = model.config.dense.groups
+        terms = [group_loss(groups, pixels, cell_labels(batch.dense_decoder.to(pixels.device), pixels.shape[1]))]
+        if batch.seg_named is not None and len(named):
+            terms.append(group_loss(groups, named, batch.seg_named.to(named.device)))
+        out = _add(out, sum(terms) / len(terms))
+    return out
+
+
+def _mask_terms(
+    model: SegLLM, batch: Batch, mask_logits: Tensor, iou: Tensor, boxes: Tensor | None, tgt: Tensor, zero: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The [SEG] mask loss (BCE or focal) and Dice against ``tgt`` [S, h, w], the [REF] loss
+    where a round refers to an earlier mask, the IoU head's MSE against the true IoU, and the box
+    loss where the decoder predicts boxes (in the decoder's frame pixels)."""
+    cfg = model.config.loss
+    seg_l = mask_logits[:, SEG]
+    m_loss = focal_loss(seg_l, tgt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma) if cfg.mask == "focal" else bce_loss(seg_l, tgt)
+    d_loss = dice_loss(seg_l, tgt)
+    ref_loss = zero
+    has_ref = batch.has_ref.to(mask_logits.device)
+    if has_ref.any():
+        rl, rt = mask_logits[has_ref, REF], batch.ref_targets.to(mask_logits.device)[has_ref]
+        ref_loss = (focal_loss(rl, rt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma) if cfg.mask == "focal" else bce_loss(rl, rt)) + dice_loss(rl, rt)
+    with torch.no_grad():
+        true_iou = mask_iou(seg_l, tgt)
+    iou_loss = F.mse_loss(iou[:, SEG].float(), true_iou)
+    b_loss = zero
+    if boxes is not None and cfg.box_weight:
+        frame_size = model.decoder.image_size
+        target_boxes = mask_boxes(tgt > 0.5).to(boxes.device) * (frame_size / tgt.shape[-1])
+        b_loss = box_loss(boxes[:, SEG], target_boxes, frame_size)
+    return m_loss, d_loss, ref_loss, iou_loss, b_loss
 
 
 def selection_loss(seg_logits: Tensor, targets: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
