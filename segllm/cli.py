@@ -10,11 +10,13 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import PartialState
 
 from segllm import SegLLM
 from segllm.bench import main as bench_main
+from segllm.conversation import load_image
 from segllm.convert_weights import pickle_to_safetensors
 from segllm.data.benchmark_readers import read_templates
 from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_coco
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--script", metavar="FILE",
                       help="a prepared conversation: one question per line ('undo' and 'clear' allowed, '#' comments), "
                            "or a JSON file {\"questions\": [...]}")
+    for flag, meta, what in (("--region", "MASK_PNG", "a mask image (any non-zero pixel is in the region)"),
+                             ("--box", "X0,Y0,X1,Y1", "a box in image pixels"), ("--point", "X,Y", "a point in image pixels")):
+        chat.add_argument(flag, action=_RegionAction, dest="regions", default=[], metavar=f"{meta}[:LABEL]",
+                          help=f"a round whose region you give: {what}; rounds are numbered in the order given, "
+                               "before the questions; a question refers to it as 'instance k'")
     chat.add_argument("--checkpoint", help="model folder (default: the bundled model)")
     chat.add_argument("--out", default="segllm-out", help="folder for overlays, masks and session.json (default: %(default)s)")
     chat.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
@@ -166,6 +173,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class _RegionAction(argparse.Action):
+    """Collects --region/--box/--point in the order given (their rounds are numbered so)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        getattr(namespace, self.dest).append(f"region {option_string.lstrip('-').replace('region', 'mask')} {values}")
+
+
+def _region_line(session: Session, line: str):
+    """Run a ``region mask FILE[:LABEL]`` / ``region box X0,Y0,X1,Y1[:LABEL]`` / ``region point
+    X,Y[:LABEL]`` line (command line options and script lines alike)."""
+    parts = line.split(None, 2)
+    if len(parts) < 3 or parts[1] not in ("mask", "box", "point"):
+        raise SegLLMError(f"a region line is 'region mask FILE', 'region box X0,Y0,X1,Y1' or 'region point X,Y' (optionally ':LABEL'), not {line!r}")
+    kind, value = parts[1], parts[2].strip()
+    label = None
+    if kind == "mask":
+        if not Path(value).exists() and ":" in value:
+            value, label = value.rsplit(":", 1)
+        return session.add_region(mask=np.asarray(load_image(value)), label=label)
+    if ":" in value:
+        value, label = value.split(":", 1)
+    try:
+        numbers = [float(v) for v in value.split(",")]
+    except ValueError:
+        numbers = []
+    want = 4 if kind == "box" else 2
+    if len(numbers) != want:
+        raise SegLLMError(f"--{kind} takes {want} comma-separated numbers, not {value!r}")
+    return session.add_region(**{kind: numbers}, label=label)
+
+
 def _script_lines(path: Path) -> list[str]:
     text = path.read_text()
     if path.suffix == ".json":
@@ -193,12 +231,13 @@ def _chat(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if interactive:
-        print("Ask a question per round; '[REF:k]' or 'instance k' refers to round k. Commands: undo, clear, exit.")
+        print("Ask a question per round; '[REF:k]' or 'instance k' refers to round k. Commands: undo, clear, exit, "
+              "'region box X0,Y0,X1,Y1[:LABEL]', 'region point X,Y[:LABEL]', 'region mask FILE[:LABEL]'.")
         lines = _prompt_lines(session)
     elif lines is None:
         lines = (line.strip() for line in sys.stdin if line.strip())
     errors = 0
-    for line in lines:
+    for line in _chain(args.regions, lines):
         command = line.lower()
         if command in ("exit", "quit"):
             break
@@ -211,7 +250,7 @@ def _chat(args: argparse.Namespace) -> int:
             print("cleared the conversation")
             continue
         try:
-            r = session.ask(line)
+            r = _region_line(session, line) if command.startswith("region ") else session.ask(line)
         except SegLLMError as e:
             errors += 1
             print(f"error: {e}", file=sys.stderr)
@@ -219,11 +258,17 @@ def _chat(args: argparse.Namespace) -> int:
         session.overlay().save(out / f"round{r.round}_overlay.png")
         boxes = ", ".join(f"[{', '.join(f'{v:.0f}' for v in b)}] score {s:.2f}" for b, s in zip(r.boxes, r.scores))
         ref_note = f" (refers to {', '.join(map(str, r.refs))})" if r.refs else ""
-        print(f"round {r.round}{ref_note}: {r.question}\n  -> {r.text!r}{' (forced)' if r.forced else ''}  {boxes}")
+        note = " (your region)" if r.user else " (forced)" if r.forced else ""
+        print(f"round {r.round}{ref_note}: {r.question}\n  -> {r.text!r}{note}  {boxes}")
     session.save_masks(out)
     (out / "session.json").write_text(json.dumps(session.to_coco(file_name=Path(image_path).name), indent=1) + "\n")
     print(f"overlays, masks and session.json written to {out}/")
     return 1 if errors and not interactive else 0
+
+
+def _chain(first, rest):
+    yield from first
+    yield from rest
 
 
 def _prompt_lines(session):

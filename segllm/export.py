@@ -57,6 +57,7 @@ def session_to_coco(replies, image_size: tuple[int, int], *, file_name: str = "i
                     "question": r.question,
                     "refs": list(r.refs),
                     "answer": r.text,
+                    "user": bool(getattr(r, "user", False)),  # a region the user gave, not a prediction
                 }
             )
     return {

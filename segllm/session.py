@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from segllm.conversation import Conversation, Round, load_image, parse_refs
+from segllm.decoders.base import mask_to_frame
 from segllm.default import load_model
 from segllm.errors import ConversationError, MaskError
 from segllm.export import save_masks, session_to_coco
+from segllm.model.memory import mask_boxes
 from segllm.model.rounds import Dialogue, RoundEngine
 from segllm.viz import overlay
 
@@ -46,6 +48,7 @@ class Reply:
         frame_masks: [S, Sd, Sd] bool, the masks in the mask decoder's square input frame (the
             padding included), which models whose memory crops earlier masks in that frame (the
             released SegLLM) feed back; None where a round was answered by a full recompute.
+        user: the round's mask was given by the user (:meth:`Session.add_region`), not predicted.
     """
 
     round: int
@@ -57,6 +60,11 @@ class Reply:
     scores: np.ndarray
     forced: bool = False
     frame_masks: np.ndarray | None = None
+    user: bool = False
+
+
+REGION_QUESTION = "Segment {label}."  # how a user's region round reads in the conversation text
+REGION_LABEL = "the region I marked"
 
 
 class Session:
@@ -183,6 +191,51 @@ class Session:
         assert reply.round == n
         return reply
 
+    @torch.no_grad()
+    def add_region(self, *, mask=None, box=None, point=None, label: str | None = None, point_radius: int | None = None) -> Reply:
+        """Record a round whose mask the user gives; later rounds refer to it like any round
+        (``refs=[k]``, ``[REF:k]`` or "instance k"), and the mask memory encodes it as it encodes
+        the model's own masks.
+
+        The round reads ``"Segment {label}."`` answered ``"<seg>"`` in the conversation's text,
+        so the LLM's history holds an ordinary round; its mask is the user's, never predicted.
+
+        Args:
+            mask: [H, W] bool (or 0/1, or 0/255) at the image's resolution.
+            box: (x0, y0, x1, y1) image pixels, x1/y1 exclusive: the region is the filled box
+                (clipped to the image).
+            point: (x, y) image pixels: the region is a disk of ``point_radius`` pixels around it
+                (default 2% of the longest side, at least 2).
+            label: what the region is, in words (default "the region I marked").
+
+        Exactly one of ``mask``, ``box`` and ``point``.
+
+        Raises:
+            MaskError: none or several of mask/box/point, a mask of the wrong size or empty, a
+                box or point outside the image.
+        """
+        self._need_image()
+        region = _region_mask(self.image.shape[:2], mask=mask, box=box, point=point, radius=point_radius)
+        label = (label or "").strip() or REGION_LABEL
+        text = REGION_QUESTION.format(label=label)
+        conv = self.conversation
+        conv.rounds.append(Round(text, ()))
+        frame_masks = None
+        if self.incremental:
+            # the round's tokens go into the LLM's cache like any round's; the mask the engine
+            # decodes for its <seg> is replaced by the user's
+            r = self._engine.extend(self._state, conv, self._memory_mask, answer="<seg>")
+            frame = self._state.image.frame
+            frame_masks = mask_to_frame(torch.from_numpy(region), frame).numpy()[None]
+            answer = r.text
+        else:
+            answer = "<seg>"
+        box_xyxy = mask_boxes(torch.from_numpy(region)[None])[0].numpy() if box is None else np.asarray(_clip_box(box, region.shape), np.float32)
+        reply = Reply(len(self.history) + 1, text, (), answer, region[None], box_xyxy[None].astype(np.float32), np.ones(1, np.float32),
+                      frame_masks=frame_masks, user=True)
+        self.history.append(reply)
+        return reply
+
     def referable(self, k: int) -> bool:
         """Whether a later round may refer to round ``k``: its masks, as the memory reads them
         (in the decoder frame or at image resolution), are not all empty."""
@@ -203,6 +256,52 @@ class Session:
     def _need_image(self) -> None:
         if self.image is None:
             raise ConversationError("no image: call set_image() first")
+
+
+def _clip_box(box, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) clipped to an image of ``shape`` (H, W); refused when nothing is left."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError) as e:
+        raise MaskError(f"a box is four numbers (x0, y0, x1, y1), not {box!r}") from e
+    h, w = shape
+    cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+    if not (cx1 - cx0 >= 1 and cy1 - cy0 >= 1):
+        raise MaskError(f"the box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) covers no pixel of the {w}x{h} image")
+    return cx0, cy0, cx1, cy1
+
+
+def _region_mask(shape: tuple[int, int], *, mask=None, box=None, point=None, radius: int | None = None) -> np.ndarray:
+    """A user's region as an [H, W] bool mask, from exactly one of a mask, a box or a point."""
+    given = [name for name, v in (("mask", mask), ("box", box), ("point", point)) if v is not None]
+    if len(given) != 1:
+        raise MaskError(f"a region is exactly one of mask, box or point; got {', '.join(given) or 'none'}")
+    h, w = shape
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.ndim == 3 and m.shape[2] in (1, 3, 4):  # an image file's channels: any non-zero pixel counts
+            m = m.any(axis=2)
+        if m.shape != (h, w):
+            raise MaskError(f"the region mask is {'x'.join(map(str, m.shape[::-1]))} but the image is {w}x{h}")
+        m = m.astype(bool)
+    elif box is not None:
+        x0, y0, x1, y1 = _clip_box(box, shape)
+        m = np.zeros((h, w), bool)
+        m[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
+    else:
+        try:
+            x, y = (float(v) for v in point)
+        except (TypeError, ValueError) as e:
+            raise MaskError(f"a point is two numbers (x, y), not {point!r}") from e
+        if not (0 <= x < w and 0 <= y < h):
+            raise MaskError(f"the point ({x:g}, {y:g}) is outside the {w}x{h} image")
+        r = max(2, round(0.02 * max(h, w))) if radius is None else int(radius)
+        yy, xx = np.mgrid[:h, :w]
+        m = (xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2 <= r * r
+        m[int(y), int(x)] = True
+    if not m.any():
+        raise MaskError("the region is empty (zero area)")
+    return m
 
 
 __all__ = ["Reply", "Session"]

@@ -144,3 +144,31 @@ def test_world_reports_text_resolvable_share(tmp_path, capsys):
     share = meta["text_resolvable"]
     assert share["rounds"] > 6 and 0 <= share["share"] <= 1
     assert f"test: text-resolvable {100 * share['share']:.1f}% of {share['rounds']} rounds" in out
+
+
+def test_chat_regions_before_the_questions_and_in_scripts(tmp_path, capsys):
+    """--region/--box/--point rounds come first, in the order given; a script adds more; later
+    rounds refer to them; session.json marks them as the user's."""
+    mask = np.zeros((128, 128), np.uint8)
+    mask[40:60, 70:100] = 255
+    Image.fromarray(mask).save(tmp_path / "cup.png")
+    script = tmp_path / "conv.txt"
+    script.write_text("region point 20,30:the dot\nSegment the one near instance 1.\nSegment the shape left of instance 4.\n")
+    rc = main(["chat", str(EXAMPLE), "--box", "10,12,40,50:the left thing", "--region", f"{tmp_path / 'cup.png'}",
+               "--script", str(script), "--out", str(tmp_path / "o"), "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "round 1: Segment the left thing.\n  -> '<seg>' (your region)  [10, 12, 40, 50] score 1.00" in captured.out
+    assert "round 2: Segment the region I marked." in captured.out and "round 3: Segment the dot." in captured.out
+    assert "round 5 (refers to 4)" in captured.out
+    coco = json.loads((tmp_path / "o" / "session.json").read_text())
+    assert [a["user"] for a in coco["annotations"]] == [True, True, True, False, False]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "round2_mask1.png")) > 0, mask > 0)
+
+
+def test_chat_bad_regions_are_one_line_errors(tmp_path, capsys):
+    rc = main(["chat", str(EXAMPLE), "--box", "1,2,3", "--point", "900,900", "--region", str(tmp_path / "none.png"),
+               "--ask", "Segment the star.", "--out", str(tmp_path / "o"), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "--box takes 4 comma-separated numbers" in err and "outside the 128x128 image" in err and "none.png" in err

@@ -528,8 +528,8 @@ class RoundEngine:
             s += n
             h, w, size = fr.height, fr.width, fr.size
             rounds = []
-            for m, sc, fm, fb in per_round:
-                item = (np.stack(m) if m else np.zeros((0, h, w), bool), np.asarray(sc, np.float32))
+            for ms, sc, fm, fb in per_round:
+                item = (np.stack(ms) if ms else np.zeros((0, h, w), bool), np.asarray(sc, np.float32))
                 if frame:
                     item += (np.stack(fm) if fm else np.zeros((0, size, size), bool), np.asarray(fb, np.float32).reshape(-1, 4))
                 rounds.append(item)
