@@ -15,6 +15,7 @@ import torch
 from accelerate import PartialState
 
 from segllm import SegLLM
+from segllm.batch_segment import merge_results, read_items, segment_items
 from segllm.bench import main as bench_main
 from segllm.conversation import load_image
 from segllm.convert_weights import pickle_to_safetensors
@@ -57,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--full-recompute", action="store_true",
                       help="recompute the whole conversation every round (the released demo's way; slower)")
     chat.set_defaults(func=_chat)
+
+    sg = sub.add_parser("segment", help="batch segmentation: every image's questions answered in batches; COCO results JSON")
+    sg.add_argument("--images", help="a folder of images, or a text file with one image path per line")
+    sg.add_argument("--questions", required=True,
+                    help="a text file, one question per line (the rounds every image gets), or a JSONL file of "
+                         "{\"image\": path, \"questions\": [...]} (then --images is not needed)")
+    sg.add_argument("--out", required=True, help="folder for results.json (COCO style, RLE masks) and the resumable logs")
+    sg.add_argument("--checkpoint", help="model folder (default: the bundled model)")
+    sg.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
+    sg.add_argument("--png", action="store_true", help="also write OUT/masks/<id>/round{k}_mask{j}.png")
+    sg.add_argument("--resume", action="store_true", help="skip the images an interrupted run already wrote")
+    sg.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    sg.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sg.set_defaults(func=_segment)
 
     world = sub.add_parser("world", help="write splits of the procedural multi-round world to a folder")
     world.add_argument("out", help="output folder (one subfolder per split)")
@@ -278,6 +293,29 @@ def _prompt_lines(session):
         except EOFError:
             print()
             return
+
+
+def _segment(args: argparse.Namespace) -> int:
+    """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th image and
+    writes its own results file; the main process merges them into ``results.json``."""
+    items = read_items(args.images, args.questions)  # bad paths or records: an error before the model loads
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    model = load_model(args.checkpoint, device=args.device or str(state.device), dtype=getattr(torch, args.dtype))
+    summary = segment_items(model, items, args.out, batch_size=args.batch_size, resume=args.resume,
+                            rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+    path = merge_results(args.out, state.num_processes, png=args.png)
+    rate = summary.images / max(summary.seconds, 1e-9)
+    print(f"{summary.images} image(s), {summary.rounds} round(s) in {summary.seconds:.1f} s ({rate:.2f} images/s on this process)"
+          + (f"; {summary.resumed} done by an earlier run" if summary.resumed else ""))
+    for key, message in summary.errors[:5]:
+        print(f"  {key}: {message}", file=sys.stderr)
+    if summary.errors:
+        print(f"{len(summary.errors)} image(s) with an error (listed in results.json)", file=sys.stderr)
+    print(f"results in {path}")
+    return 1 if summary.errors else 0
 
 
 def _world(args: argparse.Namespace) -> int:

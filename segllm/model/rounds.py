@@ -37,10 +37,10 @@ from transformers import DynamicCache
 
 from segllm.conversation import Conversation, Round
 from segllm.decoders.base import SEG, Frame, frame_to_image, logits_to_frame
-from segllm.errors import ConversationError
+from segllm.errors import ConversationError, SegLLMError
 from segllm.model.memory import mask_boxes
 from segllm.model.prompt_head import PromptHead
-from segllm.processor import Encoded
+from segllm.processor import Encoded, MemoryItem
 
 if TYPE_CHECKING:  # the model imports this module; the engine only drives a built model
     from segllm.model.segllm import SegLLM
@@ -154,6 +154,28 @@ class Prediction:
     boxes: np.ndarray
     scores: np.ndarray
     token_ids: list[int]
+
+
+@dataclass
+class BatchDialogue:
+    """B conversations in one key/value cache (batch segmentation; see
+    :meth:`RoundEngine.extend_batch`).
+
+    Attributes:
+        images: each row's encoded image.
+        features: [B, ...] the decoder's features of the B images.
+        cache: the LLM's key/value cache over every row's tokens so far (padding included).
+        attention: [B, T] 1 for a real token of the cache, 0 for padding.
+        lengths: each row's count of real tokens (its next token's position).
+        memory: (row, round, mask index) -> (mask token [D], box token [D]), encoded once.
+    """
+
+    images: list[EncodedImage]
+    features: Tensor
+    cache: DynamicCache
+    attention: Tensor
+    lengths: list[int]
+    memory: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -484,6 +506,123 @@ class RoundEngine:
             boxes = mask_boxes(masks.cpu())
         scores = out.iou_scores[:, SEG].float().cpu().numpy()
         return masks.cpu().numpy(), boxes.numpy().astype(np.float32), scores, (frame_logits > 0).cpu().numpy()
+
+    # -- many conversations at once, incrementally (batch segmentation) ----------------------
+    @torch.no_grad()
+    def open_batch(self, images: Sequence[np.ndarray]) -> BatchDialogue:
+        """Conversations about B images, encoded in one batch: their vision tokens and decoder
+        features, and the tokens before the first round in one key/value cache."""
+        m = self.model
+        pixels = [torch.tensor(im).permute(2, 0, 1) for im in images]  # copies: inputs may be read-only
+        tokens = m.image_features(torch.stack([m.vision.preprocess(p) for p in pixels]).to(m.device))
+        dec = [m.decoder.preprocess(p) for p in pixels]
+        features = m.encode_decoder_image(torch.stack([d[0] for d in dec]).to(m.device))
+        ids, image_pos = m.processor.prefix_ids()
+        B, N = tokens.shape[:2]
+        rows = torch.arange(B, device=m.device).repeat_interleave(N)
+        cols = torch.tensor(image_pos, device=m.device).repeat(B)
+        embeds = m.inject(torch.tensor([ids] * B, device=m.device), [(m.processor.image_id, rows, cols, tokens.reshape(B * N, -1))])
+        cache = DynamicCache()
+        m.llm.get_decoder()(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        encoded = [EncodedImage(p, tokens[b], features[b : b + 1], d[1]) for b, (p, d) in enumerate(zip(pixels, dec))]
+        return BatchDialogue(encoded, features, cache, torch.ones(B, len(ids), dtype=torch.long, device=m.device), [len(ids)] * B)
+
+    @torch.no_grad()
+    def extend_batch(
+        self, dialogue: BatchDialogue, convs: dict[int, Conversation], masks: Callable[[int, int, int], tuple[Tensor, Tensor | None]],
+    ) -> dict[int, RoundResult | SegLLMError]:
+        """Answer the last round of some of the conversations with ``"<seg>"``, in one LLM pass.
+
+        Args:
+            dialogue: the batch's state; conversation ``b`` holds ``len(convs[b].rounds) - 1``
+                rounds so far.
+            convs: row ``b`` of the batch -> its conversation, the last round open (earlier
+                rounds answered, with the model's masks). Rows not given sit this round out.
+            masks: ``(b, k, j)`` -> round k's j-th mask of row b as the memory reads it, and its
+                box (as :data:`MaskSource`, per row).
+
+        Each row's round is its tokens, left-padded to the longest in the batch (padding is
+        masked out and positions continue each row's own count), so the shared cache grows by
+        one block per round and rows never see each other's padding. The answer is forced to
+        ``"<seg>"`` (one mask, as the released demo asks): no text is generated. A row whose
+        round does not fit the context gets its error instead of a result.
+        """
+        m = self.model
+        proc, dev = m.processor, m.device
+        answers: dict[int, tuple[list[int], list[MemoryItem], list[int]]] = {}
+        results: dict[int, RoundResult | SegLLMError] = {}
+        for b, conv in convs.items():
+            i = len(conv.rounds) - 1
+            offset = dialogue.lengths[b]
+            last = conv.rounds[-1]
+            forced = Conversation(conv.image, conv.rounds[:-1] + [Round(last.question, last.refs, FORCED_ANSWER, [])])
+            try:
+                u_ids, items = proc.user_ids(conv, i, offset)
+                a_ids, segs = proc.answer_ids(forced, i, offset + len(u_ids))
+                proc.check_length(offset + len(u_ids) + len(a_ids), i + 1, reserve=0)
+            except SegLLMError as e:
+                results[b] = e
+                continue
+            answers[b] = (u_ids + a_ids, items, [s.pos - offset for s in segs])
+        if not answers:
+            return results
+        B = len(dialogue.images)
+        width = max(len(ids) for ids, _, _ in answers.values())
+        pad = proc.eos_id
+        chunk = torch.full((B, width), pad, dtype=torch.long)
+        att = torch.zeros(B, width, dtype=torch.long)
+        pos = torch.zeros(B, width, dtype=torch.long)
+        mask_slots, box_slots, seg_rows, seg_cols, spans = [], [], [], [], []
+        for b, (ids, items, seg_pos) in answers.items():
+            start = width - len(ids)  # left padding: every row's round ends at the last column
+            chunk[b, start:] = torch.tensor(ids)
+            att[b, start:] = 1
+            pos[b, start:] = torch.arange(dialogue.lengths[b], dialogue.lengths[b] + len(ids))
+            for it in items:
+                mask_tok, box_tok = self._batch_memory(dialogue, masks, b, it.ref_round, it.mask_index)
+                mask_slots.append((b, start + it.mask_pos - dialogue.lengths[b], mask_tok))
+                if it.box_pos >= 0:
+                    box_slots.append((b, start + it.box_pos - dialogue.lengths[b], box_tok))
+            for p in seg_pos:
+                seg_rows.append(b)
+                seg_cols.append(start + p)
+                spans.append((start, start + p))
+        slots = [(tid, torch.tensor([s[0] for s in ss], dtype=torch.long, device=dev), torch.tensor([s[1] for s in ss], dtype=torch.long, device=dev),
+                  torch.stack([s[2] for s in ss])) for tid, ss in ((proc.mask_id, mask_slots), (proc.box_id, box_slots)) if ss]
+        embeds = m.inject(chunk.to(dev), slots, att.to(dev))
+        full_att = torch.cat([dialogue.attention, att.to(dev)], dim=1)
+        hidden = m.llm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=full_att, position_ids=pos.to(dev), past_key_values=dialogue.cache, use_cache=True,
+        ).last_hidden_state
+        dialogue.attention = full_att
+        for b, (ids, _, _) in answers.items():
+            dialogue.lengths[b] += len(ids)
+        rows = torch.tensor(seg_rows, dtype=torch.long, device=dev)
+        seg_hidden = hidden[rows, torch.tensor(seg_cols, device=dev) - 1]  # the states that predicted each <seg>
+        context = round_context(hidden, rows, context_positions(spans).to(dev)) if self._attend else ()
+        prompts = seg_prompts(m.prompt_head, seg_hidden, *context)
+        feats = dialogue.features
+        out = m.decoder(feats, prompts.to(feats.dtype), rows.to(feats.device))
+        token_ids = proc.text_ids(FORCED_ANSWER, allow_special=True, mid=True)
+        for s, b in enumerate(seg_rows):
+            frame = dialogue.images[b].frame
+            frame_logits, image_masks = frame_and_image_masks(out.mask_logits[s : s + 1, SEG], frame)
+            if m.config.memory.box_source == "decoder" and out.boxes is not None:
+                boxes = out.boxes[s : s + 1, SEG].float().cpu() * (max(frame.height, frame.width) / frame.size)
+            else:
+                boxes = mask_boxes(image_masks.cpu())
+            results[b] = RoundResult(
+                len(convs[b].rounds), token_ids, FORCED_ANSWER, image_masks.cpu().numpy(), boxes.numpy().astype(np.float32),
+                out.iou_scores[s : s + 1, SEG].float().cpu().numpy(), (frame_logits > 0).cpu().numpy(),
+            )
+        return results
+
+    def _batch_memory(self, dialogue: BatchDialogue, masks, b: int, k: int, j: int) -> tuple[Tensor, Tensor]:
+        """Row b's round-k mask j as memory tokens, encoded once per batch."""
+        if (b, k, j) not in dialogue.memory:
+            mask, box = masks(b, k, j)
+            dialogue.memory[(b, k, j)] = self.encode_memory(dialogue.images[b], mask, box)
+        return dialogue.memory[(b, k, j)]
 
     # -- every round at once, teacher-forced (a batch path) ---------------------------------
     @torch.no_grad()

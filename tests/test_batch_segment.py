@@ -1,0 +1,129 @@
+"""Batch segmentation answers what one Session per image answers, resumes, and reports errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segllm.batch_segment import Item, merge_results, read_items, segment_items
+from segllm.cli import main
+from segllm.default import EXAMPLES
+from segllm.errors import ConversationError
+from segllm.export import from_rle
+from segllm.session import Session
+
+QUESTIONS = ["Segment the red circle.", "Segment the square left of instance 1.", "Can you segment the blue star?", "the one near instance 2"]
+
+
+@pytest.fixture
+def model(make_model):
+    m = make_model(seed=4).to(torch.float64).eval()
+
+    def confident(module, args, out):  # non-empty masks, so later rounds can refer to them
+        out.mask_logits = out.mask_logits * 1000 + 0.5
+        return out
+
+    m.decoder.register_forward_hook(confident)
+    return m
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = [(48, 80), (64, 64), (30, 50), (80, 40), (48, 80)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_batches_answer_what_one_session_per_image_answers(model, images, tmp_path):
+    items = read_items(images, _questions(tmp_path))
+    summary = segment_items(model, items, tmp_path / "out", batch_size=3, progress=False)
+    assert summary.images == 5 and summary.rounds == 20 and not summary.errors
+    recs = [json.loads(line) for line in (tmp_path / "out" / "results.rank0.jsonl").read_text().splitlines()]
+    for it, rec in zip(items, recs):
+        s = Session(model, it.image)
+        for q, got in zip(QUESTIONS, rec["rounds"]):
+            want = s.ask(q, answer="<seg>")
+            assert got["refs"] == list(want.refs) and got["answer"] == want.text
+            np.testing.assert_array_equal(from_rle(got["masks"][0]), want.masks[0])
+            np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-3, atol=0)
+
+
+def test_resume_skips_what_is_done_and_drops_a_cut_line(model, images, tmp_path):
+    items = read_items(images, _questions(tmp_path))
+    segment_items(model, items[:2], tmp_path / "out", progress=False)
+    path = tmp_path / "out" / "results.rank0.jsonl"
+    path.write_text(path.read_text() + '{"id": "3", "ima')  # a line cut by a kill
+    summary = segment_items(model, items, tmp_path / "out", resume=True, progress=False)
+    assert summary.resumed == 2 and summary.images == 3
+    ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    assert sorted(ids) == ["1", "2", "3", "4", "5"]
+
+
+def test_errors_are_recorded_and_the_rest_goes_on(model, images, tmp_path):
+    (images / "broken.png").write_bytes(b"not an image")
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in [
+        {"image": str(images / "im0.png"), "questions": ["Segment the red circle.", "the one near instance 5"]},
+        {"image": str(images / "broken.png"), "questions": ["Segment it."]},
+        {"id": "x", "image": "imgs/im1.png", "questions": ["Segment the star.", "near instance 1"]},
+    ]) + "\n")
+    items = read_items(None, jsonl)
+    summary = segment_items(model, items, tmp_path / "out", progress=False)
+    assert summary.images == 3 and summary.rounds == 3
+    errors = dict(summary.errors)
+    assert "refers to round 5" in errors["1"] and "cannot read" in errors["2"]
+    data = json.loads(merge_results(tmp_path / "out", png=True).read_text())
+    assert [im["key"] for im in data["images"]] == ["1", "x"]
+    assert [(a["image_id"], a["round"]) for a in data["annotations"]] == [(1, 1), (2, 1), (2, 2)]
+    assert {e["id"] for e in data["errors"]} == {"1", "2"}
+    assert (tmp_path / "out" / "masks" / "x" / "round2_mask1.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "holds no questions"), ('{"image": "a.png"}\n', "line 1: not a record"), ('{"image": "a.png", "questions": []}\n', "line 1")],
+)
+def test_bad_work_lists(tmp_path, content, message):
+    q = tmp_path / ("q.jsonl" if content.startswith("{") else "q.txt")
+    q.write_text(content)
+    with pytest.raises(ConversationError, match=message):
+        read_items(tmp_path, q)
+
+
+def test_cli_segment_end_to_end_on_the_bundled_model(tmp_path, capsys):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for i in range(3):  # the bundled example scene, turned: the bundled model finds objects there
+        Image.open(EXAMPLES / "shapes.png").rotate(90 * i).save(folder / f"s{i}.png")
+    q = tmp_path / "q.txt"
+    q.write_text("Segment the red circle.\nSegment the shape left of instance 1.\n")
+    rc = main(["segment", "--images", str(folder), "--questions", str(q), "--out", str(tmp_path / "o"), "--batch-size", "2", "--png"])
+    captured = capsys.readouterr()
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    done = len(data["annotations"])
+    # a round that refers to an empty mask is an error for that image (named), not a crash
+    assert (rc == 0) == (not data["errors"]) and done + len(data["errors"]) == 6
+    assert f"3 image(s), {done} round(s)" in captured.out
+    assert len(data["images"]) == 3 and len(list((tmp_path / "o" / "masks").rglob("*.png"))) == done
+    assert main(["segment", "--images", str(tmp_path / "none"), "--questions", str(_questions(tmp_path)), "--out", str(tmp_path / "o")]) == 2
+    assert "images not found" in capsys.readouterr().err
+
+
+def _questions(tmp_path):
+    q = tmp_path / "questions.txt"
+    q.write_text("# every image gets these rounds\n" + "\n".join(QUESTIONS) + "\n")
+    return q
+
+
+def test_item_keys_are_the_order_in_the_list(images, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("imgs/im3.png\nimgs/im1.png\n")
+    items = read_items(listing, _questions(tmp_path))
+    assert [(i.key, i.image.endswith(n)) for i, n in zip(items, ["im3.png", "im1.png"])] == [("1", True), ("2", True)]
+    assert isinstance(items[0], Item)
