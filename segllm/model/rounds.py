@@ -276,10 +276,16 @@ class RoundEngine:
         "decoder"``; ``box``: the decoder's box for it ([4] image pixels), used with
         ``memory.box_source = "decoder"``.
         """
-        m = self.model
-        crop, norm_box = m.memory.inputs(image.pixels, mask, box, vision=m.vision)
-        mask_tok, box_tok = m.memory.tokens(crop[None].to(m.device), norm_box[None], vision=m.vision, projector=m.projector, dtype=m.dtype)
+        mask_tok, box_tok = self.encode_memories([(image, mask, box)])
         return mask_tok[0], box_tok[0]
+
+    @torch.no_grad()
+    def encode_memories(self, masks: Sequence[tuple[EncodedImage, Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
+        """Several earlier masks (each with its image and box, as :meth:`encode_memory` takes
+        them) through the vision tower at once: (mask tokens [M, D], box tokens [M, D])."""
+        m = self.model
+        crops, boxes = zip(*(m.memory.inputs(image.pixels, mask, box, vision=m.vision) for image, mask, box in masks))
+        return m.memory.tokens(torch.stack(crops).to(m.device), torch.stack(boxes), vision=m.vision, projector=m.projector, dtype=m.dtype)
 
     # -- one round, incrementally -----------------------------------------------------------
     @torch.no_grad()
@@ -573,13 +579,17 @@ class RoundEngine:
         att = torch.zeros(B, width, dtype=torch.long)
         pos = torch.zeros(B, width, dtype=torch.long)
         mask_slots, box_slots, seg_rows, seg_cols, spans = [], [], [], [], []
+        missing = sorted({(b, it.ref_round, it.mask_index) for b, (_, items, _) in answers.items() for it in items} - dialogue.memory.keys())
+        if missing:  # the new memory masks of every row, through the vision tower at once
+            mask_toks, box_toks = self.encode_memories([(dialogue.images[b], *masks(b, k, j)) for b, k, j in missing])
+            dialogue.memory.update({key: (mask_toks[n], box_toks[n]) for n, key in enumerate(missing)})
         for b, (ids, items, seg_pos) in answers.items():
             start = width - len(ids)  # left padding: every row's round ends at the last column
             chunk[b, start:] = torch.tensor(ids)
             att[b, start:] = 1
             pos[b, start:] = torch.arange(dialogue.lengths[b], dialogue.lengths[b] + len(ids))
             for it in items:
-                mask_tok, box_tok = self._batch_memory(dialogue, masks, b, it.ref_round, it.mask_index)
+                mask_tok, box_tok = dialogue.memory[b, it.ref_round, it.mask_index]
                 mask_slots.append((b, start + it.mask_pos - dialogue.lengths[b], mask_tok))
                 if it.box_pos >= 0:
                     box_slots.append((b, start + it.box_pos - dialogue.lengths[b], box_tok))
@@ -616,13 +626,6 @@ class RoundEngine:
                 out.iou_scores[s : s + 1, SEG].float().cpu().numpy(), (frame_logits > 0).cpu().numpy(),
             )
         return results
-
-    def _batch_memory(self, dialogue: BatchDialogue, masks, b: int, k: int, j: int) -> tuple[Tensor, Tensor]:
-        """Row b's round-k mask j as memory tokens, encoded once per batch."""
-        if (b, k, j) not in dialogue.memory:
-            mask, box = masks(b, k, j)
-            dialogue.memory[(b, k, j)] = self.encode_memory(dialogue.images[b], mask, box)
-        return dialogue.memory[(b, k, j)]
 
     # -- every round at once, teacher-forced (a batch path) ---------------------------------
     @torch.no_grad()
