@@ -49,6 +49,9 @@ MAX_UPLOAD_MB = 20
 _EXPIRED_REMEMBERED = 4096  # dropped session ids kept to explain "your session expired"
 
 
+DISPLAY_SIDE = 512  # small images are shown enlarged to about this many pixels
+
+
 @dataclass
 class _Entry:
     session: Session
@@ -56,6 +59,7 @@ class _Entry:
     last_used: float
     busy: int = 0  # handlers running on it: never dropped under them
     files: list[Path] = field(default_factory=list)  # what the page currently shows
+    scale: int = 1  # the overlay shown is the image enlarged this many times (small images)
 
 
 class SessionStore:
@@ -184,6 +188,12 @@ def example_images() -> dict[str, Path]:
     return {p.stem: p for p in sorted(EXAMPLES.glob("*.png"))}
 
 
+def display_scale(size: tuple[int, int], target: int = DISPLAY_SIDE) -> int:
+    """The whole factor (>= 1) that brings an image's longest side closest to ``target`` pixels
+    from below: a 128 px image is shown at 512, a 1,000 px one as it is."""
+    return max(1, target // max(size))
+
+
 def legend_html(session: Session) -> str:
     """One list item per round: its colour, number, question and answer."""
     if not session.history:
@@ -192,6 +202,7 @@ def legend_html(session: Session) -> str:
     for r in session.history:
         c = "#{:02x}{:02x}{:02x}".format(*colour(r.round))
         refs = f" (refers to {', '.join(map(str, r.refs))})" if r.refs else ""
+        refs += " (your region)" if r.user else ""
         items.append(
             f'<li class="segllm-round" data-round="{r.round}"><span style="display:inline-block;width:1em;height:1em;'
             f'background:{c};margin-right:.4em;vertical-align:middle"></span><b>{r.round}</b>{html.escape(refs)}: '
@@ -334,7 +345,13 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
             folder = entry.folder / uuid.uuid4().hex  # a new URL each time: no stale browser cache
             folder.mkdir()
             image = folder / "overlay.png"
-            s.overlay().save(image)
+            # small images are shown enlarged by a whole factor with crisp pixels; clicks on the
+            # overlay are divided by it
+            entry.scale = display_scale(s.image.shape[:2])
+            shown = s.overlay()
+            if entry.scale > 1:
+                shown = shown.resize((shown.width * entry.scale, shown.height * entry.scale), Image.Resampling.NEAREST)
+            shown.save(image)
             entry.files.append(image)
             if s.history:
                 download = masks_zip(s, folder)
@@ -380,6 +397,16 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
             note = " (the model gave no mask; one was asked for)" if r.forced else ""
             return (*view(entry, f"Round {r.round}: `{r.text}`{note}"), "")
 
+    def mark(label, evt: gr.SelectData, request: gr.Request):
+        """A click on the image: a region round at that pixel (the overlay is the image's size)."""
+        with shown_errors(), store.use(key_of(request)) as entry:
+            s = entry.session
+            if s.image is None:
+                raise gr.Error(no_session(request))
+            x, y = (int(v) // entry.scale for v in evt.index)
+            r = s.add_region(point=(x, y), label=label or None)
+            return (*view(entry, f"Round {r.round}: your region at ({x}, {y}); refer to it as instance {r.round}."), "")
+
     def undo(request: gr.Request):
         with shown_errors(), store.use(key_of(request)) as entry:
             r = entry.session.undo()
@@ -397,11 +424,13 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
     limit_text = f" and {max_upload_mb:g} MB" if limit is not None else ""
     # Gradio's own copies of uploads are deleted once older than the idle timeout (their
     # conversation is gone by then); our files are deleted as soon as they are superseded
-    with _Demo(title="SegLLM", delete_cache=(int(min(idle_timeout, 300)) or 1, int(idle_timeout) or 1)) as demo:
+    # enlarged small images keep crisp pixels
+    with _Demo(title="SegLLM", css="#overlay img { image-rendering: pixelated; }", delete_cache=(int(min(idle_timeout, 300)) or 1, int(idle_timeout) or 1)) as demo:
         gr.Markdown(
             "# SegLLM: multi-round segmentation\n"
             "Upload an image (or pick an example), then ask for one object per round. A later question "
             "can refer to an earlier round's object: tick its round below, or write `instance k` or `[REF:k]`. "
+            "Click on the image to mark a region yourself: it becomes a round you can refer to. "
             f"Images up to {max_side} pixels on the longest side{limit_text}."
         )
         with gr.Row():
@@ -410,6 +439,8 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
                 example = gr.Dropdown(choices=list(examples), label="…or pick an example", value=None, elem_id="example")
                 question = gr.Textbox(label="Question", placeholder="Segment the red circle.", elem_id="question")
                 refs = gr.CheckboxGroup(label="Refers to rounds", choices=[], elem_id="refs")
+                region_label = gr.Textbox(label="Label for a region you click on the image (optional)",
+                                          placeholder="the cup", elem_id="region-label")
                 with gr.Row():
                     ask_btn = gr.Button("Ask", variant="primary", elem_id="ask")
                     undo_btn = gr.Button("Undo", elem_id="undo")
@@ -425,6 +456,7 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
         example.change(pick_example, [example], outs)
         ask_btn.click(ask, [question, refs], outs + [question])
         question.submit(ask, [question, refs], outs + [question])
+        overlay.select(mark, [region_label], outs + [region_label])
         undo_btn.click(undo, None, outs)
         clear_btn.click(clear, None, outs)
         demo.unload(closed)

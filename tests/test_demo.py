@@ -1,6 +1,7 @@
 """The web demo: served on localhost, driven through gradio_client and a real headless Chromium."""
 
 import os
+import re
 import shutil
 import socket
 import weakref
@@ -131,6 +132,42 @@ def test_browser_two_rounds_with_a_reference(server, tmp_path):
         browser.close()
     print(f"screenshot: {shots / 'demo_two_rounds.png'}")
     assert (shots / "demo_two_rounds.png").stat().st_size > 10_000
+
+
+def test_browser_region_by_clicking_then_a_question_that_refers_to_it(server, tmp_path):
+    """Issue 17: a click on the image marks a region round; a later question refers to it; the
+    overlay shows both rounds. The screenshot of the three rounds is docs/demo_regions.png."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _, url = server
+    shots = Path(os.environ.get("SEGLLM_TEST_ARTIFACTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.set_input_files("#upload input[type=file]", str(EXAMPLES / "shapes.png"))
+        expect(page.locator("#status")).to_contain_text("ready", timeout=30_000)
+        page.locator("#question textarea").fill("Segment the cross.")
+        page.locator("#ask").click()
+        expect(page.locator("li.segllm-round")).to_have_count(1, timeout=30_000)
+        page.locator("#region-label textarea").fill("the thing I clicked")
+        img = page.locator("#overlay img")
+        box = img.bounding_box()
+        img.click(position={"x": box["width"] * 0.25, "y": box["height"] * 0.75})  # (32, 96) of the 128x128 image
+        expect(page.locator("li.segllm-round")).to_have_count(2, timeout=30_000)
+        expect(page.locator("li.segllm-round[data-round='2']")).to_contain_text("your region")
+        expect(page.locator("li.segllm-round[data-round='2']")).to_contain_text("Segment the thing I clicked.")
+        expect(page.locator("#status")).to_contain_text("your region at (")
+        x, y = (int(v) for v in re.search(r"region at \((\d+), (\d+)\)", page.locator("#status").inner_text()).groups())
+        assert abs(x - 32) <= 1 and abs(y - 96) <= 1  # in image pixels (the 128 px image is shown enlarged)
+        page.locator("#question textarea").fill("Segment the shape closest to instance 2.")
+        page.locator("#ask").click()
+        expect(page.locator("li.segllm-round")).to_have_count(3, timeout=30_000)
+        expect(page.locator("li.segllm-round[data-round='3']")).to_contain_text("refers to 2")
+        page.screenshot(path=str(shots / "demo_regions.png"), full_page=True)
+        browser.close()
+    assert (shots / "demo_regions.png").stat().st_size > 10_000
 
 
 RELEASED = RELEASED_FIXTURES
