@@ -21,17 +21,24 @@ HANG_S = 300  # a case still running after this is a hang (generous: CI machines
 MEMORY_MB = 300  # peak resident memory may grow by at most this during one case (a 60000 px bomb is ~10 GB)
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "hang_s(seconds): this test's own hang timeout (default HANG_S)")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item) -> Iterator[None]:
     """Every case's test body (fixtures set up once are not counted): no hang (SIGALRM after
-    HANG_S seconds) and peak resident memory growing by less than MEMORY_MB."""
+    HANG_S seconds, or the test's ``hang_s`` mark) and peak resident memory growing by less than
+    MEMORY_MB."""
+    mark = item.get_closest_marker("hang_s")
+    limit = int(mark.args[0]) if mark else HANG_S
 
     def hang(signum, frame):
-        raise TimeoutError(f"the case ran over {HANG_S} s: a hang")
+        raise TimeoutError(f"the case ran over {limit} s: a hang")
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     old = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(HANG_S)
+    signal.alarm(limit)
     t0 = time.monotonic()
     try:
         result = yield

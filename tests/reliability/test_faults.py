@@ -40,6 +40,7 @@ def test_where_a_kill_landed_is_read_from_the_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.hang_s(1800)  # three training starts: ~10 s each on an idle machine, minutes on a loaded one
 def test_three_kills_three_resumes(tmp_path):
     """Three SIGKILLs of a tiny run (about two of them inside a checkpoint write), each followed
     by --resume: every resume succeeds and loses at most one save interval."""
