@@ -81,6 +81,8 @@ def load_config(path: str | Path) -> SegLLMConfig:
         data = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {cfg_file}: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg_file} is not a segllm checkpoint config: expected a JSON object, got a {type(data).__name__}")
     if data.get("format") != CONFIG_FORMAT:
         kind = data.get("model_type") or data.get("format") or "unknown"
         raise CheckpointError(
@@ -96,8 +98,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in the checkpoint folder ``path``; a :class:`CheckpointError` if unreadable."""
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
+    except Exception as e:  # the tokenizers library reports a corrupt tokenizer.json as a bare Exception
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {e}") from e
 
 
 def load_weights(model: torch.nn.Module, weights: str | Path) -> None:

@@ -24,7 +24,7 @@ from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_co
 from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.world import WorldConfig, generate
 from segllm.default import EXAMPLES, load_model
-from segllm.errors import SegLLMError
+from segllm.errors import ConversationError, SegLLMError
 from segllm.eval.benchmarks import BENCHMARKS, Roots, open_benchmark, paper_lines
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
@@ -220,10 +220,26 @@ def _region_line(session: Session, line: str):
 
 
 def _script_lines(path: Path) -> list[str]:
-    text = path.read_text()
+    """The questions of a ``--script`` file: one per line, or a JSON list / ``{"questions": [...]}``.
+
+    Raises:
+        ConversationError: naming the file, for a missing or unreadable file or a JSON file of
+            another shape (a raw KeyError or decode error would say neither which file nor what
+            was expected).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversationError(f"cannot read the script {path}: {e}") from e
     if path.suffix == ".json":
-        data = json.loads(text)
-        return list(data["questions"] if isinstance(data, dict) else data)
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConversationError(f"script {path} is not valid JSON: {e}") from e
+        questions = data.get("questions") if isinstance(data, dict) else data
+        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+            raise ConversationError(f'script {path}: expected a JSON list of questions or {{"questions": [...]}} of text')
+        return [q.strip() for q in questions]
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 

@@ -167,6 +167,8 @@ class Session:
         text, found = (question.strip(), ()) if exact_refs else parse_refs(question)
         all_refs = tuple(sorted(set(found) | {int(k) for k in (refs or ())}))
         n = len(self.history) + 1
+        if not text:  # before validation, whose "the question is empty" would not say why
+            raise ConversationError("the question is empty once [REF:k] is removed")
         conv = self.conversation
         conv.rounds.append(Round(text, all_refs))
         conv.validate(allow_open_last=True, check_refs=not self._frame_memory)  # names a missing round or an empty mask
@@ -175,8 +177,6 @@ class Session:
             for k in all_refs:
                 if not self.referable(k):
                     raise MaskError(f"round {n} refers to round {k}, whose mask is empty (zero area)")
-        if not text:
-            raise ConversationError("the question is empty once [REF:k] is removed")
         # the engine answers the round (and, with force_mask, asks for a mask where the answer
         # has none); on an error it leaves the cache as it was
         options = dict(answer=answer, max_new_tokens=self.max_new_tokens, force_mask=self.force_mask)

@@ -216,8 +216,12 @@ class ConversationFolder(SkippingGet):
         self.unreadable: list[tuple[str, str]] = list(self.skipped.items)
         self._convs_file = convs
 
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO(str(ann))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+                self.coco = COCO(str(ann))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+            # pycocotools reports a malformed file by whatever its indexing trips over
+            raise RecordError(f"cannot read {ann}: {type(e).__name__}: {e} (expected COCO instances JSON)") from e
 
     def __len__(self) -> int:
         return len(self.records)
@@ -236,7 +240,10 @@ class ConversationFolder(SkippingGet):
         def get_mask(mid):
             if mid not in self.coco.anns:
                 raise RecordError(f"mask id {mid} is not in annotations.json")
-            return self.coco.annToMask(self.coco.anns[mid]).astype(bool)
+            try:
+                return self.coco.annToMask(self.coco.anns[mid]).astype(bool)
+            except Exception as e:  # a malformed polygon or RLE trips pycocotools in several ways
+                raise RecordError(f"mask id {mid}: unreadable segmentation in annotations.json ({type(e).__name__}: {e})") from e
 
         try:
             conv = record_to_conversation(rec, image, get_mask)
@@ -253,7 +260,16 @@ class ConversationFolder(SkippingGet):
         except RecordError as e:
             raise RecordError(f"{self.where(index)}: {e}") from e
         anns = self.coco.imgToAnns.get(rec.get("image_id"), [])
-        masks = {a["id"]: self.coco.annToMask(a).astype(bool) for a in anns}
+        masks = {}
+        for a in anns:
+            try:
+                masks[a["id"]] = self.coco.annToMask(a).astype(bool)
+            except Exception as e:  # a malformed polygon or RLE trips pycocotools in several ways
+                # the scene only serves diagnostics (grounding); a conversation that uses this mask
+                # was already skipped by get(), so one bad annotation must not stop an evaluation
+                log.warning("%s: annotation %s left out of the scene: unreadable segmentation (%s: %s)",
+                            self.where(index), a.get("id"), type(e).__name__, e)
+        anns = [a for a in anns if a["id"] in masks]
         top = [a["id"] for a in anns if a.get("parent_id") is None]
         ids = [list(r.get("mask_ids", [])) for r in rec["rounds"]]
         cut = self.max_rounds or len(meta)

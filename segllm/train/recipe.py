@@ -134,6 +134,18 @@ class OptimRecipe:
     grad_clip: float = 1.0
     clip_mode: Literal["global", "per_part"] = "global"
 
+    def __post_init__(self) -> None:
+        # a value out of range would only surface mid-run (a ZeroDivisionError, a NaN loss or a
+        # schedule that never warms up): refuse it when the recipe is read, naming the key
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "warmup_steps", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name} must be between 0 and 1, got {getattr(self, name)}")
+
 
 @dataclass
 class TrainRecipe:
@@ -186,12 +198,12 @@ class TrainRecipe:
     time_limit_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
-        for name in ("workers", "time_limit_s", "epochs"):
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("workers", "time_limit_s", "epochs", "eval_every", "save_every", "eval_size", "threads"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def resolved(self, conversations: int, processes: int) -> TrainRecipe:
         """This recipe with ``epochs`` and ``optim.warmup_ratio`` turned into step counts, for
@@ -215,8 +227,8 @@ class TrainRecipe:
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read recipe {path}: {e}") from e
         for key, value in (overrides or {}).items():
             _set(data, key, value)

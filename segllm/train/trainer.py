@@ -427,7 +427,8 @@ def _recover_last(out: Path) -> Path | None:
     ``.checkpoint-old`` and the temp folder to checkpoint-last; a run killed between those renames
     leaves no checkpoint-last, only the old one (and the complete new temp folder). The newest
     complete candidate is renamed to checkpoint-last (the same renames as a save, so a crash here
-    loses nothing either); returns it, or None where there is no complete checkpoint at all.
+    loses nothing either) and the other temp folders are deleted; returns it, or None where there
+    is no complete checkpoint at all.
     """
     last = out / LAST
     candidates = [last, out / OLD, *sorted(out.glob(TMP_PREFIX + "*"))]
@@ -436,6 +437,7 @@ def _recover_last(out: Path) -> Path | None:
     if not complete:
         return None
     best = max(complete, key=lambda c: (complete[c], c == last))  # the newest; checkpoint-last on a tie
+    _drop_stale_temp(out, keep=best)
     if best != last:
         log.warning("checkpoint-last is missing or older: resuming from %s (step %d), left by an interrupted save", best, complete[best])
         if last.exists():
@@ -450,6 +452,15 @@ def _recover_last(out: Path) -> Path | None:
                 os.replace(last, old)
         os.replace(best, last)
     return last
+
+
+def _drop_stale_temp(out: Path, keep: Path) -> None:
+    """Delete the temp folders (``.ckpt.<step>``) that saves killed midway left under ``out``, all
+    but ``keep``: each is half-written or older than the checkpoint resumed from, and without this
+    every interrupted save would leave one behind for good."""
+    for tmp in out.glob(TMP_PREFIX + "*"):
+        if tmp != keep and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save(acc, core, opt, out: Path, state: dict, *, sharded: bool = False, deepspeed: bool = False) -> None:

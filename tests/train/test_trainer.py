@@ -80,6 +80,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     assert _recover_last(tmp_path) == tmp_path / "checkpoint-last"
     assert json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())["step"] == 8
     assert (tmp_path / ".checkpoint-old").is_dir()  # the older one is kept until the next save replaces it
+    assert not (tmp_path / ".ckpt.10").exists()  # a half-written save's temp folder does not pile up
     assert _recover_last(tmp_path / "nothing") is None
 
 
