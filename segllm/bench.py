@@ -48,12 +48,12 @@ def _large_model(width: int, layers: int):
 
 
 def _run(args) -> dict:
-    name, incremental, rounds, repeats, threads, width, layers = args
+    name, incremental, rounds, repeats, threads, width, layers, device, dtype = args
 
     if threads:
         torch.set_num_threads(threads)
     model = load_model() if name == "bundled" else _large_model(width, layers)
-    model.eval()
+    model.to(device=device, dtype=getattr(torch, dtype)).eval()
     image = load_image(EXAMPLES / "shapes.png")
     times = np.zeros((repeats, rounds))
     set_image = []
@@ -75,13 +75,20 @@ def _run(args) -> dict:
         "set_image_ms": float(np.median(set_image)) * 1000,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "device": device,
+        "dtype": dtype,
     }
 
 
-def run(*, rounds: int = 8, repeats: int = 3, threads: int = 0, large: bool = True, width: int = 4096, layers: int = 2) -> list[dict]:
-    jobs = [("bundled", inc, rounds, repeats, threads, width, layers) for inc in (True, False)]
+def run(
+    *, rounds: int = 8, repeats: int = 3, threads: int = 0, large: bool = True, width: int = 4096, layers: int = 2,
+    device: str = "cpu", dtype: str = "float32",
+) -> list[dict]:
+    """Per-round latency of each (model, mode), each in its own process; ``dtype`` is a torch dtype's
+    name ("float32", "bfloat16", "float16"), passed by name to the spawned process."""
+    jobs = [("bundled", inc, rounds, repeats, threads, width, layers, device, dtype) for inc in (True, False)]
     if large:
-        jobs += [("large-llm", inc, rounds, max(1, repeats - 1), threads, width, layers) for inc in (True, False)]
+        jobs += [("large-llm", inc, rounds, max(1, repeats - 1), threads, width, layers, device, dtype) for inc in (True, False)]
     ctx = mp.get_context("spawn")
     results = []
     for job in jobs:
@@ -95,7 +102,7 @@ def table(results: list[dict]) -> str:
     by = {(r["model"], r["mode"]): r for r in results}
     for model in dict.fromkeys(r["model"] for r in results):
         inc, full = by.get((model, "incremental")), by.get((model, "full"))
-        lines.append(f"\n{model} ({inc['params_m']:.1f}M parameters)")
+        lines.append(f"\n{model} ({inc['params_m']:.1f}M parameters, {inc.get('dtype', 'float32')} on {inc.get('device', 'cpu')})")
         lines.append("| round | incremental ms | full recompute ms |")
         lines.append("|---|---|---|")
         for k, (a, b) in enumerate(zip(inc["round_ms"], full["round_ms"]), start=1):
@@ -111,7 +118,8 @@ def table(results: list[dict]) -> str:
 
 
 def main(args) -> int:
-    results = run(rounds=args.rounds, repeats=args.repeats, threads=args.threads, large=not args.no_large, width=args.width, layers=args.layers)
+    results = run(rounds=args.rounds, repeats=args.repeats, threads=args.threads, large=not args.no_large, width=args.width,
+                  layers=args.layers, device=args.device, dtype=args.dtype)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -34,7 +34,8 @@ from segllm.train.recipe import TrainRecipe
 from segllm.train.trainer import train
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``segllm`` command's parser (every subcommand and its options)."""
     parser = argparse.ArgumentParser(prog="segllm", description="Multi-round reasoning segmentation with mask memory.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -50,10 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         chat.add_argument(flag, action=_RegionAction, dest="regions", default=[], metavar=f"{meta}[:LABEL]",
                           help=f"a round whose region you give: {what}; rounds are numbered in the order given, "
                                "before the questions; a question refers to it as 'instance k'")
-    chat.add_argument("--checkpoint", help="model folder (default: the bundled model)")
     chat.add_argument("--out", default="segllm-out", help="folder for overlays, masks and session.json (default: %(default)s)")
-    chat.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
-    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _model_args(chat, device="cpu")
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.add_argument("--full-recompute", action="store_true",
                       help="recompute the whole conversation every round (the released demo's way; slower)")
@@ -65,12 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a text file, one question per line (the rounds every image gets), or a JSONL file of "
                          "{\"image\": path, \"questions\": [...]} (then --images is not needed)")
     sg.add_argument("--out", required=True, help="folder for results.json (COCO style, RLE masks) and the resumable logs")
-    sg.add_argument("--checkpoint", help="model folder (default: the bundled model)")
     sg.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     sg.add_argument("--png", action="store_true", help="also write OUT/masks/<id>/round{k}_mask{j}.png")
     sg.add_argument("--resume", action="store_true", help="skip the images an interrupted run already wrote")
-    sg.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    sg.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _model_args(sg, device=None)
     sg.set_defaults(func=_segment)
 
     world = sub.add_parser("world", help="write splits of the procedural multi-round world to a folder")
@@ -89,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="per-round cIoU / mIoU / P@0.5 under the oracle and own history protocols")
-    ev.add_argument("--checkpoint", help="model folder (default: the bundled model)")
+    _model_args(ev, device=None)
     ev.add_argument("--benchmark", default=None,
                     help="world (default), a dataset folder via --data, or one of the paper's: mr-refcoco, mr-refcoco+, "
                          "mr-refcocog, mr-paco, released, refcoco, refcoco+, refcocog, reasonseg")
@@ -113,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", default="segllm-eval", help="folder for JSON, CSV, the plot and the resumable logs (default: %(default)s)")
     ev.add_argument("--name", default="eval", help="base name of the report files (default: %(default)s)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run from its logs in --out")
-    ev.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--baseline", choices=["union"], default=None,
                     help="also score a question-blind baseline on the same conversations: 'union' predicts the union of "
@@ -125,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     pa.set_defaults(func=_parts)
 
     ml = sub.add_parser("merge-lora", help="fold a checkpoint's LoRA adapters into plain LLM weights")
-    ml.add_argument("checkpoint", help="a checkpoint folder trained with LoRA")
+    ml.add_argument("checkpoint", help="a checkpoint folder (or hub id) trained with LoRA")
     ml.add_argument("out", help="folder for the merged checkpoint")
+    _model_args(ml, device="cpu", checkpoint=False)
     ml.set_defaults(func=_merge_lora)
 
     cv = sub.add_parser("convert-weights", help="a PyTorch pickle of weights (.pth) -> safetensors (read with the restricted unpickler)")
@@ -136,10 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     cv.set_defaults(func=_convert_weights)
 
     dm = sub.add_parser("demo", help="a web demo (Gradio) on localhost")
-    dm.add_argument("--checkpoint", help="model folder (default: the bundled model)")
+    _model_args(dm, device="cpu")
     dm.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     dm.add_argument("--port", type=int, default=7860)
-    dm.add_argument("--device", default="cpu")
     dm.add_argument("--max-side", type=int, default=4096, help="largest image side accepted, pixels (default: %(default)s)")
     dm.add_argument("--max-sessions", type=int, default=32,
                     help="live conversations at most; the least recently used is dropped beyond it (default: %(default)s)")
@@ -157,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--width", type=int, default=4096, help="LLM width of the large configuration")
     bn.add_argument("--layers", type=int, default=2, help="LLM layers of the large configuration")
     bn.add_argument("--json", help="also write the raw results here")
+    _model_args(bn, device="cpu", checkpoint=False, revision=False)
     bn.set_defaults(func=_bench)
 
     gen = sub.add_parser("generate", help="multi-round conversations from COCO-style annotations (RefCOCO, PACO-LVIS, any COCO)")
@@ -178,14 +175,34 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--copy-images", action="store_true", help="copy the used images into OUT/images/")
     gen.add_argument("--per-image", type=int, default=1, help="conversations per image (default: %(default)s)")
     gen.set_defaults(func=_generate)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
     except (SegLLMError, ValueError) as e:  # bad input or arguments: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: bool = True, revision: bool = True) -> None:
+    """The options of every command that loads a model: which one (``--checkpoint``, ``--revision``)
+    and where and in which precision it runs (``--device``, ``--dtype``)."""
+    if checkpoint:
+        p.add_argument("--checkpoint", help="model folder, or a Hugging Face hub id org/name[/subfolder][@revision], "
+                                            "e.g. Marlo-Z/SegLLM/all_data_checkpoint (default: the bundled model)")
+    if revision:
+        p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a hub id checkpoint")
+    p.add_argument("--device", default=device, help="torch device, e.g. cpu, cuda, cuda:1 (default: "
+                                                    + (device or "cuda when available, else cpu") + ")")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="precision of the model's weights and compute (default: %(default)s; bfloat16 halves the memory)")
 
 
 class _RegionAction(argparse.Action):
@@ -256,7 +273,7 @@ def _chat(args: argparse.Namespace) -> int:
             lines = _script_lines(EXAMPLES / "shapes.json")
     interactive = lines is None and sys.stdin.isatty()
     session = Session.from_pretrained(
-        args.checkpoint, image_path, device=args.device, dtype=getattr(torch, args.dtype),
+        args.checkpoint, image_path, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype],
         incremental=not args.full_recompute, max_new_tokens=args.max_new_tokens,
     )
     out = Path(args.out)
@@ -316,7 +333,7 @@ def _segment(args: argparse.Namespace) -> int:
     writes its own results file; the main process merges them into ``results.json``."""
     items = read_items(args.images, args.questions)  # bad paths or records: an error before the model loads
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    model = load_model(args.checkpoint, device=args.device or str(state.device), dtype=getattr(torch, args.dtype))
+    model = load_model(args.checkpoint, revision=args.revision, device=args.device or str(state.device), dtype=DTYPES[args.dtype])
     summary = segment_items(model, items, args.out, batch_size=args.batch_size, resume=args.resume,
                             rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
     state.wait_for_everyone()
@@ -377,7 +394,7 @@ def _parts(args: argparse.Namespace) -> int:
 
 
 def _merge_lora(args: argparse.Namespace) -> int:
-    model = SegLLM.from_pretrained(args.checkpoint)
+    model = SegLLM.from_pretrained(args.checkpoint, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype])
     if not model.config.llm.lora.r:
         print(f"error: {args.checkpoint} has no LoRA adapters", file=sys.stderr)
         return 2
@@ -401,7 +418,7 @@ def _eval(args: argparse.Namespace) -> int:
         print("error: --baseline needs object annotations (world data or a dataset folder of this package's format)",
               file=sys.stderr)
         return 2
-    model = load_model(args.checkpoint, device=device)
+    model = load_model(args.checkpoint, revision=args.revision, device=device, dtype=DTYPES[args.dtype])
     out = Path(args.out)
     logs = {p: [out / f"{args.name}.{p}.rank{r}.jsonl" for r in range(state.num_processes)] for p in protocols}
     results = []
@@ -430,7 +447,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"skipped {skipped} unusable record(s) (listed in the JSON report)")
         for w, reason in results[0].skipped[:5]:
             print(f"  {w}: {reason}")
-    meta = {"checkpoint": args.checkpoint or "bundled", "data": where, "frame": args.frame}
+    meta = {"checkpoint": args.checkpoint or "bundled", "revision": args.revision, "data": where, "frame": args.frame,
+            "dtype": args.dtype}
     paths = write_reports(results, args.out, name=args.name, meta=meta)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -469,7 +487,8 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     from segllm.demo import launch  # imports gradio, an optional extra (segllm[demo])
 
-    launch(args.checkpoint, host=args.host, port=args.port, device=args.device, max_side=args.max_side,
+    launch(args.checkpoint, revision=args.revision, host=args.host, port=args.port, device=args.device,
+           dtype=DTYPES[args.dtype], max_side=args.max_side,
            max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, max_upload_mb=args.max_upload_mb)
     return 0
 

@@ -31,8 +31,9 @@ class VisionConfig:
     Attributes:
         hf_config: a transformers config as a dict (``model_type`` picks the class, e.g.
             "clip_vision_model", "siglip_vision_model", "dinov2").
-        pretrained_path: a local folder with pretrained weights, read only when a model is
-            *built* (a SegLLM checkpoint stores the tower's weights itself). Never a hub id.
+        pretrained_path: a folder with pretrained weights, or a hub id naming one (fetched
+            into the hub cache, see :mod:`segllm.hub`), read only when a model is *built* (a
+            SegLLM checkpoint stores the tower's weights itself).
         select_layer: which hidden state to use (-2 = the second to last, as LLaVA does).
         drop_cls: drop the first token (CLS) from the patch tokens.
         pool: how one token summarises an image (for mask memory): "cls" (first token of
@@ -90,7 +91,8 @@ class LoraConfig:
 class LLMConfig:
     """The language model: any transformers causal LM, built from ``hf_config``.
 
-    ``pretrained_path`` is a local folder read only when a model is built (never a hub id).
+    ``pretrained_path`` is a folder (or a hub id, see :mod:`segllm.hub`) read only when a model
+    is built.
     """
 
     hf_config: dict[str, Any] = field(default_factory=dict)

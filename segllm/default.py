@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from segllm.errors import CheckpointError
 from segllm.model.segllm import SegLLM
 
 ASSETS = Path(__file__).parent / "assets"
@@ -18,11 +19,24 @@ def has_default_model() -> bool:
     return (DEFAULT_MODEL / "config.json").is_file()
 
 
-def load_model(checkpoint: str | Path | None = None, *, device: str | None = None, dtype: torch.dtype | None = None) -> SegLLM:
-    """Load ``checkpoint`` (a folder), or the bundled default model when none is given.
+def load_model(
+    checkpoint: str | Path | None = None,
+    *,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> SegLLM:
+    """Load ``checkpoint`` (a folder or a hub id such as ``Marlo-Z/SegLLM/all_data_checkpoint``,
+    see :mod:`segllm.hub`), or the bundled default model when none is given (never a hub default).
+
+    Args:
+        revision: the hub revision of a hub id (branch, tag or commit).
+        device, dtype: where and in which precision to put the model (default: CPU, float32).
 
     Raises:
         CheckpointError: the folder is missing or not a checkpoint (for the bundled model: a
-            broken install).
+            broken install); :class:`segllm.hub.HubError` for a hub id that cannot be resolved.
     """
-    return SegLLM.from_pretrained(DEFAULT_MODEL if checkpoint is None else checkpoint, device=device, dtype=dtype)
+    if checkpoint is None and revision is not None:
+        raise CheckpointError("a revision was given without a hub id (--checkpoint org/name[/subfolder])")
+    return SegLLM.from_pretrained(DEFAULT_MODEL if checkpoint is None else checkpoint, revision=revision, device=device, dtype=dtype)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import torch
 from PIL import Image
 
 from segllm.conversation import load_image
@@ -467,7 +468,12 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
     return demo
 
 
-def launch(checkpoint=None, *, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu", **kwargs):
-    model = load_model(checkpoint, device=device)
+def launch(
+    checkpoint=None, *, revision: str | None = None, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu",
+    dtype: torch.dtype | None = None, **kwargs,
+):
+    """Serve the demo on ``host:port`` with the model in ``checkpoint`` (a folder or hub id, see
+    :func:`segllm.default.load_model`; default: the bundled model) on ``device`` in ``dtype``."""
+    model = load_model(checkpoint, revision=revision, device=device, dtype=dtype)
     demo = build_demo(model, **kwargs)
     demo.launch(server_name=host, server_port=port)

@@ -92,9 +92,13 @@ class Session:
             self.set_image(image)
 
     @classmethod
-    def from_pretrained(cls, path=None, image=None, *, device: str | None = None, dtype=None, **kwargs) -> Session:
-        """A session on the model in folder ``path`` (default: the bundled model)."""
-        return cls(load_model(path, device=device, dtype=dtype), image, **kwargs)
+    def from_pretrained(
+        cls, path=None, image=None, *, revision: str | None = None, device: str | None = None, dtype=None, **kwargs
+    ) -> Session:
+        """A session on the model in folder ``path`` or at hub id ``path`` (``org/name[/subfolder][@revision]``,
+        see :mod:`segllm.hub`); default: the bundled model. ``revision``, ``device`` and ``dtype`` go to
+        :func:`segllm.default.load_model`, the other keywords to :class:`Session`."""
+        return cls(load_model(path, revision=revision, device=device, dtype=dtype), image, **kwargs)
 
     # -- exporting -------------------------------------------------------------------------
     def save_masks(self, folder) -> list:

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 from segllm.config import HipieDecoderConfig, VisionConfig
 from segllm.decoders.hipie import load_released_hipie
 from segllm.errors import CheckpointError
+from segllm.hub import WEIGHT_PATTERNS, resolve_folder
 from segllm.model.builder import build_segllm
 from segllm.model.released import (
     _read,
@@ -65,8 +66,8 @@ _MAPS = {
 
 
 def llava_layout(path: str | Path) -> str:
-    """"original" or "hf" for a LLaVA-1.5 folder; :class:`CheckpointError` otherwise."""
-    cfg_file = Path(path) / "config.json"
+    """"original" or "hf" for a LLaVA-1.5 folder (or hub id); :class:`CheckpointError` otherwise."""
+    cfg_file = resolve_folder(path, patterns=WEIGHT_PATTERNS, what="LLaVA-1.5 folder") / "config.json"
     try:
         data = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
@@ -91,8 +92,11 @@ def segllm_from_llava15(
     """A SegLLM whose LLM and projector are LLaVA-1.5's (see the module docstring).
 
     Args:
-        path: the LLaVA-1.5 folder (either layout).
-        vision_tower: a local CLIP folder (a full CLIP model or a CLIP vision model).
+        path: the LLaVA-1.5 folder (either layout), or a hub id such as ``liuhaotian/llava-v1.5-7b``
+            or ``llava-hf/llava-1.5-7b-hf`` (``@revision`` allowed; see :mod:`segllm.hub`: its
+            JSON, safetensors and tokenizer files are fetched into the hub cache).
+        vision_tower: a CLIP folder (a full CLIP model or a CLIP vision model) or a hub id such as
+            ``openai/clip-vit-large-patch14``.
         hipie: the decoder's configuration (default: the standard HIPIE-R50).
         hipie_weights: a safetensors file with HIPIE's weights (keys as in a released checkpoint,
             ``model.segmentator.hipie.*``, or bare); default: random initialisation.
@@ -101,7 +105,7 @@ def segllm_from_llava15(
     Raises:
         CheckpointError: naming the file or key that does not fit.
     """
-    path = Path(path)
+    path = resolve_folder(path, patterns=WEIGHT_PATTERNS, what="LLaVA-1.5 folder")
     layout = llava_layout(path)
     data = json.loads((path / "config.json").read_text())
     text = data.get("text_config", data) if layout == "hf" else data
@@ -111,7 +115,8 @@ def segllm_from_llava15(
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
-    config = released_like_config(_clip_vision(Path(vision_tower)), hf_llm, hipie or HipieDecoderConfig())
+    clip = resolve_folder(vision_tower, patterns=WEIGHT_PATTERNS, what="vision tower")
+    config = released_like_config(_clip_vision(clip), hf_llm, hipie or HipieDecoderConfig())
     torch.manual_seed(seed)
     model = build_segllm(config, tokenizer)  # adds SegLLM's tokens; loads the CLIP folder
     ours = rename_keys(state, _MAPS[layout], path)

@@ -6,17 +6,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from segllm.config import LLMConfig
 from segllm.errors import ConfigError
+from segllm.hub import WEIGHT_PATTERNS, resolve_folder
 
 
 def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase, *, load_weights: bool = True) -> PreTrainedModel:
     """A causal LM whose vocabulary covers ``tokenizer`` (embeddings resized when needed).
 
-    Random weights from ``config.hf_config``, or pretrained weights from the local folder
-    ``config.pretrained_path`` when ``load_weights`` is set. ``config.hf_config`` is updated to
-    the built model's config so a checkpoint records the exact shapes.
+    Random weights from ``config.hf_config``, or pretrained weights from the folder (or hub id,
+    see :func:`segllm.hub.resolve_folder`) ``config.pretrained_path`` when ``load_weights`` is set.
+    ``config.hf_config`` is updated to the built model's config so a checkpoint records the exact
+    shapes.
     """
     if load_weights and config.pretrained_path:
-        llm = AutoModelForCausalLM.from_pretrained(config.pretrained_path, local_files_only=True)
+        folder = resolve_folder(config.pretrained_path, patterns=WEIGHT_PATTERNS, what="LLM folder")
+        llm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     else:
         hf = dict(config.hf_config)
         model_type = hf.pop("model_type", None)

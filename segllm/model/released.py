@@ -36,6 +36,7 @@ from segllm.config import (
 )
 from segllm.decoders.hipie import HipieDecoder, load_released_hipie
 from segllm.errors import CheckpointError
+from segllm.hub import resolve_folder
 from segllm.model.builder import build_segllm
 
 __all__ = ["IGNORED", "VICUNA_V1", "is_released_checkpoint", "llama_config", "load_released", "released_config", "released_like_config"]
@@ -118,12 +119,13 @@ def released_config(path: str | Path, *, vision_tower: str | Path | None = None,
     """This package's config for the released folder ``path``.
 
     Args:
-        path: the released checkpoint folder.
-        vision_tower: a local CLIP folder (config.json) overriding the config's
-            ``mm_vision_tower``; needed only when that names neither a folder nor a known hub id.
+        path: the released checkpoint folder (or a hub id, see :func:`segllm.hub.resolve_folder`).
+        vision_tower: a CLIP folder (config.json) or a hub id naming one (only its JSON files are
+            fetched) overriding the config's ``mm_vision_tower``; needed only when that names
+            neither a folder nor a known hub id (the config's own id is never fetched).
         shapes: checkpoint key -> shape, to size the HIPIE decoder (default: read from the folder).
     """
-    path = Path(path)
+    path = resolve_folder(path)
     data = json.loads((path / "config.json").read_text())
     if data.get("segmentator") != "hipie":
         raise CheckpointError(f"{path}/config.json: segmentator {data.get('segmentator')!r} is not supported (only 'hipie')")
@@ -183,7 +185,8 @@ def load_released(
     """Read a released SegLLM checkpoint folder into a :class:`segllm.SegLLM` (eval mode).
 
     Args:
-        path: the folder (config.json, safetensors weights, tokenizer files).
+        path: the folder (config.json, safetensors weights, tokenizer files), or a hub id
+            (``Marlo-Z/SegLLM/all_data_checkpoint``, see :func:`segllm.hub.resolve_folder`).
         vision_tower: see :func:`released_config`.
         gamma: HIPIE's fusion scales: "released" (what the original loader ends up using) or
             "stored" (the trained values in the checkpoint); see
@@ -194,7 +197,7 @@ def load_released(
         CheckpointError: naming the file or key: not a released folder, a missing shard, an
             unknown key, a tensor of the wrong shape, a tokenizer without SegLLM's tokens.
     """
-    path = Path(path)
+    path = resolve_folder(path)
     if not is_released_checkpoint(path):
         raise CheckpointError(f"{path} is not a released SegLLM checkpoint (no config.json with model_type 'llava' and a segmentator)")
     files = _weight_files(path)
@@ -348,7 +351,12 @@ def _vision_config(path: Path, data: dict[str, Any], override: str | Path | None
     name = override if override is not None else data.get("mm_vision_tower")
     if not name:
         raise CheckpointError(f"{path}/config.json names no mm_vision_tower; pass vision_tower=FOLDER")
-    folder = Path(name) if Path(name).is_absolute() else path / name
+    if override is not None and str(override) not in _KNOWN_VISION:
+        # a folder or hub id the caller named (only its JSON files are needed: the weights are in
+        # the checkpoint); a known id needs no fetch, and the config's own id is never fetched
+        folder = resolve_folder(override, patterns=("*.json",), what="vision tower")
+    else:
+        folder = Path(name) if Path(name).is_absolute() else path / name
     found = read_clip_folder(folder)
     if found is None and str(name) in _KNOWN_VISION:
         found = dict(_KNOWN_VISION[str(name)]), 224, CLIP_MEAN, CLIP_STD

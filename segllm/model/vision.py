@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, CLIPImageProcessor, CLIPVisionMo
 from segllm.config import VisionConfig
 from segllm.decoders.convnet import ConvBackbone
 from segllm.errors import ConfigError, ImageError
+from segllm.hub import WEIGHT_PATTERNS, resolve_folder
 
 CONV_MODEL_TYPE = "segllm_conv"
 
@@ -44,13 +45,15 @@ class ConvVisionModel(nn.Module):
 
 def build_vision_model(config: VisionConfig, *, load_weights: bool = True) -> nn.Module:
     """A transformers vision model from ``config.hf_config`` (random weights) or, when
-    ``load_weights`` and ``config.pretrained_path`` is set, from that local folder."""
+    ``load_weights`` and ``config.pretrained_path`` is set, from that folder (or hub id, fetched
+    into the hub cache by :func:`segllm.hub.resolve_folder`)."""
     if load_weights and config.pretrained_path:
-        cfg = AutoConfig.from_pretrained(config.pretrained_path, local_files_only=True)
+        folder = str(resolve_folder(config.pretrained_path, patterns=WEIGHT_PATTERNS, what="vision tower"))
+        cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
         if cfg.model_type == "clip" or "WithProjection" in str(getattr(cfg, "architectures", None)):
             # a whole CLIP, or CLIP with its contrastive projection: only the vision encoder is used
-            return CLIPVisionModel.from_pretrained(config.pretrained_path, local_files_only=True)
-        return AutoModel.from_pretrained(config.pretrained_path, local_files_only=True)
+            return CLIPVisionModel.from_pretrained(folder, local_files_only=True)
+        return AutoModel.from_pretrained(folder, local_files_only=True)
     hf = dict(config.hf_config)
     model_type = hf.pop("model_type", None)
     if not model_type:

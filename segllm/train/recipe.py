@@ -15,6 +15,7 @@ from segllm.checkpoint import load_config
 from segllm.config import LoraConfig, LossConfig, SegLLMConfig, from_dict
 from segllm.decoders.hipie import HipieDecoderConfig
 from segllm.errors import ConfigError
+from segllm.hub import resolve_folder
 
 
 @dataclass
@@ -23,8 +24,11 @@ class LlavaInit:
     :func:`segllm.model.llava.segllm_from_llava15`).
 
     Attributes:
-        path: the LLaVA-1.5 folder (the original layout or transformers' llava-hf one).
-        vision_tower: a local CLIP ViT-L/14 folder (224 px, as released).
+        path: the LLaVA-1.5 folder (the original layout or transformers' llava-hf one), or a hub
+            id (``liuhaotian/llava-v1.5-7b``, ``org/name/subfolder``, ``...@revision``) fetched
+            into the hub cache (see :mod:`segllm.hub`).
+        vision_tower: a CLIP ViT-L/14 folder (224 px, as released) or a hub id
+            (``openai/clip-vit-large-patch14``).
         hipie_weights: HIPIE-R50's starting weights as a safetensors file (None: random).
         hipie: changes to the decoder's configuration (:class:`HipieDecoderConfig` fields, e.g.
             a smaller HIPIE for trials); empty: the released HIPIE-R50.
@@ -45,7 +49,8 @@ class ModelRecipe:
             is set.
         config: path to a SegLLM config.json to use instead of a preset.
         memory: feed earlier masks back into the LLM (False: text-only history baseline).
-        init: a checkpoint folder to start from instead of random weights.
+        init: a checkpoint folder (or hub id, see :mod:`segllm.hub`) to start from instead of
+            random weights.
         lora: LoRA adapters on the LLM (``lora.r`` > 0): then only the adapters of the LLM
             train; fold them in afterwards with ``segllm merge-lora``.
         llava: start from a LLaVA-1.5 folder (``llava.path``) instead of a preset.
@@ -72,7 +77,7 @@ class ModelRecipe:
         if self.llava.path and (self.init or self.config):
             raise ConfigError("model.llava.path cannot be combined with model.init or model.config")
         if self.llava.path and not self.llava.vision_tower:
-            raise ConfigError("model.llava.path needs model.llava.vision_tower (a local CLIP folder)")
+            raise ConfigError("model.llava.path needs model.llava.vision_tower (a CLIP folder or hub id)")
         if self.llava.hipie:
             try:
                 from_dict(HipieDecoderConfig, self.llava.hipie)
@@ -245,7 +250,7 @@ class TrainRecipe:
         if self.model.config:
             cfg = SegLLMConfig.load(self.model.config)
         elif self.model.init:
-            cfg = load_config(self.model.init)
+            cfg = load_config(resolve_folder(self.model.init))
         else:
             cfg = presets.PRESETS[self.model.preset](vocab_size)
         cfg = copy.deepcopy(cfg)
