@@ -1,0 +1,69 @@
+"""--checkpoint / --revision / --device / --dtype on every command that loads a model, and what
+reaches the loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import segllm.cli
+from segllm.cli import DTYPES, build_parser, main
+
+# each command that loads a model, with the arguments it needs besides the model options
+COMMANDS = {
+    "chat": ["chat"],
+    "eval": ["eval"],
+    "demo": ["demo"],
+    "bench": ["bench"],
+    "merge-lora": ["merge-lora", "ckpt", "out"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_every_model_command_takes_device_and_dtype(command, dtype):
+    args = build_parser().parse_args([*COMMANDS[command], "--device", "cuda:1", "--dtype", dtype])
+    assert args.device == "cuda:1" and DTYPES[args.dtype] == getattr(torch, dtype)
+    defaults = build_parser().parse_args(COMMANDS[command])
+    assert defaults.dtype == "float32"
+    if command != "bench":  # bench runs the bundled model and a random one: no checkpoint to name
+        args = build_parser().parse_args([*COMMANDS[command], "--revision", "v1"])
+        assert args.revision == "v1" and defaults.revision is None
+
+
+def test_an_unknown_dtype_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--dtype", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_eval_loads_in_bfloat16(tmp_path, monkeypatch, capsys):
+    seen = []
+    real = segllm.cli.load_model
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen.append((kwargs, model.llm.dtype, model.dtype))
+        return model
+
+    monkeypatch.setattr(segllm.cli, "load_model", spy)
+    rc = main(["eval", "--size", "1", "--split", "val", "--protocol", "oracle", "--out", str(tmp_path), "--name", "t",
+               "--device", "cpu", "--dtype", "bfloat16"])
+    assert rc == 0, capsys.readouterr().err
+    (kwargs, llm_dtype, dtype), = seen
+    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16}
+    assert llm_dtype == dtype == torch.bfloat16
+    assert "oracle cIoU" in capsys.readouterr().out
+
+
+def test_merge_lora_passes_the_model_options(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake(path, **kwargs):
+        calls.append((path, kwargs))
+        raise segllm.cli.SegLLMError("stop here")
+
+    monkeypatch.setattr(segllm.cli.SegLLM, "from_pretrained", fake)
+    assert main(["merge-lora", "org/name/sub", str(tmp_path / "o"), "--revision", "v2", "--dtype", "float16"]) == 2
+    assert calls == [("org/name/sub", {"revision": "v2", "device": "cpu", "dtype": torch.float16})]
+    assert "stop here" in capsys.readouterr().err
