@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": ["demo"],
     "bench": ["bench"],
     "merge-lora": ["merge-lora", "ckpt", "out"],
+    "segment": ["segment", "--questions", "q.txt", "--out", "o"],
 }
 
 

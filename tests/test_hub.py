@@ -27,7 +27,7 @@ from segllm.hub import HubError, HubId, hub_cache_dir, parse_hub_id, resolve_fol
 from segllm.model.llava import segllm_from_llava15
 from segllm.model.loading import load_pretrained
 from segllm.session import Session
-from tests.conftest import llava_original
+from tests.helpers import llava_original
 
 COMMIT_MAIN = "a" * 40
 COMMIT_V1 = "b" * 40
