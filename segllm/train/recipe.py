@@ -17,6 +17,9 @@ from segllm.decoders.hipie import HipieDecoderConfig
 from segllm.errors import ConfigError
 from segllm.hub import resolve_folder
 
+# experiment trackers that log_with may name -> the importable packages that provide one (any of them)
+TRACKERS: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
 
 @dataclass
 class LlavaInit:
@@ -179,6 +182,13 @@ class TrainRecipe:
             stops with a checkpoint once it is spent, and the cosine schedule runs on the
             elapsed share of it instead of on steps (``steps`` is then only an upper bound).
             0: off, the schedule runs on steps.
+        keep_checkpoints: besides ``checkpoint-last``, keep a numbered copy
+            ``checkpoint-<step>`` of each save, the newest ``keep_checkpoints`` of them (older
+            ones are deleted); 0: none. ``--resume`` still reads ``checkpoint-last``.
+        log_with: experiment trackers that also receive ``log.jsonl``'s entries and the
+            validation cIoU, through accelerate: ``["tensorboard"]`` (event files under
+            ``output_dir/trackers``), ``["wandb"]``, or both; each needs its package installed
+            (``pip install 'segllm[tensorboard]'`` / ``'segllm[wandb]'``). Empty: ``log.jsonl`` only.
     """
 
     model: ModelRecipe = field(default_factory=ModelRecipe)
@@ -201,14 +211,19 @@ class TrainRecipe:
     threads: int = 0
     workers: int = 0
     time_limit_s: float = 0.0
+    keep_checkpoints: int = 0
+    log_with: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "time_limit_s", "epochs", "eval_every", "save_every", "eval_size", "threads"):
+        for name in ("workers", "time_limit_s", "epochs", "eval_every", "save_every", "eval_size", "threads", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        unknown = [t for t in self.log_with if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"log_with: unknown tracker(s) {unknown}; choose from {sorted(TRACKERS)}")
 
     def resolved(self, conversations: int, processes: int) -> TrainRecipe:
         """This recipe with ``epochs`` and ``optim.warmup_ratio`` turned into step counts, for

@@ -10,6 +10,7 @@ from (seed, step, rank), so nothing else needs saving.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.released.convert import ReleasedConversations
 from segllm.data.world import WorldConfig
 from segllm.decoders.hipie import HipieDecoderConfig
-from segllm.errors import CheckpointError
+from segllm.errors import CheckpointError, ConfigError
 from segllm.eval.evaluate import evaluate
 from segllm.model.builder import build_segllm
 from segllm.model.llava import segllm_from_llava15
@@ -40,7 +41,7 @@ from segllm.model.loading import load_pretrained
 from segllm.tokenizer import train_bpe_tokenizer
 from segllm.train import fsdp
 from segllm.train.objective import training_loss
-from segllm.train.recipe import TrainRecipe
+from segllm.train.recipe import TRACKERS, TrainRecipe
 from segllm.train.state import load_optimizer, read_optimizer_state, save_optimizer, save_optimizer_state
 
 log = logging.getLogger(__name__)
@@ -213,12 +214,15 @@ class _Run:
     def __init__(self, recipe: TrainRecipe, *, resume: bool, progress: bool, stop_after: int | None) -> None:
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
+        check_trackers(recipe.log_with)  # before anything is built: a missing package is a message, at once
         self.acc = acc = Accelerator(
             # accelerate treats several CPU processes as distributed (gloo) only when told it runs on CPU
             cpu=not torch.cuda.is_available(),
             mixed_precision=recipe.mixed_precision,
             gradient_accumulation_steps=recipe.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            log_with=list(recipe.log_with) or None,
+            project_dir=str(Path(recipe.output_dir) / "trackers") if recipe.log_with else None,
         )
         self.out = out = Path(recipe.output_dir)
         last = out / LAST
@@ -282,6 +286,9 @@ class _Run:
         self.bar = tqdm(total=recipe.steps, initial=start_step, disable=not (progress and acc.is_main_process), unit="step", desc="train")
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
+        if recipe.log_with:
+            # one tracker run per output folder; hyperparameters as flat scalars/strings (what every tracker takes)
+            acc.init_trackers(out.name or "segllm", config=_flat(recipe.to_dict()))
         self.t0, self.seen0 = time.time(), 0
         self.step = start_step
         self.grad_norms: dict[str, float] = {}
@@ -349,6 +356,8 @@ class _Run:
                 entry["grad_norm"] = self.grad_norms
             with (self.out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if self.recipe.log_with:
+                self.acc.log(_flat({k: v for k, v in entry.items() if k != "step"}, prefix="train/"), step=step)
 
     def evaluate(self) -> None:
         """Oracle-history cIoU (and, on world data, the grounded rate) per round on the
@@ -367,6 +376,8 @@ class _Run:
             if acc.is_main_process:
                 with (self.out / "eval.jsonl").open("a") as f:
                     f.write(json.dumps(entry) + "\n")
+                if self.recipe.log_with:
+                    self.acc.log(_flat({k: v for k, v in entry.items() if k != "step"}, prefix="val/"), step=self.step)
                 self.bar.write(f"step {self.step}: val cIoU per round {rounds}")
         acc.wait_for_everyone()
         core.train()
@@ -375,6 +386,8 @@ class _Run:
         """checkpoint-last, atomically (see :func:`_save`), with the trainer state to resume from."""
         state = {"step": self.step, "samples_seen": self.samples_seen, "recipe": self.recipe.to_dict(), "history": self.history, "processes": self.acc.num_processes}
         _save(self.acc, self.core, self.opt, self.out, state, sharded=self.sharded, deepspeed=self.deepspeed)
+        if self.recipe.keep_checkpoints and self.acc.is_main_process:
+            _keep_numbered(self.out, self.step, self.recipe.keep_checkpoints)
 
     def finish(self) -> TrainSummary:
         """Close the run; the summary of what it did."""
@@ -400,6 +413,69 @@ def part_grad_norms(model) -> dict[str, float]:
         if grads:
             out[name] = round(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))), 6)
     return out
+
+
+def check_trackers(names: tuple[str, ...] | list[str]) -> None:
+    """Raise :class:`ConfigError` naming the package to install for each tracker of ``names``
+    (``log_with``) that cannot be imported here (accelerate would drop it with only a log line)."""
+    for name in names:
+        packages = TRACKERS[name]
+        if not any(importlib.util.find_spec(p) is not None for p in packages):
+            raise ConfigError(
+                f"log_with = {list(names)} asks for {name}, but no {' or '.join(packages)} package is installed: "
+                f"pip install {packages[0]} (or pip install 'segllm[{name}]'), or leave {name} out of log_with"
+            )
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
+    """A nested dict as one level of ``a/b`` keys (trackers take scalars and strings, not dicts);
+    lists and None become strings."""
+    flat: dict[str, float | int | str | bool] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            flat |= _flat(v, f"{prefix}{k}/")
+        else:
+            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+NUMBERED = "checkpoint-"  # numbered copies: checkpoint-<step>
+NUMBERED_TMP = ".numbered."  # their temp folders, .numbered.<step>
+
+
+def numbered_checkpoints(out: Path) -> dict[int, Path]:
+    """The numbered checkpoints in ``out``: step -> folder, oldest first."""
+    found = {}
+    for p in out.glob(NUMBERED + "*"):
+        suffix = p.name[len(NUMBERED):]
+        if p.is_dir() and suffix.isdigit():
+            found[int(suffix)] = p
+    return dict(sorted(found.items()))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # hard links cost no space and are safe: a save never rewrites a file in place, it writes a
+    # new folder and renames it; a file system without hard links gets a copy
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _keep_numbered(out: Path, step: int, keep: int) -> None:
+    """After a save: ``checkpoint-last`` copied to ``checkpoint-<step>`` (through a temp folder
+    and one rename, as checkpoint-last is written, so a crash leaves no half folder under that
+    name), then the oldest numbered checkpoints beyond the newest ``keep`` deleted."""
+    for stale in out.glob(NUMBERED_TMP + "*"):  # left by a crash between copy and rename
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, target = out / f"{NUMBERED_TMP}{step}", out / f"{NUMBERED}{step}"
+    shutil.copytree(out / LAST, tmp, copy_function=_link_or_copy)
+    if target.exists():  # the same step saved again (a resumed run): the newer save wins
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    numbered = numbered_checkpoints(out)
+    for old_step in list(numbered)[: max(0, len(numbered) - keep)]:
+        shutil.rmtree(numbered[old_step])
 
 
 OLD = ".checkpoint-old"  # _save's name for the previous checkpoint-last while the new one is renamed in
