@@ -147,12 +147,16 @@ def resolve_folder(
 
     Raises:
         HubError: a hub id that is not cached while offline, that the hub does not know, or whose
-            revision or subfolder does not exist; the message says how to download it.
+            revision or subfolder does not exist (the message says how to download it); a
+            revision given with a local path.
     """
     if path is None:
         return None
     local = Path(path).expanduser()
     if local.exists():
+        if revision is not None:
+            # a revision says the caller meant the hub, but a local path always wins: say so
+            raise HubError(f"{what} {str(path)!r} is a local path, and a revision ({revision!r}) applies to hub ids only")
         return local
     hub_id = parse_hub_id(path, revision=revision)
     if hub_id is None:

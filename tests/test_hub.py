@@ -118,6 +118,8 @@ def test_a_local_folder_wins_and_nothing_is_fetched_without_a_hub_id(hub, tmp_pa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "name" / "sub").mkdir(parents=True)
     assert resolve_folder("org/name/sub") == Path("org/name/sub")  # the local folder, not the cached snapshot
+    with pytest.raises(HubError, match="is a local path, and a revision .'v1'. applies to hub ids only"):
+        resolve_folder("org/name/sub", revision="v1")
 
     def refuse(*args, **kwargs):
         raise AssertionError("snapshot_download called")

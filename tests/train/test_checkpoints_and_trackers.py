@@ -97,9 +97,10 @@ def test_tensorboard_receives_the_logged_losses(tmp_path):
     r = _recipe(tmp_path, steps=3, save_every=0, eval_every=3, log_with=["tensorboard"])
     train(r, progress=False)
     run = Path(r.output_dir)
-    events = sorted((run / "trackers").rglob("events.out.tfevents.*"))
+    # the run's scalars: trackers/<output folder's name>/ (the hparams go to a subfolder of it)
+    events = sorted((run / "trackers" / run.name).glob("events.out.tfevents.*"))
     assert events, list((run / "trackers").rglob("*"))
-    acc = EventAccumulator(str(events[0].parent))
+    acc = EventAccumulator(str(events[0]))
     acc.Reload()
     logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     scalars = {e.step: e.value for e in acc.Scalars("train/loss")}
