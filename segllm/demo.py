@@ -195,6 +195,15 @@ def display_scale(size: tuple[int, int], target: int = DISPLAY_SIDE) -> int:
     return max(1, target // max(size))
 
 
+def answer_html(text: str, colour_hex: str) -> str:
+    """An answer as the page shows it: each ``<seg>`` a small chip in its round's colour (the mask
+    it stands for), the rest as text."""
+    chip = (f'<span class="segllm-mask" title="mask" style="display:inline-block;width:.9em;height:.9em;border-radius:.2em;'
+            f'background:{colour_hex};vertical-align:middle"></span>')
+    parts = [html.escape(part) for part in text.split("<seg>")]
+    return "<q>" + chip.join(parts) + "</q>"
+
+
 def legend_html(session: Session) -> str:
     """One list item per round: its colour, number, question and answer."""
     if not session.history:
@@ -207,7 +216,7 @@ def legend_html(session: Session) -> str:
         items.append(
             f'<li class="segllm-round" data-round="{r.round}"><span style="display:inline-block;width:1em;height:1em;'
             f'background:{c};margin-right:.4em;vertical-align:middle"></span><b>{r.round}</b>{html.escape(refs)}: '
-            f"{html.escape(r.question)} &rarr; <code>{html.escape(r.text)}</code> (score {float(r.scores[0]) if len(r.scores) else 0:.2f})</li>"
+            f"{html.escape(r.question)} &rarr; {answer_html(r.text, c)} (score {float(r.scores[0]) if len(r.scores) else 0:.2f})</li>"
         )
     return '<div id="segllm-legend"><ol style="list-style:none;padding-left:0">' + "".join(items) + "</ol></div>"
 
@@ -396,7 +405,7 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
             progress(0.1, desc="thinking")
             r = s.ask(question or "", refs=[int(k) for k in refs or []])
             note = " (the model gave no mask; one was asked for)" if r.forced else ""
-            return (*view(entry, f"Round {r.round}: `{r.text}`{note}"), "")
+            return (*view(entry, f"Round {r.round}: {r.text.replace('<seg>', '[mask]')}{note}"), "")
 
     def mark(label, evt: gr.SelectData, request: gr.Request):
         """A click on the image: a region round at that pixel (the overlay is the image's size)."""

@@ -47,6 +47,8 @@ def test_two_sessions_stay_isolated(server):
     out_a = a.predict("Segment the object closest to instance 1.", ["1"], api_name="/ask")
     out_b = b.predict("Segment the tree.", [], api_name="/ask")
     assert _legend_rounds(out_a[1]) == 2 and "refers to 1" in out_a[1]
+    # answers are shown with a chip per mask, never a raw <seg> token
+    assert "&lt;seg&gt;" not in out_a[1] and out_a[1].count('class="segllm-mask"') >= 2 and "<seg>" not in out_a[3]
     assert _legend_rounds(out_b[1]) == 1 and "tree" in out_b[1] and "cross" not in out_b[1]
     assert out_a[3].startswith("Round 2") and out_b[3].startswith("Round 1")
     # each client's download holds only its own rounds
