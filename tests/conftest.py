@@ -41,6 +41,23 @@ def make_model(tokenizer):
 
 
 @pytest.fixture
+def confident_model(make_model):
+    """A tiny model in float64 whose every mask is non-empty: for comparing two inference paths
+    (float64, so their rounding differences, ~1e-15, cannot flip a thresholded pixel) over rounds
+    that refer to earlier masks."""
+    m = make_model(seed=4).to(torch.float64).eval()
+
+    def confident(module, args, out):
+        # random weights give logits near 0: spread them and shift them up so every mask is
+        # non-empty (later rounds must be able to refer to it)
+        out.mask_logits = out.mask_logits * 1000 + 0.5
+        return out
+
+    m.decoder.register_forward_hook(confident)
+    return m
+
+
+@pytest.fixture
 def image():
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8)

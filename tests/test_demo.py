@@ -97,6 +97,23 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(server, tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+def _open_with_example(p, url: str):
+    """A headless Chromium on the demo with the bundled example image uploaded: (browser, page)."""
+    from playwright.sync_api import expect
+
+    browser = p.chromium.launch(
+        executable_path=CHROMIUM,
+        headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--no-first-run"],
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url)
+    page.set_input_files("#upload input[type=file]", str(EXAMPLES / "shapes.png"))
+    expect(page.locator("#status")).to_contain_text("ready", timeout=30_000)
+    return browser, page
+
+
 def test_browser_two_rounds_with_a_reference(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -104,16 +121,7 @@ def test_browser_two_rounds_with_a_reference(server, tmp_path):
     shots = Path(os.environ.get("SEGLLM_TEST_ARTIFACTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
-        page.set_input_files("#upload input[type=file]", str(EXAMPLES / "shapes.png"))
-        expect(page.locator("#status")).to_contain_text("ready", timeout=30_000)
+        browser, page = _open_with_example(p, url)
         page.locator("#question textarea").fill("Segment the cross.")
         page.locator("#ask").click()
         expect(page.locator("li.segllm-round")).to_have_count(1, timeout=30_000)
@@ -145,11 +153,7 @@ def test_browser_region_by_clicking_then_a_question_that_refers_to_it(server, tm
     shots = Path(os.environ.get("SEGLLM_TEST_ARTIFACTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url)
-        page.set_input_files("#upload input[type=file]", str(EXAMPLES / "shapes.png"))
-        expect(page.locator("#status")).to_contain_text("ready", timeout=30_000)
+        browser, page = _open_with_example(p, url)
         page.locator("#question textarea").fill("Segment the cross.")
         page.locator("#ask").click()
         expect(page.locator("li.segllm-round")).to_have_count(1, timeout=30_000)

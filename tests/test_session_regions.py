@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from segllm.errors import MaskError
 from segllm.session import REGION_LABEL, Session
@@ -12,16 +11,8 @@ from tests.helpers import box_mask
 
 
 @pytest.fixture
-def model(make_model):
-    # float64, and confident masks so every round's mask is non-empty (see tests/test_session.py)
-    m = make_model(seed=4).to(torch.float64).eval()
-
-    def confident(module, args, out):
-        out.mask_logits = out.mask_logits * 1000 + 0.5
-        return out
-
-    m.decoder.register_forward_hook(confident)
-    return m
+def model(confident_model):
+    return confident_model
 
 
 def _play(model, image, incremental, region, question="Segment the square left of instance 1."):
