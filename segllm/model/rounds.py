@@ -48,6 +48,13 @@ if TYPE_CHECKING:  # the model imports this module; the engine only drives a bui
 FORCED_ANSWER = "<seg>"  # what a round says when a mask is asked for explicitly
 
 
+def _with_answer(conv: Conversation, answer: str) -> Conversation:
+    """``conv`` with its last (open) round answered ``answer``: the form the processor renders an
+    answer's tokens from (no masks: only referenced rounds' masks are read)."""
+    last = conv.rounds[-1]
+    return Conversation(conv.image, conv.rounds[:-1] + [Round(last.question, last.refs, answer, [])])
+
+
 # -- shared by every path (and by training) --------------------------------------------------
 def context_positions(spans: list[tuple[int, int]]) -> Tensor:
     """[S, T] long: for each ``<seg>`` given as (its round's first token, its own position), the
@@ -339,8 +346,7 @@ class RoundEngine:
             embeds = m.inject(torch.tensor([u_ids], device=dev), slots)
             out = self._generate(embeds, dialogue.cache, max_new_tokens=max_new_tokens, past_length=offset, round_start=0, num_rounds=i + 1)
         else:
-            last = conv.rounds[-1]
-            forced = Conversation(conv.image, conv.rounds[:-1] + [Round(last.question, last.refs, answer, [])])
+            forced = _with_answer(conv, answer)
             a_ids, segs = proc.answer_ids(forced, i, offset + len(u_ids))
             ids = u_ids + a_ids
             proc.check_length(offset + len(ids), i + 1, reserve=0)
@@ -504,13 +510,19 @@ class RoundEngine:
             return np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, frame.size, frame.size), bool)
         prompts = seg_prompts(m.prompt_head, seg_hidden, context, context_mask)
         out = m.decoder(features, prompts.to(features.dtype), torch.zeros(S, dtype=torch.long, device=features.device))
-        frame_logits, masks = frame_and_image_masks(out.mask_logits[:, SEG], frame)
-        if m.config.memory.box_source == "decoder" and out.boxes is not None:
+        return self._image_outputs(out, slice(None), frame)
+
+    def _image_outputs(self, out, rows: slice, frame: Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The decoder's [SEG] outputs ``rows`` (all of one image, in ``frame``) as
+        :meth:`decode` returns them: masks [S, H, W], boxes [S, 4] image pixels, scores [S] and
+        frame masks [S, Sd, Sd]."""
+        frame_logits, masks = frame_and_image_masks(out.mask_logits[rows, SEG], frame)
+        if self.model.config.memory.box_source == "decoder" and out.boxes is not None:
             # the decoder's own box (it can differ from the mask's), back in image pixels
-            boxes = out.boxes[:, SEG].float().cpu() * (max(h, w) / frame.size)
+            boxes = out.boxes[rows, SEG].float().cpu() * (max(frame.height, frame.width) / frame.size)
         else:
             boxes = mask_boxes(masks.cpu())
-        scores = out.iou_scores[:, SEG].float().cpu().numpy()
+        scores = out.iou_scores[rows, SEG].float().cpu().numpy()
         return masks.cpu().numpy(), boxes.numpy().astype(np.float32), scores, (frame_logits > 0).cpu().numpy()
 
     # -- many conversations at once, incrementally (batch segmentation) ----------------------
@@ -560,8 +572,7 @@ class RoundEngine:
         for b, conv in convs.items():
             i = len(conv.rounds) - 1
             offset = dialogue.lengths[b]
-            last = conv.rounds[-1]
-            forced = Conversation(conv.image, conv.rounds[:-1] + [Round(last.question, last.refs, FORCED_ANSWER, [])])
+            forced = _with_answer(conv, FORCED_ANSWER)
             try:
                 u_ids, items = proc.user_ids(conv, i, offset)
                 a_ids, segs = proc.answer_ids(forced, i, offset + len(u_ids))
@@ -615,16 +626,8 @@ class RoundEngine:
         out = m.decoder(feats, prompts.to(feats.dtype), rows.to(feats.device))
         token_ids = proc.text_ids(FORCED_ANSWER, allow_special=True, mid=True)
         for s, b in enumerate(seg_rows):
-            frame = dialogue.images[b].frame
-            frame_logits, image_masks = frame_and_image_masks(out.mask_logits[s : s + 1, SEG], frame)
-            if m.config.memory.box_source == "decoder" and out.boxes is not None:
-                boxes = out.boxes[s : s + 1, SEG].float().cpu() * (max(frame.height, frame.width) / frame.size)
-            else:
-                boxes = mask_boxes(image_masks.cpu())
-            results[b] = RoundResult(
-                len(convs[b].rounds), token_ids, FORCED_ANSWER, image_masks.cpu().numpy(), boxes.numpy().astype(np.float32),
-                out.iou_scores[s : s + 1, SEG].float().cpu().numpy(), (frame_logits > 0).cpu().numpy(),
-            )
+            masks, boxes, scores, frame_masks = self._image_outputs(out, slice(s, s + 1), dialogue.images[b].frame)
+            results[b] = RoundResult(len(convs[b].rounds), token_ids, FORCED_ANSWER, masks, boxes, scores, frame_masks)
         return results
 
     # -- every round at once, teacher-forced (a batch path) ---------------------------------
