@@ -47,6 +47,9 @@ class Batch:
         seg_batch, seg_pos: [S] conversation index and position of each ``<seg>`` token.
         seg_targets, ref_targets: [S, h, w] soft masks in the decoder's output frame
             (``None`` at inference); ``has_ref``: [S] bool, whether the [REF] half is supervised.
+        ref_masks: [S, h, w] the earlier mask each ``<seg>``'s round refers to (the one [REF]
+            describes), soft, in the decoder's output frame, zeros where none: the decoder's
+            input for a model whose decoder takes them (``SegLLM.uses_ref_masks``), else ``None``.
         dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] long per-pixel class maps in
             the vision tower's and the decoder's input frames, for the dense auxiliary loss
             (``None`` unless the model has dense heads and every conversation has ``dense``).
@@ -80,6 +83,7 @@ class Batch:
     seg_targets: Tensor | None = None
     ref_targets: Tensor | None = None
     has_ref: Tensor | None = None
+    ref_masks: Tensor | None = None
     dense_vision: Tensor | None = None
     dense_decoder: Tensor | None = None
     seg_attrs: Tensor | None = None
@@ -155,25 +159,24 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
         seg_context=seg_context(encs) if model.config.prompt_head.attend_round else None,
         encoded=encs,
     )
-    if targets:
-        out = model.decoder.output_size
-        seg_t, ref_t, has_ref = [], [], []
+    out = model.decoder.output_size
+    per_conv = [len(e.segs) for e in encs]
+    refs = None
+    if targets or model.uses_ref_masks:
+        # each <seg>'s referenced earlier mask (zeros where none), in the decoder's output frame
+        ref_t, has_ref = [], []
         for c, e in zip(conversations, encs):
             for item in e.segs:
-                seg_t.append(torch.tensor(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)))
-                if item.ref is not None:
-                    ref_t.append(torch.tensor(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)))
-                    has_ref.append(True)
-                else:
-                    ref_t.append(torch.zeros_like(seg_t[-1]))
-                    has_ref.append(False)
-        if seg_t:
-            per_conv = [len(e.segs) for e in encs]
-            batch.seg_targets = _frame_targets(seg_t, per_conv, frames, out)
-            batch.ref_targets = _frame_targets(ref_t, per_conv, frames, out)
-        else:
-            batch.seg_targets = torch.zeros(0, out, out)
-            batch.ref_targets = torch.zeros(0, out, out)
+                has_ref.append(item.ref is not None)
+                ref_t.append(torch.tensor(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)) if item.ref is not None
+                             else torch.zeros(c.size, dtype=torch.bool))
+        refs = _frame_targets(ref_t, per_conv, frames, out) if ref_t else torch.zeros(0, out, out)
+        if model.uses_ref_masks:
+            batch.ref_masks = refs
+    if targets:
+        seg_t = [torch.tensor(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)) for c, e in zip(conversations, encs) for item in e.segs]
+        batch.seg_targets = _frame_targets(seg_t, per_conv, frames, out) if seg_t else torch.zeros(0, out, out)
+        batch.ref_targets = refs
         batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
         if model.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
             batch.dense_vision, batch.dense_decoder = _dense_targets(model, conversations, frames)

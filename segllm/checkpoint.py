@@ -102,8 +102,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise CheckpointError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {e}") from e
 
 
-def load_weights(model: torch.nn.Module, weights: str | Path) -> None:
-    """Load a safetensors file into ``model`` strictly, naming any missing, unexpected or misshapen key."""
+def load_weights(model: torch.nn.Module, weights: str | Path, *, new: frozenset[str] = frozenset()) -> None:
+    """Load a safetensors file into ``model`` strictly, naming any missing, unexpected or misshapen key.
+
+    ``new``: weights the model has and the file may lack (layers a config change added); they
+    keep their initial values.
+    """
     try:
         state = load_file(str(weights))
         with open(weights, "rb") as f:
@@ -115,15 +119,16 @@ def load_weights(model: torch.nn.Module, weights: str | Path) -> None:
         if kept in state:
             state[alias] = state[kept]
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(set(own) - set(state) - new)
     unexpected = sorted(set(state) - set(own))
     if missing:
         raise CheckpointError(f"{weights}: missing weight(s) {_few(missing)}")
     if unexpected:
         raise CheckpointError(f"{weights}: unexpected weight(s) {_few(unexpected)}")
     for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{weights}: weight {k} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
+    state.update({k: own[k] for k in new if k not in state})
     model.load_state_dict(state, strict=True)
 
 

@@ -15,7 +15,7 @@ from segllm.conversation import Conversation, Round
 from segllm.model.builder import build_segllm
 from segllm.presets import tiny_config
 from segllm.tokenizer import train_bpe_tokenizer
-from tests.helpers import LLAVA_LLAMA, box_mask
+from tests.helpers import LLAVA_LLAMA, box_mask, wake_ref_prior, with_ref_prior
 from tests.released_layout import build_released_layout
 
 CORPUS = [
@@ -40,20 +40,31 @@ def make_model(tokenizer):
     return make
 
 
+def _confident(module, args, out):
+    # random weights give logits near 0: spread them and shift them up so every mask is
+    # non-empty (later rounds must be able to refer to it)
+    out.mask_logits = out.mask_logits * 1000 + 0.5
+    return out
+
+
 @pytest.fixture
 def confident_model(make_model):
     """A tiny model in float64 whose every mask is non-empty: for comparing two inference paths
     (float64, so their rounding differences, ~1e-15, cannot flip a thresholded pixel) over rounds
     that refer to earlier masks."""
     m = make_model(seed=4).to(torch.float64).eval()
+    m.decoder.register_forward_hook(_confident)
+    return m
 
-    def confident(module, args, out):
-        # random weights give logits near 0: spread them and shift them up so every mask is
-        # non-empty (later rounds must be able to refer to it)
-        out.mask_logits = out.mask_logits * 1000 + 0.5
-        return out
 
-    m.decoder.register_forward_hook(confident)
+@pytest.fixture
+def ref_prior_confident_model(make_model, tokenizer):
+    """As ``confident_model``, with a direct decoder that also reads the mask each round refers
+    to (its ref_prior layers set non-zero, so that the referenced mask matters)."""
+    cfg = with_ref_prior(copy.deepcopy(make_model().config))
+    torch.manual_seed(4)
+    m = wake_ref_prior(build_segllm(cfg, copy.deepcopy(tokenizer))).to(torch.float64).eval()
+    m.decoder.register_forward_hook(_confident)
     return m
 
 

@@ -17,6 +17,28 @@ from safetensors.torch import save_file
 # (see shared/fixtures/released); tests that need them skip where they are absent
 RELEASED_FIXTURES = Path(os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared/fixtures/released"))
 
+def with_ref_prior(cfg):
+    """``cfg`` (a tiny config) with a direct decoder that reads the mask each round refers to."""
+    from segllm.decoders.direct import DirectDecoderConfig
+
+    cfg.decoder = DirectDecoderConfig(image_size=64, stride=4, encoder_width=16, encoder_depth=1, dim=cfg.prompt_head.dim,
+                                      fuse_dim=16, fuse_depth=1, context_grid=4, heads=2, ref_prior=True)
+    return cfg
+
+
+def wake_ref_prior(model, seed: int = 0):
+    """Set the ref_prior layers (zero at initialisation) to random values, so that the referenced
+    mask changes the decoded masks."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("ref_map", "ref_film", "ref_query"):
+            w = getattr(model.decoder, name).weight
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype))
+    return model
+
+
 def box_mask(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     m = np.zeros((h, w), bool)
     m[y0:y1, x0:x1] = True

@@ -21,6 +21,11 @@ def model(confident_model):
     return confident_model
 
 
+@pytest.fixture(params=["plain", "ref_prior"])
+def each_model(request):
+    return request.getfixturevalue("confident_model" if request.param == "plain" else "ref_prior_confident_model")
+
+
 @pytest.fixture
 def images(tmp_path):
     rng = np.random.default_rng(0)
@@ -32,7 +37,8 @@ def images(tmp_path):
     return folder
 
 
-def test_batches_answer_what_one_session_per_image_answers(model, images, tmp_path):
+def test_batches_answer_what_one_session_per_image_answers(each_model, images, tmp_path):
+    model = each_model
     items = read_items(images, _questions(tmp_path))
     summary = segment_items(model, items, tmp_path / "out", batch_size=3, progress=False)
     assert summary.images == 5 and summary.rounds == 20 and not summary.errors

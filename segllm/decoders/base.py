@@ -151,6 +151,21 @@ def masks_to_frame(masks: Tensor, frame: Frame, out_size: int) -> Tensor:
     return x[:, 0].clamp_(0, 1)
 
 
+def mask_to_output_frame(mask: Tensor, frame: Frame, out_size: int) -> Tensor:
+    """One mask -> a soft [out_size, out_size] float map in the decoder's output frame.
+
+    ``mask``: [H, W] at the image's resolution (as :func:`masks_to_frame`), or [size, size]
+    already in the decoder's square input frame (area-averaged down to ``out_size``).
+    """
+    in_frame = tuple(mask.shape) == (frame.size, frame.size) and (frame.height, frame.width) != (frame.size, frame.size)
+    if not in_frame:
+        return masks_to_frame(mask[None], frame, out_size)[0]
+    x = mask.float()[None, None]
+    if out_size != frame.size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="area")
+    return x[0, 0].clamp_(0, 1)
+
+
 def logits_to_image(logits: Tensor, frame: Frame) -> Tensor:
     """Mask logits in the decoder's output frame -> logits at the original image resolution.
 
@@ -191,6 +206,10 @@ class MaskDecoder(nn.Module, abc.ABC):
     (``loss.set_prediction``): its ``forward`` also takes ``denoising=`` and
     ``set_outputs=True`` and then fills :attr:`DecoderOutput.set_outputs` with per-query
     predictions that :class:`segllm.decoders.hipie.criterion.HipieSetCriterion` scores (HIPIE).
+
+    ``takes_ref_masks``: its ``forward`` also takes ``ref_masks=`` ([N, h, w] float in [0, 1]
+    in its output frame: the earlier mask each prompt's round refers to, zeros where none), and
+    the model passes them when mask memory is on.
     """
 
     image_size: int
@@ -198,6 +217,7 @@ class MaskDecoder(nn.Module, abc.ABC):
     num_ref_tokens: int
     prompt_dim: int
     supports_set_prediction: bool = False
+    takes_ref_masks: bool = False
 
     @abc.abstractmethod
     def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:

@@ -6,14 +6,17 @@ needs the builder, which imports the model: the checkpoint module stays a leaf.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from segllm.checkpoint import WEIGHTS_NAME, load_config, load_tokenizer, load_weights
-from segllm.errors import CheckpointError
+from segllm.config import from_dict
+from segllm.errors import CheckpointError, ConfigError
 from segllm.hub import resolve_folder
-from segllm.model.builder import build_segllm
+from segllm.model.builder import build_decoder, build_segllm
 from segllm.model.released import is_released_checkpoint, load_released
 from segllm.model.segllm import SegLLM
 
@@ -52,4 +55,27 @@ def load_pretrained(
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
+    return model
+
+
+def load_with_decoder_changes(path: str | Path, changes: dict[str, Any], *, revision: str | None = None) -> SegLLM:
+    """A checkpoint with some of its decoder's options changed (e.g. ``{"ref_prior": True}``),
+    to train on from there: the weights the change adds keep their initialisation (the decoder
+    defines it; ``ref_prior``'s layers start at zero, so the model starts as it was saved) and
+    every other weight comes from the checkpoint, which must hold all of them.
+
+    Raises:
+        ConfigError: an unknown decoder option or a bad value.
+        CheckpointError: the checkpoint lacks a weight the change does not add.
+    """
+    path = resolve_folder(path, revision=revision)
+    config = load_config(path)
+    before = {f"decoder.{k}" for k in build_decoder(config, load_weights=False).state_dict()}
+    try:
+        config.decoder = from_dict(type(config.decoder), {**dataclasses.asdict(config.decoder), **changes})
+    except ConfigError as e:
+        raise ConfigError(f"decoder changes {changes}: {e}") from e
+    model = build_segllm(config, load_tokenizer(path), load_weights=False)
+    added = {k for k in model.state_dict() if k.startswith("decoder.")} - before
+    load_weights(model, path / WEIGHTS_NAME, new=frozenset(added))
     return model

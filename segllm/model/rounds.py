@@ -36,7 +36,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from segllm.conversation import Conversation, Round
-from segllm.decoders.base import SEG, Frame, frame_to_image, logits_to_frame
+from segllm.decoders.base import SEG, Frame, frame_to_image, logits_to_frame, mask_to_output_frame
 from segllm.errors import ConversationError, SegLLMError
 from segllm.model.memory import mask_boxes
 from segllm.model.prompt_head import PromptHead
@@ -122,12 +122,14 @@ class EncodedImage:
 class Dialogue:
     """What a conversation keeps between rounds: the LLM's key/value cache over everything said
     so far, the cache length after the prefix and after each round, and the memory tokens (mask
-    [D], box [D]) of each earlier mask, keyed by (1-indexed round, mask index), made once."""
+    [D], box [D]) of each earlier mask, keyed by (1-indexed round, mask index), made once; for a
+    decoder that reads referenced masks, also each one's map in its output frame ([h, w])."""
 
     image: EncodedImage
     cache: DynamicCache
     lengths: list[int]
     memory: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    ref_maps: dict[tuple[int, int], Tensor] = field(default_factory=dict)
 
     @property
     def rounds(self) -> int:
@@ -138,8 +140,9 @@ class Dialogue:
         """Keep only the first ``rounds`` rounds (the cache and the memory of later rounds go)."""
         del self.lengths[rounds + 1 :]
         self.cache.crop(self.lengths[-1])
-        for key in [k for k in self.memory if k[0] > rounds]:
-            del self.memory[key]
+        for store in (self.memory, self.ref_maps):
+            for key in [k for k in store if k[0] > rounds]:
+                del store[key]
 
 
 @dataclass
@@ -175,6 +178,8 @@ class BatchDialogue:
         attention: [B, T] 1 for a real token of the cache, 0 for padding.
         lengths: each row's count of real tokens (its next token's position).
         memory: (row, round, mask index) -> (mask token [D], box token [D]), encoded once.
+        ref_maps: (row, round, mask index) -> that mask in the decoder's output frame [h, w], for
+            a decoder that reads referenced masks.
     """
 
     images: list[EncodedImage]
@@ -183,6 +188,7 @@ class BatchDialogue:
     attention: Tensor
     lengths: list[int]
     memory: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    ref_maps: dict[tuple[int, int, int], Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -352,7 +358,9 @@ class RoundEngine:
             proc.check_length(offset + len(ids), i + 1, reserve=0)
             embeds = m.inject(torch.tensor([ids], device=dev), slots)
             out = self._teacher_forced(embeds, dialogue.cache, a_ids[:-1], [s.pos - offset for s in segs], round_start=0)
-        return self._result(i + 1, out, dialogue.image.features, dialogue.image.frame)
+        refs = conv.rounds[i].refs
+        ref_map = dialogue.ref_maps.get((refs[0], 0)) if refs else None
+        return self._result(i + 1, out, dialogue.image.features, dialogue.image.frame, self._ref_maps(ref_map, out.seg_hidden.shape[0]))
 
     def _memory(self, dialogue: Dialogue, masks: MaskSource | None, k: int, j: int) -> tuple[Tensor, Tensor]:
         if (k, j) not in dialogue.memory:
@@ -360,7 +368,24 @@ class RoundEngine:
                 raise ValueError(f"the round refers to round {k}'s masks, which the dialogue has not encoded: pass masks")
             mask, box = masks(k, j)
             dialogue.memory[(k, j)] = self.encode_memory(dialogue.image, mask, box)
+            if self.model.uses_ref_masks:
+                dialogue.ref_maps[(k, j)] = self.ref_map(mask, dialogue.image.frame)
         return dialogue.memory[(k, j)]
+
+    def ref_map(self, mask: Tensor, frame: Frame) -> Tensor:
+        """An earlier mask (as a :data:`MaskSource` gives it) as the decoder reads it: [h, w]
+        float in its output frame, on the model's device."""
+        return mask_to_output_frame(torch.as_tensor(mask).cpu(), frame, self.model.decoder.output_size).to(self.model.device)
+
+    def _ref_maps(self, ref_map: Tensor | None, n: int) -> Tensor | None:
+        """The decoder's ``ref_masks`` for n ``<seg>`` of one round: [n, h, w] (zeros where the
+        round refers to nothing), or None for a model whose decoder does not read them."""
+        if not self.model.uses_ref_masks:
+            return None
+        if ref_map is None:
+            g = self.model.decoder.output_size
+            return torch.zeros(n, g, g, device=self.model.device)
+        return ref_map.expand(n, -1, -1)
 
     # -- one round, from scratch ------------------------------------------------------------
     @torch.no_grad()
@@ -394,7 +419,8 @@ class RoundEngine:
             seg_pos = [s.pos for s in enc.segs if s.round_index == n - 1]
             out = self._teacher_forced(embeds, None, enc.input_ids[start + u_len : -1], seg_pos, round_start=start)
         features = m.encode_decoder_image(batch.decoder_pixels[:1]) if out.seg_hidden.shape[0] else None
-        return self._result(n, out, features, batch.frames[0])
+        ref_map = self.ref_map(torch.as_tensor(np.asarray(conv.rounds[last.refs[0] - 1].masks[0])), batch.frames[0]) if last.refs and m.uses_ref_masks else None
+        return self._result(n, out, features, batch.frames[0], self._ref_maps(ref_map, out.seg_hidden.shape[0]))
 
     # -- the shared steps -------------------------------------------------------------------
     def _with_forced_mask(self, run: Callable[[str | None], RoundResult], answer: str | None, force_mask: bool, rewind: Callable[[], None] | None = None) -> RoundResult:
@@ -482,13 +508,14 @@ class RoundEngine:
         positions = context_positions([(0, e) for e in ends]).to(states.device)
         return round_context(states[None], torch.zeros(len(ends), dtype=torch.long, device=states.device), positions)
 
-    def _result(self, round_number: int, out: _Answer, features, frame: Frame) -> RoundResult:
-        masks, boxes, scores, frame_masks = self.decode(out.seg_hidden, features, frame, out.context, out.context_mask)
+    def _result(self, round_number: int, out: _Answer, features, frame: Frame, ref_masks: Tensor | None = None) -> RoundResult:
+        masks, boxes, scores, frame_masks = self.decode(out.seg_hidden, features, frame, out.context, out.context_mask, ref_masks)
         return RoundResult(round_number, out.token_ids, self.answer_text(out.token_ids), masks, boxes, scores, frame_masks)
 
     @torch.no_grad()
     def decode(
         self, seg_hidden: Tensor, features, frame: Frame, context: Tensor | None = None, context_mask: Tensor | None = None,
+        ref_masks: Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Masks of one image from the LLM states that predicted its ``<seg>`` tokens.
 
@@ -498,6 +525,8 @@ class RoundEngine:
             frame: where the image sits in the decoder's frame.
             context, context_mask: [S, T, D] and [S, T], each ``<seg>``'s round context (needed
                 with ``prompt_head.attend_round``).
+            ref_masks: [S, h, w] the mask each ``<seg>``'s round refers to, in the decoder's
+                output frame (for a decoder that reads them; see :meth:`ref_map`).
 
         Returns:
             masks [S, H, W] bool, boxes [S, 4] float32 image pixels, scores [S] float32 and the
@@ -509,7 +538,8 @@ class RoundEngine:
         if S == 0:
             return np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, frame.size, frame.size), bool)
         prompts = seg_prompts(m.prompt_head, seg_hidden, context, context_mask)
-        out = m.decoder(features, prompts.to(features.dtype), torch.zeros(S, dtype=torch.long, device=features.device))
+        options = {} if ref_masks is None else {"ref_masks": ref_masks.to(features.dtype)}
+        out = m.decoder(features, prompts.to(features.dtype), torch.zeros(S, dtype=torch.long, device=features.device), **options)
         return self._image_outputs(out, slice(None), frame)
 
     def _image_outputs(self, out, rows: slice, frame: Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -592,8 +622,11 @@ class RoundEngine:
         mask_slots, box_slots, seg_rows, seg_cols, spans = [], [], [], [], []
         missing = sorted({(b, it.ref_round, it.mask_index) for b, (_, items, _) in answers.items() for it in items} - dialogue.memory.keys())
         if missing:  # the new memory masks of every row, through the vision tower at once
-            mask_toks, box_toks = self.encode_memories([(dialogue.images[b], *masks(b, k, j)) for b, k, j in missing])
+            given = [masks(b, k, j) for b, k, j in missing]
+            mask_toks, box_toks = self.encode_memories([(dialogue.images[b], *mb) for (b, _, _), mb in zip(missing, given)])
             dialogue.memory.update({key: (mask_toks[n], box_toks[n]) for n, key in enumerate(missing)})
+            if m.uses_ref_masks:
+                dialogue.ref_maps.update({key: self.ref_map(mb[0], dialogue.images[key[0]].frame) for key, mb in zip(missing, given)})
         for b, (ids, items, seg_pos) in answers.items():
             start = width - len(ids)  # left padding: every row's round ends at the last column
             chunk[b, start:] = torch.tensor(ids)
@@ -623,7 +656,11 @@ class RoundEngine:
         context = round_context(hidden, rows, context_positions(spans).to(dev)) if self._attend else ()
         prompts = seg_prompts(m.prompt_head, seg_hidden, *context)
         feats = dialogue.features
-        out = m.decoder(feats, prompts.to(feats.dtype), rows.to(feats.device))
+        options = {}
+        if m.uses_ref_masks:
+            per_row = {b: self._ref_maps(dialogue.ref_maps.get((b, convs[b].rounds[-1].refs[0], 0)) if convs[b].rounds[-1].refs else None, 1) for b in answers}
+            options["ref_masks"] = torch.cat([per_row[b] for b in seg_rows]).to(feats.dtype) if seg_rows else None
+        out = m.decoder(feats, prompts.to(feats.dtype), rows.to(feats.device), **options)
         token_ids = proc.text_ids(FORCED_ANSWER, allow_special=True, mid=True)
         for s, b in enumerate(seg_rows):
             masks, boxes, scores, frame_masks = self._image_outputs(out, slice(s, s + 1), dialogue.images[b].frame)

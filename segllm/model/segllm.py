@@ -108,6 +108,12 @@ class SegLLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
+    @property
+    def uses_ref_masks(self) -> bool:
+        """The decoder reads the mask each round refers to (``decoder.takes_ref_masks``), and
+        mask memory is on: a text-only model gets no earlier masks by any route."""
+        return bool(self.decoder.takes_ref_masks and self.config.memory.enabled)
+
     def part_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameters of each named part (see ``SegLLMConfig.trainable``), by module ownership."""
         return part_parameters(self)
@@ -245,6 +251,9 @@ class SegLLM(nn.Module):
         prompts = seg_prompts(self.prompt_head, seg_hidden, *(context or ()))
         if feats is None:
             feats = self.encode_decoder_image(batch.decoder_pixels)
+        if batch.ref_masks is not None:
+            refs = batch.ref_masks if index is None else batch.ref_masks[index]
+            decoder_options["ref_masks"] = refs.to(device=feats.device, dtype=feats.dtype)
         return self.decoder(feats, prompts.to(feats.dtype), seg_batch, **decoder_options), prompts
 
     def encode_decoder_image(self, pixels: Tensor) -> Tensor:

@@ -61,6 +61,9 @@ class ModelRecipe:
             is an error naming its length, as at inference.
         loss: overrides of the model's loss weights (:class:`segllm.config.LossConfig` keys,
             e.g. ``{select_weight = 1.0}``), applied to a new model's config.
+        decoder: overrides of the decoder's options (its config's keys, e.g. ``{ref_prior =
+            true}``), for a new model or one started from ``init``; weights the change adds
+            start from their initialisation, the rest come from the checkpoint.
     """
 
     preset: Literal["tiny", "small", "grounded", "direct"] = "small"
@@ -71,6 +74,7 @@ class ModelRecipe:
     llava: LlavaInit = field(default_factory=LlavaInit)
     max_length: int = 0
     loss: dict[str, Any] = field(default_factory=dict)
+    decoder: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
@@ -269,6 +273,11 @@ class TrainRecipe:
         else:
             cfg = presets.PRESETS[self.model.preset](vocab_size)
         cfg = copy.deepcopy(cfg)
+        if self.model.decoder:
+            try:
+                cfg.decoder = from_dict(type(cfg.decoder), {**dataclasses.asdict(cfg.decoder), **self.model.decoder})
+            except ConfigError as e:
+                raise ConfigError(f"model.decoder: {e}") from e
         cfg.memory.enabled = self.model.memory
         cfg.loss = self.model_loss(cfg.loss)
         if self.model.lora.r:

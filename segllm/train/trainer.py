@@ -37,7 +37,7 @@ from segllm.errors import CheckpointError, ConfigError
 from segllm.eval.evaluate import evaluate
 from segllm.model.builder import build_segllm
 from segllm.model.llava import segllm_from_llava15
-from segllm.model.loading import load_pretrained
+from segllm.model.loading import load_pretrained, load_with_decoder_changes
 from segllm.tokenizer import train_bpe_tokenizer
 from segllm.train import fsdp
 from segllm.train.objective import training_loss
@@ -178,6 +178,8 @@ def _start_model(recipe: TrainRecipe, train_set, last: Path, resume: bool):
         li = recipe.model.llava
         hipie = from_dict(HipieDecoderConfig, li.hipie)
         model = segllm_from_llava15(li.path, vision_tower=li.vision_tower, hipie=hipie, hipie_weights=li.hipie_weights, seed=recipe.seed)
+    elif recipe.model.init and recipe.model.decoder:
+        model = load_with_decoder_changes(recipe.model.init, recipe.model.decoder)
     elif recipe.model.init:
         model = load_pretrained(recipe.model.init)
         if recipe.model.lora.r and not model.config.llm.lora.r:

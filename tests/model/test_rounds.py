@@ -11,6 +11,7 @@ from segllm.conversation import Conversation, Round
 from segllm.model.builder import build_segllm
 from segllm.model.rounds import RoundEngine
 from segllm.session import Session
+from tests.helpers import wake_ref_prior, with_ref_prior
 from tests.tolerance import assert_close_scaled
 
 # round 3 refers to round 1 (and round 2 too refers to round 1)
@@ -25,13 +26,17 @@ def _confident(module, args, out):
     return out
 
 
-@pytest.fixture(params=[True, False], ids=["attend_round", "plain"])
+@pytest.fixture(params=["attend_round", "plain", "ref_prior"])
 def model(request, make_model, tokenizer):
     cfg = copy.deepcopy(make_model().config)
-    cfg.prompt_head.attend_round = request.param
+    cfg.prompt_head.attend_round = request.param == "attend_round"
+    if request.param == "ref_prior":  # a decoder that also reads the mask the round refers to
+        with_ref_prior(cfg)
     torch.manual_seed(5)
     # float64 so the paths' different summation orders (~1e-15) cannot flip a thresholded pixel
     m = build_segllm(cfg, copy.deepcopy(tokenizer)).to(torch.float64).eval()
+    if request.param == "ref_prior":
+        wake_ref_prior(m)
     m.decoder.register_forward_hook(_confident)
     return m
 
@@ -125,6 +130,7 @@ def test_engine_rounds_on_a_dialogue(model, image):
     second = engine.extend(dialogue, conv, masks, answer="<seg>")
     hook.remove()
     assert asked == [(1, 0)] and set(dialogue.memory) == {(1, 0)}
+    assert set(dialogue.ref_maps) == ({(1, 0)} if model.uses_ref_masks else set())
     assert dialogue.rounds == 2 and dialogue.cache.get_seq_length() == len(model.processor.encode(conv_with(conv, second)))
     args = captured["args"]
     if not model.config.prompt_head.attend_round:
@@ -144,7 +150,7 @@ def test_engine_rounds_on_a_dialogue(model, image):
     np.testing.assert_array_equal(again.masks, second.masks)
     assert_close_scaled(again.scores, second.scores, rel=1e-5, rtol=1e-4)
     dialogue.truncate(0)
-    assert dialogue.rounds == 0 and not dialogue.memory and dialogue.cache.get_seq_length() == prefix
+    assert dialogue.rounds == 0 and not dialogue.memory and not dialogue.ref_maps and dialogue.cache.get_seq_length() == prefix
 
 
 def conv_with(conv, result):

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import socket
@@ -5,14 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from segllm.errors import CheckpointError, ConfigError
+from segllm.model.builder import build_segllm
+from segllm.model.loading import load_with_decoder_changes
 from segllm.model.segllm import SegLLM
+from segllm.presets import tiny_config
 from segllm.train.recipe import TrainRecipe
 from segllm.train.state import load_optimizer, save_optimizer
 from segllm.train.trainer import _recover_last, train
+from tests.helpers import with_ref_prior
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "test_tiny.toml"
@@ -255,3 +261,28 @@ def test_validation_logs_the_grounded_rate_on_world_data(tmp_path):
     assert "1" in grounded and "all" in grounded
     assert all(0.0 <= v <= 100.0 for v in grounded.values())
     assert set(grounded) == set(entry["oracle_cIoU"])
+
+
+def test_init_with_decoder_changes_starts_from_the_checkpoint_with_fresh_layers(tmp_path, tokenizer, three_rounds):
+    cfg = with_ref_prior(tiny_config(len(tokenizer)))
+    cfg.decoder.ref_prior = False
+    torch.manual_seed(0)
+    saved = build_segllm(cfg, copy.deepcopy(tokenizer)).eval()
+    saved.save_pretrained(tmp_path / "start")
+    grown = load_with_decoder_changes(tmp_path / "start", {"ref_prior": True}).eval()
+    assert grown.uses_ref_masks and not saved.uses_ref_masks
+    old = saved.state_dict()
+    added = {k for k in grown.state_dict() if k not in old}
+    assert added and all(k.startswith("decoder.ref_") for k in added)
+    assert all(torch.equal(v, old[k]) for k, v in grown.state_dict().items() if k in old)
+    # its new layers start at zero: the same masks as the checkpoint's
+    for (ma, _), (mb, _) in zip(saved.segment([three_rounds])[0], grown.segment([three_rounds])[0]):
+        np.testing.assert_array_equal(ma, mb)
+    with pytest.raises(ConfigError, match="decoder changes"):
+        load_with_decoder_changes(tmp_path / "start", {"ref_priorr": True})
+    # the recipe's model.decoder does the same for a run started from model.init
+    recipe = _recipe(tmp_path, **{"model.init": str(tmp_path / "start"), "model.decoder": {"ref_prior": True}, "steps": 1, "save_every": 0})
+    train(recipe, progress=False)
+    assert SegLLM.from_pretrained(tmp_path / "run" / "checkpoint-last" / "model").config.decoder.ref_prior
+    with pytest.raises(ConfigError, match="model.decoder"):  # the tiny preset's SAM decoder has no such option
+        _recipe(tmp_path, **{"model.decoder": {"ref_prior": True}}).model_config(400)

@@ -34,6 +34,13 @@ class DirectDecoderConfig:
             and the [SEG] mask gains, per group, the expected log-probability of the prompt's
             named class at each pixel: "the red star" marks the pixels that are both red and
             star-shaped, by construction, as soon as the two classifiers have learned.
+        ref_prior: the mask each prompt's round refers to (mask memory: "left of instance 1")
+            also enters the decoder, in the decoder's output frame: as a map added to the
+            modulated features before the local and global context (where the referent is), and
+            as the mean of the encoder's features under it, which modulates the features and
+            shifts the [SEG] query (what the referent looks like: "coloured like instance 3").
+            Its layers start at zero, so switching it on for a trained model changes nothing
+            until it trains. The model passes the map only with mask memory on.
         mean, std: normalisation of [0, 1] pixel values.
     """
 
@@ -48,5 +55,6 @@ class DirectDecoderConfig:
     context_grid: int = 8
     heads: int = 4
     attributes: dict[str, int] = field(default_factory=dict)
+    ref_prior: bool = False
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

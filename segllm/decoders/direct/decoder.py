@@ -9,6 +9,8 @@ Here the prompt acts on the mask in two short steps: it scales and shifts every 
 reaches the prompt (and the LLM behind it) directly. A small convolution stack gives each pixel
 its neighbourhood and one self-attention block over a pooled grid gives it the whole image
 (relations such as "left-most" or "left of instance 1" compare objects across the image).
+With ``ref_prior`` the mask a round refers to enters as well (where the referent is, and what its
+features look like), so mask memory reaches the mask directly and not only through the LLM.
 
 Shapes: B images, N prompts, K tokens per prompt (the first ``num_ref_tokens`` [REF]), D prompt
 width (``dim``), F ``fuse_dim``, g = image_size / stride feature grid side, c ``context_grid``.
@@ -69,6 +71,13 @@ class DirectMaskDecoder(MaskDecoder):
             self.pixel_attributes = nn.Conv2d(d, total, 1)
             self.prompt_attributes = nn.Linear(d, total)
             self.match_scale = nn.Parameter(torch.ones(()))
+        self.takes_ref_masks = config.ref_prior
+        if config.ref_prior:
+            # no biases: a prompt whose round refers to nothing is decoded as without the option
+            self.ref_map = nn.Conv2d(1, f, 3, padding=1, bias=False)  # where the referent is
+            self.ref_norm = nn.LayerNorm(d)
+            self.ref_film = nn.Linear(d, 2 * f, bias=False)  # what it looks like -> modulation
+            self.ref_query = nn.Linear(d, f, bias=False)  # ... and -> the [SEG] query
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -79,6 +88,10 @@ class DirectMaskDecoder(MaskDecoder):
             nn.init.trunc_normal_(self.context_pos, std=0.02)
             nn.init.zeros_(self.context_out.weight)  # the global branch starts switched off
             nn.init.zeros_(self.context_out.bias)
+        if self.config.ref_prior:
+            # switched off at first: turning the option on for a trained model changes nothing
+            for layer in (self.ref_map, self.ref_film, self.ref_query):
+                nn.init.zeros_(layer.weight)
 
     @property
     def output_size(self) -> int:
@@ -96,13 +109,15 @@ class DirectMaskDecoder(MaskDecoder):
         """[B, 3, S, S] preprocessed images -> features [B, dim, g, g]."""
         return self.image_encoder(pixels)
 
-    def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> DecoderOutput:
+    def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor, ref_masks: Tensor | None = None) -> DecoderOutput:
         """Decode N prompts.
 
         Args:
             image_features: [B, dim, g, g] from :meth:`encode_image`.
             prompts: [N, K, dim] prompt tokens.
             batch_index: [N] integer, which image each prompt belongs to (in [0, B)).
+            ref_masks: [N, g, g] float in [0, 1], the earlier mask each prompt's round refers
+                to, in the output frame (zeros: none); used with ``ref_prior``, else ignored.
 
         Returns:
             DecoderOutput with mask_logits [N, 2, g, g] and iou_scores [N, 2].
@@ -117,14 +132,24 @@ class DirectMaskDecoder(MaskDecoder):
         r = self.num_ref_tokens
         summary = torch.stack([prompts[:, :r].mean(1), prompts[:, r:].mean(1)], dim=1)  # [N, 2, D]: REF, SEG
         both = self.prompt_norm(summary.flatten(1))  # [N, 2D]
-        scale, shift = self.film(both).chunk(2, dim=-1)  # [N, F] each
+        film = self.film(both)  # [N, 2F]
+        ref_map = ref_query = None
+        if self.config.ref_prior and ref_masks is not None:
+            ref_map, ref_film, ref_query = self._ref_prior(feats, ref_masks.to(dtype))
+            film = film + ref_film
+        scale, shift = film.chunk(2, dim=-1)  # [N, F] each
 
         x = self.in_proj(feats) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]  # [N, F, g, g]
+        if ref_map is not None:
+            x = x + ref_map
         x = self.local(x)
         if self.config.context_grid:
             x = x + self._global(x)
         x = self.out_norm(x)
-        q = torch.stack([self.queries[REF](summary[:, REF]), self.queries[SEG](summary[:, SEG])], dim=1)  # [N, 2, F]
+        q_seg = self.queries[SEG](summary[:, SEG])
+        if ref_query is not None:
+            q_seg = q_seg + ref_query
+        q = torch.stack([self.queries[REF](summary[:, REF]), q_seg], dim=1)  # [N, 2, F]
         n, f, g, _ = x.shape
         masks = (q @ x.flatten(2)).view(n, 2, g, g) / math.sqrt(f) + self.mask_bias.view(1, 2, 1, 1)
         attributes = None
@@ -135,6 +160,17 @@ class DirectMaskDecoder(MaskDecoder):
             masks = torch.stack([masks[:, REF], masks[:, SEG] + match], dim=1)
             attributes = (pixels.permute(0, 2, 3, 1), named)
         return DecoderOutput(mask_logits=masks, iou_scores=self.iou_head(both), attributes=attributes)
+
+    def _ref_prior(self, feats: Tensor, ref_masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The referred mask's contributions: map [N, F, g, g], modulation [N, 2F], [SEG] query
+        shift [N, F], from the prompts' image features [N, D, g, g] and ``ref_masks`` [N, g, g]."""
+        if ref_masks.shape != (feats.shape[0], *feats.shape[2:]):
+            raise ValueError(f"ref_masks must be [{feats.shape[0]}, {feats.shape[2]}, {feats.shape[3]}] (one map per prompt, in the output frame), got {list(ref_masks.shape)}")
+        m = ref_masks[:, None]  # [N, 1, g, g]
+        area = m.sum(dim=(2, 3))  # [N, 1]; 0 for a prompt whose round refers to nothing
+        pooled = (feats * m).sum(dim=(2, 3)) / area.clamp(min=1e-6)  # mean feature under the mask, [N, D]
+        look = self.ref_norm(pooled) * (area > 0).to(pooled.dtype)  # no referent: no appearance
+        return self.ref_map(m), self.ref_film(look), self.ref_query(look)
 
     def _match(self, pixels: Tensor, named: Tensor, batch_index: Tensor) -> Tensor:
         """How well each pixel's classes agree with what each prompt names.
