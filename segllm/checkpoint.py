@@ -41,6 +41,8 @@ def save_pretrained(
         state_dict: the weights to write instead of ``model.state_dict()`` (a sharded model's
             gathered full state).
     """
+    if getattr(model, "quantized", None):
+        raise CheckpointError(f"a model with {model.quantized} LLM weights cannot be saved: save the unquantized model and quantize it after loading")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

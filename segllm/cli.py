@@ -29,6 +29,7 @@ from segllm.eval.benchmarks import BENCHMARKS, Roots, open_benchmark, paper_line
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
 from segllm.model.parts import write_parts
+from segllm.model.quantize import QUANTIZE_MODES
 from segllm.session import Session
 from segllm.train.recipe import TrainRecipe
 from segllm.train.trainer import train
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml = sub.add_parser("merge-lora", help="fold a checkpoint's LoRA adapters into plain LLM weights")
     ml.add_argument("checkpoint", help="a checkpoint folder (or hub id) trained with LoRA")
     ml.add_argument("out", help="folder for the merged checkpoint")
-    _model_args(ml, device="cpu", checkpoint=False)
+    _model_args(ml, device="cpu", checkpoint=False, quantize=False)
     ml.set_defaults(func=_merge_lora)
 
     cv = sub.add_parser("convert-weights", help="a PyTorch pickle of weights (.pth) -> safetensors (read with the restricted unpickler)")
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--width", type=int, default=4096, help="LLM width of the large configuration")
     bn.add_argument("--layers", type=int, default=2, help="LLM layers of the large configuration")
     bn.add_argument("--json", help="also write the raw results here")
-    _model_args(bn, device="cpu", checkpoint=False, revision=False)
+    _model_args(bn, device="cpu", checkpoint=False, revision=False, quantize=False)
     bn.set_defaults(func=_bench)
 
     gen = sub.add_parser("generate", help="multi-round conversations from COCO-style annotations (RefCOCO, PACO-LVIS, any COCO)")
@@ -191,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: bool = True, revision: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: bool = True, revision: bool = True, quantize: bool = True) -> None:
     """The options of every command that loads a model: which one (``--checkpoint``, ``--revision``)
-    and where and in which precision it runs (``--device``, ``--dtype``)."""
+    and where and in which precision it runs (``--device``, ``--dtype``, ``--quantize``)."""
     if checkpoint:
         p.add_argument("--checkpoint", help="model folder, or a Hugging Face hub id org/name[/subfolder][@revision], "
                                             "e.g. Marlo-Z/SegLLM/all_data_checkpoint (default: the bundled model)")
@@ -203,6 +204,10 @@ def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: b
                                                     + (device or "cuda when available, else cpu") + ")")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="precision of the model's weights and compute (default: %(default)s; bfloat16 halves the memory)")
+    if quantize:
+        p.add_argument("--quantize", default=None, choices=list(QUANTIZE_MODES),
+                       help="weight-only 8-bit or 4-bit LLM layers through bitsandbytes (pip install 'segllm[quant]'); "
+                            "the rest of the model stays in --dtype")
 
 
 class _RegionAction(argparse.Action):
@@ -273,7 +278,7 @@ def _chat(args: argparse.Namespace) -> int:
             lines = _script_lines(EXAMPLES / "shapes.json")
     interactive = lines is None and sys.stdin.isatty()
     session = Session.from_pretrained(
-        args.checkpoint, image_path, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype],
+        args.checkpoint, image_path, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
         incremental=not args.full_recompute, max_new_tokens=args.max_new_tokens,
     )
     out = Path(args.out)
@@ -333,7 +338,7 @@ def _segment(args: argparse.Namespace) -> int:
     writes its own results file; the main process merges them into ``results.json``."""
     items = read_items(args.images, args.questions)  # bad paths or records: an error before the model loads
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    model = load_model(args.checkpoint, revision=args.revision, device=args.device or str(state.device), dtype=DTYPES[args.dtype])
+    model = load_model(args.checkpoint, revision=args.revision, device=args.device or str(state.device), dtype=DTYPES[args.dtype], quantize=args.quantize)
     summary = segment_items(model, items, args.out, batch_size=args.batch_size, resume=args.resume,
                             rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
     state.wait_for_everyone()
@@ -418,7 +423,7 @@ def _eval(args: argparse.Namespace) -> int:
         print("error: --baseline needs object annotations (world data or a dataset folder of this package's format)",
               file=sys.stderr)
         return 2
-    model = load_model(args.checkpoint, revision=args.revision, device=device, dtype=DTYPES[args.dtype])
+    model = load_model(args.checkpoint, revision=args.revision, device=device, dtype=DTYPES[args.dtype], quantize=args.quantize)
     out = Path(args.out)
     logs = {p: [out / f"{args.name}.{p}.rank{r}.jsonl" for r in range(state.num_processes)] for p in protocols}
     results = []
@@ -488,7 +493,7 @@ def _demo(args: argparse.Namespace) -> int:
     from segllm.demo import launch  # imports gradio, an optional extra (segllm[demo])
 
     launch(args.checkpoint, revision=args.revision, host=args.host, port=args.port, device=args.device,
-           dtype=DTYPES[args.dtype], max_side=args.max_side,
+           dtype=DTYPES[args.dtype], quantize=args.quantize, max_side=args.max_side,
            max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, max_upload_mb=args.max_upload_mb)
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from segllm.errors import CheckpointError
+from segllm.model.loading import load_pretrained
 from segllm.model.segllm import SegLLM
 
 ASSETS = Path(__file__).parent / "assets"
@@ -25,6 +26,7 @@ def load_model(
     revision: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    quantize: str | None = None,
 ) -> SegLLM:
     """Load ``checkpoint`` (a folder or a hub id such as ``Marlo-Z/SegLLM/all_data_checkpoint``,
     see :mod:`segllm.hub`), or the bundled default model when none is given (never a hub default).
@@ -32,6 +34,7 @@ def load_model(
     Args:
         revision: the hub revision of a hub id (branch, tag or commit).
         device, dtype: where and in which precision to put the model (default: CPU, float32).
+        quantize: "8bit" or "4bit" LLM weights (bitsandbytes; :mod:`segllm.model.quantize`).
 
     Raises:
         CheckpointError: the folder is missing or not a checkpoint (for the bundled model: a
@@ -39,4 +42,4 @@ def load_model(
     """
     if checkpoint is None and revision is not None:
         raise CheckpointError("a revision was given without a hub id (--checkpoint org/name[/subfolder])")
-    return SegLLM.from_pretrained(DEFAULT_MODEL if checkpoint is None else checkpoint, revision=revision, device=device, dtype=dtype)
+    return load_pretrained(DEFAULT_MODEL if checkpoint is None else checkpoint, revision=revision, device=device, dtype=dtype, quantize=quantize)

@@ -93,12 +93,13 @@ class Session:
 
     @classmethod
     def from_pretrained(
-        cls, path=None, image=None, *, revision: str | None = None, device: str | None = None, dtype=None, **kwargs
+        cls, path=None, image=None, *, revision: str | None = None, device: str | None = None, dtype=None,
+        quantize: str | None = None, **kwargs
     ) -> Session:
         """A session on the model in folder ``path`` or at hub id ``path`` (``org/name[/subfolder][@revision]``,
-        see :mod:`segllm.hub`); default: the bundled model. ``revision``, ``device`` and ``dtype`` go to
-        :func:`segllm.default.load_model`, the other keywords to :class:`Session`."""
-        return cls(load_model(path, revision=revision, device=device, dtype=dtype), image, **kwargs)
+        see :mod:`segllm.hub`); default: the bundled model. ``revision``, ``device``, ``dtype`` and
+        ``quantize`` go to :func:`segllm.default.load_model`, the other keywords to :class:`Session`."""
+        return cls(load_model(path, revision=revision, device=device, dtype=dtype, quantize=quantize), image, **kwargs)
 
     # -- exporting -------------------------------------------------------------------------
     def save_masks(self, folder) -> list:

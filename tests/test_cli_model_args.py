@@ -52,7 +52,7 @@ def test_eval_loads_in_bfloat16(tmp_path, monkeypatch, capsys):
                "--device", "cpu", "--dtype", "bfloat16"])
     assert rc == 0, capsys.readouterr().err
     (kwargs, llm_dtype, dtype), = seen
-    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16}
+    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16, "quantize": None}
     assert llm_dtype == dtype == torch.bfloat16
     assert "oracle cIoU" in capsys.readouterr().out
 

@@ -17,6 +17,7 @@ from segllm.config import from_dict
 from segllm.errors import CheckpointError, ConfigError
 from segllm.hub import resolve_folder
 from segllm.model.builder import build_decoder, build_segllm
+from segllm.model.quantize import quantize_llm
 from segllm.model.released import is_released_checkpoint, load_released
 from segllm.model.segllm import SegLLM
 
@@ -27,6 +28,7 @@ def load_pretrained(
     revision: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    quantize: str | None = None,
 ) -> SegLLM:
     """Read a checkpoint folder into a :class:`segllm.SegLLM` (eval mode): one written by
     :func:`segllm.checkpoint.save_pretrained`, or a released SegLLM folder (see
@@ -38,6 +40,8 @@ def load_pretrained(
             that name wins).
         revision: the hub revision (branch, tag or commit) of a hub id.
         device, dtype: where and in which precision to put the model (default: CPU, float32).
+        quantize: "8bit" or "4bit": the LLM's transformer layers get bitsandbytes weight-only
+            layers (see :mod:`segllm.model.quantize`; inference only).
 
     Raises:
         CheckpointError: naming the file or weight that is missing, unreadable or misshapen.
@@ -45,16 +49,19 @@ def load_pretrained(
     """
     path = resolve_folder(path, revision=revision)
     if is_released_checkpoint(path):
-        return load_released(path, device=device, dtype=dtype)
-    config = load_config(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{path} has no {WEIGHTS_NAME}")
-    model = build_segllm(config, load_tokenizer(path), load_weights=False)
-    load_weights(model, weights)
-    model.eval()
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
+        model = load_released(path, device=device, dtype=dtype)
+    else:
+        config = load_config(path)
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(f"{path} has no {WEIGHTS_NAME}")
+        model = build_segllm(config, load_tokenizer(path), load_weights=False)
+        load_weights(model, weights)
+        model.eval()
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+    if quantize:
+        quantize_llm(model, quantize)
     return model
 
 

@@ -87,13 +87,13 @@ class SegLLM(nn.Module):
         return save_pretrained(self, path, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path, *, revision: str | None = None, device=None, dtype=None) -> SegLLM:
+    def from_pretrained(cls, path, *, revision: str | None = None, device=None, dtype=None, quantize: str | None = None) -> SegLLM:
         """Load a checkpoint folder or hub id strictly (see :func:`segllm.model.loading.load_pretrained`)."""
         # imported here, not at the top: loading builds a SegLLM, so it imports this module
         # (the one import cycle left; it goes when loading is no longer a method of the model)
         from segllm.model.loading import load_pretrained
 
-        return load_pretrained(path, revision=revision, device=device, dtype=dtype)
+        return load_pretrained(path, revision=revision, device=device, dtype=dtype, quantize=quantize)
 
     # -- bookkeeping -----------------------------------------------------------------------
     @property
