@@ -77,10 +77,10 @@ def quantize_llm(model: SegLLM, mode: Mode) -> int:
         else:
             new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias, compute_dtype=compute, quant_type="nf4")
             new.weight = bnb.nn.Params4bit(weight.to(compute), requires_grad=False, quant_type="nf4")
-            if lin.out_features % 32:
+            if lin.out_features % 32 or lin.in_features % 64:
                 # bitsandbytes repacks 4-bit weights for CPUs with AVX512-BF16 in blocks of 32
-                # output rows and fails on other widths (the released miniature's 172): those
-                # layers take its generic path
+                # output rows and 64 inputs and fails on other widths (the released miniature's
+                # 172): those layers take its generic path
                 new.support_avx512bf16_for_cpu = False
         if bias:
             new.bias = nn.Parameter(lin.bias.data.to("cpu", dtype), requires_grad=False)

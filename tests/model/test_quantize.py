@@ -96,10 +96,11 @@ def test_released_checkpoint_loads_quantized_and_its_llm_states_stay_close():
     conv = Conversation(photo, [Round("Segment the person on the left.", (), "<seg>", [np.ones(photo.shape[:2], bool)])])
     full = SegLLM.from_pretrained(TINY / "checkpoint")
     states = {}
-    for mode in (None, "8bit", "4bit"):
-        model = full if mode is None else SegLLM.from_pretrained(TINY / "checkpoint", quantize=mode)
+    # 4-bit in bfloat16: bitsandbytes' packed CPU path, which its widths (172) must not break
+    for mode, dtype in ((None, None), ("8bit", None), ("4bit", torch.bfloat16)):
+        model = full if mode is None else SegLLM.from_pretrained(TINY / "checkpoint", quantize=mode, dtype=dtype)
         with torch.no_grad():
             states[mode] = model.hidden_states(model.prepare([conv], targets=False)).float()
     for mode, bound in (("8bit", 0.02), ("4bit", 0.15)):
         rel = float((states[mode] - states[None]).norm() / states[None].norm())
-        assert rel < bound, (mode, rel)  # measured: 0.0024 (8-bit) and 0.039 (4-bit)
+        assert rel < bound, (mode, rel)  # measured: 0.0024 (8-bit) and 0.040 (4-bit in bfloat16)
