@@ -77,13 +77,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--conversations", type=int, default=8, help="world test conversations for the bundled model")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--bundled-only", action="store_true", help="skip the released miniature (~4 minutes)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     ds = WorldConversations("test", args.conversations)
     convs = [ds[i] for i in range(args.conversations)]
     rows = bench("bundled", DEFAULT_MODEL, [(c.image, [(r.question, r.refs) for r in c.rounds]) for c in convs])
     tiny = RELEASED_FIXTURES / "segllm_tiny" / "checkpoint"
-    if (tiny / "model.safetensors").exists():
+    if (tiny / "model.safetensors").exists() and not args.bundled_only:
         from safetensors.torch import load_file
 
         photo = load_file(RELEASED_FIXTURES / "hipie/inputs.safetensors")["image_rgb_uint8"].numpy()
