@@ -286,3 +286,10 @@ def test_init_with_decoder_changes_starts_from_the_checkpoint_with_fresh_layers(
     assert SegLLM.from_pretrained(tmp_path / "run" / "checkpoint-last" / "model").config.decoder.ref_prior
     with pytest.raises(ConfigError, match="model.decoder"):  # the tiny preset's SAM decoder has no such option
         _recipe(tmp_path, **{"model.decoder": {"ref_prior": True}}).model_config(400)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.toml")), ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_every_shipped_recipe_reads(path):
+    # the README and the recipes' own comments give these as commands: they must at least parse
+    recipe = TrainRecipe.load(path)
+    assert recipe.batch_size >= 1
