@@ -25,7 +25,7 @@ from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.world import WorldConfig, generate
 from segllm.default import EXAMPLES, load_model
 from segllm.errors import ConversationError, SegLLMError
-from segllm.eval.benchmarks import BENCHMARKS, Roots, open_benchmark, paper_lines
+from segllm.eval.benchmarks import BENCHMARKS, Roots, default_frame, open_benchmark, paper_lines
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
 from segllm.model.parts import write_parts
@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
     ev.add_argument("--protocol", nargs="+", default=None, choices=["oracle", "own"],
                     help="history protocols (default: world both; a paper benchmark its own)")
-    ev.add_argument("--frame", default="original", choices=["original", "released"],
-                    help="metrics at the image's resolution, or as the released code computes them (1024 frame)")
+    ev.add_argument("--frame", default=None, choices=["original", "released"],
+                    help="metrics as the released code computes them (its 1024 decoder frame: the paper's measurement; "
+                         "default for the paper's benchmarks) or at the image's resolution (default for world and "
+                         "dataset folders)")
     ev.add_argument("--data-root", default=None, help="folder with the released layout: images_folder/, annotations_folder/, "
                                                      "conversations_folder/")
     ev.add_argument("--images", default=None, help="images root (overrides DATA_ROOT/images_folder)")
@@ -407,6 +409,7 @@ def _merge_lora(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th conversation and
     writes its own log; the main process merges the logs into the report."""
+    args.frame = args.frame or default_frame(args.benchmark)
     if args.baseline and args.frame != "original":
         print("error: --baseline is scored at the original resolution only (leave --frame as is)", file=sys.stderr)
         return 2
@@ -440,7 +443,7 @@ def _eval(args: argparse.Namespace) -> int:
     frame = f"the released code's way: {size}x{size} decoder frame, padding included" if args.frame == "released" else "original resolution"
     print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at {frame})"))
     if args.benchmark:
-        for line in paper_lines(args.benchmark, split, results):
+        for line in paper_lines(args.benchmark, split, results, template=args.template):
             print(line)
     skipped = max(len(r.skipped) for r in results)
     if skipped:
