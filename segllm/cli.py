@@ -28,6 +28,7 @@ from segllm.errors import ConversationError, SegLLMError
 from segllm.eval.benchmarks import BENCHMARKS, Roots, default_frame, open_benchmark, paper_lines
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
+from segllm.eval.suite import RELEASED_CHECKPOINTS, SUITES, checkpoint_path, run_suite, suite_markdown
 from segllm.model.parts import write_parts
 from segllm.session import Session
 from segllm.train.recipe import TrainRecipe
@@ -116,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", choices=["union"], default=None,
                     help="also score a question-blind baseline on the same conversations: 'union' predicts the union of "
                          "all top-level objects every round (world data and dataset folders)")
+    ev.add_argument("--suite", choices=sorted(SUITES), default=None,
+                    help="every evaluation of the paper in one run, each with the released checkpoint and conversation "
+                         "file the original's scripts use; resumable with --resume; report OUT/paper.{md,json} and "
+                         "OUT/paper_rounds.png (needs --data-root and --checkpoints or --checkpoint)")
+    ev.add_argument("--checkpoints", default=None, metavar="ROOT",
+                    help="--suite: a folder holding mr_refcoco_checkpoint/, mr_paco_checkpoint/ and all_data_checkpoint/, "
+                         "or the hub id Marlo-Z/SegLLM (downloads what is not in the cache)")
     ev.set_defaults(func=_eval)
 
     pa = sub.add_parser("parts", help="write the real pretrained parts (SmolLM2 LLM, DINOv2 vision tower, LiteMedSAM decoder) into a folder")
@@ -409,6 +417,8 @@ def _merge_lora(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th conversation and
     writes its own log; the main process merges the logs into the report."""
+    if args.suite:
+        return _eval_suite(args)
     args.frame = args.frame or default_frame(args.benchmark)
     if args.baseline and args.frame != "original":
         print("error: --baseline is scored at the original resolution only (leave --frame as is)", file=sys.stderr)
@@ -455,6 +465,27 @@ def _eval(args: argparse.Namespace) -> int:
     paths = write_reports(results, args.out, name=args.name, meta=meta)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    """``segllm eval --suite paper``: one process; each released checkpoint loads once."""
+    if not args.data_root:
+        print("error: --suite needs --data-root (the released layout)", file=sys.stderr)
+        return 2
+    roots = Roots(Path(args.data_root), Path(args.images) if args.images else None, Path(args.annotations) if args.annotations else None)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoints = {name: checkpoint_path(name, root=args.checkpoints, single=args.checkpoint) for name in RELEASED_CHECKPOINTS}
+    frame = args.frame or "released"
+    entries = run_suite(
+        SUITES[args.suite], roots, args.out, checkpoints=checkpoints.__getitem__,
+        load=lambda ckpt: load_model(ckpt, revision=args.revision, device=device, dtype=DTYPES[args.dtype]),
+        frame=frame, size=args.size, batch_size=args.batch_size, resume=args.resume, progress=True,
+        meta={"suite": args.suite, "checkpoints": checkpoints, "data_root": args.data_root, "dtype": args.dtype},
+        echo=print,
+    )
+    print(suite_markdown(entries, meta={"frame": frame, "size": args.size}))
+    print(f"wrote {Path(args.out) / 'paper.md'}, {Path(args.out) / 'paper.json'}, {Path(args.out) / 'paper_rounds.png'}")
+    return 0 if any(e.status == "done" for e in entries) else 1
 
 
 def _eval_data(args: argparse.Namespace):
