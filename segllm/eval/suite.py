@@ -12,7 +12,8 @@ plot, the published figures of each setting beside ours).
 Resuming: each evaluation appends its finished conversations to ``OUT/logs/KEY.PROTOCOL.jsonl``
 (:func:`segllm.eval.evaluate.evaluate`'s log) and, once done, writes ``OUT/evals/KEY.json``; with
 ``resume`` a finished evaluation run under the same settings is read back, an unfinished one
-continues from its log, and a killed suite redoes at most the conversation it was in.
+continues from its log (unless that log was measured in another frame or with another
+checkpoint: then it starts afresh), and a killed suite redoes at most the batch it was in.
 """
 
 from __future__ import annotations
@@ -170,8 +171,16 @@ def run_suite(
         model = load(ckpt)
         for entry, data in todo:
             e = entry.eval
+            # a log measured in another frame or of another checkpoint cannot be continued
+            stamp = out / "logs" / f"{e.key}.{e.protocol}.settings.json"
+            stamped = {"eval": asdict(e), "checkpoint": ckpt, "frame": frame}
+            same = resume and _read_json(stamp) == json.loads(json.dumps(stamped))
+            if resume and not same:
+                echo(f"{e.key}: its log was run under other settings; starting it afresh")
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(json.dumps(stamped) + "\n")
             res = evaluate(model, data, protocol=e.protocol, limit=size, batch_size=batch_size, frame=frame, progress=progress,
-                           log_path=out / "logs" / f"{e.key}.{e.protocol}.jsonl", resume=resume)
+                           log_path=out / "logs" / f"{e.key}.{e.protocol}.jsonl", resume=same)
             entry.status, entry.result = "done", res.to_dict()
             (out / "evals" / f"{e.key}.json").write_text(json.dumps(
                 {"eval": asdict(e), "checkpoint": ckpt, "settings": settings, "data": entry.data, "result": entry.result}) + "\n")
@@ -183,13 +192,19 @@ def run_suite(
     return entries
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _finished(out: Path, entry: SuiteEntry, settings: dict) -> dict | None:
     """The saved outcome of ``entry`` if an earlier run finished it with the same evaluation,
-    checkpoint and settings, else None (it is then run again, resuming from its log)."""
-    path = out / "evals" / f"{entry.eval.key}.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
+    checkpoint and settings, else None (it is then run again, resuming from its log where that
+    was run in the same frame with the same checkpoint)."""
+    saved = _read_json(out / "evals" / f"{entry.eval.key}.json")
+    if not isinstance(saved, dict):
         return None
     same = saved.get("eval") == json.loads(json.dumps(asdict(entry.eval))) and saved.get("checkpoint") == entry.checkpoint
     return saved if same and saved.get("settings") == settings else None

@@ -12,8 +12,9 @@ from PIL import Image
 import segllm.cli
 import segllm.eval.suite as suite_mod
 from segllm.cli import main
-from segllm.default import DEFAULT_MODEL
-from segllm.eval.suite import PAPER_SUITE, RELEASED_CHECKPOINTS, checkpoint_path
+from segllm.default import DEFAULT_MODEL, load_model
+from segllm.eval.benchmarks import Roots
+from segllm.eval.suite import PAPER_SUITE, RELEASED_CHECKPOINTS, checkpoint_path, run_suite
 from tests.helpers import RELEASED_FIXTURES
 from tests.released_layout import IMG1, IMG2, IMG9, RS1, released_records, turn
 
@@ -153,6 +154,29 @@ def test_suite_end_to_end_and_resume_after_an_interruption(released_layout, chec
     loads.clear()
     assert _run(root, checkpoints_root, part, "--resume") == 0
     assert asked == [] and loads == []
+
+
+def test_resume_does_not_mix_frames(released_layout, tmp_path, monkeypatch):
+    """A log measured in one frame is not continued in another: the evaluation starts afresh."""
+    root = suite_layout(released_layout)
+    model, real_evaluate, asked = load_model(), suite_mod.evaluate, []
+
+    def spy(model, data, **kw):
+        get = data.get
+        data.get = lambda i: asked.append(i) or get(i)
+        return real_evaluate(model, data, **kw)
+
+    monkeypatch.setattr(suite_mod, "evaluate", spy)
+    (e,) = [x for x in PAPER_SUITE if x.key == "refcoco-val"]
+    kw = {"checkpoints": lambda name: "ckpt", "load": lambda ckpt: model, "batch_size": 1, "resume": True}
+    (first,) = run_suite([e], Roots(root), tmp_path, frame="original", size=1, **kw)
+    assert first.result["frame"] == "original" and asked == [0]
+    lines = []
+    (second,) = run_suite([e], Roots(root), tmp_path, frame="released", **kw, echo=lines.append)
+    assert second.result["frame"] == "released" and asked == [0, 0, 1]  # conversation 0 measured again
+    assert "refcoco-val: its log was run under other settings; starting it afresh" in lines
+    (third,) = run_suite([e], Roots(root), tmp_path, frame="released", **kw)
+    assert asked == [0, 0, 1] and third.result == second.result  # finished under these settings: read back
 
 
 def test_suite_needs_its_checkpoints(released_layout, tmp_path, capsys):
