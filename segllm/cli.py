@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -471,6 +472,9 @@ def _eval_suite(args: argparse.Namespace) -> int:
     """``segllm eval --suite paper``: one process; each released checkpoint loads once."""
     if not args.data_root:
         print("error: --suite needs --data-root (the released layout)", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run and write the whole suite
+        print("error: --suite runs in one process (not under torchrun / accelerate launch)", file=sys.stderr)
         return 2
     roots = Roots(Path(args.data_root), Path(args.images) if args.images else None, Path(args.annotations) if args.annotations else None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
