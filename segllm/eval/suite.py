@@ -138,7 +138,8 @@ def run_suite(
         size: at most this many conversations per evaluation.
         resume: keep finished evaluations and continue unfinished ones from their logs.
         echo: receives one line per event (loading, finished, not run).
-    Returns the entries in ``evals``' order.
+    Returns the entries in ``evals``' order. Missing or unreadable data and a checkpoint that
+    cannot be loaded (:class:`SegLLMError`) leave their evaluations "not run"; the others run.
     """
     out = Path(out)
     (out / "evals").mkdir(parents=True, exist_ok=True)
@@ -158,9 +159,9 @@ def run_suite(
                 continue
             try:
                 data = _open(entry.eval, roots)
-            except (RecordError, SegLLMError, ValueError) as e:  # missing or unreadable data: the others still run
-                entry.status, entry.reason = "not run", str(e)
-                echo(f"{entry.eval.key}: not run: {e}")
+            except (RecordError, SegLLMError, ValueError) as err:  # missing or unreadable data: the others still run
+                entry.status, entry.reason = "not run", str(err)
+                echo(f"{entry.eval.key}: not run: {err}")
                 continue
             entry.data = f"{data.json_path} ({len(data)} conversations)"
             todo.append((entry, data))
@@ -168,14 +169,21 @@ def run_suite(
         if not todo:
             continue
         echo(f"loading {ckpt}")
-        model = load(ckpt)
+        try:
+            model = load(ckpt)
+        except SegLLMError as err:  # not downloaded, say: the other checkpoints' evaluations still run
+            for entry, _ in todo:
+                entry.status, entry.reason = "not run", f"checkpoint {ckpt}: {err}"
+            echo(f"not run: {', '.join(en.eval.key for en, _ in todo)}: checkpoint {ckpt}: {err}")
+            continue
         for entry, data in todo:
             e = entry.eval
             # a log measured in another frame or of another checkpoint cannot be continued
             stamp = out / "logs" / f"{e.key}.{e.protocol}.settings.json"
             stamped = {"eval": asdict(e), "checkpoint": ckpt, "frame": frame}
-            same = resume and _read_json(stamp) == json.loads(json.dumps(stamped))
-            if resume and not same:
+            prior = _read_json(stamp)
+            same = resume and prior == json.loads(json.dumps(stamped))
+            if resume and prior is not None and not same:
                 echo(f"{e.key}: its log was run under other settings; starting it afresh")
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(json.dumps(stamped) + "\n")

@@ -13,6 +13,7 @@ import segllm.cli
 import segllm.eval.suite as suite_mod
 from segllm.cli import main
 from segllm.default import DEFAULT_MODEL, load_model
+from segllm.errors import CheckpointError
 from segllm.eval.benchmarks import Roots
 from segllm.eval.suite import PAPER_SUITE, RELEASED_CHECKPOINTS, checkpoint_path, run_suite
 from tests.helpers import RELEASED_FIXTURES
@@ -177,6 +178,23 @@ def test_resume_does_not_mix_frames(released_layout, tmp_path, monkeypatch):
     assert "refcoco-val: its log was run under other settings; starting it afresh" in lines
     (third,) = run_suite([e], Roots(root), tmp_path, frame="released", **kw)
     assert asked == [0, 0, 1] and third.result == second.result  # finished under these settings: read back
+
+
+def test_a_checkpoint_that_cannot_load_leaves_only_its_evaluations_not_run(released_layout, tmp_path):
+    root = suite_layout(released_layout)
+    model = load_model()
+
+    def load(ckpt):
+        if ckpt == "mr_paco_checkpoint":
+            raise CheckpointError("not in the cache")
+        return model
+
+    evals = [x for x in PAPER_SUITE if x.key in ("mr-paco", "refcoco-val-lisa")]
+    lisa, paco = run_suite(evals, Roots(root), tmp_path, checkpoints=lambda name: name, load=load)
+    assert (paco.status, paco.reason) == ("not run", "checkpoint mr_paco_checkpoint: not in the cache")
+    assert lisa.status == "done" and lisa.result["conversations"] == 1
+    assert "| mr-paco val | mr_paco_checkpoint | oracle | - | not run: checkpoint mr_paco_checkpoint: not in the cache |" in (
+        tmp_path / "paper.md").read_text()
 
 
 def test_suite_needs_its_checkpoints(released_layout, tmp_path, capsys):
