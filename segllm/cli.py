@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -25,9 +26,10 @@ from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.world import WorldConfig, generate
 from segllm.default import EXAMPLES, load_model
 from segllm.errors import ConversationError, SegLLMError
-from segllm.eval.benchmarks import BENCHMARKS, Roots, open_benchmark, paper_lines
+from segllm.eval.benchmarks import BENCHMARKS, Roots, default_frame, open_benchmark, paper_lines
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
+from segllm.eval.suite import RELEASED_CHECKPOINTS, SUITES, checkpoint_path, run_suite, suite_markdown
 from segllm.model.parts import write_parts
 from segllm.model.quantize import QUANTIZE_MODES
 from segllm.session import Session
@@ -98,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
     ev.add_argument("--protocol", nargs="+", default=None, choices=["oracle", "own"],
                     help="history protocols (default: world both; a paper benchmark its own)")
-    ev.add_argument("--frame", default="original", choices=["original", "released"],
-                    help="metrics at the image's resolution, or as the released code computes them (1024 frame)")
+    ev.add_argument("--frame", default=None, choices=["original", "released"],
+                    help="metrics as the released code computes them (its 1024 decoder frame: the paper's measurement; "
+                         "default for the paper's benchmarks) or at the image's resolution (default for world and "
+                         "dataset folders)")
     ev.add_argument("--data-root", default=None, help="folder with the released layout: images_folder/, annotations_folder/, "
                                                      "conversations_folder/")
     ev.add_argument("--images", default=None, help="images root (overrides DATA_ROOT/images_folder)")
@@ -115,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", choices=["union"], default=None,
                     help="also score a question-blind baseline on the same conversations: 'union' predicts the union of "
                          "all top-level objects every round (world data and dataset folders)")
+    ev.add_argument("--suite", choices=sorted(SUITES), default=None,
+                    help="every evaluation of the paper in one run, each with the released checkpoint and conversation "
+                         "file the original's scripts use; resumable with --resume; report OUT/paper.{md,json} and "
+                         "OUT/paper_rounds.png (needs --data-root and --checkpoints or --checkpoint)")
+    ev.add_argument("--checkpoints", default=None, metavar="ROOT",
+                    help="--suite: a folder holding mr_refcoco_checkpoint/, mr_paco_checkpoint/ and all_data_checkpoint/, "
+                         "or the hub id Marlo-Z/SegLLM (downloads what is not in the cache)")
     ev.set_defaults(func=_eval)
 
     pa = sub.add_parser("parts", help="write the real pretrained parts (SmolLM2 LLM, DINOv2 vision tower, LiteMedSAM decoder) into a folder")
@@ -412,6 +423,9 @@ def _merge_lora(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th conversation and
     writes its own log; the main process merges the logs into the report."""
+    if args.suite:
+        return _eval_suite(args)
+    args.frame = args.frame or default_frame(args.benchmark)
     if args.baseline and args.frame != "original":
         print("error: --baseline is scored at the original resolution only (leave --frame as is)", file=sys.stderr)
         return 2
@@ -445,7 +459,7 @@ def _eval(args: argparse.Namespace) -> int:
     frame = f"the released code's way: {size}x{size} decoder frame, padding included" if args.frame == "released" else "original resolution"
     print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at {frame})"))
     if args.benchmark:
-        for line in paper_lines(args.benchmark, split, results):
+        for line in paper_lines(args.benchmark, split, results, template=args.template):
             print(line)
     skipped = max(len(r.skipped) for r in results)
     if skipped:
@@ -457,6 +471,30 @@ def _eval(args: argparse.Namespace) -> int:
     paths = write_reports(results, args.out, name=args.name, meta=meta)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    """``segllm eval --suite paper``: one process; each released checkpoint loads once."""
+    if not args.data_root:
+        print("error: --suite needs --data-root (the released layout)", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run and write the whole suite
+        print("error: --suite runs in one process (not under torchrun / accelerate launch)", file=sys.stderr)
+        return 2
+    roots = Roots(Path(args.data_root), Path(args.images) if args.images else None, Path(args.annotations) if args.annotations else None)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoints = {name: checkpoint_path(name, root=args.checkpoints, single=args.checkpoint) for name in RELEASED_CHECKPOINTS}
+    frame = args.frame or "released"
+    entries = run_suite(
+        SUITES[args.suite], roots, args.out, checkpoints=checkpoints.__getitem__,
+        load=lambda ckpt: load_model(ckpt, revision=args.revision, device=device, dtype=DTYPES[args.dtype]),
+        frame=frame, size=args.size, batch_size=args.batch_size, resume=args.resume, progress=True,
+        meta={"suite": args.suite, "checkpoints": checkpoints, "data_root": args.data_root, "dtype": args.dtype},
+        echo=print,
+    )
+    print(suite_markdown(entries, meta={"frame": frame, "size": args.size}))
+    print(f"wrote {Path(args.out) / 'paper.md'}, {Path(args.out) / 'paper.json'}, {Path(args.out) / 'paper_rounds.png'}")
+    return 0 if any(e.status == "done" for e in entries) else 1
 
 
 def _eval_data(args: argparse.Namespace):

@@ -1,8 +1,14 @@
-"""The paper's benchmarks: how each one's data is opened, its default protocol, and the
-published figures to print next to a result (SEGLLM_FACTS section 5).
+"""The paper's benchmarks: how each one's data is opened, its default protocol and metric frame,
+and the published figures to print next to a result (SEGLLM_FACTS section 5).
 
 Data paths default to the released folder layout under one root (``images_folder/``,
 ``annotations_folder/``, ``conversations_folder/``); each root can be given on its own.
+
+Published figures are kept per setting (benchmark, split, question template): a setting the
+paper's tables do not cover has none, and is reported as "no published figure", never with the
+figure of a neighbouring setting (the default template's for another template, say). Every
+benchmark here is measured by default as the paper measured it, in the released code's frame
+(see :func:`default_frame`).
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ _MR = {
     "mr-refcocog": {2: (61.3, 65.4, 79.2), 3: (52.1, 57.8, 76.0), 4: (56.0, 55.4, 77.1), 5: (47.5, 49.4, 66.9),
                     6: (39.9, 40.8, 68.9), 7: (55.1, 57.8, 71.0), 8: (36.3, 38.4, 54.9)},
 }
-# SegLLM's single-round cIoU as reported by others; ReasonSeg (gIoU, cIoU).
+# SegLLM's single-round cIoU as reported by others, with SegLLM's own question ("Segment the X.");
+# ReasonSeg (gIoU, cIoU).
 _SINGLE = {
     "refcoco": {"val": 80.2, "testA": 81.5, "testB": 75.4},
     "refcoco+": {"val": 70.3, "testA": 73.0, "testB": 62.5},
     "refcocog": {"val": 72.6, "test": 73.6},
 }
 _REASONSEG = {"val": (57.2, 54.3), "test": (52.4, 48.4)}
+# Not on file: MR-PACO's per-round figures and the RefCOCO figures with LISA's and SESAME's
+# question templates. The paper has tables for both, but their text could not be read where these
+# figures were collected; until they are added here (with their table), those settings print
+# "no published figure" rather than a figure of another setting.
 
 
 @dataclass(frozen=True)
@@ -105,25 +116,73 @@ def open_benchmark(name: str, roots: Roots, *, split: str, conversations: str | 
     return data, f"reasonseg {split} ({len(data)} images)"
 
 
-def paper_lines(name: str, split: str, results: list[EvalResult]) -> list[str]:
-    """Lines comparing ``results`` with the published figures, where the benchmark has them."""
+def default_frame(benchmark: str | None) -> str:
+    """The metric frame an evaluation uses unless told otherwise: "released" (the released code's
+    1024 decoder frame, as the paper measured) for the paper's benchmarks and released
+    conversation files, "original" (the image's resolution) for the world and dataset folders."""
+    return "released" if benchmark in BENCHMARKS else "original"
+
+
+def published(name: str, split: str = "val", template: str = "segllm") -> dict[str, Any] | None:
+    """The published figures of one setting, or None where the paper's tables give none.
+
+    Returns ``{"source": str, "rounds": {round: {"LISA": v, "GLaMM": v, "SegLLM": v}}}`` (per-round
+    cIoU, percent) for the multi-round benchmarks, else ``{"source": str, "SegLLM": {metric: v}}``
+    (cIoU; ReasonSeg also gIoU). ``template`` is the question template of a single-round RefCOCO
+    run: only SegLLM's own ("segllm") has figures on file.
+    """
+    if name in _MR and split == "val":
+        rounds = {k: dict(zip(("LISA", "GLaMM", "SegLLM"), v)) for k, v in _MR[name].items()}
+        return {"source": "SegLLM paper, MR-RefCOCO table (per-round cIoU, own history)", "rounds": rounds}
+    if name in _SINGLE and template == "segllm" and split in _SINGLE[name]:
+        return {"source": "SegLLM's single-round cIoU as reported", "SegLLM": {"cIoU": _SINGLE[name][split]}}
+    if name == "reasonseg" and split in _REASONSEG:
+        giou, ciou = _REASONSEG[split]
+        return {"source": "SegLLM's ReasonSeg figures as reported", "SegLLM": {"gIoU": giou, "cIoU": ciou}}
+    return None
+
+
+def setting_label(name: str, split: str, template: str = "segllm") -> str:
+    """How a setting is named in printed lines and reports, e.g. "refcoco val (lisa template)"."""
+    label = f"{name} {split}" if split else name
+    return label + (f" ({template} template)" if template != "segllm" else "")
+
+
+def frame_label(frame: str) -> str:
+    """Which measurement a result is, for printed lines next to published figures."""
+    return "released frame, as the paper" if frame == "released" else "original resolution, not the paper's measurement"
+
+
+def paper_lines(name: str, split: str, results: list[EvalResult], *, template: str = "segllm") -> list[str]:
+    """Lines comparing ``results`` with the published figures of exactly this setting (benchmark,
+    split, question template), or saying that there is no published figure; each names the
+    frame the result was measured in. The generic ``released`` benchmark (any file) gets none."""
+    if name not in BENCHMARKS or name == "released":
+        return []
+    label = setting_label(name, split, template)
+    figures = published(name, split, template)
     lines: list[str] = []
-    if name in _MR:
-        lines.append(f"published per-round cIoU on {name} (LISA / GLaMM / SegLLM; own-history protocol):")
+    if figures is None:
         for r in results:
-            for k in sorted(_MR[name]):
+            m = r.metrics.get("all")
+            ours = f"cIoU {m['cIoU']:.1f}" + (f" gIoU {m['mIoU']:.1f}" if name == "reasonseg" else "") if m else "no masks"
+            lines.append(f"{label}: here ({r.protocol}, {frame_label(r.frame)}) {ours}   no published figure")
+        return lines
+    if "rounds" in figures:
+        lines.append(f"published per-round cIoU on {label} (LISA / GLaMM / SegLLM; own-history protocol):")
+        for r in results:
+            for k, fig in sorted(figures["rounds"].items()):
                 m = r.metrics.get(str(k))
                 ours = f"{m['cIoU']:.1f}" if m else "-"
-                lisa, glamm, segllm = _MR[name][k]
-                lines.append(f"  round {k}: here ({r.protocol}) {ours:>5}   paper {lisa} / {glamm} / {segllm}")
-    elif name in _SINGLE and split in _SINGLE[name]:
-        for r in results:
-            lines.append(f"{name} {split} cIoU: here ({r.protocol}) {r.metrics['all']['cIoU']:.1f}   SegLLM (reported) {_SINGLE[name][split]}")
-    elif name == "reasonseg":
-        for r in results:
-            m = r.metrics["all"]
-            line = f"reasonseg {split}: here ({r.protocol}) gIoU {m['mIoU']:.1f} cIoU {m['cIoU']:.1f} (ignore regions left out, as LISA)"
-            if split in _REASONSEG:
-                line += f"   SegLLM (reported) gIoU {_REASONSEG[split][0]} cIoU {_REASONSEG[split][1]}"
-            lines.append(line)
+                lines.append(f"  round {k}: here ({r.protocol}, {frame_label(r.frame)}) {ours:>5}   "
+                             f"paper {fig['LISA']} / {fig['GLaMM']} / {fig['SegLLM']}")
+        return lines
+    seg = figures["SegLLM"]
+    for r in results:
+        m = r.metrics["all"]
+        if name == "reasonseg":
+            lines.append(f"{label}: here ({r.protocol}, {frame_label(r.frame)}) gIoU {m['mIoU']:.1f} cIoU {m['cIoU']:.1f}"
+                         f"   SegLLM (reported) gIoU {seg['gIoU']} cIoU {seg['cIoU']}")
+        else:
+            lines.append(f"{label} cIoU: here ({r.protocol}, {frame_label(r.frame)}) {m['cIoU']:.1f}   SegLLM (reported) {seg['cIoU']}")
     return lines

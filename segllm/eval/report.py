@@ -40,10 +40,19 @@ def write_reports(results: list[EvalResult], out: str | Path, *, name: str = "ev
 
 def plot_rounds(series: dict[str, EvalResult], path: Path, *, title: str = "", metric: str = "cIoU") -> None:
     """A line per series: ``metric`` against the round number (0-100 on the y axis)."""
-    W, H, L, R, T, B = 560, 360, 50, 130, 30, 40
+    values = {label: {int(k): m[metric] for k, m in r.metrics.items() if k != "all"} for label, r in series.items()}
+    plot_series(values, path, title=f"{title} {metric}")
+
+
+def plot_series(series: dict[str, dict[int, float]], path: Path, *, title: str = "", dashed: set[str] = frozenset()) -> None:
+    """A line per series of (round -> value, 0-100) against the round number, as a PNG.
+
+    A series in ``dashed`` is drawn dashed with hollow markers; one named ``"X (paper)"`` takes
+    the colour of series ``"X"`` (published figures beside ours)."""
+    W, H, L, R, T, B = 640, 360, 50, 190, 30, 40
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
-    rounds = sorted({int(k) for r in series.values() for k in r.metrics if k != "all"}) or [1]
+    rounds = sorted({k for s in series.values() for k in s}) or [1]
     x_of = lambda k: L + (W - L - R) * ((k - rounds[0]) / max(1, rounds[-1] - rounds[0]))  # noqa: E731
     y_of = lambda v: T + (H - T - B) * (1 - v / 100)  # noqa: E731
     for v in range(0, 101, 20):
@@ -52,14 +61,22 @@ def plot_rounds(series: dict[str, EvalResult], path: Path, *, title: str = "", m
     for k in rounds:
         d.text((x_of(k) - 3, H - B + 8), str(k), fill="black")
     d.text((L + (W - L - R) // 2 - 20, H - 18), "round", fill="black")
-    d.text((L, 8), f"{title} {metric} by round", fill="black")
-    for i, (label, r) in enumerate(series.items()):
-        c = COLOURS[i % len(COLOURS)]
-        pts = [(x_of(int(k)), y_of(m[metric])) for k, m in sorted(r.metrics.items(), key=lambda t: (t[0] == "all", t[0].zfill(4))) if k != "all" and m[metric] == m[metric]]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
+    d.text((L, 8), f"{title} by round", fill="black")
+    own = [label for label in series if not (label in dashed and label.endswith(" (paper)") and label[:-8] in series)]
+    for i, label in enumerate(series):
+        base = label[:-8] if label not in own else label
+        c = COLOURS[own.index(base) % len(COLOURS)]
+        pts = [(x_of(k), y_of(v)) for k, v in sorted(series[label].items()) if v == v]  # NaN: no point
+        for a, b in zip(pts, pts[1:]):
+            if label in dashed:  # Pillow draws no dashes: short pieces of the segment
+                for t in range(0, 10, 2):
+                    d.line([(a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10),
+                            (a[0] + (b[0] - a[0]) * (t + 1) / 10, a[1] + (b[1] - a[1]) * (t + 1) / 10)], fill=c, width=2)
+            else:
+                d.line([a, b], fill=c, width=2)
         for x, y in pts:
-            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=c)
-        d.line([(W - R + 10, T + 10 + 18 * i), (W - R + 30, T + 10 + 18 * i)], fill=c, width=3)
-        d.text((W - R + 35, T + 4 + 18 * i), label, fill="black")
+            d.ellipse((x - 3, y - 3, x + 3, y + 3), outline=c, fill="white" if label in dashed else c)
+        y = T + 10 + 18 * i
+        d.line([(W - R + 10, y), (W - R + 30, y)], fill=c, width=3 if label not in dashed else 1)
+        d.text((W - R + 35, y - 6), label, fill="black")
     im.save(path)

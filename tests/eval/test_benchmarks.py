@@ -11,7 +11,8 @@ from PIL import Image
 
 from segllm.cli import main
 from segllm.data.benchmark_readers import TEMPLATES, ReasonSegData, RefcocoSentences, read_templates
-from segllm.eval.evaluate import evaluate, read_logs
+from segllm.eval.benchmarks import default_frame, paper_lines, published
+from segllm.eval.evaluate import EvalResult, evaluate, read_logs
 from segllm.eval.metrics import RoundMetrics, mask_scores, released_frame_gt
 
 
@@ -134,7 +135,9 @@ def test_sharded_logs_merge_to_the_single_process_result(tmp_path):
 @pytest.mark.parametrize(
     "args, expect",
     [
-        (["--benchmark", "refcoco", "--split", "testA", "--template", "lisa"], "SegLLM (reported) 81.5"),
+        (["--benchmark", "refcoco", "--split", "testA"], "SegLLM (reported) 81.5"),
+        # LISA's question: its own figure or none, never the default question's 81.5
+        (["--benchmark", "refcoco", "--split", "testA", "--template", "lisa"], "(lisa template): here (oracle, released frame, as the paper) cIoU"),
         (["--benchmark", "reasonseg", "--split", "train"], "gIoU"),
         (["--benchmark", "released", "--conversations", "all_data_mix_train/mix.json"], "skipped"),
         (["--benchmark", "mr-refcoco", "--conversations", "all_data_mix_train/mix.json",
@@ -180,3 +183,64 @@ def test_two_process_eval_matches_one_process(tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         assert two[k]["n"] == one[k]["n"] and two[k]["cIoU"] == pytest.approx(one[k]["cIoU"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "benchmark, frame",
+    [(None, "original"), ("world", "original"), ("folder", "original"), ("mr-refcoco", "released"),
+     ("mr-refcoco+", "released"), ("mr-refcocog", "released"), ("mr-paco", "released"), ("released", "released"),
+     ("refcoco", "released"), ("refcoco+", "released"), ("refcocog", "released"), ("reasonseg", "released")],
+)
+def test_default_frame_per_benchmark(benchmark, frame):
+    """The paper's benchmarks are measured as the paper measured them unless told otherwise;
+    the world and own data folders keep the image's resolution."""
+    assert default_frame(benchmark) == frame
+
+
+def _result(frame="released", protocol="oracle", **rounds):
+    metrics = {k: {"cIoU": v, "mIoU": v / 2, "P@0.5": 0.0, "n": 1} for k, v in rounds.items()}
+    return EvalResult(protocol, metrics, 1, frame=frame)
+
+
+def test_published_figures_belong_to_one_setting():
+    assert published("refcoco", "testA")["SegLLM"] == {"cIoU": 81.5}
+    assert published("refcoco", "val", template="lisa") is None  # never the default template's figure
+    assert published("refcocog", "testA") is None  # refcocog has no testA
+    assert published("mr-paco", "val") is None
+    assert published("mr-refcoco", "val")["rounds"][2] == {"LISA": 60.6, "GLaMM": 59.5, "SegLLM": 81.9}
+    assert published("reasonseg", "test")["SegLLM"] == {"gIoU": 52.4, "cIoU": 48.4}
+
+
+def test_paper_line_of_a_template_variant_with_and_without_a_figure():
+    res = [_result(all=55.25)]
+    (with_figure,) = paper_lines("refcoco", "val", res)
+    assert with_figure == "refcoco val cIoU: here (oracle, released frame, as the paper) 55.2   SegLLM (reported) 80.2"
+    (without,) = paper_lines("refcoco", "val", res, template="lisa")
+    assert without == "refcoco val (lisa template): here (oracle, released frame, as the paper) cIoU 55.2   no published figure"
+    (own_file,) = paper_lines("refcoco+", "testB", res, template="my_templates.txt")
+    assert own_file.endswith("no published figure") and "62.5" not in own_file
+
+
+def test_paper_lines_of_mr_paco_and_of_the_frame():
+    (paco,) = paper_lines("mr-paco", "val", [_result(all=40.0, **{"1": 50.0, "2": 30.0})])
+    assert paco == "mr-paco val: here (oracle, released frame, as the paper) cIoU 40.0   no published figure"
+    lines = paper_lines("mr-refcoco", "val", [_result(frame="original", protocol="own", **{"2": 70.0, "all": 70.0})])
+    assert lines[1] == "  round 2: here (own, original resolution, not the paper's measurement)  70.0   paper 60.6 / 59.5 / 81.9"
+    assert lines[2].split("   paper ")[0].endswith("    -")  # round 3 is not in the data
+    assert paper_lines("released", "val", [_result(all=1.0)]) == []
+
+
+@pytest.mark.parametrize("args, frame", [([], "released"), (["--frame", "original"], "original")])
+def test_benchmark_eval_reports_its_frame(released_layout, tmp_path, capsys, args, frame):
+    """Without --frame a paper benchmark is measured in the released frame; the printed output and
+    the JSON say which frame was used."""
+    rc = main(["eval", "--data-root", str(released_layout["root"]), "--out", str(tmp_path), "--name", "f",
+               "--benchmark", "refcoco", "--split", "testA", *args])
+    out = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert report["meta"]["frame"] == frame and report["results"][0]["frame"] == frame
+    if frame == "released":
+        assert "128x128 decoder frame" in out and "released frame, as the paper" in out
+    else:
+        assert "metrics at original resolution" in out and "not the paper's measurement" in out
