@@ -5,7 +5,8 @@ Starts ``segllm demo``'s app on the bundled model (or a checkpoint) in a subproc
 with one ``gradio_client`` client per session, all sessions of a repeat at once. Each session
 gets its own image (a different example, size and tint) and its own questions, tagged with the
 session's number, and every answer is checked against that session: the overlay has the
-session's image size and equals its image outside the returned masks, the legend lists exactly
+session's image size (enlarged by a whole factor, as the demo shows small images) and equals
+its image outside the returned masks, the legend lists exactly
 its own questions, the zip's masks and session.json have its size and rounds. A session whose
 answer shows anything else counts as cross-talk.
 
@@ -88,7 +89,7 @@ def start_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen
     log = open(work / "server.log", "w")  # noqa: SIM115 (open for the subprocess's lifetime)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"error: the demo exited with {proc.returncode}; see {work / 'server.log'}")
@@ -98,7 +99,7 @@ def start_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    sys.exit("error: the demo did not answer within 180 s")
+    sys.exit(f"error: the demo did not answer within {args.start_timeout:g} s")
 
 
 def check_loopback(url: str) -> None:
@@ -203,6 +204,9 @@ def check_answer(out, i: int, r: int, image: np.ndarray, questions: list[str]) -
     if asked != [q for q in questions[: r + 1]]:
         problems.append(f"session.json questions {asked}")
     ov = np.asarray(Image.open(overlay_path).convert("RGB"))
+    k = ov.shape[0] // h
+    if k > 1 and ov.shape[:2] == (k * h, k * w):
+        ov = ov[::k, ::k]  # a small image is shown enlarged by a whole factor (the demo's display_scale)
     if ov.shape[:2] != (h, w):
         problems.append(f"overlay {ov.shape[1]}x{ov.shape[0]}, the image {w}x{h}")
     elif union.shape == ov.shape[:2]:
@@ -271,6 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds per session (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=20, help="repeats, each with new sessions (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=3600, help="seconds for the whole run (default: %(default)s)")
+    p.add_argument("--start-timeout", type=float, default=600,
+                   help="seconds the started demo may take to answer (imports and model load; default: %(default)s)")
     p.add_argument("--url", help="a running demo (loopback only) instead of starting one")
     p.add_argument("--server-pid", type=int, help="with --url: the server's process id, for its RSS")
     p.add_argument("--temp-dir", action="append", default=[], help="with --url: a server temp folder to measure (repeatable)")
