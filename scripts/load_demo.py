@@ -218,12 +218,13 @@ def check_answer(out, i: int, r: int, image: np.ndarray, questions: list[str]) -
     return problems
 
 
-def run_session(url: str, i: int, rounds: int, inputs, stats: Stats, deadline: float, downloads: Path, close: bool) -> None:
+def run_session(url: str, i: int, rounds: int, inputs, stats: Stats, deadline: float, downloads: Path, close: bool,
+                http_timeout: float = 60.0) -> None:
     path, image, questions = inputs
     folder = downloads / f"s{i}-{time.monotonic_ns()}"
     client = None
     try:
-        client = Client(url, verbose=False, download_files=str(folder))
+        client = Client(url, verbose=False, download_files=str(folder), httpx_kwargs={"timeout": http_timeout})
 
         def call(*a, api_name):
             left = deadline - time.monotonic()
@@ -277,6 +278,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, default=3600, help="seconds for the whole run (default: %(default)s)")
     p.add_argument("--start-timeout", type=float, default=600,
                    help="seconds the started demo may take to answer (imports and model load; default: %(default)s)")
+    p.add_argument("--http-timeout", type=float, default=60,
+                   help="seconds a client waits for one HTTP answer (httpx's own default, 5 s, counts a slow answer "
+                        "on a loaded machine as an error; a browser waits) (default: %(default)s)")
     p.add_argument("--url", help="a running demo (loopback only) instead of starting one")
     p.add_argument("--server-pid", type=int, help="with --url: the server's process id, for its RSS")
     p.add_argument("--temp-dir", action="append", default=[], help="with --url: a server temp folder to measure (repeatable)")
@@ -314,14 +318,16 @@ def main(argv=None) -> int:
         rows = []
         print(f"demo at {url}; {args.sessions} sessions x {args.rounds} rounds x {args.repeats} repeats; "
               f"time limit {args.time_limit:.0f} s", flush=True)
-        print(f"before: RSS {rss_mb(pid) or float('nan'):.0f} MB, temp {folder_size(temps)[0]:.2f} MB", flush=True)
+        before_rss = rss_mb(pid)
+        print(f"before: RSS {before_rss or float('nan'):.0f} MB, temp {folder_size(temps)[0]:.2f} MB", flush=True)
         for rep in range(1, args.repeats + 1):
             if time.monotonic() >= deadline:
                 print(f"time limit reached before repeat {rep}", flush=True)
                 break
             t = time.monotonic()
             threads = [
-                threading.Thread(target=run_session, args=(url, i, args.rounds, inputs[i], stats, deadline, downloads, not args.abandon))
+                threading.Thread(target=run_session, args=(url, i, args.rounds, inputs[i], stats, deadline, downloads, not args.abandon,
+                                                            args.http_timeout))
                 for i in range(args.sessions)
             ]
             for th in threads:
@@ -362,7 +368,8 @@ def main(argv=None) -> int:
         print(f"wall time {time.monotonic() - start:.0f} s")
         if args.json:
             Path(args.json).write_text(json.dumps(
-                {"sessions": args.sessions, "rounds": args.rounds, "repeats": args.repeats, "per_repeat": rows,
+                {"sessions": args.sessions, "rounds": args.rounds, "repeats": args.repeats, "http_timeout": args.http_timeout,
+                 "before_rss_mb": before_rss, "wall_s": round(time.monotonic() - start, 1), "per_repeat": rows,
                  "latency": per_round, "errors": stats.errors, "crosstalk": stats.crosstalk, "rss_growth_5_to_last": growth},
                 indent=1, default=float))
         return 1 if stats.errors or stats.crosstalk else 0
