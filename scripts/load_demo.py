@@ -5,7 +5,8 @@ Starts ``segllm demo``'s app on the bundled model (or a checkpoint) in a subproc
 with one ``gradio_client`` client per session, all sessions of a repeat at once. Each session
 gets its own image (a different example, size and tint) and its own questions, tagged with the
 session's number, and every answer is checked against that session: the overlay has the
-session's image size and equals its image outside the returned masks, the legend lists exactly
+session's image size (enlarged by a whole factor, as the demo shows small images) and equals
+its image outside the returned masks, the legend lists exactly
 its own questions, the zip's masks and session.json have its size and rounds. A session whose
 answer shows anything else counts as cross-talk.
 
@@ -88,7 +89,7 @@ def start_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen
     log = open(work / "server.log", "w")  # noqa: SIM115 (open for the subprocess's lifetime)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"error: the demo exited with {proc.returncode}; see {work / 'server.log'}")
@@ -98,7 +99,7 @@ def start_server(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    sys.exit("error: the demo did not answer within 180 s")
+    sys.exit(f"error: the demo did not answer within {args.start_timeout:g} s")
 
 
 def check_loopback(url: str) -> None:
@@ -203,6 +204,9 @@ def check_answer(out, i: int, r: int, image: np.ndarray, questions: list[str]) -
     if asked != [q for q in questions[: r + 1]]:
         problems.append(f"session.json questions {asked}")
     ov = np.asarray(Image.open(overlay_path).convert("RGB"))
+    k = ov.shape[0] // h
+    if k > 1 and ov.shape[:2] == (k * h, k * w):
+        ov = ov[::k, ::k]  # a small image is shown enlarged by a whole factor (the demo's display_scale)
     if ov.shape[:2] != (h, w):
         problems.append(f"overlay {ov.shape[1]}x{ov.shape[0]}, the image {w}x{h}")
     elif union.shape == ov.shape[:2]:
@@ -214,12 +218,13 @@ def check_answer(out, i: int, r: int, image: np.ndarray, questions: list[str]) -
     return problems
 
 
-def run_session(url: str, i: int, rounds: int, inputs, stats: Stats, deadline: float, downloads: Path, close: bool) -> None:
+def run_session(url: str, i: int, rounds: int, inputs, stats: Stats, deadline: float, downloads: Path, close: bool,
+                http_timeout: float = 60.0) -> None:
     path, image, questions = inputs
     folder = downloads / f"s{i}-{time.monotonic_ns()}"
     client = None
     try:
-        client = Client(url, verbose=False, download_files=str(folder))
+        client = Client(url, verbose=False, download_files=str(folder), httpx_kwargs={"timeout": http_timeout})
 
         def call(*a, api_name):
             left = deadline - time.monotonic()
@@ -271,6 +276,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="rounds per session (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=20, help="repeats, each with new sessions (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=3600, help="seconds for the whole run (default: %(default)s)")
+    p.add_argument("--start-timeout", type=float, default=600,
+                   help="seconds the started demo may take to answer (imports and model load; default: %(default)s)")
+    p.add_argument("--http-timeout", type=float, default=60,
+                   help="seconds a client waits for one HTTP answer (httpx's own default, 5 s, counts a slow answer "
+                        "on a loaded machine as an error; a browser waits) (default: %(default)s)")
     p.add_argument("--url", help="a running demo (loopback only) instead of starting one")
     p.add_argument("--server-pid", type=int, help="with --url: the server's process id, for its RSS")
     p.add_argument("--temp-dir", action="append", default=[], help="with --url: a server temp folder to measure (repeatable)")
@@ -308,14 +318,16 @@ def main(argv=None) -> int:
         rows = []
         print(f"demo at {url}; {args.sessions} sessions x {args.rounds} rounds x {args.repeats} repeats; "
               f"time limit {args.time_limit:.0f} s", flush=True)
-        print(f"before: RSS {rss_mb(pid) or float('nan'):.0f} MB, temp {folder_size(temps)[0]:.2f} MB", flush=True)
+        before_rss = rss_mb(pid)
+        print(f"before: RSS {before_rss or float('nan'):.0f} MB, temp {folder_size(temps)[0]:.2f} MB", flush=True)
         for rep in range(1, args.repeats + 1):
             if time.monotonic() >= deadline:
                 print(f"time limit reached before repeat {rep}", flush=True)
                 break
             t = time.monotonic()
             threads = [
-                threading.Thread(target=run_session, args=(url, i, args.rounds, inputs[i], stats, deadline, downloads, not args.abandon))
+                threading.Thread(target=run_session, args=(url, i, args.rounds, inputs[i], stats, deadline, downloads, not args.abandon,
+                                                            args.http_timeout))
                 for i in range(args.sessions)
             ]
             for th in threads:
@@ -356,7 +368,8 @@ def main(argv=None) -> int:
         print(f"wall time {time.monotonic() - start:.0f} s")
         if args.json:
             Path(args.json).write_text(json.dumps(
-                {"sessions": args.sessions, "rounds": args.rounds, "repeats": args.repeats, "per_repeat": rows,
+                {"sessions": args.sessions, "rounds": args.rounds, "repeats": args.repeats, "http_timeout": args.http_timeout,
+                 "before_rss_mb": before_rss, "wall_s": round(time.monotonic() - start, 1), "per_repeat": rows,
                  "latency": per_round, "errors": stats.errors, "crosstalk": stats.crosstalk, "rss_growth_5_to_last": growth},
                 indent=1, default=float))
         return 1 if stats.errors or stats.crosstalk else 0

@@ -452,7 +452,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not state.is_main_process:
         return 0
     if state.num_processes > 1:
-        results = [read_logs(logs[p], protocol=p, frame=args.frame) for p in protocols]
+        results = [read_logs(logs[p], protocol=p, frame=args.frame, dataset=data) for p in protocols]
     if args.baseline == "union":
         results.append(evaluate_baseline(data, limit=args.size))
     size = model.decoder.image_size

@@ -7,6 +7,9 @@ uploads over ``max_upload_mb``. Conversations are dropped with everything they h
 files) when their tab closes, when idle ``idle_timeout`` seconds or beyond ``max_sessions``.
 """
 
+import ctypes
+import ctypes.util
+import gc
 import html
 import io
 import json
@@ -51,6 +54,38 @@ _EXPIRED_REMEMBERED = 4096  # dropped session ids kept to explain "your session 
 
 
 DISPLAY_SIDE = 512  # small images are shown enlarged to about this many pixels
+RECLAIM_SETTLE = 0.5  # seconds after a conversation is dropped before its memory is reclaimed (a burst reclaims once)
+
+
+def reclaim_memory() -> bool:
+    """Free what the dropped conversations held and give it back to the system: a full garbage
+    collection (objects in reference cycles: Gradio's per-request objects), then glibc's
+    ``malloc_trim(0)``, which returns the free pages of every malloc arena (the handler threads'
+    arenas otherwise keep them, and the server's resident memory only grows). Returns whether
+    the trim ran (False off glibc)."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+_LIBC: list = []  # [malloc_trim or None], looked up once
+
+
+def _malloc_trim():
+    if not _LIBC:
+        fn = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            fn = getattr(libc, "malloc_trim", None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        except OSError:
+            fn = None
+        _LIBC.append(fn)
+    return _LIBC[0]
 
 
 @dataclass
@@ -70,7 +105,9 @@ class SessionStore:
     ``capacity`` are live (least recently used first), or when its browser tab closes; dropping
     it deletes its files and lets go of the :class:`Session` (image, masks, caches), so nothing
     it held stays alive. ``sweep`` runs the idle check; :meth:`start_sweeper` runs it every
-    ``interval`` seconds in a daemon thread so idle memory is given back without traffic.
+    ``interval`` seconds in a daemon thread so idle memory is given back without traffic, and
+    soon after any conversation is dropped it also gives the freed memory back to the system
+    (:func:`reclaim_memory`; ``reclaims`` counts how often).
     """
 
     def __init__(self, model, capacity: int = MAX_SESSIONS, *, idle_timeout: float = IDLE_TIMEOUT,
@@ -88,6 +125,8 @@ class SessionStore:
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._released = threading.Event()  # a conversation was dropped since the last reclaim
+        self.reclaims = 0
 
     @contextmanager
     def use(self, key: str):
@@ -135,16 +174,27 @@ class SessionStore:
         return len(stale)
 
     def start_sweeper(self, interval: float | None = None, also=None) -> threading.Thread:
-        """Sweep every ``interval`` seconds (default: a tenth of the idle timeout, 5 s to 60 s),
-        calling ``also()`` after each sweep."""
+        """Sweep every ``interval`` seconds (default: a tenth of the idle timeout, 5 s to 60 s)
+        and ``RECLAIM_SETTLE`` seconds after a conversation is dropped, calling ``also()`` and
+        then :func:`reclaim_memory` after each sweep."""
         every = interval if interval is not None else min(60.0, max(5.0, self.idle_timeout / 10))
 
         def loop():
-            while not self._stop.wait(every):
+            # wakes every `every` seconds, and soon after a conversation is dropped (a closed tab,
+            # the cap): then what it held is given back to the system, not kept by the allocator
+            while True:
+                dropped = self._released.wait(every)
+                if dropped:
+                    self._stop.wait(RECLAIM_SETTLE)  # the other tabs of a burst close meanwhile
+                if self._stop.is_set():
+                    return
                 try:
                     self.sweep()
+                    self._released.clear()  # what the sweep dropped is reclaimed now, once
                     if also is not None:
                         also()
+                    reclaim_memory()
+                    self.reclaims += 1
                 except Exception:  # the sweeper must outlive any one failure; the next sweep retries
                     log.exception("demo session sweep failed")
 
@@ -155,6 +205,7 @@ class SessionStore:
     def close(self) -> None:
         """Stop the sweeper, drop every conversation and delete the store's folder."""
         self._stop.set()
+        self._released.set()  # wakes the sweeper to see the stop
         with self._lock:
             for k in list(self._items):
                 self._release_locked(k, remember=False)
@@ -176,6 +227,7 @@ class SessionStore:
         shutil.rmtree(entry.folder, ignore_errors=True)
         entry.files.clear()
         entry.session = None  # the store held the only reference: image, masks and caches go now
+        self._released.set()
         if remember:
             self._expired[key] = None
             while len(self._expired) > _EXPIRED_REMEMBERED:

@@ -239,6 +239,37 @@ def test_store_drops_idle_and_over_cap_sessions_and_everything_they_hold(model, 
     assert not (tmp_path / "store").exists()
 
 
+def test_a_dropped_conversation_is_reclaimed_soon_even_in_a_reference_cycle(model, tmp_path):
+    """Closing a tab wakes the sweeper (not its next interval): a garbage collection frees what
+    the conversation held even through a reference cycle, and glibc gives the pages back."""
+    import gc
+    import platform
+    import time
+
+    from segllm.demo import reclaim_memory
+
+    store = SessionStore(model, 4, idle_timeout=600, folder=tmp_path / "store", max_new_tokens=8)
+    store.start_sweeper(interval=300)
+    gc.disable()  # only the store's own collection may free the cycle
+    try:
+        with store.use("a") as entry:
+            entry.session.me = entry.session  # a cycle: reference counting alone never frees it
+            held = weakref.ref(entry.session)
+        del entry
+        assert store.reclaims == 0
+        store.drop("a")
+        deadline = time.monotonic() + 20
+        while store.reclaims == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.reclaims == 1, "no reclaim within 20 s of the drop (the sweeper waits 300 s)"
+        assert held() is None, "the dropped session is still alive"
+    finally:
+        gc.enable()
+        store.close()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert reclaim_memory() is True  # malloc_trim found and called
+
+
 def test_a_conversation_keeps_one_overlay_and_one_zip_and_drops_them_when_it_ends(server):
     demo, url = server
     store = demo.segllm_store

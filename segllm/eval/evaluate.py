@@ -109,14 +109,17 @@ class _Log:
         return cls(int(d["index"]), masks, None, int(d.get("empty_refs", 0)), int(d.get("no_seg_answers", 0)))
 
 
-def read_logs(paths, *, protocol: str, frame: Frame = "original") -> EvalResult:
+def read_logs(paths, *, protocol: str, frame: Frame = "original", dataset=None) -> EvalResult:
     """An :class:`EvalResult` from evaluation logs (one or several processes' files).
 
     Lines that cannot be parsed (a run killed mid-write) are ignored; a conversation logged
-    twice counts once.
+    twice counts once. ``dataset``: the one evaluated; the records it dropped while reading its
+    files (which no log line holds) count as skipped, first, as :func:`evaluate` counts them.
     """
     metrics, diag = RoundMetrics(), Diagnostics()
     result = EvalResult(protocol, {}, 0, frame=frame)
+    if dataset is not None:
+        result.skipped.extend(_unreadable(dataset))
     seen: set[int] = set()
     for path in paths:
         for entry in _read_log(Path(path)):

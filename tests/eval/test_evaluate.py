@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from segllm.conversation import Conversation, Round
-from segllm.eval.evaluate import evaluate, format_table
+from segllm.eval.evaluate import evaluate, format_table, read_logs
 from segllm.eval.report import write_reports
 from segllm.session import Reply
 
@@ -119,6 +119,13 @@ def test_skipped_records_are_reported(tmp_path):
     # several processes: the dropped lines are counted once, by rank 0
     other = evaluate(Oracle(gts), WithBad([conv, conv, conv]), protocol="oracle", rank=1, world_size=2)
     assert other.skipped == [("record 1", "broken")]
+    # ... and the main process's merge of the ranks' logs (segllm eval under two processes) keeps
+    # the dropped lines, which no log holds: the same report as one process
+    logs = [tmp_path / f"l.rank{k}.jsonl" for k in (0, 1)]
+    for k in (0, 1):
+        evaluate(Oracle(gts), WithBad([conv, conv, conv]), protocol="oracle", rank=k, world_size=2, log_path=logs[k])
+    merged = read_logs(logs, protocol="oracle", dataset=WithBad([conv, conv, conv]))
+    assert sorted(merged.skipped) == sorted(r.skipped) and merged.to_dict() == r.to_dict()
     paths = write_reports([r], tmp_path, name="x")
     assert [p.name for p in paths] == ["x.json", "x.csv", "x_ciou.png"]
     assert "oracle,1,100.00" in (tmp_path / "x.csv").read_text()
