@@ -43,11 +43,13 @@ def _entries(path: str | Path, allowed: tuple[str, ...], required: tuple[str, ..
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict) or "datasets" not in data:
+    if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'datasets' list")
     unknown = sorted(set(data) - {"datasets"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: ['datasets'])")
+    if "datasets" not in data:
+        raise ConfigError(f"{path}: expected a mapping with a 'datasets' list")
     items = data["datasets"]
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{path}: 'datasets' must be a non-empty list")
