@@ -563,7 +563,9 @@ def _data_check(args: argparse.Namespace) -> int:
     benchmarks = args.benchmark if args.benchmark or args.mix else [
         b for b in BENCHMARKS if BENCHMARKS[b].kind != "released" or BENCHMARKS[b].conversations or args.conversations]
     for name in benchmarks:
-        conversations = _eval_conversations(args, roots) if BENCHMARKS[name].kind == "released" else None
+        # --conversations is the file of the benchmarks named; checking them all, it is the 'released' one's
+        named = bool(args.benchmark) or name == "released"
+        conversations = _eval_conversations(args, roots) if BENCHMARKS[name].kind == "released" and named else None
         checks.append(check_benchmark(name, roots, split=args.split, conversations=conversations, overrides=overrides))
     for mix in args.mix if args.benchmark or args.mix else list(MIXES):
         checks.append(_mix_check(mix, roots, overrides))

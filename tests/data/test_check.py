@@ -115,6 +115,11 @@ def test_the_command(layout, capsys):
     out = capsys.readouterr().out
     assert "mix all_data_mix: NOT runnable" in out and "benchmark mr-refcoco: NOT runnable" in out
     assert main(["data", "check", root, "--mix", "nonsense"]) == 2
+    # checking everything, --conversations is the 'released' benchmark's file; mr-* keep their usual ones
+    assert main(["data", "check", root, "--conversations", MIX, "--json"]) == 1
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    convs = {name: [n["name"] for n in c["needs"] if n["what"] == "conversations"] for name, c in checks.items()}
+    assert convs["released"] == [MIX] and convs["mr-refcoco"] == ["all_data_mix_val/mr_refcoco_val.json"]
 
 
 def test_eval_stops_before_the_model_loads(layout, capsys, monkeypatch):
