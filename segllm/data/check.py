@@ -130,13 +130,16 @@ class DataCheck:
         self.needs.append(need)
 
     def message(self) -> str:
-        """What is missing and where to get it, for an error that stops a run."""
-        lines = [f"{self.kind} {self.name} cannot run: {len(self.missing)} thing(s) missing from the data"]
+        """What is missing (all on the first line, so a one-line error names it) and, below, where to
+        get each, for an error that stops a run."""
+        what = [f"{n.what} {n.name} ({n.detail or f'not found at {n.path}'})" for n in self.missing]
+        lines = [f"{self.kind} {self.name} cannot run, missing from the data: " + "; ".join(what)]
+        told: set[str] = set()
         for n in self.missing:
-            lines.append(f"  {n.what} {n.name}: not found at {n.path}")
-            if n.source:
-                lines.append(f"    get it: {n.source}")
-        lines.append("(`segllm data check DATA_ROOT` lists what every benchmark and training mix needs)")
+            if n.source and n.source not in told:
+                lines.append(f"  get {n.name}: {n.source}")
+                told.add(n.source)
+        lines.append("  (`segllm data check DATA_ROOT` lists what every benchmark and training mix needs)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,11 +285,10 @@ def check_conversation_files(check: DataCheck, files: Sequence[tuple[str, Path]]
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            check.add(Need("conversations", label, path, False, detail=f"unreadable: {e}", source=source_of("conversations", label)))
+            check.add(Need("conversations", label, path, False, detail=f"cannot read {path}: {e}"))
             continue
         if not isinstance(records, list):
-            check.add(Need("conversations", label, path, False, detail="not a JSON list of records",
-                           source=source_of("conversations", label)))
+            check.add(Need("conversations", label, path, False, detail="expected a JSON list of conversation records"))
             continue
         check.add(Need("conversations", label, path, True, len(records)))
         _scan_records(records, Path(images_root), lookup, check, label)

@@ -173,8 +173,12 @@ def check_benchmark(name: str, roots: Roots, *, split: str = "val", conversation
         conv_root = roots.get("conversations") if roots.root is not None or roots.conversations is not None else None
         files = [(str(p.relative_to(conv_root)) if conv_root and p.is_relative_to(conv_root) else str(p), p)
                  for p in _conversation_paths(name, roots, conversations)]
-        return check_conversation_files(check, files, roots.get("images"), roots.get("annotations"), is_eval=True,
-                                        overrides=overrides)
+        check_conversation_files(check, files, roots.get("images"), roots.get("annotations"), is_eval=True,
+                                 overrides=overrides)
+        for n in check.missing:
+            if n.what == "conversations" and conversations is None and not n.detail:
+                n.detail = "the benchmark's usual file; another with --conversations FILE"
+        return check
     check = DataCheck(f"{name} {split}", "benchmark")
     if bench.kind == "refcoco":
         folder = roots.get("annotations") / name

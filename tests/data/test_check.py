@@ -54,7 +54,8 @@ def test_a_missing_image_set_is_named_with_its_source(layout):
     (missing,) = check.missing
     assert (missing.what, missing.name, missing.records) == ("images", "vg/VG_100K", 1)
     assert "cs.stanford.edu/people/rak248/VG_100K_2" in missing.source
-    assert "vg/VG_100K" in check.message() and "get it" in check.message()
+    assert "images vg/VG_100K (not found at" in check.message().splitlines()[0]
+    assert "get vg/VG_100K: Visual Genome" in check.message()
 
 
 def test_missing_eval_annotations_and_conversation_files(layout):
@@ -129,7 +130,7 @@ def test_eval_stops_before_the_model_loads(layout, capsys, monkeypatch):
     monkeypatch.setattr("segllm.cli.load_model", no_model)
     rc = main(["eval", "--data-root", str(layout["root"]), "--benchmark", "mr-paco", "--out", str(layout["root"] / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "mr_paco_val.json" in err and "get it" in err
+    assert rc == 2 and "mr_paco_val.json" in err and "--conversations FILE" in err and "get all_data_mix_val/mr_paco_val.json" in err
 
 
 def test_train_stops_before_the_model_loads(layout, tmp_path, monkeypatch):
