@@ -132,7 +132,8 @@ class DataCheck:
     def message(self) -> str:
         """What is missing (all on the first line, so a one-line error names it) and, below, where to
         get each, for an error that stops a run."""
-        what = [f"{n.what} {n.name} ({n.detail or f'not found at {n.path}'})" for n in self.missing]
+        what = [f"{n.what} {n.name} (" + (n.detail if n.path.exists() else "; ".join(
+            filter(None, [f"not found at {n.path}", n.detail]))) + ")" for n in self.missing]
         lines = [f"{self.kind} {self.name} cannot run, missing from the data: " + "; ".join(what)]
         told: set[str] = set()
         for n in self.missing:
