@@ -21,12 +21,14 @@ from segllm.bench import main as bench_main
 from segllm.conversation import load_image
 from segllm.convert_weights import pickle_to_safetensors
 from segllm.data.benchmark_readers import read_templates
+from segllm.data.check import MIXES, DataCheck, DataMissingError, check_mix, check_released_mix, format_checks
 from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_coco
 from segllm.data.records import ConversationFolder, WorldConversations
+from segllm.data.released.configs import parse_annotation_overrides, read_annotation_config, read_conversation_config
 from segllm.data.world import WorldConfig, generate
 from segllm.default import EXAMPLES, load_model
 from segllm.errors import ConversationError, SegLLMError
-from segllm.eval.benchmarks import BENCHMARKS, Roots, default_frame, open_benchmark, paper_lines
+from segllm.eval.benchmarks import BENCHMARKS, Roots, check_benchmark, default_frame, open_benchmark, paper_lines
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
 from segllm.eval.suite import RELEASED_CHECKPOINTS, SUITES, checkpoint_path, run_suite, suite_markdown
@@ -34,7 +36,7 @@ from segllm.model.parts import write_parts
 from segllm.model.quantize import QUANTIZE_MODES
 from segllm.session import Session
 from segllm.train.recipe import TrainRecipe
-from segllm.train.trainer import train
+from segllm.train.trainer import check_data, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint-last")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe value, e.g. --set steps=100 --set output_dir=runs/x (VALUE is TOML)")
+    tr.add_argument("--conversation-config", metavar="YAML",
+                    help="the original's conversation config (conversation_configs/train/*.yaml): its files are the "
+                         "training mix (instead of the recipe's data.mix)")
+    tr.add_argument("--conversation-folder", metavar="DIR",
+                    help="the folder the conversation config's files are in (the original's --conversation_folder, "
+                         "e.g. conversations_folder/all_data_mix_train)")
+    _annotation_args(tr)
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="per-round cIoU / mIoU / P@0.5 under the oracle and own history protocols")
@@ -108,7 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "conversations_folder/")
     ev.add_argument("--images", default=None, help="images root (overrides DATA_ROOT/images_folder)")
     ev.add_argument("--annotations", default=None, help="annotations root (overrides DATA_ROOT/annotations_folder)")
-    ev.add_argument("--conversations", default=None, help="a released conversation JSON (mr-* and released benchmarks)")
+    ev.add_argument("--conversations", default=None,
+                    help="a released conversation JSON (mr-* and released benchmarks; default for mr-*: its usual file "
+                         "under conversations_folder/all_data_mix_val/), or the original's conversation config (YAML): "
+                         "its files are evaluated together")
+    ev.add_argument("--conversation-folder", metavar="DIR", default=None,
+                    help="the folder a conversation config's files are in (default: DATA_ROOT/conversations_folder/"
+                         "all_data_mix_val, the original's validation folder)")
+    _annotation_args(ev)
     ev.add_argument("--template", default="segllm", help="refcoco question templates: segllm, lisa, or a file with one "
                                                         "'{sent}' template per line (e.g. SESAME's) (default: %(default)s)")
     ev.add_argument("--max-rounds", type=int, default=None, help="cut conversations to this many rounds")
@@ -127,6 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--suite: a folder holding mr_refcoco_checkpoint/, mr_paco_checkpoint/ and all_data_checkpoint/, "
                          "or the hub id Marlo-Z/SegLLM (downloads what is not in the cache)")
     ev.set_defaults(func=_eval)
+
+    da = sub.add_parser("data", help="data tools: 'segllm data check DATA' says what a data root can run")
+    da_sub = da.add_subparsers(dest="data_command", required=True)
+    dc = da_sub.add_parser("check", help="which of the paper's benchmarks and the released training mixes a data root "
+                                         "can run, what is missing and where to get it (loads no model)")
+    dc.add_argument("root", metavar="DATA", help="the data root (the released layout: images_folder/, annotations_folder/, "
+                                                 "conversations_folder/)")
+    dc.add_argument("--benchmark", action="append", default=[], choices=sorted(BENCHMARKS),
+                    help="check this benchmark only (repeatable; default: every benchmark and mix)")
+    dc.add_argument("--mix", action="append", default=[],
+                    help="check this training mix only (repeatable): a released recipe's (" + ", ".join(MIXES)
+                         + "), a recipe file (.toml: its data as `segllm train` reads it) or the original's conversation "
+                           "config (.yaml: files under DATA/conversations_folder/all_data_mix_train)")
+    dc.add_argument("--split", default="val", help="split of the refcoco and reasonseg benchmarks (default: %(default)s)")
+    dc.add_argument("--conversations", default=None,
+                    help="conversation file of the mr-* and released benchmarks (default for mr-*: the usual one), or "
+                         "the original's conversation config (YAML), as segllm eval takes it")
+    dc.add_argument("--conversation-folder", metavar="DIR", default=None,
+                    help="the folder a conversation config's files are in (default: DATA/conversations_folder/all_data_mix_val)")
+    _annotation_args(dc)
+    dc.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    dc.set_defaults(func=_data_check)
 
     pa = sub.add_parser("parts", help="write the real pretrained parts (SmolLM2 LLM, DINOv2 vision tower, LiteMedSAM decoder) into a folder")
     pa.add_argument("out", help="folder to write llm/, vision/ and decoder/ into (the real-parts recipe expects parts/)")
@@ -219,6 +257,21 @@ def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: b
         p.add_argument("--quantize", default=None, choices=list(QUANTIZE_MODES),
                        help="weight-only 8-bit or 4-bit LLM layers through bitsandbytes (pip install 'segllm[quant]'); "
                             "the rest of the model stays in --dtype")
+
+
+def _annotation_args(p: argparse.ArgumentParser) -> None:
+    """Where the released datasets' masks are: the original's annotation config and single overrides."""
+    p.add_argument("--annotation-config", metavar="YAML", default=None,
+                   help="the original's annotation config (annotation_configs/*.yaml): each dataset's annotation "
+                        "file under the annotations root (path; path_eval for evaluation)")
+    p.add_argument("--annotation", action="append", default=[], metavar="NAME=PATH",
+                   help="a dataset's annotation file or folder (relative to the annotations root, or absolute), over "
+                        "the config; NAME_eval for evaluation's, e.g. reason_seg_eval=reason_seg/annotations/test (repeatable)")
+
+
+def _annotation_overrides(args: argparse.Namespace) -> dict[str, str]:
+    listed = read_annotation_config(args.annotation_config) if args.annotation_config else {}
+    return {**listed, **parse_annotation_overrides(args.annotation)}
 
 
 class _RegionAction(argparse.Action):
@@ -391,6 +444,14 @@ def _train(args: argparse.Namespace) -> int:
             overrides[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             overrides[key] = value  # a bare string
+    if args.conversation_config:
+        overrides.update({"data.conversation_config": args.conversation_config, "data.mix": []})
+    if args.conversation_folder:
+        overrides["data.conversations"] = args.conversation_folder
+    if args.annotation_config:
+        overrides["data.annotation_config"] = args.annotation_config
+    for name, path in parse_annotation_overrides(args.annotation).items():
+        overrides[f"data.annotation_paths.{name}"] = path
     recipe = TrainRecipe.load(args.recipe, overrides)
     summary = train(recipe, resume=args.resume)
     print(f"trained to step {summary.steps}; checkpoint in {recipe.output_dir}/checkpoint-last/model")
@@ -518,9 +579,61 @@ def _eval_data(args: argparse.Namespace):
         Path(args.annotations) if args.annotations else None,
     )
     templates = read_templates(args.template) if BENCHMARKS[args.benchmark].kind == "refcoco" else None
-    data, where = open_benchmark(args.benchmark, roots, split=split, conversations=args.conversations,
-                                 templates=templates, max_rounds=args.max_rounds)
+    conversations = _eval_conversations(args, roots)
+    overrides = _annotation_overrides(args)
+    # the data check first: a missing image set or annotation file stops here, before any model loads
+    check = check_benchmark(args.benchmark, roots, split=split, conversations=conversations, overrides=overrides)
+    if not check.runnable:
+        raise DataMissingError(check)
+    data, where = open_benchmark(args.benchmark, roots, split=split, conversations=conversations,
+                                 templates=templates, max_rounds=args.max_rounds, overrides=overrides)
     return data, where, args.protocol or [BENCHMARKS[args.benchmark].protocol], split
+
+
+def _eval_conversations(args: argparse.Namespace, roots: Roots) -> str | list[str] | None:
+    """``--conversations``: a conversation file, or the files a conversation config (YAML) lists."""
+    given = args.conversations
+    if given is None or Path(given).suffix.lower() not in (".yaml", ".yml"):
+        return given
+    folder = Path(args.conversation_folder) if args.conversation_folder else roots.get("conversations") / "all_data_mix_val"
+    return [str(folder / name) for name in read_conversation_config(given)]
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    roots = Roots(Path(args.root))
+    overrides = _annotation_overrides(args)
+    checks = []
+    benchmarks = args.benchmark if args.benchmark or args.mix else [
+        b for b in BENCHMARKS if BENCHMARKS[b].kind != "released" or BENCHMARKS[b].conversations or args.conversations]
+    for name in benchmarks:
+        # --conversations is the file of the benchmarks named; checking them all, it is the 'released' one's
+        named = bool(args.benchmark) or name == "released"
+        conversations = _eval_conversations(args, roots) if BENCHMARKS[name].kind == "released" and named else None
+        checks.append(check_benchmark(name, roots, split=args.split, conversations=conversations, overrides=overrides))
+    for mix in args.mix if args.benchmark or args.mix else list(MIXES):
+        checks.append(_mix_check(mix, roots, overrides))
+    if args.json:
+        print(json.dumps({"root": str(roots.root), "runnable": all(c.runnable for c in checks),
+                          "checks": [c.to_dict() for c in checks]}, indent=1))
+    else:
+        print(format_checks(checks, root=roots.root))
+    return 0 if all(c.runnable for c in checks) else 1
+
+
+def _mix_check(mix: str, roots: Roots, overrides: dict[str, str]) -> DataCheck:
+    """The data check of a training mix given to ``segllm data check --mix``."""
+    suffix = Path(mix).suffix.lower()
+    if suffix == ".toml":
+        recipe = TrainRecipe.load(mix)
+        check = check_data(recipe) or DataCheck(mix, "mix", notes=["reads no released conversation files"])
+        check.name = mix
+        return check
+    if suffix in (".yaml", ".yml"):
+        folder = roots.get("conversations") / "all_data_mix_train"
+        files = [folder / name for name in read_conversation_config(mix)]
+        return check_mix(mix, files, None, roots.get("images"), roots.get("annotations"), overrides=overrides)
+    return check_released_mix(mix, roots.get("conversations"), roots.get("images"), roots.get("annotations"),
+                              overrides=overrides)
 
 def _demo(args: argparse.Namespace) -> int:
     try:

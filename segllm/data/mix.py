@@ -65,3 +65,40 @@ class MixedConversations:
         if conv is None and len(source.skipped):
             self.skipped.items.append(source.skipped.items[-1])  # the source has logged it
         return conv
+
+
+class ConcatConversations:
+    """Several conversation sources read one after another as one dataset (an evaluation over
+    every file a conversation config lists): index ``i`` runs through the first source, then the
+    next. ``where(i)`` is the source's own (it names the file)."""
+
+    def __init__(self, sources: Sequence) -> None:
+        if not sources:
+            raise ValueError("nothing to concatenate")
+        self.sources = list(sources)
+        self.starts = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
+        self.skipped = Skipped()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _locate(self, index: int) -> tuple[object, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"conversation {index} out of range ({len(self)} in all)")
+        s = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.sources[s], index - self.starts[s]
+
+    def where(self, index: int) -> str:
+        source, j = self._locate(index)
+        return source.where(j)
+
+    def __getitem__(self, index: int) -> Conversation:
+        source, j = self._locate(index)
+        return source[j]
+
+    def get(self, index: int) -> Conversation | None:
+        source, j = self._locate(index)
+        conv = source.get(j)
+        if conv is None and len(source.skipped):
+            self.skipped.items.append(source.skipped.items[-1])  # the source has logged it
+        return conv

@@ -13,12 +13,18 @@ benchmark here is measured by default as the paper measured it, in the released 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segllm.data.benchmark_readers import ReasonSegData, RefcocoSentences
+from segllm.data.benchmark_readers import REFS_FILE, ReasonSegData, RefcocoSentences
+from segllm.data.check import DataCheck, check_conversation_files, image_need, path_need
+from segllm.data.mix import ConcatConversations
+from segllm.data.records import RecordError
 from segllm.data.released.convert import ReleasedConversations
+from segllm.data.released.masks import MaskLookup
+from segllm.data.released.refer import load_refs
 from segllm.eval.evaluate import EvalResult
 
 # Published per-round cIoU on MR-RefCOCO/+/g (val), LISA / GLaMM / SegLLM.
@@ -46,17 +52,31 @@ _REASONSEG = {"val": (57.2, 54.3), "test": (52.4, 48.4)}
 
 @dataclass(frozen=True)
 class Benchmark:
+    """A benchmark of the paper. ``conversations``, ``annotations`` and ``images`` are what a
+    released-kind benchmark reads besides what its records name: its usual conversation file
+    (under ``conversations_folder/``), the datasets of the original's annotation config for it and
+    its image sets; the data check lists them even when the conversation file is missing."""
+
     name: str
     kind: str  # "released" (a released conversation file), "refcoco" (REFER files), "reasonseg"
     protocol: str  # the paper's history protocol
     help: str
+    conversations: str | None = None
+    annotations: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()
+
+
+def _mr(name: str, protocol: str, dataset: str, image_set: str, what: str) -> Benchmark:
+    file = f"all_data_mix_val/{name.replace('-', '_')}_val.json"
+    return Benchmark(name, "released", protocol, f"multi-round {what} (a released conversation file, usually {file})",
+                     file, (dataset,), (image_set,))
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "mr-refcoco": Benchmark("mr-refcoco", "released", "own", "multi-round RefCOCO (a released conversation file)"),
-    "mr-refcoco+": Benchmark("mr-refcoco+", "released", "own", "multi-round RefCOCO+ (a released conversation file)"),
-    "mr-refcocog": Benchmark("mr-refcocog", "released", "own", "multi-round RefCOCOg (a released conversation file)"),
-    "mr-paco": Benchmark("mr-paco", "released", "oracle", "multi-round PACO (a released conversation file)"),
+    "mr-refcoco": _mr("mr-refcoco", "own", "refcoco", "coco/train2014", "RefCOCO"),
+    "mr-refcoco+": _mr("mr-refcoco+", "own", "refcoco+", "coco/train2014", "RefCOCO+"),
+    "mr-refcocog": _mr("mr-refcocog", "own", "refcocog", "coco/train2014", "RefCOCOg"),
+    "mr-paco": _mr("mr-paco", "oracle", "paco_lvis", "coco/train2017", "PACO"),
     "released": Benchmark("released", "released", "oracle", "any released conversation file"),
     "refcoco": Benchmark("refcoco", "refcoco", "oracle", "single-round RefCOCO from the REFER files"),
     "refcoco+": Benchmark("refcoco+", "refcoco", "oracle", "single-round RefCOCO+ from the REFER files"),
@@ -83,9 +103,42 @@ class Roots:
         return Path(self.root) / f"{which}_folder"
 
 
-def open_benchmark(name: str, roots: Roots, *, split: str, conversations: str | None = None,
-                   templates: list[str] | None = None, max_rounds: int | None = None) -> tuple[Any, str]:
+def _conversation_paths(name: str, roots: Roots, conversations: str | Sequence[str] | None) -> list[Path]:
+    """The conversation file(s) of a released-kind benchmark: those given (a relative path that
+    is not there is looked for under the conversations root), else the benchmark's usual one."""
+    if conversations is None:
+        if BENCHMARKS[name].conversations is None:
+            raise ValueError(f"{name}: pass --conversations FILE (a released conversation JSON, e.g. under conversations_folder/)")
+        return [roots.get("conversations") / BENCHMARKS[name].conversations]
+    out = []
+    for c in [conversations] if isinstance(conversations, str | Path) else conversations:
+        path = Path(c)
+        if not path.is_absolute() and not path.exists() and (roots.root is not None or roots.conversations is not None):
+            path = roots.get("conversations") / path
+        out.append(path)
+    return out
+
+
+def _reasonseg_folders(roots: Roots, split: str) -> tuple[Path, Path]:
+    """(images, annotations) folders of a ReasonSeg split."""
+    if roots.images is not None and roots.annotations is None:  # LISA's layout: jpg and json side by side
+        return Path(roots.images) / split, Path(roots.images) / split
+    images = roots.get("images") / "reason_seg" / "images" / split if roots.images is None else Path(roots.images) / split
+    return images, roots.get("annotations") / "reason_seg" / "annotations" / split
+
+
+def _refcoco_images(roots: Roots) -> Path:
+    return Path(roots.images) if roots.images is not None else roots.get("images") / "coco" / "train2014"
+
+
+def open_benchmark(name: str, roots: Roots, *, split: str, conversations: str | Sequence[str] | None = None,
+                   templates: list[str] | None = None, max_rounds: int | None = None,
+                   overrides: Mapping[str, str] | None = None) -> tuple[Any, str]:
     """The dataset of benchmark ``name`` and a description of it.
+
+    ``conversations``: a released-kind benchmark's conversation file, or several (read as one
+    dataset, in order); ``overrides``: where datasets' masks are, as :class:`MaskLookup` takes them
+    (from an annotation config and ``--annotation``), for released conversation files.
 
     Raises:
         ValueError: an unknown benchmark or missing paths (the message says what to pass).
@@ -95,23 +148,15 @@ def open_benchmark(name: str, roots: Roots, *, split: str, conversations: str | 
         raise ValueError(f"unknown benchmark {name!r}: one of {sorted(BENCHMARKS)}")
     bench = BENCHMARKS[name]
     if bench.kind == "released":
-        if conversations is None:
-            raise ValueError(f"{name}: pass --conversations FILE (a released conversation JSON, e.g. under conversations_folder/)")
-        path = Path(conversations)
-        if not path.is_absolute() and not path.exists() and roots.root is not None:
-            path = roots.get("conversations") / path
-        data = ReleasedConversations(path, roots.get("images"), roots.get("annotations"), max_rounds=max_rounds, is_eval=True)
-        return data, f"{name} ({path}, {len(data)} conversations)"
+        paths = _conversation_paths(name, roots, conversations)
+        lookup = MaskLookup(roots.get("annotations"), overrides=overrides, is_eval=True)
+        parts = [ReleasedConversations(p, roots.get("images"), lookup.root, max_rounds=max_rounds, lookup=lookup) for p in paths]
+        data = parts[0] if len(parts) == 1 else ConcatConversations(parts)
+        return data, f"{name} ({', '.join(map(str, paths))}, {len(data)} conversations)"
     if bench.kind == "refcoco":
-        images = roots.images if roots.images is not None else roots.get("images") / "coco" / "train2014"
-        data = RefcocoSentences(roots.get("annotations"), images, dataset=name, split=split, templates=templates)
+        data = RefcocoSentences(roots.get("annotations"), _refcoco_images(roots), dataset=name, split=split, templates=templates)
         return data, f"{name} {split} ({len(data)} sentences)"
-
-    if roots.images is not None and roots.annotations is None:  # LISA's layout: jpg and json side by side
-        images = annotations = Path(roots.images) / split
-    else:
-        images = roots.get("images") / "reason_seg" / "images" / split if roots.images is None else Path(roots.images) / split
-        annotations = roots.get("annotations") / "reason_seg" / "annotations" / split
+    images, annotations = _reasonseg_folders(roots, split)
     data = ReasonSegData(images, annotations)
     return data, f"reasonseg {split} ({len(data)} images)"
 
@@ -151,6 +196,65 @@ def setting_label(name: str, split: str, template: str = "segllm") -> str:
 def frame_label(frame: str) -> str:
     """Which measurement a result is, for printed lines next to published figures."""
     return "released frame, as the paper" if frame == "released" else "original resolution, not the paper's measurement"
+
+
+def check_benchmark(name: str, roots: Roots, *, split: str = "val", conversations: str | Sequence[str] | None = None,
+                    overrides: Mapping[str, str] | None = None) -> DataCheck:
+    """What benchmark ``name`` needs from the data and whether it is there (no model, no masks
+    decoded): the conversation file(s) with their record counts and the image sets and
+    annotations their records use (released kind), the REFER files and the split's refs and
+    sentences (refcoco kind), or the split's folders and files (reasonseg).
+
+    Raises:
+        ValueError: an unknown benchmark, or no data root where one is needed.
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}: one of {sorted(BENCHMARKS)}")
+    bench = BENCHMARKS[name]
+    if bench.kind == "released":
+        check = DataCheck(name, "benchmark")
+        lookup = MaskLookup(roots.get("annotations"), overrides=overrides, is_eval=True)
+        for d in bench.annotations:
+            check.add(path_need("annotations", f"{d} ({lookup.path(d).relative_to(lookup.root)})", lookup.path(d), key=d))
+        for s in bench.images:
+            check.add(image_need(roots.get("images"), s))
+        conv_root = roots.get("conversations") if roots.root is not None or roots.conversations is not None else None
+        files = [(str(p.relative_to(conv_root)) if conv_root and p.is_relative_to(conv_root) else str(p), p)
+                 for p in _conversation_paths(name, roots, conversations)]
+        check_conversation_files(check, files, roots.get("images"), roots.get("annotations"), is_eval=True,
+                                 overrides=overrides)
+        for n in check.missing:
+            if n.what == "conversations" and conversations is None and not n.detail:
+                n.detail = "the benchmark's usual file; another with --conversations FILE"
+        return check
+    check = DataCheck(f"{name} {split}", "benchmark")
+    if bench.kind == "refcoco":
+        folder = roots.get("annotations") / name
+        check.add(path_need("annotations", f"{name}/instances.json", folder / "instances.json", key=name))
+        refs = path_need("annotations", f"{name}/{REFS_FILE[name]}", folder / REFS_FILE[name], key=name)
+        if refs.present:
+            try:
+                mine = [r for r in load_refs(refs.path) if isinstance(r, dict) and r.get("split") == split]
+            except RecordError as e:
+                refs.present, refs.detail = False, f"unreadable: {e}"
+            else:
+                refs.records = sum(len(r.get("sentences") or ()) for r in mine)
+                refs.detail = f"{len(mine)} refs, {refs.records} sentences in {split}"
+                if not mine:
+                    refs.present, refs.detail = False, f"no refs in split {split!r}"
+        check.add(refs)
+        images = _refcoco_images(roots)
+        check.add(path_need("images", "coco/train2014" if roots.images is None else str(images), images, key="coco/train2014"))
+        return check
+    images, annotations = _reasonseg_folders(roots, split)
+    check.add(path_need("images", f"reason_seg/images/{split}", images, key="reason_seg"))
+    ann = path_need("annotations", f"reason_seg/annotations/{split}", annotations, key="reason_seg")
+    if ann.present:
+        ann.records = sum(1 for _ in annotations.glob("*.json"))
+        if not ann.records:
+            ann.present, ann.detail = False, "no .json files"
+    check.add(ann)
+    return check
 
 
 def paper_lines(name: str, split: str, results: list[EvalResult], *, template: str = "segllm") -> list[str]:

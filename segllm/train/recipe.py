@@ -13,6 +13,8 @@ from typing import Any, Literal
 from segllm import presets
 from segllm.checkpoint import load_config
 from segllm.config import LoraConfig, LossConfig, SegLLMConfig, from_dict
+from segllm.data.released.configs import read_annotation_config, read_conversation_config
+from segllm.data.released.masks import DATASETS, EVAL_SUFFIX
 from segllm.decoders.hipie import HipieDecoderConfig
 from segllm.errors import ConfigError
 from segllm.hub import resolve_folder
@@ -111,18 +113,56 @@ class DataRecipe:
     ``images_folder`` and ``annotations_folder``).
     ``mix``: several such sources for training instead of ``train``: as in the released recipes,
     each global batch draws one source uniformly, then samples from it with replacement.
+    ``conversation_config``: the original's conversation config (YAML, as it ships in
+    ``conversation_configs/train/``) instead of ``mix``: the files it lists, in the folder
+    ``conversations`` (the original's ``--conversation_folder``), are the mix.
+    ``annotation_config``: the original's annotation config (YAML, ``annotation_configs/``): where
+    each dataset's masks are under ``annotations`` (``path``; ``path_eval`` for validation);
+    ``annotation_paths`` overrides single datasets on top of it (``{lvis = "lvis/mine.json"}``;
+    a name with ``_eval`` for validation's file). Unlisted datasets keep the released layout's files.
     """
 
     train: str = "world"
     val: str = "world"
     mix: tuple[str, ...] = ()
+    conversation_config: str | None = None
+    conversations: str | None = None
     images: str | None = None
     annotations: str | None = None
+    annotation_config: str | None = None
+    annotation_paths: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     train_size: int = 1_000_000
     val_size: int = 200
     max_rounds: int = 8
     world: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.conversation_config and self.mix:
+            raise ConfigError("data.conversation_config and data.mix both name the training mix: give one")
+        if self.conversation_config and not self.conversations:
+            raise ConfigError("data.conversation_config needs data.conversations, the folder its files are in "
+                              "(the original's --conversation_folder, e.g. conversations_folder/all_data_mix_train)")
+        for name in self.annotation_paths:
+            if name.removesuffix(EVAL_SUFFIX) not in DATASETS:
+                raise ConfigError(f"data.annotation_paths: unknown dataset {name!r} (known: {', '.join(DATASETS)}, or with '_eval')")
+
+    def train_sources(self) -> tuple[str, ...]:
+        """The training sources: the conversation config's files, ``mix``, or ``train`` alone.
+
+        Raises:
+            ConfigError: an unreadable conversation config (naming the file and the problem).
+        """
+        if self.conversation_config:
+            names = read_conversation_config(self.conversation_config)
+            return tuple(str(Path(self.conversations) / n) for n in names)
+        return tuple(self.mix) or (self.train,)
+
+    def annotation_overrides(self) -> dict[str, str]:
+        """Dataset name -> annotation file or folder (relative to ``annotations``): the annotation
+        config's entries, then ``annotation_paths`` over them."""
+        listed = read_annotation_config(self.annotation_config) if self.annotation_config else {}
+        return {**listed, **self.annotation_paths}
 
 
 @dataclass

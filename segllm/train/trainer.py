@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 
 from segllm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, usual_permissions
 from segllm.config import from_dict
+from segllm.data.check import DataCheck, DataMissingError, check_mix
 from segllm.data.mix import MixedConversations
 from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.released.convert import ReleasedConversations
@@ -58,22 +59,46 @@ class TrainSummary:
     output_dir: str = ""
 
 
-def build_datasets(recipe: TrainRecipe, *, processes: int = 1):
-    """(train, val) datasets of the recipe; ``processes`` sizes the global batch of a mix."""
+def check_data(recipe: TrainRecipe) -> DataCheck | None:
+    """The data check of a recipe's released conversation files (see :mod:`segllm.data.check`):
+    the files, the image sets and the annotations their records use; None when the recipe reads
+    none (world data, dataset folders)."""
     d = recipe.data
+    sources = d.train_sources()
+    train = [s for s in sources if s.endswith(".json")]
+    val = d.val if d.val.endswith(".json") else None
+    if not train and val is None:
+        return None
+    if d.images is None or d.annotations is None:
+        raise ValueError(f"data source {(train or [val])[0]} is a released conversation file: set data.images and data.annotations")
+    return check_mix("of this recipe", train, val, d.images, d.annotations, overrides=d.annotation_overrides())
+
+
+def build_datasets(recipe: TrainRecipe, *, processes: int = 1):
+    """(train, val) datasets of the recipe; ``processes`` sizes the global batch of a mix.
+
+    Released conversation files are checked first (:func:`check_data`): missing files, image
+    sets or annotations raise :class:`DataMissingError` listing them, before anything is read.
+    """
+    d = recipe.data
+    check = check_data(recipe)
+    if check is not None and not check.runnable:
+        raise DataMissingError(check)
+    overrides = d.annotation_overrides()
 
     def make(source: str, split: str, size: int):
         if source == "world":
             return WorldConversations(split, size, seed=d.seed, config=WorldConfig.from_dict(d.world), max_rounds=d.max_rounds)
         if source.endswith(".json"):
-            if d.images is None or d.annotations is None:
-                raise ValueError(f"data source {source} is a released conversation file: set data.images and data.annotations")
-            return ReleasedConversations(source, d.images, d.annotations, max_rounds=d.max_rounds)
+            # validation reads the evaluation annotations (path_eval), as the original's evaluation does
+            return ReleasedConversations(source, d.images, d.annotations, max_rounds=d.max_rounds, overrides=overrides,
+                                         is_eval=split == "val")
         return ConversationFolder(source, max_rounds=d.max_rounds)
 
-    if d.mix:
+    sources = d.train_sources()
+    if d.mix or d.conversation_config:
         global_batch = recipe.batch_size * processes * recipe.grad_accum
-        train_set = MixedConversations([make(s, "train", d.train_size) for s in d.mix], global_batch=global_batch, seed=d.seed)
+        train_set = MixedConversations([make(s, "train", d.train_size) for s in sources], global_batch=global_batch, seed=d.seed)
     else:
         train_set = make(d.train, "train", d.train_size)
     return train_set, make(d.val, "val", d.val_size)

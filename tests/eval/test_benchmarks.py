@@ -132,6 +132,12 @@ def test_sharded_logs_merge_to_the_single_process_result(tmp_path):
         assert merged.metrics[k]["cIoU"] == pytest.approx(v["cIoU"])
 
 
+# the miniature has no evaluation files for pascal and reason_seg (the data check would stop the
+# run): evaluation reads the training ones instead
+TRAIN_AS_EVAL = ["--annotation", "pascal_eval=pascal/pascal_labels.json",
+                 "--annotation", "reason_seg_eval=reason_seg/annotations/train"]
+
+
 @pytest.mark.parametrize(
     "args, expect",
     [
@@ -139,11 +145,12 @@ def test_sharded_logs_merge_to_the_single_process_result(tmp_path):
         # LISA's question: its own figure or none, never the default question's 81.5
         (["--benchmark", "refcoco", "--split", "testA", "--template", "lisa"], "(lisa template): here (oracle, released frame, as the paper) cIoU"),
         (["--benchmark", "reasonseg", "--split", "train"], "gIoU"),
-        (["--benchmark", "released", "--conversations", "all_data_mix_train/mix.json"], "skipped"),
+        (["--benchmark", "released", "--conversations", "all_data_mix_train/mix.json", *TRAIN_AS_EVAL], "skipped"),
         (["--benchmark", "mr-refcoco", "--conversations", "all_data_mix_train/mix.json",
-          "--max-rounds", "3"], "paper"),
+          "--max-rounds", "3", *TRAIN_AS_EVAL], "paper"),
         (["--benchmark", "refcoco", "--split", "train", "--frame", "released"], "128x128 decoder frame"),
-        (["--benchmark", "mr-paco", "--conversations", "all_data_mix_train/mix.json", "--protocol", "oracle", "own"], "own cIoU"),
+        (["--benchmark", "mr-paco", "--conversations", "all_data_mix_train/mix.json", "--protocol", "oracle", "own",
+          *TRAIN_AS_EVAL], "own cIoU"),
     ],
 )
 def test_segllm_eval_per_benchmark(released_layout, tmp_path, capsys, args, expect):
