@@ -8,6 +8,7 @@ when any object (or part) would keep less than ``min_visible`` of its own area.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,7 @@ CATEGORIES: list[dict] = (
 CATEGORY_IDS: dict[str, int] = {c["name"]: c["id"] for c in CATEGORIES}
 
 
+@functools.cache
 def texture_colour(colour: str) -> tuple[int, int, int]:
     """The second colour of a textured object: a lighter tint of dark colours, a darker shade of
     light ones."""
@@ -344,15 +346,16 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
             grid = _GRADIENT_GRIDS.get(size)
             if grid is None:
                 yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
-                grid = _GRADIENT_GRIDS[size] = (_frozen(yy), _frozen(xx))
-            yy, xx = grid
-            t = (xx - 0.5) * np.cos(ang) + (yy - 0.5) * np.sin(ang)
+                grid = _GRADIENT_GRIDS[size] = (_frozen(yy - 0.5), _frozen(xx - 0.5))
+            yc, xc = grid  # yy - 0.5, xx - 0.5
+            t = xc * np.cos(ang) + yc * np.sin(ang)
             t = (t - t.min()) / max(1e-9, t.max() - t.min())
             img = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
         else:  # mild noise
             img = a[None, None] + rng.uniform(-12, 12, size=(size, size, 1))
             img = img + rng.uniform(-4, 4, size=(size, size, 3))
-    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+    np.rint(img, out=img)  # np.round to 0 decimals
+    return np.clip(img, 0, 255, out=img).astype(np.uint8)
 
 
 def _sample_spec(rng: np.random.Generator, composite_prob: float,
@@ -519,14 +522,24 @@ def _record(oid: int, kind: str, shape: str, colour: str, size: str, texture: st
     every pixel of the mask (it is searched instead of the whole image)."""
     if box is None:
         ys, xs = np.nonzero(mask)
-    else:
-        y0, x0, h, w = box
-        ys, xs = np.nonzero(mask[y0:y0 + h, x0:x0 + w])
-        ys += y0
-        xs += x0
-    bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-            int(ys.max() - ys.min() + 1))
+        bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                int(ys.max() - ys.min() + 1))
+        return WorldObject(id=oid, kind=kind, shape=shape, colour=colour, size=size,
+                           texture=texture, parent=parent, parts=parts,
+                           cx=float(xs.mean()) + 0.5, cy=float(ys.mean()) + 0.5,
+                           area=int(len(xs)), bbox=bbox)
+    # the same from the pixel counts of the box's rows and columns: the sums of coordinates
+    # are exact integers, and xs.mean() is their float sum over the count (exact below 2**53)
+    y0, x0, h, w = box
+    sub = mask[y0:y0 + h, x0:x0 + w]
+    rows = np.count_nonzero(sub, axis=1)
+    cols = np.count_nonzero(sub, axis=0)
+    n = int(rows.sum())
+    ry = np.flatnonzero(rows)
+    rx = np.flatnonzero(cols)
+    sy = int(rows @ np.arange(y0, y0 + h)) / n
+    sx = int(cols @ np.arange(x0, x0 + w)) / n
+    bbox = (int(x0 + rx[0]), int(y0 + ry[0]), int(rx[-1] - rx[0] + 1), int(ry[-1] - ry[0] + 1))
     return WorldObject(id=oid, kind=kind, shape=shape, colour=colour, size=size,
                        texture=texture, parent=parent, parts=parts,
-                       cx=float(xs.mean()) + 0.5, cy=float(ys.mean()) + 0.5,
-                       area=int(len(xs)), bbox=bbox)
+                       cx=sx + 0.5, cy=sy + 0.5, area=n, bbox=bbox)

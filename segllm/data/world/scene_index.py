@@ -15,6 +15,7 @@ memoised by (relation, parameters, references, head). Its answers equal ``evalua
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,6 +25,10 @@ from segllm.data.world.scene import MIXED, PARTS, WorldObject
 _PART_RELATIONS = ("part_name", "part_extreme", "part_colour")
 _DIR_OF = {v: k for k, v in _DIR_REL.items()}
 _PARTS = frozenset(PARTS)
+_ATTR_INDEX = {a: i for i, a in enumerate(ATTRS)}
+# (attribute values, attributes a head may name) -> per number of attributes, the heads in
+# itertools.combinations order, as (number of attributes, head key)
+_HEAD_TABLES: dict[tuple, list[list[tuple[int, HeadKey]]]] = {}
 
 HeadKey = tuple  # (size, colour, texture, shape), None where the head does not say
 
@@ -67,12 +72,18 @@ class SceneIndex:
         cy = [o.cy for o in self.objects]
         self.coord = {"left": cx, "right": [-v for v in cx], "top": cy, "bottom": [-v for v in cy]}
         self.area = [o.area for o in self.objects]
+        self._cx = np.array(cx, dtype=np.float64)
+        self._cy = np.array(cy, dtype=np.float64)
         self._related: dict[int, int] = {}
         self._cones: dict[tuple[int, str], tuple[int, int]] = {}
         self._dist: dict[int, list[float]] = {}
         self._head_masks: dict[HeadKey, int] = {}
-        self._memo: dict[tuple, tuple[int, int]] = {}
-        self._heads: dict[tuple[int, tuple[str, ...]], HeadKey] = {}
+        self._denoters: dict[tuple, Callable[[HeadKey], tuple[int, int]]] = {}
+
+    def release(self) -> None:
+        """Drop the memoised answers (their functions refer back to the index: a reference
+        cycle), so that the index is freed as soon as it is no longer used."""
+        self._denoters.clear()
 
     # -- tables ---------------------------------------------------------------------------------
 
@@ -86,15 +97,6 @@ class SceneIndex:
                     m &= self.attr_masks[a].get(v, 0)
             self._head_masks[hk] = m
         return m
-
-    def head_key(self, pos: int, combo: tuple[str, ...]) -> HeadKey:
-        """The head naming the attributes ``combo`` of ``objects[pos]``."""
-        key = (pos, combo)
-        hk = self._heads.get(key)
-        if hk is None:
-            vals = self.values[pos]
-            hk = self._heads[key] = tuple(v if a in combo else None for a, v in zip(ATTRS, vals))
-        return hk
 
     def n_matching(self, hk: HeadKey) -> int:
         """How many objects a head phrase alone matches (parts for a part's name, else top-level)."""
@@ -140,7 +142,8 @@ class SceneIndex:
         got = self._dist.get(r)
         if got is None:
             ref = self.objects[r]
-            got = self._dist[r] = [float(np.hypot(o.cx - ref.cx, o.cy - ref.cy)) for o in self.objects]
+            # evaluate's float(np.hypot(o.cx - ref.cx, o.cy - ref.cy)), for every o at once
+            got = self._dist[r] = np.hypot(self._cx - ref.cx, self._cy - ref.cy).tolist()
         return got
 
     # -- the checker ----------------------------------------------------------------------------
@@ -202,106 +205,167 @@ class SceneIndex:
                colour: str | None = None) -> tuple[int, int]:
         """(possible, definite) denotations as bit masks, for references given as positions in
         ``objects`` (see :func:`~segllm.data.world.language.evaluate`)."""
-        key = (rel, refs, hk, direction, rank, attr, part, colour)
-        got = self._memo.get(key)
-        if got is None:
-            got = self._memo[key] = self._denote(rel, refs, hk, direction, rank, attr, part, colour)
-        return got
+        return self.denoter(rel, refs, direction, rank, attr, part, colour)(hk)
 
-    def _denote(self, rel, refs, hk, direction, rank, attr, part, colour) -> tuple[int, int]:
+    def denoter(self, rel: str, refs: tuple[int, ...], direction: str | None = None,
+                rank: int | None = None, attr: str | None = None, part: str | None = None,
+                colour: str | None = None) -> Callable[[HeadKey], tuple[int, int]]:
+        """The function head key -> :meth:`denote` of one relation with its parameters and
+        references; it remembers its answers by the set of objects the head leaves."""
+        key = (rel, refs, direction, rank, attr, part, colour)
+        f = self._denoters.get(key)
+        if f is None:
+            f = self._denoters[key] = self._make_denoter(rel, refs, direction, rank, attr, part, colour)
+        return f
+
+    def _make_denoter(self, rel, refs, direction, rank, attr, part, colour):
         objects = self.objects
+        if direction not in self.coord:
+            direction = "bottom"  # language._coord: any other direction is "bottom"
         if rel in _PART_RELATIONS:
             parts = [self.pos[i] for i in objects[refs[0]].parts]
-            if rel == "part_name":
+            if rel == "part_extreme":
+                pm = 0
+                for i in parts:
+                    pm |= 1 << i
+                res = self._extreme(pm, self.coord[direction])
+            else:
                 out = 0
                 for i in parts:
-                    if objects[i].shape == part:
+                    o = objects[i]
+                    if (o.shape == part) if rel == "part_name" else (o.colour == colour):
                         out |= 1 << i
-                return out, out
-            if rel == "part_colour":
-                out = 0
-                for i in parts:
-                    if objects[i].colour == colour:
-                        out |= 1 << i
-                return out, out
-            pm = 0
-            for i in parts:
-                pm |= 1 << i
-            return self._extreme(pm, self.coord[direction])
+                res = (out, out)
+            return lambda hk: res
         if rel == "whole":
-            if objects[refs[0]].parent is None:
-                return 0, 0
-            w = self.pos[objects[refs[0]].parent]
-            out = self.head_mask(hk) & (1 << w)
-            return out, out
+            parent = objects[refs[0]].parent
+            if parent is None:
+                return lambda hk: (0, 0)
+            bit = 1 << self.pos[parent]
+            head_mask = self.head_mask
 
-        group = self.part_mask if hk[3] in _PARTS else self.top_mask
-        cands = self.head_mask(hk) & group & ~self._banned(refs)
+            def whole(hk: HeadKey) -> tuple[int, int]:
+                out = head_mask(hk) & bit
+                return out, out
+            return whole
 
-        if rel in ("pick", "unique", "other"):
-            if rel == "other":
-                refs[0]  # noqa: B018 - evaluate needs a reference here (IndexError without)
-            return cands, cands
+        fn = self._relation(rel, refs, direction, rank, attr)
+        keep = ~self._banned(refs)
+        top, parts = self.top_mask & keep, self.part_mask & keep
+        head_masks, head_mask = self._head_masks, self.head_mask
+        memo: dict[int, tuple[int, int]] = {}
+
+        def denote(hk: HeadKey) -> tuple[int, int]:
+            hm = head_masks.get(hk)
+            if hm is None:
+                hm = head_mask(hk)
+            c = hm & (parts if hk[3] in _PARTS else top)
+            got = memo.get(c)
+            if got is None:
+                got = memo[c] = fn(c)
+            return got
+        return denote
+
+    def _relation(self, rel, refs, direction, rank, attr) -> Callable[[int], tuple[int, int]]:
+        """The function candidates (a mask) -> (possible, definite) of a relation on top-level
+        objects or parts (evaluate after its head has chosen the candidates)."""
+        if rel in ("pick", "unique"):
+            return lambda c: (c, c)
         if rel == "extreme":
-            return self._extreme(cands, self.coord[direction])
+            keys = self.coord[direction]
+            return lambda c: self._extreme(c, keys)
         if rel == "ordinal":
-            return self._ordinal(cands, self.coord[direction], rank)
+            keys = self.coord[direction]
+            return lambda c: self._ordinal(c, keys, rank)
         if rel in ("largest", "smallest"):
-            return self._by_area(cands, rel == "largest")
+            largest = rel == "largest"
+            return lambda c: self._by_area(c, largest)
 
-        r = refs[0]
-        ref = objects[r]
+        r = refs[0]  # IndexError without a reference, as in evaluate
+        ref = self.objects[r]
         if rel.startswith("same_") or rel.startswith("different_"):
             a = rel.split("_", 1)[1]
             v = getattr(ref, a)
             if v == MIXED:
-                return 0, 0
+                return lambda c: (0, 0)
             m = self.attr_masks[a].get(v, 0)
-            out = cands & m if rel.startswith("same_") else cands & ~m
-            return out, out
+            if not rel.startswith("same_"):
+                m = ~m
+            return lambda c: (c & m, c & m)
+        if rel == "other":
+            return lambda c: (c, c)
         if rel == "colour_and_shape":
-            a, b = (objects[i] for i in refs)
+            a, b = (self.objects[i] for i in refs)
             if a.colour == MIXED or a.id == b.id:
-                return 0, 0
-            out = cands & self.attr_masks["colour"].get(a.colour, 0) & self.attr_masks["shape"].get(b.shape, 0)
-            return out, out
+                return lambda c: (0, 0)
+            m = self.attr_masks["colour"].get(a.colour, 0) & self.attr_masks["shape"].get(b.shape, 0)
+            return lambda c: (c & m, c & m)
         if rel in _DIR_OF:
             p, d = self._cone(r, _DIR_OF[rel])
-            return cands & p, cands & d
+            return lambda c: (c & p, c & d)
         if rel in ("nearest", "farthest"):
             dist = self._distances(r)
             keys = dist if rel == "nearest" else [-1.0 * v for v in dist]
-            return self._extreme(cands, keys)
+            return lambda c: self._extreme(c, keys)
         if rel in ("ordinal_from", "largest_dir", "smallest_dir"):
             p, d = self._cone(r, direction)
-            possible, definite = cands & p, cands & d
-            if possible.bit_count() != definite.bit_count():
-                return possible, 0
-            if rel == "ordinal_from":
-                return self._ordinal(definite, [-v for v in self.coord[direction]], rank)
-            return self._by_area(definite, rel == "largest_dir")
+            keys = [-v for v in self.coord[direction]]
+
+            def towards(c: int) -> tuple[int, int]:
+                possible, definite = c & p, c & d
+                if possible.bit_count() != definite.bit_count():
+                    return possible, 0
+                if rel == "ordinal_from":
+                    return self._ordinal(definite, keys, rank)
+                return self._by_area(definite, rel == "largest_dir")
+            return towards
         if rel in ("bigger", "smaller"):
+            same = self.all_mask
             if attr is not None:
                 v = getattr(ref, attr)
                 if v == MIXED:
-                    return 0, 0
-                cands &= self.attr_masks[attr].get(v, 0)
+                    return lambda c: (0, 0)
+                same = self.attr_masks[attr].get(v, 0)
             ratio, ra = self.margins.ratio, ref.area
-            area = self.area
             possible = definite = 0
-            for i in _bits(cands):
+            for i, area in enumerate(self.area):
                 if rel == "bigger":
-                    if area[i] * ratio > ra:
+                    if area * ratio > ra:
                         possible |= 1 << i
-                    if area[i] > ra * ratio:
+                    if area > ra * ratio:
                         definite |= 1 << i
                 else:
-                    if area[i] < ra * ratio:
+                    if area < ra * ratio:
                         possible |= 1 << i
-                    if area[i] * ratio < ra:
+                    if area * ratio < ra:
                         definite |= 1 << i
-            return possible, definite
+            possible &= same
+            definite &= same
+            return lambda c: (c & possible, c & definite)
         raise ValueError(f"unknown relation {rel!r}")
+
+    def heads(self, pos: int, allowed: tuple[str, ...], rng: np.random.Generator,
+              max_attrs: int = 4) -> list[tuple[int, HeadKey]]:
+        """(number of attributes, head key) of the heads
+        :func:`~segllm.data.world.language.heads_for` builds for ``objects[pos]``, in its order
+        and with the same draws from rng."""
+        vals = self.values[pos]
+        avail = tuple(a for a in allowed if vals[_ATTR_INDEX[a]] != MIXED)
+        key = (vals, avail)
+        table = _HEAD_TABLES.get(key)
+        if table is None:
+            table = _HEAD_TABLES[key] = [
+                [(n, tuple(v if a in combo else None for a, v in zip(ATTRS, vals)))
+                 for combo in itertools.combinations(avail, n)]
+                for n in range(len(avail) + 1)]
+        out: list[tuple[int, HeadKey]] = []
+        for n in range(0, min(max_attrs, len(avail)) + 1):
+            hks = table[n]
+            if len(hks) == 1:
+                out.append(hks[0])  # rng.permutation(1) draws nothing
+            else:
+                out.extend([hks[i] for i in rng.permutation(len(hks)).tolist()])
+        return out
 
     def ref_positions(self, q: Query, targets: list) -> tuple[int, ...] | None:
         """Positions of the query's referenced objects, or None where evaluate finds none."""
@@ -322,8 +386,8 @@ class SceneIndex:
         if refs is None:
             return 0, 0
         h = q.head
-        return self.denote(q.relation, refs, (h.size, h.colour, h.texture, h.shape), q.direction,
-                           q.rank, q.attr, q.part, q.colour)
+        return self.denoter(q.relation, refs, q.direction, q.rank, q.attr, q.part,
+                            q.colour)((h.size, h.colour, h.texture, h.shape))
 
     def unique_id(self, possible: int, definite: int) -> int | None:
         if possible and possible == definite and possible & (possible - 1) == 0:
