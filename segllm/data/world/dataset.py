@@ -7,7 +7,9 @@ is generated and in whichever order.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import gc
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,12 +24,12 @@ from segllm.data.world.scene import (
     CATEGORY_IDS,
     COLOURS,
     MIXED,
-    PARTS,
     SHAPES,
     WorldObject,
     _LayoutError,
     render_scene,
 )
+from segllm.data.world.scene_index import SceneIndex
 from segllm.errors import ConfigError
 
 GENERATOR_VERSION = "segllm-world/1"
@@ -182,10 +184,49 @@ class Sample:
 # -- conversation building -----------------------------------------------------------------------
 
 
+# Draws are written so that they take from the generator exactly what the numpy calls they
+# replace took, and give the same values (``rng.choice(seq)`` is ``seq[rng.integers(len(seq))]``;
+# ``rng.choice(n, p=p)`` searches one ``rng.random()`` in p's cumulative sums), checked by
+# tests/data/test_world_index.py; the conversations themselves are pinned by
+# tests/data/test_world_golden.py.
+_CDFS: dict[tuple[float, ...], list[float]] = {}
+
+
+def _cdf(p: tuple[float, ...]) -> list[float]:
+    """What ``rng.choice(len(p), p=p)`` searches: p's cumulative sums over their last."""
+    c = _CDFS.get(p)
+    if c is None:
+        a = np.asarray(p, dtype=np.float64).cumsum()
+        a /= a[-1]
+        c = _CDFS[p] = a.tolist()
+    return c
+
+
+def _choice_p(rng: np.random.Generator, p: tuple[float, ...]) -> int:
+    """``int(rng.choice(len(p), p=p))``: the same draw from rng and the same index."""
+    return bisect.bisect_right(_cdf(p), rng.random())
+
+
+def _normalised(w: tuple[float, ...]) -> tuple[float, ...]:
+    """``tuple(w / w.sum())`` as numpy computes it."""
+    p = _NORMALISED.get(w)
+    if p is None:
+        a = np.asarray(w, dtype=np.float64)
+        p = _NORMALISED[w] = tuple((a / a.sum()).tolist())
+    return p
+
+
+_NORMALISED: dict[tuple[float, ...], tuple[float, ...]] = {}
+
+
+def _choice(rng: np.random.Generator, seq):
+    """``rng.choice(seq)`` for a sequence of strings or ints, as its element."""
+    return seq[int(rng.integers(len(seq)))]
+
+
 def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
     keys = list(weights)
-    p = np.array([weights[k] for k in keys], dtype=np.float64)
-    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+    return keys[_choice_p(rng, _normalised(tuple(float(weights[k]) for k in keys)))]
 
 
 # how much likelier a reference is to go to a round that is not text-resolvable (a pick round
@@ -200,15 +241,17 @@ def _pick_round(rng: np.random.Generator, targets: list[int], by_id: dict[int, W
     rounds = [k for k in range(1, len(targets) + 1) if ok(by_id[targets[k - 1]])]
     if not rounds:
         return None
-    w = np.array([(3.0 if k == len(targets) else 1.0) * (_OPEN_REF_WEIGHT if k in prefer else 1.0)
-                  for k in rounds])
-    return rounds[int(rng.choice(len(rounds), p=w / w.sum()))]
+    w = tuple((3.0 if k == len(targets) else 1.0) * (_OPEN_REF_WEIGHT if k in prefer else 1.0)
+              for k in rounds)
+    return rounds[_choice_p(rng, _normalised(w))]
 
 
 class _Builder:
     def __init__(self, objects: list[WorldObject], rng: np.random.Generator,
                  margins: L.Margins) -> None:
         self.objects = objects
+        self.index = SceneIndex(objects, margins)
+        self.pos = self.index.pos
         self.by_id = {o.id: o for o in objects}
         self.top = [o for o in objects if o.parent is None]
         self.rng = rng
@@ -243,9 +286,9 @@ class _Builder:
             if relation in ("largest", "smallest"):
                 allowed = _NO_SIZE
             if relation != "largest" and relation != "smallest":
-                kw["direction"] = str(rng.choice(L.DIRECTIONS))
+                kw["direction"] = _choice(rng, L.DIRECTIONS)
             if relation == "ordinal":
-                kw["rank"] = int(rng.choice([2, 3], p=[0.7, 0.3]))
+                kw["rank"] = (2, 3)[_choice_p(rng, (0.7, 0.3))]
         elif relation in ("part_name", "part_extreme", "part_colour"):
             k = _pick_round(rng, targets, by_id, prefer=self.open, ok=lambda o: o.kind == "composite" and any(
                 p not in used for p in o.parts))
@@ -256,7 +299,7 @@ class _Builder:
                      if p not in used and target_ok(by_id[p])]
             allowed, max_attrs = (), 0
             if relation == "part_extreme":
-                kw["direction"] = str(rng.choice(["top", "bottom"]))
+                kw["direction"] = _choice(rng, ("top", "bottom"))
         elif relation == "whole":
             k = _pick_round(rng, targets, by_id, prefer=self.open, ok=lambda o: o.kind == "part" and o.parent not in used)
             if k is None:
@@ -291,50 +334,58 @@ class _Builder:
                 # "the star bigger than instance 2" alone always denotes the largest star, so
                 # the compared object also shares an attribute with the reference
                 attrs = [a for a in ("colour", "texture", "shape") if getattr(ref, a) != MIXED]
-                attr = str(rng.choice(attrs))
+                attr = _choice(rng, attrs)
                 kw["attr"] = attr
                 allowed = tuple(x for x in _NO_SIZE if x != attr)
             elif relation in ("ordinal_from", "largest_dir", "smallest_dir"):
                 if relation != "ordinal_from":
                     allowed = _NO_SIZE
-                kw["direction"] = str(rng.choice(L.DIRECTIONS))
+                kw["direction"] = _choice(rng, L.DIRECTIONS)
                 if relation == "ordinal_from":
-                    kw["rank"] = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
+                    kw["rank"] = (1, 2, 3)[_choice_p(rng, (0.3, 0.45, 0.25))]
 
         out: list[tuple[L.Query, int]] = []
-        order = rng.permutation(len(cands))
-        for i in order[:8]:
-            t = cands[int(i)]
-            extra = dict(kw)
-            if relation == "part_name":
-                extra["part"] = t.shape
-            elif relation == "part_colour":
-                extra["colour"] = t.colour
+        index = self.index
+        ref_pos = tuple(self.pos[targets[k - 1]] for k in refs)
+        direction, rank, attr = kw.get("direction"), kw.get("rank"), kw.get("attr")
+        need_memory = bool(refs) and ambiguous
+        part_rel = relation in ("part_name", "part_extreme", "part_colour")
+        for i in rng.permutation(len(cands)).tolist()[:8]:
+            t = cands[i]
+            tpos = self.pos[t.id]
+            part = t.shape if relation == "part_name" else None
+            colour = t.colour if relation == "part_colour" else None
+            denote = index.denoter(relation, ref_pos, direction, rank, attr, part, colour)
             if relation == "other":
                 ref = by_id[targets[refs[0] - 1]]
                 allowed_t = tuple(a for a in L.ATTRS if getattr(t, a) == getattr(ref, a))
-                heads = L.heads_for(t, allowed_t, rng, 2)
+                heads = index.heads(tpos, allowed_t, rng, 2)
             else:
-                heads = L.heads_for(t, allowed, rng, max_attrs)
-            if t.kind == "part" and relation not in ("part_name", "part_extreme", "part_colour"):
-                heads = [h for h in heads if h.shape == t.shape]
-            first: L.Query | None = None
-            for head in heads:
-                if head.n_attrs() < min_attrs:
+                heads = index.heads(tpos, allowed, rng, max_attrs)
+            part_head = t.kind == "part" and not part_rel  # then the head must name the part
+            first: tuple | None = None  # the head (a SceneIndex head key) of the question
+            for n_attrs, hk in heads:
+                if n_attrs < min_attrs:
                     continue
-                if relation == "other" and head.n_attrs() == 0:
+                if relation == "other" and n_attrs == 0:
                     continue
-                if refs and ambiguous and first is not None and self._n_matching(head) < 2:
+                if part_head and hk[3] != t.shape:
+                    continue
+                if need_memory and first is not None and index.n_matching(hk) < 2:
                     continue  # have a valid question; look only for one that needs memory
-                q = L.Query(family, relation, head, refs, **extra)
-                if L.is_unique(q, self.objects, targets, self.margins) == t.id:
-                    if not (refs and ambiguous) or self._n_matching(head) >= 2:
-                        first = q
+                if index.unique_id(*denote(hk)) == t.id:
+                    if not need_memory or index.n_matching(hk) >= 2:
+                        first = hk
                         break
                     if first is None:
-                        first = q
+                        first = hk
             if first is not None:
-                out.append((first, t.id))
+                extra = dict(kw)
+                if part is not None:
+                    extra["part"] = part
+                if colour is not None:
+                    extra["colour"] = colour
+                out.append((L.Query(family, relation, L.Head(*first), refs, **extra), t.id))
         return out
 
     def pick(self, targets: list[int]) -> tuple[L.Query, int, list[int]] | None:
@@ -365,7 +416,7 @@ class _Builder:
         pool = single if single and self.rng.random() < 0.8 else heads
         head = pool[int(self.rng.integers(len(pool)))]
         q = L.Query("attribute", "pick", head)
-        alternatives = L.resolve(q, self.objects, targets, self.margins)
+        alternatives = self.index.resolve(q, targets)
         target = alternatives[int(self.rng.integers(len(alternatives)))]
         return q, target, alternatives
 
@@ -383,13 +434,11 @@ class _Builder:
             return False
         if not any(k in self.open for k in q.refs):
             return True  # its references are all determined and it is unique given them
-        return L.text_resolvable(self.queries + [q], self.objects, targets + [t],
-                                 self.margins)[-1]
+        return self.index.text_resolvable(self.queries + [q], targets + [t])[-1]
 
     def _n_matching(self, head: L.Head) -> int:
         """How many objects a head phrase alone matches ("the red circle": every red circle)."""
-        parts = head.shape in PARTS
-        return sum(1 for o in self.objects if (o.parent is not None) == parts and head.matches(o))
+        return self.index.n_matching((head.size, head.colour, head.texture, head.shape))
 
     def next_round(self, targets: list[int], use_ref: bool, want_memory: bool,
                    target_ok) -> tuple[L.Query, int, bool] | None:
@@ -406,8 +455,8 @@ class _Builder:
             else:
                 family = _weighted(rng, _NO_REF_WEIGHTS)
                 rels = L.NO_REF_RELATIONS[family]
-            w = np.array([_RELATION_WEIGHTS.get(r, 1.0) for r in rels])
-            relation = str(rels[int(rng.choice(len(rels), p=w / w.sum()))])
+            w = tuple(float(_RELATION_WEIGHTS.get(r, 1.0)) for r in rels)
+            relation = rels[_choice_p(rng, _normalised(w))]
             # a few draws of references/parameters per relation, so that relations that are
             # rarely unique (e.g. "left of") are not crowded out by easy ones
             opts: list[tuple[L.Query, int]] = []
@@ -415,9 +464,9 @@ class _Builder:
                 opts = self.options(family, relation, targets, target_ok, want_memory)
                 if opts:
                     break
-            for i in rng.permutation(len(opts)):
-                q, t = opts[int(i)]
-                mem = L.needs_memory(q, self.objects, targets, self.margins)
+            for i in rng.permutation(len(opts)).tolist():
+                q, t = opts[i]
+                mem = self.index.needs_memory(q, targets)
                 if insist_open:
                     if not self.resolvable(q, t, targets):
                         return q, t, mem
@@ -442,6 +491,14 @@ def build_conversation(objects: list[WorldObject], rng: np.random.Generator, n_r
     :meth:`_Builder.pick`) with that chance, where the scene allows one (never round 1 when
     ``first_target_ok`` constrains it)."""
     b = _Builder(objects, rng, margins)
+    try:
+        return _build(b, rng, n_rounds, ref_prob, memory_prob, pick_prob, first_target_ok)
+    finally:
+        b.index.release()
+
+
+def _build(b: _Builder, rng: np.random.Generator, n_rounds: int, ref_prob: float,
+           memory_prob: float, pick_prob: float, first_target_ok) -> list[tuple[L.Query, int, bool]]:
     targets: list[int] = []
     rounds: list[tuple[L.Query, int, bool]] = []
     for r in range(1, n_rounds + 1):
@@ -482,6 +539,19 @@ class World:
         self._heldout_list = sorted(self.heldout_pairs)
 
     def sample(self, split: str, index: int) -> Sample:
+        # building a conversation allocates many small containers, none of them kept in a
+        # reference cycle past the call (SceneIndex.release), so the cyclic garbage collector
+        # has nothing to find here: paused, it does not scan a large heap (a training process
+        # holds the model's objects) every few hundred allocations; about 20% less time
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._sample(split, index)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _sample(self, split: str, index: int) -> Sample:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
         if index < 0:
@@ -519,9 +589,11 @@ class World:
 
         queries = [r[0] for r in rounds]
         targets = [r[1] for r in rounds]
-        resolvable = L.text_resolvable(queries, scene.objects, targets, self.margins)
-        alternatives = [L.resolve(q, scene.objects, targets[:i], self.margins)
+        checker = SceneIndex(scene.objects, self.margins)
+        resolvable = checker.text_resolvable(queries, targets)
+        alternatives = [checker.resolve(q, targets[:i])
                         if q.relation == "pick" else [] for i, q in enumerate(queries)]
+        checker.release()
         recs = []
         for (q, t, _mem), tr, alts in zip(rounds, resolvable, alternatives):
             question = L.phrase(q, rng)

@@ -564,14 +564,28 @@ def phrase(q: Query, rng: np.random.Generator) -> str:
 # -- head enumeration ----------------------------------------------------------------------------
 
 
+_COMBOS: dict[tuple[tuple[str, ...], int], list[tuple[str, ...]]] = {}
+
+
+def head_combos(o: WorldObject, allowed: tuple[str, ...], rng: np.random.Generator,
+                max_attrs: int = 4) -> list[tuple[str, ...]]:
+    """The attribute subsets :func:`heads_for` builds its heads from, in its order (the same
+    draws from rng)."""
+    avail = tuple(a for a in allowed if getattr(o, a) != MIXED)
+    out: list[tuple[str, ...]] = []
+    for n in range(0, min(max_attrs, len(avail)) + 1):
+        combos = _COMBOS.get((avail, n))
+        if combos is None:
+            combos = _COMBOS[(avail, n)] = list(itertools.combinations(avail, n))
+        if len(combos) == 1:
+            out.append(combos[0])  # rng.permutation(1) draws nothing (tests/data/test_world_index.py)
+        else:
+            out.extend(combos[i] for i in rng.permutation(len(combos)).tolist())
+    return out
+
+
 def heads_for(o: WorldObject, allowed: tuple[str, ...], rng: np.random.Generator,
               max_attrs: int = 4) -> list[Head]:
     """Heads built from subsets of o's attributes (only those in ``allowed``), fewest attributes
     first, random order within a size."""
-    avail = [a for a in allowed if getattr(o, a) != MIXED]
-    out: list[Head] = []
-    for n in range(0, min(max_attrs, len(avail)) + 1):
-        combos = list(itertools.combinations(avail, n))
-        for i in rng.permutation(len(combos)):
-            out.append(Head(**{a: getattr(o, a) for a in combos[i]}))
-    return out
+    return [Head(**{a: getattr(o, a) for a in c}) for c in head_combos(o, allowed, rng, max_attrs)]

@@ -8,6 +8,7 @@ when any object (or part) would keep less than ``min_visible`` of its own area.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,7 @@ CATEGORIES: list[dict] = (
 CATEGORY_IDS: dict[str, int] = {c["name"]: c["id"] for c in CATEGORIES}
 
 
+@functools.cache
 def texture_colour(colour: str) -> tuple[int, int, int]:
     """The second colour of a textured object: a lighter tint of dark colours, a darker shade of
     light ones."""
@@ -119,6 +121,52 @@ def shape_box(shape: str, side: int) -> tuple[int, int]:
     if shape == "lollipop":
         return side, max(4, int(round(side * 0.6)))
     return side, side
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+# masks of a (shape, box) pair and grids, computed once per process (read-only arrays); a
+# world uses a few hundred boxes
+_SHAPE_MASKS: dict[tuple[str, int, int], np.ndarray] = {}
+_COMPOSITE_PARTS: dict[tuple[str, int, int], list[np.ndarray]] = {}
+_TEXTURE_MASKS: dict[tuple[str, int, int, int], np.ndarray] = {}
+_GRADIENT_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_AREAS: dict[int, int] = {}  # id of a cached mask -> its area
+
+
+def _shape_mask_cached(shape: str, h: int, w: int) -> np.ndarray:
+    key = (shape, h, w)
+    m = _SHAPE_MASKS.get(key)
+    if m is None:
+        m = _SHAPE_MASKS[key] = _frozen(shape_mask(shape, h, w))
+        _AREAS[id(m)] = int(m.sum())
+    return m
+
+
+def _composite_parts_cached(kind: str, h: int, w: int) -> list[np.ndarray]:
+    """Each part's own pixels (later parts cover earlier ones), in COMPOSITES order."""
+    key = (kind, h, w)
+    got = _COMPOSITE_PARTS.get(key)
+    if got is None:
+        masks = composite_masks(kind, h, w)
+        label = np.full((h, w), -1, dtype=np.int16)
+        for i, m in enumerate(masks):
+            label[m] = i
+        got = _COMPOSITE_PARTS[key] = [_frozen(label == i) for i in range(len(masks))]
+        for m in got:
+            _AREAS[id(m)] = int(m.sum())
+    return got
+
+
+def _texture_mask_cached(texture: str, h: int, w: int, period: int) -> np.ndarray:
+    key = (texture, h, w, period)
+    m = _TEXTURE_MASKS.get(key)
+    if m is None:
+        m = _TEXTURE_MASKS[key] = _frozen(texture_mask(texture, h, w, period))
+    return m
 
 
 def shape_mask(shape: str, h: int, w: int) -> np.ndarray:
@@ -295,33 +343,47 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         a, b = tone(), tone()
         if kind == 1:  # two-colour gradient along a random direction
             ang = rng.uniform(0, 2 * np.pi)
-            yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
-            t = (xx - 0.5) * np.cos(ang) + (yy - 0.5) * np.sin(ang)
+            grid = _GRADIENT_GRIDS.get(size)
+            if grid is None:
+                yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
+                grid = _GRADIENT_GRIDS[size] = (_frozen(yy - 0.5), _frozen(xx - 0.5))
+            yc, xc = grid  # yy - 0.5, xx - 0.5
+            t = xc * np.cos(ang) + yc * np.sin(ang)
             t = (t - t.min()) / max(1e-9, t.max() - t.min())
             img = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
         else:  # mild noise
             img = a[None, None] + rng.uniform(-12, 12, size=(size, size, 1))
             img = img + rng.uniform(-4, 4, size=(size, size, 3))
-    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+    np.rint(img, out=img)  # np.round to 0 decimals
+    return np.clip(img, 0, 255, out=img).astype(np.uint8)
 
 
 def _sample_spec(rng: np.random.Generator, composite_prob: float,
                  allowed_colours: dict[str, list[str]], force_pair: tuple[str, str] | None,
                  size_cap: int) -> _Spec:
+    # _choice(rng, seq) draws what rng.choice(seq) draws (see dataset.py)
     sizes = SIZES[: size_cap + 1]
     if force_pair is not None:
         colour, shape = force_pair
-        return _Spec("shape", shape, colour, str(rng.choice(sizes)),
-                     str(rng.choice(TEXTURES)))
+        return _Spec("shape", shape, colour, _choice(rng, sizes), _choice(rng, TEXTURES))
     if rng.random() < composite_prob and size_cap >= 1:
-        kind = str(rng.choice(list(COMPOSITES)))
+        kind = _choice(rng, _COMPOSITE_KINDS)
         n = len(COMPOSITES[kind])
-        cols = [str(c) for c in rng.choice(list(COLOURS), size=n, replace=False)]
-        size = str(rng.choice(SIZES[1: size_cap + 1]))
+        cols = [str(c) for c in rng.choice(_COLOUR_NAMES, size=n, replace=False)]
+        size = _choice(rng, SIZES[1: size_cap + 1])
         return _Spec("composite", kind, MIXED, size, "solid", tuple(cols))
-    shape = str(rng.choice(SHAPES))
-    colour = str(rng.choice(allowed_colours[shape]))
-    return _Spec("shape", shape, colour, str(rng.choice(sizes)), str(rng.choice(TEXTURES)))
+    shape = _choice(rng, SHAPES)
+    colour = _choice(rng, allowed_colours[shape])
+    return _Spec("shape", shape, colour, _choice(rng, sizes), _choice(rng, TEXTURES))
+
+
+_COMPOSITE_KINDS = tuple(COMPOSITES)
+_COLOUR_NAMES = list(COLOURS)
+
+
+def _choice(rng: np.random.Generator, seq):
+    """``rng.choice(seq)`` of a sequence of strings, as its element: the same draw."""
+    return str(seq[int(rng.integers(len(seq)))])
 
 
 def _elements(spec: _Spec, rng: np.random.Generator,
@@ -330,15 +392,11 @@ def _elements(spec: _Spec, rng: np.random.Generator,
     side = max(5, int(round(rng.uniform(lo, hi) * image_size)))
     h, w = shape_box(spec.shape, side)
     if spec.kind == "composite":
-        masks = composite_masks(spec.shape, h, w)
-        label = np.full((h, w), -1, dtype=np.int16)
-        for i, m in enumerate(masks):
-            label[m] = i
-        owned = [label == i for i in range(len(masks))]
-        parts = [(owned[i], spec.part_colours[i], "solid") for i in range(len(masks))]
+        owned = _composite_parts_cached(spec.shape, h, w)
+        parts = [(owned[i], spec.part_colours[i], "solid") for i in range(len(owned))]
     else:
-        parts = [(shape_mask(spec.shape, h, w), spec.colour, spec.texture)]
-    els = [_Element(m, 0, 0, c, t, int(m.sum())) for m, c, t in parts]
+        parts = [(_shape_mask_cached(spec.shape, h, w), spec.colour, spec.texture)]
+    els = [_Element(m, 0, 0, c, t, _AREAS[id(m)]) for m, c, t in parts]
     return els, h, w
 
 
@@ -360,6 +418,11 @@ def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
     specs: list[tuple[_Spec, list[int]]] = []  # spec, element indices
 
     forced = list(forced_pairs)
+    # visible pixels of every element so far, and the least each may keep: what a bincount of
+    # the label map would give, kept up to date on the placement box only
+    counts = np.zeros(0, dtype=np.int64)
+    need = np.zeros(0, dtype=np.float64)
+    composites: list[tuple[list[int], float]] = []  # element indices of a composite, least visible
     for k in range(n_objects):
         force = forced[k] if k < len(forced) else None
         placed = False
@@ -373,30 +436,33 @@ def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
                 continue
             y0 = int(rng.integers(0, size - h + 1))
             x0 = int(rng.integers(0, size - w + 1))
-            trial = label.copy()
             base = len(elements)
-            region = trial[y0:y0 + h, x0:x0 + w]
-            for i, e in enumerate(els):
-                region[e.mask] = base + i
-            counts = np.bincount(trial.ravel() + 1, minlength=base + len(els) + 1)[1:]
-            ok = True
-            for i, e in enumerate(elements + els):
-                if counts[i] < min_visible * e.area or counts[i] < 3:
-                    ok = False
-                    break
+            region = label[y0:y0 + h, x0:x0 + w]
+            covered = els[0].mask if len(els) == 1 else np.logical_or.reduce([e.mask for e in els])
+            lost = np.bincount(region[covered] + 1, minlength=base + 1)[1:]
+            left = counts - lost
+            areas = np.array([e.area for e in els], dtype=np.int64)
+            # every element (the new ones keep their whole area: their masks are disjoint)
+            ok = not (np.any(left < need) or np.any(left < 3)
+                      or np.any(areas < min_visible * areas) or np.any(areas < 3))
             if ok:  # whole objects must stay visible enough too (composites)
-                for _spec, idx in specs:
-                    if len(idx) > 1:
-                        tot = sum(elements[i].area for i in idx)
-                        if sum(counts[i] for i in idx) < min_visible * tot:
-                            ok = False
-                            break
+                for idx, least in composites:
+                    if sum(left[i] for i in idx) < least:
+                        ok = False
+                        break
             if not ok:
                 continue
-            for e in els:
+            new_region = region.copy()
+            for i, e in enumerate(els):
+                new_region[e.mask] = base + i
                 e.y0, e.x0 = y0, x0
-            label = trial
-            specs.append((spec, list(range(base, base + len(els)))))
+            label[y0:y0 + h, x0:x0 + w] = new_region
+            counts = np.concatenate([left, areas])
+            need = np.concatenate([need, min_visible * areas])
+            idx = list(range(base, base + len(els)))
+            if len(idx) > 1:
+                composites.append((idx, min_visible * sum(e.area for e in els)))
+            specs.append((spec, idx))
             elements.extend(els)
             placed = True
             break
@@ -412,7 +478,7 @@ def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
         if e.texture == "solid":
             reg[sel] = COLOURS[e.colour]
         else:
-            tex = texture_mask(e.texture, h, w, period)
+            tex = _texture_mask_cached(e.texture, h, w, period)
             reg[sel & ~tex] = COLOURS[e.colour]
             reg[sel & tex] = texture_colour(e.colour)
 
@@ -421,23 +487,25 @@ def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
     masks: dict[int, np.ndarray] = {}
     next_id = 1
     for spec, idx in specs:
+        e = elements[idx[0]]
+        box = (e.y0, e.x0, *e.mask.shape)  # every element of an object shares its box
         if spec.kind == "composite":
             oid = next_id
             part_ids = tuple(range(oid + 1, oid + 1 + len(idx)))
-            whole = np.isin(label, idx)
+            part_masks = [label == ei for ei in idx]
+            whole = np.logical_or.reduce(part_masks)
             objects.append(_record(oid, "composite", spec.shape, MIXED, spec.size, "solid",
-                                   None, part_ids, whole))
+                                   None, part_ids, whole, box))
             masks[oid] = whole
-            for pid, ei, pname in zip(part_ids, idx, COMPOSITES[spec.shape]):
-                m = label == ei
+            for pid, ei, pname, m in zip(part_ids, idx, COMPOSITES[spec.shape], part_masks):
                 objects.append(_record(pid, "part", pname, elements[ei].colour, spec.size,
-                                       "solid", oid, (), m))
+                                       "solid", oid, (), m, box))
                 masks[pid] = m
             next_id = oid + 1 + len(idx)
         else:
             m = label == idx[0]
             objects.append(_record(next_id, "shape", spec.shape, spec.colour, spec.size,
-                                   spec.texture, None, (), m))
+                                   spec.texture, None, (), m, box))
             masks[next_id] = m
             next_id += 1
     return Scene(image=image, objects=objects, masks=masks)
@@ -448,11 +516,30 @@ class _LayoutError(RuntimeError):
 
 
 def _record(oid: int, kind: str, shape: str, colour: str, size: str, texture: str,
-            parent: int | None, parts: tuple[int, ...], mask: np.ndarray) -> WorldObject:
-    ys, xs = np.nonzero(mask)
-    bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-            int(ys.max() - ys.min() + 1))
+            parent: int | None, parts: tuple[int, ...], mask: np.ndarray,
+            box: tuple[int, int, int, int] | None = None) -> WorldObject:
+    """An object's record from its visible mask; ``box`` (y0, x0, h, w), where given, holds
+    every pixel of the mask (it is searched instead of the whole image)."""
+    if box is None:
+        ys, xs = np.nonzero(mask)
+        bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                int(ys.max() - ys.min() + 1))
+        return WorldObject(id=oid, kind=kind, shape=shape, colour=colour, size=size,
+                           texture=texture, parent=parent, parts=parts,
+                           cx=float(xs.mean()) + 0.5, cy=float(ys.mean()) + 0.5,
+                           area=int(len(xs)), bbox=bbox)
+    # the same from the pixel counts of the box's rows and columns: the sums of coordinates
+    # are exact integers, and xs.mean() is their float sum over the count (exact below 2**53)
+    y0, x0, h, w = box
+    sub = mask[y0:y0 + h, x0:x0 + w]
+    rows = np.count_nonzero(sub, axis=1)
+    cols = np.count_nonzero(sub, axis=0)
+    n = int(rows.sum())
+    ry = np.flatnonzero(rows)
+    rx = np.flatnonzero(cols)
+    sy = int(rows @ np.arange(y0, y0 + h)) / n
+    sx = int(cols @ np.arange(x0, x0 + w)) / n
+    bbox = (int(x0 + rx[0]), int(y0 + ry[0]), int(rx[-1] - rx[0] + 1), int(ry[-1] - ry[0] + 1))
     return WorldObject(id=oid, kind=kind, shape=shape, colour=colour, size=size,
                        texture=texture, parent=parent, parts=parts,
-                       cx=float(xs.mean()) + 0.5, cy=float(ys.mean()) + 0.5,
-                       area=int(len(xs)), bbox=bbox)
+                       cx=sx + 0.5, cy=sy + 0.5, area=n, bbox=bbox)
