@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from segllm import SegLLM  # noqa: E402
 from segllm.data.records import WorldConversations  # noqa: E402
 from segllm.default import DEFAULT_MODEL  # noqa: E402
+from segllm.errors import MaskError  # noqa: E402
 from segllm.model.quantize import llm_weight_bytes  # noqa: E402
 from segllm.session import Session  # noqa: E402
 from tests.helpers import RELEASED_FIXTURES  # noqa: E402
@@ -35,19 +36,27 @@ RELEASED_QUESTIONS = ["Segment the person on the left.", "Segment the chair next
                       "Segment the table near instance 2.[REF:2]"]
 
 
-def _run(model: SegLLM, work: list[tuple[np.ndarray, list[tuple[str, tuple]]]]) -> tuple[list[np.ndarray], float, int]:
+def _run(model: SegLLM, work: list[tuple[np.ndarray, list[tuple[str, tuple]]]]) -> tuple[list[np.ndarray], float, int, int]:
     """Every conversation of ``work`` through an incremental Session (answers forced to "<seg>"):
-    (each round's mask, seconds per round, rounds)."""
-    masks, seconds, rounds = [], 0.0, 0
+    (each round's mask, seconds per round, rounds answered, rounds refused). A round that refers
+    to an earlier round whose mask came out empty is refused (MaskError); it and the rest of its
+    conversation count as empty masks."""
+    masks, seconds, rounds, refused = [], 0.0, 0, 0
     for image, questions in work:
         session = Session(model, image)
-        for q, refs in questions:
+        for n, (q, refs) in enumerate(questions):
             t = time.perf_counter()
-            reply = session.ask(q, refs=refs or None, answer="<seg>")
+            try:
+                reply = session.ask(q, refs=refs or None, answer="<seg>")
+            except MaskError:
+                empty = np.zeros(image.shape[:2], bool)
+                masks += [empty] * (len(questions) - n)
+                refused += len(questions) - n
+                break
             seconds += time.perf_counter() - t
             rounds += 1
             masks.append(reply.masks[0])
-    return masks, seconds / max(rounds, 1), rounds
+    return masks, seconds / max(rounds, 1), rounds, refused
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,10 +68,10 @@ def bench(name: str, path: Path, work) -> list[dict]:
     rows, reference = [], {}
     for label, dtype, quantize in SETTINGS:
         model = SegLLM.from_pretrained(path, dtype=dtype, quantize=quantize)
-        masks, per_round, rounds = _run(model, work)
+        masks, per_round, rounds, refused = _run(model, work)
         reference.setdefault(label, masks)
         row = {"model": name, "setting": label, "llm_weight_mb": round(llm_weight_bytes(model) / 2**20, 2),
-               "s_per_round": round(per_round, 4), "rounds": rounds}
+               "s_per_round": round(per_round, 4), "rounds": rounds, "refused": refused}
         for base in ("float32", "bfloat16"):
             if base in reference and base != label:
                 ious = [_iou(a, b) for a, b in zip(reference[base], masks)]
