@@ -36,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from segllm.bench import report
+
 ROOT = Path(__file__).resolve().parents[1]
 RESUMED = "resuming from "  # the trainer's log line on resume: "resuming from <dir> at step <S>"
 
@@ -251,11 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         save_every=args.save_every, all_within_one_interval=bool(kills) and all(k.resumed_ok for k in kills),
         landed=places, seed=args.seed, wall_s=round(time.monotonic() - t0, 1), per_kill=[asdict(k) for k in kills],
     )
-    text = json.dumps(asdict(summary), indent=1)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    report(asdict(summary), args.json)
     if args.workdir is None:
         import shutil
 

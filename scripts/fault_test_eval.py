@@ -41,6 +41,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from segllm.bench import report
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "e"
 
@@ -323,11 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         all_equal=len(ok_chains) == len(chains), seed=args.seed, wall_s=round(time.monotonic() - t0, 1),
         per_chain=[asdict(ch) for ch in chains], per_kill=[asdict(k) for k in kills],
     )
-    text = json.dumps(asdict(summary), indent=1)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    report(asdict(summary), args.json)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if summary.all_equal and summary.kills and summary.successful_resumes == summary.kills else 1

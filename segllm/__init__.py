@@ -1,12 +1,6 @@
 """SegLLM: multi-round reasoning segmentation with conversational mask memory."""
 
-import logging
-
-# peft imports bitsandbytes where it is installed (segllm[quant]); on CPUs with AVX512-BF16 that
-# warns that an optional kernel from the Hugging Face hub is missing. We never download it (its
-# plain CPU path serves), so the warning is noise on every command.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
+import segllm._logging  # noqa: F401  (first: it quiets a third-party notice before those packages load)
 from segllm.config import SegLLMConfig
 from segllm.conversation import Conversation, Round, load_image, parse_refs
 from segllm.default import load_model

@@ -132,4 +132,5 @@ def report(result: dict, out: str | None = None) -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")

@@ -15,7 +15,6 @@ LM head by default. A quantized model is for inference only: it cannot be saved 
 from __future__ import annotations
 
 import warnings
-
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -31,7 +30,7 @@ Mode = Literal["8bit", "4bit"]
 
 
 def _bnb():
-    # (segllm/__init__.py quiets bitsandbytes' CPU kernel notice before anything imports it)
+    # (segllm/_logging.py quiets bitsandbytes' CPU kernel notice before anything imports it)
     try:
         import bitsandbytes
     except ImportError as e:

@@ -346,6 +346,18 @@ def needs_memory(q: Query, objects: list[WorldObject], targets: list[int],
     return False
 
 
+def reference_ancestors(queries: list[Query]) -> list[set[int]]:
+    """Per round, the 0-indexed earlier rounds it depends on through its references, transitively."""
+    ancestors: list[set[int]] = []
+    for q in queries:
+        anc: set[int] = set()
+        for k in q.refs:
+            if 1 <= k <= len(ancestors):
+                anc |= {k - 1} | ancestors[k - 1]
+        ancestors.append(anc)
+    return ancestors
+
+
 def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: list[int],
                     margins: Margins, *, max_scenarios: int = 4096) -> list[bool]:
     """Per round, whether the questions' text alone determines its target.
@@ -373,14 +385,7 @@ def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: l
         raise ValueError(f"{n} queries but {len(targets)} targets")
     picks = {i: resolve(q, objects, targets[:i], margins)
              for i, q in enumerate(queries) if q.relation == "pick"}
-    # ancestors[i]: 0-indexed rounds round i depends on through its references, transitively
-    ancestors: list[set[int]] = []
-    for q in queries:
-        anc: set[int] = set()
-        for k in q.refs:
-            if 1 <= k <= len(ancestors):
-                anc |= {k - 1} | ancestors[k - 1]
-        ancestors.append(anc)
+    ancestors = reference_ancestors(queries)
     out: list[bool] = []
     for i, q in enumerate(queries):
         if q.relation == "pick":

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from segllm.data.world.language import _DIR_REL, ATTRS, Margins, Query, _related
+from segllm.data.world.language import _DIR_REL, ATTRS, Margins, Query, _related, reference_ancestors
 from segllm.data.world.scene import MIXED, PARTS, WorldObject
 
 _PART_RELATIONS = ("part_name", "part_extreme", "part_colour")
@@ -424,13 +424,7 @@ class SceneIndex:
         if len(targets) < n:
             raise ValueError(f"{n} queries but {len(targets)} targets")
         picks = {i: self.resolve(q, targets[:i]) for i, q in enumerate(queries) if q.relation == "pick"}
-        ancestors: list[set[int]] = []
-        for q in queries:
-            anc: set[int] = set()
-            for k in q.refs:
-                if 1 <= k <= len(ancestors):
-                    anc |= {k - 1} | ancestors[k - 1]
-            ancestors.append(anc)
+        ancestors = reference_ancestors(queries)
         out: list[bool] = []
         for i, q in enumerate(queries):
             if q.relation == "pick":
