@@ -153,14 +153,15 @@ def test_chat_regions_before_the_questions_and_in_scripts(tmp_path, capsys):
     mask[40:60, 70:100] = 255
     Image.fromarray(mask).save(tmp_path / "cup.png")
     script = tmp_path / "conv.txt"
-    script.write_text("region point 20,30:the dot\nSegment the one near instance 1.\nSegment the shape left of instance 4.\n")
+    # round 5 refers to a region (never empty), not to round 4's model mask, which may be empty
+    script.write_text("region point 20,30:the dot\nSegment the one near instance 1.\nSegment the shape left of instance 2.\n")
     rc = main(["chat", str(EXAMPLE), "--box", "10,12,40,50:the left thing", "--region", f"{tmp_path / 'cup.png'}",
                "--script", str(script), "--out", str(tmp_path / "o"), "--max-new-tokens", "3"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "round 1: Segment the left thing.\n  -> '<seg>' (your region)  [10, 12, 40, 50] score 1.00" in captured.out
     assert "round 2: Segment the region I marked." in captured.out and "round 3: Segment the dot." in captured.out
-    assert "round 5 (refers to 4)" in captured.out
+    assert "round 4 (refers to 1)" in captured.out and "round 5 (refers to 2)" in captured.out
     coco = json.loads((tmp_path / "o" / "session.json").read_text())
     assert [a["user"] for a in coco["annotations"]] == [True, True, True, False, False]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "round2_mask1.png")) > 0, mask > 0)
