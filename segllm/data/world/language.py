@@ -380,11 +380,19 @@ def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: l
     Returns:
         one bool per round.
     """
+    return resolvability(queries, targets, lambda q, prior: resolve(q, objects, prior, margins),
+                         lambda q, prior: is_unique(q, objects, prior, margins), max_scenarios=max_scenarios)
+
+
+def resolvability(queries: list[Query], targets: list[int], resolve_pick, unique, *, max_scenarios: int = 4096) -> list[bool]:
+    """:func:`text_resolvable` over given answerers: ``resolve_pick(query, earlier_targets)`` the
+    valid alternatives of a pick round, ``unique(query, earlier_targets)`` a round's unique target
+    or None (the readable checkers here, or :class:`segllm.data.world.scene_index.SceneIndex`'s
+    tables: both give the same answers)."""
     n = len(queries)
     if len(targets) < n:
         raise ValueError(f"{n} queries but {len(targets)} targets")
-    picks = {i: resolve(q, objects, targets[:i], margins)
-             for i, q in enumerate(queries) if q.relation == "pick"}
+    picks = {i: resolve_pick(q, targets[:i]) for i, q in enumerate(queries) if q.relation == "pick"}
     ancestors = reference_ancestors(queries)
     out: list[bool] = []
     for i, q in enumerate(queries):
@@ -392,10 +400,12 @@ def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: l
             out.append(False)
             continue
         if not q.refs:
-            out.append(is_unique(q, objects, targets[:i], margins) is not None)
+            out.append(unique(q, targets[:i]) is not None)
             continue
         open_picks = sorted(a for a in ancestors[i] if a in picks)
-        n_scen = int(np.prod([max(1, len(picks[a])) for a in open_picks])) if open_picks else 1
+        n_scen = 1
+        for a in open_picks:
+            n_scen *= max(1, len(picks[a]))
         if n_scen > max_scenarios:
             out.append(False)
             continue
@@ -405,8 +415,7 @@ def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: l
             alt = list(targets[:i + 1])
             chosen = dict(zip(open_picks, choice))
             for j in chain:  # re-resolve the chain in order under this choice of the picks
-                alt[j] = chosen[j] if j in chosen else is_unique(queries[j], objects, alt[:j],
-                                                                   margins)
+                alt[j] = chosen[j] if j in chosen else unique(queries[j], alt[:j])
             answers.add(alt[i])
             if len(answers) > 1 or None in answers:
                 break

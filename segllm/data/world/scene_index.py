@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from segllm.data.world.language import _DIR_REL, ATTRS, Margins, Query, _related, reference_ancestors
+from segllm.data.world.language import _DIR_REL, ATTRS, Margins, Query, _related, resolvability
 from segllm.data.world.scene import MIXED, PARTS, WorldObject
 
 _PART_RELATIONS = ("part_name", "part_extreme", "part_colour")
@@ -420,35 +420,4 @@ class SceneIndex:
     def text_resolvable(self, queries: list[Query], targets: list, *,
                         max_scenarios: int = 4096) -> list[bool]:
         """As :func:`segllm.data.world.language.text_resolvable`."""
-        n = len(queries)
-        if len(targets) < n:
-            raise ValueError(f"{n} queries but {len(targets)} targets")
-        picks = {i: self.resolve(q, targets[:i]) for i, q in enumerate(queries) if q.relation == "pick"}
-        ancestors = reference_ancestors(queries)
-        out: list[bool] = []
-        for i, q in enumerate(queries):
-            if q.relation == "pick":
-                out.append(False)
-                continue
-            if not q.refs:
-                out.append(self.is_unique(q, targets[:i]) is not None)
-                continue
-            open_picks = sorted(a for a in ancestors[i] if a in picks)
-            n_scen = 1
-            for a in open_picks:
-                n_scen *= max(1, len(picks[a]))
-            if n_scen > max_scenarios:
-                out.append(False)
-                continue
-            chain = sorted(ancestors[i] | {i})
-            answers: set[int | None] = set()
-            for choice in itertools.product(*(picks[a] for a in open_picks)):
-                alt = list(targets[:i + 1])
-                chosen = dict(zip(open_picks, choice))
-                for j in chain:
-                    alt[j] = chosen[j] if j in chosen else self.is_unique(queries[j], alt[:j])
-                answers.add(alt[i])
-                if len(answers) > 1 or None in answers:
-                    break
-            out.append(len(answers) == 1 and None not in answers)
-        return out
+        return resolvability(queries, targets, self.resolve, self.is_unique, max_scenarios=max_scenarios)
