@@ -96,9 +96,20 @@ def test_bad_input_gets_a_message_and_the_session_goes_on(server, tmp_path):
     assert out[3].startswith("Round 2") and _legend_rounds(out[1]) == 2
 
 
-@pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-def _open_with_example(p, url: str):
-    """A headless Chromium on the demo with the bundled example image uploaded: (browser, page)."""
+# the browser tests drive Debian's chromium; without it they are skipped, not failed
+needs_chromium = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+def _shots_folder(tmp_path: Path) -> Path:
+    """Where the browser tests' screenshots go (``SEGLLM_TEST_ARTIFACTS``, else the test's tmp folder)."""
+    shots = Path(os.environ.get("SEGLLM_TEST_ARTIFACTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
+def _first_round(p, url: str):
+    """A headless Chromium on the demo with the bundled example image uploaded and round 1
+    ("Segment the cross.") answered: (browser, page)."""
     from playwright.sync_api import expect
 
     browser = p.chromium.launch(
@@ -111,20 +122,20 @@ def _open_with_example(p, url: str):
     page.goto(url)
     page.set_input_files("#upload input[type=file]", str(EXAMPLES / "shapes.png"))
     expect(page.locator("#status")).to_contain_text("ready", timeout=30_000)
+    page.locator("#question textarea").fill("Segment the cross.")
+    page.locator("#ask").click()
+    expect(page.locator("li.segllm-round")).to_have_count(1, timeout=30_000)
     return browser, page
 
 
+@needs_chromium
 def test_browser_two_rounds_with_a_reference(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     _, url = server
-    shots = Path(os.environ.get("SEGLLM_TEST_ARTIFACTS", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = _shots_folder(tmp_path)
     with sync_playwright() as p:
-        browser, page = _open_with_example(p, url)
-        page.locator("#question textarea").fill("Segment the cross.")
-        page.locator("#ask").click()
-        expect(page.locator("li.segllm-round")).to_have_count(1, timeout=30_000)
+        browser, page = _first_round(p, url)
         page.locator("#question textarea").fill("Segment the object closest to instance 1.")
         page.get_by_label("1", exact=True).check()
         page.locator("#ask").click()
@@ -144,19 +155,16 @@ def test_browser_two_rounds_with_a_reference(server, tmp_path):
     assert (shots / "demo_two_rounds.png").stat().st_size > 10_000
 
 
+@needs_chromium
 def test_browser_region_by_clicking_then_a_question_that_refers_to_it(server, tmp_path):
     """Issue 17: a click on the image marks a region round; a later question refers to it; the
     overlay shows both rounds. The screenshot of the three rounds is docs/demo_regions.png."""
     from playwright.sync_api import expect, sync_playwright
 
     _, url = server
-    shots = Path(os.environ.get("SEGLLM_TEST_ARTIFACTS", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = _shots_folder(tmp_path)
     with sync_playwright() as p:
-        browser, page = _open_with_example(p, url)
-        page.locator("#question textarea").fill("Segment the cross.")
-        page.locator("#ask").click()
-        expect(page.locator("li.segllm-round")).to_have_count(1, timeout=30_000)
+        browser, page = _first_round(p, url)
         page.locator("#region-label textarea").fill("the thing I clicked")
         img = page.locator("#overlay img")
         box = img.bounding_box()
