@@ -152,7 +152,7 @@ def released_main(args) -> int:
         write({"results": done, "mask_iou_vs_bfloat16": {}})
 
     rep = run_released(settings=settings, shape=shape, rounds=args.rounds or 4, threads=args.threads, device=args.device or "cpu",
-                       tokenizer=args.tokenizer, image=args.image, on_result=partial)
+                       tokenizer=args.tokenizer, image=args.image, on_result=partial, masks_dir=args.masks_dir)
     write(rep)
     print(released_table(rep))
     return 0

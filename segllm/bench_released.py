@@ -26,6 +26,7 @@ memory (crop + CLIP on the crop + projector + box encoder) and HIPIE's prompt-de
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing as mp
 import resource
 import time
@@ -487,13 +488,16 @@ def mask_agreement(masks: dict[str, list[np.ndarray]], reference: str = "bfloat1
 def run_released(
     *, settings: tuple[str, ...] = ("bfloat16", "8bit"), shape: ReleasedShape | None = None, rounds: int = 4, threads: int = 0,
     device: str = "cpu", tokenizer: str | Path | None = None, image: str | Path | None = None, seed: int = 0, isolate: bool = True,
-    on_result: Callable[[dict], None] | None = None,
+    on_result: Callable[[dict], None] | None = None, masks_dir: str | Path | None = None,
 ) -> dict:
     """Run each setting (see :data:`SETTINGS`) on the released shape, each in a fresh process
     (``isolate``; else in this one, for tests), and compare their masks with bfloat16's.
 
     Returns ``{"results": [per setting], "mask_iou_vs_bfloat16": {setting: [per round]}}``;
-    ``on_result`` is called with each setting's result as it finishes.
+    ``on_result`` is called with each setting's result as it finishes. With ``masks_dir`` each
+    setting's masks are saved there (``{setting}.npz``, with the shape, seed and weights
+    checksum), and a setting run earlier with the same ones is compared too: the settings of a
+    7B model can then run one at a time, when the machine has the memory for each.
     """
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -513,9 +517,24 @@ def run_released(
             data, m = _run_setting(job)
         results.append(data)
         masks[setting] = m
+        if masks_dir is not None:
+            Path(masks_dir).mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(Path(masks_dir) / f"{setting}.npz", masks=np.stack(m), key=np.array(_masks_key(data)))
         if on_result is not None:
             on_result(data)
+    if masks_dir is not None and results:
+        key = _masks_key(results[0])
+        for f in sorted(Path(masks_dir).glob("*.npz")):
+            if f.stem not in masks:
+                with np.load(f) as saved:
+                    if str(saved["key"]) == key:  # the same random model and conversation
+                        masks[f.stem] = list(saved["masks"][:rounds])
     return {"results": results, "mask_iou_vs_bfloat16": mask_agreement(masks)}
+
+
+def _masks_key(result: dict) -> str:
+    """What must match for two settings' masks to be compared: shape, weights, rounds."""
+    return json.dumps([result["shape"], result["weights_checksum"], len(result["rounds"])], sort_keys=True)
 
 
 def released_table(report: dict) -> str:
@@ -541,7 +560,7 @@ def released_table(report: dict) -> str:
             f"{'-' if conv is None else f'{conv / 1024:.1f}'} | {o['llm_prefix_ms'] / 1000:.2f} | {o['clip_image_ms'] / 1000:.2f} "
             f"| {o['hipie_image_ms'] / 1000:.2f} | {mean('llm_ms', rounds):.2f} | {mean('memory_ms', later):.2f} "
             f"| {mean('hipie_ms', rounds):.2f} | {mean('total_ms', rounds):.2f} "
-            f"| {'(reference)' if iou is None else f'{np.mean(iou):.3f} / {np.min(iou):.3f}'} |"
+            f"| {'(reference)' if r['setting'] == 'bfloat16' else '-' if iou is None else f'{np.mean(iou):.3f} / {np.min(iou):.3f}'} |"
         )
     lines += ["", "| setting | round | refs | LLM tokens | LLM s | CLIP + crop s | HIPIE decode s | other s | total s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
