@@ -101,9 +101,9 @@ class ReleasedShape:
 
     @classmethod
     def tiny(cls) -> ReleasedShape:
-        """The same module tree at toy size (for tests: builds and runs a round in well under a second
-        per part): LLaMA 64 wide, 2 layers; CLIP 32 wide, 2 layers at 56 px (16 tokens); the reduced
-        HIPIE of the golden fixture at 128 px."""
+        """The same module tree at toy size, for tests (a conversation takes seconds on a CPU):
+        LLaMA 64 wide, 2 layers; CLIP 32 wide, 2 layers at 56 px (16 tokens); the reduced HIPIE of
+        the golden fixture at 128 px."""
         vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56,
                   "patch_size": 14, "projection_dim": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
         hipie = dataclasses.replace(HipieDecoderConfig.reduced(), image_size=128)
