@@ -18,6 +18,7 @@ from accelerate import PartialState
 from segllm import SegLLM
 from segllm.batch_segment import merge_results, read_items, segment_items
 from segllm.bench import main as bench_main
+from segllm.bench_released import SETTINGS as RELEASED_SETTINGS
 from segllm.conversation import load_image
 from segllm.convert_weights import pickle_to_safetensors
 from segllm.data.benchmark_readers import read_templates
@@ -195,14 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uploads over this many MB are refused before they are stored (default: %(default)s)")
     dm.set_defaults(func=_demo)
 
-    bn = sub.add_parser("bench", help="per-round latency, incremental vs full recompute (bundled and a large-LLM model)")
-    bn.add_argument("--rounds", type=int, default=8)
+    bn = sub.add_parser("bench", help="per-round latency, incremental vs full recompute (bundled and a large-LLM model); "
+                                      "with --released-shape, the released 7B architecture part by part")
+    bn.add_argument("--rounds", type=int, default=None, help="rounds of the conversation (default: 8; 4 with --released-shape)")
     bn.add_argument("--repeats", type=int, default=3)
     bn.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bn.add_argument("--no-large", action="store_true", help="skip the large-LLM configuration")
-    bn.add_argument("--width", type=int, default=4096, help="LLM width of the large configuration")
-    bn.add_argument("--layers", type=int, default=2, help="LLM layers of the large configuration")
+    bn.add_argument("--width", type=int, default=4096, help="LLM width of the large configuration (and of --released-shape)")
+    bn.add_argument("--layers", type=int, default=None,
+                    help="LLM layers of the large configuration (default 2) or of --released-shape (default 32: the 7B)")
     bn.add_argument("--json", help="also write the raw results here")
+    bn.add_argument("--released-shape", action="store_true",
+                    help="build the released SegLLM's architecture at full size (LLaMA-7B, CLIP ViT-L/14, HIPIE-R50) with random "
+                         "weights, no download, and time a conversation part by part, each --setting in its own process")
+    bn.add_argument("--setting", action="append", default=None, choices=list(RELEASED_SETTINGS),
+                    help="with --released-shape: a precision to run (repeatable; default: bfloat16 and 8bit)")
+    bn.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                    help="with --released-shape: a tokenizer folder (a LLaMA one, e.g. a released checkpoint's, gives the "
+                         "released token counts; default: the bundled model's)")
+    bn.add_argument("--image", default=None, help="with --released-shape: the image (default: the bundled shapes.png)")
+    bn.add_argument("--masks-dir", default=None, metavar="DIR",
+                    help="with --released-shape: save each setting's masks here and compare with those saved by an earlier "
+                         "run of the same shape (so the settings can run one at a time)")
     _model_args(bn, device="cpu", checkpoint=False, revision=False, quantize=False)
     bn.set_defaults(func=_bench)
 
