@@ -27,7 +27,7 @@ from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.released.configs import parse_annotation_overrides, read_annotation_config, read_conversation_config
 from segllm.data.world import WorldConfig, generate
 from segllm.default import EXAMPLES, load_model
-from segllm.errors import ConversationError, SegLLMError
+from segllm.errors import ConfigError, ConversationError, SegLLMError
 from segllm.eval.benchmarks import BENCHMARKS, Roots, check_benchmark, default_frame, open_benchmark, paper_lines
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         world.add_argument(f"--{split}", type=int, default=n, help=f"conversations in the {split} split (default: %(default)s)")
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--workers", type=int, default=1)
+    world.add_argument("--multi-target-prob", type=float, default=0.0,
+                       help="chance of a several-target round ('Segment all the red objects.', one <seg> per "
+                            "object, left to right) (default: %(default)s: none, the pinned world)")
     world.set_defaults(func=_world)
 
     tr = sub.add_parser("train", help="train a model from a recipe (a TOML file, e.g. configs/default.toml)")
@@ -422,7 +425,12 @@ def _segment(args: argparse.Namespace) -> int:
 
 def _world(args: argparse.Namespace) -> int:
     counts = {k: getattr(args, k) for k in ("train", "val", "test", "heldout") if getattr(args, k) > 0}
-    shares = generate(args.out, counts, seed=args.seed, config=WorldConfig(), workers=args.workers)
+    try:
+        config = WorldConfig(multi_target_prob=args.multi_target_prob)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shares = generate(args.out, counts, seed=args.seed, config=config, workers=args.workers)
     print(f"wrote {', '.join(f'{k}: {v}' for k, v in counts.items())} conversations to {args.out}/")
     # how much of each split a text-only model could answer (the rest needs the masks)
     for split, sh in shares.items():

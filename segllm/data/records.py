@@ -83,7 +83,7 @@ def record_to_conversation(record: dict[str, Any], image: np.ndarray, get_mask: 
     return conv
 
 
-ROUND_KINDS = ("query", "pick")
+ROUND_KINDS = ("query", "pick", "all")
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,9 @@ class RoundMeta:
     """Per-round metadata of a record, beside what a :class:`Conversation` holds.
 
     Attributes:
-        kind: "query" (one right answer) or "pick" (any of ``alternatives`` is right; the
-            recorded mask is the one later rounds assume).
+        kind: "query" (one right answer), "pick" (any of ``alternatives`` is right; the
+            recorded mask is the one later rounds assume) or "all" (several targets, one mask
+            each: "segment all the red objects").
         relation: the question family ("attribute", "positional", ...), or None.
         text_resolvable: whether the questions' text alone determines the answer (None:
             not recorded).
