@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "testB, test (default val); reasonseg: val, test (default val)")
     ev.add_argument("--size", type=int, default=None, help="at most this many conversations (default: world 500, else all)")
     ev.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
+    ev.add_argument("--multi-target-prob", type=float, default=0.0,
+                    help="world: chance of a several-target round, scored matched and as a union (default: %(default)s)")
     ev.add_argument("--protocol", nargs="+", default=None, choices=["oracle", "own"],
                     help="history protocols (default: world both; a paper benchmark its own)")
     ev.add_argument("--frame", default=None, choices=["original", "released"],
@@ -571,8 +573,10 @@ def _eval_data(args: argparse.Namespace):
     if args.benchmark in (None, "world") and args.data == "world":
         split = args.split or "test"
         args.size = 500 if args.size is None else args.size
-        data = WorldConversations(split, args.size, seed=args.seed, max_rounds=args.max_rounds)
-        return data, f"world seed {args.seed}, {split} split, {args.size} conversations", args.protocol or ["oracle", "own"], split
+        config = WorldConfig(multi_target_prob=args.multi_target_prob)
+        data = WorldConversations(split, args.size, seed=args.seed, config=config, max_rounds=args.max_rounds)
+        multi = f", several-target rounds {args.multi_target_prob:g}" if args.multi_target_prob else ""
+        return data, f"world seed {args.seed}, {split} split, {args.size} conversations{multi}", args.protocol or ["oracle", "own"], split
     if args.benchmark in (None, "world", "folder"):
         data = ConversationFolder(args.data, max_rounds=args.max_rounds)
         n = len(data) if args.size is None else min(args.size, len(data))
