@@ -37,6 +37,7 @@ from segllm.model.quantize import QUANTIZE_MODES
 from segllm.session import Session
 from segllm.train.recipe import TrainRecipe
 from segllm.train.trainer import check_data, train
+from segllm.viz import mask_labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,7 +379,7 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             continue
         session.overlay().save(out / f"round{r.round}_overlay.png")
-        boxes = ", ".join(f"[{', '.join(f'{v:.0f}' for v in b)}] score {s:.2f}" for b, s in zip(r.boxes, r.scores))
+        boxes = _boxes_line(r)
         ref_note = f" (refers to {', '.join(map(str, r.refs))})" if r.refs else ""
         note = " (your region)" if r.user else " (forced)" if r.forced else ""
         print(f"round {r.round}{ref_note}: {r.question}\n  -> {r.text!r}{note}  {boxes}")
@@ -386,6 +387,15 @@ def _chat(args: argparse.Namespace) -> int:
     (out / "session.json").write_text(json.dumps(session.to_coco(file_name=Path(image_path).name), indent=1) + "\n")
     print(f"overlays, masks and session.json written to {out}/")
     return 1 if errors and not interactive else 0
+
+
+def _boxes_line(reply) -> str:
+    """Each mask's box and score; a round with several masks labels them k.1, k.2, ... as the
+    overlay does (and as ``round{k}_mask{j}.png`` numbers them)."""
+    labels = mask_labels(reply.round, len(reply.boxes))
+    several = len(labels) > 1
+    return ", ".join(f"{f'mask {lab} ' if several else ''}[{', '.join(f'{v:.0f}' for v in b)}] score {s:.2f}"
+                     for lab, b, s in zip(labels, reply.boxes, reply.scores))
 
 
 def _chain(first, rest):
