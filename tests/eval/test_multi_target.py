@@ -9,7 +9,7 @@ import pytest
 
 from segllm.conversation import Conversation, Round
 from segllm.eval.evaluate import evaluate, format_table, read_logs
-from segllm.eval.metrics import match_targets, score_targets
+from segllm.eval.metrics import mask_box, match_targets, released_frame_gt, score_targets
 from segllm.session import Reply
 
 
@@ -162,3 +162,35 @@ def test_union_differs_from_matched_when_masks_overlap_targets_across():
     r = score_targets([left, right], [top, bottom])
     assert [s[:2] for s in r.per_target] == [(25, 75), (25, 75)]  # each pair: 25 shared of 75
     assert (r.union_inter, r.union_union) == (100, 100)
+
+
+class _FrameAnswers(_Answers):
+    """As _Answers, in the released frame: the frame masks are the answers, the image-resolution
+    ones empty (so a score that used them would be 0)."""
+
+    class decoder:  # noqa: N801 (stands in for model.decoder)
+        image_size = 20
+
+    def segment(self, convs, frame=False):
+        assert frame
+        out = []
+        for c in convs:
+            rounds = []
+            for n in range(len(c.rounds)):
+                f = np.stack([released_frame_gt(m, 20) for m in self.masks[n]])
+                boxes = np.stack([mask_box(m) for m in f])
+                rounds.append((np.zeros((len(f), 10, 10), bool), np.ones(len(f), np.float32), f, boxes))
+            out.append(rounds)
+        return out
+
+
+def test_released_frame_scores_the_frame_masks():
+    conv, C = _conv()
+    r = evaluate(_FrameAnswers([[C], [B]]), _Data([conv]), protocol="oracle", frame="released")
+    a, b = released_frame_gt(A, 20).sum(), released_frame_gt(B, 20).sum()
+    assert a > 0 and b > 0
+    m = r.multi_target
+    assert (m["missing"], m["extra"]) == (1, 0)
+    assert m["matched cIoU"] == pytest.approx(100 * b / (a + b))  # B exact, A missing
+    assert m["union cIoU"] == pytest.approx(100 * b / (a + b))
+    assert m["matched mIoU"] == pytest.approx(100 * (0 + b / (b + 1e-4)) / 2)  # the released IoU: I / (U + 1e-4)
