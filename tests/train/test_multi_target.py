@@ -4,6 +4,9 @@ on such rounds lowers their mask loss."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from segllm.conversation import Conversation, Round
@@ -12,6 +15,8 @@ from segllm.data.world import WorldConfig
 from segllm.decoders.base import SEG
 from segllm.losses import bce_loss
 from segllm.train.objective import training_loss
+from segllm.train.recipe import TrainRecipe
+from segllm.train.trainer import train
 from tests.helpers import box_mask
 
 
@@ -94,3 +99,14 @@ def test_training_on_multi_target_world_data_lowers_their_loss(make_model) -> No
     # the rows' targets differ (one object each), so no single shared mask fits them all
     t = batch.seg_targets[multi]
     assert any(not torch.equal(t[i], t[i + 1]) for i in range(len(t) - 1))
+
+
+def test_trainer_runs_on_multi_target_world_data_and_logs_both_scores(tmp_path) -> None:
+    recipe = TrainRecipe.load(Path(__file__).resolve().parents[2] / "configs" / "test_tiny.toml", {
+        "output_dir": str(tmp_path / "run"), "steps": 2, "eval_every": 2, "eval_size": 4, "save_every": 0,
+        "data.world": {"multi_target_prob": 1.0}})
+    train(recipe, progress=False)
+    entry = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
+    m = entry["oracle_multi_target"]
+    assert set(m) == {"matched_cIoU", "union_cIoU"}
+    assert all(0.0 <= v <= 100.0 for v in m.values())
