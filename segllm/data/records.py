@@ -12,8 +12,9 @@ A dataset folder (written by ``segllm world``, or by a user) holds:
   ``mask_ids`` are COCO annotation ids, one per ``<seg>`` of the answer; ``refs`` are the
   1-indexed earlier rounds the question refers to. Optional per-round fields (the world writes
   them; a reader accepts records without them, see :func:`round_meta`): ``relation`` (the
-  question family), ``kind`` ("query", or "pick": a deliberately ambiguous question whose
-  recorded answer is one of several valid ones), ``alternatives`` (the COCO ids of every valid
+  question family), ``kind`` ("query"; "pick": a deliberately ambiguous question whose
+  recorded answer is one of several valid ones; or "all": a question for several objects, one
+  mask id each, left to right), ``alternatives`` (the COCO ids of every valid
   answer of a pick round) and ``text_resolvable`` (whether the questions' text alone
   determines the answer).
 

@@ -434,9 +434,10 @@ class _Builder:
 
     def all_round(self) -> tuple[L.Query, int] | None:
         """An all round: a head phrase ("red object", "triangle"), not asked by an earlier all
-        round, that 2 to ``L.MAX_TARGETS`` top-level objects match, their centroids left to right more than the margin apart (so
-        the answer's order is clear); (query, its left-most target), or None when the scene has
-        no such phrase. Its targets are :func:`L.all_targets`."""
+        round, that 2 to ``L.MAX_TARGETS`` top-level objects match, their centroids more than the
+        margin apart from left to right (so the answer's order is clear); (query, its left-most
+        target), or None when the scene has no such phrase. Its targets are
+        :func:`L.all_targets`."""
         heads: list[L.Head] = []
         asked = {q.head for q in self.queries if q.relation == L.ALL_RELATION}  # not twice
         for o in self.top:
