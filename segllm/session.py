@@ -111,10 +111,16 @@ class Session:
         self._need_image()
         return session_to_coco(self.history, self.image.shape[:2], file_name=file_name)
 
-    def overlay(self):
-        """The image with every round's masks, each round in its own colour and numbered (PIL image)."""
+    def overlay(self, rounds=None):
+        """The image with the masks of ``rounds`` (round numbers; default: every round), each round
+        in its own colour and numbered (PIL image)."""
         self._need_image()
-        return overlay(self.image, [(r.round, m) for r in self.history for m in r.masks])
+        if rounds is not None:
+            rounds = set(rounds)
+            missing = sorted(k for k in rounds if not 1 <= k <= len(self.history))
+            if missing:
+                raise ConversationError(f"no round {', '.join(map(str, missing))}: the conversation has {len(self.history)}")
+        return overlay(self.image, [(r.round, m) for r in self.history if rounds is None or r.round in rounds for m in r.masks])
 
     # -- state -----------------------------------------------------------------------------
     @torch.no_grad()
