@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from segllm.conversation import load_image
 from segllm.default import EXAMPLES, load_model
-from segllm.errors import SegLLMError
+from segllm.errors import MaskError, SegLLMError
 from segllm.session import Session
 from segllm.viz import colour
 
@@ -275,6 +275,31 @@ def box_from_corners(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int, 
     (image pixels, in either order): both clicked pixels are inside it."""
     (ax, ay), (bx, by) = a, b
     return min(ax, bx), min(ay, by), max(ax, bx) + 1, max(ay, by) + 1
+
+
+def painted_mask(layers, shape: tuple[int, int], scale: int = 1) -> np.ndarray:
+    """The region a user painted in the image editor, as an [H, W] bool mask of an image of
+    ``shape`` (H, W): every pixel of the image that any stroke touches.
+
+    Args:
+        layers: the editor's layers, each [H * scale, W * scale, 4] RGBA (the editor shows the
+            image enlarged ``scale`` times, as the overlay); painted pixels have alpha > 0.
+
+    Raises:
+        MaskError: no layer, a layer of another size, or nothing painted.
+    """
+    h, w = shape
+    painted = np.zeros((h, w), bool)
+    for layer in layers or []:
+        a = np.asarray(layer)
+        if a.ndim != 3 or a.shape[2] != 4 or a.shape[:2] != (h * scale, w * scale):
+            raise MaskError(f"the painted layer is {'x'.join(map(str, a.shape[1::-1]))}, "
+                            f"not the {w * scale}x{h * scale} canvas of the image; pick the image again")
+        # an image pixel is painted when any of its scale x scale display pixels is
+        painted |= (a[..., 3] > 0).reshape(h, scale, w, scale).any(axis=(1, 3))
+    if not painted.any():
+        raise MaskError("nothing is painted: paint the region on the image first")
+    return painted
 
 
 def display_image(session: Session, *, show: int | None = None, scale: int = 1,
@@ -538,7 +563,13 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
             progress(0.2, desc="encoding the image")
             entry.session.set_image(image)
             h, w = image.shape[:2]
-            return view(entry, f"Image {w}x{h} ready. Ask a question.")
+            return (*view(entry, f"Image {w}x{h} ready. Ask a question."), canvas(entry))
+
+    def canvas(entry: _Entry):
+        """The paint editor's value: the image, enlarged as the overlay is (so strokes land on the
+        same pixels as clicks), with nothing painted."""
+        k = entry.scale
+        return {"background": entry.session.image.repeat(k, axis=0).repeat(k, axis=1), "layers": [], "composite": None}
 
     def pick_example(name, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         if not name:
@@ -583,6 +614,13 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
         with conversation(request, path) as entry:
             r = entry.session.add_region(mask=np.asarray(load_image(path, max_side=max_side)), label=label or None)
             return region_added(entry, r, f"from {Path(path).name}")
+
+    def add_painted(painting, label, request: gr.Request):
+        """The strokes painted in the editor: a region round; the editor is cleared."""
+        with conversation(request) as entry:
+            region = painted_mask((painting or {}).get("layers"), entry.session.image.shape[:2], entry.scale)
+            r = entry.session.add_region(mask=region, label=label or None)
+            return (*region_added(entry, r, f"painted ({int(region.sum())} pixels)"), canvas(entry))
 
     def pick_tool(tool, request: gr.Request):
         """A change of click tool drops a box's pending first corner."""
@@ -650,6 +688,11 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
                     # a mask image of the image's size: its non-zero pixels are the region
                     region_mask = gr.UploadButton("Upload a region mask", file_types=["image"], type="filepath",
                                                   elem_id="region-mask", size="md")
+                    with gr.Accordion("Paint a region", open=False, elem_id="paint-box"):
+                        paint = gr.ImageEditor(type="numpy", sources=[], transforms=[], layers=False, eraser=gr.Eraser(),
+                                               brush=gr.Brush(default_size=16, colors=["#ff00ff"], color_mode="fixed"),
+                                               show_label=False, height=360, elem_id="paint")
+                        paint_btn = gr.Button("Add the painted region", elem_id="add-painted")
                 status = gr.Markdown(elem_id="status")
                 download = gr.File(label="Download masks (zip: PNGs, overlay, session.json)", elem_id="download")
             with gr.Column(scale=1):
@@ -658,9 +701,10 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
                 show = gr.Radio(show_choices(0), value=SHOW_ALL, label="Show", elem_id="show")
                 legend = gr.HTML(legend_html(Session(model)), elem_id="legend", js_on_load=LEGEND_JS)
         outs = [overlay, legend, refs, status, download, show]
-        upload.upload(set_image, [upload], outs)
-        gallery.select(pick_thumbnail, None, outs, api_visibility="private")
-        example.change(pick_example, [example], outs)
+        upload.upload(set_image, [upload], outs + [paint])
+        gallery.select(pick_thumbnail, None, outs + [paint], api_visibility="private")
+        example.change(pick_example, [example], outs + [paint])
+        paint_btn.click(add_painted, [paint, region_label], outs + [region_label, paint])
         ask_btn.click(ask, [question, refs], outs + [question])
         question.submit(ask, [question, refs], outs + [question])
         overlay.select(mark, [region_label, tool], outs + [region_label])

@@ -313,6 +313,46 @@ def test_browser_example_thumbnail_box_by_two_clicks_and_a_mask_upload(server, t
         browser.close()
 
 
+@needs_chromium
+def test_browser_paint_a_region_then_refer_to_it(server, tmp_path):
+    """A region painted with the brush in the editor becomes a round; the overlay shows it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _, url = server
+    image = np.asarray(Image.open(EXAMPLES / "scene2.png").convert("RGB"))
+    with sync_playwright() as p:
+        browser, page = _browser(p)
+        page.goto(url)
+        page.locator("#examples").get_by_text("scene2", exact=True).click()
+        expect(page.locator("#status")).to_contain_text("Image 128x128 ready", timeout=30_000)
+        _, src = _shown(page)
+        page.locator("#paint-box").get_by_text("Paint a region").click()
+        canvas = page.locator("#paint canvas").first
+        expect(canvas).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)  # the editor draws the image once it is shown
+        page.locator("#paint button[aria-label='Brush']").first.click()
+        b = canvas.bounding_box()
+        cx, cy = b["x"] + b["width"] / 2, b["y"] + b["height"] / 2  # the image sits in the canvas' centre
+        page.mouse.move(cx - 30, cy)
+        page.mouse.down()
+        for i in range(1, 13):
+            page.mouse.move(cx - 30 + 5 * i, cy)
+        page.mouse.up()
+        page.locator("#add-painted").click()
+        expect(page.locator("#status")).to_contain_text("Round 1: your region painted (", timeout=30_000)
+        n = int(re.search(r"painted \((\d+) pixels\)", page.locator("#status").inner_text()).group(1))
+        assert 20 < n < 128 * 128 // 4, n  # a stroke, not the whole image
+        painted, src = _shown(page, after=src)
+        assert _tinted(painted, image, 64, 64, 1), "the painted stroke through the centre is not drawn"
+        outside = _changed_outside(painted, image, 40, 40, 88, 88)
+        assert outside == 0, f"{outside} pixels changed away from the stroke"
+        page.locator("#question textarea").fill("Segment the shape closest to instance 1.")
+        page.locator("#question textarea").press("Enter")
+        expect(page.locator("li.segllm-round[data-round='2']")).to_contain_text("refers to 1", timeout=30_000)
+        page.screenshot(path=str(_shots_folder(tmp_path) / "demo_painted.png"), full_page=True)
+        browser.close()
+
+
 RELEASED = RELEASED_FIXTURES
 
 

@@ -10,10 +10,11 @@ from segllm.demo import (  # noqa: E402
     box_from_corners,
     display_image,
     legend_html,
+    painted_mask,
     parse_show,
     show_choices,
 )
-from segllm.errors import ConversationError, SegLLMError  # noqa: E402
+from segllm.errors import ConversationError, MaskError, SegLLMError  # noqa: E402
 from segllm.session import Session  # noqa: E402
 from segllm.viz import colour  # noqa: E402
 
@@ -99,3 +100,22 @@ def test_session_overlay_of_chosen_rounds(session):
     assert not np.array_equal(np.asarray(session.overlay([1])), np.asarray(session.overlay([2])))
     with pytest.raises(ConversationError, match="no round 4: the conversation has 3"):
         session.overlay([4])
+
+
+def test_painted_mask_is_every_image_pixel_a_stroke_touches():
+    layer = np.zeros((12, 16, 4), np.uint8)  # a 3x4 image shown 4x enlarged
+    layer[5, 9, 3] = 255  # one display pixel in image pixel (row 1, column 2)
+    layer[0:2, 0:2] = (255, 0, 255, 40)  # a faint stroke still counts
+    other = np.zeros_like(layer)
+    other[11, 15, 3] = 1
+    m = painted_mask([layer, other], (3, 4), 4)
+    expected = np.zeros((3, 4), bool)
+    expected[1, 2] = expected[0, 0] = expected[2, 3] = True
+    np.testing.assert_array_equal(m, expected)
+    np.testing.assert_array_equal(painted_mask([layer[:3, :4]], (3, 4)), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    with pytest.raises(MaskError, match="nothing is painted"):
+        painted_mask([np.zeros_like(layer)], (3, 4), 4)
+    with pytest.raises(MaskError, match="nothing is painted"):
+        painted_mask(None, (3, 4), 4)
+    with pytest.raises(MaskError, match="the painted layer is 16x12, not the 8x6 canvas"):
+        painted_mask([layer], (3, 4), 2)
