@@ -380,9 +380,18 @@ CSS = """
 """
 
 
+ZIP_NAME = "segllm-masks.zip"
+
+
+def _new_folder(parent: Path) -> Path:
+    folder = parent / uuid.uuid4().hex
+    folder.mkdir()
+    return folder
+
+
 def masks_zip(session: Session, folder: Path) -> Path:
     """A zip of every round's mask PNGs, the overlay and session.json (COCO-style, RLE masks)."""
-    path = folder / "segllm-masks.zip"
+    path = folder / ZIP_NAME
     with zipfile.ZipFile(path, "w") as z:
         for r in session.history:
             for j, m in enumerate(r.masks, start=1):
@@ -513,25 +522,27 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
         refs = gr.update() if keep else gr.update(choices=[str(r.round) for r in s.history], value=[])
         show = gr.update(choices=show_choices(len(s.history)), value=str(entry.show or SHOW_ALL))
         # what the page showed before is superseded: its files go, so one overlay and one zip
-        # per conversation are on disk at any time
+        # per conversation are on disk at any time (a change of view keeps the zip: the masks
+        # are the same)
+        kept = [f for f in entry.files if keep and f.name == ZIP_NAME]
         for old in entry.files:
-            shutil.rmtree(old.parent, ignore_errors=True)
-        entry.files.clear()
+            if old not in kept:
+                shutil.rmtree(old.parent, ignore_errors=True)
+        entry.files[:] = kept
         image = download = None
         if s.image is not None:
-            folder = entry.folder / uuid.uuid4().hex  # a new URL each time: no stale browser cache
-            folder.mkdir()
-            image = folder / "overlay.png"
+            image = _new_folder(entry.folder) / "overlay.png"  # a new URL each time: no stale browser cache
             # small images are shown enlarged by a whole factor with crisp pixels; clicks on the
             # overlay are divided by it
             entry.scale = display_scale(s.image.shape[:2])
             display_image(s, show=entry.show, scale=entry.scale, corner=entry.corner).save(image)
             entry.files.append(image)
-            if s.history:
-                download = masks_zip(s, folder)
+            if s.history and not kept:
+                download = masks_zip(s, _new_folder(entry.folder))
                 entry.files.append(download)
         legend = legend_html(s, entry.show)
-        return (str(image) if image else None), legend, refs, status, (str(download) if download else None), show
+        download = gr.update() if kept else (str(download) if download else None)
+        return (str(image) if image else None), legend, refs, status, download, show
 
     def no_session(request: gr.Request) -> str:
         if store.expired(key_of(request)):
