@@ -54,6 +54,7 @@ _EXPIRED_REMEMBERED = 4096  # dropped session ids kept to explain "your session 
 
 
 DISPLAY_SIDE = 512  # small images are shown enlarged to about this many pixels
+PAINT_SIDE = 1024  # larger images are painted on a copy shrunk to this many pixels (longest side)
 RECLAIM_SETTLE = 0.5  # seconds after a conversation is dropped before its memory is reclaimed (a burst reclaims once)
 
 
@@ -277,26 +278,48 @@ def box_from_corners(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int, 
     return min(ax, bx), min(ay, by), max(ax, bx) + 1, max(ay, by) + 1
 
 
-def painted_mask(layers, shape: tuple[int, int], scale: int = 1) -> np.ndarray:
+def paint_canvas(image: np.ndarray, scale: int = 1, max_side: int = PAINT_SIDE) -> np.ndarray:
+    """The image as the paint editor shows it ([h, w, 3] uint8): enlarged ``scale`` times with
+    crisp pixels as the overlay is, or, when its longest side exceeds ``max_side`` pixels, shrunk
+    to that (the editor's copy is encoded and sent on every new image: 16 s for a 4096 px WebP
+    on this server, 0.3 s for a 1024 px PNG)."""
+    if scale > 1:
+        return image.repeat(scale, axis=0).repeat(scale, axis=1)
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    f = max_side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def painted_mask(layers, shape: tuple[int, int]) -> np.ndarray:
     """The region a user painted in the image editor, as an [H, W] bool mask of an image of
-    ``shape`` (H, W): every pixel of the image that any stroke touches.
+    ``shape`` (H, W): every image pixel that a stroke touches.
 
     Args:
-        layers: the editor's layers, each [H * scale, W * scale, 4] RGBA (the editor shows the
-            image enlarged ``scale`` times, as the overlay); painted pixels have alpha > 0.
+        layers: the editor's layers, each [h, w, 4] RGBA on the canvas of :func:`paint_canvas`
+            (the image enlarged by a whole factor, as it is, or shrunk); painted pixels have
+            alpha > 0.
 
     Raises:
-        MaskError: no layer, a layer of another size, or nothing painted.
+        MaskError: a layer that is not the image's canvas, or nothing painted.
     """
     h, w = shape
     painted = np.zeros((h, w), bool)
     for layer in layers or []:
         a = np.asarray(layer)
-        if a.ndim != 3 or a.shape[2] != 4 or a.shape[:2] != (h * scale, w * scale):
+        ch, cw = a.shape[:2]
+        if a.ndim != 3 or a.shape[2] != 4 or abs(ch / h - cw / w) > 0.02 * max(ch / h, cw / w) + 1 / min(h, w):
             raise MaskError(f"the painted layer is {'x'.join(map(str, a.shape[1::-1]))}, "
-                            f"not the {w * scale}x{h * scale} canvas of the image; pick the image again")
-        # an image pixel is painted when any of its scale x scale display pixels is
-        painted |= (a[..., 3] > 0).reshape(h, scale, w, scale).any(axis=(1, 3))
+                            f"not a canvas of the {w}x{h} image; pick the image again")
+        ink = a[..., 3] > 0
+        k = ch // h
+        if k >= 1 and (ch, cw) == (k * h, k * w):
+            # an enlarged canvas: an image pixel is painted when any of its k x k canvas pixels is
+            painted |= ink.reshape(h, k, w, k).any(axis=(1, 3))
+        else:  # a shrunk canvas: each canvas pixel stands for the image pixels under it
+            painted |= np.asarray(Image.fromarray(ink).resize((w, h), Image.Resampling.NEAREST))
     if not painted.any():
         raise MaskError("nothing is painted: paint the region on the image first")
     return painted
@@ -579,8 +602,7 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
     def canvas(entry: _Entry):
         """The paint editor's value: the image, enlarged as the overlay is (so strokes land on the
         same pixels as clicks), with nothing painted."""
-        k = entry.scale
-        return {"background": entry.session.image.repeat(k, axis=0).repeat(k, axis=1), "layers": [], "composite": None}
+        return {"background": paint_canvas(entry.session.image, entry.scale), "layers": [], "composite": None}
 
     def pick_example(name, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         if not name:
@@ -629,7 +651,7 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
     def add_painted(painting, label, request: gr.Request):
         """The strokes painted in the editor: a region round; the editor is cleared."""
         with conversation(request) as entry:
-            region = painted_mask((painting or {}).get("layers"), entry.session.image.shape[:2], entry.scale)
+            region = painted_mask((painting or {}).get("layers"), entry.session.image.shape[:2])
             r = entry.session.add_region(mask=region, label=label or None)
             return (*region_added(entry, r, f"painted ({int(region.sum())} pixels)"), canvas(entry))
 
@@ -700,7 +722,8 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
                     region_mask = gr.UploadButton("Upload a region mask", file_types=["image"], type="filepath",
                                                   elem_id="region-mask", size="md")
                     with gr.Accordion("Paint a region", open=False, elem_id="paint-box"):
-                        paint = gr.ImageEditor(type="numpy", sources=[], transforms=[], layers=False, eraser=gr.Eraser(),
+                        # PNG: the image's copy is encoded on every new image (WebP, the default, is 5x slower)
+                        paint = gr.ImageEditor(type="numpy", format="png", sources=[], transforms=[], layers=False, eraser=gr.Eraser(),
                                                brush=gr.Brush(default_size=16, colors=["#ff00ff"], color_mode="fixed"),
                                                show_label=False, height=360, elem_id="paint")
                         paint_btn = gr.Button("Add the painted region", elem_id="add-painted")

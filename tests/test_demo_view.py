@@ -10,6 +10,7 @@ from segllm.demo import (  # noqa: E402
     box_from_corners,
     display_image,
     legend_html,
+    paint_canvas,
     painted_mask,
     parse_show,
     show_choices,
@@ -104,18 +105,37 @@ def test_session_overlay_of_chosen_rounds(session):
 
 def test_painted_mask_is_every_image_pixel_a_stroke_touches():
     layer = np.zeros((12, 16, 4), np.uint8)  # a 3x4 image shown 4x enlarged
-    layer[5, 9, 3] = 255  # one display pixel in image pixel (row 1, column 2)
+    layer[5, 9, 3] = 255  # one canvas pixel in image pixel (row 1, column 2)
     layer[0:2, 0:2] = (255, 0, 255, 40)  # a faint stroke still counts
     other = np.zeros_like(layer)
     other[11, 15, 3] = 1
-    m = painted_mask([layer, other], (3, 4), 4)
+    m = painted_mask([layer, other], (3, 4))
     expected = np.zeros((3, 4), bool)
     expected[1, 2] = expected[0, 0] = expected[2, 3] = True
     np.testing.assert_array_equal(m, expected)
     np.testing.assert_array_equal(painted_mask([layer[:3, :4]], (3, 4)), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
     with pytest.raises(MaskError, match="nothing is painted"):
-        painted_mask([np.zeros_like(layer)], (3, 4), 4)
+        painted_mask([np.zeros_like(layer)], (3, 4))
     with pytest.raises(MaskError, match="nothing is painted"):
-        painted_mask(None, (3, 4), 4)
-    with pytest.raises(MaskError, match="the painted layer is 16x12, not the 8x6 canvas"):
-        painted_mask([layer], (3, 4), 2)
+        painted_mask(None, (3, 4))
+    with pytest.raises(MaskError, match="the painted layer is 12x12, not a canvas of the 4x3 image"):
+        painted_mask([np.zeros((12, 12, 4), np.uint8)], (3, 4))
+
+
+def test_paint_canvas_enlarges_small_images_and_shrinks_large_ones():
+    small = np.arange(3 * 4 * 3, dtype=np.uint8).reshape(3, 4, 3)
+    big = paint_canvas(small, 4)
+    assert big.shape == (12, 16, 3)
+    np.testing.assert_array_equal(big[::4, ::4], small)
+    mid = np.zeros((600, 900, 3), np.uint8)
+    assert paint_canvas(mid) is mid  # within the limit: as it is
+    large = np.zeros((1500, 3000, 3), np.uint8)
+    canvas = paint_canvas(large)
+    assert canvas.shape == (512, 1024, 3)
+    # a stroke on the shrunk canvas covers the image pixels under it
+    layer = np.zeros((512, 1024, 4), np.uint8)
+    layer[100:110, 200:300, 3] = 255
+    m = painted_mask([layer], (1500, 3000))
+    ys, xs = np.nonzero(m)
+    assert (ys.min(), ys.max() + 1) == (293, 322) and (xs.min(), xs.max() + 1) == (586, 879)
+    assert m.sum() == (322 - 293) * (879 - 586)
