@@ -600,8 +600,8 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
             return (*view(entry, f"Image {w}x{h} ready. Ask a question."), canvas(entry))
 
     def canvas(entry: _Entry):
-        """The paint editor's value: the image, enlarged as the overlay is (so strokes land on the
-        same pixels as clicks), with nothing painted."""
+        """The paint editor's value: the image (enlarged as the overlay is, or shrunk past
+        ``PAINT_SIDE``, see :func:`paint_canvas`), with nothing painted."""
         return {"background": paint_canvas(entry.session.image, entry.scale), "layers": [], "composite": None}
 
     def pick_example(name, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
@@ -694,7 +694,7 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
             "# SegLLM: multi-round segmentation\n"
             "Upload an image (or pick an example), then ask for one object per round (Enter asks). A later question "
             "can refer to an earlier round's object: tick its round below, or write `instance k` or `[REF:k]`. "
-            "Click on the image to mark a region yourself (a point, or a box by two clicks), or upload a mask: "
+            "Click on the image to mark a region yourself (a point, or a box by two clicks), paint one or upload a mask: "
             "it becomes a round you can refer to. Click a round in the legend to see its mask alone. "
             f"Images up to {max_side} pixels on the longest side{limit_text}."
         )

@@ -257,6 +257,9 @@ def test_browser_region_by_clicking_then_a_question_that_refers_to_it(server, tm
         expect(page.locator("li.segllm-round[data-round='1']")).to_have_attribute("data-shown", "true")
         one, src = _shown(page, after=src)
         assert not np.array_equal(one, alone) and not np.array_equal(one, every)
+        page.locator("li.segllm-round[data-round='1']").press("Enter")  # the legend by keyboard: every round
+        expect(page.locator("#status")).to_contain_text("Showing every round.", timeout=30_000)
+        np.testing.assert_array_equal(_shown(page, after=src)[0], every)
         browser.close()
     assert (shots / "demo_regions.png").stat().st_size > 10_000
 
