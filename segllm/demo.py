@@ -30,11 +30,11 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from segllm.conversation import load_image
 from segllm.default import EXAMPLES, load_model
-from segllm.errors import SegLLMError
+from segllm.errors import MaskError, SegLLMError
 from segllm.session import Session
 from segllm.viz import colour, mask_labels
 
@@ -54,6 +54,7 @@ _EXPIRED_REMEMBERED = 4096  # dropped session ids kept to explain "your session 
 
 
 DISPLAY_SIDE = 512  # small images are shown enlarged to about this many pixels
+PAINT_SIDE = 1024  # larger images are painted on a copy shrunk to this many pixels (longest side)
 RECLAIM_SETTLE = 0.5  # seconds after a conversation is dropped before its memory is reclaimed (a burst reclaims once)
 
 
@@ -96,6 +97,8 @@ class _Entry:
     busy: int = 0  # handlers running on it: never dropped under them
     files: list[Path] = field(default_factory=list)  # what the page currently shows
     scale: int = 1  # the overlay shown is the image enlarged this many times (small images)
+    show: int | None = None  # the round shown alone; None: every round (the combined overlay)
+    corner: tuple[int, int] | None = None  # a box's first corner (image pixels) until the second click
 
 
 class SessionStore:
@@ -247,6 +250,99 @@ def display_scale(size: tuple[int, int], target: int = DISPLAY_SIDE) -> int:
     return max(1, target // max(size))
 
 
+SHOW_ALL = "all"  # the view selector's value for the combined overlay of every round
+TOOL_POINT, TOOL_BOX = "point", "box"  # what a click on the image marks
+
+
+def show_choices(rounds: int) -> list[tuple[str, str]]:
+    """The view selector's (label, value) choices for a conversation of ``rounds`` rounds."""
+    return [("All rounds", SHOW_ALL)] + [(f"Round {k}", str(k)) for k in range(1, rounds + 1)]
+
+
+def parse_show(value, rounds: int) -> int | None:
+    """The round the view selector's ``value`` shows alone, or None for every round (also for a
+    round that no longer exists: a page that was behind an undo)."""
+    if value in (None, "", SHOW_ALL):
+        return None
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise SegLLMError(f"cannot show {value!r}: pick 'all' or a round number") from None
+    return k if 1 <= k <= rounds else None
+
+
+def box_from_corners(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1), x1/y1 exclusive, whose opposite corner pixels are ``a`` and ``b``
+    (image pixels, in either order): both clicked pixels are inside it."""
+    (ax, ay), (bx, by) = a, b
+    return min(ax, bx), min(ay, by), max(ax, bx) + 1, max(ay, by) + 1
+
+
+def paint_canvas(image: np.ndarray, scale: int = 1, max_side: int = PAINT_SIDE) -> np.ndarray:
+    """The image as the paint editor shows it ([h, w, 3] uint8): enlarged ``scale`` times with
+    crisp pixels as the overlay is, or, when its longest side exceeds ``max_side`` pixels, shrunk
+    to that (the editor's copy is encoded and sent on every new image: 16 s for a 4096 px WebP
+    on this server, 0.3 s for a 1024 px PNG)."""
+    if scale > 1:
+        return image.repeat(scale, axis=0).repeat(scale, axis=1)
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    f = max_side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def painted_mask(layers, shape: tuple[int, int]) -> np.ndarray:
+    """The region a user painted in the image editor, as an [H, W] bool mask of an image of
+    ``shape`` (H, W): every image pixel that a stroke touches.
+
+    Args:
+        layers: the editor's layers, each [h, w, 4] RGBA on the canvas of :func:`paint_canvas`
+            (the image enlarged by a whole factor, as it is, or shrunk); painted pixels have
+            alpha > 0.
+
+    Raises:
+        MaskError: a layer that is not the image's canvas, or nothing painted.
+    """
+    h, w = shape
+    painted = np.zeros((h, w), bool)
+    for layer in layers or []:
+        a = np.asarray(layer)
+        ch, cw = a.shape[:2]
+        if a.ndim != 3 or a.shape[2] != 4 or abs(ch / h - cw / w) > 0.02 * max(ch / h, cw / w) + 1 / min(h, w):
+            raise MaskError(f"the painted layer is {'x'.join(map(str, a.shape[1::-1]))}, "
+                            f"not a canvas of the {w}x{h} image; pick the image again")
+        ink = a[..., 3] > 0
+        k = ch // h
+        if k >= 1 and (ch, cw) == (k * h, k * w):
+            # an enlarged canvas: an image pixel is painted when any of its k x k canvas pixels is
+            painted |= ink.reshape(h, k, w, k).any(axis=(1, 3))
+        else:  # a shrunk canvas: each canvas pixel stands for the image pixels under it
+            painted |= np.asarray(Image.fromarray(ink).resize((w, h), Image.Resampling.NEAREST))
+    if not painted.any():
+        raise MaskError("nothing is painted: paint the region on the image first")
+    return painted
+
+
+def display_image(session: Session, *, show: int | None = None, scale: int = 1,
+                  corner: tuple[int, int] | None = None) -> Image.Image:
+    """What the page shows: the overlay of every round (or of round ``show`` alone), enlarged
+    ``scale`` times with crisp pixels, with a pending box corner (image pixels) marked."""
+    shown = session.overlay(None if show is None else [show])
+    if scale > 1:
+        shown = shown.resize((shown.width * scale, shown.height * scale), Image.Resampling.NEAREST)
+    if corner is not None:
+        # a cross in black and white, visible on any colour, centred on the clicked pixel
+        cx, cy = (int((v + 0.5) * scale) for v in corner)
+        arm = max(4, 2 * scale)
+        draw = ImageDraw.Draw(shown)
+        for width, fill in ((3, (0, 0, 0)), (1, (255, 255, 255))):
+            draw.line((cx - arm, cy, cx + arm, cy), fill=fill, width=width)
+            draw.line((cx, cy - arm, cx, cy + arm), fill=fill, width=width)
+    return shown
+
+
 def answer_html(text: str, colour_hex: str) -> str:
     """An answer as the page shows it: each ``<seg>`` a small chip in its round's colour (the mask
     it stands for), the rest as text."""
@@ -266,8 +362,10 @@ def scores_note(reply) -> str:
     return "(" + ", ".join(f"{lab} score {s:.2f}" for lab, s in zip(labels, scores)) + ")"
 
 
-def legend_html(session: Session) -> str:
-    """One list item per round: its colour, number, question and answer."""
+def legend_html(session: Session, shown: int | None = None) -> str:
+    """One list item per round: its colour, number, question and answer. Round ``shown`` (shown
+    alone) is marked ``data-shown="true"`` and the others dimmed; clicking an item (the page's
+    script, :data:`LEGEND_JS`) shows that round alone, clicking the shown one every round."""
     if not session.history:
         return '<div id="segllm-legend"><em>No rounds yet.</em></div>'
     items = []
@@ -275,17 +373,58 @@ def legend_html(session: Session) -> str:
         c = "#{:02x}{:02x}{:02x}".format(*colour(r.round))
         refs = f" (refers to {', '.join(map(str, r.refs))})" if r.refs else ""
         refs += " (your region)" if r.user else ""
+        state = ""
+        if shown is not None:
+            state = ' data-shown="true"' if r.round == shown else ' data-shown="false"'
+        hint = "show every round" if r.round == shown else f"show round {r.round} alone"
         items.append(
-            f'<li class="segllm-round" data-round="{r.round}"><span style="display:inline-block;width:1em;height:1em;'
+            f'<li class="segllm-round" data-round="{r.round}"{state} role="button" tabindex="0" title="{hint}">'
+            f'<span class="segllm-chip" style="display:inline-block;width:1em;height:1em;'
             f'background:{c};margin-right:.4em;vertical-align:middle"></span><b>{r.round}</b>{html.escape(refs)}: '
             f"{html.escape(r.question)} &rarr; {answer_html(r.text, c)} {scores_note(r)}</li>"
         )
     return '<div id="segllm-legend"><ol style="list-style:none;padding-left:0">' + "".join(items) + "</ol></div>"
 
 
+# The legend's clicks (and Enter/Space on a focused item) pick its round in the view selector
+# (#show), whose own event redraws the overlay: the legend is a shortcut, not a second path.
+LEGEND_JS = """
+const pick = (li) => {
+  const want = li.dataset.shown === 'true' ? 'all' : li.dataset.round;
+  const radio = document.querySelector(`#show input[type=radio][value="${want}"]`);
+  if (radio) radio.click();
+};
+element.addEventListener('click', (e) => {
+  const li = e.target.closest('li.segllm-round');
+  if (li) pick(li);
+});
+element.addEventListener('keydown', (e) => {
+  const li = e.target.closest('li.segllm-round');
+  if (li && (e.key === 'Enter' || e.key === ' ')) { e.preventDefault(); pick(li); }
+});
+"""
+
+CSS = """
+#overlay img, #examples img { image-rendering: pixelated; }
+#segllm-legend li.segllm-round { cursor: pointer; padding: .15em .3em; border-radius: .3em; }
+#segllm-legend li.segllm-round:hover { background: rgba(127, 127, 127, .15); }
+#segllm-legend li.segllm-round[data-shown="true"] { outline: 2px solid currentColor; }
+#segllm-legend li.segllm-round[data-shown="false"] { opacity: .45; }
+"""
+
+
+ZIP_NAME = "segllm-masks.zip"
+
+
+def _new_folder(parent: Path) -> Path:
+    folder = parent / uuid.uuid4().hex
+    folder.mkdir()
+    return folder
+
+
 def masks_zip(session: Session, folder: Path) -> Path:
     """A zip of every round's mask PNGs, the overlay and session.json (COCO-style, RLE masks)."""
-    path = folder / "segllm-masks.zip"
+    path = folder / ZIP_NAME
     with zipfile.ZipFile(path, "w") as z:
         for r in session.history:
             for j, m in enumerate(r.masks, start=1):
@@ -368,6 +507,7 @@ class _Demo(gr.Blocks):
 
     def launch(self, *args, **kwargs):
         kwargs.setdefault("max_file_size", self.max_upload_bytes)
+        kwargs.setdefault("css", CSS)  # Gradio 6 takes the page's CSS here, no longer in the constructor
         # Gradio keeps a copy of the page's settings per browser session (10,000 by default,
         # ~50 kB each); past our cap those conversations are gone, so their copies may go too
         kwargs.setdefault("state_session_capacity", 2 * self.max_sessions + 16)
@@ -404,37 +544,52 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
     def key_of(request: gr.Request) -> str:
         return request.session_hash or "default"
 
-    def view(entry: _Entry, status: str):
+    def view(entry: _Entry, status: str, *, keep: bool = False):
+        """The page's outputs for ``entry``. A new state of the conversation (``keep`` False)
+        shows every round and forgets the ticked references and a pending box corner; a change of
+        view only (``keep``) leaves them as they are."""
         s = entry.session
-        refs = gr.update(choices=[str(r.round) for r in s.history], value=[])
+        if not keep:
+            entry.show = entry.corner = None
+        entry.show = parse_show(entry.show, len(s.history))
+        refs = gr.update() if keep else gr.update(choices=[str(r.round) for r in s.history], value=[])
+        show = gr.update(choices=show_choices(len(s.history)), value=str(entry.show or SHOW_ALL))
         # what the page showed before is superseded: its files go, so one overlay and one zip
-        # per conversation are on disk at any time
+        # per conversation are on disk at any time (a change of view keeps the zip: the masks
+        # are the same)
+        kept = [f for f in entry.files if keep and f.name == ZIP_NAME]
         for old in entry.files:
-            shutil.rmtree(old.parent, ignore_errors=True)
-        entry.files.clear()
+            if old not in kept:
+                shutil.rmtree(old.parent, ignore_errors=True)
+        entry.files[:] = kept
         image = download = None
         if s.image is not None:
-            folder = entry.folder / uuid.uuid4().hex  # a new URL each time: no stale browser cache
-            folder.mkdir()
-            image = folder / "overlay.png"
+            image = _new_folder(entry.folder) / "overlay.png"  # a new URL each time: no stale browser cache
             # small images are shown enlarged by a whole factor with crisp pixels; clicks on the
             # overlay are divided by it
             entry.scale = display_scale(s.image.shape[:2])
-            shown = s.overlay()
-            if entry.scale > 1:
-                shown = shown.resize((shown.width * entry.scale, shown.height * entry.scale), Image.Resampling.NEAREST)
-            shown.save(image)
+            display_image(s, show=entry.show, scale=entry.scale, corner=entry.corner).save(image)
             entry.files.append(image)
-            if s.history:
-                download = masks_zip(s, folder)
+            if s.history and not kept:
+                download = masks_zip(s, _new_folder(entry.folder))
                 entry.files.append(download)
-        return (str(image) if image else None), legend_html(s), refs, status, (str(download) if download else None)
+        legend = legend_html(s, entry.show)
+        download = gr.update() if kept else (str(download) if download else None)
+        return (str(image) if image else None), legend, refs, status, download, show
 
     def no_session(request: gr.Request) -> str:
         if store.expired(key_of(request)):
             return (f"This conversation expired (idle over {idle_timeout / 60:g} minutes, or too many users at once). "
                     "Upload or pick the image again.")
         return "Upload or pick an image first."
+
+    @contextmanager
+    def conversation(request: gr.Request, path: str | None = None):
+        """This browser session's entry, with an image, errors shown as messages."""
+        with shown_errors(path), store.use(key_of(request)) as entry:
+            if entry.session.image is None:
+                raise gr.Error(no_session(request))
+            yield entry
 
     def set_image(path, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         if not path:
@@ -452,32 +607,79 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
             progress(0.2, desc="encoding the image")
             entry.session.set_image(image)
             h, w = image.shape[:2]
-            return view(entry, f"Image {w}x{h} ready. Ask a question.")
+            return (*view(entry, f"Image {w}x{h} ready. Ask a question."), canvas(entry))
+
+    def canvas(entry: _Entry):
+        """The paint editor's value: the image (enlarged as the overlay is, or shrunk past
+        ``PAINT_SIDE``, see :func:`paint_canvas`), with nothing painted."""
+        return {"background": paint_canvas(entry.session.image, entry.scale), "layers": [], "composite": None}
 
     def pick_example(name, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         if not name:
             raise gr.Error("Pick an example.")
+        if name not in examples:
+            raise gr.Error(f"no example {name!r}; the examples are {', '.join(examples)}")
         return set_image(str(examples[name]), request, progress)
 
+    def pick_thumbnail(evt: gr.SelectData, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+        return pick_example(names[evt.index], request, progress)
+
     def ask(question, refs, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
-        with shown_errors(), store.use(key_of(request)) as entry:
-            s = entry.session
-            if s.image is None:
-                raise gr.Error(no_session(request))
+        with conversation(request) as entry:
             progress(0.1, desc="thinking")
-            r = s.ask(question or "", refs=[int(k) for k in refs or []])
+            r = entry.session.ask(question or "", refs=[int(k) for k in refs or []])
             note = " (the model gave no mask; one was asked for)" if r.forced else ""
             return (*view(entry, f"Round {r.round}: {r.text.replace('<seg>', '[mask]')}{note}"), "")
 
-    def mark(label, evt: gr.SelectData, request: gr.Request):
-        """A click on the image: a region round at that pixel (the overlay is the image's size)."""
-        with shown_errors(), store.use(key_of(request)) as entry:
-            s = entry.session
-            if s.image is None:
-                raise gr.Error(no_session(request))
+    def region_added(entry: _Entry, r, where: str):
+        return (*view(entry, f"Round {r.round}: your region {where}; refer to it as instance {r.round}."), "")
+
+    def mark(label, tool, evt: gr.SelectData, request: gr.Request):
+        """A click on the image: a point region round there, or one corner of a box region round
+        (the box's round comes with the second click)."""
+        with conversation(request) as entry:
             x, y = (int(v) // entry.scale for v in evt.index)
-            r = s.add_region(point=(x, y), label=label or None)
-            return (*view(entry, f"Round {r.round}: your region at ({x}, {y}); refer to it as instance {r.round}."), "")
+            if tool == TOOL_BOX:
+                if entry.corner is None:
+                    entry.corner = (x, y)
+                    return (*view(entry, f"Box: first corner at ({x}, {y}); click the opposite corner.", keep=True), label)
+                x0, y0, x1, y1 = box_from_corners(entry.corner, (x, y))
+                entry.corner = None  # spent, whatever add_region says
+                r = entry.session.add_region(box=(x0, y0, x1, y1), label=label or None)
+                return region_added(entry, r, f"box ({x0}, {y0})-({x1}, {y1})")
+            r = entry.session.add_region(point=(x, y), label=label or None)
+            return region_added(entry, r, f"at ({x}, {y})")
+
+    def add_mask(path, label, request: gr.Request):
+        """An uploaded mask image (the image's size; non-zero pixels are the region): a region round."""
+        if not path:
+            raise gr.Error("No mask given.")
+        with conversation(request, path) as entry:
+            r = entry.session.add_region(mask=np.asarray(load_image(path, max_side=max_side)), label=label or None)
+            return region_added(entry, r, f"from {Path(path).name}")
+
+    def add_painted(painting, label, request: gr.Request):
+        """The strokes painted in the editor: a region round; the editor is cleared."""
+        with conversation(request) as entry:
+            region = painted_mask((painting or {}).get("layers"), entry.session.image.shape[:2])
+            r = entry.session.add_region(mask=region, label=label or None)
+            return (*region_added(entry, r, f"painted ({int(region.sum())} pixels)"), canvas(entry))
+
+    def pick_tool(tool, request: gr.Request):
+        """A change of click tool drops a box's pending first corner."""
+        with shown_errors(), store.use(key_of(request)) as entry:
+            entry.corner = None
+            if entry.session.image is None:
+                return view(entry, no_session(request), keep=True)
+            what = "a box: click one corner, then the opposite one" if tool == TOOL_BOX else "a point region"
+            return view(entry, f"A click on the image marks {what}.", keep=True)
+
+    def show_round(value, request: gr.Request):
+        """The view selector (and the legend's items): one round's masks alone, or every round's."""
+        with conversation(request) as entry:
+            entry.show = parse_show(value, len(entry.session.history))
+            status = "Showing every round." if entry.show is None else f"Showing round {entry.show} alone."
+            return view(entry, status, keep=True)
 
     def undo(request: gr.Request):
         with shown_errors(), store.use(key_of(request)) as entry:
@@ -494,41 +696,65 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
         store.drop(key_of(request))
 
     limit_text = f" and {max_upload_mb:g} MB" if limit is not None else ""
+    names = list(examples)
     # Gradio's own copies of uploads are deleted once older than the idle timeout (their
     # conversation is gone by then); our files are deleted as soon as they are superseded
-    # enlarged small images keep crisp pixels
-    with _Demo(title="SegLLM", css="#overlay img { image-rendering: pixelated; }", delete_cache=(int(min(idle_timeout, 300)) or 1, int(idle_timeout) or 1)) as demo:
+    with _Demo(title="SegLLM", delete_cache=(int(min(idle_timeout, 300)) or 1, int(idle_timeout) or 1)) as demo:
         gr.Markdown(
             "# SegLLM: multi-round segmentation\n"
-            "Upload an image (or pick an example), then ask for one object per round. A later question "
+            "Upload an image (or pick an example), then ask for one object per round (Enter asks). A later question "
             "can refer to an earlier round's object: tick its round below, or write `instance k` or `[REF:k]`. "
-            "Click on the image to mark a region yourself: it becomes a round you can refer to. "
+            "Click on the image to mark a region yourself (a point, or a box by two clicks), paint one or upload a mask: "
+            "it becomes a round you can refer to. Click a round in the legend to see its mask alone. "
             f"Images up to {max_side} pixels on the longest side{limit_text}."
         )
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="upload")
-                example = gr.Dropdown(choices=list(examples), label="…or pick an example", value=None, elem_id="example")
+                upload = gr.UploadButton("Upload an image", file_types=["image"], type="filepath", elem_id="upload",
+                                         variant="secondary")
+                gallery = gr.Gallery([(str(examples[n]), n) for n in names], label="…or pick an example", columns=len(names) or 1,
+                                     rows=1, height=230, allow_preview=False, object_fit="contain", interactive=False,
+                                     buttons=[], elem_id="examples")
+                # the examples by name, for API clients (the thumbnails above are the page's picker)
+                example = gr.Dropdown(choices=names, value=None, visible=False, elem_id="example")
                 question = gr.Textbox(label="Question", placeholder="Segment the red circle.", elem_id="question")
                 refs = gr.CheckboxGroup(label="Refers to rounds", choices=[], elem_id="refs")
-                region_label = gr.Textbox(label="Label for a region you click on the image (optional)",
-                                          placeholder="the cup", elem_id="region-label")
                 with gr.Row():
                     ask_btn = gr.Button("Ask", variant="primary", elem_id="ask")
                     undo_btn = gr.Button("Undo", elem_id="undo")
                     clear_btn = gr.Button("Clear", elem_id="clear")
+                with gr.Accordion("Your own region", open=True):
+                    tool = gr.Radio([("Point", TOOL_POINT), ("Box (two clicks: opposite corners)", TOOL_BOX)], value=TOOL_POINT,
+                                    label="A click on the image marks", elem_id="tool")
+                    region_label = gr.Textbox(label="Label for your region (optional)", placeholder="the cup",
+                                              elem_id="region-label")
+                    # a mask image of the image's size: its non-zero pixels are the region
+                    region_mask = gr.UploadButton("Upload a region mask", file_types=["image"], type="filepath",
+                                                  elem_id="region-mask", size="md")
+                    with gr.Accordion("Paint a region", open=False, elem_id="paint-box"):
+                        # PNG: the image's copy is encoded on every new image (WebP, the default, is 5x slower)
+                        paint = gr.ImageEditor(type="numpy", format="png", sources=[], transforms=[], layers=False, eraser=gr.Eraser(),
+                                               brush=gr.Brush(default_size=16, colors=["#ff00ff"], color_mode="fixed"),
+                                               show_label=False, height=360, elem_id="paint")
+                        paint_btn = gr.Button("Add the painted region", elem_id="add-painted")
                 status = gr.Markdown(elem_id="status")
                 download = gr.File(label="Download masks (zip: PNGs, overlay, session.json)", elem_id="download")
             with gr.Column(scale=1):
                 overlay = gr.Image(label="Masks by round", interactive=False, elem_id="overlay", format="png", height=420,
                                    type="filepath")
-                legend = gr.HTML(legend_html(Session(model)), elem_id="legend")
-        outs = [overlay, legend, refs, status, download]
-        upload.upload(set_image, [upload], outs)
-        example.change(pick_example, [example], outs)
+                show = gr.Radio(show_choices(0), value=SHOW_ALL, label="Show", elem_id="show")
+                legend = gr.HTML(legend_html(Session(model)), elem_id="legend", js_on_load=LEGEND_JS)
+        outs = [overlay, legend, refs, status, download, show]
+        upload.upload(set_image, [upload], outs + [paint])
+        gallery.select(pick_thumbnail, None, outs + [paint], api_visibility="private")
+        example.change(pick_example, [example], outs + [paint])
+        paint_btn.click(add_painted, [paint, region_label], outs + [region_label, paint])
         ask_btn.click(ask, [question, refs], outs + [question])
         question.submit(ask, [question, refs], outs + [question])
-        overlay.select(mark, [region_label], outs + [region_label])
+        overlay.select(mark, [region_label, tool], outs + [region_label])
+        region_mask.upload(add_mask, [region_mask, region_label], outs + [region_label])
+        tool.input(pick_tool, [tool], outs)
+        show.input(show_round, [show], outs)
         undo_btn.click(undo, None, outs)
         clear_btn.click(clear, None, outs)
         demo.unload(closed)

@@ -111,12 +111,19 @@ class Session:
         self._need_image()
         return session_to_coco(self.history, self.image.shape[:2], file_name=file_name)
 
-    def overlay(self):
-        """The image with every round's masks, each round in its own colour and numbered (a round's
-        several masks 2.1, 2.2, ... in the answer's order) (PIL image)."""
+    def overlay(self, rounds=None):
+        """The image with the masks of ``rounds`` (round numbers; default: every round), each round
+        in its own colour and numbered (a round's several masks k.1, k.2, ... in the answer's
+        order) (PIL image)."""
         self._need_image()
-        labels = [lab for r in self.history for lab in mask_labels(r.round, len(r.masks))]
-        return overlay(self.image, [(r.round, m) for r in self.history for m in r.masks], labels=labels)
+        if rounds is not None:
+            rounds = set(rounds)
+            missing = sorted(k for k in rounds if not 1 <= k <= len(self.history))
+            if missing:
+                raise ConversationError(f"no round {', '.join(map(str, missing))}: the conversation has {len(self.history)}")
+        shown = [r for r in self.history if rounds is None or r.round in rounds]
+        labels = [lab for r in shown for lab in mask_labels(r.round, len(r.masks))]
+        return overlay(self.image, [(r.round, m) for r in shown for m in r.masks], labels=labels)
 
     # -- state -----------------------------------------------------------------------------
     @torch.no_grad()

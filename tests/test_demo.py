@@ -1,5 +1,6 @@
 """The web demo: served on localhost, driven through gradio_client and a real headless Chromium."""
 
+import io
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from segllm.default import EXAMPLES, load_model  # noqa: E402
 from segllm.demo import SessionStore, build_demo, user_message  # noqa: E402
+from segllm.viz import colour  # noqa: E402
 from tests.helpers import RELEASED_FIXTURES, png_declaring  # noqa: E402
 
 CHROMIUM = os.environ.get("SEGLLM_CHROMIUM", "/usr/bin/chromium")
@@ -107,25 +109,72 @@ def _shots_folder(tmp_path: Path) -> Path:
     return shots
 
 
-def _first_round(p, url: str):
-    """A headless Chromium on the demo with the bundled example image uploaded and round 1
-    ("Segment the cross.") answered: (browser, page)."""
-    from playwright.sync_api import expect
-
+def _browser(p):
+    """A headless Chromium page (1280x900)."""
     browser = p.chromium.launch(
         executable_path=CHROMIUM,
         headless=True,
         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
               "--disable-sync", "--no-first-run"],
     )
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    return browser, browser.new_page(viewport={"width": 1280, "height": 900})
+
+
+def _upload(page, button: str, path: Path) -> None:
+    """Choose ``path`` in the file dialog that the upload button ``button`` (a CSS selector) opens."""
+    with page.expect_file_chooser() as chooser:
+        page.locator(button).click()
+    chooser.value.set_files(str(path))
+
+
+def _first_round(p, url: str):
+    """A headless Chromium on the demo with the bundled example image uploaded and round 1
+    ("Segment the cross.") answered: (browser, page)."""
+    from playwright.sync_api import expect
+
+    browser, page = _browser(p)
     page.goto(url)
-    page.set_input_files("#upload input[type=file]", str(EXAMPLES / "shapes.png"))
+    _upload(page, "#upload", EXAMPLES / "shapes.png")
     expect(page.locator("#status")).to_contain_text("ready", timeout=30_000)
     page.locator("#question textarea").fill("Segment the cross.")
     page.locator("#ask").click()
     expect(page.locator("li.segllm-round")).to_have_count(1, timeout=30_000)
     return browser, page
+
+
+def _displayed(page, after: str | None = None) -> tuple[np.ndarray, str]:
+    """The image the page shows as the overlay, as displayed ([512, 512, 3]: the 128 px examples
+    are shown 4x enlarged), and its URL; ``after``: wait until the URL is no longer that one."""
+    from playwright.sync_api import expect
+
+    img = page.locator("#overlay img")
+    if after is not None:
+        expect(img).not_to_have_attribute("src", after, timeout=30_000)
+    src = img.get_attribute("src")
+    response = page.request.get(src)
+    assert response.ok, src
+    shown = np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+    assert shown.shape == (512, 512, 3), shown.shape
+    return shown, src
+
+
+def _shown(page, after: str | None = None) -> tuple[np.ndarray, str]:
+    """The overlay the page shows at the image's resolution (128 px), and its URL."""
+    shown, src = _displayed(page, after)
+    return shown[::4, ::4], src
+
+
+def _tinted(shown: np.ndarray, image: np.ndarray, x: int, y: int, rnd: int) -> bool:
+    """Whether pixel (x, y) of the overlay is drawn towards round ``rnd``'s colour."""
+    c = np.array(colour(rnd))
+    return bool(np.abs(shown[y, x].astype(int) - c).sum() < np.abs(image[y, x].astype(int) - c).sum())
+
+
+def _changed_outside(shown: np.ndarray, image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> int:
+    """How many pixels outside the box (x0, y0)-(x1, y1) differ from the image."""
+    diff = np.any(shown != image, axis=2)
+    diff[max(0, y0):y1, max(0, x0):x1] = False
+    return int(diff.sum())
 
 
 @needs_chromium
@@ -137,8 +186,8 @@ def test_browser_two_rounds_with_a_reference(server, tmp_path):
     with sync_playwright() as p:
         browser, page = _first_round(p, url)
         page.locator("#question textarea").fill("Segment the object closest to instance 1.")
-        page.get_by_label("1", exact=True).check()
-        page.locator("#ask").click()
+        page.locator("#refs").get_by_label("1", exact=True).check()
+        page.locator("#question textarea").press("Enter")  # Enter asks
         expect(page.locator("li.segllm-round")).to_have_count(2, timeout=30_000)
         expect(page.locator("li.segllm-round[data-round='2']")).to_contain_text("refers to 1")
         expect(page.locator("#overlay img")).to_be_visible()
@@ -158,13 +207,16 @@ def test_browser_two_rounds_with_a_reference(server, tmp_path):
 @needs_chromium
 def test_browser_region_by_clicking_then_a_question_that_refers_to_it(server, tmp_path):
     """Issue 17: a click on the image marks a region round; a later question refers to it; the
-    overlay shows both rounds. The screenshot of the three rounds is docs/demo_regions.png."""
+    overlay shows it; the legend shows one round alone and every round again. The screenshot of
+    the three rounds is docs/demo_regions.png (``SEGLLM_TEST_ARTIFACTS=docs``)."""
     from playwright.sync_api import expect, sync_playwright
 
     _, url = server
     shots = _shots_folder(tmp_path)
+    image = np.asarray(Image.open(EXAMPLES / "shapes.png").convert("RGB"))
     with sync_playwright() as p:
         browser, page = _first_round(p, url)
+        _, src = _shown(page)
         page.locator("#region-label textarea").fill("the thing I clicked")
         img = page.locator("#overlay img")
         box = img.bounding_box()
@@ -175,13 +227,135 @@ def test_browser_region_by_clicking_then_a_question_that_refers_to_it(server, tm
         expect(page.locator("#status")).to_contain_text("your region at (")
         x, y = (int(v) for v in re.search(r"region at \((\d+), (\d+)\)", page.locator("#status").inner_text()).groups())
         assert abs(x - 32) <= 1 and abs(y - 96) <= 1  # in image pixels (the 128 px image is shown enlarged)
+        shown, src = _shown(page, after=src)
+        assert _tinted(shown, image, x, y, 2), "the clicked region is not drawn in round 2's colour"
         page.locator("#question textarea").fill("Segment the shape closest to instance 2.")
         page.locator("#ask").click()
         expect(page.locator("li.segllm-round")).to_have_count(3, timeout=30_000)
         expect(page.locator("li.segllm-round[data-round='3']")).to_contain_text("refers to 2")
+        every, src = _shown(page, after=src)
         page.screenshot(path=str(shots / "demo_regions.png"), full_page=True)
+        # the legend: round 2 alone (the other rounds' masks gone from the overlay), then every round again
+        window = (x - 16, y - 16, x + 16, y + 16)  # the disk and its number label
+        assert _changed_outside(every, image, *window) > 0, "rounds 1 and 3 drew nothing"
+        page.locator("li.segllm-round[data-round='2']").click()
+        expect(page.locator("#status")).to_contain_text("Showing round 2 alone.", timeout=30_000)
+        expect(page.locator("li.segllm-round[data-round='2']")).to_have_attribute("data-shown", "true")
+        expect(page.locator("li.segllm-round[data-round='1']")).to_have_attribute("data-shown", "false")
+        expect(page.locator("#show input[value='2']")).to_be_checked()
+        alone, src = _shown(page, after=src)
+        assert _tinted(alone, image, x, y, 2) and _changed_outside(alone, image, *window) == 0
+        page.screenshot(path=str(shots / "demo_round_alone.png"), full_page=True)
+        page.locator("li.segllm-round[data-round='2']").click()  # the shown round again: every round
+        expect(page.locator("#status")).to_contain_text("Showing every round.", timeout=30_000)
+        expect(page.locator("li.segllm-round[data-shown]")).to_have_count(0)
+        again, src = _shown(page, after=src)
+        np.testing.assert_array_equal(again, every)
+        # the view selector does the same as the legend
+        page.locator("#show").get_by_label("Round 1", exact=True).check()
+        expect(page.locator("#status")).to_contain_text("Showing round 1 alone.", timeout=30_000)
+        expect(page.locator("li.segllm-round[data-round='1']")).to_have_attribute("data-shown", "true")
+        one, src = _shown(page, after=src)
+        assert not np.array_equal(one, alone) and not np.array_equal(one, every)
+        page.locator("li.segllm-round[data-round='1']").press("Enter")  # the legend by keyboard: every round
+        expect(page.locator("#status")).to_contain_text("Showing every round.", timeout=30_000)
+        np.testing.assert_array_equal(_shown(page, after=src)[0], every)
         browser.close()
     assert (shots / "demo_regions.png").stat().st_size > 10_000
+
+
+@needs_chromium
+def test_browser_example_thumbnail_box_by_two_clicks_and_a_mask_upload(server, tmp_path):
+    """The examples are thumbnails; a box region by two clicks (the first corner marked on the
+    image); a region from an uploaded mask; both drawn in the overlay."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _, url = server
+    image = np.asarray(Image.open(EXAMPLES / "scene3.png").convert("RGB"))
+    mask_file = tmp_path / "my_mask.png"
+    mask = np.zeros((128, 128), np.uint8)
+    mask[100:120, 10:40] = 255
+    Image.fromarray(mask).save(mask_file)
+    with sync_playwright() as p:
+        browser, page = _browser(p)
+        page.goto(url)
+        thumbs = page.locator("#examples img")
+        expect(thumbs).to_have_count(3, timeout=30_000)
+        assert all("/file=" in thumbs.nth(i).get_attribute("src") for i in range(3))  # images, not names
+        page.locator("#examples").get_by_text("scene3", exact=True).click()
+        expect(page.locator("#status")).to_contain_text("Image 128x128 ready", timeout=30_000)
+        before, src = _shown(page)
+        np.testing.assert_array_equal(before, image)  # the example itself, no rounds yet
+        page.locator("#tool").get_by_label("Box (two clicks: opposite corners)").check()
+        expect(page.locator("#status")).to_contain_text("click one corner, then the opposite one", timeout=30_000)
+        img = page.locator("#overlay img")
+        b = img.bounding_box()
+        at = lambda px, py: {"x": b["width"] * (px + 0.5) / 128, "y": b["height"] * (py + 0.5) / 128}  # noqa: E731
+        img.click(position=at(70, 50))
+        expect(page.locator("#status")).to_contain_text("Box: first corner at (70, 50)", timeout=30_000)
+        marked, src = _displayed(page, after=src)
+        changed = np.argwhere(np.any(marked != np.repeat(np.repeat(image, 4, 0), 4, 1), axis=2))
+        assert len(changed) > 0, "the first corner is not marked"
+        assert np.abs(changed.mean(axis=0) - [50.5 * 4, 70.5 * 4]).max() <= 1  # a cross centred on it
+        expect(page.locator("li.segllm-round")).to_have_count(0)
+        page.locator("#region-label textarea").fill("the box I drew")
+        img.click(position=at(30, 20))
+        expect(page.locator("#status")).to_contain_text("your region box (30, 20)-(71, 51)", timeout=30_000)
+        expect(page.locator("li.segllm-round[data-round='1']")).to_contain_text("Segment the box I drew.")
+        boxed, src = _shown(page, after=src)
+        assert _tinted(boxed, image, 50, 35, 1) and _tinted(boxed, image, 70, 50, 1)
+        assert _changed_outside(boxed, image, 29, 19, 71, 51) == 0  # the box, its outline and label only
+        _upload(page, "#region-mask", mask_file)
+        expect(page.locator("#status")).to_contain_text("your region from my_mask.png", timeout=30_000)
+        expect(page.locator("li.segllm-round")).to_have_count(2)
+        both, src = _shown(page, after=src)
+        assert _tinted(both, image, 25, 110, 2) and _tinted(both, image, 50, 35, 1)
+        page.locator("#question textarea").fill("Segment the shape closest to instance 1.")
+        page.locator("#question textarea").press("Enter")
+        expect(page.locator("li.segllm-round[data-round='3']")).to_contain_text("refers to 1", timeout=30_000)
+        browser.close()
+
+
+@needs_chromium
+def test_browser_paint_a_region_then_refer_to_it(server, tmp_path):
+    """A region painted with the brush in the editor becomes a round; the overlay shows it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _, url = server
+    image = np.asarray(Image.open(EXAMPLES / "scene2.png").convert("RGB"))
+    with sync_playwright() as p:
+        browser, page = _browser(p)
+        page.goto(url)
+        page.locator("#examples").get_by_text("scene2", exact=True).click()
+        expect(page.locator("#status")).to_contain_text("Image 128x128 ready", timeout=30_000)
+        _, src = _shown(page)
+        page.locator("#paint-box").get_by_text("Paint a region").click()
+        canvas = page.locator("#paint canvas").first
+        expect(canvas).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)  # the editor draws the image once it is shown
+        page.locator("#paint button[aria-label='Brush']").first.click()
+        b = canvas.bounding_box()
+        cx, cy = b["x"] + b["width"] / 2, b["y"] + b["height"] / 2  # the image sits in the canvas' centre
+        page.mouse.move(cx - 30, cy)
+        page.mouse.down()
+        for i in range(1, 13):
+            page.mouse.move(cx - 30 + 5 * i, cy)
+        page.mouse.up()
+        page.locator("#add-painted").click()
+        expect(page.locator("#status")).to_contain_text("Round 1: your region painted (", timeout=30_000)
+        n = int(re.search(r"painted \((\d+) pixels\)", page.locator("#status").inner_text()).group(1))
+        assert 20 < n < 128 * 128 // 4, n  # a stroke, not the whole image
+        painted, src = _shown(page, after=src)
+        assert _tinted(painted, image, 64, 64, 1), "the painted stroke through the centre is not drawn"
+        outside = _changed_outside(painted, image, 40, 40, 88, 88)
+        assert outside == 0, f"{outside} pixels changed away from the stroke"
+        page.screenshot(path=str(_shots_folder(tmp_path) / "demo_painted.png"), full_page=True)
+        # the editor folded away again (its canvas costs a software-rendering Chromium much CPU)
+        page.locator("#paint-box").get_by_text("Paint a region").click()
+        page.locator("#question textarea").fill("Segment the shape closest to instance 1.")
+        page.locator("#ask").click()
+        expect(page.locator("li.segllm-round[data-round='2']")).to_contain_text("refers to 1", timeout=60_000)
+        browser.close()
 
 
 RELEASED = RELEASED_FIXTURES
@@ -286,10 +460,20 @@ def test_a_conversation_keeps_one_overlay_and_one_zip_and_drops_them_when_it_end
     for q in ("Segment the cross.", "Segment the star.", "Segment the object closest to instance 1."):
         out = c.predict(q, [], api_name="/ask")
     assert sorted(zipfile.ZipFile(out[4]).namelist())[:3] == ["overlay.png", "round1_mask1.png", "round2_mask1.png"]
-    files = sorted(p.name for p in store.folder.rglob("*") if p.is_file() and c.session_hash in store._items
-                   and p.is_relative_to(store._items[c.session_hash].folder))
-    assert files == ["overlay.png", "segllm-masks.zip"], files  # earlier rounds' files are deleted
     folder = store._items[c.session_hash].folder
+
+    def files():
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+    before = files()
+    assert sorted(p.name for p in before) == ["overlay.png", "segllm-masks.zip"], before  # earlier rounds' files are deleted
+    # showing one round alone redraws the overlay and keeps the zip (the masks are the same)
+    shown = c.predict("2", api_name="/show_round")
+    assert shown[3] == "Showing round 2 alone." and "data-shown" in shown[1]
+    after = files()
+    zips = [p for p in after if p.name == "segllm-masks.zip"]
+    assert len(after) == 2 and zips == [p for p in before if p.name == "segllm-masks.zip"], (before, after)
+    assert [p for p in after if p.name == "overlay.png"] != [p for p in before if p.name == "overlay.png"]
     store.drop(c.session_hash)
     assert not folder.exists() and c.session_hash not in store._items
     c.close()
