@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from segllm.data.world import language as L
+from segllm.data.world.draws import Draws
 from segllm.data.world.scene import (
     CATEGORIES,
     CATEGORY_IDS,
@@ -202,7 +203,7 @@ def _cdf(p: tuple[float, ...]) -> list[float]:
     return c
 
 
-def _choice_p(rng: np.random.Generator, p: tuple[float, ...]) -> int:
+def _choice_p(rng: np.random.Generator | Draws, p: tuple[float, ...]) -> int:
     """``int(rng.choice(len(p), p=p))``: the same draw from rng and the same index."""
     return bisect.bisect_right(_cdf(p), rng.random())
 
@@ -219,12 +220,12 @@ def _normalised(w: tuple[float, ...]) -> tuple[float, ...]:
 _NORMALISED: dict[tuple[float, ...], tuple[float, ...]] = {}
 
 
-def _choice(rng: np.random.Generator, seq):
+def _choice(rng: Draws, seq):
     """``rng.choice(seq)`` for a sequence of strings or ints, as its element."""
-    return seq[int(rng.integers(len(seq)))]
+    return seq[rng.integers(len(seq))]
 
 
-def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
+def _weighted(rng: np.random.Generator | Draws, weights: dict[str, float]) -> str:
     keys = list(weights)
     return keys[_choice_p(rng, _normalised(tuple(float(weights[k]) for k in keys)))]
 
@@ -234,7 +235,7 @@ def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
 _OPEN_REF_WEIGHT = 4.0
 
 
-def _pick_round(rng: np.random.Generator, targets: list[int], by_id: dict[int, WorldObject],
+def _pick_round(rng: Draws, targets: list[int], by_id: dict[int, WorldObject],
                 ok, prefer: set[int] = frozenset()) -> int | None:
     """A 1-indexed earlier round whose target satisfies ok; recent rounds are likelier, and so
     are the rounds in ``prefer``."""
@@ -247,7 +248,7 @@ def _pick_round(rng: np.random.Generator, targets: list[int], by_id: dict[int, W
 
 
 class _Builder:
-    def __init__(self, objects: list[WorldObject], rng: np.random.Generator,
+    def __init__(self, objects: list[WorldObject], rng: Draws,
                  margins: L.Margins) -> None:
         self.objects = objects
         self.index = SceneIndex(objects, margins)
@@ -350,7 +351,7 @@ class _Builder:
         direction, rank, attr = kw.get("direction"), kw.get("rank"), kw.get("attr")
         need_memory = bool(refs) and ambiguous
         part_rel = relation in ("part_name", "part_extreme", "part_colour")
-        for i in rng.permutation(len(cands)).tolist()[:8]:
+        for i in rng.perm(len(cands))[:8]:
             t = cands[i]
             tpos = self.pos[t.id]
             part = t.shape if relation == "part_name" else None
@@ -464,7 +465,7 @@ class _Builder:
                 opts = self.options(family, relation, targets, target_ok, want_memory)
                 if opts:
                     break
-            for i in rng.permutation(len(opts)).tolist():
+            for i in rng.perm(len(opts)):
                 q, t = opts[i]
                 mem = self.index.needs_memory(q, targets)
                 if insist_open:
@@ -482,7 +483,7 @@ class _Builder:
         return fallback
 
 
-def build_conversation(objects: list[WorldObject], rng: np.random.Generator, n_rounds: int,
+def build_conversation(objects: list[WorldObject], rng: np.random.Generator | Draws, n_rounds: int,
                        margins: L.Margins, *, ref_prob: float = 0.9, memory_prob: float = 0.9,
                        pick_prob: float = 0.0, first_target_ok=None,
                        ) -> list[tuple[L.Query, int, bool]]:
@@ -490,14 +491,16 @@ def build_conversation(objects: list[WorldObject], rng: np.random.Generator, n_r
     object can be described uniquely. With ``pick_prob``, a round is a pick round (see
     :meth:`_Builder.pick`) with that chance, where the scene allows one (never round 1 when
     ``first_target_ok`` constrains it)."""
-    b = _Builder(objects, rng, margins)
+    d = Draws.of(rng)
+    b = _Builder(objects, d, margins)
     try:
-        return _build(b, rng, n_rounds, ref_prob, memory_prob, pick_prob, first_target_ok)
+        return _build(b, d, n_rounds, ref_prob, memory_prob, pick_prob, first_target_ok)
     finally:
         b.index.release()
+        d.sync(rng)
 
 
-def _build(b: _Builder, rng: np.random.Generator, n_rounds: int, ref_prob: float,
+def _build(b: _Builder, rng: Draws, n_rounds: int, ref_prob: float,
            memory_prob: float, pick_prob: float, first_target_ok) -> list[tuple[L.Query, int, bool]]:
     targets: list[int] = []
     rounds: list[tuple[L.Query, int, bool]] = []
@@ -557,7 +560,8 @@ class World:
         if index < 0:
             raise ValueError(f"index must be >= 0, got {index}")
         cfg = self.config
-        rng = np.random.default_rng([self.seed, SPLITS[split], int(index)])
+        # np.random.default_rng([seed, split, index])'s draws (the same values, cheaper)
+        rng = Draws.from_seed([self.seed, SPLITS[split], int(index)])
         heldout = split == "heldout"
         for _ in range(100):
             n_rounds = int(rng.integers(cfg.min_rounds, cfg.max_rounds + 1))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from segllm.data.world.draws import Draws
 from segllm.data.world.language import _DIR_REL, ATTRS, Margins, Query, _related, resolvability
 from segllm.data.world.scene import MIXED, PARTS, WorldObject
 
@@ -344,7 +345,7 @@ class SceneIndex:
             return lambda c: (c & possible, c & definite)
         raise ValueError(f"unknown relation {rel!r}")
 
-    def heads(self, pos: int, allowed: tuple[str, ...], rng: np.random.Generator,
+    def heads(self, pos: int, allowed: tuple[str, ...], rng: Draws,
               max_attrs: int = 4) -> list[tuple[int, HeadKey]]:
         """(number of attributes, head key) of the heads
         :func:`~segllm.data.world.language.heads_for` builds for ``objects[pos]``, in its order
@@ -364,7 +365,7 @@ class SceneIndex:
             if len(hks) == 1:
                 out.append(hks[0])  # rng.permutation(1) draws nothing
             else:
-                out.extend([hks[i] for i in rng.permutation(len(hks)).tolist()])
+                out.extend([hks[i] for i in rng.perm(len(hks))])
         return out
 
     def ref_positions(self, q: Query, targets: list) -> tuple[int, ...] | None:
