@@ -347,46 +347,61 @@ class _Builder:
 
         out: list[tuple[L.Query, int]] = []
         index = self.index
-        ref_pos = tuple(self.pos[targets[k - 1]] for k in refs)
+        pos = self.pos
+        ref_pos = tuple(pos[targets[k - 1]] for k in refs)
         direction, rank, attr = kw.get("direction"), kw.get("rank"), kw.get("attr")
         need_memory = bool(refs) and ambiguous
         part_rel = relation in ("part_name", "part_extreme", "part_colour")
-        for i in rng.perm(len(cands))[:8]:
+        is_other = relation == "other"
+        per_target = relation == "part_name" or relation == "part_colour"
+        if not per_target:
+            memo, answer = index.answers(relation, ref_pos, direction, rank, attr)
+        if is_other:
+            ref = by_id[targets[refs[0] - 1]]
+        n_matching = index.n_matching
+        perm = rng.perm
+        for i in perm(len(cands))[:8]:
             t = cands[i]
-            tpos = self.pos[t.id]
+            tid = t.id
             part = t.shape if relation == "part_name" else None
             colour = t.colour if relation == "part_colour" else None
-            denote = index.denoter(relation, ref_pos, direction, rank, attr, part, colour)
-            if relation == "other":
-                ref = by_id[targets[refs[0] - 1]]
+            if per_target:
+                memo, answer = index.answers(relation, ref_pos, direction, rank, attr, part, colour)
+            if is_other:
                 allowed_t = tuple(a for a in L.ATTRS if getattr(t, a) == getattr(ref, a))
-                heads = index.heads(tpos, allowed_t, rng, 2)
+                levels = index.head_levels(pos[tid], allowed_t, 2)
             else:
-                heads = index.heads(tpos, allowed, rng, max_attrs)
+                levels = index.head_levels(pos[tid], allowed, max_attrs)
+            # heads_for's draws: every level of two or more heads permuted, fewest attributes
+            # first (all drawn before any head is tried)
+            orders = [hks if len(hks) == 1 else [hks[j] for j in perm(len(hks))] for hks in levels]
             part_head = t.kind == "part" and not part_rel  # then the head must name the part
+            shape = t.shape
             first: tuple | None = None  # the head (a SceneIndex head key) of the question
-            for n_attrs, hk in heads:
-                if n_attrs < min_attrs:
+            lo = max(min_attrs, 1) if is_other else min_attrs
+            for hks in orders[lo:]:
+                for hk in hks:
+                    if part_head and hk[3] != shape:
+                        continue
+                    if need_memory and first is not None and n_matching(hk) < 2:
+                        continue  # have a valid question; look only for one that needs memory
+                    u = memo[hk] if hk in memo else answer(hk)
+                    if u == tid:
+                        if not need_memory or n_matching(hk) >= 2:
+                            first = hk
+                            break
+                        if first is None:
+                            first = hk
+                else:
                     continue
-                if relation == "other" and n_attrs == 0:
-                    continue
-                if part_head and hk[3] != t.shape:
-                    continue
-                if need_memory and first is not None and index.n_matching(hk) < 2:
-                    continue  # have a valid question; look only for one that needs memory
-                if index.unique_id(*denote(hk)) == t.id:
-                    if not need_memory or index.n_matching(hk) >= 2:
-                        first = hk
-                        break
-                    if first is None:
-                        first = hk
+                break
             if first is not None:
                 extra = dict(kw)
                 if part is not None:
                     extra["part"] = part
                 if colour is not None:
                     extra["colour"] = colour
-                out.append((L.Query(family, relation, L.Head(*first), refs, **extra), t.id))
+                out.append((L.Query(family, relation, L.Head(*first), refs, **extra), tid))
         return out
 
     def pick(self, targets: list[int]) -> tuple[L.Query, int, list[int]] | None:
@@ -396,29 +411,40 @@ class _Builder:
         used: set[int] = set()
         for t in targets:
             used |= L._related(self.by_id[t])
-        heads: list[L.Head] = []
+        index = self.index
+        used_mask = 0
+        for i, oid in enumerate(index.ids):
+            if oid in used:
+                used_mask |= 1 << i
+        top_mask = index.top_mask
+        # head keys, each tried once, in the order each object offers them: its attributes
+        # alone, then adjacent pairs of them
+        heads: list[tuple] = []
+        tried: set[tuple] = set()
         for o in self.top:
             if o.id in used:
                 continue
-            avail = [a for a in L.ATTRS if getattr(o, a) != MIXED]
-            combos = [(a,) for a in avail] + [(a, b) for a, b in zip(avail, avail[1:])]
+            vals = index.values[self.pos[o.id]]
+            avail = [j for j in range(4) if vals[j] != MIXED]
+            combos = [(j,) for j in avail] + list(zip(avail, avail[1:]))
             for c in combos:
-                h = L.Head(**{a: getattr(o, a) for a in c})
-                if h in heads:
+                hk = tuple(vals[j] if j in c else None for j in range(4))
+                if hk in tried:
                     continue
-                matches = [m for m in self.top if h.matches(m)]
-                if len(matches) >= 2 and not any(m.id in used for m in matches):
-                    heads.append(h)
+                tried.add(hk)
+                m = index.head_mask(hk) & top_mask
+                if m & (m - 1) and not m & used_mask:  # two or more, none used
+                    heads.append(hk)
         if not heads:
             return None
         # one attribute is the usual case ("one of the red objects"); two ("one of the small
         # circles") when a single one is not available
-        single = [h for h in heads if h.n_attrs() == 1]
+        single = [h for h in heads if sum(v is not None for v in h) == 1]
         pool = single if single and self.rng.random() < 0.8 else heads
-        head = pool[int(self.rng.integers(len(pool)))]
-        q = L.Query("attribute", "pick", head)
+        head = pool[self.rng.integers(len(pool))]
+        q = L.Query("attribute", "pick", L.Head(*head))
         alternatives = self.index.resolve(q, targets)
-        target = alternatives[int(self.rng.integers(len(alternatives)))]
+        target = alternatives[self.rng.integers(len(alternatives))]
         return q, target, alternatives
 
     def add(self, q: L.Query, t: int, targets: list[int], tr: bool) -> None:

@@ -79,12 +79,16 @@ class SceneIndex:
         self._cones: dict[tuple[int, str], tuple[int, int]] = {}
         self._dist: dict[int, list[float]] = {}
         self._head_masks: dict[HeadKey, int] = {}
+        self._n_matching: dict[HeadKey, int] = {}
         self._denoters: dict[tuple, Callable[[HeadKey], tuple[int, int]]] = {}
+        self._answers: dict[tuple, dict[HeadKey, int | None]] = {}
+        self._levels: dict[tuple, tuple[tuple[HeadKey, ...], ...]] = {}
 
     def release(self) -> None:
         """Drop the memoised answers (their functions refer back to the index: a reference
         cycle), so that the index is freed as soon as it is no longer used."""
         self._denoters.clear()
+        self._answers.clear()
 
     # -- tables ---------------------------------------------------------------------------------
 
@@ -101,8 +105,11 @@ class SceneIndex:
 
     def n_matching(self, hk: HeadKey) -> int:
         """How many objects a head phrase alone matches (parts for a part's name, else top-level)."""
-        group = self.part_mask if hk[3] in _PARTS else self.top_mask
-        return (self.head_mask(hk) & group).bit_count()
+        n = self._n_matching.get(hk)
+        if n is None:
+            group = self.part_mask if hk[3] in _PARTS else self.top_mask
+            n = self._n_matching[hk] = (self.head_mask(hk) & group).bit_count()
+        return n
 
     def _banned(self, refs: tuple[int, ...]) -> int:
         banned = 0
@@ -218,6 +225,30 @@ class SceneIndex:
         if f is None:
             f = self._denoters[key] = self._make_denoter(rel, refs, direction, rank, attr, part, colour)
         return f
+
+    def answers(self, rel: str, refs: tuple[int, ...], direction: str | None = None,
+                rank: int | None = None, attr: str | None = None, part: str | None = None,
+                colour: str | None = None) -> tuple[dict[HeadKey, int | None], Callable]:
+        """(memo, answer) of one relation with its parameters and references: ``answer(hk)``
+        is the id of the one object the question with head hk denotes uniquely, or None
+        (``unique_id(*denote(hk))``), and memo holds the answers given so far by head key (a
+        caller may look there first)."""
+        key = (rel, refs, direction, rank, attr, part, colour)
+        got = self._answers.get(key)
+        if got is None:
+            memo: dict[HeadKey, int | None] = {}
+            denote = self.denoter(rel, refs, direction, rank, attr, part, colour)
+            ids = self.ids
+
+            def answer(hk: HeadKey) -> int | None:
+                possible, definite = denote(hk)
+                u = None
+                if possible and possible == definite and possible & (possible - 1) == 0:
+                    u = ids[possible.bit_length() - 1]
+                memo[hk] = u
+                return u
+            got = self._answers[key] = (memo, answer)
+        return got
 
     def _make_denoter(self, rel, refs, direction, rank, attr, part, colour):
         objects = self.objects
@@ -345,27 +376,37 @@ class SceneIndex:
             return lambda c: (c & possible, c & definite)
         raise ValueError(f"unknown relation {rel!r}")
 
+    def head_levels(self, pos: int, allowed: tuple[str, ...],
+                    max_attrs: int = 4) -> tuple[tuple[HeadKey, ...], ...]:
+        """The head keys :func:`~segllm.data.world.language.heads_for` builds for
+        ``objects[pos]``, per number of attributes (0, 1, ... up to max_attrs), each level in
+        ``itertools.combinations`` order (heads_for permutes each level of two or more)."""
+        key = (pos, allowed, max_attrs)
+        got = self._levels.get(key)
+        if got is None:
+            vals = self.values[pos]
+            avail = tuple(a for a in allowed if vals[_ATTR_INDEX[a]] != MIXED)
+            tkey = (vals, avail)
+            table = _HEAD_TABLES.get(tkey)
+            if table is None:
+                table = _HEAD_TABLES[tkey] = [
+                    tuple(tuple(v if a in combo else None for a, v in zip(ATTRS, vals))
+                          for combo in itertools.combinations(avail, n))
+                    for n in range(len(avail) + 1)]
+            got = self._levels[key] = tuple(table[: min(max_attrs, len(avail)) + 1])
+        return got
+
     def heads(self, pos: int, allowed: tuple[str, ...], rng: Draws,
               max_attrs: int = 4) -> list[tuple[int, HeadKey]]:
         """(number of attributes, head key) of the heads
         :func:`~segllm.data.world.language.heads_for` builds for ``objects[pos]``, in its order
         and with the same draws from rng."""
-        vals = self.values[pos]
-        avail = tuple(a for a in allowed if vals[_ATTR_INDEX[a]] != MIXED)
-        key = (vals, avail)
-        table = _HEAD_TABLES.get(key)
-        if table is None:
-            table = _HEAD_TABLES[key] = [
-                [(n, tuple(v if a in combo else None for a, v in zip(ATTRS, vals)))
-                 for combo in itertools.combinations(avail, n)]
-                for n in range(len(avail) + 1)]
         out: list[tuple[int, HeadKey]] = []
-        for n in range(0, min(max_attrs, len(avail)) + 1):
-            hks = table[n]
+        for n, hks in enumerate(self.head_levels(pos, allowed, max_attrs)):
             if len(hks) == 1:
-                out.append(hks[0])  # rng.permutation(1) draws nothing
+                out.append((n, hks[0]))  # rng.permutation(1) draws nothing
             else:
-                out.extend([hks[i] for i in rng.perm(len(hks))])
+                out.extend([(n, hks[i]) for i in rng.perm(len(hks))])
         return out
 
     def ref_positions(self, q: Query, targets: list) -> tuple[int, ...] | None:
@@ -404,6 +445,26 @@ class SceneIndex:
 
     def needs_memory(self, q: Query, targets: list) -> bool:
         if not q.refs:
+            return False
+        refs = self.ref_positions(q, targets)
+        if refs is not None and len(set(q.refs)) == len(q.refs):
+            # every reference valid and distinct: each alternative only moves one of them
+            h = q.head
+            hk = (h.size, h.colour, h.texture, h.shape)
+            memo, answer_of = self.answers(q.relation, refs, q.direction, q.rank, q.attr,
+                                           q.part, q.colour)
+            answer = memo[hk] if hk in memo else answer_of(hk)
+            for j in range(len(refs)):
+                actual = refs[j]
+                for p, oid in enumerate(self.ids):
+                    if p == actual or self.pos[oid] != p:
+                        continue  # the reference itself; an id given twice (evaluate: last wins)
+                    alt = refs[:j] + (p,) + refs[j + 1:]
+                    memo, answer_of = self.answers(q.relation, alt, q.direction, q.rank,
+                                                   q.attr, q.part, q.colour)
+                    got = memo[hk] if hk in memo else answer_of(hk)
+                    if got is not None and got != answer:
+                        return True
             return False
         answer = self.is_unique(q, targets)
         for k in q.refs:
