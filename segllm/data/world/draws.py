@@ -33,12 +33,13 @@ class Draws:
     have left it in.
     """
 
-    __slots__ = ("_bg", "_buf", "_i", "_n", "_has32", "_u32")
+    __slots__ = ("_bg", "_gen", "_buf", "_i", "_n", "_has32", "_u32")
 
     def __init__(self, bit_generator: np.random.PCG64) -> None:
         if not isinstance(bit_generator, np.random.PCG64):
             raise TypeError(f"Draws needs a PCG64 bit generator, got {type(bit_generator).__name__}")
         self._bg = bit_generator
+        self._gen: np.random.Generator | None = None  # over the same bit generator, for bulk draws
         state = bit_generator.state
         self._has32 = bool(state["has_uint32"])
         self._u32 = int(state["uinteger"])
@@ -98,18 +99,6 @@ class Draws:
         self._u32 = v >> 32
         return v & _M32
 
-    def _raws(self, n: int) -> np.ndarray:
-        """The next n raw 64-bit outputs as a uint64 array (doubles in bulk)."""
-        rest = self._n - self._i
-        if n <= rest:
-            out = np.array(self._buf[self._i:self._i + n], dtype=np.uint64)
-            self._i += n
-            return out
-        head = np.array(self._buf[self._i:self._n], dtype=np.uint64)
-        tail = self._bg.random_raw(n - rest)
-        self._buf, self._i, self._n = [], 0, 0
-        return np.concatenate([head, tail])
-
     # -- numpy's draws -----------------------------------------------------------------------------
 
     def random(self) -> float:
@@ -162,6 +151,23 @@ class Draws:
             raise ValueError("high <= low")
         return low + self._bounded64(high - 1 - low)
 
+    def doubles_into(self, out: np.ndarray) -> np.ndarray:
+        """Fill a C-contiguous float64 array with ``Generator.random()`` draws, in its order
+        (``Generator.random(out=out)``); returns out."""
+        if out.dtype != np.float64 or not out.flags.c_contiguous:
+            raise ValueError("doubles_into needs a C-contiguous float64 array")
+        flat = out.reshape(-1)
+        m = min(self._n - self._i, flat.size)
+        if m:
+            head = np.array(self._buf[self._i:self._i + m], dtype=np.uint64) >> np.uint64(11)
+            np.multiply(head, _TWO_M53, out=flat[:m])  # exact: 53-bit integers times 2**-53
+            self._i += m
+        if m < flat.size:  # the buffer is used up: the bit generator is where the draws are
+            if self._gen is None:
+                self._gen = np.random.Generator(self._bg)
+            self._gen.random(out=flat[m:])
+        return out
+
     def uniform(self, low: float = 0.0, high: float = 1.0, size=None):
         """``Generator.uniform(low, high, size)`` for scalar bounds: a float, or a float64 array
         of shape ``size``."""
@@ -169,15 +175,10 @@ class Draws:
         span = high - low
         if size is None:
             return low + span * self.random()
-        shape = (size,) if isinstance(size, int) else tuple(size)
-        n = 1
-        for s in shape:
-            n *= s
-        d = (self._raws(n) >> np.uint64(11)).astype(np.float64)
-        d *= _TWO_M53
-        d *= span
+        d = self.doubles_into(np.empty(size, dtype=np.float64))
+        d *= span  # low + span * double, as numpy's random_uniform
         d += low
-        return d.reshape(shape)
+        return d
 
     def perm(self, n: int) -> list[int]:
         """``Generator.permutation(n).tolist()``: numpy's shuffle of ``arange(n)`` (masked
