@@ -259,6 +259,8 @@ class _Builder:
         self.margins = margins
         self.queries: list[L.Query] = []  # the rounds built so far
         self.open: set[int] = set()  # 1-indexed rounds built so far that are not text-resolvable
+        self.resolvable_so_far: list[bool] = []  # per round built: text-resolvable (exact)
+        self.alternatives: list[list[int]] = []  # per round built: a pick round's valid answers
 
     # one relation, its parameters drawn once; every target/head that makes it unique
     def options(self, family: str, relation: str, targets: list[int], target_ok,
@@ -385,7 +387,9 @@ class _Builder:
                         continue
                     if need_memory and first is not None and n_matching(hk) < 2:
                         continue  # have a valid question; look only for one that needs memory
-                    u = memo[hk] if hk in memo else answer(hk)
+                    u = memo.get(hk, 0)  # 0: not asked yet (ids start at 1)
+                    if u == 0:
+                        u = answer(hk)
                     if u == tid:
                         if not need_memory or n_matching(hk) >= 2:
                             first = hk
@@ -447,9 +451,12 @@ class _Builder:
         target = alternatives[self.rng.integers(len(alternatives))]
         return q, target, alternatives
 
-    def add(self, q: L.Query, t: int, targets: list[int], tr: bool) -> None:
+    def add(self, q: L.Query, t: int, targets: list[int], tr: bool,
+            alternatives: list[int] | None = None) -> None:
         """Record a built round (``targets`` already holds its target)."""
         self.queries.append(q)
+        self.resolvable_so_far.append(tr)
+        self.alternatives.append(alternatives if alternatives is not None else [])
         if not tr:
             self.open.add(len(self.queries))
 
@@ -534,11 +541,11 @@ def _build(b: _Builder, rng: Draws, n_rounds: int, ref_prob: float,
         use_ref = r > 1 and rng.random() < ref_prob
         want_memory = use_ref and rng.random() < memory_prob
         ok = first_target_ok if (r == 1 and first_target_ok is not None) else (lambda o: True)
-        got = None
+        got = alternatives = None
         if pick_prob > 0 and rng.random() < pick_prob and not (r == 1 and first_target_ok):
             picked = b.pick(targets)
             if picked is not None:
-                got = (picked[0], picked[1], False)
+                got, alternatives = (picked[0], picked[1], False), picked[2]
         if got is None:
             got = b.next_round(targets, use_ref, want_memory, ok)
         if got is None:
@@ -546,7 +553,7 @@ def _build(b: _Builder, rng: Draws, n_rounds: int, ref_prob: float,
         tr = b.resolvable(got[0], got[1], targets)
         rounds.append(got)
         targets.append(got[1])
-        b.add(got[0], got[1], targets, tr)
+        b.add(got[0], got[1], targets, tr, alternatives)
     return rounds
 
 
@@ -609,21 +616,23 @@ class World:
             first_ok = None
             if heldout:
                 first_ok = lambda o: (o.colour, o.shape) in self.heldout_pairs  # noqa: E731
-            rounds = build_conversation(scene.objects, rng, n_rounds, self.margins,
-                                        ref_prob=cfg.ref_prob, memory_prob=cfg.memory_prob,
-                                        pick_prob=cfg.pick_prob, first_target_ok=first_ok)
+            b = _Builder(scene.objects, rng, self.margins)
+            try:
+                rounds = _build(b, rng, n_rounds, cfg.ref_prob, cfg.memory_prob, cfg.pick_prob,
+                                first_ok)
+            finally:
+                b.index.release()
             if len(rounds) >= cfg.min_rounds:
                 break
         else:  # pragma: no cover - practically unreachable with sane configs
             raise RuntimeError(f"could not generate {split} sample {index}")
 
         queries = [r[0] for r in rounds]
-        targets = [r[1] for r in rounds]
-        checker = SceneIndex(scene.objects, self.margins)
-        resolvable = checker.text_resolvable(queries, targets)
-        alternatives = [checker.resolve(q, targets[:i])
-                        if q.relation == "pick" else [] for i, q in enumerate(queries)]
-        checker.release()
+        # what the builder found round by round: a round's text-resolvability depends on the
+        # rounds up to it only (language.text_resolvable, which the builder's checks equal), a
+        # pick round's alternatives are resolve(q, targets[:i])
+        resolvable = b.resolvable_so_far
+        alternatives = b.alternatives
         recs = []
         for (q, t, _mem), tr, alts in zip(rounds, resolvable, alternatives):
             question = L.phrase(q, rng)

@@ -21,6 +21,7 @@ _TWO_M53 = 1.0 / 9007199254740992.0  # numpy's next_double: (raw >> 11) * 2**-53
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
 _BLOCK = 256  # raw outputs taken from the bit generator at a time
+_MASKS = [(1 << i.bit_length()) - 1 for i in range(64)]  # random_interval's mask for max i
 
 
 class Draws:
@@ -184,26 +185,29 @@ class Draws:
         """``Generator.permutation(n).tolist()``: numpy's shuffle of ``arange(n)`` (masked
         rejection, ``random_interval``, from the last position down)."""
         a = list(range(n))
+        if n < 2:
+            return a
+        # the generator's fields as locals (the hottest draw), written back at the end
+        buf, j, end, has, u32 = self._buf, self._i, self._n, self._has32, self._u32
         for i in range(n - 1, 0, -1):
-            mask = (1 << i.bit_length()) - 1
+            mask = _MASKS[i] if i < 64 else (1 << i.bit_length()) - 1
             while True:
-                # _next32, inlined (the hottest draw)
-                if self._has32:
-                    self._has32 = False
-                    v = self._u32 & mask
+                if has:  # _next32: the buffered upper half first
+                    has = False
+                    v = u32 & mask
                 else:
-                    j = self._i
-                    if j == self._n:
+                    if j == end:
                         self._refill()
-                        j = 0
-                    self._i = j + 1
-                    raw = self._buf[j]
-                    self._has32 = True
-                    self._u32 = raw >> 32
+                        buf, j, end = self._buf, 0, self._n
+                    raw = buf[j]
+                    j += 1
+                    has = True
+                    u32 = raw >> 32
                     v = raw & mask
                 if v <= i:
                     break
             a[i], a[v] = a[v], a[i]
+        self._i, self._has32, self._u32 = j, has, u32
         return a
 
     def permutation(self, n: int) -> np.ndarray:
