@@ -359,7 +359,7 @@ class _Builder:
         if not per_target:
             memo, answer = index.answers(relation, ref_pos, direction, rank, attr)
         if is_other:
-            ref = by_id[targets[refs[0] - 1]]
+            ref_p = pos[targets[refs[0] - 1]]
         n_matching = index.n_matching
         perm = rng.perm
         for i in perm(len(cands))[:8]:
@@ -370,7 +370,8 @@ class _Builder:
             if per_target:
                 memo, answer = index.answers(relation, ref_pos, direction, rank, attr, part, colour)
             if is_other:
-                allowed_t = tuple(a for a in L.ATTRS if getattr(t, a) == getattr(ref, a))
+                vt, vr = index.values[pos[tid]], index.values[ref_p]
+                allowed_t = tuple(a for a, x, y in zip(L.ATTRS, vt, vr) if x == y)
                 levels = index.head_levels(pos[tid], allowed_t, 2)
             else:
                 levels = index.head_levels(pos[tid], allowed, max_attrs)

@@ -28,8 +28,10 @@ _DIR_OF = {v: k for k, v in _DIR_REL.items()}
 _PARTS = frozenset(PARTS)
 _ATTR_INDEX = {a: i for i, a in enumerate(ATTRS)}
 # (attribute values, attributes a head may name) -> per number of attributes, the heads in
-# itertools.combinations order, as (number of attributes, head key)
-_HEAD_TABLES: dict[tuple, list[list[tuple[int, HeadKey]]]] = {}
+# itertools.combinations order
+_HEAD_TABLES: dict[tuple, list[tuple[HeadKey, ...]]] = {}
+# (attribute values, attributes a head may name, most attributes) -> head_levels' answer
+_LEVELS: dict[tuple, tuple[tuple[HeadKey, ...], ...]] = {}
 
 HeadKey = tuple  # (size, colour, texture, shape), None where the head does not say
 
@@ -82,7 +84,6 @@ class SceneIndex:
         self._n_matching: dict[HeadKey, int] = {}
         self._denoters: dict[tuple, Callable[[HeadKey], tuple[int, int]]] = {}
         self._answers: dict[tuple, dict[HeadKey, int | None]] = {}
-        self._levels: dict[tuple, tuple[tuple[HeadKey, ...], ...]] = {}
 
     def release(self) -> None:
         """Drop the memoised answers (their functions refer back to the index: a reference
@@ -237,18 +238,60 @@ class SceneIndex:
         got = self._answers.get(key)
         if got is None:
             memo: dict[HeadKey, int | None] = {}
-            denote = self.denoter(rel, refs, direction, rank, attr, part, colour)
             ids = self.ids
+            if rel in _PART_RELATIONS or rel == "whole":
+                denote = self.denoter(rel, refs, direction, rank, attr, part, colour)
 
-            def answer(hk: HeadKey) -> int | None:
-                possible, definite = denote(hk)
-                u = None
-                if possible and possible == definite and possible & (possible - 1) == 0:
-                    u = ids[possible.bit_length() - 1]
-                memo[hk] = u
-                return u
+                def answer(hk: HeadKey) -> int | None:
+                    possible, definite = denote(hk)
+                    u = None
+                    if possible and possible == definite and possible & (possible - 1) == 0:
+                        u = ids[possible.bit_length() - 1]
+                    memo[hk] = u
+                    return u
+            else:
+                # the denoter's steps inline, remembered by the candidates the head leaves
+                fn = self._relation(rel, refs, direction if direction in self.coord else "bottom",
+                                    rank, attr)
+                keep = ~self._banned(refs)
+                top, parts = self.top_mask & keep, self.part_mask & keep
+                head_masks, head_mask = self._head_masks, self.head_mask
+                by_candidates: dict[int, int | None] = {}
+
+                def answer(hk: HeadKey) -> int | None:
+                    hm = head_masks.get(hk)
+                    if hm is None:
+                        hm = head_mask(hk)
+                    c = hm & (parts if hk[3] in _PARTS else top)
+                    u = by_candidates.get(c, 0)  # 0: not yet (ids start at 1)
+                    if u == 0:
+                        possible, definite = fn(c)
+                        u = None
+                        if possible and possible == definite and possible & (possible - 1) == 0:
+                            u = ids[possible.bit_length() - 1]
+                        by_candidates[c] = u
+                    memo[hk] = u
+                    return u
             got = self._answers[key] = (memo, answer)
         return got
+
+    def _answer_once(self, rel: str, refs: tuple[int, ...], direction, rank, attr, part, colour,
+                     hk: HeadKey) -> int | None:
+        """``answers(...)[1](hk)`` without keeping tables for these references (a question asked
+        once: needs_memory's alternatives)."""
+        got = self._answers.get((rel, refs, direction, rank, attr, part, colour))
+        if got is not None:
+            memo, answer = got
+            u = memo.get(hk, 0)
+            return answer(hk) if u == 0 else u
+        if rel in _PART_RELATIONS or rel == "whole":
+            return self.answers(rel, refs, direction, rank, attr, part, colour)[1](hk)
+        fn = self._relation(rel, refs, direction if direction in self.coord else "bottom", rank, attr)
+        group = self.part_mask if hk[3] in _PARTS else self.top_mask
+        possible, definite = fn(self.head_mask(hk) & group & ~self._banned(refs))
+        if possible and possible == definite and possible & (possible - 1) == 0:
+            return self.ids[possible.bit_length() - 1]
+        return None
 
     def _make_denoter(self, rel, refs, direction, rank, attr, part, colour):
         objects = self.objects
@@ -381,10 +424,10 @@ class SceneIndex:
         """The head keys :func:`~segllm.data.world.language.heads_for` builds for
         ``objects[pos]``, per number of attributes (0, 1, ... up to max_attrs), each level in
         ``itertools.combinations`` order (heads_for permutes each level of two or more)."""
-        key = (pos, allowed, max_attrs)
-        got = self._levels.get(key)
+        vals = self.values[pos]
+        key = (vals, allowed, max_attrs)
+        got = _LEVELS.get(key)
         if got is None:
-            vals = self.values[pos]
             avail = tuple(a for a in allowed if vals[_ATTR_INDEX[a]] != MIXED)
             tkey = (vals, avail)
             table = _HEAD_TABLES.get(tkey)
@@ -393,7 +436,7 @@ class SceneIndex:
                     tuple(tuple(v if a in combo else None for a, v in zip(ATTRS, vals))
                           for combo in itertools.combinations(avail, n))
                     for n in range(len(avail) + 1)]
-            got = self._levels[key] = tuple(table[: min(max_attrs, len(avail)) + 1])
+            got = _LEVELS[key] = tuple(table[: min(max_attrs, len(avail)) + 1])
         return got
 
     def heads(self, pos: int, allowed: tuple[str, ...], rng: Draws,
@@ -460,9 +503,8 @@ class SceneIndex:
                     if p == actual or self.pos[oid] != p:
                         continue  # the reference itself; an id given twice (evaluate: last wins)
                     alt = refs[:j] + (p,) + refs[j + 1:]
-                    memo, answer_of = self.answers(q.relation, alt, q.direction, q.rank,
-                                                   q.attr, q.part, q.colour)
-                    got = memo[hk] if hk in memo else answer_of(hk)
+                    got = self._answer_once(q.relation, alt, q.direction, q.rank, q.attr,
+                                            q.part, q.colour, hk)
                     if got is not None and got != answer:
                         return True
             return False
