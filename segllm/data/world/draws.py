@@ -147,10 +147,33 @@ class Draws:
         """``int(Generator.integers(low, high))`` (one int64 draw in [low, high))."""
         if high is None:
             low, high = 0, low
-        low, high = int(low), int(high)
-        if high <= low:
+        excl = high - low  # ints here; numpy's own arguments would be converted
+        if excl <= 0:
             raise ValueError("high <= low")
-        return low + self._bounded64(high - 1 - low)
+        if excl == 1:
+            return low
+        if excl > _M32:
+            return int(low) + self._bounded64(excl - 1)
+        # _bounded32(excl - 1) with _next32 inlined (the most common draw)
+        if self._has32:
+            self._has32 = False
+            v = self._u32
+        else:
+            i = self._i
+            if i == self._n:
+                self._refill()
+                i = 0
+            self._i = i + 1
+            raw = self._buf[i]
+            self._has32 = True
+            self._u32 = raw >> 32
+            v = raw & _M32
+        m = v * excl
+        if (m & _M32) < excl:
+            threshold = (_M32 - excl + 1) % excl
+            while (m & _M32) < threshold:
+                m = self._next32() * excl
+        return low + (m >> 32)
 
     def doubles_into(self, out: np.ndarray) -> np.ndarray:
         """Fill a C-contiguous float64 array with ``Generator.random()`` draws, in its order
