@@ -264,10 +264,11 @@ class _Builder:
 
     # one relation, its parameters drawn once; every target/head that makes it unique
     def options(self, family: str, relation: str, targets: list[int], target_ok,
-                ambiguous: bool = False) -> list[tuple[L.Query, int]]:
+                ambiguous: bool = False) -> list[tuple[tuple, int]]:
         """Questions of one relation (references and parameters drawn once) for each object they
         can denote uniquely, with the fewest head attributes; with ``ambiguous``, preferably a
-        head that alone matches several objects, so that the references decide."""
+        head that alone matches several objects, so that the references decide. As (option,
+        target id); :meth:`query` makes an option's question."""
         rng, by_id = self.rng, self.by_id
         used = set(targets)
         refs: tuple[int, ...] = ()
@@ -347,7 +348,7 @@ class _Builder:
                 if relation == "ordinal_from":
                     kw["rank"] = (1, 2, 3)[_choice_p(rng, (0.3, 0.45, 0.25))]
 
-        out: list[tuple[L.Query, int]] = []
+        out: list[tuple[tuple, int]] = []
         index = self.index
         pos = self.pos
         ref_pos = tuple(pos[targets[k - 1]] for k in refs)
@@ -401,13 +402,19 @@ class _Builder:
                     continue
                 break
             if first is not None:
-                extra = dict(kw)
-                if part is not None:
-                    extra["part"] = part
-                if colour is not None:
-                    extra["colour"] = colour
-                out.append((L.Query(family, relation, L.Head(*first), refs, **extra), tid))
+                out.append(((family, relation, first, refs, kw, part, colour), tid))
         return out
+
+    @staticmethod
+    def query(option: tuple) -> L.Query:
+        """The question of an option of :meth:`options` (built only for the options tried)."""
+        family, relation, hk, refs, kw, part, colour = option
+        extra = dict(kw)
+        if part is not None:
+            extra["part"] = part
+        if colour is not None:
+            extra["colour"] = colour
+        return L.Query(family, relation, L.Head(*hk), refs, **extra)
 
     def pick(self, targets: list[int]) -> tuple[L.Query, int, list[int]] | None:
         """A pick round: a head phrase ("red object", "circle") that two or more top-level
@@ -494,13 +501,13 @@ class _Builder:
             relation = rels[_choice_p(rng, _normalised(w))]
             # a few draws of references/parameters per relation, so that relations that are
             # rarely unique (e.g. "left of") are not crowded out by easy ones
-            opts: list[tuple[L.Query, int]] = []
+            opts: list[tuple[tuple, int]] = []
             for _ in range(3):
                 opts = self.options(family, relation, targets, target_ok, want_memory)
                 if opts:
                     break
             for i in rng.perm(len(opts)):
-                q, t = opts[i]
+                q, t = self.query(opts[i][0]), opts[i][1]
                 mem = self.index.needs_memory(q, targets)
                 if insist_open:
                     if not self.resolvable(q, t, targets):

@@ -172,6 +172,19 @@ def _form(kind: str, shape: str, h: int, w: int) -> _Form:
     return f
 
 
+def _textured(form: _Form, texture: str, period: int) -> np.ndarray:
+    """The pixels of a basic shape's form drawn in its texture's second colour."""
+    key = (id(form), texture, period)  # forms are kept for the process
+    m = _TEXTURED.get(key)
+    if m is None:
+        h, w = form.covered.shape
+        m = _TEXTURED[key] = _frozen(form.covered & _texture_mask_cached(texture, h, w, period))
+    return m
+
+
+_TEXTURED: dict[tuple[int, str, int], np.ndarray] = {}
+
+
 def _texture_mask_cached(texture: str, h: int, w: int, period: int) -> np.ndarray:
     key = (texture, h, w, period)
     m = _TEXTURE_MASKS.get(key)
@@ -506,8 +519,18 @@ def _render_scene(d: Draws, size: int, n_objects: int, composite_prob: float, mi
                         break
             if not ok:
                 continue
+            # label and paint it over what lies there (later objects cover earlier ones, so
+            # what stays visible is what the label map says): its colour, then its texture's
+            reg = image[y0:y0 + h, x0:x0 + w]
             for i, m in enumerate(form.masks):
                 np.copyto(region, n_el + 1 + i, where=m)
+            if spec.kind == "composite":
+                for m, c in zip(form.masks, spec.part_colours):
+                    reg[m] = COLOURS[c]
+            else:
+                reg[form.covered] = COLOURS[spec.colour]
+                if spec.texture != "solid":
+                    reg[_textured(form, spec.texture, period)] = texture_colour(spec.colour)
             for e, n in touched:
                 counts[e] -= n
             counts.extend(form.areas)
@@ -523,21 +546,6 @@ def _render_scene(d: Draws, size: int, n_objects: int, composite_prob: float, mi
             break
         if not placed and force is not None:
             raise _LayoutError("could not place a forced object")
-
-    # paint: each element's visible pixels in its colour, then its texture's pixels
-    for spec, form, first, y0, x0 in placed_objects:
-        h, w = form.covered.shape
-        lab = label[y0:y0 + h, x0:x0 + w]
-        reg = image[y0:y0 + h, x0:x0 + w]
-        if spec.kind == "composite":
-            for i, c in enumerate(spec.part_colours):
-                reg[lab == first + 1 + i] = COLOURS[c]
-            continue
-        sel = lab == first + 1
-        reg[sel] = COLOURS[spec.colour]
-        if spec.texture != "solid":
-            tex = _texture_mask_cached(spec.texture, h, w, period)
-            reg[sel & tex] = texture_colour(spec.colour)
 
     # records: every element's visible pixels per row and per column, from one bincount each
     # of the label map; a composite's are the sums of its parts'. Centroids are the exact
