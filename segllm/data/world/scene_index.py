@@ -84,12 +84,14 @@ class SceneIndex:
         self._n_matching: dict[HeadKey, int] = {}
         self._denoters: dict[tuple, Callable[[HeadKey], tuple[int, int]]] = {}
         self._answers: dict[tuple, dict[HeadKey, int | None]] = {}
+        self._fns: dict[tuple, Callable[[int], tuple[int, int]]] = {}  # _relation's, by its arguments
 
     def release(self) -> None:
         """Drop the memoised answers (their functions refer back to the index: a reference
         cycle), so that the index is freed as soon as it is no longer used."""
         self._denoters.clear()
         self._answers.clear()
+        self._fns.clear()
 
     # -- tables ---------------------------------------------------------------------------------
 
@@ -497,14 +499,30 @@ class SceneIndex:
             memo, answer_of = self.answers(q.relation, refs, q.direction, q.rank, q.attr,
                                            q.part, q.colour)
             answer = memo[hk] if hk in memo else answer_of(hk)
+            rel, pos = q.relation, self.pos
+            general = not (rel in _PART_RELATIONS or rel == "whole")
+            if general:  # the denoter's steps, with the relation's function per references kept
+                direction = q.direction if q.direction in self.coord else "bottom"
+                heads = self.head_mask(hk) & (self.part_mask if hk[3] in _PARTS else self.top_mask)
+                fns, ids = self._fns, self.ids
             for j in range(len(refs)):
                 actual = refs[j]
                 for p, oid in enumerate(self.ids):
-                    if p == actual or self.pos[oid] != p:
+                    if p == actual or pos[oid] != p:
                         continue  # the reference itself; an id given twice (evaluate: last wins)
                     alt = refs[:j] + (p,) + refs[j + 1:]
-                    got = self._answer_once(q.relation, alt, q.direction, q.rank, q.attr,
-                                            q.part, q.colour, hk)
+                    if general:
+                        key = (rel, alt, direction, q.rank, q.attr)
+                        fn = fns.get(key)
+                        if fn is None:
+                            fn = fns[key] = self._relation(rel, alt, direction, q.rank, q.attr)
+                        possible, definite = fn(heads & ~self._banned(alt))
+                        got = None
+                        if possible and possible == definite and possible & (possible - 1) == 0:
+                            got = ids[possible.bit_length() - 1]
+                    else:
+                        got = self._answer_once(rel, alt, q.direction, q.rank, q.attr, q.part,
+                                                q.colour, hk)
                     if got is not None and got != answer:
                         return True
             return False
