@@ -476,7 +476,8 @@ class _Builder:
             return False
         if not any(k in self.open for k in q.refs):
             return True  # its references are all determined and it is unique given them
-        return self.index.text_resolvable(self.queries + [q], targets + [t])[-1]
+        n = len(self.queries)
+        return self.index.text_resolvable(self.queries + [q], targets + [t], rounds=[n])[0]
 
     def _n_matching(self, head: L.Head) -> int:
         """How many objects a head phrase alone matches ("the red circle": every red circle)."""

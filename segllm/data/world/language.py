@@ -384,18 +384,24 @@ def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: l
                          lambda q, prior: is_unique(q, objects, prior, margins), max_scenarios=max_scenarios)
 
 
-def resolvability(queries: list[Query], targets: list[int], resolve_pick, unique, *, max_scenarios: int = 4096) -> list[bool]:
+def resolvability(queries: list[Query], targets: list[int], resolve_pick, unique, *,
+                  max_scenarios: int = 4096, rounds: list[int] | None = None) -> list[bool]:
     """:func:`text_resolvable` over given answerers: ``resolve_pick(query, earlier_targets)`` the
     valid alternatives of a pick round, ``unique(query, earlier_targets)`` a round's unique target
     or None (the readable checkers here, or :class:`segllm.data.world.scene_index.SceneIndex`'s
-    tables: both give the same answers)."""
+    tables: both give the same answers). With ``rounds`` (0-indexed), only those rounds' answers,
+    in that order (a round's answer depends on the rounds up to it only)."""
     n = len(queries)
     if len(targets) < n:
         raise ValueError(f"{n} queries but {len(targets)} targets")
-    picks = {i: resolve_pick(q, targets[:i]) for i, q in enumerate(queries) if q.relation == "pick"}
     ancestors = reference_ancestors(queries)
+    wanted = range(n) if rounds is None else rounds
+    needed = set(range(n)) if rounds is None else set().union(*(ancestors[i] for i in wanted))
+    picks = {i: resolve_pick(queries[i], targets[:i]) for i in sorted(needed)
+             if queries[i].relation == "pick"}
     out: list[bool] = []
-    for i, q in enumerate(queries):
+    for i in wanted:
+        q = queries[i]
         if q.relation == "pick":
             out.append(False)
             continue

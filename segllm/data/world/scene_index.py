@@ -540,6 +540,8 @@ class SceneIndex:
         return False
 
     def text_resolvable(self, queries: list[Query], targets: list, *,
-                        max_scenarios: int = 4096) -> list[bool]:
-        """As :func:`segllm.data.world.language.text_resolvable`."""
-        return resolvability(queries, targets, self.resolve, self.is_unique, max_scenarios=max_scenarios)
+                        max_scenarios: int = 4096, rounds: list[int] | None = None) -> list[bool]:
+        """As :func:`segllm.data.world.language.text_resolvable` (with ``rounds``, only those
+        0-indexed rounds' answers: :func:`~segllm.data.world.language.resolvability`)."""
+        return resolvability(queries, targets, self.resolve, self.is_unique,
+                             max_scenarios=max_scenarios, rounds=rounds)
