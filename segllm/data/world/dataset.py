@@ -362,9 +362,8 @@ class _Builder:
         if is_other:
             ref_p = pos[targets[refs[0] - 1]]
         n_matching = index.n_matching
-        perm = rng.perm
-        for i in perm(len(cands))[:8]:
-            t = cands[i]
+        shuffled = rng.shuffled
+        for t in shuffled(cands)[:8]:
             tid = t.id
             part = t.shape if relation == "part_name" else None
             colour = t.colour if relation == "part_colour" else None
@@ -378,7 +377,7 @@ class _Builder:
                 levels = index.head_levels(pos[tid], allowed, max_attrs)
             # heads_for's draws: every level of two or more heads permuted, fewest attributes
             # first (all drawn before any head is tried)
-            orders = [hks if len(hks) == 1 else [hks[j] for j in perm(len(hks))] for hks in levels]
+            orders = [hks if len(hks) == 1 else shuffled(hks) for hks in levels]
             part_head = t.kind == "part" and not part_rel  # then the head must name the part
             shape = t.shape
             first: tuple | None = None  # the head (a SceneIndex head key) of the question
@@ -507,8 +506,8 @@ class _Builder:
                 opts = self.options(family, relation, targets, target_ok, want_memory)
                 if opts:
                     break
-            for i in rng.perm(len(opts)):
-                q, t = self.query(opts[i][0]), opts[i][1]
+            for option, t in rng.shuffled(opts):
+                q = self.query(option)
                 mem = self.index.needs_memory(q, targets)
                 if insist_open:
                     if not self.resolvable(q, t, targets):

@@ -207,7 +207,13 @@ class Draws:
     def perm(self, n: int) -> list[int]:
         """``Generator.permutation(n).tolist()``: numpy's shuffle of ``arange(n)`` (masked
         rejection, ``random_interval``, from the last position down)."""
-        a = list(range(n))
+        return self.shuffled(range(n))
+
+    def shuffled(self, seq) -> list:
+        """``[seq[i] for i in Generator.permutation(len(seq))]``, with the same draws: numpy's
+        swaps applied to the items themselves."""
+        a = list(seq)
+        n = len(a)
         if n < 2:
             return a
         # the generator's fields as locals (the hottest draw), written back at the end
