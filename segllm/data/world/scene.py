@@ -570,11 +570,15 @@ def _render_scene(d: Draws, size: int, n_objects: int, composite_prob: float, mi
     onehot = [label == i for i in range(1, n_el + 1)]  # each element's visible pixels
 
     def record(oid, kind, shape, colour, sz, texture, parent, parts, els) -> WorldObject:
-        n = sum(area[i] for i in els)
-        sy = sum(sum_y[i] for i in els)
-        sx = sum(sum_x[i] for i in els)
-        xa, ya = min(x_first[i] for i in els), min(y_first[i] for i in els)
-        xb, yb = max(x_last[i] for i in els), max(y_last[i] for i in els)
+        if len(els) == 1:
+            i = els[0]
+            n, sy, sx = area[i], sum_y[i], sum_x[i]
+            xa, ya, xb, yb = x_first[i], y_first[i], x_last[i], y_last[i]
+        else:
+            a, b = els[0], els[-1] + 1
+            n, sy, sx = sum(area[a:b]), sum(sum_y[a:b]), sum(sum_x[a:b])
+            xa, ya = min(x_first[a:b]), min(y_first[a:b])
+            xb, yb = max(x_last[a:b]), max(y_last[a:b])
         return WorldObject(id=oid, kind=kind, shape=shape, colour=colour, size=sz,
                            texture=texture, parent=parent, parts=parts,
                            cx=sx / n + 0.5, cy=sy / n + 0.5, area=n,
