@@ -48,6 +48,7 @@ _REF_WEIGHTS = {"attribute": 0.28, "positional": 0.3, "ordinal": 0.08, "part-of"
 # are drawn more often so that easy ones do not crowd them out
 _RELATION_WEIGHTS = {"left_of": 2.5, "right_of": 2.5, "above": 2.5, "below": 2.5,
                      "bigger": 2.0, "smaller": 2.0}
+_RELATION_W: dict[tuple[str, ...], tuple[float, ...]] = {}  # per family's relations, their weights
 # relations whose targets are top-level objects only; others may also target parts
 _TOP_ONLY = ("same_shape", "different_shape", "other", "colour_and_shape", "largest",
              "smallest", "bigger", "smaller", "largest_dir", "smallest_dir")
@@ -225,9 +226,26 @@ def _choice(rng: Draws, seq):
     return seq[rng.integers(len(seq))]
 
 
+def _choice_w(rng: np.random.Generator | Draws, w: tuple[float, ...]) -> int:
+    """``_choice_p(rng, _normalised(w))``, its cumulative sums kept by the weights."""
+    c = _CDFS_OF_WEIGHTS.get(w)
+    if c is None:
+        c = _CDFS_OF_WEIGHTS[w] = _cdf(_normalised(w))
+    return bisect.bisect_right(c, rng.random())
+
+
+_CDFS_OF_WEIGHTS: dict[tuple[float, ...], list[float]] = {}
+
+
 def _weighted(rng: np.random.Generator | Draws, weights: dict[str, float]) -> str:
-    keys = list(weights)
-    return keys[_choice_p(rng, _normalised(tuple(float(weights[k]) for k in keys)))]
+    got = _WEIGHTED.get(id(weights))
+    if got is None or got[0] is not weights:  # the module's weight tables, read once
+        keys = list(weights)
+        got = _WEIGHTED[id(weights)] = (weights, keys, tuple(float(weights[k]) for k in keys))
+    return got[1][_choice_w(rng, got[2])]
+
+
+_WEIGHTED: dict[int, tuple[dict, list[str], tuple[float, ...]]] = {}
 
 
 # how much likelier a reference is to go to a round that is not text-resolvable (a pick round
@@ -244,7 +262,7 @@ def _pick_round(rng: Draws, targets: list[int], by_id: dict[int, WorldObject],
         return None
     w = tuple((3.0 if k == len(targets) else 1.0) * (_OPEN_REF_WEIGHT if k in prefer else 1.0)
               for k in rounds)
-    return rounds[_choice_p(rng, _normalised(w))]
+    return rounds[_choice_w(rng, w)]
 
 
 class _Builder:
@@ -497,8 +515,10 @@ class _Builder:
             else:
                 family = _weighted(rng, _NO_REF_WEIGHTS)
                 rels = L.NO_REF_RELATIONS[family]
-            w = tuple(float(_RELATION_WEIGHTS.get(r, 1.0)) for r in rels)
-            relation = rels[_choice_p(rng, _normalised(w))]
+            w = _RELATION_W.get(rels)
+            if w is None:
+                w = _RELATION_W[rels] = tuple(float(_RELATION_WEIGHTS.get(r, 1.0)) for r in rels)
+            relation = rels[_choice_w(rng, w)]
             # a few draws of references/parameters per relation, so that relations that are
             # rarely unique (e.g. "left of") are not crowded out by easy ones
             opts: list[tuple[tuple, int]] = []
