@@ -261,7 +261,7 @@ def merge_results(out: str | Path, world_size: int = 1, *, png: bool = False) ->
                 anns.append({
                     "id": len(anns) + 1, "image_id": n, "category_id": 1, "segmentation": rle, "area": int(from_rle(rle).sum()),
                     "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0, "score": score, "round": rnd["round"],
-                    "question": rnd["question"], "refs": rnd["refs"], "answer": rnd["answer"],
+                    "mask": j + 1, "question": rnd["question"], "refs": rnd["refs"], "answer": rnd["answer"],
                 })
                 if png:
                     folder = out / "masks" / _safe(rec["id"])

@@ -10,13 +10,16 @@ from __future__ import annotations
 import copy
 import json
 import multiprocessing as mp
+import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from segllm.bench_released import ReleasedShape, released_table, run_released
 from segllm.conversation import load_image
 from segllm.default import EXAMPLES, load_model
 from segllm.model.builder import build_segllm
@@ -118,12 +121,40 @@ def table(results: list[dict]) -> str:
 
 
 def main(args) -> int:
-    results = run(rounds=args.rounds, repeats=args.repeats, threads=args.threads, large=not args.no_large, width=args.width,
-                  layers=args.layers, device=args.device, dtype=args.dtype)
+    if getattr(args, "released_shape", False):
+        return released_main(args)
+    results = run(rounds=args.rounds or 8, repeats=args.repeats, threads=args.threads, large=not args.no_large, width=args.width,
+                  layers=args.layers or 2, device=args.device, dtype=args.dtype)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    return 0
+
+
+def released_main(args) -> int:
+    """``segllm bench --released-shape``: see :mod:`segllm.bench_released`. The JSON (``--json``)
+    is rewritten after each setting, so a run stopped part way keeps what it measured."""
+    shape = ReleasedShape().with_llm(width=args.width, layers=args.layers)
+    settings = tuple(args.setting or ("bfloat16", "8bit"))
+    meta = {"command": "segllm " + " ".join(sys.argv[1:]), "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "weights": "random (no download); masks compare two settings of the same random model"}
+    done: list[dict] = []
+
+    def write(rep: dict) -> None:
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"meta": meta, **rep}, indent=1) + "\n")
+
+    def partial(result: dict) -> None:
+        done.append(result)
+        print(f"{result['setting']}: done (peak RSS {result['peak_rss_mb'] / 1024:.1f} GB)", flush=True)
+        write({"results": done, "mask_iou_vs_bfloat16": {}})
+
+    rep = run_released(settings=settings, shape=shape, rounds=args.rounds or 4, threads=args.threads, device=args.device or "cpu",
+                       tokenizer=args.tokenizer, image=args.image, on_result=partial, masks_dir=args.masks_dir)
+    write(rep)
+    print(released_table(rep))
     return 0
 
 

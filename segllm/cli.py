@@ -18,6 +18,7 @@ from accelerate import PartialState
 from segllm import SegLLM
 from segllm.batch_segment import merge_results, read_items, segment_items
 from segllm.bench import main as bench_main
+from segllm.bench_released import SETTINGS as RELEASED_SETTINGS
 from segllm.conversation import load_image
 from segllm.convert_weights import pickle_to_safetensors
 from segllm.data.benchmark_readers import read_templates
@@ -27,7 +28,7 @@ from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.released.configs import parse_annotation_overrides, read_annotation_config, read_conversation_config
 from segllm.data.world import WorldConfig, generate
 from segllm.default import EXAMPLES, load_model
-from segllm.errors import ConversationError, SegLLMError
+from segllm.errors import ConfigError, ConversationError, SegLLMError
 from segllm.eval.benchmarks import BENCHMARKS, Roots, check_benchmark, default_frame, open_benchmark, paper_lines
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
@@ -37,6 +38,7 @@ from segllm.model.quantize import QUANTIZE_MODES
 from segllm.session import Session
 from segllm.train.recipe import TrainRecipe
 from segllm.train.trainer import check_data, train
+from segllm.viz import mask_labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         world.add_argument(f"--{split}", type=int, default=n, help=f"conversations in the {split} split (default: %(default)s)")
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--workers", type=int, default=1)
+    world.add_argument("--multi-target-prob", type=float, default=0.0,
+                       help="chance of a several-target round ('Segment all the red objects.', one <seg> per "
+                            "object, left to right) (default: %(default)s: none, the pinned world)")
     world.set_defaults(func=_world)
 
     tr = sub.add_parser("train", help="train a model from a recipe (a TOML file, e.g. configs/default.toml)")
@@ -107,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "testB, test (default val); reasonseg: val, test (default val)")
     ev.add_argument("--size", type=int, default=None, help="at most this many conversations (default: world 500, else all)")
     ev.add_argument("--seed", type=int, default=0, help="world seed (default: %(default)s)")
+    ev.add_argument("--multi-target-prob", type=float, default=0.0,
+                    help="world: chance of a several-target round, scored matched and as a union (default: %(default)s)")
     ev.add_argument("--protocol", nargs="+", default=None, choices=["oracle", "own"],
                     help="history protocols (default: world both; a paper benchmark its own)")
     ev.add_argument("--frame", default=None, choices=["original", "released"],
@@ -195,14 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uploads over this many MB are refused before they are stored (default: %(default)s)")
     dm.set_defaults(func=_demo)
 
-    bn = sub.add_parser("bench", help="per-round latency, incremental vs full recompute (bundled and a large-LLM model)")
-    bn.add_argument("--rounds", type=int, default=8)
+    bn = sub.add_parser("bench", help="per-round latency, incremental vs full recompute (bundled and a large-LLM model); "
+                                      "with --released-shape, the released 7B architecture part by part")
+    bn.add_argument("--rounds", type=int, default=None, help="rounds of the conversation (default: 8; 4 with --released-shape)")
     bn.add_argument("--repeats", type=int, default=3)
     bn.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     bn.add_argument("--no-large", action="store_true", help="skip the large-LLM configuration")
-    bn.add_argument("--width", type=int, default=4096, help="LLM width of the large configuration")
-    bn.add_argument("--layers", type=int, default=2, help="LLM layers of the large configuration")
+    bn.add_argument("--width", type=int, default=4096, help="LLM width of the large configuration (and of --released-shape)")
+    bn.add_argument("--layers", type=int, default=None,
+                    help="LLM layers of the large configuration (default 2) or of --released-shape (default 32: the 7B)")
     bn.add_argument("--json", help="also write the raw results here")
+    bn.add_argument("--released-shape", action="store_true",
+                    help="build the released SegLLM's architecture at full size (LLaMA-7B, CLIP ViT-L/14, HIPIE-R50) with random "
+                         "weights, no download, and time a conversation part by part, each --setting in its own process")
+    bn.add_argument("--setting", action="append", default=None, choices=list(RELEASED_SETTINGS),
+                    help="with --released-shape: a precision to run (repeatable; default: bfloat16 and 8bit)")
+    bn.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                    help="with --released-shape: a tokenizer folder (a LLaMA one, e.g. a released checkpoint's, gives the "
+                         "released token counts; default: the bundled model's)")
+    bn.add_argument("--image", default=None, help="with --released-shape: the image (default: the bundled shapes.png)")
+    bn.add_argument("--masks-dir", default=None, metavar="DIR",
+                    help="with --released-shape: save each setting's masks here and compare with those saved by an earlier "
+                         "run of the same shape (so the settings can run one at a time)")
     _model_args(bn, device="cpu", checkpoint=False, revision=False, quantize=False)
     bn.set_defaults(func=_bench)
 
@@ -373,7 +394,7 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             continue
         session.overlay().save(out / f"round{r.round}_overlay.png")
-        boxes = ", ".join(f"[{', '.join(f'{v:.0f}' for v in b)}] score {s:.2f}" for b, s in zip(r.boxes, r.scores))
+        boxes = _boxes_line(r)
         ref_note = f" (refers to {', '.join(map(str, r.refs))})" if r.refs else ""
         note = " (your region)" if r.user else " (forced)" if r.forced else ""
         print(f"round {r.round}{ref_note}: {r.question}\n  -> {r.text!r}{note}  {boxes}")
@@ -381,6 +402,15 @@ def _chat(args: argparse.Namespace) -> int:
     (out / "session.json").write_text(json.dumps(session.to_coco(file_name=Path(image_path).name), indent=1) + "\n")
     print(f"overlays, masks and session.json written to {out}/")
     return 1 if errors and not interactive else 0
+
+
+def _boxes_line(reply) -> str:
+    """Each mask's box and score; a round with several masks labels them k.1, k.2, ... as the
+    overlay does (and as ``round{k}_mask{j}.png`` numbers them)."""
+    labels = mask_labels(reply.round, len(reply.boxes))
+    several = len(labels) > 1
+    return ", ".join(f"{f'mask {lab} ' if several else ''}[{', '.join(f'{v:.0f}' for v in b)}] score {s:.2f}"
+                     for lab, b, s in zip(labels, reply.boxes, reply.scores))
 
 
 def _chain(first, rest):
@@ -422,7 +452,12 @@ def _segment(args: argparse.Namespace) -> int:
 
 def _world(args: argparse.Namespace) -> int:
     counts = {k: getattr(args, k) for k in ("train", "val", "test", "heldout") if getattr(args, k) > 0}
-    shares = generate(args.out, counts, seed=args.seed, config=WorldConfig(), workers=args.workers)
+    try:
+        config = WorldConfig(multi_target_prob=args.multi_target_prob)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shares = generate(args.out, counts, seed=args.seed, config=config, workers=args.workers)
     print(f"wrote {', '.join(f'{k}: {v}' for k, v in counts.items())} conversations to {args.out}/")
     # how much of each split a text-only model could answer (the rest needs the masks)
     for split, sh in shares.items():
@@ -563,8 +598,10 @@ def _eval_data(args: argparse.Namespace):
     if args.benchmark in (None, "world") and args.data == "world":
         split = args.split or "test"
         args.size = 500 if args.size is None else args.size
-        data = WorldConversations(split, args.size, seed=args.seed, max_rounds=args.max_rounds)
-        return data, f"world seed {args.seed}, {split} split, {args.size} conversations", args.protocol or ["oracle", "own"], split
+        config = WorldConfig(multi_target_prob=args.multi_target_prob)
+        data = WorldConversations(split, args.size, seed=args.seed, config=config, max_rounds=args.max_rounds)
+        multi = f", several-target rounds {args.multi_target_prob:g}" if args.multi_target_prob else ""
+        return data, f"world seed {args.seed}, {split} split, {args.size} conversations{multi}", args.protocol or ["oracle", "own"], split
     if args.benchmark in (None, "world", "folder"):
         data = ConversationFolder(args.data, max_rounds=args.max_rounds)
         n = len(data) if args.size is None else min(args.size, len(data))

@@ -36,7 +36,7 @@ from segllm.conversation import load_image
 from segllm.default import EXAMPLES, load_model
 from segllm.errors import SegLLMError
 from segllm.session import Session
-from segllm.viz import colour
+from segllm.viz import colour, mask_labels
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,16 @@ def answer_html(text: str, colour_hex: str) -> str:
     return "<q>" + chip.join(parts) + "</q>"
 
 
+def scores_note(reply) -> str:
+    """A round's mask scores as the legend shows them: "(score 0.91)" for one mask, "(2.1 score
+    0.91, 2.2 score 0.85)" for several, labelled as the overlay labels them (the answer's order)."""
+    scores = [float(s) for s in reply.scores]
+    if len(scores) <= 1:
+        return f"(score {scores[0] if scores else 0:.2f})"
+    labels = mask_labels(reply.round, len(scores))
+    return "(" + ", ".join(f"{lab} score {s:.2f}" for lab, s in zip(labels, scores)) + ")"
+
+
 def legend_html(session: Session) -> str:
     """One list item per round: its colour, number, question and answer."""
     if not session.history:
@@ -268,7 +278,7 @@ def legend_html(session: Session) -> str:
         items.append(
             f'<li class="segllm-round" data-round="{r.round}"><span style="display:inline-block;width:1em;height:1em;'
             f'background:{c};margin-right:.4em;vertical-align:middle"></span><b>{r.round}</b>{html.escape(refs)}: '
-            f"{html.escape(r.question)} &rarr; {answer_html(r.text, c)} (score {float(r.scores[0]) if len(r.scores) else 0:.2f})</li>"
+            f"{html.escape(r.question)} &rarr; {answer_html(r.text, c)} {scores_note(r)}</li>"
         )
     return '<div id="segllm-legend"><ol style="list-style:none;padding-left:0">' + "".join(items) + "</ol></div>"
 

@@ -37,7 +37,9 @@ def save_masks(replies, folder: str | Path) -> list[Path]:
 
 
 def session_to_coco(replies, image_size: tuple[int, int], *, file_name: str = "image.png") -> dict:
-    """A COCO-style dict: one image, one annotation per mask with its round, question and answer."""
+    """A COCO-style dict: one image, one annotation per mask with its round, its place among the
+    round's masks (``mask``: 1, 2, ... in the answer's order, as ``round{k}_mask{j}.png``), the
+    question and the answer."""
     h, w = image_size
     anns = []
     for r in replies:
@@ -54,6 +56,7 @@ def session_to_coco(replies, image_size: tuple[int, int], *, file_name: str = "i
                     "iscrowd": 0,
                     "score": float(r.scores[j]),
                     "round": r.round,
+                    "mask": j + 1,
                     "question": r.question,
                     "refs": list(r.refs),
                     "answer": r.text,

@@ -29,7 +29,7 @@ from segllm.errors import ConversationError, MaskError
 from segllm.export import save_masks, session_to_coco
 from segllm.model.memory import mask_boxes
 from segllm.model.rounds import Dialogue, RoundEngine
-from segllm.viz import overlay
+from segllm.viz import mask_labels, overlay
 
 
 @dataclass
@@ -112,9 +112,11 @@ class Session:
         return session_to_coco(self.history, self.image.shape[:2], file_name=file_name)
 
     def overlay(self):
-        """The image with every round's masks, each round in its own colour and numbered (PIL image)."""
+        """The image with every round's masks, each round in its own colour and numbered (a round's
+        several masks 2.1, 2.2, ... in the answer's order) (PIL image)."""
         self._need_image()
-        return overlay(self.image, [(r.round, m) for r in self.history for m in r.masks])
+        labels = [lab for r in self.history for lab in mask_labels(r.round, len(r.masks))]
+        return overlay(self.image, [(r.round, m) for r in self.history for m in r.masks], labels=labels)
 
     # -- state -----------------------------------------------------------------------------
     @torch.no_grad()

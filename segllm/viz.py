@@ -1,4 +1,5 @@
-"""Overlays: each round's mask in its own colour, labelled with its round number."""
+"""Overlays: each round's masks in its own colour, labelled with its round number (and, where
+the round has several masks, their place in the answer: 2.1, 2.2, ...)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,29 @@ def colour(round_number: int) -> tuple[int, int, int]:
     return PALETTE[(round_number - 1) % len(PALETTE)]
 
 
-def overlay(image: np.ndarray, masks: list[tuple[int, np.ndarray]], *, alpha: float = 0.5) -> Image.Image:
+def mask_labels(round_number: int, count: int) -> list[str]:
+    """The labels of a round's masks: "k" for one mask, "k.1", "k.2", ... (the answer's order)
+    for several."""
+    if count == 1:
+        return [str(round_number)]
+    return [f"{round_number}.{j}" for j in range(1, count + 1)]
+
+
+def overlay(image: np.ndarray, masks: list[tuple[int, np.ndarray]], *, alpha: float = 0.5,
+            labels: list[str] | None = None) -> Image.Image:
     """Draw masks over an image.
 
     Args:
         image: [H, W, 3] uint8.
         masks: (round number, [H, W] bool mask) pairs; later ones are drawn on top.
         alpha: opacity of the mask colour.
+        labels: one label per mask (default: its round number); see :func:`mask_labels`.
 
     Returns:
-        an RGB PIL image with each mask tinted, outlined and labelled with its round number.
+        an RGB PIL image with each mask tinted in its round's colour, outlined and labelled.
     """
+    if labels is not None and len(labels) != len(masks):
+        raise ValueError(f"{len(labels)} labels for {len(masks)} masks")
     out = image.astype(np.float32).copy()
     for rnd, m in masks:
         m = np.asarray(m, bool)
@@ -35,12 +48,12 @@ def overlay(image: np.ndarray, masks: list[tuple[int, np.ndarray]], *, alpha: fl
         out[edge] = colour(rnd)
     pil = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
-    for rnd, m in masks:
+    for i, (rnd, m) in enumerate(masks):
         ys, xs = np.nonzero(m)
         if len(xs) == 0:
             continue
         x, y = int(xs.min()), int(ys.min())
-        label = str(rnd)
+        label = str(rnd) if labels is None else labels[i]
         box = draw.textbbox((x, y), label)
         draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=colour(rnd))
         draw.text((x, y), label, fill=(0, 0, 0))

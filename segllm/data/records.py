@@ -12,8 +12,9 @@ A dataset folder (written by ``segllm world``, or by a user) holds:
   ``mask_ids`` are COCO annotation ids, one per ``<seg>`` of the answer; ``refs`` are the
   1-indexed earlier rounds the question refers to. Optional per-round fields (the world writes
   them; a reader accepts records without them, see :func:`round_meta`): ``relation`` (the
-  question family), ``kind`` ("query", or "pick": a deliberately ambiguous question whose
-  recorded answer is one of several valid ones), ``alternatives`` (the COCO ids of every valid
+  question family), ``kind`` ("query"; "pick": a deliberately ambiguous question whose
+  recorded answer is one of several valid ones; or "all": a question for several objects, one
+  mask id each, left to right), ``alternatives`` (the COCO ids of every valid
   answer of a pick round) and ``text_resolvable`` (whether the questions' text alone
   determines the answer).
 
@@ -83,7 +84,7 @@ def record_to_conversation(record: dict[str, Any], image: np.ndarray, get_mask: 
     return conv
 
 
-ROUND_KINDS = ("query", "pick")
+ROUND_KINDS = ("query", "pick", "all")
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,9 @@ class RoundMeta:
     """Per-round metadata of a record, beside what a :class:`Conversation` holds.
 
     Attributes:
-        kind: "query" (one right answer) or "pick" (any of ``alternatives`` is right; the
-            recorded mask is the one later rounds assume).
+        kind: "query" (one right answer), "pick" (any of ``alternatives`` is right; the
+            recorded mask is the one later rounds assume) or "all" (several targets, one mask
+            each: "segment all the red objects").
         relation: the question family ("attribute", "positional", ...), or None.
         text_resolvable: whether the questions' text alone determines the answer (None:
             not recorded).

@@ -18,7 +18,14 @@ one of the red objects.") is scored against the best-matching valid alternative 
 the highest IoU). Under the ``own`` protocol, a pick round's history entry for later rounds is
 the recorded target's ground-truth mask, not the model's own: later rounds' ground truth
 assumes that choice, so a model that picked another (equally valid) object is not penalised
-twice. :func:`evaluate_baseline` scores the question-blind baseline (the union of all
+twice. A round with several targets ("Segment all the red objects.": one ground-truth mask
+per target) is scored matched and as a union (:func:`segllm.eval.metrics.score_targets`): each
+target paired one to one with a predicted mask (the pairs enter the per-round numbers; a target
+without one scores IoU 0), and the union of the predicted masks against the union of the targets
+(the paper's benchmarks' rule, one mask per round), both reported under ``multi_target``. Under
+the ``own`` protocol such a round keeps the answer the model gave, however many ``<seg>`` it has
+(a round with one target and no ``<seg>`` is asked again with one forced, as before).
+:func:`evaluate_baseline` scores the question-blind baseline (the union of all
 top-level objects as every round's prediction) the same way. Each finished conversation is appended to a log, so an
 interrupted evaluation resumes where it stopped, and several processes can share the work.
 """
@@ -36,7 +43,15 @@ import torch
 from tqdm.auto import tqdm
 
 from segllm.conversation import Conversation
-from segllm.eval.metrics import Diagnostics, RoundMetrics, grounding, mask_box, mask_scores, released_frame_gt
+from segllm.eval.metrics import (
+    Diagnostics,
+    RoundMetrics,
+    grounding,
+    mask_box,
+    mask_scores,
+    released_frame_gt,
+    score_targets,
+)
 from segllm.session import Session
 
 log = logging.getLogger(__name__)
@@ -54,6 +69,8 @@ class EvalResult:
     no_seg_answers: int = 0
     frame: str = "original"
     diagnostics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # rounds with several targets: MultiTargetStats.summary() (empty without such rounds)
+    multi_target: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +83,7 @@ class EvalResult:
             "no_seg_answers": self.no_seg_answers,
             "per_round": self.metrics,
             "diagnostics": self.diagnostics,
+            "multi_target": self.multi_target,
         }
 
 
@@ -77,7 +95,9 @@ class _Log:
     """One conversation's outcome, as written to (and read back from) an evaluation log.
 
     ``masks``: (round, I, U, IoU, box hit, grounded, family, text-resolvable) per ground-truth
-    mask; the last three are None where unknown (and absent from older logs).
+    mask; the last three are None where unknown (and absent from older logs). ``multi``: per
+    round with several targets, (round, union I, union U, missing, extra) (see
+    :func:`segllm.eval.metrics.score_targets`); its targets' matched scores are in ``masks``.
     """
 
     index: int
@@ -85,6 +105,7 @@ class _Log:
     skipped: tuple[str, str] | None = None
     empty_refs: int = 0
     no_seg_answers: int = 0
+    multi: list[tuple] = field(default_factory=list)
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"index": self.index}
@@ -93,6 +114,8 @@ class _Log:
         else:
             d["masks"] = [list(m) for m in self.masks]
             d["empty_refs"], d["no_seg_answers"] = self.empty_refs, self.no_seg_answers
+            if self.multi:
+                d["multi"] = [list(m) for m in self.multi]
         return json.dumps(d)
 
     @classmethod
@@ -106,7 +129,8 @@ class _Log:
             g, fam, tr = (list(extra) + [None, None, None])[:3]
             masks.append((int(r), int(i), int(u), float(iou), bool(hit), None if g is None else bool(g), fam,
                           None if tr is None else bool(tr)))
-        return cls(int(d["index"]), masks, None, int(d.get("empty_refs", 0)), int(d.get("no_seg_answers", 0)))
+        multi = [(int(r), int(i), int(u), int(mi), int(ex)) for r, i, u, mi, ex in d.get("multi", [])]
+        return cls(int(d["index"]), masks, None, int(d.get("empty_refs", 0)), int(d.get("no_seg_answers", 0)), multi)
 
 
 def read_logs(paths, *, protocol: str, frame: Frame = "original", dataset=None) -> EvalResult:
@@ -138,6 +162,7 @@ def _unreadable(dataset) -> list[tuple[str, str]]:
 
 def _finish(result: EvalResult, metrics: RoundMetrics, diag: Diagnostics) -> None:
     result.metrics = metrics.summary()
+    result.multi_target = metrics.multi.summary() if metrics.multi.rounds else {}
     # only where some mask could be checked for grounding (datasets with scene annotations)
     result.diagnostics = diag.summary() if diag.groups["per_round"].get("all") and diag.groups["per_round"]["all"].grounded else {}
 
@@ -162,6 +187,9 @@ def _account(entry: _Log, metrics: RoundMetrics, result: EvalResult, diag: Diagn
         r, inter, union, iou, hit, g, fam, tr = (tuple(m) + (None, None, None))[:8]
         metrics.add_counts(r, inter, union, iou, hit)
         diag.add(r, inter, union, iou, g, fam, tr)
+    for r, inter, union, missing, extra in entry.multi:
+        targets = [(m[1], m[2], m[3]) for m in entry.masks if m[0] == r]
+        metrics.multi.add(targets, inter, union, missing, extra)
     result.conversations += 1
     result.empty_refs += entry.empty_refs
     result.no_seg_answers += entry.no_seg_answers
@@ -302,7 +330,8 @@ def evaluate_baseline(dataset, *, limit: int | None = None, name: str = "baselin
         for k in scene.top_level:
             union |= scene.masks[k]
         per_round = [(np.stack([union] * len(r.masks)), None, None, None) for r in conv.rounds]
-        _account(_Log(i, scorer._score(i, conv, per_round, scene)), metrics, result, diag)
+        rows, multi = scorer._score(i, conv, per_round, scene)
+        _account(_Log(i, rows, multi=multi), metrics, result, diag)
     _finish(result, metrics, diag)
     return result
 
@@ -324,18 +353,26 @@ class _Scorer:
         fn = getattr(self.dataset, "scene", None)
         return fn(index) if fn is not None else None
 
-    def _score(self, index: int, conv: Conversation, per_round, scene=None) -> list[tuple]:
+    def _score(self, index: int, conv: Conversation, per_round, scene=None) -> tuple[list[tuple], list[tuple]]:
         """per_round: per round, (image masks [k, H, W], image boxes or None, frame masks, frame boxes).
 
         With ``scene`` (round metadata and every object's mask), each mask is also checked for
-        grounding, and a pick round is scored against its best-matching valid alternative."""
+        grounding, and a pick round is scored against its best-matching valid alternative.
+        Returns ``_Log.masks`` and ``_Log.multi`` (rounds with several targets, matched and as a
+        union: :meth:`_score_targets`)."""
         ignore = self._ignore(index)
         size = self.model.decoder.image_size if self.frame == "released" else 0
         ids = list(scene.masks) if scene is not None else []
         objects = [scene.masks[k] for k in ids] if scene is not None else []
-        out = []
+        out, multi = [], []
         for n, (rnd, (masks, boxes, fmasks, fboxes)) in enumerate(zip(conv.rounds, per_round), start=1):
             meta = scene.rounds[n - 1] if scene is not None and n <= len(scene.rounds) else None
+            if len(rnd.masks) > 1:
+                rows, union = self._score_targets(n, rnd.masks, (masks, boxes, fmasks, fboxes), ignore, size, meta,
+                                                  scene, ids, objects)
+                out += rows
+                multi.append(union)
+                continue
             for j, gt in enumerate(rnd.masks):
                 ign = ignore[n - 1][j] if ignore is not None else None
                 # (ground truth, its object id): a pick round's alternatives compete, the best counts
@@ -359,7 +396,33 @@ class _Scorer:
                 family = meta.relation if meta is not None else None
                 tr = meta.text_resolvable if meta is not None else None
                 out.append((n, *scores, is_grounded, family, tr))
-        return out
+        return out, multi
+
+    def _score_targets(self, n: int, gts: list[np.ndarray], predicted, ignore, size: int, meta, scene, ids, objects):
+        """Round n with several targets ``gts`` ([H, W] bool each): each target against the
+        predicted mask matched to it, and the unions (:func:`score_targets`, in the metric
+        frame); returns (its ``_Log.masks`` rows, its ``_Log.multi`` row)."""
+        masks, boxes, fmasks, fboxes = predicted
+        # one ignore region for the round: the targets' regions together
+        regions = [r for r in (ignore[n - 1] if ignore is not None else []) if r is not None]
+        ign = np.logical_or.reduce(regions) if regions else None
+        if self.frame == "released":
+            gts_m = [released_frame_gt(g, size) for g in gts]
+            ign = released_frame_gt(ign, size) if ign is not None else None
+            res = score_targets(list(fmasks), gts_m, fboxes, ignore=ign, eps=self.eps)
+        else:
+            res = score_targets(list(masks), gts, boxes, ignore=ign, eps=self.eps)
+        family = meta.relation if meta is not None else None
+        tr = meta.text_resolvable if meta is not None else None
+        rows = []
+        for j, (scores, k) in enumerate(zip(res.per_target, res.match)):
+            is_grounded = None
+            cid = scene.mask_ids[n - 1][j] if scene is not None else None
+            if cid is not None and cid in scene.masks:
+                pred = masks[k] if k is not None else np.zeros_like(gts[j], dtype=bool)
+                is_grounded = grounding(pred, ids.index(cid), objects)[0]
+            rows.append((n, *scores, is_grounded, family, tr))
+        return rows, (n, res.union_inter, res.union_union, res.missing, res.extra)
 
     def oracle(self, items: list[tuple[int, Conversation]]) -> list[_Log]:
         convs = [c for _, c in items]
@@ -367,7 +430,8 @@ class _Scorer:
         entries = []
         for (i, conv), rounds in zip(items, results):
             per_round = [(r[0], None, r[2] if len(r) > 2 else None, r[3] if len(r) > 2 else None) for r in rounds]
-            entries.append(_Log(i, self._score(i, conv, per_round, self.scene(i))))
+            rows, multi = self._score(i, conv, per_round, self.scene(i))
+            entries.append(_Log(i, rows, multi=multi))
         return entries
 
     def own(self, index: int, conv: Conversation, max_new_tokens: int) -> _Log:
@@ -381,7 +445,8 @@ class _Scorer:
             if refs != rnd.refs:
                 entry.empty_refs += 1
             reply = session.ask(rnd.question, refs, exact_refs=True)
-            if reply.masks.shape[0] < len(rnd.masks):
+            # a several-target round is scored as answered (a target without a mask scores 0)
+            if len(rnd.masks) == 1 and reply.masks.shape[0] < 1:
                 entry.no_seg_answers += 1
                 session.undo()
                 reply = session.ask(rnd.question, refs, answer=rnd.answer, exact_refs=True)
@@ -394,7 +459,7 @@ class _Scorer:
             per_round.append((reply.masks, reply.boxes, reply.frame_masks, frame_boxes))
             if scene is not None and n <= len(scene.rounds) and scene.rounds[n - 1].kind == "pick":
                 _assume_recorded(session, rnd.masks)
-        entry.masks = self._score(index, conv, per_round, scene)
+        entry.masks, entry.multi = self._score(index, conv, per_round, scene)
         return entry
 
 
@@ -445,4 +510,16 @@ def format_table(results: list[EvalResult], *, title: str = "") -> str:
                     f"(IoU|grounded {tr[v]['IoU|grounded']:.1f}, n {tr[v]['n']})" for v in ("true", "false") if v in tr))
         if parts:
             lines.append(f"{r.protocol}: " + "; ".join(parts))
+    for r in results:
+        if r.multi_target:
+            lines.append(multi_target_line(r))
     return "\n".join(lines)
+
+
+def multi_target_line(result: EvalResult) -> str:
+    """One line on the rounds with several targets: matched and union scores (percent)."""
+    m = result.multi_target
+    return (f"{result.protocol}: {m['rounds']} rounds with several targets ({m['targets']} targets): "
+            f"matched cIoU {m['matched cIoU']:.1f}, mIoU {m['matched mIoU']:.1f} (each target paired with one mask); "
+            f"union cIoU {m['union cIoU']:.1f}, mIoU {m['union mIoU']:.1f} (all masks against all targets); "
+            f"{m['missing']} targets without a mask, {m['extra']} masks without a target")

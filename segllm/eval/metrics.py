@@ -15,6 +15,21 @@ By default masks are compared at the original image resolution. :func:`released_
 the same frame with the padding included, and IoU = I / (U + 1e-4) per mask. Pixels of an
 ``ignore`` mask (ReasonSeg's ignore regions, as LISA scores them) count in neither I nor U.
 
+Several targets in one round ("segment all the red objects": one ground-truth mask per target,
+one ``<seg>`` per mask in the answer) are scored two ways (:func:`score_targets`):
+
+- *matched*: each target is paired with one predicted mask, one to one, maximising the summed
+  IoU (:func:`match_targets`: exact search over the pairings up to 8 masks a side, greedy by IoU
+  beyond); a target left without a prediction (the answer had fewer ``<seg>``) is scored against
+  an empty mask (IoU 0), a prediction left without a target counts as ``extra``. The pairs enter
+  cIoU, mIoU and P@0.5 like any other mask, so the order of the answer's masks does not matter.
+- *union*: the union of the round's predicted masks against the union of its targets, one I and
+  U per round (``union cIoU``), the rule of the paper's benchmarks: their rounds each have one
+  ground-truth mask, and where a question names several objects (ReasonSeg's several "target"
+  polygons, ADE20K's and COCO-Stuff's class masks) that mask is their union, scored against the
+  one predicted mask. The released evaluation has no several-mask round: it groups its per-mask
+  numbers by mask order in a conversation (its "round i" is the i-th mask).
+
 Grounding diagnostics (:func:`grounding`, :class:`Diagnostics`): whether a prediction picks
 out its target rather than another object of the scene (the grounded rate), and how well the
 grounded ones fit (IoU given grounded), by round, by question family and by whether the
@@ -23,6 +38,7 @@ questions' text alone determines the answer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -112,8 +128,175 @@ def released_frame_gt(gt: np.ndarray, size: int = 1024) -> np.ndarray:
     return out
 
 
+_EXACT_MATCH_MAX = 8  # masks a side up to which match_targets searches every pairing
+
+
+def _iou_matrix(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], ignore: np.ndarray | None = None) -> np.ndarray:
+    """[G, P] IoU of every target against every prediction ([H, W] bool each; an empty union
+    counts 0 here: an empty pair is no better a match than another)."""
+    keep = None if ignore is None else ~np.asarray(ignore, bool)
+    out = np.zeros((len(gts), len(preds)), np.float64)
+    for i, g in enumerate(gts):
+        g = np.asarray(g, bool) if keep is None else np.asarray(g, bool) & keep
+        for j, p in enumerate(preds):
+            p = np.asarray(p, bool) if keep is None else np.asarray(p, bool) & keep
+            union = np.count_nonzero(p | g)
+            out[i, j] = np.count_nonzero(p & g) / union if union else 0.0
+    return out
+
+
+def match_targets(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], *, ignore: np.ndarray | None = None) -> list[int | None]:
+    """Pair each target with one prediction, one to one, maximising the summed IoU.
+
+    Args:
+        preds: P predicted masks, [H, W] bool each.
+        gts: G ground-truth masks, [H, W] bool each.
+        ignore: [H, W] bool pixels left out of the IoU, or None.
+    Returns:
+        per target, the index of its prediction, or None: min(G, P) targets get one. Exact (every
+        pairing searched) up to 8 masks a side; greedy beyond (the best remaining IoU first). Among
+        pairings of equal total the one closest to the answer's order wins (target j, mask j).
+    """
+    g, p = len(gts), len(preds)
+    if g == 0 or p == 0:
+        return [None] * g
+    iou = _iou_matrix(preds, gts, ignore)
+    if max(g, p) <= _EXACT_MATCH_MAX:
+        best, best_total = None, -1.0
+        if g <= p:  # each target one distinct prediction; permutations start from the identity
+            for perm in itertools.permutations(range(p), g):
+                total = float(sum(iou[i, j] for i, j in enumerate(perm)))
+                if total > best_total + 1e-12:
+                    best, best_total = list(perm), total
+            return best
+        out: list[int | None] = [None] * g
+        for perm in itertools.permutations(range(g), p):  # each prediction one distinct target
+            total = float(sum(iou[i, j] for j, i in enumerate(perm)))
+            if total > best_total + 1e-12:
+                best, best_total = perm, total
+        for j, i in enumerate(best):
+            out[i] = j
+        return out
+    out = [None] * g
+    used_g, used_p = set(), set()
+    for flat in np.argsort(-iou, axis=None, kind="stable"):
+        i, j = divmod(int(flat), p)
+        if i not in used_g and j not in used_p:
+            out[i] = j
+            used_g.add(i)
+            used_p.add(j)
+    return out
+
+
+@dataclass
+class TargetScores:
+    """A several-target round scored (:func:`score_targets`).
+
+    Attributes:
+        match: per target, the index of its predicted mask (None: none left for it).
+        per_target: per target, (I, U, IoU, box hit) against its prediction (an empty mask
+            where none).
+        union_inter, union_union: I and U of the predictions' union against the targets' union.
+        missing: targets without a prediction; extra: predictions without a target.
+    """
+
+    match: list[int | None]
+    per_target: list[tuple[int, int, float, bool]]
+    union_inter: int
+    union_union: int
+    missing: int
+    extra: int
+
+
+def score_targets(
+    preds: Sequence[np.ndarray] | np.ndarray,
+    gts: Sequence[np.ndarray],
+    pred_boxes: Sequence[np.ndarray] | np.ndarray | None = None,
+    *,
+    ignore: np.ndarray | None = None,
+    eps: float = 0.0,
+) -> TargetScores:
+    """Score a round with several targets, matched and as a union (see the module docstring).
+
+    Args:
+        preds: P predicted masks, [H, W] bool each (P may differ from G).
+        gts: G ground-truth masks, [H, W] bool each.
+        pred_boxes: P predicted (x0, y0, x1, y1) boxes, pixels (default: the masks' tight boxes).
+        ignore: [H, W] bool pixels left out of every I and U, or None.
+        eps: as :class:`RoundMetrics`.
+    """
+    if not len(gts):
+        raise ValueError("score_targets needs at least one ground-truth mask")
+    shape = np.shape(gts[0])
+    preds = [np.asarray(m, bool) for m in preds]
+    match = match_targets(preds, gts, ignore=ignore)
+    empty = np.zeros(shape, bool)
+    per = []
+    for gt, j in zip(gts, match):
+        pred = preds[j] if j is not None else empty
+        box = None if pred_boxes is None or j is None else pred_boxes[j]
+        per.append(mask_scores(pred, gt, box, ignore=ignore, eps=eps))
+    pu, gu = empty.copy(), empty.copy()
+    for m in preds:
+        pu |= m
+    for m in gts:
+        gu |= np.asarray(m, bool)
+    inter, union, _, _ = mask_scores(pu, gu, ignore=ignore, eps=eps)
+    n = sum(j is not None for j in match)
+    return TargetScores(match, per, inter, union, len(gts) - n, len(preds) - n)
+
+
+@dataclass
+class MultiTargetStats:
+    """Rounds with several targets: the matched scores of their targets and their unions."""
+
+    rounds: int = 0
+    targets: int = 0
+    inter: int = 0
+    union: int = 0
+    ious: list[float] = field(default_factory=list)
+    union_inter: int = 0
+    union_union: int = 0
+    union_ious: list[float] = field(default_factory=list)
+    missing: int = 0
+    extra: int = 0
+
+    def add(self, target_scores: Sequence[tuple[int, int, float]], union_inter: int, union_union: int,
+            missing: int, extra: int) -> None:
+        """One round: (I, U, IoU) per target as matched, then the union's I and U."""
+        self.rounds += 1
+        for inter, union, iou in target_scores:
+            self.targets += 1
+            self.inter += inter
+            self.union += union
+            self.ious.append(iou)
+        self.union_inter += union_inter
+        self.union_union += union_union
+        self.union_ious.append(union_inter / union_union if union_union else 1.0)
+        self.missing += missing
+        self.extra += extra
+
+    def summary(self) -> dict[str, float]:
+        """Percent: ``matched cIoU``/``matched mIoU`` over the targets (each paired with one
+        predicted mask), ``union cIoU``/``union mIoU`` over the rounds (all predicted masks'
+        union against all targets' union); counts: rounds, targets, missing (targets without
+        a predicted mask), extra (predicted masks without a target)."""
+        nan = float("nan")
+        return {
+            "matched cIoU": 100.0 * self.inter / self.union if self.union else nan,
+            "matched mIoU": 100.0 * float(np.mean(self.ious)) if self.ious else nan,
+            "union cIoU": 100.0 * self.union_inter / self.union_union if self.union_union else nan,
+            "union mIoU": 100.0 * float(np.mean(self.union_ious)) if self.union_ious else nan,
+            "rounds": self.rounds,
+            "targets": self.targets,
+            "missing": self.missing,
+            "extra": self.extra,
+        }
+
+
 class RoundMetrics:
-    """Accumulates cIoU, mIoU and P@0.5 per round (1-indexed) and over all rounds.
+    """Accumulates cIoU, mIoU and P@0.5 per round (1-indexed) and over all rounds, and
+    (``multi``) the several-target rounds' matched and union scores.
 
     Args:
         eps: per-mask IoU = I / (U + eps); 0 (the default) counts an empty union as IoU 1 (and
@@ -125,6 +308,7 @@ class RoundMetrics:
         self.eps = eps
         self.rounds: dict[int, RoundStats] = {}
         self.total = RoundStats()
+        self.multi = MultiTargetStats()
 
     def add(
         self,

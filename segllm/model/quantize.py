@@ -14,7 +14,8 @@ LM head by default. A quantized model is for inference only: it cannot be saved 
 
 from __future__ import annotations
 
-import warnings
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -38,7 +39,7 @@ def _bnb():
     return bitsandbytes
 
 
-def quantize_llm(model: SegLLM, mode: Mode) -> int:
+def quantize_llm(model: SegLLM, mode: Mode, *, weights: Callable[[str, nn.Linear], torch.Tensor] | None = None) -> int:
     """Replace the linear layers of ``model``'s LLM decoder with bitsandbytes weight-only layers,
     in place, on the model's device; returns how many were replaced.
 
@@ -46,6 +47,10 @@ def quantize_llm(model: SegLLM, mode: Mode) -> int:
         model: a loaded model (its LLM without LoRA adapters: merge them first).
         mode: "8bit" (LLM.int8 weights, per-row scales) or "4bit" (NF4, blocks of 64, computed in
             the model's dtype).
+        weights: where each layer's float weight [out, in] comes from, given the layer's name
+            in the decoder and the layer (default: the layer's own weight). Called once per layer
+            just before it is quantized, so a model whose decoder layers are still on the meta
+            device never holds more than one layer in float (``segllm bench --released-shape``).
 
     Raises:
         ConfigError: an unknown mode, LoRA adapters on the LLM, an already quantized model, or
@@ -61,15 +66,18 @@ def quantize_llm(model: SegLLM, mode: Mode) -> int:
     decoder = model.llm.get_decoder()
     device, dtype = model.device, model.dtype
     compute = dtype if dtype != torch.float32 else torch.float32
-    targets = [(name, mod) for name, mod in decoder.named_modules() if type(mod) is nn.Linear]
-    for name, lin in targets:
+    # names, not modules: each replaced layer's weights are freed as soon as it is swapped, so
+    # quantizing a 7B model never holds its bf16 and int8 copies at once
+    targets = [name for name, mod in decoder.named_modules() if type(mod) is nn.Linear]
+    for name in targets:
+        lin = decoder.get_submodule(name)
         parent = decoder.get_submodule(name.rpartition(".")[0]) if "." in name else decoder
-        weight = lin.weight.data.to("cpu")
+        weight = (weights(name, lin) if weights is not None else lin.weight.data).to("cpu")
         bias = lin.bias is not None
         if mode == "8bit":
-            # bitsandbytes computes int8 layers in float16 and warns on every call that it casts
+            # bitsandbytes computes int8 layers in float16 and logs on every call that it casts
             # bfloat16 inputs so; that is expected here and said once in the docs, not per layer
-            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
             new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
             # bitsandbytes quantizes an int8 parameter when it is moved to its device (below)
             new.weight = bnb.nn.Int8Params(weight.float(), requires_grad=False, has_fp16_weights=False)
@@ -84,6 +92,7 @@ def quantize_llm(model: SegLLM, mode: Mode) -> int:
         if bias:
             new.bias = nn.Parameter(lin.bias.data.to("cpu", dtype), requires_grad=False)
         setattr(parent, name.rpartition(".")[2], new.to(device))
+        del lin, weight
     model.quantized = mode
     for p in model.parameters():
         p.requires_grad_(False)

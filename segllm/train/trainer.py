@@ -398,6 +398,9 @@ class _Run:
             per_round = res_eval.diagnostics.get("per_round", {})
             if per_round:  # world data: the share of predictions on the right object
                 entry["oracle_grounded"] = {k: round(v["grounded"], 1) for k, v in per_round.items()}
+            if res_eval.multi_target:  # rounds with several targets (world multi_target_prob)
+                m = res_eval.multi_target
+                entry["oracle_multi_target"] = {"matched_cIoU": round(m["matched cIoU"], 2), "union_cIoU": round(m["union cIoU"], 2)}
             self.summary.evals.append(entry)
             self.history["evals"] = self.summary.evals
             if acc.is_main_process:

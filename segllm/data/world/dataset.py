@@ -80,6 +80,12 @@ class WorldConfig:
             scene has such a phrase; later rounds refer preferentially to pick rounds and to
             rounds depending on them, so their answers are not determined by the text alone.
         heldout_fraction: fraction of (colour, shape) pairs held out of train/val/test.
+        multi_target_prob: chance that a round is an *all* round ("Segment all the red
+            objects.": every top-level object a head phrase matches, two to
+            ``language.MAX_TARGETS`` of them, answered with one ``<seg>`` each, left to right),
+            when the scene has such a phrase; after one, a later round may ask for one of its
+            targets by that order ("the second of instance 2 from the left"). 0 (the default)
+            draws nothing for them, so the default world is unchanged.
     """
 
     image_size: int = 128
@@ -94,6 +100,7 @@ class WorldConfig:
     memory_prob: float = 0.9
     pick_prob: float = 0.25
     heldout_fraction: float = 0.1
+    multi_target_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
@@ -111,7 +118,7 @@ class WorldConfig:
             if a.count("<seg>") != 1:
                 raise ConfigError(f"every answer needs exactly one <seg>: {a!r}")
         for name in ("composite_prob", "min_visible", "ref_prob", "memory_prob", "pick_prob",
-                     "heldout_fraction"):
+                     "heldout_fraction", "multi_target_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {v}")
@@ -163,8 +170,8 @@ class Sample:
     ``text_resolvable[i]`` whether the questions' text alone determines its answer
     (:func:`segllm.data.world.language.text_resolvable`) and ``alternatives[i]`` the ids of
     every valid answer of a pick round (empty for other rounds). The record's rounds carry the
-    same as ``kind`` ("query" or "pick"), ``text_resolvable`` and ``alternatives`` (pick
-    rounds only).
+    same as ``kind`` ("query", "pick", or "all" for a several-target round, whose ``mask_ids``
+    are its targets left to right), ``text_resolvable`` and ``alternatives`` (pick rounds only).
     """
 
     split: str
@@ -180,6 +187,7 @@ class Sample:
 
     @property
     def targets(self) -> list[int]:
+        """Each round's (first) target id."""
         return [r["mask_ids"][0] for r in self.record["rounds"]]
 
 
@@ -254,10 +262,10 @@ _OPEN_REF_WEIGHT = 4.0
 
 
 def _pick_round(rng: Draws, targets: list[int], by_id: dict[int, WorldObject],
-                ok, prefer: set[int] = frozenset()) -> int | None:
+                ok, prefer: set[int] = frozenset(), exclude=()) -> int | None:
     """A 1-indexed earlier round whose target satisfies ok; recent rounds are likelier, and so
-    are the rounds in ``prefer``."""
-    rounds = [k for k in range(1, len(targets) + 1) if ok(by_id[targets[k - 1]])]
+    are the rounds in ``prefer``; never a round in ``exclude`` (all rounds: several targets)."""
+    rounds = [k for k in range(1, len(targets) + 1) if k not in exclude and ok(by_id[targets[k - 1]])]
     if not rounds:
         return None
     w = tuple((3.0 if k == len(targets) else 1.0) * (_OPEN_REF_WEIGHT if k in prefer else 1.0)
@@ -279,6 +287,10 @@ class _Builder:
         self.open: set[int] = set()  # 1-indexed rounds built so far that are not text-resolvable
         self.resolvable_so_far: list[bool] = []  # per round built: text-resolvable (exact)
         self.alternatives: list[list[int]] = []  # per round built: a pick round's valid answers
+        # 1-indexed all rounds built so far -> their targets left to right, and those a one-of
+        # round has followed
+        self.multi: dict[int, list[int]] = {}
+        self.followed: set[int] = set()
 
     # one relation, its parameters drawn once; every target/head that makes it unique
     def options(self, family: str, relation: str, targets: list[int], target_ok,
@@ -312,7 +324,7 @@ class _Builder:
             if relation == "ordinal":
                 kw["rank"] = (2, 3)[_choice_p(rng, (0.7, 0.3))]
         elif relation in ("part_name", "part_extreme", "part_colour"):
-            k = _pick_round(rng, targets, by_id, prefer=self.open, ok=lambda o: o.kind == "composite" and any(
+            k = _pick_round(rng, targets, by_id, prefer=self.open, exclude=self.multi, ok=lambda o: o.kind == "composite" and any(
                 p not in used for p in o.parts))
             if k is None:
                 return []
@@ -323,7 +335,7 @@ class _Builder:
             if relation == "part_extreme":
                 kw["direction"] = _choice(rng, ("top", "bottom"))
         elif relation == "whole":
-            k = _pick_round(rng, targets, by_id, prefer=self.open, ok=lambda o: o.kind == "part" and o.parent not in used)
+            k = _pick_round(rng, targets, by_id, prefer=self.open, exclude=self.multi, ok=lambda o: o.kind == "part" and o.parent not in used)
             if k is None:
                 return []
             refs = (k,)
@@ -337,7 +349,7 @@ class _Builder:
                 ok = lambda o: o.parent is None  # noqa: E731
             else:
                 ok = lambda o: True  # noqa: E731
-            k = _pick_round(rng, targets, by_id, prefer=self.open, ok=ok)
+            k = _pick_round(rng, targets, by_id, prefer=self.open, exclude=self.multi, ok=ok)
             if k is None:
                 return []
             refs = (k,)
@@ -347,7 +359,7 @@ class _Builder:
                 a = relation.split("_", 1)[1]
                 allowed = tuple(x for x in L.ATTRS if x != a)
             elif relation == "colour_and_shape":
-                k2 = _pick_round(rng, targets, by_id, prefer=self.open, ok=lambda o: o.parent is None and o.id != ref.id)
+                k2 = _pick_round(rng, targets, by_id, prefer=self.open, exclude=self.multi, ok=lambda o: o.parent is None and o.id != ref.id)
                 if k2 is None or ref.colour == MIXED:
                     return []
                 refs = (k, k2)
@@ -476,6 +488,41 @@ class _Builder:
         target = alternatives[self.rng.integers(len(alternatives))]
         return q, target, alternatives
 
+    def all_round(self) -> tuple[L.Query, int] | None:
+        """An all round: a head phrase ("red object", "triangle"), not asked by an earlier all
+        round, that 2 to ``L.MAX_TARGETS`` top-level objects match, their centroids more than the
+        margin apart from left to right (so the answer's order is clear); (query, its left-most
+        target), or None when the scene has no such phrase. Its targets are
+        :func:`L.all_targets`."""
+        heads: list[L.Head] = []
+        asked = {q.head for q in self.queries if q.relation == L.ALL_RELATION}  # not twice
+        for o in self.top:
+            avail = [a for a in L.ATTRS if getattr(o, a) != MIXED]
+            for c in [(a,) for a in avail] + [(a, b) for a, b in zip(avail, avail[1:])]:
+                h = L.Head(**{a: getattr(o, a) for a in c})
+                if h in heads or h in asked:
+                    continue
+                xs = sorted(m.cx for m in self.top if h.matches(m))
+                if 2 <= len(xs) <= L.MAX_TARGETS and all(b - a > self.margins.pixels for a, b in zip(xs, xs[1:])):
+                    heads.append(h)
+        if not heads:
+            return None
+        single = [h for h in heads if h.n_attrs() == 1]
+        pool = single if single and self.rng.random() < 0.8 else heads
+        q = L.Query("attribute", L.ALL_RELATION, pool[int(self.rng.integers(len(pool)))])
+        return q, L.all_targets(q, self.objects)[0]
+
+    def one_of(self) -> tuple[L.Query, int] | None:
+        """A one-of round: one target of the latest all round no one-of round has followed yet,
+        asked by its place from the left; (query, that target), or None without such a round."""
+        left = [k for k in self.multi if k not in self.followed]
+        if not left:
+            return None
+        k = left[-1]
+        rank = 1 + int(self.rng.integers(len(self.multi[k])))
+        q = L.Query("ordinal", L.ONE_OF_RELATION, L.Head(), (k,), direction="left", rank=rank)
+        return q, self.multi[k][rank - 1]
+
     def add(self, q: L.Query, t: int, targets: list[int], tr: bool,
             alternatives: list[int] | None = None) -> None:
         """Record a built round (``targets`` already holds its target)."""
@@ -484,6 +531,10 @@ class _Builder:
         self.alternatives.append(alternatives if alternatives is not None else [])
         if not tr:
             self.open.add(len(self.queries))
+        if q.relation == L.ALL_RELATION:
+            self.multi[len(self.queries)] = L.all_targets(q, self.objects)
+        elif q.relation == L.ONE_OF_RELATION:
+            self.followed.add(q.refs[0])
 
     def resolvable(self, q: L.Query, t: int, targets: list[int]) -> bool:
         """Whether round ``len(targets) + 1`` asked as q (answer t) is text-resolvable given
@@ -546,23 +597,44 @@ class _Builder:
 
 def build_conversation(objects: list[WorldObject], rng: np.random.Generator | Draws, n_rounds: int,
                        margins: L.Margins, *, ref_prob: float = 0.9, memory_prob: float = 0.9,
-                       pick_prob: float = 0.0, first_target_ok=None,
+                       pick_prob: float = 0.0, first_target_ok=None, multi_target_prob: float = 0.0,
                        ) -> list[tuple[L.Query, int, bool]]:
     """Up to n_rounds (query, target id, needs_memory) rounds; stops early when no further
     object can be described uniquely. With ``pick_prob``, a round is a pick round (see
     :meth:`_Builder.pick`) with that chance, where the scene allows one (never round 1 when
-    ``first_target_ok`` constrains it)."""
+    ``first_target_ok`` constrains it). With ``multi_target_prob``, a round is an all round
+    (:meth:`_Builder.all_round`; its target id here is the left-most of its targets,
+    :func:`L.all_targets` gives them all) with that chance, and a round after one is a one-of
+    round (:meth:`_Builder.one_of`) with chance ``_ONE_OF_PROB``."""
     d = Draws.of(rng)
     b = _Builder(objects, d, margins)
     try:
-        return _build(b, d, n_rounds, ref_prob, memory_prob, pick_prob, first_target_ok)
+        return _build(b, d, n_rounds, ref_prob, memory_prob, pick_prob, first_target_ok,
+                      multi_target_prob)
     finally:
         b.index.release()
         d.sync(rng)
 
 
+# chance that a round after an all round (not yet followed) asks for one of its targets
+_ONE_OF_PROB = 0.5
+
+
+def _multi_round(b: _Builder, rng: Draws, multi_target_prob: float) -> tuple[L.Query, int, bool] | None:
+    """A one-of round (chance ``_ONE_OF_PROB`` where an all round waits for one) or an all round
+    (chance ``multi_target_prob``), or None: the round is drawn as usual."""
+    if any(k not in b.followed for k in b.multi) and rng.random() < _ONE_OF_PROB:
+        got = b.one_of()
+    elif rng.random() < multi_target_prob:
+        got = b.all_round()
+    else:
+        return None
+    return None if got is None else (got[0], got[1], False)
+
+
 def _build(b: _Builder, rng: Draws, n_rounds: int, ref_prob: float,
-           memory_prob: float, pick_prob: float, first_target_ok) -> list[tuple[L.Query, int, bool]]:
+           memory_prob: float, pick_prob: float, first_target_ok,
+           multi_target_prob: float = 0.0) -> list[tuple[L.Query, int, bool]]:
     targets: list[int] = []
     rounds: list[tuple[L.Query, int, bool]] = []
     for r in range(1, n_rounds + 1):
@@ -570,7 +642,10 @@ def _build(b: _Builder, rng: Draws, n_rounds: int, ref_prob: float,
         want_memory = use_ref and rng.random() < memory_prob
         ok = first_target_ok if (r == 1 and first_target_ok is not None) else (lambda o: True)
         got = alternatives = None
-        if pick_prob > 0 and rng.random() < pick_prob and not (r == 1 and first_target_ok):
+        # no draw at all unless asked for: the default world stays as pinned
+        if multi_target_prob > 0 and not (r == 1 and first_target_ok):
+            got = _multi_round(b, rng, multi_target_prob)
+        if got is None and pick_prob > 0 and rng.random() < pick_prob and not (r == 1 and first_target_ok):
             picked = b.pick(targets)
             if picked is not None:
                 got, alternatives = (picked[0], picked[1], False), picked[2]
@@ -647,7 +722,7 @@ class World:
             b = _Builder(scene.objects, rng, self.margins)
             try:
                 rounds = _build(b, rng, n_rounds, cfg.ref_prob, cfg.memory_prob, cfg.pick_prob,
-                                first_ok)
+                                first_ok, cfg.multi_target_prob)
             finally:
                 b.index.release()
             if len(rounds) >= cfg.min_rounds:
@@ -664,10 +739,16 @@ class World:
         recs = []
         for (q, t, _mem), tr, alts in zip(rounds, resolvable, alternatives):
             question = L.phrase(q, rng)
-            answer = cfg.answers[int(rng.integers(len(cfg.answers)))]
+            if q.relation == L.ALL_RELATION:  # one <seg> per target, left to right
+                ids = L.all_targets(q, scene.objects)
+                answer = L.all_answer(len(ids), rng)
+            else:
+                ids = [t]
+                answer = cfg.answers[int(rng.integers(len(cfg.answers)))]
+            kind = "pick" if q.relation == "pick" else "all" if q.relation == L.ALL_RELATION else "query"
             rec = {"question": question, "refs": list(q.refs), "answer": answer,
-                   "mask_ids": [t], "relation": q.family,
-                   "kind": "pick" if q.relation == "pick" else "query", "text_resolvable": tr}
+                   "mask_ids": ids, "relation": q.family,
+                   "kind": kind, "text_resolvable": tr}
             if q.relation == "pick":
                 rec["alternatives"] = list(alts)
             recs.append(rec)

@@ -27,6 +27,14 @@ recorded target is one of them drawn at random. Later rounds that refer to it ("
 closest to instance 1") then depend on *which* one was picked, which only the mask shows.
 :func:`text_resolvable` tells, per round, whether the questions' text alone determines the
 answer.
+
+Several-target rounds (only with ``WorldConfig.multi_target_prob`` > 0): an *all* round (relation
+``all``, family ``attribute``) asks for every top-level object a head phrase matches ("Segment all
+the red objects.", "Segment every triangle."): two to :data:`MAX_TARGETS` of them, answered with
+one ``<seg>`` each, left to right (:func:`all_targets`; the answer says so). A later *one-of*
+round (relation ``one_of``, family ``ordinal``) refers to an all round and asks for one of its
+targets by that order ("Segment the second of instance 2 from the left."). Both are
+text-resolvable; no other relation refers to an all round (its "instance k" is several objects).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from segllm.data.world.draws import Draws
 from segllm.data.world.scene import MIXED, PARTS, WorldObject
 
 FAMILIES: tuple[str, ...] = ("attribute", "positional", "ordinal", "part-of", "comparison")
@@ -55,6 +64,10 @@ REF_RELATIONS: dict[str, tuple[str, ...]] = {
     "part-of": ("part_name", "part_extreme", "part_colour", "whole"),
     "comparison": ("bigger", "smaller", "largest_dir", "smallest_dir"),
 }
+
+# relations of several-target rounds and of the rounds that pick one of their targets
+ALL_RELATION, ONE_OF_RELATION = "all", "one_of"
+MAX_TARGETS = 4  # the most targets an all round asks for
 
 ATTRS: tuple[str, ...] = ("size", "colour", "texture", "shape")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
@@ -221,7 +234,7 @@ def evaluate(q: Query, objects: list[WorldObject], targets: list[int],
     rel = q.relation
     head = q.head
 
-    if rel == "pick":  # every object the head matches is a valid answer
+    if rel in ("pick", ALL_RELATION):  # every object the head matches is a valid answer / a target
         out = [o for o in _pool(objects, refs, head) if head.matches(o)]
         return out, out
 
@@ -317,6 +330,15 @@ def resolve(q: Query, objects: list[WorldObject], targets: list[int],
     return sorted(o.id for o in possible)
 
 
+def all_targets(q: Query, objects: list[WorldObject]) -> list[int]:
+    """The targets of an all round: ids of every top-level object its head matches, left to
+    right (by centroid x; the generator asks only when neighbours differ by more than the
+    margin, so the order is clear)."""
+    if q.relation != ALL_RELATION:
+        raise ValueError(f"not an all round: relation {q.relation!r}")
+    return [o.id for o in sorted(_pool(objects, [], q.head), key=lambda o: o.cx) if q.head.matches(o)]
+
+
 def is_unique(q: Query, objects: list[WorldObject], targets: list[int],
               margins: Margins) -> int | None:
     """The one object id the query denotes clearly, or None."""
@@ -384,6 +406,10 @@ def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: l
                          lambda q, prior: is_unique(q, objects, prior, margins), max_scenarios=max_scenarios)
 
 
+# relations whose answer the text fixes whatever the pick rounds chose (they refer to none)
+_FIXED = (ALL_RELATION, ONE_OF_RELATION)
+
+
 def resolvability(queries: list[Query], targets: list[int], resolve_pick, unique, *,
                   max_scenarios: int = 4096, rounds: list[int] | None = None) -> list[bool]:
     """:func:`text_resolvable` over given answerers: ``resolve_pick(query, earlier_targets)`` the
@@ -405,6 +431,9 @@ def resolvability(queries: list[Query], targets: list[int], resolve_pick, unique
         if q.relation == "pick":
             out.append(False)
             continue
+        if q.relation in _FIXED:  # the text names its targets (all rounds) or one of them by order
+            out.append(True)
+            continue
         if not q.refs:
             out.append(unique(q, targets[:i]) is not None)
             continue
@@ -421,6 +450,8 @@ def resolvability(queries: list[Query], targets: list[int], resolve_pick, unique
             alt = list(targets[:i + 1])
             chosen = dict(zip(open_picks, choice))
             for j in chain:  # re-resolve the chain in order under this choice of the picks
+                if queries[j].relation in _FIXED:
+                    continue  # depends on no pick: its recorded target stands
                 alt[j] = chosen[j] if j in chosen else unique(queries[j], alt[:j])
             answers.add(alt[i])
             if len(answers) > 1 or None in answers:
@@ -536,6 +567,39 @@ PICK_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# whole questions of all rounds: {hs} the plural head phrase, {h} the head
+ALL_TEMPLATES: tuple[str, ...] = (
+    "Segment all the {hs}.",
+    "Segment every {h}.",
+    "Find all the {hs}.",
+    "Show me every {h}.",
+    "Can you segment all of the {hs}?",
+    "Please segment each {h}.",
+)
+# answers of all rounds: {segs} one "<seg>" per target, in the order the answer states
+ALL_ANSWERS: tuple[str, ...] = (
+    "From left to right: {segs}.",
+    "Here they are, from left to right: {segs}.",
+    "There are {n}, from left to right: {segs}.",
+)
+# whole questions of one-of rounds: {o} the ordinal word, {k} the all round
+ONE_OF_TEMPLATES: tuple[str, ...] = (
+    "Segment the {o} of instance {k} from the left.",
+    "Of instance {k}, segment the {o} from the left.",
+    "Which is the {o} of instance {k} counting from the left? Segment it.",
+)
+_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+
+
+def all_answer(n: int, rng: np.random.Generator | Draws) -> str:
+    """The answer of an all round with n targets: n ``<seg>`` in a list, left to right."""
+    if n < 1:
+        raise ValueError(f"an all round needs at least one target, got {n}")
+    segs = "<seg>" if n == 1 else ", ".join(["<seg>"] * (n - 1)) + " and <seg>"
+    t = ALL_ANSWERS[int(rng.integers(len(ALL_ANSWERS)))]
+    return t.format(segs=segs, n=_NUMBER_WORDS.get(n, str(n)))
+
+
 def with_article(noun_phrase: str) -> str:
     """ "a red circle", "an orange star"."""
     return ("an " if noun_phrase[:1] in "aeiou" else "a ") + noun_phrase
@@ -555,12 +619,19 @@ def template_key(q: Query) -> str:
     return q.relation
 
 
-def phrase(q: Query, rng: np.random.Generator) -> str:
+def phrase(q: Query, rng: np.random.Generator | Draws) -> str:
     """A question asking for the object a query denotes, worded by a random template."""
     if q.relation == "pick":
         t = PICK_TEMPLATES[int(rng.integers(len(PICK_TEMPLATES)))]
         h = q.head.phrase("object")
         return t.format(hs=plural(h), ah=with_article(h))
+    if q.relation == ALL_RELATION:
+        t = ALL_TEMPLATES[int(rng.integers(len(ALL_TEMPLATES)))]
+        h = q.head.phrase("object")
+        return t.format(hs=plural(h), h=h)
+    if q.relation == ONE_OF_RELATION:
+        t = ONE_OF_TEMPLATES[int(rng.integers(len(ONE_OF_TEMPLATES)))]
+        return t.format(o=ORDINAL_WORDS[q.rank or 1], k=q.refs[0])
     templates = NP_TEMPLATES[template_key(q)]
     t = templates[int(rng.integers(len(templates)))]
     noun = "object"
