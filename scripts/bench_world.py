@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-_WORLD_MODULES = ("scene", "language", "scene_index", "dataset", "dense")
+_WORLD_MODULES = ("draws", "scene", "language", "scene_index", "dataset", "dense")
 
 
 def load_reference_world(checkout: str | os.PathLike, name: str = "_reference_world") -> types.ModuleType:

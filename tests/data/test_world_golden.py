@@ -2,7 +2,10 @@
 conversation, image, masks, dense maps and candidates, byte for byte.
 
 The digests below were computed from the generator before it was made fast (issue 18; commit
-1f621ee of main), so any change to what it generates fails here. ``GENERATOR_VERSION`` names
+1f621ee of main), so any change to what it generates fails here. The ``multi`` case (several-target
+rounds, ``multi_target_prob`` > 0; 111 all, 62 one-of and 36 pick rounds among its 300) was
+computed from main's generator at 24fc536 (multi17, drawing through numpy's Generator), so it
+also checks that the fast generator's ``Draws`` give those rounds the same draws. ``GENERATOR_VERSION`` names
 these conversations: the bundled model and its published figures were trained and measured on
 them.
 """
@@ -24,6 +27,9 @@ CASES = [
     ("varied", 7, {"image_size": 96, "max_objects": 6, "max_rounds": 10, "pick_prob": 0.5,
                    "composite_prob": 0.5, "ref_prob": 0.7}, None,
      [("train", 1000, 25), ("heldout", 40, 15)]),
+    # several-target rounds (multi17) drawn through Draws: pinned from main's numpy generator
+    ("multi", 3, {"multi_target_prob": 0.5, "pick_prob": 0.3}, None,
+     [("train", 0, 30), ("test", 200, 15), ("heldout", 0, 15)]),
 ]
 
 GOLDEN = {'default': {'heldout[0:25]': 'd3c1db5189a810c607605da9a3104d5f87fdaa22a95b72b6cd1c32fdcd0d6fd4',
@@ -31,7 +37,10 @@ GOLDEN = {'default': {'heldout[0:25]': 'd3c1db5189a810c607605da9a3104d5f87fdaa22
              'train[0:60]': '107f92ff31776a24fc3ef5f345e8d2a8072571b86717d8fff0c4502840bc5b86',
              'val[0:25]': '0d7fb76f813747641c33303292d7db6ffffcce93e88ed13a1e37c4ce5b4c1e7f'},
  'varied': {'heldout[40:55]': '878828c9bef5e287257f02ce5b42f0d8abe0b0475d4489f052b230d9bd4f4e79',
-            'train[1000:1025]': '6f45d668f6647b05c6bfb632384960f9e4315513971ce158394cdbe68aa1c51e'}}
+            'train[1000:1025]': '6f45d668f6647b05c6bfb632384960f9e4315513971ce158394cdbe68aa1c51e'},
+ 'multi': {'heldout[0:15]': 'c797ecde4bf42417c396068a53405d9991d375fd2f81c479546db752831cfbe0',
+           'test[200:215]': '3518b52db8da31d9f34f2fad49ac482855b0dc86d7285626b001f7b6ef876d48',
+           'train[0:30]': 'e3f9b3f91285286e77222f7cf849b4a11d35c29ae2ba86c7aa5f48f2fab73973'}}
 
 
 def _feed(h, obj) -> None:

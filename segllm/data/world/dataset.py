@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from segllm.data.world import language as L
+from segllm.data.world.draws import Draws
 from segllm.data.world.scene import (
     CATEGORIES,
     CATEGORY_IDS,
@@ -47,6 +48,7 @@ _REF_WEIGHTS = {"attribute": 0.28, "positional": 0.3, "ordinal": 0.08, "part-of"
 # are drawn more often so that easy ones do not crowd them out
 _RELATION_WEIGHTS = {"left_of": 2.5, "right_of": 2.5, "above": 2.5, "below": 2.5,
                      "bigger": 2.0, "smaller": 2.0}
+_RELATION_W: dict[tuple[str, ...], tuple[float, ...]] = {}  # per family's relations, their weights
 # relations whose targets are top-level objects only; others may also target parts
 _TOP_ONLY = ("same_shape", "different_shape", "other", "colour_and_shape", "largest",
              "smallest", "bigger", "smaller", "largest_dir", "smallest_dir")
@@ -210,7 +212,7 @@ def _cdf(p: tuple[float, ...]) -> list[float]:
     return c
 
 
-def _choice_p(rng: np.random.Generator, p: tuple[float, ...]) -> int:
+def _choice_p(rng: np.random.Generator | Draws, p: tuple[float, ...]) -> int:
     """``int(rng.choice(len(p), p=p))``: the same draw from rng and the same index."""
     return bisect.bisect_right(_cdf(p), rng.random())
 
@@ -227,14 +229,31 @@ def _normalised(w: tuple[float, ...]) -> tuple[float, ...]:
 _NORMALISED: dict[tuple[float, ...], tuple[float, ...]] = {}
 
 
-def _choice(rng: np.random.Generator, seq):
+def _choice(rng: Draws, seq):
     """``rng.choice(seq)`` for a sequence of strings or ints, as its element."""
-    return seq[int(rng.integers(len(seq)))]
+    return seq[rng.integers(len(seq))]
 
 
-def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
-    keys = list(weights)
-    return keys[_choice_p(rng, _normalised(tuple(float(weights[k]) for k in keys)))]
+def _choice_w(rng: np.random.Generator | Draws, w: tuple[float, ...]) -> int:
+    """``_choice_p(rng, _normalised(w))``, its cumulative sums kept by the weights."""
+    c = _CDFS_OF_WEIGHTS.get(w)
+    if c is None:
+        c = _CDFS_OF_WEIGHTS[w] = _cdf(_normalised(w))
+    return bisect.bisect_right(c, rng.random())
+
+
+_CDFS_OF_WEIGHTS: dict[tuple[float, ...], list[float]] = {}
+
+
+def _weighted(rng: np.random.Generator | Draws, weights: dict[str, float]) -> str:
+    got = _WEIGHTED.get(id(weights))
+    if got is None or got[0] is not weights:  # the module's weight tables, read once
+        keys = list(weights)
+        got = _WEIGHTED[id(weights)] = (weights, keys, tuple(float(weights[k]) for k in keys))
+    return got[1][_choice_w(rng, got[2])]
+
+
+_WEIGHTED: dict[int, tuple[dict, list[str], tuple[float, ...]]] = {}
 
 
 # how much likelier a reference is to go to a round that is not text-resolvable (a pick round
@@ -242,7 +261,7 @@ def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
 _OPEN_REF_WEIGHT = 4.0
 
 
-def _pick_round(rng: np.random.Generator, targets: list[int], by_id: dict[int, WorldObject],
+def _pick_round(rng: Draws, targets: list[int], by_id: dict[int, WorldObject],
                 ok, prefer: set[int] = frozenset(), exclude=()) -> int | None:
     """A 1-indexed earlier round whose target satisfies ok; recent rounds are likelier, and so
     are the rounds in ``prefer``; never a round in ``exclude`` (all rounds: several targets)."""
@@ -251,11 +270,11 @@ def _pick_round(rng: np.random.Generator, targets: list[int], by_id: dict[int, W
         return None
     w = tuple((3.0 if k == len(targets) else 1.0) * (_OPEN_REF_WEIGHT if k in prefer else 1.0)
               for k in rounds)
-    return rounds[_choice_p(rng, _normalised(w))]
+    return rounds[_choice_w(rng, w)]
 
 
 class _Builder:
-    def __init__(self, objects: list[WorldObject], rng: np.random.Generator,
+    def __init__(self, objects: list[WorldObject], rng: Draws,
                  margins: L.Margins) -> None:
         self.objects = objects
         self.index = SceneIndex(objects, margins)
@@ -266,6 +285,8 @@ class _Builder:
         self.margins = margins
         self.queries: list[L.Query] = []  # the rounds built so far
         self.open: set[int] = set()  # 1-indexed rounds built so far that are not text-resolvable
+        self.resolvable_so_far: list[bool] = []  # per round built: text-resolvable (exact)
+        self.alternatives: list[list[int]] = []  # per round built: a pick round's valid answers
         # 1-indexed all rounds built so far -> their targets left to right, and those a one-of
         # round has followed
         self.multi: dict[int, list[int]] = {}
@@ -273,10 +294,11 @@ class _Builder:
 
     # one relation, its parameters drawn once; every target/head that makes it unique
     def options(self, family: str, relation: str, targets: list[int], target_ok,
-                ambiguous: bool = False) -> list[tuple[L.Query, int]]:
+                ambiguous: bool = False) -> list[tuple[tuple, int]]:
         """Questions of one relation (references and parameters drawn once) for each object they
         can denote uniquely, with the fewest head attributes; with ``ambiguous``, preferably a
-        head that alone matches several objects, so that the references decide."""
+        head that alone matches several objects, so that the references decide. As (option,
+        target id); :meth:`query` makes an option's question."""
         rng, by_id = self.rng, self.by_id
         used = set(targets)
         refs: tuple[int, ...] = ()
@@ -356,49 +378,72 @@ class _Builder:
                 if relation == "ordinal_from":
                     kw["rank"] = (1, 2, 3)[_choice_p(rng, (0.3, 0.45, 0.25))]
 
-        out: list[tuple[L.Query, int]] = []
+        out: list[tuple[tuple, int]] = []
         index = self.index
-        ref_pos = tuple(self.pos[targets[k - 1]] for k in refs)
+        pos = self.pos
+        ref_pos = tuple(pos[targets[k - 1]] for k in refs)
         direction, rank, attr = kw.get("direction"), kw.get("rank"), kw.get("attr")
         need_memory = bool(refs) and ambiguous
         part_rel = relation in ("part_name", "part_extreme", "part_colour")
-        for i in rng.permutation(len(cands)).tolist()[:8]:
-            t = cands[i]
-            tpos = self.pos[t.id]
+        is_other = relation == "other"
+        per_target = relation == "part_name" or relation == "part_colour"
+        if not per_target:
+            memo, answer = index.answers(relation, ref_pos, direction, rank, attr)
+        if is_other:
+            ref_p = pos[targets[refs[0] - 1]]
+        n_matching = index.n_matching
+        shuffled = rng.shuffled
+        for t in shuffled(cands)[:8]:
+            tid = t.id
             part = t.shape if relation == "part_name" else None
             colour = t.colour if relation == "part_colour" else None
-            denote = index.denoter(relation, ref_pos, direction, rank, attr, part, colour)
-            if relation == "other":
-                ref = by_id[targets[refs[0] - 1]]
-                allowed_t = tuple(a for a in L.ATTRS if getattr(t, a) == getattr(ref, a))
-                heads = index.heads(tpos, allowed_t, rng, 2)
+            if per_target:
+                memo, answer = index.answers(relation, ref_pos, direction, rank, attr, part, colour)
+            if is_other:
+                vt, vr = index.values[pos[tid]], index.values[ref_p]
+                allowed_t = tuple(a for a, x, y in zip(L.ATTRS, vt, vr) if x == y)
+                levels = index.head_levels(pos[tid], allowed_t, 2)
             else:
-                heads = index.heads(tpos, allowed, rng, max_attrs)
+                levels = index.head_levels(pos[tid], allowed, max_attrs)
+            # heads_for's draws: every level of two or more heads permuted, fewest attributes
+            # first (all drawn before any head is tried)
+            orders = [hks if len(hks) == 1 else shuffled(hks) for hks in levels]
             part_head = t.kind == "part" and not part_rel  # then the head must name the part
+            shape = t.shape
             first: tuple | None = None  # the head (a SceneIndex head key) of the question
-            for n_attrs, hk in heads:
-                if n_attrs < min_attrs:
+            lo = max(min_attrs, 1) if is_other else min_attrs
+            for hks in orders[lo:]:
+                for hk in hks:
+                    if part_head and hk[3] != shape:
+                        continue
+                    if need_memory and first is not None and n_matching(hk) < 2:
+                        continue  # have a valid question; look only for one that needs memory
+                    u = memo.get(hk, 0)  # 0: not asked yet (ids start at 1)
+                    if u == 0:
+                        u = answer(hk)
+                    if u == tid:
+                        if not need_memory or n_matching(hk) >= 2:
+                            first = hk
+                            break
+                        if first is None:
+                            first = hk
+                else:
                     continue
-                if relation == "other" and n_attrs == 0:
-                    continue
-                if part_head and hk[3] != t.shape:
-                    continue
-                if need_memory and first is not None and index.n_matching(hk) < 2:
-                    continue  # have a valid question; look only for one that needs memory
-                if index.unique_id(*denote(hk)) == t.id:
-                    if not need_memory or index.n_matching(hk) >= 2:
-                        first = hk
-                        break
-                    if first is None:
-                        first = hk
+                break
             if first is not None:
-                extra = dict(kw)
-                if part is not None:
-                    extra["part"] = part
-                if colour is not None:
-                    extra["colour"] = colour
-                out.append((L.Query(family, relation, L.Head(*first), refs, **extra), t.id))
+                out.append(((family, relation, first, refs, kw, part, colour), tid))
         return out
+
+    @staticmethod
+    def query(option: tuple) -> L.Query:
+        """The question of an option of :meth:`options` (built only for the options tried)."""
+        family, relation, hk, refs, kw, part, colour = option
+        extra = dict(kw)
+        if part is not None:
+            extra["part"] = part
+        if colour is not None:
+            extra["colour"] = colour
+        return L.Query(family, relation, L.Head(*hk), refs, **extra)
 
     def pick(self, targets: list[int]) -> tuple[L.Query, int, list[int]] | None:
         """A pick round: a head phrase ("red object", "circle") that two or more top-level
@@ -407,29 +452,40 @@ class _Builder:
         used: set[int] = set()
         for t in targets:
             used |= L._related(self.by_id[t])
-        heads: list[L.Head] = []
+        index = self.index
+        used_mask = 0
+        for i, oid in enumerate(index.ids):
+            if oid in used:
+                used_mask |= 1 << i
+        top_mask = index.top_mask
+        # head keys, each tried once, in the order each object offers them: its attributes
+        # alone, then adjacent pairs of them
+        heads: list[tuple] = []
+        tried: set[tuple] = set()
         for o in self.top:
             if o.id in used:
                 continue
-            avail = [a for a in L.ATTRS if getattr(o, a) != MIXED]
-            combos = [(a,) for a in avail] + [(a, b) for a, b in zip(avail, avail[1:])]
+            vals = index.values[self.pos[o.id]]
+            avail = [j for j in range(4) if vals[j] != MIXED]
+            combos = [(j,) for j in avail] + list(zip(avail, avail[1:]))
             for c in combos:
-                h = L.Head(**{a: getattr(o, a) for a in c})
-                if h in heads:
+                hk = tuple(vals[j] if j in c else None for j in range(4))
+                if hk in tried:
                     continue
-                matches = [m for m in self.top if h.matches(m)]
-                if len(matches) >= 2 and not any(m.id in used for m in matches):
-                    heads.append(h)
+                tried.add(hk)
+                m = index.head_mask(hk) & top_mask
+                if m & (m - 1) and not m & used_mask:  # two or more, none used
+                    heads.append(hk)
         if not heads:
             return None
         # one attribute is the usual case ("one of the red objects"); two ("one of the small
         # circles") when a single one is not available
-        single = [h for h in heads if h.n_attrs() == 1]
+        single = [h for h in heads if sum(v is not None for v in h) == 1]
         pool = single if single and self.rng.random() < 0.8 else heads
-        head = pool[int(self.rng.integers(len(pool)))]
-        q = L.Query("attribute", "pick", head)
+        head = pool[self.rng.integers(len(pool))]
+        q = L.Query("attribute", "pick", L.Head(*head))
         alternatives = self.index.resolve(q, targets)
-        target = alternatives[int(self.rng.integers(len(alternatives)))]
+        target = alternatives[self.rng.integers(len(alternatives))]
         return q, target, alternatives
 
     def all_round(self) -> tuple[L.Query, int] | None:
@@ -467,9 +523,12 @@ class _Builder:
         q = L.Query("ordinal", L.ONE_OF_RELATION, L.Head(), (k,), direction="left", rank=rank)
         return q, self.multi[k][rank - 1]
 
-    def add(self, q: L.Query, t: int, targets: list[int], tr: bool) -> None:
+    def add(self, q: L.Query, t: int, targets: list[int], tr: bool,
+            alternatives: list[int] | None = None) -> None:
         """Record a built round (``targets`` already holds its target)."""
         self.queries.append(q)
+        self.resolvable_so_far.append(tr)
+        self.alternatives.append(alternatives if alternatives is not None else [])
         if not tr:
             self.open.add(len(self.queries))
         if q.relation == L.ALL_RELATION:
@@ -485,7 +544,8 @@ class _Builder:
             return False
         if not any(k in self.open for k in q.refs):
             return True  # its references are all determined and it is unique given them
-        return self.index.text_resolvable(self.queries + [q], targets + [t])[-1]
+        n = len(self.queries)
+        return self.index.text_resolvable(self.queries + [q], targets + [t], rounds=[n])[0]
 
     def _n_matching(self, head: L.Head) -> int:
         """How many objects a head phrase alone matches ("the red circle": every red circle)."""
@@ -506,17 +566,19 @@ class _Builder:
             else:
                 family = _weighted(rng, _NO_REF_WEIGHTS)
                 rels = L.NO_REF_RELATIONS[family]
-            w = tuple(float(_RELATION_WEIGHTS.get(r, 1.0)) for r in rels)
-            relation = rels[_choice_p(rng, _normalised(w))]
+            w = _RELATION_W.get(rels)
+            if w is None:
+                w = _RELATION_W[rels] = tuple(float(_RELATION_WEIGHTS.get(r, 1.0)) for r in rels)
+            relation = rels[_choice_w(rng, w)]
             # a few draws of references/parameters per relation, so that relations that are
             # rarely unique (e.g. "left of") are not crowded out by easy ones
-            opts: list[tuple[L.Query, int]] = []
+            opts: list[tuple[tuple, int]] = []
             for _ in range(3):
                 opts = self.options(family, relation, targets, target_ok, want_memory)
                 if opts:
                     break
-            for i in rng.permutation(len(opts)).tolist():
-                q, t = opts[i]
+            for option, t in rng.shuffled(opts):
+                q = self.query(option)
                 mem = self.index.needs_memory(q, targets)
                 if insist_open:
                     if not self.resolvable(q, t, targets):
@@ -533,7 +595,7 @@ class _Builder:
         return fallback
 
 
-def build_conversation(objects: list[WorldObject], rng: np.random.Generator, n_rounds: int,
+def build_conversation(objects: list[WorldObject], rng: np.random.Generator | Draws, n_rounds: int,
                        margins: L.Margins, *, ref_prob: float = 0.9, memory_prob: float = 0.9,
                        pick_prob: float = 0.0, first_target_ok=None, multi_target_prob: float = 0.0,
                        ) -> list[tuple[L.Query, int, bool]]:
@@ -544,18 +606,21 @@ def build_conversation(objects: list[WorldObject], rng: np.random.Generator, n_r
     (:meth:`_Builder.all_round`; its target id here is the left-most of its targets,
     :func:`L.all_targets` gives them all) with that chance, and a round after one is a one-of
     round (:meth:`_Builder.one_of`) with chance ``_ONE_OF_PROB``."""
-    b = _Builder(objects, rng, margins)
+    d = Draws.of(rng)
+    b = _Builder(objects, d, margins)
     try:
-        return _build(b, rng, n_rounds, ref_prob, memory_prob, pick_prob, first_target_ok, multi_target_prob)
+        return _build(b, d, n_rounds, ref_prob, memory_prob, pick_prob, first_target_ok,
+                      multi_target_prob)
     finally:
         b.index.release()
+        d.sync(rng)
 
 
 # chance that a round after an all round (not yet followed) asks for one of its targets
 _ONE_OF_PROB = 0.5
 
 
-def _multi_round(b: _Builder, rng: np.random.Generator, multi_target_prob: float) -> tuple[L.Query, int, bool] | None:
+def _multi_round(b: _Builder, rng: Draws, multi_target_prob: float) -> tuple[L.Query, int, bool] | None:
     """A one-of round (chance ``_ONE_OF_PROB`` where an all round waits for one) or an all round
     (chance ``multi_target_prob``), or None: the round is drawn as usual."""
     if any(k not in b.followed for k in b.multi) and rng.random() < _ONE_OF_PROB:
@@ -567,7 +632,7 @@ def _multi_round(b: _Builder, rng: np.random.Generator, multi_target_prob: float
     return None if got is None else (got[0], got[1], False)
 
 
-def _build(b: _Builder, rng: np.random.Generator, n_rounds: int, ref_prob: float,
+def _build(b: _Builder, rng: Draws, n_rounds: int, ref_prob: float,
            memory_prob: float, pick_prob: float, first_target_ok,
            multi_target_prob: float = 0.0) -> list[tuple[L.Query, int, bool]]:
     targets: list[int] = []
@@ -576,14 +641,14 @@ def _build(b: _Builder, rng: np.random.Generator, n_rounds: int, ref_prob: float
         use_ref = r > 1 and rng.random() < ref_prob
         want_memory = use_ref and rng.random() < memory_prob
         ok = first_target_ok if (r == 1 and first_target_ok is not None) else (lambda o: True)
-        got = None
+        got = alternatives = None
         # no draw at all unless asked for: the default world stays as pinned
         if multi_target_prob > 0 and not (r == 1 and first_target_ok):
             got = _multi_round(b, rng, multi_target_prob)
         if got is None and pick_prob > 0 and rng.random() < pick_prob and not (r == 1 and first_target_ok):
             picked = b.pick(targets)
             if picked is not None:
-                got = (picked[0], picked[1], False)
+                got, alternatives = (picked[0], picked[1], False), picked[2]
         if got is None:
             got = b.next_round(targets, use_ref, want_memory, ok)
         if got is None:
@@ -591,7 +656,7 @@ def _build(b: _Builder, rng: np.random.Generator, n_rounds: int, ref_prob: float
         tr = b.resolvable(got[0], got[1], targets)
         rounds.append(got)
         targets.append(got[1])
-        b.add(got[0], got[1], targets, tr)
+        b.add(got[0], got[1], targets, tr, alternatives)
     return rounds
 
 
@@ -631,7 +696,8 @@ class World:
         if index < 0:
             raise ValueError(f"index must be >= 0, got {index}")
         cfg = self.config
-        rng = np.random.default_rng([self.seed, SPLITS[split], int(index)])
+        # np.random.default_rng([seed, split, index])'s draws (the same values, cheaper)
+        rng = Draws.from_seed([self.seed, SPLITS[split], int(index)])
         heldout = split == "heldout"
         for _ in range(100):
             n_rounds = int(rng.integers(cfg.min_rounds, cfg.max_rounds + 1))
@@ -653,22 +719,23 @@ class World:
             first_ok = None
             if heldout:
                 first_ok = lambda o: (o.colour, o.shape) in self.heldout_pairs  # noqa: E731
-            rounds = build_conversation(scene.objects, rng, n_rounds, self.margins,
-                                        ref_prob=cfg.ref_prob, memory_prob=cfg.memory_prob,
-                                        pick_prob=cfg.pick_prob, first_target_ok=first_ok,
-                                        multi_target_prob=cfg.multi_target_prob)
+            b = _Builder(scene.objects, rng, self.margins)
+            try:
+                rounds = _build(b, rng, n_rounds, cfg.ref_prob, cfg.memory_prob, cfg.pick_prob,
+                                first_ok, cfg.multi_target_prob)
+            finally:
+                b.index.release()
             if len(rounds) >= cfg.min_rounds:
                 break
         else:  # pragma: no cover - practically unreachable with sane configs
             raise RuntimeError(f"could not generate {split} sample {index}")
 
         queries = [r[0] for r in rounds]
-        targets = [r[1] for r in rounds]
-        checker = SceneIndex(scene.objects, self.margins)
-        resolvable = checker.text_resolvable(queries, targets)
-        alternatives = [checker.resolve(q, targets[:i])
-                        if q.relation == "pick" else [] for i, q in enumerate(queries)]
-        checker.release()
+        # what the builder found round by round: a round's text-resolvability depends on the
+        # rounds up to it only (language.text_resolvable, which the builder's checks equal), a
+        # pick round's alternatives are resolve(q, targets[:i])
+        resolvable = b.resolvable_so_far
+        alternatives = b.alternatives
         recs = []
         for (q, t, _mem), tr, alts in zip(rounds, resolvable, alternatives):
             question = L.phrase(q, rng)

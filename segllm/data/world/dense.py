@@ -29,7 +29,9 @@ def dense_labels(objects: list[WorldObject], masks: dict[int, np.ndarray]) -> di
     """Class maps of one scene.
 
     Args:
-        objects: the scene's objects and parts.
+        objects: the scene's objects and parts; each one's ``bbox`` ([x, y, w, h], pixels)
+            holds every pixel of its mask (as the world's records do), so only that box is
+            written; an empty box (w or h <= 0) means the whole image.
         masks: visible-pixel mask [H, W] bool of every object and part, by id.
 
     Returns:
@@ -37,16 +39,20 @@ def dense_labels(objects: list[WorldObject], masks: dict[int, np.ndarray]) -> di
     """
     h, w = next(iter(masks.values())).shape
     out = {name: np.zeros((h, w), np.int16) for name in DENSE_GROUPS}
+    colour, category, obj, texture, size = (out[k] for k in ("colour", "category", "object",
+                                                               "texture", "size"))
     # wholes first, then parts on top: a part is what is drawn where it lies
     for o in sorted(objects, key=lambda o: o.parent is not None):
-        m = masks[o.id]
+        x, y, bw, bh = o.bbox
+        box = (slice(y, y + bh), slice(x, x + bw)) if bw > 0 and bh > 0 else (slice(None),) * 2
+        m = masks[o.id][box]
         if o.colour != MIXED:
-            out["colour"][m] = COLOUR_CLASSES[o.colour]
-        out["category"][m] = CATEGORY_IDS[o.shape]
+            colour[box][m] = COLOUR_CLASSES[o.colour]
+        category[box][m] = CATEGORY_IDS[o.shape]
         if o.parent is None:
-            out["object"][m] = CATEGORY_IDS[o.shape]
-            out["texture"][m] = TEXTURE_CLASSES.get(o.texture, 0)
-            out["size"][m] = SIZE_CLASSES.get(o.size, 0)
+            obj[box][m] = CATEGORY_IDS[o.shape]
+            texture[box][m] = TEXTURE_CLASSES.get(o.texture, 0)
+            size[box][m] = SIZE_CLASSES.get(o.size, 0)
     return out
 
 

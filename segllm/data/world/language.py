@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from segllm.data.world.draws import Draws
 from segllm.data.world.scene import MIXED, PARTS, WorldObject
 
 FAMILIES: tuple[str, ...] = ("attribute", "positional", "ordinal", "part-of", "comparison")
@@ -409,18 +410,24 @@ def text_resolvable(queries: list[Query], objects: list[WorldObject], targets: l
 _FIXED = (ALL_RELATION, ONE_OF_RELATION)
 
 
-def resolvability(queries: list[Query], targets: list[int], resolve_pick, unique, *, max_scenarios: int = 4096) -> list[bool]:
+def resolvability(queries: list[Query], targets: list[int], resolve_pick, unique, *,
+                  max_scenarios: int = 4096, rounds: list[int] | None = None) -> list[bool]:
     """:func:`text_resolvable` over given answerers: ``resolve_pick(query, earlier_targets)`` the
     valid alternatives of a pick round, ``unique(query, earlier_targets)`` a round's unique target
     or None (the readable checkers here, or :class:`segllm.data.world.scene_index.SceneIndex`'s
-    tables: both give the same answers)."""
+    tables: both give the same answers). With ``rounds`` (0-indexed), only those rounds' answers,
+    in that order (a round's answer depends on the rounds up to it only)."""
     n = len(queries)
     if len(targets) < n:
         raise ValueError(f"{n} queries but {len(targets)} targets")
-    picks = {i: resolve_pick(q, targets[:i]) for i, q in enumerate(queries) if q.relation == "pick"}
     ancestors = reference_ancestors(queries)
+    wanted = range(n) if rounds is None else rounds
+    needed = set(range(n)) if rounds is None else set().union(*(ancestors[i] for i in wanted))
+    picks = {i: resolve_pick(queries[i], targets[:i]) for i in sorted(needed)
+             if queries[i].relation == "pick"}
     out: list[bool] = []
-    for i, q in enumerate(queries):
+    for i in wanted:
+        q = queries[i]
         if q.relation == "pick":
             out.append(False)
             continue
@@ -584,7 +591,7 @@ ONE_OF_TEMPLATES: tuple[str, ...] = (
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 
-def all_answer(n: int, rng: np.random.Generator) -> str:
+def all_answer(n: int, rng: np.random.Generator | Draws) -> str:
     """The answer of an all round with n targets: n ``<seg>`` in a list, left to right."""
     if n < 1:
         raise ValueError(f"an all round needs at least one target, got {n}")
@@ -612,7 +619,7 @@ def template_key(q: Query) -> str:
     return q.relation
 
 
-def phrase(q: Query, rng: np.random.Generator) -> str:
+def phrase(q: Query, rng: np.random.Generator | Draws) -> str:
     """A question asking for the object a query denotes, worded by a random template."""
     if q.relation == "pick":
         t = PICK_TEMPLATES[int(rng.integers(len(PICK_TEMPLATES)))]

@@ -9,9 +9,12 @@ when any object (or part) would keep less than ``min_visible`` of its own area.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from segllm.data.world.draws import Draws
 
 # -- vocabulary ---------------------------------------------------------------------------------
 
@@ -128,37 +131,58 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-# masks of a (shape, box) pair and grids, computed once per process (read-only arrays); a
-# world uses a few hundred boxes
-_SHAPE_MASKS: dict[tuple[str, int, int], np.ndarray] = {}
-_COMPOSITE_PARTS: dict[tuple[str, int, int], list[np.ndarray]] = {}
+# what is drawn for a (shape or composite kind, box) pair, computed once per process (read-only
+# arrays); a world uses a few hundred boxes
 _TEXTURE_MASKS: dict[tuple[str, int, int, int], np.ndarray] = {}
-_GRADIENT_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-_AREAS: dict[int, int] = {}  # id of a cached mask -> its area
 
 
-def _shape_mask_cached(shape: str, h: int, w: int) -> np.ndarray:
+@dataclass(frozen=True)
+class _Form:
+    """The element masks of one shape or composite in an h x w box.
+
+    ``masks``: each element's own pixels (a composite's later parts cover earlier ones), in
+    COMPOSITES order; ``areas``: their pixel counts; ``covered``: their union; ``big_enough``:
+    every element has at least 3 pixels (a smaller one is never placed)."""
+
+    masks: tuple[np.ndarray, ...]
+    areas: tuple[int, ...]
+    covered: np.ndarray
+    big_enough: bool
+
+
+_FORMS: dict[tuple[str, int, int], _Form] = {}
+
+
+def _form(kind: str, shape: str, h: int, w: int) -> _Form:
     key = (shape, h, w)
-    m = _SHAPE_MASKS.get(key)
+    f = _FORMS.get(key)
+    if f is None:
+        if kind == "composite":
+            drawn = composite_masks(shape, h, w)
+            label = np.full((h, w), -1, dtype=np.int16)
+            for i, m in enumerate(drawn):
+                label[m] = i
+            masks = tuple(_frozen(label == i) for i in range(len(drawn)))
+            covered = _frozen(label >= 0)
+        else:
+            masks = (_frozen(shape_mask(shape, h, w)),)
+            covered = masks[0]
+        areas = tuple(int(m.sum()) for m in masks)
+        f = _FORMS[key] = _Form(masks, areas, covered, min(areas) >= 3)
+    return f
+
+
+def _textured(form: _Form, texture: str, period: int) -> np.ndarray:
+    """The pixels of a basic shape's form drawn in its texture's second colour."""
+    key = (id(form), texture, period)  # forms are kept for the process
+    m = _TEXTURED.get(key)
     if m is None:
-        m = _SHAPE_MASKS[key] = _frozen(shape_mask(shape, h, w))
-        _AREAS[id(m)] = int(m.sum())
+        h, w = form.covered.shape
+        m = _TEXTURED[key] = _frozen(form.covered & _texture_mask_cached(texture, h, w, period))
     return m
 
 
-def _composite_parts_cached(kind: str, h: int, w: int) -> list[np.ndarray]:
-    """Each part's own pixels (later parts cover earlier ones), in COMPOSITES order."""
-    key = (kind, h, w)
-    got = _COMPOSITE_PARTS.get(key)
-    if got is None:
-        masks = composite_masks(kind, h, w)
-        label = np.full((h, w), -1, dtype=np.int16)
-        for i, m in enumerate(masks):
-            label[m] = i
-        got = _COMPOSITE_PARTS[key] = [_frozen(label == i) for i in range(len(masks))]
-        for m in got:
-            _AREAS[id(m)] = int(m.sum())
-    return got
+_TEXTURED: dict[tuple[int, str, int], np.ndarray] = {}
 
 
 def _texture_mask_cached(texture: str, h: int, w: int, period: int) -> np.ndarray:
@@ -310,18 +334,6 @@ class Scene:
 
 
 @dataclass
-class _Element:
-    """A drawable primitive: a basic shape or one part of a composite."""
-
-    mask: np.ndarray  # local bool [h, w]
-    y0: int
-    x0: int
-    colour: str
-    texture: str
-    area: int  # own area before other objects cover it
-
-
-@dataclass
 class _Spec:
     kind: str
     shape: str
@@ -331,76 +343,104 @@ class _Spec:
     part_colours: tuple[str, ...] = ()
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    def tone() -> np.ndarray:
-        g = rng.uniform(95, 165)
-        return np.clip(g + rng.uniform(-25, 25, size=3), 60, 200)
-
-    kind = rng.integers(3)
-    if kind == 0:  # solid
-        img = np.broadcast_to(tone(), (size, size, 3)).astype(np.float64)
-    else:
-        a, b = tone(), tone()
-        if kind == 1:  # two-colour gradient along a random direction
-            ang = rng.uniform(0, 2 * np.pi)
-            grid = _GRADIENT_GRIDS.get(size)
-            if grid is None:
-                yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
-                grid = _GRADIENT_GRIDS[size] = (_frozen(yy - 0.5), _frozen(xx - 0.5))
-            yc, xc = grid  # yy - 0.5, xx - 0.5
-            t = xc * np.cos(ang) + yc * np.sin(ang)
-            t = (t - t.min()) / max(1e-9, t.max() - t.min())
-            img = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
-        else:  # mild noise
-            img = a[None, None] + rng.uniform(-12, 12, size=(size, size, 1))
-            img = img + rng.uniform(-4, 4, size=(size, size, 3))
-    np.rint(img, out=img)  # np.round to 0 decimals
-    return np.clip(img, 0, 255, out=img).astype(np.uint8)
+# per image size: pixel-centre grids of the gradient background (yy - 0.5, xx - 0.5, over the
+# image side - 1), and the row and column index of every pixel of a raveled image
+_GRADIENT_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_PIXEL_INDEX: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
-def _sample_spec(rng: np.random.Generator, composite_prob: float,
-                 allowed_colours: dict[str, list[str]], force_pair: tuple[str, str] | None,
-                 size_cap: int) -> _Spec:
-    # _choice(rng, seq) draws what rng.choice(seq) draws (see dataset.py)
+def _tone(d: Draws) -> list[float]:
+    """``np.clip(g + rng.uniform(-25, 25, size=3), 60, 200)`` with ``g = rng.uniform(95, 165)``,
+    one channel at a time (the same draws and the same float64 operations)."""
+    g = d.uniform(95, 165)
+    return [min(max(g + (-25.0 + 50.0 * d.random()), 60.0), 200.0) for _ in range(3)]
+
+
+def _scratch(size: int) -> list[np.ndarray]:
+    """Float64 work arrays of this thread for one image size: four [size, size] planes and one
+    [size, size, 3] image. Reused: a fresh array of this size is mapped anew by the allocator
+    (page faults on every call)."""
+    got = getattr(_SCRATCH, "arrays", None)
+    if got is None or got[0].shape[0] != size:
+        got = _SCRATCH.arrays = [np.empty((size, size)) for _ in range(4)] + [np.empty((size, size, 3))]
+    return got
+
+
+_SCRATCH = threading.local()
+
+
+def _background(d: Draws, size: int) -> np.ndarray:
+    """The background image, uint8 [size, size, 3]. Computed one channel at a time (numpy's
+    broadcasting over a last axis of 3 is slow), with the float64 operations of the readable form
+    in the comments, element by element the same."""
+    kind = d.integers(3)
+    img = np.empty((size, size, 3), dtype=np.uint8)
+    if kind == 0:  # solid: np.rint of each channel (round half to even, as round())
+        img.reshape(size, 3 * size)[:] = [round(v) for v in _tone(d)] * size
+        return img
+    a, b = _tone(d), _tone(d)
+    t, q, p, u1, u2 = _scratch(size)
+    if kind == 1:  # two-colour gradient along a random direction
+        ang = d.uniform(0, 2 * np.pi)
+        grid = _GRADIENT_GRIDS.get(size)
+        if grid is None:
+            yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
+            grid = _GRADIENT_GRIDS[size] = (_frozen(yy - 0.5), _frozen(xx - 0.5))
+        yc, xc = grid  # yy - 0.5, xx - 0.5
+        # t = xc * np.cos(ang) + yc * np.sin(ang); t = (t - t.min()) / max(1e-9, t.max() - t.min())
+        np.multiply(xc, np.cos(ang), out=t)
+        t += np.multiply(yc, np.sin(ang), out=q)
+        lo, hi = t.min(), t.max()
+        t -= lo
+        t /= max(1e-9, hi - lo)
+        one_minus = np.subtract(1, t, out=u1)
+        for c in range(3):  # a * (1 - t) + b * t
+            np.multiply(one_minus, a[c], out=p)
+            p += np.multiply(t, b[c], out=q)
+            # np.round to 0 decimals; the readable form's np.clip(img, 0, 255) changes nothing:
+            # the values lie between two tones, in [60, 200]
+            img[:, :, c] = np.rint(p, out=p)
+    else:  # mild noise: a + rng.uniform(-12, 12, size=(size, size, 1)) + rng.uniform(-4, 4, size=(size, size, 3))
+        d.doubles_into(u1)
+        u1 *= 24.0
+        u1 += -12.0
+        d.doubles_into(u2)
+        u2 *= 8.0
+        u2 += -4.0
+        for c in range(3):  # a tone in [60, 200] plus at most 16: np.clip changes nothing
+            np.add(u1, a[c], out=p)
+            p += u2[:, :, c]
+            img[:, :, c] = np.rint(p, out=p)
+    return img
+
+
+def _sample_spec(d: Draws, composite_prob: float, allowed_colours: dict[str, list[str]],
+                 force_pair: tuple[str, str] | None, size_cap: int) -> _Spec:
+    # seq[d.integers(len(seq))] draws what rng.choice(seq) draws (see dataset.py)
     sizes = SIZES[: size_cap + 1]
     if force_pair is not None:
         colour, shape = force_pair
-        return _Spec("shape", shape, colour, _choice(rng, sizes), _choice(rng, TEXTURES))
-    if rng.random() < composite_prob and size_cap >= 1:
-        kind = _choice(rng, _COMPOSITE_KINDS)
+        return _Spec("shape", shape, colour, sizes[d.integers(len(sizes))],
+                     TEXTURES[d.integers(len(TEXTURES))])
+    if d.random() < composite_prob and size_cap >= 1:
+        kind = _COMPOSITE_KINDS[d.integers(len(_COMPOSITE_KINDS))]
         n = len(COMPOSITES[kind])
-        cols = [str(c) for c in rng.choice(_COLOUR_NAMES, size=n, replace=False)]
-        size = _choice(rng, SIZES[1: size_cap + 1])
-        return _Spec("composite", kind, MIXED, size, "solid", tuple(cols))
-    shape = _choice(rng, SHAPES)
-    colour = _choice(rng, allowed_colours[shape])
-    return _Spec("shape", shape, colour, _choice(rng, sizes), _choice(rng, TEXTURES))
+        # rng.choice(_COLOUR_NAMES, size=n, replace=False)
+        cols = tuple(_COLOUR_NAMES[i] for i in d.choice_indices(len(_COLOUR_NAMES), n))
+        size = SIZES[1 + d.integers(size_cap)]  # of SIZES[1: size_cap + 1]
+        return _Spec("composite", kind, MIXED, size, "solid", cols)
+    shape = SHAPES[d.integers(len(SHAPES))]
+    colours = allowed_colours[shape]
+    colour = colours[d.integers(len(colours))]
+    return _Spec("shape", shape, colour, sizes[d.integers(len(sizes))],
+                 TEXTURES[d.integers(len(TEXTURES))])
 
 
 _COMPOSITE_KINDS = tuple(COMPOSITES)
 _COLOUR_NAMES = list(COLOURS)
 
 
-def _choice(rng: np.random.Generator, seq):
-    """``rng.choice(seq)`` of a sequence of strings, as its element: the same draw."""
-    return str(seq[int(rng.integers(len(seq)))])
-
-
-def _elements(spec: _Spec, rng: np.random.Generator,
-              image_size: int) -> tuple[list[_Element], int, int]:
-    lo, hi = SIZE_RANGES[spec.size]
-    side = max(5, int(round(rng.uniform(lo, hi) * image_size)))
-    h, w = shape_box(spec.shape, side)
-    if spec.kind == "composite":
-        owned = _composite_parts_cached(spec.shape, h, w)
-        parts = [(owned[i], spec.part_colours[i], "solid") for i in range(len(owned))]
-    else:
-        parts = [(_shape_mask_cached(spec.shape, h, w), spec.colour, spec.texture)]
-    els = [_Element(m, 0, 0, c, t, _AREAS[id(m)]) for m, c, t in parts]
-    return els, h, w
-
-
-def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
+def render_scene(rng: np.random.Generator | Draws, *, image_size: int, n_objects: int,
                  composite_prob: float, min_visible: float,
                  allowed_colours: dict[str, list[str]],
                  forced_pairs: list[tuple[str, str]] = (), max_tries: int = 40,
@@ -408,21 +448,33 @@ def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
     """Lay out and render up to ``n_objects`` objects (fewer if the image is too crowded).
 
     ``allowed_colours[shape]`` lists the colours a basic shape may take (held-out pairs removed).
-    ``forced_pairs`` are (colour, shape) pairs placed first (at least one object each).
+    ``forced_pairs`` are (colour, shape) pairs placed first (at least one object each). A numpy
+    generator is left where numpy's own calls would have left it (:meth:`Draws.sync`).
     """
-    size = image_size
-    period = max(2, int(round(size / 42)))
-    image = _background(rng, size)
-    label = np.full((size, size), -1, dtype=np.int32)
-    elements: list[_Element] = []
-    specs: list[tuple[_Spec, list[int]]] = []  # spec, element indices
+    d = Draws.of(rng)
+    try:
+        return _render_scene(d, image_size, n_objects, composite_prob, min_visible,
+                             allowed_colours, list(forced_pairs), max_tries)
+    finally:
+        d.sync(rng)
 
-    forced = list(forced_pairs)
-    # visible pixels of every element so far, and the least each may keep: what a bincount of
-    # the label map would give, kept up to date on the placement box only
-    counts = np.zeros(0, dtype=np.int64)
-    need = np.zeros(0, dtype=np.float64)
-    composites: list[tuple[list[int], float]] = []  # element indices of a composite, least visible
+
+def _render_scene(d: Draws, size: int, n_objects: int, composite_prob: float, min_visible: float,
+                  allowed_colours: dict[str, list[str]], forced: list[tuple[str, str]],
+                  max_tries: int) -> Scene:
+    period = max(2, int(round(size / 42)))
+    image = _background(d, size)
+    # which element each pixel shows: 0 background, i + 1 element i (a basic shape or a part)
+    label = np.zeros((size, size), dtype=np.int32)
+    # per element: its visible pixels so far (what a bincount of label would give) and the least
+    # it must keep (min_visible of its own area, and 3 pixels); per composite: its elements and
+    # the least their sum must keep; per object: (spec, form, first element, box corner)
+    counts: list[int] = []
+    least: list[float] = []
+    composite_of: list[int] = []  # index into wholes, or -1
+    wholes: list[tuple[int, int, float]] = []
+    placed_objects: list[tuple[_Spec, _Form, int, int, int]] = []
+    n_el = 0
     for k in range(n_objects):
         force = forced[k] if k < len(forced) else None
         placed = False
@@ -430,116 +482,130 @@ def render_scene(rng: np.random.Generator, *, image_size: int, n_objects: int,
         for attempt in range(max_tries):
             if attempt and attempt % 12 == 0:
                 size_cap = max(0, size_cap - 1)  # crowded: try smaller objects
-            spec = _sample_spec(rng, composite_prob, allowed_colours, force, size_cap)
-            els, h, w = _elements(spec, rng, size)
+            spec = _sample_spec(d, composite_prob, allowed_colours, force, size_cap)
+            lo, hi = SIZE_RANGES[spec.size]
+            side = max(5, int(round(d.uniform(lo, hi) * size)))
+            h, w = shape_box(spec.shape, side)
             if h > size or w > size:
                 continue
-            y0 = int(rng.integers(0, size - h + 1))
-            x0 = int(rng.integers(0, size - w + 1))
-            base = len(elements)
+            form = _form(spec.kind, spec.shape, h, w)
+            y0 = d.integers(0, size - h + 1)
+            x0 = d.integers(0, size - w + 1)
+            if not form.big_enough:
+                continue
             region = label[y0:y0 + h, x0:x0 + w]
-            covered = els[0].mask if len(els) == 1 else np.logical_or.reduce([e.mask for e in els])
-            lost = np.bincount(region[covered] + 1, minlength=base + 1)[1:]
-            left = counts - lost
-            areas = np.array([e.area for e in els], dtype=np.int64)
-            # every element (the new ones keep their whole area: their masks are disjoint)
-            ok = not (np.any(left < need) or np.any(left < 3)
-                      or np.any(areas < min_visible * areas) or np.any(areas < 3))
-            if ok:  # whole objects must stay visible enough too (composites)
-                for idx, least in composites:
-                    if sum(left[i] for i in idx) < least:
+            # the elements it would cover, and how many of their pixels; only those can fall
+            # below what they must keep (the others passed when they or the last object were
+            # placed, and are unchanged)
+            lost = np.bincount(region[form.covered]).tolist() if n_el else [0]
+            touched = [(e - 1, n) for e, n in enumerate(lost) if n and e]
+            ok = True
+            for e, n in touched:
+                if counts[e] - n < least[e]:
+                    ok = False
+                    break
+            if ok:
+                done: set[int] = set()
+                for e, _ in touched:
+                    c = composite_of[e]
+                    if c < 0 or c in done:
+                        continue
+                    done.add(c)
+                    first, end, need = wholes[c]
+                    kept = sum(counts[i] - (lost[i + 1] if i + 1 < len(lost) else 0)
+                               for i in range(first, end))
+                    if kept < need:
                         ok = False
                         break
             if not ok:
                 continue
-            new_region = region.copy()
-            for i, e in enumerate(els):
-                new_region[e.mask] = base + i
-                e.y0, e.x0 = y0, x0
-            label[y0:y0 + h, x0:x0 + w] = new_region
-            counts = np.concatenate([left, areas])
-            need = np.concatenate([need, min_visible * areas])
-            idx = list(range(base, base + len(els)))
-            if len(idx) > 1:
-                composites.append((idx, min_visible * sum(e.area for e in els)))
-            specs.append((spec, idx))
-            elements.extend(els)
+            # label and paint it over what lies there (later objects cover earlier ones, so
+            # what stays visible is what the label map says): its colour, then its texture's
+            reg = image[y0:y0 + h, x0:x0 + w]
+            for i, m in enumerate(form.masks):
+                np.copyto(region, n_el + 1 + i, where=m)
+            if spec.kind == "composite":
+                for m, c in zip(form.masks, spec.part_colours):
+                    reg[m] = COLOURS[c]
+            else:
+                reg[form.covered] = COLOURS[spec.colour]
+                if spec.texture != "solid":
+                    reg[_textured(form, spec.texture, period)] = texture_colour(spec.colour)
+            for e, n in touched:
+                counts[e] -= n
+            counts.extend(form.areas)
+            least.extend(max(min_visible * a, 3) for a in form.areas)
+            if len(form.masks) > 1:
+                composite_of.extend([len(wholes)] * len(form.masks))
+                wholes.append((n_el, n_el + len(form.masks), min_visible * sum(form.areas)))
+            else:
+                composite_of.append(-1)
+            placed_objects.append((spec, form, n_el, y0, x0))
+            n_el += len(form.masks)
             placed = True
             break
         if not placed and force is not None:
             raise _LayoutError("could not place a forced object")
 
-    # paint
-    for i, e in enumerate(elements):
-        h, w = e.mask.shape
-        lab = label[e.y0:e.y0 + h, e.x0:e.x0 + w]
-        sel = lab == i
-        reg = image[e.y0:e.y0 + h, e.x0:e.x0 + w]
-        if e.texture == "solid":
-            reg[sel] = COLOURS[e.colour]
-        else:
-            tex = _texture_mask_cached(e.texture, h, w, period)
-            reg[sel & ~tex] = COLOURS[e.colour]
-            reg[sel & tex] = texture_colour(e.colour)
+    # records: every element's visible pixels per row and per column, from one bincount each
+    # of the label map; a composite's are the sums of its parts'. Centroids are the exact
+    # integer sums of coordinates over the pixel count, as xs.mean() computes them
+    index = _PIXEL_INDEX.get(size)
+    if index is None:
+        rows = np.repeat(np.arange(size, dtype=np.int32), size)
+        index = _PIXEL_INDEX[size] = (_frozen(rows), _frozen(np.tile(np.arange(size, dtype=np.int32), size)),
+                                      _frozen(np.arange(size, dtype=np.int64)))
+    rows, cols, coord = index
+    flat = label.ravel() * size
+    per_row = np.bincount(flat + rows, minlength=(n_el + 1) * size).reshape(n_el + 1, size)[1:]
+    per_col = np.bincount(flat + cols, minlength=(n_el + 1) * size).reshape(n_el + 1, size)[1:]
+    area = per_row.sum(axis=1).tolist()
+    sum_y = (per_row @ coord).tolist()
+    sum_x = (per_col @ coord).tolist()
+    any_row, any_col = per_row > 0, per_col > 0
+    y_first = any_row.argmax(axis=1).tolist()
+    y_last = (size - 1 - any_row[:, ::-1].argmax(axis=1)).tolist()
+    x_first = any_col.argmax(axis=1).tolist()
+    x_last = (size - 1 - any_col[:, ::-1].argmax(axis=1)).tolist()
+    onehot = [label == i for i in range(1, n_el + 1)]  # each element's visible pixels
 
-    # records
+    def record(oid, kind, shape, colour, sz, texture, parent, parts, els) -> WorldObject:
+        if len(els) == 1:
+            i = els[0]
+            n, sy, sx = area[i], sum_y[i], sum_x[i]
+            xa, ya, xb, yb = x_first[i], y_first[i], x_last[i], y_last[i]
+        else:
+            a, b = els[0], els[-1] + 1
+            n, sy, sx = sum(area[a:b]), sum(sum_y[a:b]), sum(sum_x[a:b])
+            xa, ya = min(x_first[a:b]), min(y_first[a:b])
+            xb, yb = max(x_last[a:b]), max(y_last[a:b])
+        return WorldObject(id=oid, kind=kind, shape=shape, colour=colour, size=sz,
+                           texture=texture, parent=parent, parts=parts,
+                           cx=sx / n + 0.5, cy=sy / n + 0.5, area=n,
+                           bbox=(xa, ya, xb - xa + 1, yb - ya + 1))
+
     objects: list[WorldObject] = []
     masks: dict[int, np.ndarray] = {}
     next_id = 1
-    for spec, idx in specs:
-        e = elements[idx[0]]
-        box = (e.y0, e.x0, *e.mask.shape)  # every element of an object shares its box
+    for spec, form, first, _, _ in placed_objects:
         if spec.kind == "composite":
             oid = next_id
-            part_ids = tuple(range(oid + 1, oid + 1 + len(idx)))
-            part_masks = [label == ei for ei in idx]
-            whole = np.logical_or.reduce(part_masks)
-            objects.append(_record(oid, "composite", spec.shape, MIXED, spec.size, "solid",
-                                   None, part_ids, whole, box))
-            masks[oid] = whole
-            for pid, ei, pname, m in zip(part_ids, idx, COMPOSITES[spec.shape], part_masks):
-                objects.append(_record(pid, "part", pname, elements[ei].colour, spec.size,
-                                       "solid", oid, (), m, box))
-                masks[pid] = m
-            next_id = oid + 1 + len(idx)
+            els = range(first, first + len(form.masks))
+            part_ids = tuple(range(oid + 1, oid + 1 + len(els)))
+            objects.append(record(oid, "composite", spec.shape, MIXED, spec.size, "solid",
+                                  None, part_ids, els))
+            masks[oid] = np.logical_or.reduce(onehot[first:first + len(els)])
+            for pid, ei, pname, c in zip(part_ids, els, COMPOSITES[spec.shape], spec.part_colours):
+                objects.append(record(pid, "part", pname, c, spec.size, "solid", oid, (), (ei,)))
+                masks[pid] = onehot[ei]
+            next_id = oid + 1 + len(els)
         else:
-            m = label == idx[0]
-            objects.append(_record(next_id, "shape", spec.shape, spec.colour, spec.size,
-                                   spec.texture, None, (), m, box))
-            masks[next_id] = m
+            objects.append(record(next_id, "shape", spec.shape, spec.colour, spec.size,
+                                  spec.texture, None, (), (first,)))
+            masks[next_id] = onehot[first]
             next_id += 1
     return Scene(image=image, objects=objects, masks=masks)
 
 
 class _LayoutError(RuntimeError):
     pass
-
-
-def _record(oid: int, kind: str, shape: str, colour: str, size: str, texture: str,
-            parent: int | None, parts: tuple[int, ...], mask: np.ndarray,
-            box: tuple[int, int, int, int] | None = None) -> WorldObject:
-    """An object's record from its visible mask; ``box`` (y0, x0, h, w), where given, holds
-    every pixel of the mask (it is searched instead of the whole image)."""
-    if box is None:
-        ys, xs = np.nonzero(mask)
-        bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-                int(ys.max() - ys.min() + 1))
-        return WorldObject(id=oid, kind=kind, shape=shape, colour=colour, size=size,
-                           texture=texture, parent=parent, parts=parts,
-                           cx=float(xs.mean()) + 0.5, cy=float(ys.mean()) + 0.5,
-                           area=int(len(xs)), bbox=bbox)
-    # the same from the pixel counts of the box's rows and columns: the sums of coordinates
-    # are exact integers, and xs.mean() is their float sum over the count (exact below 2**53)
-    y0, x0, h, w = box
-    sub = mask[y0:y0 + h, x0:x0 + w]
-    rows = np.count_nonzero(sub, axis=1)
-    cols = np.count_nonzero(sub, axis=0)
-    n = int(rows.sum())
-    ry = np.flatnonzero(rows)
-    rx = np.flatnonzero(cols)
-    sy = int(rows @ np.arange(y0, y0 + h)) / n
-    sx = int(cols @ np.arange(x0, x0 + w)) / n
-    bbox = (int(x0 + rx[0]), int(y0 + ry[0]), int(rx[-1] - rx[0] + 1), int(ry[-1] - ry[0] + 1))
-    return WorldObject(id=oid, kind=kind, shape=shape, colour=colour, size=size,
-                       texture=texture, parent=parent, parts=parts,
-                       cx=sx + 0.5, cy=sy + 0.5, area=n, bbox=bbox)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from segllm.data.world.draws import Draws
 from segllm.data.world.language import _DIR_REL, ATTRS, Margins, Query, _related, resolvability
 from segllm.data.world.scene import MIXED, PARTS, WorldObject
 
@@ -27,8 +28,10 @@ _DIR_OF = {v: k for k, v in _DIR_REL.items()}
 _PARTS = frozenset(PARTS)
 _ATTR_INDEX = {a: i for i, a in enumerate(ATTRS)}
 # (attribute values, attributes a head may name) -> per number of attributes, the heads in
-# itertools.combinations order, as (number of attributes, head key)
-_HEAD_TABLES: dict[tuple, list[list[tuple[int, HeadKey]]]] = {}
+# itertools.combinations order
+_HEAD_TABLES: dict[tuple, list[tuple[HeadKey, ...]]] = {}
+# (attribute values, attributes a head may name, most attributes) -> head_levels' answer
+_LEVELS: dict[tuple, tuple[tuple[HeadKey, ...], ...]] = {}
 
 HeadKey = tuple  # (size, colour, texture, shape), None where the head does not say
 
@@ -78,12 +81,17 @@ class SceneIndex:
         self._cones: dict[tuple[int, str], tuple[int, int]] = {}
         self._dist: dict[int, list[float]] = {}
         self._head_masks: dict[HeadKey, int] = {}
+        self._n_matching: dict[HeadKey, int] = {}
         self._denoters: dict[tuple, Callable[[HeadKey], tuple[int, int]]] = {}
+        self._answers: dict[tuple, dict[HeadKey, int | None]] = {}
+        self._fns: dict[tuple, Callable[[int], tuple[int, int]]] = {}  # _relation's, by its arguments
 
     def release(self) -> None:
         """Drop the memoised answers (their functions refer back to the index: a reference
         cycle), so that the index is freed as soon as it is no longer used."""
         self._denoters.clear()
+        self._answers.clear()
+        self._fns.clear()
 
     # -- tables ---------------------------------------------------------------------------------
 
@@ -100,8 +108,11 @@ class SceneIndex:
 
     def n_matching(self, hk: HeadKey) -> int:
         """How many objects a head phrase alone matches (parts for a part's name, else top-level)."""
-        group = self.part_mask if hk[3] in _PARTS else self.top_mask
-        return (self.head_mask(hk) & group).bit_count()
+        n = self._n_matching.get(hk)
+        if n is None:
+            group = self.part_mask if hk[3] in _PARTS else self.top_mask
+            n = self._n_matching[hk] = (self.head_mask(hk) & group).bit_count()
+        return n
 
     def _banned(self, refs: tuple[int, ...]) -> int:
         banned = 0
@@ -217,6 +228,72 @@ class SceneIndex:
         if f is None:
             f = self._denoters[key] = self._make_denoter(rel, refs, direction, rank, attr, part, colour)
         return f
+
+    def answers(self, rel: str, refs: tuple[int, ...], direction: str | None = None,
+                rank: int | None = None, attr: str | None = None, part: str | None = None,
+                colour: str | None = None) -> tuple[dict[HeadKey, int | None], Callable]:
+        """(memo, answer) of one relation with its parameters and references: ``answer(hk)``
+        is the id of the one object the question with head hk denotes uniquely, or None
+        (``unique_id(*denote(hk))``), and memo holds the answers given so far by head key (a
+        caller may look there first)."""
+        key = (rel, refs, direction, rank, attr, part, colour)
+        got = self._answers.get(key)
+        if got is None:
+            memo: dict[HeadKey, int | None] = {}
+            ids = self.ids
+            if rel in _PART_RELATIONS or rel == "whole":
+                denote = self.denoter(rel, refs, direction, rank, attr, part, colour)
+
+                def answer(hk: HeadKey) -> int | None:
+                    possible, definite = denote(hk)
+                    u = None
+                    if possible and possible == definite and possible & (possible - 1) == 0:
+                        u = ids[possible.bit_length() - 1]
+                    memo[hk] = u
+                    return u
+            else:
+                # the denoter's steps inline, remembered by the candidates the head leaves
+                fn = self._relation(rel, refs, direction if direction in self.coord else "bottom",
+                                    rank, attr)
+                keep = ~self._banned(refs)
+                top, parts = self.top_mask & keep, self.part_mask & keep
+                head_masks, head_mask = self._head_masks, self.head_mask
+                by_candidates: dict[int, int | None] = {}
+
+                def answer(hk: HeadKey) -> int | None:
+                    hm = head_masks.get(hk)
+                    if hm is None:
+                        hm = head_mask(hk)
+                    c = hm & (parts if hk[3] in _PARTS else top)
+                    u = by_candidates.get(c, 0)  # 0: not yet (ids start at 1)
+                    if u == 0:
+                        possible, definite = fn(c)
+                        u = None
+                        if possible and possible == definite and possible & (possible - 1) == 0:
+                            u = ids[possible.bit_length() - 1]
+                        by_candidates[c] = u
+                    memo[hk] = u
+                    return u
+            got = self._answers[key] = (memo, answer)
+        return got
+
+    def _answer_once(self, rel: str, refs: tuple[int, ...], direction, rank, attr, part, colour,
+                     hk: HeadKey) -> int | None:
+        """``answers(...)[1](hk)`` without keeping tables for these references (a question asked
+        once: needs_memory's alternatives)."""
+        got = self._answers.get((rel, refs, direction, rank, attr, part, colour))
+        if got is not None:
+            memo, answer = got
+            u = memo.get(hk, 0)
+            return answer(hk) if u == 0 else u
+        if rel in _PART_RELATIONS or rel == "whole":
+            return self.answers(rel, refs, direction, rank, attr, part, colour)[1](hk)
+        fn = self._relation(rel, refs, direction if direction in self.coord else "bottom", rank, attr)
+        group = self.part_mask if hk[3] in _PARTS else self.top_mask
+        possible, definite = fn(self.head_mask(hk) & group & ~self._banned(refs))
+        if possible and possible == definite and possible & (possible - 1) == 0:
+            return self.ids[possible.bit_length() - 1]
+        return None
 
     def _make_denoter(self, rel, refs, direction, rank, attr, part, colour):
         objects = self.objects
@@ -344,27 +421,37 @@ class SceneIndex:
             return lambda c: (c & possible, c & definite)
         raise ValueError(f"unknown relation {rel!r}")
 
-    def heads(self, pos: int, allowed: tuple[str, ...], rng: np.random.Generator,
+    def head_levels(self, pos: int, allowed: tuple[str, ...],
+                    max_attrs: int = 4) -> tuple[tuple[HeadKey, ...], ...]:
+        """The head keys :func:`~segllm.data.world.language.heads_for` builds for
+        ``objects[pos]``, per number of attributes (0, 1, ... up to max_attrs), each level in
+        ``itertools.combinations`` order (heads_for permutes each level of two or more)."""
+        vals = self.values[pos]
+        key = (vals, allowed, max_attrs)
+        got = _LEVELS.get(key)
+        if got is None:
+            avail = tuple(a for a in allowed if vals[_ATTR_INDEX[a]] != MIXED)
+            tkey = (vals, avail)
+            table = _HEAD_TABLES.get(tkey)
+            if table is None:
+                table = _HEAD_TABLES[tkey] = [
+                    tuple(tuple(v if a in combo else None for a, v in zip(ATTRS, vals))
+                          for combo in itertools.combinations(avail, n))
+                    for n in range(len(avail) + 1)]
+            got = _LEVELS[key] = tuple(table[: min(max_attrs, len(avail)) + 1])
+        return got
+
+    def heads(self, pos: int, allowed: tuple[str, ...], rng: Draws,
               max_attrs: int = 4) -> list[tuple[int, HeadKey]]:
         """(number of attributes, head key) of the heads
         :func:`~segllm.data.world.language.heads_for` builds for ``objects[pos]``, in its order
         and with the same draws from rng."""
-        vals = self.values[pos]
-        avail = tuple(a for a in allowed if vals[_ATTR_INDEX[a]] != MIXED)
-        key = (vals, avail)
-        table = _HEAD_TABLES.get(key)
-        if table is None:
-            table = _HEAD_TABLES[key] = [
-                [(n, tuple(v if a in combo else None for a, v in zip(ATTRS, vals)))
-                 for combo in itertools.combinations(avail, n)]
-                for n in range(len(avail) + 1)]
         out: list[tuple[int, HeadKey]] = []
-        for n in range(0, min(max_attrs, len(avail)) + 1):
-            hks = table[n]
+        for n, hks in enumerate(self.head_levels(pos, allowed, max_attrs)):
             if len(hks) == 1:
-                out.append(hks[0])  # rng.permutation(1) draws nothing
+                out.append((n, hks[0]))  # rng.permutation(1) draws nothing
             else:
-                out.extend([hks[i] for i in rng.permutation(len(hks)).tolist()])
+                out.extend([(n, hks[i]) for i in rng.perm(len(hks))])
         return out
 
     def ref_positions(self, q: Query, targets: list) -> tuple[int, ...] | None:
@@ -404,6 +491,41 @@ class SceneIndex:
     def needs_memory(self, q: Query, targets: list) -> bool:
         if not q.refs:
             return False
+        refs = self.ref_positions(q, targets)
+        if refs is not None and len(set(q.refs)) == len(q.refs):
+            # every reference valid and distinct: each alternative only moves one of them
+            h = q.head
+            hk = (h.size, h.colour, h.texture, h.shape)
+            memo, answer_of = self.answers(q.relation, refs, q.direction, q.rank, q.attr,
+                                           q.part, q.colour)
+            answer = memo[hk] if hk in memo else answer_of(hk)
+            rel, pos = q.relation, self.pos
+            general = not (rel in _PART_RELATIONS or rel == "whole")
+            if general:  # the denoter's steps, with the relation's function per references kept
+                direction = q.direction if q.direction in self.coord else "bottom"
+                heads = self.head_mask(hk) & (self.part_mask if hk[3] in _PARTS else self.top_mask)
+                fns, ids = self._fns, self.ids
+            for j in range(len(refs)):
+                actual = refs[j]
+                for p, oid in enumerate(self.ids):
+                    if p == actual or pos[oid] != p:
+                        continue  # the reference itself; an id given twice (evaluate: last wins)
+                    alt = refs[:j] + (p,) + refs[j + 1:]
+                    if general:
+                        key = (rel, alt, direction, q.rank, q.attr)
+                        fn = fns.get(key)
+                        if fn is None:
+                            fn = fns[key] = self._relation(rel, alt, direction, q.rank, q.attr)
+                        possible, definite = fn(heads & ~self._banned(alt))
+                        got = None
+                        if possible and possible == definite and possible & (possible - 1) == 0:
+                            got = ids[possible.bit_length() - 1]
+                    else:
+                        got = self._answer_once(rel, alt, q.direction, q.rank, q.attr, q.part,
+                                                q.colour, hk)
+                    if got is not None and got != answer:
+                        return True
+            return False
         answer = self.is_unique(q, targets)
         for k in q.refs:
             actual = targets[k - 1]
@@ -418,6 +540,8 @@ class SceneIndex:
         return False
 
     def text_resolvable(self, queries: list[Query], targets: list, *,
-                        max_scenarios: int = 4096) -> list[bool]:
-        """As :func:`segllm.data.world.language.text_resolvable`."""
-        return resolvability(queries, targets, self.resolve, self.is_unique, max_scenarios=max_scenarios)
+                        max_scenarios: int = 4096, rounds: list[int] | None = None) -> list[bool]:
+        """As :func:`segllm.data.world.language.text_resolvable` (with ``rounds``, only those
+        0-indexed rounds' answers: :func:`~segllm.data.world.language.resolvability`)."""
+        return resolvability(queries, targets, self.resolve, self.is_unique,
+                             max_scenarios=max_scenarios, rounds=rounds)
