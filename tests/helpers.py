@@ -77,3 +77,16 @@ def llava_original(parts) -> Path:
               "mm_vision_tower": "openai/clip-vit-large-patch14-336", "vocab_size": len(tok), **LLAVA_LLAMA}
     state = {**llm, **{f"model.mm_projector.{k}": v for k, v in proj.items()}}
     return write_llava_folder(root / "original", tok, config, state)
+
+
+class ListData:
+    """Conversations in a list, read the way evaluation reads a dataset (``len`` and ``get``)."""
+
+    def __init__(self, convs):
+        self.convs = convs
+
+    def __len__(self):
+        return len(self.convs)
+
+    def get(self, i):
+        return self.convs[i]

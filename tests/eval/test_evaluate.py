@@ -5,6 +5,7 @@ from segllm.conversation import Conversation, Round
 from segllm.eval.evaluate import evaluate, format_table, read_logs
 from segllm.eval.report import write_reports
 from segllm.session import Reply
+from tests.helpers import ListData
 
 
 def _mask(y0, y1, x0, x1):
@@ -12,16 +13,6 @@ def _mask(y0, y1, x0, x1):
     m[y0:y1, x0:x1] = True
     return m
 
-
-class ListData:
-    def __init__(self, convs):
-        self.convs = convs
-
-    def __len__(self):
-        return len(self.convs)
-
-    def get(self, i):
-        return self.convs[i]
 
 
 class Oracle:

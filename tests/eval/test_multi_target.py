@@ -11,6 +11,7 @@ from segllm.conversation import Conversation, Round
 from segllm.eval.evaluate import evaluate, format_table, read_logs
 from segllm.eval.metrics import mask_box, match_targets, released_frame_gt, score_targets
 from segllm.session import Reply
+from tests.helpers import ListData
 
 
 def _mask(y0, y1, x0, x1, shape=(10, 10)):
@@ -73,16 +74,6 @@ def test_ties_keep_the_answers_order_and_many_masks_match_greedily():
     assert match_targets(cols[::-1], cols) == list(range(8, -1, -1))
 
 
-class _Data:
-    def __init__(self, convs):
-        self.convs = convs
-
-    def __len__(self):
-        return len(self.convs)
-
-    def get(self, i):
-        return self.convs[i]
-
 
 class _Answers:
     """A stand-in model whose round k answers with masks[k-1] (any number of them)."""
@@ -138,7 +129,7 @@ def test_evaluate_reports_matched_and_union(protocol, tmp_path):
     # round 1 exact; round 2 answers with one mask only (inside B): A missing
     model = _Answers([[C], [P_B]])
     log = tmp_path / "log.jsonl"
-    r = evaluate(model, _Data([conv]), protocol=protocol, session_factory=_Session, log_path=log)
+    r = evaluate(model, ListData([conv]), protocol=protocol, session_factory=_Session, log_path=log)
     m = r.multi_target
     assert (m["rounds"], m["targets"], m["missing"], m["extra"]) == (1, 2, 1, 0)
     assert m["matched cIoU"] == pytest.approx(100 * 20 / 35)  # (0 + 20) / (10 + 25)
@@ -186,7 +177,7 @@ class _FrameAnswers(_Answers):
 
 def test_released_frame_scores_the_frame_masks():
     conv, C = _conv()
-    r = evaluate(_FrameAnswers([[C], [B]]), _Data([conv]), protocol="oracle", frame="released")
+    r = evaluate(_FrameAnswers([[C], [B]]), ListData([conv]), protocol="oracle", frame="released")
     a, b = released_frame_gt(A, 20).sum(), released_frame_gt(B, 20).sum()
     assert a > 0 and b > 0
     m = r.multi_target
