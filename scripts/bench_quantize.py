@@ -26,6 +26,7 @@ from segllm import SegLLM  # noqa: E402
 from segllm.data.records import WorldConversations  # noqa: E402
 from segllm.default import DEFAULT_MODEL  # noqa: E402
 from segllm.errors import MaskError  # noqa: E402
+from segllm.eval.metrics import mask_scores  # noqa: E402
 from segllm.model.quantize import llm_weight_bytes  # noqa: E402
 from segllm.session import Session  # noqa: E402
 from tests.helpers import RELEASED_FIXTURES  # noqa: E402
@@ -59,11 +60,6 @@ def _run(model: SegLLM, work: list[tuple[np.ndarray, list[tuple[str, tuple]]]]) 
     return masks, seconds / max(rounds, 1), rounds, refused
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return 1.0 if union == 0 else float((a & b).sum() / union)
-
-
 def bench(name: str, path: Path, work) -> list[dict]:
     rows, reference = [], {}
     for label, dtype, quantize in SETTINGS:
@@ -74,7 +70,7 @@ def bench(name: str, path: Path, work) -> list[dict]:
                "s_per_round": round(per_round, 4), "rounds": rounds, "refused": refused}
         for base in ("float32", "bfloat16"):
             if base in reference and base != label:
-                ious = [_iou(a, b) for a, b in zip(reference[base], masks)]
+                ious = [mask_scores(b, a)[2] for a, b in zip(reference[base], masks)]
                 row[f"iou_vs_{base}_mean"] = round(float(np.mean(ious)), 4)
                 row[f"iou_vs_{base}_min"] = round(float(np.min(ious)), 4)
         rows.append(row)

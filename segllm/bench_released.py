@@ -46,6 +46,7 @@ from segllm.config import HipieDecoderConfig
 from segllm.conversation import load_image
 from segllm.default import DEFAULT_MODEL, EXAMPLES
 from segllm.errors import ConfigError
+from segllm.eval.metrics import mask_scores
 from segllm.model.builder import build_segllm
 from segllm.model.quantize import QUANTIZE_MODES, llm_weight_bytes, quantize_llm
 from segllm.model.released import _KNOWN_VISION, CLIP_MEAN, CLIP_STD, clip_vision_config, released_like_config
@@ -472,17 +473,12 @@ def _run_setting(job: tuple) -> tuple[dict, list[np.ndarray]]:
     return result.to_json(), masks
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return 1.0 if union == 0 else float((a & b).sum() / union)
-
-
 def mask_agreement(masks: dict[str, list[np.ndarray]], reference: str = "bfloat16") -> dict[str, list[float]]:
     """Per setting (other than ``reference``), the IoU of each round's mask with the reference
     setting's mask of the same round (two empty masks agree: 1.0)."""
     if reference not in masks:
         return {}
-    return {s: [_iou(a, b) for a, b in zip(masks[reference], m)] for s, m in masks.items() if s != reference}
+    return {s: [mask_scores(b, a)[2] for a, b in zip(masks[reference], m)] for s, m in masks.items() if s != reference}
 
 
 def run_released(

@@ -145,6 +145,18 @@ def _iou_matrix(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], ignore: 
     return out
 
 
+def _best_assignment(iou: np.ndarray) -> list[int]:
+    """For a [R, C] score matrix with R <= C, the distinct column of each row that maximises the
+    summed score, by searching every assignment (permutations start from the identity, so among
+    equal totals the first found, closest to row r -> column r, wins)."""
+    best, best_total = None, -1.0
+    for perm in itertools.permutations(range(iou.shape[1]), iou.shape[0]):
+        total = float(sum(iou[r, c] for r, c in enumerate(perm)))
+        if total > best_total + 1e-12:
+            best, best_total = list(perm), total
+    return best
+
+
 def match_targets(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], *, ignore: np.ndarray | None = None) -> list[int | None]:
     """Pair each target with one prediction, one to one, maximising the summed IoU.
 
@@ -162,19 +174,10 @@ def match_targets(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], *, ign
         return [None] * g
     iou = _iou_matrix(preds, gts, ignore)
     if max(g, p) <= _EXACT_MATCH_MAX:
-        best, best_total = None, -1.0
-        if g <= p:  # each target one distinct prediction; permutations start from the identity
-            for perm in itertools.permutations(range(p), g):
-                total = float(sum(iou[i, j] for i, j in enumerate(perm)))
-                if total > best_total + 1e-12:
-                    best, best_total = list(perm), total
-            return best
+        if g <= p:  # each target one distinct prediction
+            return _best_assignment(iou)
         out: list[int | None] = [None] * g
-        for perm in itertools.permutations(range(g), p):  # each prediction one distinct target
-            total = float(sum(iou[i, j] for j, i in enumerate(perm)))
-            if total > best_total + 1e-12:
-                best, best_total = perm, total
-        for j, i in enumerate(best):
+        for j, i in enumerate(_best_assignment(iou.T)):  # each prediction one distinct target
             out[i] = j
         return out
     out = [None] * g
