@@ -131,7 +131,10 @@ def _image_dense_terms(model: SegLLM, batch: Batch) -> tuple[Tensor, Tensor, Ten
         g = int(round(patches.shape[1] ** 0.5))
         terms.append(model.dense_head.loss("vision", patches.reshape(patches.shape[0], g, g, -1), batch.dense_vision.to(patches.device)))
     if "decoder" in model.config.dense.on:
-        terms.append(model.dense_head.loss("decoder", decoder_feats.permute(0, 2, 3, 1), batch.dense_decoder.to(decoder_feats.device)))
+        # the decoder's own features: its first prompt_dim channels (a refining direct decoder
+        # appends full-resolution ones after them)
+        feats = decoder_feats[:, : model.decoder.prompt_dim]
+        terms.append(model.dense_head.loss("decoder", feats.permute(0, 2, 3, 1), batch.dense_decoder.to(feats.device)))
     return image_tokens, decoder_feats, (sum(terms) / len(terms) if terms else None)
 
 

@@ -41,6 +41,12 @@ class DirectDecoderConfig:
             shifts the [SEG] query (what the referent looks like: "coloured like instance 3").
             Its layers start at zero, so switching it on for a trained model changes nothing
             until it trains. The model passes the map only with mask memory on.
+        refine_stride: 0 (off): masks come out on the feature grid (``image_size / stride``
+            per side). 1 or 2: a refinement stage (:mod:`segllm.decoders.direct.refine`) brings
+            them to ``image_size / refine_stride`` per side, adding a residual read from
+            full-resolution image features to the upsampled coarse masks (its last layer starts
+            at zero: switching it on for a trained model keeps that model's masks, upsampled).
+        refine_width: channels of the refinement stage.
         mean, std: normalisation of [0, 1] pixel values.
     """
 
@@ -56,5 +62,7 @@ class DirectDecoderConfig:
     heads: int = 4
     attributes: dict[str, int] = field(default_factory=dict)
     ref_prior: bool = False
+    refine_stride: int = 0
+    refine_width: int = 16
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

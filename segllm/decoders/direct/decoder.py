@@ -12,8 +12,13 @@ its neighbourhood and one self-attention block over a pooled grid gives it the w
 With ``ref_prior`` the mask a round refers to enters as well (where the referent is, and what its
 features look like), so mask memory reaches the mask directly and not only through the LLM.
 
+With ``refine_stride`` a refinement stage (:mod:`.refine`) brings the masks from the feature grid
+to a finer output grid along the image's edges.
+
 Shapes: B images, N prompts, K tokens per prompt (the first ``num_ref_tokens`` [REF]), D prompt
-width (``dim``), F ``fuse_dim``, g = image_size / stride feature grid side, c ``context_grid``.
+width (``dim``), F ``fuse_dim``, g = image_size / stride feature grid side, c ``context_grid``,
+G = the output side (g, or image_size / refine_stride with refinement), P the refinement's
+packed full-resolution channels (0 without it).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from segllm.config import PromptHeadConfig
 from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, check_decoder_inputs, normalized_frame
 from segllm.decoders.convnet import ConvBackbone, ResidualBlock
 from segllm.decoders.direct.config import DirectDecoderConfig
+from segllm.decoders.direct.refine import MaskRefiner
 from segllm.decoders.layers import MLP
 from segllm.decoders.sam.decoder import EncoderBlock
 from segllm.errors import ConfigError
@@ -36,7 +42,7 @@ __all__ = ["DirectMaskDecoder", "build_direct_decoder"]
 
 
 class DirectMaskDecoder(MaskDecoder):
-    """Image + N prompts of K tokens -> [N, 2, g, g] mask logits ([REF], [SEG]) and [N, 2] IoU.
+    """Image + N prompts of K tokens -> [N, 2, G, G] mask logits ([REF], [SEG]) and [N, 2] IoU.
 
     Parameters under ``image_encoder.`` form the image encoder (the "decoder_encoder" part);
     the rest is the decoder.
@@ -78,6 +84,9 @@ class DirectMaskDecoder(MaskDecoder):
             self.ref_norm = nn.LayerNorm(d)
             self.ref_film = nn.Linear(d, 2 * f, bias=False)  # what it looks like -> modulation
             self.ref_query = nn.Linear(d, f, bias=False)  # ... and -> the [SEG] query
+        self.refiner = None
+        if config.refine_stride:
+            self.refiner = MaskRefiner(config.image_size, config.stride, config.refine_stride, config.refine_width)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -95,7 +104,12 @@ class DirectMaskDecoder(MaskDecoder):
 
     @property
     def output_size(self) -> int:
-        return self.grid_size
+        return self.refiner.out_size if self.refiner is not None else self.grid_size
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of :meth:`encode_image`'s output: D, plus P with refinement."""
+        return self.prompt_dim + (self.refiner.packed_channels if self.refiner is not None else 0)
 
     def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
         """uint8 image [3, H, W] -> normalised float32 input [3, S, S] and its :class:`Frame`.
@@ -106,28 +120,46 @@ class DirectMaskDecoder(MaskDecoder):
         return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
-        """[B, 3, S, S] preprocessed images -> features [B, dim, g, g]."""
-        return self.image_encoder(pixels)
+        """[B, 3, S, S] preprocessed images -> features [B, D + P, g, g]: the encoder's D
+        channels, then (with refinement) the full-resolution features folded onto the grid."""
+        feats = self.image_encoder(pixels)
+        if self.refiner is None:
+            return feats
+        return torch.cat([feats, self.refiner.encode(pixels).to(feats.dtype)], dim=1)
 
     def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor, ref_masks: Tensor | None = None) -> DecoderOutput:
         """Decode N prompts.
 
         Args:
-            image_features: [B, dim, g, g] from :meth:`encode_image`.
+            image_features: [B, D + P, g, g] from :meth:`encode_image`.
             prompts: [N, K, dim] prompt tokens.
             batch_index: [N] integer, which image each prompt belongs to (in [0, B)).
-            ref_masks: [N, g, g] float in [0, 1], the earlier mask each prompt's round refers
-                to, in the output frame (zeros: none); used with ``ref_prior``, else ignored.
+            ref_masks: [N, G, G] float in [0, 1], the earlier mask each prompt's round refers
+                to, in the output frame (zeros: none); used with ``ref_prior`` (area-averaged
+                to the feature grid) and by the refinement, else ignored.
 
         Returns:
-            DecoderOutput with mask_logits [N, 2, g, g] and iou_scores [N, 2].
+            DecoderOutput with mask_logits [N, 2, G, G] and iou_scores [N, 2].
 
         Raises:
             ValueError: naming the mismatch if a shape, dtype or index is wrong.
         """
-        check_decoder_inputs(image_features, prompts, batch_index, width=self.prompt_dim, grid=self.grid_size, tokens=self.num_prompt_tokens)
+        c, g = self.feature_channels, self.grid_size
+        if image_features.ndim != 4 or tuple(image_features.shape[1:]) != (c, g, g):
+            raise ValueError(f"image_features must be [B, {c}, {g}, {g}] (encode_image's output), got {list(image_features.shape)}")
+        d = self.prompt_dim
+        check_decoder_inputs(image_features[:, :d], prompts, batch_index, width=d, grid=g, tokens=self.num_prompt_tokens)
         dtype = self.film.weight.dtype
-        feats = image_features.to(dtype).index_select(0, batch_index.long())  # [N, D, g, g]
+        gathered = image_features.to(dtype).index_select(0, batch_index.long())  # [N, D + P, g, g]
+        feats, packed = gathered[:, :d], gathered[:, d:]
+        image_features = image_features[:, :d]
+        fine_refs = None
+        if self.refiner is not None and ref_masks is not None and self.config.ref_prior:
+            out = self.output_size
+            if tuple(ref_masks.shape) != (feats.shape[0], out, out):
+                raise ValueError(f"ref_masks must be [{feats.shape[0]}, {out}, {out}] (one map per prompt, in the output frame), got {list(ref_masks.shape)}")
+            fine_refs = ref_masks.to(dtype)
+            ref_masks = F.adaptive_avg_pool2d(fine_refs[:, None], g)[:, 0]  # area-averaged to the feature grid
         prompts = prompts.to(dtype)
         r = self.num_ref_tokens
         summary = torch.stack([prompts[:, :r].mean(1), prompts[:, r:].mean(1)], dim=1)  # [N, 2, D]: REF, SEG
@@ -159,6 +191,8 @@ class DirectMaskDecoder(MaskDecoder):
             match = self.match_scale * self._match(pixels, named, batch_index.long())  # [N, g, g]
             masks = torch.stack([masks[:, REF], masks[:, SEG] + match], dim=1)
             attributes = (pixels.permute(0, 2, 3, 1), named)
+        if self.refiner is not None:
+            masks = self.refiner(packed, masks, fine_refs)
         return DecoderOutput(mask_logits=masks, iou_scores=self.iou_head(both), attributes=attributes)
 
     def _ref_prior(self, feats: Tensor, ref_masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -216,6 +250,10 @@ def build_direct_decoder(config: DirectDecoderConfig, prompt_head: PromptHeadCon
 def _check_config(config: DirectDecoderConfig, num_prompt_tokens: int, num_ref_tokens: int) -> None:
     if config.stride not in (4, 8, 16):
         raise ConfigError(f"decoder.stride must be 4, 8 or 16, got {config.stride}")
+    if config.refine_stride not in (0, 1, 2):
+        raise ConfigError(f"decoder.refine_stride must be 0 (off), 1 or 2, got {config.refine_stride}")
+    if config.refine_stride and config.refine_width < 1:
+        raise ConfigError(f"decoder.refine_width must be >= 1, got {config.refine_width}")
     if config.image_size % config.stride:
         raise ConfigError(f"decoder.image_size {config.image_size} is not a multiple of stride {config.stride}")
     g = config.image_size // config.stride
