@@ -82,3 +82,21 @@ def test_incremental_equals_full_on_the_bundled_model(model, index):
         assert ta == tb
         if ma is not None:
             assert np.array_equal(ma, mb)  # IoU 1.0 after thresholding
+
+
+@pytest.mark.parametrize("name", ["shapes", "scene2", "scene3"])
+def test_bundled_examples_are_what_the_world_writes_today(name):
+    # the examples `segllm chat` and the demo show must speak the bundled model's (the world's)
+    # current language about their scenes; regenerate with scripts/make_examples.py
+    from PIL import Image
+
+    from segllm.data.world import World, WorldConfig
+    from segllm.default import EXAMPLES
+
+    spec = json.loads((EXAMPLES / f"{name}.json").read_text())
+    sample = World(WorldConfig(), seed=0).sample("test", int(spec["source"].rsplit(" ", 1)[1]))
+    assert np.array_equal(np.asarray(Image.open(EXAMPLES / f"{name}.png").convert("RGB")), sample.image)
+    rounds = sample.record["rounds"]
+    assert len(spec["questions"]) == len(rounds)
+    for q, r in zip(spec["questions"], rounds):
+        assert q.startswith(r["question"]), (q, r["question"])
