@@ -16,7 +16,7 @@ Every time is the median over ``--repeats`` and is split by stage (image encodin
 encoder; two-stage selection + decoder; heads, masks and post-processing). Every ratio divides
 two medians of this run; nothing measured elsewhere is divided by.
 
-    python scripts/bench_released_parts.py --threads 2 --repeats 3 --prompts 3 --out docs/results/bench_released_parts.json
+    python scripts/bench_released_parts.py --threads 2 --repeats 3 --prompts 2 --out docs/results/bench_released_parts.json
 
 Peak memory is the process's maximum resident set size.
 """
