@@ -1,11 +1,22 @@
 """Time the released model's parts other than the LLM at full size, on this machine.
 
 Full-size HIPIE-R50 (the released decoder) and CLIP ViT-L/14 at 224 px (the vision tower), with
-random weights (speed does not depend on the values), fp32. One round of the released model
-outside the 7B LLM is: HIPIE's image encoding (once per image; a session caches it), CLIP on the
-image (once per image) and on one mask crop, and HIPIE's prompt-dependent part for one <seg>.
+random weights (speed does not depend on the values). HIPIE runs in three modes, alternating
+within every repeat so that all see the same load:
 
-    python scripts/bench_released_parts.py --threads 2 --repeats 3 --out docs/results/bench_released_parts.json
+* ``reference``: our HIPIE computing as the original does (``HipieDecoder.set_reference``):
+  float32, the original's pure-PyTorch deformable sampling, full-width fusion projections, and
+  the image encoded again for every prompt (the original caches nothing across prompts);
+* ``fast``: the default mode, float32; the image encoded once and its prompts decoded in one
+  batched call;
+* ``fast_bf16``: the fast mode on a bfloat16 copy of the weights (convolutions channels-last);
+  its masks are compared with the reference's (IoU of the selected [SEG] masks).
+
+Every time is the median over ``--repeats`` and is split by stage (image encoding; the fusion
+encoder; two-stage selection + decoder; heads, masks and post-processing). Every ratio divides
+two medians of this run; nothing measured elsewhere is divided by.
+
+    python scripts/bench_released_parts.py --threads 2 --repeats 3 --prompts 2 --out docs/results/bench_released_parts.json
 
 Peak memory is the process's maximum resident set size.
 """
@@ -13,66 +24,180 @@ Peak memory is the process's maximum resident set size.
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import platform
 import resource
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+STAGES = ("image", "encoder", "decoder", "heads")
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+
+class StageClock:
+    """Marks taken by forward hooks on the transformer's encoder and decoder.
+
+    One prompt-dependent call then splits into encoder (fusion + encoder layers), decoder
+    (two-stage selection + decoder layers) and heads (everything after the decoder).
+    """
+
+    def __init__(self, decoder) -> None:
+        transformer = decoder.detr.detr.transformer
+        self.marks: dict[str, float] = {}
+        for name, module in (("encoder", transformer.encoder), ("decoder", transformer.decoder)):
+            module.register_forward_pre_hook(self._mark(f"{name}_start"))
+            module.register_forward_hook(self._mark(f"{name}_end"))
+
+    def _mark(self, key: str) -> Callable:
+        def hook(*_args) -> None:
+            self.marks[key] = time.perf_counter()
+
+        return hook
+
+    def split(self, start: float, end: float) -> dict[str, float]:
+        """Seconds of encoder, decoder and heads for the call that ran from ``start`` to ``end``."""
+        m = self.marks
+        return {
+            "encoder": m["encoder_end"] - m["encoder_start"],
+            "decoder": m["decoder_end"] - m["encoder_end"],
+            "heads": end - m["decoder_end"] + (m["encoder_start"] - start),
+        }
+
+
+def run_mode(decoder, clock: StageClock, pixels: torch.Tensor, prompts: torch.Tensor, *, per_prompt_image: bool):
+    """One full forward of N prompts on one image -> (per-stage seconds, DecoderOutput of the prompts).
+
+    ``per_prompt_image``: encode the image again for every prompt and decode the prompts one by one
+    (the original's way); otherwise encode once and decode all prompts in one batched call.
+    """
+    times = dict.fromkeys(STAGES, 0.0)
+    outs = []
+    groups = [prompts[i : i + 1] for i in range(len(prompts))] if per_prompt_image else [prompts]
+    features = None
+    for group in groups:
+        if features is None or per_prompt_image:
+            t = time.perf_counter()
+            features = decoder.encode_image(pixels)
+            times["image"] += time.perf_counter() - t
+        start = time.perf_counter()
+        outs.append(decoder(features, group, torch.zeros(len(group), dtype=torch.long)))
+        for stage, seconds in clock.split(start, time.perf_counter()).items():
+            times[stage] += seconds
+    return times, outs
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """IoU of two binary masks (logits > 0); 1.0 when both are empty."""
+    a, b = a > 0, b > 0
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=3, help="prompts (<seg>s) on one image, besides the 1-prompt forward")
+    parser.add_argument("--skip-clip", action="store_true", help="time HIPIE only")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--reduced", action="store_true", help="the reduced test configuration at 256 px (a smoke run)")
     args = parser.parse_args()
+    if args.repeats < 1 or args.prompts < 1:
+        parser.error("--repeats and --prompts must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
+    from segllm.decoders.base import SEG
     from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig
-    from segllm.model.released import _KNOWN_VISION
 
-    decoder = HipieDecoder(HipieDecoderConfig()).eval()
-    clip_cfg = {k: v for k, v in _KNOWN_VISION["openai/clip-vit-large-patch14"].items() if k != "model_type"}
-    clip = CLIPVisionModel(CLIPVisionConfig(**clip_cfg)).eval()
+    config = replace(HipieDecoderConfig.reduced(), image_size=256) if args.reduced else HipieDecoderConfig()
+    reference = HipieDecoder(config).eval()
+    with torch.no_grad():
+        # random but non-trivial sampling offsets and attention weights (their init is zero)
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    reference.set_reference(True)
+    fast = copy.deepcopy(reference).set_reference(False)
+    fast_bf16 = copy.deepcopy(fast).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    decoders = {"reference": reference, "fast": fast, "fast_bf16": fast_bf16}
+    clocks = {name: StageClock(d) for name, d in decoders.items()}
 
     image = torch.randint(0, 256, (3, 768, 1024), dtype=torch.uint8)
-    pixels = decoder.preprocess(image)[0][None]
-    prompts = torch.randn(1, 8, 768) * 0.5
-    clip_in = torch.randn(2, 3, 224, 224)  # the image and one mask crop
-    with torch.no_grad():
-        features = decoder.encode_image(pixels)
-        t_encode = timed(lambda: decoder.encode_image(pixels), args.repeats)
-        t_prompt = timed(lambda: decoder(features, prompts, torch.zeros(1, dtype=torch.long)), args.repeats)
-        t_full = timed(lambda: decoder(decoder.encode_image(pixels), prompts, torch.zeros(1, dtype=torch.long)), args.repeats)
-        t_clip = timed(lambda: clip(pixel_values=clip_in, output_hidden_states=True), args.repeats)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {
-        "threads": args.threads,
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-        "hipie_image_encoding_s": round(t_encode, 3),
-        "hipie_per_prompt_s": round(t_prompt, 3),
-        "hipie_full_forward_s": round(t_full, 3),
-        "clip_image_plus_crop_s": round(t_clip, 3),
-        "round_first_s": round(t_full + t_clip, 3),
-        "round_later_s": round(t_prompt + t_clip / 2, 3),
-        # no ratio to the original's HIPIE: a figure from another run, machine and load cannot be
-        # divided by (issue 18); a same-run reference mode is what such a ratio needs
-        "peak_rss_mb": round(peak_mb),
+    pixels = reference.preprocess(image)[0][None]
+    all_prompts = torch.randn(args.prompts, 8, 768) * 0.5
+    inputs = {
+        "reference": (pixels, False),
+        "fast": (pixels, False),
+        "fast_bf16": (pixels.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), False),
     }
+    cases = {"1_prompt": all_prompts[:1], f"{args.prompts}_prompts": all_prompts}
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {c: {m: [] for m in decoders} for c in cases}
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
+            for case, prompts in cases.items():
+                for name, decoder in decoders.items():
+                    x, _ = inputs[name]
+                    p = prompts.to(x.dtype)
+                    times, outs = run_mode(decoder, clocks[name], x, p, per_prompt_image=name == "reference")
+                    if repeat > 0:
+                        samples[case][name].append(times)
+                    masks.setdefault(case, {})[name] = torch.cat([o.mask_logits[:, SEG] for o in outs]).float()
+                    print(f"repeat {repeat} {case} {name}: {sum(times.values()):.2f} s", flush=True)
+
+        clip_s = None
+        if not args.skip_clip:
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            from segllm.model.released import _KNOWN_VISION
+
+            clip_cfg = {k: v for k, v in _KNOWN_VISION["openai/clip-vit-large-patch14"].items() if k != "model_type"}
+            clip = CLIPVisionModel(CLIPVisionConfig(**clip_cfg)).eval()
+            clip_in = torch.randn(2, 3, 224, 224)  # the image and one mask crop
+            clip(pixel_values=clip_in, output_hidden_states=True)
+            runs = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                clip(pixel_values=clip_in, output_hidden_states=True)
+                runs.append(time.perf_counter() - t)
+            clip_s = statistics.median(runs)
+
+    result: dict = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    for case in cases:
+        medians = {
+            name: {stage: statistics.median(t[stage] for t in runs) for stage in STAGES}
+            for name, runs in samples[case].items()
+        }
+        totals = {name: statistics.median(sum(t.values()) for t in runs) for name, runs in samples[case].items()}
+        entry: dict = {}
+        for name in decoders:
+            entry[name] = {f"{stage}_s": round(medians[name][stage], 3) for stage in STAGES}
+            entry[name]["total_s"] = round(totals[name], 3)
+        for name in ("fast", "fast_bf16"):
+            entry[f"speedup_{name}_vs_reference"] = {
+                **{stage: round(medians["reference"][stage] / medians[name][stage], 2) for stage in STAGES},
+                "total": round(totals["reference"] / totals[name], 2),
+            }
+            ref_masks, got = masks[case]["reference"], masks[case][name]
+            entry[f"{name}_seg_mask_iou_vs_reference"] = [round(mask_iou(a, b), 4) for a, b in zip(got, ref_masks)]
+            scale = ref_masks.abs().max().item()
+            entry[f"{name}_max_mask_logit_diff_over_scale"] = float(f"{(got - ref_masks).abs().max().item() / scale:.2e}")
+        result[case] = entry
+    if clip_s is not None:
+        result["clip_image_plus_crop_s"] = round(clip_s, 3)
+        one = result["1_prompt"]["fast"]
+        result["round_first_s"] = round(one["total_s"] + clip_s, 3)
+        result["round_later_s"] = round(one["total_s"] - one["image_s"] + clip_s / 2, 3)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     from segllm.bench import report
 
     report(result, args.out)

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from segllm.decoders.base import REF, SEG, DecoderOutput, MaskDecoder
 from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig, load_released_hipie
-from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample
+from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample, multi_scale_deformable_sample_reference
+from segllm.decoders.hipie.fusion import BiMultiHeadAttention
 from segllm.errors import CheckpointError
 from tests.helpers import RELEASED_FIXTURES
-from tests.tolerance import scaled_atol
+from tests.tolerance import assert_close_scaled, scaled_atol
 
 HIPIE = RELEASED_FIXTURES / "hipie"
 
@@ -117,6 +118,64 @@ def test_deformable_sampling_matches_explicit_bilinear():
                 contrib = sampled * (wgt * inside * weights[..., level, :])[..., None]
                 expected += contrib.sum(3)
     torch.testing.assert_close(got, expected.reshape(b, q, m * dh))
+    torch.testing.assert_close(multi_scale_deformable_sample_reference(value, shapes, loc, weights), got)
+
+
+def test_fusion_fast_mode_equals_reference_mode_with_masked_tokens_and_gradients():
+    """The reassociated fusion == the original's order, values and gradients, with masked prompt tokens."""
+    torch.manual_seed(0)
+    attn = BiMultiHeadAttention(v_dim=32, l_dim=24, embed_dim=64, num_heads=4).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # non-zero biases too
+    v = torch.randn(2, 50, 32, dtype=torch.float64, requires_grad=True)
+    lang = torch.randn(2, 6, 24, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    results = []
+    for reference in (True, False):
+        attn.reference = reference
+        dv, dl = attn(v, lang, mask)
+        grads = torch.autograd.grad((dv * dv.detach()).sum() + (dl * dl.detach()).sum(), (v, lang))
+        results.append((dv, dl, *grads))
+    for ref, fast in zip(*results):
+        torch.testing.assert_close(fast, ref)
+
+
+def test_fast_mode_equals_reference_mode():
+    """The fast mode == the original's way of computing (``set_reference``), on random weights
+    perturbed so that every sampling offset, attention weight and bias is non-trivial: the encoder
+    memory, fused prompt tokens, every query output and the selected masks agree to float32
+    rounding relative to each tensor's scale (observed <= 1.3e-6; tolerance 1e-5)."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = HipieDecoder(replace(HipieDecoderConfig.reduced(), image_size=128)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert not model.reference
+    pixels = torch.stack([model.preprocess(torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8))[0]] * 2)
+    prompts = torch.randn(3, 8, 768)
+    batch_index = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        features = model.encode_image(pixels)
+        fast = model.forward_raw(features, prompts, batch_index)
+        with model.reference_mode():
+            assert model.reference
+            ref = model.forward_raw(features, prompts, batch_index)
+    assert not model.reference  # the context manager restores the mode
+    pairs = {
+        "memory": (fast.transformer.memory, ref.transformer.memory),
+        "lang": (fast.transformer.lang, ref.transformer.lang),
+        "hs": (fast.transformer.hs, ref.transformer.hs),
+        "logits": (fast.pred_logits, ref.pred_logits),
+        "boxes": (fast.pred_boxes, ref.pred_boxes),
+        "ious": (fast.pred_ious, ref.pred_ious),
+        "masks": (fast.pred_masks, ref.pred_masks),
+    }
+    for name, (a, e) in pairs.items():
+        assert_close_scaled(a, e, rel=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(fast.transformer.topk_indices, ref.transformer.topk_indices)
 
 
 @pytest.fixture(scope="module")

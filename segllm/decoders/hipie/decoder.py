@@ -24,7 +24,8 @@ tokens 4-7 class 2 ([SEG], the target). Shapes: B = images, N = prompts, Q = que
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,8 @@ from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, im
 from segllm.decoders.hipie.backbone import BackboneWithPosition
 from segllm.decoders.hipie.common import MLP, FeatureResizer, inverse_sigmoid
 from segllm.decoders.hipie.config import HipieDecoderConfig
+from segllm.decoders.hipie.deform_attn import MultiScaleDeformableAttention
+from segllm.decoders.hipie.fusion import BiMultiHeadAttention
 from segllm.decoders.hipie.heads import (
     BinaryClassifier,
     MaskFeatureHead,
@@ -275,6 +278,40 @@ class HipieDecoder(MaskDecoder):
         self.prompt_dim = config.lang_dim
         self.detr = HipieSegmenter(config)
         self.criterion = _Criterion()
+
+    # -- computation mode -----------------------------------------------------------------
+    @property
+    def reference(self) -> bool:
+        """Whether the decoder computes as the original does (see :meth:`set_reference`)."""
+        return all(m.reference for m in self._mode_modules())
+
+    def set_reference(self, reference: bool) -> HipieDecoder:
+        """Compute as the original does (``True``) or the fast way (``False``, the default).
+
+        The reference mode is the baseline the fast mode is timed against
+        (``scripts/bench_released_parts.py``): float32 as given, the deformable sampling of the
+        original's pure-PyTorch fallback (every level's samples stacked, then weighted and
+        summed) and the vision-language fusion's full-width projections of every image token.
+        The fast mode gives the same values up to float rounding (``tests/decoders/test_hipie.py``).
+        Neither mode caches anything across prompts inside the decoder; the reference timing
+        encodes the image again for every prompt, as the original does. Returns ``self``.
+        """
+        for module in self._mode_modules():
+            module.reference = reference
+        return self
+
+    @contextmanager
+    def reference_mode(self) -> Iterator[HipieDecoder]:
+        """``with decoder.reference_mode():`` computes as the original inside the block."""
+        before = self.reference
+        self.set_reference(True)
+        try:
+            yield self
+        finally:
+            self.set_reference(before)
+
+    def _mode_modules(self) -> list[MultiScaleDeformableAttention | BiMultiHeadAttention]:
+        return [m for m in self.modules() if isinstance(m, MultiScaleDeformableAttention | BiMultiHeadAttention)]
 
     # -- MaskDecoder interface ------------------------------------------------------------
     @property
