@@ -130,7 +130,7 @@ def segment_items(
     done = _done_keys(path) if resume else set()
     if not resume and path.exists():
         path.unlink()
-    todo = [it for it in mine if it.key not in done]
+    todo = batch_order([it for it in mine if it.key not in done])
     summary = SegmentSummary(resumed=len(mine) - len(todo))
     engine = RoundEngine(model.eval())
     bar = tqdm(total=len(todo), disable=not progress, unit="img", desc="segment")
@@ -150,6 +150,21 @@ def segment_items(
             bar.set_postfix(img_s=f"{summary.images / max(summary.seconds, 1e-9):.1f}")
     bar.close()
     return summary
+
+
+def batch_order(items: Sequence[Item]) -> list[Item]:
+    """``items`` in the order they are batched: most rounds first, then longest questions first
+    (stable, so equal items keep the list's order).
+
+    Why: a batch runs as many LLM passes as its longest conversation has rounds, and every pass
+    covers every row of the shared cache, each row's round padded to the round's longest; a
+    conversation that has finished (or a short question) rides along as padding. Batching
+    conversations of one length together removes most of that padding (64 world conversations
+    of 2-8 rounds in batches of 16: 1.75 padded tokens per real token before). The results do
+    not depend on the order: each row is computed as alone (the batch test compares them with
+    one Session per image), and the result lines carry their ids.
+    """
+    return sorted(items, key=lambda it: (-len(it.questions), -sum(len(q) for q in it.questions)))
 
 
 def _done_keys(path: Path) -> set[str]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segllm.batch_segment import Item, merge_results, read_items, segment_items
+from segllm.batch_segment import Item, batch_order, merge_results, read_items, segment_items
 from segllm.cli import main
 from segllm.default import EXAMPLES
 from segllm.errors import ConversationError
@@ -37,19 +37,48 @@ def images(tmp_path):
     return folder
 
 
-def test_batches_answer_what_one_session_per_image_answers(each_model, images, tmp_path):
+# batch size 5: im0 and im4 (one size) share a batch, so their rows are post-processed together
+@pytest.mark.parametrize("batch_size", [3, 5])
+def test_batches_answer_what_one_session_per_image_answers(each_model, images, tmp_path, batch_size):
     model = each_model
     items = read_items(images, _questions(tmp_path))
-    summary = segment_items(model, items, tmp_path / "out", batch_size=3, progress=False)
+    summary = segment_items(model, items, tmp_path / "out", batch_size=batch_size, progress=False)
     assert summary.images == 5 and summary.rounds == 20 and not summary.errors
-    recs = [json.loads(line) for line in (tmp_path / "out" / "results.rank0.jsonl").read_text().splitlines()]
-    for it, rec in zip(items, recs):
+    _assert_as_sessions(model, items, tmp_path / "out")
+
+
+def test_conversations_of_different_lengths_answer_as_sessions(model, images, tmp_path):
+    # reordered by length (batch_order) and finishing at different rounds, each still answers
+    # what its own Session answers
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"image": str(images / f"im{i}.png"), "questions": QUESTIONS[:n]})
+                               for i, n in enumerate([1, 4, 2, 4, 3])) + "\n")
+    items = read_items(None, jsonl)
+    summary = segment_items(model, items, tmp_path / "out", batch_size=5, progress=False)
+    assert summary.rounds == 14 and not summary.errors
+    ids = [json.loads(line)["id"] for line in (tmp_path / "out" / "results.rank0.jsonl").read_text().splitlines()]
+    assert ids == ["2", "4", "5", "3", "1"]
+    _assert_as_sessions(model, items, tmp_path / "out")
+
+
+def test_batch_order_puts_conversations_of_one_length_together():
+    items = [Item("1", "a", ["q"]), Item("2", "b", ["q", "q"]), Item("3", "c", ["q", "longer q"]), Item("4", "d", ["q"]), Item("5", "e", ["q", "q"])]
+    assert [it.key for it in batch_order(items)] == ["3", "2", "5", "1", "4"]
+
+
+def _assert_as_sessions(model, items, out):
+    recs = {rec["id"]: rec for rec in map(json.loads, (out / "results.rank0.jsonl").read_text().splitlines())}
+    assert sorted(recs) == sorted(it.key for it in items)
+    for it in items:
         s = Session(model, it.image)
-        for q, got in zip(QUESTIONS, rec["rounds"]):
+        rounds = recs[it.key]["rounds"]
+        assert len(rounds) == len(it.questions)
+        for q, got in zip(it.questions, rounds):
             want = s.ask(q, answer="<seg>")
             assert got["refs"] == list(want.refs) and got["answer"] == want.text
             np.testing.assert_array_equal(from_rle(got["masks"][0]), want.masks[0])
             np.testing.assert_allclose(got["scores"], want.scores, rtol=1e-3, atol=0)
+            np.testing.assert_allclose(got["boxes"], want.boxes.round(2), atol=1e-6)
 
 
 def test_resume_skips_what_is_done_and_drops_a_cut_line(model, images, tmp_path):

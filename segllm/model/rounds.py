@@ -542,8 +542,8 @@ class RoundEngine:
         out = m.decoder(features, prompts.to(features.dtype), torch.zeros(S, dtype=torch.long, device=features.device), **options)
         return self._image_outputs(out, slice(None), frame)
 
-    def _image_outputs(self, out, rows: slice, frame: Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The decoder's [SEG] outputs ``rows`` (all of one image, in ``frame``) as
+    def _image_outputs(self, out, rows: slice | Tensor, frame: Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The decoder's [SEG] outputs ``rows`` (a slice or [S] long indices; all in ``frame``) as
         :meth:`decode` returns them: masks [S, H, W], boxes [S, 4] image pixels, scores [S] and
         frame masks [S, Sd, Sd]."""
         frame_logits, masks = frame_and_image_masks(out.mask_logits[rows, SEG], frame)
@@ -662,9 +662,16 @@ class RoundEngine:
             options["ref_masks"] = torch.cat([per_row[b] for b in seg_rows]).to(feats.dtype) if seg_rows else None
         out = m.decoder(feats, prompts.to(feats.dtype), rows.to(feats.device), **options)
         token_ids = proc.text_ids(FORCED_ANSWER, allow_special=True, mid=True)
+        # one post-processing call per image size, not per row: rows of one frame resize together
+        by_frame: dict[Frame, list[int]] = {}
         for s, b in enumerate(seg_rows):
-            masks, boxes, scores, frame_masks = self._image_outputs(out, slice(s, s + 1), dialogue.images[b].frame)
-            results[b] = RoundResult(len(convs[b].rounds), token_ids, FORCED_ANSWER, masks, boxes, scores, frame_masks)
+            by_frame.setdefault(dialogue.images[b].frame, []).append(s)
+        for frame, ss in by_frame.items():
+            index = torch.tensor(ss, dtype=torch.long, device=out.mask_logits.device)
+            masks, boxes, scores, frame_masks = self._image_outputs(out, index, frame)
+            for n, s in enumerate(ss):
+                b = seg_rows[s]
+                results[b] = RoundResult(len(convs[b].rounds), token_ids, FORCED_ANSWER, masks[n : n + 1], boxes[n : n + 1], scores[n : n + 1], frame_masks[n : n + 1])
         return results
 
     # -- every round at once, teacher-forced (a batch path) ---------------------------------
