@@ -7,7 +7,9 @@ same indices, on one thread; prints both rates and their ratio.
 The reference's world modules (``segllm/data/world/*.py`` under the given checkout) are loaded
 under another module name, so both generators live in this process. Each timed unit is one
 dataset item as training reads it (``WorldConversations[i]``: the sample, its conversation, dense
-maps and candidate masks); the conversion around the sample is this checkout's for both. CPU time
+maps and candidate masks); the conversion around the sample is this checkout's for both. With
+``--unit sample`` only the generator is timed (``World.sample``: scene, conversation, checks); the
+items are then converted outside the timed part, for the same comparison of outputs. CPU time
 of this process is what is measured (``time.process_time``), so other load on the machine slows
 both alike; the outputs of the two are compared (a digest of every item) and must be equal.
 """
@@ -83,6 +85,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=10, help="conversations per interleaved turn")
     ap.add_argument("--max-rounds", type=int, default=8, help="rounds kept per conversation (direct_full.toml: 8)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unit", choices=("item", "sample"), default="item",
+                    help="what is timed: the dataset item as training reads it, or World.sample alone")
     args = ap.parse_args()
 
     from segllm.data.records import WorldConversations
@@ -105,15 +109,24 @@ def main() -> None:
                 turns.reverse()  # alternate who goes first
             for name, data in turns:
                 t = time.process_time()
-                items = [data[i] for i in idx]
-                cpu[name] += time.process_time() - t
+                if args.unit == "item":
+                    items = [data[i] for i in idx]
+                    cpu[name] += time.process_time() - t
+                else:
+                    samples = [data.world.sample(args.split, i) for i in idx]
+                    cpu[name] += time.process_time() - t
+                    items = []
+                    for i, s in zip(idx, samples):  # converted untimed (data.sample keeps the last)
+                        data._last = (i, s)
+                        items.append(data[i])
                 if rep == 0:
                     digests[name].update({i: _digest(it) for i, it in zip(idx, items)})
     total = args.n * args.repeats
     same = digests["reference"] == digests["this checkout"]
     rate = {k: total / v for k, v in cpu.items()}
     print(f"world {args.split}[{args.start}:{end}] x{args.repeats}, max_rounds {args.max_rounds}, "
-          f"1 thread, CPU time of this process")
+          f"1 thread, CPU time of this process, timed unit: "
+          f"{'dataset item' if args.unit == 'item' else 'World.sample'}")
     for k in cpu:
         print(f"  {k:14s} {cpu[k]:8.2f} s CPU  {rate[k]:8.1f} conversations/s per core")
     print(f"  ratio (this checkout / reference): {rate['this checkout'] / rate['reference']:.2f}x")

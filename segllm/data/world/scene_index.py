@@ -85,6 +85,7 @@ class SceneIndex:
         self._denoters: dict[tuple, Callable[[HeadKey], tuple[int, int]]] = {}
         self._answers: dict[tuple, dict[HeadKey, int | None]] = {}
         self._fns: dict[tuple, Callable[[int], tuple[int, int]]] = {}  # _relation's, by its arguments
+        self._levels_at: dict[tuple, list] = {}
 
     def release(self) -> None:
         """Drop the memoised answers (their functions refer back to the index: a reference
@@ -439,6 +440,17 @@ class SceneIndex:
                           for combo in itertools.combinations(avail, n))
                     for n in range(len(avail) + 1)]
             got = _LEVELS[key] = tuple(table[: min(max_attrs, len(avail)) + 1])
+        return got
+
+    def levels_at(self, allowed: tuple[str, ...], max_attrs: int = 4) -> list:
+        """This scene's memo of :meth:`head_levels` for one (allowed, max_attrs): a list by
+        object position, None where not asked yet (the caller fills it). The options of one
+        relation ask it for up to eight objects; a list lookup is cheaper than hashing
+        (attribute values, allowed, max_attrs) each time."""
+        key = (allowed, max_attrs)
+        got = self._levels_at.get(key)
+        if got is None:
+            got = self._levels_at[key] = [None] * len(self.objects)
         return got
 
     def heads(self, pos: int, allowed: tuple[str, ...], rng: Draws,
