@@ -273,6 +273,22 @@ def _pick_round(rng: Draws, targets: list[int], by_id: dict[int, WorldObject],
     return rounds[_choice_w(rng, w)]
 
 
+def _offered_heads(vals: tuple) -> tuple[tuple, ...]:
+    """The head keys a pick round tries for an object with attribute values ``vals`` (size,
+    colour, texture, shape), in order: each attribute alone, then adjacent pairs of them
+    (mixed colours left out). Kept per values: a world has a few thousand."""
+    got = _OFFERED.get(vals)
+    if got is None:
+        avail = [j for j in range(4) if vals[j] != MIXED]
+        combos = [(j,) for j in avail] + list(zip(avail, avail[1:]))
+        got = _OFFERED[vals] = tuple(tuple(vals[j] if j in c else None for j in range(4))
+                                     for c in combos)
+    return got
+
+
+_OFFERED: dict[tuple, tuple[tuple, ...]] = {}
+
+
 class _Builder:
     def __init__(self, objects: list[WorldObject], rng: Draws,
                  margins: L.Margins) -> None:
@@ -470,11 +486,7 @@ class _Builder:
         for o in self.top:
             if o.id in used:
                 continue
-            vals = index.values[self.pos[o.id]]
-            avail = [j for j in range(4) if vals[j] != MIXED]
-            combos = [(j,) for j in avail] + list(zip(avail, avail[1:]))
-            for c in combos:
-                hk = tuple(vals[j] if j in c else None for j in range(4))
+            for hk in _offered_heads(index.values[self.pos[o.id]]):
                 if hk in tried:
                     continue
                 tried.add(hk)

@@ -86,6 +86,12 @@ class SceneIndex:
         self._answers: dict[tuple, dict[HeadKey, int | None]] = {}
         self._fns: dict[tuple, Callable[[int], tuple[int, int]]] = {}  # _relation's, by its arguments
         self._levels_at: dict[tuple, list] = {}
+        # needs_memory's single-reference loop: each relation's functions by alternative
+        # position, the objects related to each position (as _banned((p,))), and the positions
+        # an id resolves to (evaluate's by_id: an id given twice is its last object)
+        self._fn_rows: dict[tuple, list] = {}
+        self._related_at: list[int | None] = [None] * len(self.objects)
+        self._alt_positions = [p for p, oid in enumerate(self.ids) if self.pos[oid] == p]
 
     def release(self) -> None:
         """Drop the memoised answers (their functions refer back to the index: a reference
@@ -93,6 +99,7 @@ class SceneIndex:
         self._denoters.clear()
         self._answers.clear()
         self._fns.clear()
+        self._fn_rows.clear()
 
     # -- tables ---------------------------------------------------------------------------------
 
@@ -517,6 +524,8 @@ class SceneIndex:
                 direction = q.direction if q.direction in self.coord else "bottom"
                 heads = self.head_mask(hk) & (self.part_mask if hk[3] in _PARTS else self.top_mask)
                 fns, ids = self._fns, self.ids
+            if general and len(refs) == 1:
+                return self._moves_single(rel, refs[0], direction, q.rank, q.attr, heads, answer)
             for j in range(len(refs)):
                 actual = refs[j]
                 for p, oid in enumerate(self.ids):
@@ -548,6 +557,35 @@ class SceneIndex:
                 alt[k - 1] = oid
                 got = self.is_unique(q, alt)
                 if got is not None and got != answer:
+                    return True
+        return False
+
+    def _moves_single(self, rel: str, actual: int, direction: str, rank, attr, heads: int,
+                      answer: int | None) -> bool:
+        """needs_memory's loop for a relation of the general kind with one reference (most
+        asked): whether another object as the reference makes the question denote another
+        object uniquely. The relation's function per alternative is kept in a list by position
+        (the same functions as the loop over alternatives keys by (relation, references, ...),
+        without building and hashing a key per alternative)."""
+        row_key = (rel, direction, rank, attr)
+        row = self._fn_rows.get(row_key)
+        if row is None:
+            row = self._fn_rows[row_key] = [None] * len(self.ids)
+        related = self._related_at
+        ids = self.ids
+        for p in self._alt_positions:
+            if p == actual:
+                continue  # the reference itself
+            fn = row[p]
+            if fn is None:
+                fn = row[p] = self._relation(rel, (p,), direction, rank, attr)
+            banned = related[p]
+            if banned is None:
+                banned = related[p] = self._banned((p,))
+            possible, definite = fn(heads & ~banned)
+            if possible and possible == definite and possible & (possible - 1) == 0:
+                got = ids[possible.bit_length() - 1]
+                if got != answer:
                     return True
         return False
 
