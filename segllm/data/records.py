@@ -313,7 +313,9 @@ class WorldConversations:
         conv.candidate_groups = np.array([0 if parents.get(i) is None else 1 for i in ids], np.int64)
         position = {i: k for k, i in enumerate(ids)}
         conv.alternatives = {r: [position[a] for a in alts] for r, alts in enumerate(s.alternatives) if len(alts) > 1}
-        return conv.truncated(self.max_rounds) if self.max_rounds else conv
+        if self.max_rounds and len(conv.rounds) > self.max_rounds:  # else a copy (dataclasses.replace) of the same
+            conv = conv.truncated(self.max_rounds)
+        return conv
 
     def scene(self, index: int) -> SceneAnnotations:
         """Round metadata and every object's and part's mask of sample ``index`` (generated
