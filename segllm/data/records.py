@@ -72,7 +72,7 @@ def record_to_conversation(record: dict[str, Any], image: np.ndarray, get_mask: 
             m = get_mask(mid)
             if m.shape != image.shape[:2]:
                 raise RecordError(f"round {n}: mask {mid} is {m.shape}, the image is {image.shape[:2]}")
-            if not m.any():
+            if not np.count_nonzero(m):  # m.any() without its Python wrapper
                 raise RecordError(f"round {n}: mask {mid} is empty")
             masks.append(m)
         rounds.append(Round(question, refs, answer, masks))

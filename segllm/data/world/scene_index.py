@@ -142,18 +142,20 @@ class SceneIndex:
         got = self._cones.get(key)
         if got is None:
             m = self.margins.pixels
-            ref = self.objects[r]
             key_of = self.coord[direction]
             ref_key = key_of[r]
+            # the coordinate across the direction (cy for left/right, else cx), as plain floats
+            side = self.coord["top"] if direction in ("left", "right") else self.coord["left"]
+            ref_side = side[r]
             possible = definite = 0
-            for i, o in enumerate(self.objects):
-                along = ref_key - key_of[i]
-                across = abs(o.cy - ref.cy) if direction in ("left", "right") else abs(o.cx - ref.cx)
-                d = along - across
+            bit = 1
+            for k, a in zip(key_of, side):
+                d = (ref_key - k) - abs(a - ref_side)
                 if d > -m:
-                    possible |= 1 << i
+                    possible |= bit
                 if d > m:
-                    definite |= 1 << i
+                    definite |= bit
+                bit <<= 1
             got = self._cones[key] = (possible, definite)
         return got
 
