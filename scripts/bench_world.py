@@ -77,14 +77,15 @@ def _digest(item) -> str:
 
 
 def _describe(checkout) -> str:
-    """The checkout's path and commit (with "+changes" when its tree differs), or just the path."""
+    """The checkout's path and commit (with "+changes" when its package differs from the commit;
+    other files, e.g. the results file this script writes, do not count), or just the path."""
     import subprocess
 
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(checkout), *a], capture_output=True, text=True).stdout.strip()
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "segllm")
     except OSError:
         return str(checkout)
     return f"{checkout} @ {commit}{'+changes' if dirty else ''}" if commit else str(checkout)
