@@ -123,7 +123,7 @@ class Conversation:
                 if not ref.masks:
                     raise MaskError(f"round {n} refers to round {k}, which has no mask")
                 for m in ref.masks:
-                    if not np.any(m):
+                    if not np.count_nonzero(m):  # np.any(m) without its Python wrapper
                         raise MaskError(f"round {n} refers to round {k}, whose mask is empty (zero area)")
 
     def truncated(self, num_rounds: int) -> Conversation:

@@ -72,7 +72,7 @@ def record_to_conversation(record: dict[str, Any], image: np.ndarray, get_mask: 
             m = get_mask(mid)
             if m.shape != image.shape[:2]:
                 raise RecordError(f"round {n}: mask {mid} is {m.shape}, the image is {image.shape[:2]}")
-            if not m.any():
+            if not np.count_nonzero(m):  # m.any() without its Python wrapper
                 raise RecordError(f"round {n}: mask {mid} is empty")
             masks.append(m)
         rounds.append(Round(question, refs, answer, masks))
@@ -313,7 +313,9 @@ class WorldConversations:
         conv.candidate_groups = np.array([0 if parents.get(i) is None else 1 for i in ids], np.int64)
         position = {i: k for k, i in enumerate(ids)}
         conv.alternatives = {r: [position[a] for a in alts] for r, alts in enumerate(s.alternatives) if len(alts) > 1}
-        return conv.truncated(self.max_rounds) if self.max_rounds else conv
+        if self.max_rounds and len(conv.rounds) > self.max_rounds:  # else a copy (dataclasses.replace) of the same
+            conv = conv.truncated(self.max_rounds)
+        return conv
 
     def scene(self, index: int) -> SceneAnnotations:
         """Round metadata and every object's and part's mask of sample ``index`` (generated

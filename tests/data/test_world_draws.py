@@ -25,6 +25,8 @@ def _ops(r: random.Random) -> list[tuple]:
             ops.append(("perm", r.randint(0, 14)))
         elif x < 0.68:
             ops.append(("shuffled", r.randint(0, 9)))
+        elif x < 0.72:  # several levels in one call, sizes 0 to 7 (heads: 1, 4, 6, 4, 1)
+            ops.append(("levels", tuple(r.randint(0, 7) for _ in range(r.randint(0, 5)))))
         elif x < 0.76:
             ops.append(("uniform", r.uniform(-30, 30), r.uniform(30, 200)))
         elif x < 0.84:  # bulk doubles, crossing the buffered block (256 raw outputs)
@@ -46,6 +48,10 @@ def _both(op: tuple, g: np.random.Generator, d: Draws):
     if kind == "shuffled":
         items = [f"x{i}" for i in range(op[1])]
         return [items[i] for i in g.permutation(op[1])], d.shuffled(items)
+    if kind == "levels":
+        levels = [tuple(f"h{k}.{i}" for i in range(n)) for k, n in enumerate(op[1])]
+        want = [lv if len(lv) < 2 else [lv[i] for i in g.permutation(len(lv))] for lv in levels]
+        return want, d.shuffled_levels(levels)
     if kind == "uniform":
         return g.uniform(op[1], op[2]), d.uniform(op[1], op[2])
     if kind == "uniform_size":
@@ -73,7 +79,10 @@ def test_draws_equal_numpy_call_by_call_and_sync_restores_the_state() -> None:
 def test_from_seed_is_default_rng() -> None:
     g = np.random.default_rng([3, 1, 17])
     d = Draws.from_seed([3, 1, 17])
-    assert [d.integers(9) for _ in range(20)] == [int(g.integers(9)) for _ in range(20)]
+    assert [d.integers(9) for _ in range(21)] == [int(g.integers(9)) for _ in range(21)]
+    # bulk doubles from the buffered raw outputs (a half of one left over), then past them
+    assert np.array_equal(d.uniform(-1, 1, size=(40, 30)), g.uniform(-1, 1, size=(40, 30)))
+    assert d.random() == g.random()
 
 
 def test_bad_input_is_refused() -> None:

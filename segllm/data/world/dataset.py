@@ -273,6 +273,22 @@ def _pick_round(rng: Draws, targets: list[int], by_id: dict[int, WorldObject],
     return rounds[_choice_w(rng, w)]
 
 
+def _offered_heads(vals: tuple) -> tuple[tuple, ...]:
+    """The head keys a pick round tries for an object with attribute values ``vals`` (size,
+    colour, texture, shape), in order: each attribute alone, then adjacent pairs of them
+    (mixed colours left out). Kept per values: a world has a few thousand."""
+    got = _OFFERED.get(vals)
+    if got is None:
+        avail = [j for j in range(4) if vals[j] != MIXED]
+        combos = [(j,) for j in avail] + list(zip(avail, avail[1:]))
+        got = _OFFERED[vals] = tuple(tuple(vals[j] if j in c else None for j in range(4))
+                                     for c in combos)
+    return got
+
+
+_OFFERED: dict[tuple, tuple[tuple, ...]] = {}
+
+
 class _Builder:
     def __init__(self, objects: list[WorldObject], rng: Draws,
                  margins: L.Margins) -> None:
@@ -392,22 +408,27 @@ class _Builder:
         if is_other:
             ref_p = pos[targets[refs[0] - 1]]
         n_matching = index.n_matching
-        shuffled = rng.shuffled
+        shuffled, shuffled_levels = rng.shuffled, rng.shuffled_levels
+        if not is_other:
+            levels_at = index.levels_at(allowed, max_attrs)
         for t in shuffled(cands)[:8]:
             tid = t.id
+            p = pos[tid]
             part = t.shape if relation == "part_name" else None
             colour = t.colour if relation == "part_colour" else None
             if per_target:
                 memo, answer = index.answers(relation, ref_pos, direction, rank, attr, part, colour)
             if is_other:
-                vt, vr = index.values[pos[tid]], index.values[ref_p]
+                vt, vr = index.values[p], index.values[ref_p]
                 allowed_t = tuple(a for a, x, y in zip(L.ATTRS, vt, vr) if x == y)
-                levels = index.head_levels(pos[tid], allowed_t, 2)
+                levels = index.head_levels(p, allowed_t, 2)
             else:
-                levels = index.head_levels(pos[tid], allowed, max_attrs)
+                levels = levels_at[p]
+                if levels is None:
+                    levels = levels_at[p] = index.head_levels(p, allowed, max_attrs)
             # heads_for's draws: every level of two or more heads permuted, fewest attributes
             # first (all drawn before any head is tried)
-            orders = [hks if len(hks) == 1 else shuffled(hks) for hks in levels]
+            orders = shuffled_levels(levels)
             part_head = t.kind == "part" and not part_rel  # then the head must name the part
             shape = t.shape
             first: tuple | None = None  # the head (a SceneIndex head key) of the question
@@ -465,11 +486,7 @@ class _Builder:
         for o in self.top:
             if o.id in used:
                 continue
-            vals = index.values[self.pos[o.id]]
-            avail = [j for j in range(4) if vals[j] != MIXED]
-            combos = [(j,) for j in avail] + list(zip(avail, avail[1:]))
-            for c in combos:
-                hk = tuple(vals[j] if j in c else None for j in range(4))
+            for hk in _offered_heads(index.values[self.pos[o.id]]):
                 if hk in tried:
                     continue
                 tried.add(hk)

@@ -38,22 +38,30 @@ def dense_labels(objects: list[WorldObject], masks: dict[int, np.ndarray]) -> di
         one int16 [H, W] map per group of :data:`DENSE_GROUPS` (0 = background).
     """
     h, w = next(iter(masks.values())).shape
-    out = {name: np.zeros((h, w), np.int16) for name in DENSE_GROUPS}
-    colour, category, obj, texture, size = (out[k] for k in ("colour", "category", "object",
-                                                               "texture", "size"))
+    # the five maps as planes of one array, in DENSE_GROUPS order (colour, category, object,
+    # texture, size): what an object writes is a run of consecutive planes, written at once
+    planes = np.zeros((len(DENSE_GROUPS), h, w), np.int16)
     # wholes first, then parts on top: a part is what is drawn where it lies
     for o in sorted(objects, key=lambda o: o.parent is not None):
         x, y, bw, bh = o.bbox
         box = (slice(y, y + bh), slice(x, x + bw)) if bw > 0 and bh > 0 else (slice(None),) * 2
         m = masks[o.id][box]
-        if o.colour != MIXED:
-            colour[box][m] = COLOUR_CLASSES[o.colour]
-        category[box][m] = CATEGORY_IDS[o.shape]
-        if o.parent is None:
-            obj[box][m] = CATEGORY_IDS[o.shape]
-            texture[box][m] = TEXTURE_CLASSES.get(o.texture, 0)
-            size[box][m] = SIZE_CLASSES.get(o.size, 0)
-    return out
+        if o.parent is None:  # its colour (none for a composite), category, object, texture, size
+            values = [CATEGORY_IDS[o.shape], CATEGORY_IDS[o.shape],
+                      TEXTURE_CLASSES.get(o.texture, 0), SIZE_CLASSES.get(o.size, 0)]
+            first = 1
+            if o.colour != MIXED:
+                values.insert(0, COLOUR_CLASSES[o.colour])
+                first = 0
+        else:  # a part: its colour and category
+            values = [CATEGORY_IDS[o.shape]]
+            first = 1
+            if o.colour != MIXED:
+                values.insert(0, COLOUR_CLASSES[o.colour])
+                first = 0
+        run = planes[first:first + len(values), box[0], box[1]]
+        np.copyto(run, np.array(values, np.int16)[:, None, None], where=m)
+    return dict(zip(DENSE_GROUPS, planes))
 
 
 def named_labels(head) -> dict[str, int]:

@@ -34,23 +34,29 @@ class Draws:
     have left it in.
     """
 
-    __slots__ = ("_bg", "_gen", "_buf", "_i", "_n", "_has32", "_u32")
+    __slots__ = ("_bg", "_gen", "_buf", "_raw", "_i", "_n", "_has32", "_u32")
 
-    def __init__(self, bit_generator: np.random.PCG64) -> None:
+    def __init__(self, bit_generator: np.random.PCG64, *, fresh: bool = False) -> None:
         if not isinstance(bit_generator, np.random.PCG64):
             raise TypeError(f"Draws needs a PCG64 bit generator, got {type(bit_generator).__name__}")
         self._bg = bit_generator
         self._gen: np.random.Generator | None = None  # over the same bit generator, for bulk draws
-        state = bit_generator.state
-        self._has32 = bool(state["has_uint32"])
-        self._u32 = int(state["uinteger"])
+        if fresh:  # a newly seeded PCG64 holds no buffered half (reading .state builds a dict)
+            self._has32, self._u32 = False, 0
+        else:
+            state = bit_generator.state
+            self._has32 = bool(state["has_uint32"])
+            self._u32 = int(state["uinteger"])
         self._buf: list[int] = []
+        # the same raw outputs as a uint64 array, for bulk doubles (a list of Python ints above
+        # 2**63 converts back to numpy slowly)
+        self._raw = np.empty(0, dtype=np.uint64)
         self._i = self._n = 0
 
     @classmethod
     def from_seed(cls, seed) -> Draws:
         """The draws of ``np.random.default_rng(seed)``."""
-        return cls(np.random.PCG64(seed))
+        return cls(np.random.PCG64(seed), fresh=True)
 
     @classmethod
     def of(cls, rng: np.random.Generator | Draws) -> Draws:
@@ -73,9 +79,11 @@ class Draws:
         state["uinteger"] = self._u32  # numpy keeps a used half there too
         bg.state = state
         self._buf, self._i, self._n = [], 0, 0
+        self._raw = np.empty(0, dtype=np.uint64)
 
     def _refill(self) -> None:
-        self._buf = self._bg.random_raw(_BLOCK).tolist()
+        self._raw = self._bg.random_raw(_BLOCK)
+        self._buf = self._raw.tolist()
         self._i, self._n = 0, _BLOCK
 
     def _next64(self) -> int:
@@ -183,7 +191,7 @@ class Draws:
         flat = out.reshape(-1)
         m = min(self._n - self._i, flat.size)
         if m:
-            head = np.array(self._buf[self._i:self._i + m], dtype=np.uint64) >> np.uint64(11)
+            head = self._raw[self._i:self._i + m] >> np.uint64(11)
             np.multiply(head, _TWO_M53, out=flat[:m])  # exact: 53-bit integers times 2**-53
             self._i += m
         if m < flat.size:  # the buffer is used up: the bit generator is where the draws are
@@ -238,6 +246,41 @@ class Draws:
             a[i], a[v] = a[v], a[i]
         self._i, self._has32, self._u32 = j, has, u32
         return a
+
+    def shuffled_levels(self, levels) -> list:
+        """``[seq if len(seq) < 2 else self.shuffled(seq) for seq in levels]`` (the same draws,
+        level after level) in one call: the world draws a permutation of every level of a
+        candidate's heads at once, most of them of 2 to 6 items, where a call per level costs
+        as much as its draws."""
+        buf, j, end, has, u32 = self._buf, self._i, self._n, self._has32, self._u32
+        out = []
+        for seq in levels:
+            n = len(seq)
+            if n < 2:
+                out.append(seq)
+                continue
+            a = list(seq)
+            for i in range(n - 1, 0, -1):
+                mask = _MASKS[i] if i < 64 else (1 << i.bit_length()) - 1
+                while True:
+                    if has:
+                        has = False
+                        v = u32 & mask
+                    else:
+                        if j == end:
+                            self._refill()
+                            buf, j, end = self._buf, 0, self._n
+                        raw = buf[j]
+                        j += 1
+                        has = True
+                        u32 = raw >> 32
+                        v = raw & mask
+                    if v <= i:
+                        break
+                a[i], a[v] = a[v], a[i]
+            out.append(a)
+        self._i, self._has32, self._u32 = j, has, u32
+        return out
 
     def permutation(self, n: int) -> np.ndarray:
         """``Generator.permutation(n)`` for an int n."""

@@ -634,10 +634,10 @@ def phrase(q: Query, rng: np.random.Generator | Draws) -> str:
         return t.format(o=ORDINAL_WORDS[q.rank or 1], k=q.refs[0])
     templates = NP_TEMPLATES[template_key(q)]
     t = templates[int(rng.integers(len(templates)))]
-    noun = "object"
+    h = q.head.phrase("object")
     np_ = t.format(
-        h=q.head.phrase(noun),
-        hs=plural(q.head.phrase(noun)),
+        h=h,
+        hs=plural(h),
         g=GO_WORDS.get(q.direction or "", ""),
         k=q.refs[0] if q.refs else "",
         k2=q.refs[1] if len(q.refs) > 1 else "",

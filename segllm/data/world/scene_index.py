@@ -85,6 +85,13 @@ class SceneIndex:
         self._denoters: dict[tuple, Callable[[HeadKey], tuple[int, int]]] = {}
         self._answers: dict[tuple, dict[HeadKey, int | None]] = {}
         self._fns: dict[tuple, Callable[[int], tuple[int, int]]] = {}  # _relation's, by its arguments
+        self._levels_at: dict[tuple, list] = {}
+        # needs_memory's single-reference loop: each relation's functions by alternative
+        # position, the objects related to each position (as _banned((p,))), and the positions
+        # an id resolves to (evaluate's by_id: an id given twice is its last object)
+        self._fn_rows: dict[tuple, list] = {}
+        self._related_at: list[int | None] = [None] * len(self.objects)
+        self._alt_positions = [p for p, oid in enumerate(self.ids) if self.pos[oid] == p]
 
     def release(self) -> None:
         """Drop the memoised answers (their functions refer back to the index: a reference
@@ -92,6 +99,7 @@ class SceneIndex:
         self._denoters.clear()
         self._answers.clear()
         self._fns.clear()
+        self._fn_rows.clear()
 
     # -- tables ---------------------------------------------------------------------------------
 
@@ -134,18 +142,20 @@ class SceneIndex:
         got = self._cones.get(key)
         if got is None:
             m = self.margins.pixels
-            ref = self.objects[r]
             key_of = self.coord[direction]
             ref_key = key_of[r]
+            # the coordinate across the direction (cy for left/right, else cx), as plain floats
+            side = self.coord["top"] if direction in ("left", "right") else self.coord["left"]
+            ref_side = side[r]
             possible = definite = 0
-            for i, o in enumerate(self.objects):
-                along = ref_key - key_of[i]
-                across = abs(o.cy - ref.cy) if direction in ("left", "right") else abs(o.cx - ref.cx)
-                d = along - across
+            bit = 1
+            for k, a in zip(key_of, side):
+                d = (ref_key - k) - abs(a - ref_side)
                 if d > -m:
-                    possible |= 1 << i
+                    possible |= bit
                 if d > m:
-                    definite |= 1 << i
+                    definite |= bit
+                bit <<= 1
             got = self._cones[key] = (possible, definite)
         return got
 
@@ -441,6 +451,17 @@ class SceneIndex:
             got = _LEVELS[key] = tuple(table[: min(max_attrs, len(avail)) + 1])
         return got
 
+    def levels_at(self, allowed: tuple[str, ...], max_attrs: int = 4) -> list:
+        """This scene's memo of :meth:`head_levels` for one (allowed, max_attrs): a list by
+        object position, None where not asked yet (the caller fills it). The options of one
+        relation ask it for up to eight objects; a list lookup is cheaper than hashing
+        (attribute values, allowed, max_attrs) each time."""
+        key = (allowed, max_attrs)
+        got = self._levels_at.get(key)
+        if got is None:
+            got = self._levels_at[key] = [None] * len(self.objects)
+        return got
+
     def heads(self, pos: int, allowed: tuple[str, ...], rng: Draws,
               max_attrs: int = 4) -> list[tuple[int, HeadKey]]:
         """(number of attributes, head key) of the heads
@@ -505,6 +526,8 @@ class SceneIndex:
                 direction = q.direction if q.direction in self.coord else "bottom"
                 heads = self.head_mask(hk) & (self.part_mask if hk[3] in _PARTS else self.top_mask)
                 fns, ids = self._fns, self.ids
+            if general and len(refs) == 1:
+                return self._moves_single(rel, refs[0], direction, q.rank, q.attr, heads, answer)
             for j in range(len(refs)):
                 actual = refs[j]
                 for p, oid in enumerate(self.ids):
@@ -536,6 +559,35 @@ class SceneIndex:
                 alt[k - 1] = oid
                 got = self.is_unique(q, alt)
                 if got is not None and got != answer:
+                    return True
+        return False
+
+    def _moves_single(self, rel: str, actual: int, direction: str, rank, attr, heads: int,
+                      answer: int | None) -> bool:
+        """needs_memory's loop for a relation of the general kind with one reference (most
+        asked): whether another object as the reference makes the question denote another
+        object uniquely. The relation's function per alternative is kept in a list by position
+        (the same functions as the loop over alternatives keys by (relation, references, ...),
+        without building and hashing a key per alternative)."""
+        row_key = (rel, direction, rank, attr)
+        row = self._fn_rows.get(row_key)
+        if row is None:
+            row = self._fn_rows[row_key] = [None] * len(self.ids)
+        related = self._related_at
+        ids = self.ids
+        for p in self._alt_positions:
+            if p == actual:
+                continue  # the reference itself
+            fn = row[p]
+            if fn is None:
+                fn = row[p] = self._relation(rel, (p,), direction, rank, attr)
+            banned = related[p]
+            if banned is None:
+                banned = related[p] = self._banned((p,))
+            possible, definite = fn(heads & ~banned)
+            if possible and possible == definite and possible & (possible - 1) == 0:
+                got = ids[possible.bit_length() - 1]
+                if got != answer:
                     return True
         return False
 
