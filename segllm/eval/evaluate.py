@@ -466,17 +466,33 @@ class _Scorer:
 def _assume_recorded(session, gts: list[np.ndarray]) -> None:
     """Make the session's last round hold the recorded ground-truth masks ``gts`` ([H, W] bool
     each) instead of the model's own, so later rounds refer to the object their ground truth
-    assumes (pick rounds). Its masks in the decoder frame, where the session keeps them, are the
+    assumes (pick rounds). Where the model answered one target with several masks, the one
+    closest to it is replaced and the others kept, so the answer and its masks still agree. Its masks in the decoder frame, where the session keeps them, are the
     ground truth resized into that frame; its boxes are the masks' tight boxes. Memory tokens
     are computed from the history when a later round first refers to a round, so none exist
     yet for the replaced one."""
     import dataclasses
 
     last = session.history[-1]
-    masks = np.stack([np.asarray(g, bool) for g in gts])
+    gts = [np.asarray(g, bool) for g in gts]
+    own = np.asarray(last.masks, bool)
+    if len(gts) == 1 and own.shape[0] > 1:
+        # the model answered the one-target round with several masks ("From left to right: <seg>,
+        # <seg>"): its answer keeps that many, the one closest to the target becoming the target
+        ious = [float((m & gts[0]).sum() / max(1, (m | gts[0]).sum())) for m in own]
+        j = int(np.argmax(ious))
+        masks = own.copy()
+        masks[j] = gts[0]
+    else:
+        masks = np.stack(gts)
     frame = None
     if last.frame_masks is not None:
-        frame = np.stack([released_frame_gt(g, last.frame_masks.shape[-1]) for g in masks])
+        size = last.frame_masks.shape[-1]
+        if masks.shape[0] == len(gts):
+            frame = np.stack([released_frame_gt(g, size) for g in gts])
+        else:
+            frame = np.array(last.frame_masks, copy=True)
+            frame[j] = released_frame_gt(gts[0], size)
     boxes = np.stack([mask_box(g) for g in masks]).astype(np.asarray(last.boxes).dtype)
     session.history[-1] = dataclasses.replace(last, masks=masks, boxes=boxes, frame_masks=frame)
 

@@ -185,3 +185,32 @@ def test_released_frame_scores_the_frame_masks():
     assert m["matched cIoU"] == pytest.approx(100 * b / (a + b))  # B exact, A missing
     assert m["union cIoU"] == pytest.approx(100 * b / (a + b))
     assert m["matched mIoU"] == pytest.approx(100 * (0 + b / (b + 1e-4)) / 2)  # the released IoU: I / (U + 1e-4)
+
+
+def test_a_pick_round_answered_with_several_masks_keeps_them_with_the_target_assumed():
+    # own protocol: a pick round's history holds the recorded target; a model that answered it
+    # "From left to right: <seg>, <seg>" keeps two masks (its answer has two <seg>), the one
+    # closest to the target replaced by it (previously: one mask for two <seg>, and the next
+    # round failed to validate)
+    from types import SimpleNamespace
+
+    from segllm.eval.evaluate import _assume_recorded
+    from segllm.session import Reply
+
+    left, right, target = (np.zeros((8, 8), bool) for _ in range(3))
+    left[1:4, 0:3] = True
+    right[1:4, 5:8] = True
+    target[1:5, 5:8] = True
+    own = np.stack([left, right])
+    reply = Reply(2, "Segment one of the red objects.", (), "From left to right: <seg> and <seg>.", own, np.zeros((2, 4)), np.ones(2), frame_masks=own.copy())
+    session = SimpleNamespace(history=[reply])
+    _assume_recorded(session, [target])
+    got = session.history[-1]
+    assert got.masks.shape == (2, 8, 8) and got.text.count("<seg>") == 2
+    assert np.array_equal(got.masks[0], left) and np.array_equal(got.masks[1], target)
+    assert got.boxes[1].tolist() == [5, 1, 8, 5] and np.array_equal(got.frame_masks[0], left)
+    # one mask for one target: replaced outright, as before
+    one = Reply(2, "q", (), "<seg>", own[:1], np.zeros((1, 4)), np.ones(1))
+    session = SimpleNamespace(history=[one])
+    _assume_recorded(session, [target])
+    assert np.array_equal(session.history[-1].masks, target[None])
