@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_utils import no_init_weights
 
 from segllm.config import SegLLMConfig
 from segllm.decoders.base import MaskDecoder
@@ -27,7 +28,9 @@ def build_decoder(config: SegLLMConfig, *, load_weights: bool = True) -> MaskDec
     return decoder_kind(config.decoder.kind).build_decoder(config.decoder, config.prompt_head, load_weights=load_weights)
 
 
-def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, load_weights: bool = True) -> SegLLM:
+def build_segllm(
+    config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, load_weights: bool = True, init_weights: bool = True
+) -> SegLLM:
     """Build a SegLLM.
 
     Args:
@@ -36,7 +39,23 @@ def build_segllm(config: SegLLMConfig, tokenizer: PreTrainedTokenizerBase, *, lo
         tokenizer: the LLM's tokenizer; the template's tokens are added if missing.
         load_weights: read pretrained parts from their ``pretrained_path`` folders. A
             checkpoint loader passes False: the checkpoint holds every weight.
+        init_weights: False (only with ``load_weights=False``): the ``torch.nn.init`` draws and
+            transformers' weight initialisation are skipped, so most parameters hold whatever
+            their fresh memory held; for a loader that then overwrites every parameter. Random
+            initialisation was over a third of the bundled model's loading time.
     """
+    if not init_weights:
+        if load_weights:
+            raise ValueError("init_weights=False leaves parameters unset: only for load_weights=False (a checkpoint loader)")
+        # transformers' own switch for its from_pretrained: torch.nn.init's functions and its
+        # _init_weights do nothing inside it (parameters on the meta device instead would skip the
+        # memory too, but meta kernels made the small models' building 3x slower)
+        with no_init_weights():
+            model = build_segllm(config, tokenizer, load_weights=False)
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel):
+                module.tie_weights()  # transformers ties only when it initialises (its loader ties after)
+        return model
     add_segllm_tokens(tokenizer, config.template)
     vision = VisionTower(build_vision_model(config.vision, load_weights=load_weights), config.vision)
     if load_weights and config.vision.pretrained_path:

@@ -55,7 +55,8 @@ def load_pretrained(
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise CheckpointError(f"{path} has no {WEIGHTS_NAME}")
-        model = build_segllm(config, load_tokenizer(path), load_weights=False)
+        # no random initialisation: load_weights fills every parameter (it refuses a missing one)
+        model = build_segllm(config, load_tokenizer(path), load_weights=False, init_weights=False)
         load_weights(model, weights)
         model.eval()
         if device is not None or dtype is not None:

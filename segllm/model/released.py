@@ -215,7 +215,9 @@ def load_released(
         raise CheckpointError(
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocabulary is {config.llm.hf_config['vocab_size']}"
         )
-    model = build_segllm(config, tokenizer, load_weights=False)
+    # no random initialisation: every parameter is loaded below (the non-decoder ones checked
+    # here, the decoder's strictly by load_released_hipie)
+    model = build_segllm(config, tokenizer, load_weights=False, init_weights=False)
 
     hipie = {k: v for k, v in state.items() if k.startswith("model.segmentator.hipie.")}
     rules = [(p, None) for p in IGNORED] + [("model.segmentator.hipie.", None), *_RENAMES]

@@ -397,8 +397,9 @@ def test_released_checkpoint_prefix_and_three_round_answers(run):
     model = load_released_hipie(HipieDecoder(HipieDecoderConfig.reduced()), checkpoint).eval()
     reference_model, features = run[0], run[1]
     # same weights as the hipie fixture, so its image features can be reused
+    state = model.state_dict()  # once: state_dict() walks every module
     for key, value in reference_model.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
+        assert torch.equal(state[key], value), key
     prompts = golden["final.prompt_tokens"]
     with torch.no_grad():
         raw = model.forward_raw(features, prompts, torch.zeros(len(prompts), dtype=torch.long))

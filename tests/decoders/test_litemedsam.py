@@ -292,9 +292,9 @@ def test_safetensors_copy_and_training_wrapper_load_the_same(ours, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "lm.safetensors"))
     torch.save({"model": state, "epoch": 1}, tmp_path / "latest.pt")  # LiteMedSAM's training checkpoint layout
     for path in (tmp_path / "lm.safetensors", tmp_path / "latest.pt"):
-        again = load_litemedsam(path)
+        again = load_litemedsam(path).state_dict()  # once: state_dict() walks every module
         for k, v in ours.state_dict().items():
-            assert torch.equal(again.state_dict()[k], v), (path.name, k)
+            assert torch.equal(again[k], v), (path.name, k)
 
 
 # ------------------------------------------------------------------- config and SegLLM
@@ -353,8 +353,9 @@ def test_segllm_with_litemedsam_trains_saves_and_reloads(tokenizer, three_rounds
     model.save_pretrained(tmp_path / "ck")
     again = SegLLM.from_pretrained(tmp_path / "ck")
     assert again.config == model.config and isinstance(again.config.decoder, LiteMedSamDecoderConfig)
+    again_state = again.state_dict()  # once: state_dict() walks every module
     for k, v in model.state_dict().items():
-        assert torch.equal(again.state_dict()[k], v), k
+        assert torch.equal(again_state[k], v), k
     np.testing.assert_array_equal(again.predict(conv, answer="<seg>").masks, pred.masks)
     cfg.prompt_head = PromptHeadConfig(num_tokens=4, num_ref_tokens=2, dim=64)
     with pytest.raises(ConfigError, match="decoder.dim"):
@@ -370,7 +371,8 @@ def test_builder_loads_the_pretrained_path(tokenizer, ours, tmp_path):
     cfg.prompt_head = PromptHeadConfig(num_tokens=4, num_ref_tokens=2, dim=256, norm=True)
     cfg.decoder = LiteMedSamDecoderConfig(pretrained_path=str(litemedsam_checkpoint()))
     model = build_segllm(cfg, copy.deepcopy(tokenizer))
+    decoder_state = model.decoder.state_dict()  # once: state_dict() walks every module
     for k, v in ours.state_dict().items():
-        assert torch.equal(model.decoder.state_dict()[k], v), k
+        assert torch.equal(decoder_state[k], v), k
     fresh = build_segllm(cfg, copy.deepcopy(tokenizer), load_weights=False)  # a checkpoint loader's build
     assert not torch.equal(fresh.decoder.iou_token, ours.iou_token)

@@ -103,8 +103,9 @@ def test_assembly_on_the_real_weights(parts, tmp_path):
     # the decoder is LiteMedSAM with its released weights (from the safetensors copy `segllm parts`
     # wrote); its TinyViT image encoder frozen, its prompt encoder and mask decoder trained
     assert isinstance(model.decoder, LiteMedSamDecoder) and model.decoder.output_size == 256
+    decoder_state = model.decoder.state_dict()  # once: state_dict() walks every module
     for k, v in load_litemedsam().state_dict().items():
-        assert torch.equal(model.decoder.state_dict()[k], v), k
+        assert torch.equal(decoder_state[k], v), k
     assert not any(p.requires_grad for p in model.decoder.image_encoder.parameters())
     assert model.decoder.hypernet.layers[0].weight.requires_grad and model.decoder.no_mask_embed.requires_grad
     # a training step
@@ -118,8 +119,9 @@ def test_assembly_on_the_real_weights(parts, tmp_path):
     # save and reload (without the parts folders)
     model.save_pretrained(tmp_path / "ckpt")
     again = SegLLM.from_pretrained(tmp_path / "ckpt")
+    again_state = again.state_dict()  # once: per key, it was most of this test's time
     for k, v in model.state_dict().items():
-        assert torch.equal(again.state_dict()[k], v), k
+        assert torch.equal(again_state[k], v), k
 
 
 @pytest.mark.slow
