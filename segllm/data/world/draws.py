@@ -221,31 +221,7 @@ class Draws:
         """``[seq[i] for i in Generator.permutation(len(seq))]``, with the same draws: numpy's
         swaps applied to the items themselves."""
         a = list(seq)
-        n = len(a)
-        if n < 2:
-            return a
-        # the generator's fields as locals (the hottest draw), written back at the end
-        buf, j, end, has, u32 = self._buf, self._i, self._n, self._has32, self._u32
-        for i in range(n - 1, 0, -1):
-            mask = _MASKS[i] if i < 64 else (1 << i.bit_length()) - 1
-            while True:
-                if has:  # _next32: the buffered upper half first
-                    has = False
-                    v = u32 & mask
-                else:
-                    if j == end:
-                        self._refill()
-                        buf, j, end = self._buf, 0, self._n
-                    raw = buf[j]
-                    j += 1
-                    has = True
-                    u32 = raw >> 32
-                    v = raw & mask
-                if v <= i:
-                    break
-            a[i], a[v] = a[v], a[i]
-        self._i, self._has32, self._u32 = j, has, u32
-        return a
+        return a if len(a) < 2 else self.shuffled_levels((a,))[0]
 
     def shuffled_levels(self, levels) -> list:
         """``[seq if len(seq) < 2 else self.shuffled(seq) for seq in levels]`` (the same draws,
