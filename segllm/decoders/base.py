@@ -243,21 +243,22 @@ class MaskDecoder(nn.Module, abc.ABC):
         raise NotImplementedError
 
 
-def check_decoder_inputs(image_features: Tensor, prompts: Tensor, batch_index: Tensor, *, width: int, grid: int, tokens: int) -> None:
+def check_decoder_inputs(image_features: Tensor, prompts: Tensor, batch_index: Tensor, *, width: int, grid: int, tokens: int, channels: int | None = None) -> None:
     """Raise ValueError naming what is off in a decoder's inputs.
 
-    Expected: ``image_features`` [B, width, grid, grid], ``prompts`` [N, tokens, width] and
-    ``batch_index`` [N] integers in [0, B).
+    Expected: ``image_features`` [B, channels, grid, grid] (``channels`` defaults to ``width``),
+    ``prompts`` [N, tokens, width] and ``batch_index`` [N] integers in [0, B).
     """
-    c, g, k = width, grid, tokens
+    c, g, k = (width if channels is None else channels), grid, tokens
+    w = width
     if image_features.ndim != 4 or tuple(image_features.shape[1:]) != (c, g, g):
         raise ValueError(f"image_features must be [B, {c}, {g}, {g}], got {list(image_features.shape)}")
     if prompts.ndim != 3:
         raise ValueError(f"prompts must be [N, K, D], got {list(prompts.shape)}")
     if prompts.shape[1] != k:
         raise ValueError(f"prompts have {prompts.shape[1]} tokens per prompt, expected num_prompt_tokens={k}")
-    if prompts.shape[2] != c:
-        raise ValueError(f"prompts have width {prompts.shape[2]}, expected prompt_dim={c}")
+    if prompts.shape[2] != w:
+        raise ValueError(f"prompts have width {prompts.shape[2]}, expected prompt_dim={w}")
     if batch_index.ndim != 1 or batch_index.shape[0] != prompts.shape[0]:
         raise ValueError(f"batch_index must be [N] with N={prompts.shape[0]} (one per prompt), got {list(batch_index.shape)}")
     if batch_index.dtype.is_floating_point or batch_index.dtype.is_complex or batch_index.dtype == torch.bool:

@@ -144,11 +144,8 @@ class DirectMaskDecoder(MaskDecoder):
         Raises:
             ValueError: naming the mismatch if a shape, dtype or index is wrong.
         """
-        c, g = self.feature_channels, self.grid_size
-        if image_features.ndim != 4 or tuple(image_features.shape[1:]) != (c, g, g):
-            raise ValueError(f"image_features must be [B, {c}, {g}, {g}] (encode_image's output), got {list(image_features.shape)}")
-        d = self.prompt_dim
-        check_decoder_inputs(image_features[:, :d], prompts, batch_index, width=d, grid=g, tokens=self.num_prompt_tokens)
+        d, g = self.prompt_dim, self.grid_size
+        check_decoder_inputs(image_features, prompts, batch_index, width=d, grid=g, tokens=self.num_prompt_tokens, channels=self.feature_channels)
         dtype = self.film.weight.dtype
         gathered = image_features.to(dtype).index_select(0, batch_index.long())  # [N, D + P, g, g]
         feats, packed = gathered[:, :d], gathered[:, d:]

@@ -40,7 +40,6 @@ class MaskRefiner(nn.Module):
         super().__init__()
         if out_stride not in (1, 2) or stride % out_stride or stride <= out_stride:
             raise ValueError(f"out_stride must be 1 or 2 and finer than the coarse stride {stride}, got {out_stride}")
-        self.grid = image_size // stride
         self.out_size = image_size // out_stride
         self.factor = stride // out_stride  # k
         self.width = width
