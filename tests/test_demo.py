@@ -317,6 +317,10 @@ def test_browser_example_thumbnail_box_by_two_clicks_and_a_mask_upload(server, t
 
 
 @needs_chromium
+# slow set (CI's second step): the image editor's canvas costs a software-rendering Chromium
+# ~26-38 s; test_browser_region_by_clicking_then_a_question_that_refers_to_it keeps a region round
+# made in the browser in the fast set
+@pytest.mark.slow
 def test_browser_paint_a_region_then_refer_to_it(server, tmp_path):
     """A region painted with the brush in the editor becomes a round; the overlay shows it."""
     from playwright.sync_api import expect, sync_playwright

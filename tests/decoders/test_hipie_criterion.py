@@ -401,6 +401,9 @@ needs_released = pytest.mark.skipif(
 )
 
 
+# slow set (CI's second step): a HIPIE training step at 1024 px, ~28 s at 1 thread;
+# test_a_tiny_segllm_learns_with_set_prediction keeps the criterion in the fast set
+@pytest.mark.slow
 @needs_released
 def test_the_released_fixture_fine_tunes_with_the_released_losses():
     from safetensors.torch import load_file

@@ -148,6 +148,9 @@ def _two_processes(args, tmp_path):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
 
 
+# slow set (CI's second step): ~45 s of two fresh processes at 1 thread; test_two_process_training
+# keeps the two-process path in the fast set
+@pytest.mark.slow
 def test_two_process_fsdp_training_resumes_on_one_process(tmp_path):
     """FSDP2 across two CPU processes (gloo): losses fall, the gathered checkpoint reloads, and a
     one-process run resumes from it and continues the loss curve."""
