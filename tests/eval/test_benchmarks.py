@@ -164,6 +164,10 @@ def test_segllm_eval_per_benchmark(released_layout, tmp_path, capsys, args, expe
     assert (tmp_path / "b_ciou.png").is_file()
 
 
+# slow set (CI's second step): two fresh torch processes, ~14 s; the fast set keeps the merge of the
+# ranks' logs (test_sharded_logs_merge_to_the_single_process_result), and the slow set also kills
+# and resumes a two-process eval (tests/reliability/test_faults.py)
+@pytest.mark.slow
 def test_two_process_eval_matches_one_process(tmp_path):
     """``segllm eval`` under torch.distributed.run (2 CPU processes, gloo): each process takes every
     other conversation and writes its own log; the main process's report equals a one-process run."""
