@@ -14,7 +14,7 @@ from segllm.default import load_model
 from segllm.eval.evaluate import evaluate
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "bundled_slice.json"
-SLICE = {"world_seed": 0, "split": "test", "conversations": 60}
+SLICE = {"world_seed": 0, "split": "test", "conversations": 40}
 
 
 def main() -> None:
