@@ -39,22 +39,13 @@ TRUTH = (255, 0, 255)  # magenta: no object in the world has that colour
 def _cell(image: np.ndarray, masks: list[np.ndarray], rnd: int, caption: str, colour=None) -> Image.Image:
     """One round's image [H, W, 3] with its masks drawn (``colour``: one colour for all, else the
     round's own), upscaled, with a caption strip under it."""
-    pil = viz.overlay(image, [(rnd, m) for m in masks], labels=[""] * len(masks)) if colour is None else _tint(image, masks, colour)
+    pil = viz.overlay(image, [(rnd, m) for m in masks], labels=[""] * len(masks), fill=colour,
+                      alpha=0.5 if colour is None else 0.65)
     pil = pil.resize((pil.width * SCALE, pil.height * SCALE), Image.NEAREST)
     out = Image.new("RGB", (pil.width, pil.height + 14), "white")
     out.paste(pil, (0, 0))
     ImageDraw.Draw(out).text((3, pil.height + 1), caption, fill=(0, 0, 0))
     return out
-
-
-def _tint(image: np.ndarray, masks: list[np.ndarray], colour) -> Image.Image:
-    out = image.astype(np.float32).copy()
-    for m in masks:
-        out[m] = 0.35 * out[m] + 0.65 * np.array(colour, np.float32)
-        p = np.pad(m, 1)
-        edge = m & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
-        out[edge] = colour
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
 def main(checkpoint: str | None, figure: str | None = None) -> None:

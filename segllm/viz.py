@@ -26,14 +26,16 @@ def mask_labels(round_number: int, count: int) -> list[str]:
 
 
 def overlay(image: np.ndarray, masks: list[tuple[int, np.ndarray]], *, alpha: float = 0.5,
-            labels: list[str] | None = None) -> Image.Image:
+            labels: list[str] | None = None, fill: tuple[int, int, int] | None = None) -> Image.Image:
     """Draw masks over an image.
 
     Args:
         image: [H, W, 3] uint8.
         masks: (round number, [H, W] bool mask) pairs; later ones are drawn on top.
         alpha: opacity of the mask colour.
-        labels: one label per mask (default: its round number); see :func:`mask_labels`.
+        labels: one label per mask (default: its round number); see :func:`mask_labels`. An
+            empty label draws none.
+        fill: one colour for every mask (default: each round's own, :func:`colour`).
 
     Returns:
         an RGB PIL image with each mask tinted in its round's colour, outlined and labelled.
@@ -43,9 +45,10 @@ def overlay(image: np.ndarray, masks: list[tuple[int, np.ndarray]], *, alpha: fl
     out = image.astype(np.float32).copy()
     for rnd, m in masks:
         m = np.asarray(m, bool)
-        out[m] = (1 - alpha) * out[m] + alpha * np.array(colour(rnd), np.float32)
+        c = colour(rnd) if fill is None else fill
+        out[m] = (1 - alpha) * out[m] + alpha * np.array(c, np.float32)
         edge = m & ~_erode(m)
-        out[edge] = colour(rnd)
+        out[edge] = c
     pil = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     for i, (rnd, m) in enumerate(masks):
@@ -54,6 +57,8 @@ def overlay(image: np.ndarray, masks: list[tuple[int, np.ndarray]], *, alpha: fl
             continue
         x, y = int(xs.min()), int(ys.min())
         label = str(rnd) if labels is None else labels[i]
+        if not label:
+            continue
         box = draw.textbbox((x, y), label)
         draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=colour(rnd))
         draw.text((x, y), label, fill=(0, 0, 0))

@@ -68,6 +68,18 @@ def test_overlay_labels_each_mask_of_a_round():
         overlay(img, [(1, a)], labels=["1.1", "1.2"])
 
 
+def test_overlay_in_one_colour_without_labels():
+    img = np.zeros((40, 60, 3), np.uint8)
+    a = np.zeros((40, 60), bool)
+    a[10:30, 2:20] = True
+    out = np.asarray(overlay(img, [(2, a)], labels=[""], fill=(255, 0, 255), alpha=0.5))
+    # inside: half the fill over black, not round 2's colour; the outline: the fill itself
+    assert out[20, 10].tolist() == [127, 0, 127]
+    assert out[10, 10].tolist() == [255, 0, 255]
+    # no label box: outside the mask nothing is drawn
+    assert not out[~a].any()
+
+
 def test_chat_prints_and_saves_each_mask(tmp_path, capsys, monkeypatch, confident_model):
     monkeypatch.setattr(Session, "from_pretrained", classmethod(
         lambda cls, path, image, **kw: _AllAnswers(confident_model, image, max_new_tokens=3)))
