@@ -1,12 +1,15 @@
 """Copy a trained checkpoint into the package as the bundled default model (weights in float16).
 
-Usage: python scripts/bundle_model.py runs/default/checkpoint-last
+Usage: python scripts/bundle_model.py runs/default/checkpoint-last [--out DIR]
+
+With --out the float16 copy goes to DIR instead of the package (e.g. to start another run from it,
+or to bring a run's model back from another machine at half the size).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -15,7 +18,7 @@ from segllm.default import DEFAULT_MODEL
 from segllm.model.segllm import SegLLM
 
 
-def main(src: str) -> None:
+def main(src: str, out: Path = DEFAULT_MODEL) -> None:
     src_path = Path(src)
     state = json.loads((src_path / "trainer_state.json").read_text())
     model = SegLLM.from_pretrained(src_path / "model")
@@ -26,10 +29,14 @@ def main(src: str) -> None:
         "samples_seen": state["samples_seen"],
         "weights": "stored in float16, loaded as float32",
     }
-    model.save_pretrained(DEFAULT_MODEL, extra=extra, dtype=torch.float16)
-    size = sum(p.stat().st_size for p in DEFAULT_MODEL.iterdir()) / 2**20
-    print(f"bundled step {state['step']} into {DEFAULT_MODEL} ({size:.1f} MB)")
+    model.save_pretrained(out, extra=extra, dtype=torch.float16)
+    size = sum(p.stat().st_size for p in Path(out).iterdir()) / 2**20
+    print(f"bundled step {state['step']} into {out} ({size:.1f} MB)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a training run's checkpoint folder (with model/ and trainer_state.json)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL, help="where to write (default: the package's bundled model)")
+    args = parser.parse_args()
+    main(args.checkpoint, args.out)

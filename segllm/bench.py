@@ -148,11 +148,13 @@ def released_main(args) -> int:
 
     def partial(result: dict) -> None:
         done.append(result)
-        print(f"{result['setting']}: done (peak RSS {result['peak_rss_mb'] / 1024:.1f} GB)", flush=True)
+        gpu = "" if result.get("peak_gpu_mb") is None else f", peak GPU memory {result['peak_gpu_mb'] / 1024:.1f} GB"
+        print(f"{result['setting']}: done (peak RSS {result['peak_rss_mb'] / 1024:.1f} GB{gpu})", flush=True)
         write({"results": done, "mask_iou_vs_bfloat16": {}})
 
     rep = run_released(settings=settings, shape=shape, rounds=args.rounds or 4, threads=args.threads, device=args.device or "cpu",
-                       tokenizer=args.tokenizer, image=args.image, on_result=partial, masks_dir=args.masks_dir)
+                       tokenizer=args.tokenizer, image=args.image, on_result=partial, masks_dir=args.masks_dir,
+                       warmup=args.warmup)
     write(rep)
     print(released_table(rep))
     return 0

@@ -299,6 +299,9 @@ class ReleasedBenchResult:
         weights_checksum: a sum over a sample of the LLM's token embeddings, equal across settings
             of one shape and seed (every weight is made the same way from its name, so their masks
             come from the same random model).
+        warmup: untimed conversations run before the timed one (in the same process).
+        peak_gpu_mb: on a GPU, the most memory torch held on it during the timed conversation
+            (weights included); None on a CPU.
     """
 
     setting: str
@@ -314,6 +317,8 @@ class ReleasedBenchResult:
     peak_rss_mb: float
     finite: bool
     weights_checksum: float
+    warmup: int = 0
+    peak_gpu_mb: float | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -440,7 +445,7 @@ def _checksum(model: SegLLM) -> float:
 def _run_setting(job: tuple) -> tuple[dict, list[np.ndarray]]:
     """One setting in this process: build, (quantize), converse. Returns the result's JSON data
     and the masks (kept out of the JSON)."""
-    setting, shape, rounds, threads, device, tokenizer_path, image_path, seed = job
+    setting, shape, rounds, threads, device, tokenizer_path, image_path, seed, warmup = job
     if threads:
         torch.set_num_threads(threads)
     dtype, quantize = SETTINGS[setting]
@@ -456,6 +461,15 @@ def _run_setting(job: tuple) -> tuple[dict, list[np.ndarray]]:
         rss_after_build_mb=_rss_mb("VmRSS") or 0.0, peak_rss_build_mb=_rss_mb("VmHWM") or 0.0,
     )
     image = load_image(image_path)
+    for _ in range(warmup):  # untimed: a GPU's first calls pay CUDA's start-up (kernels, cuBLAS handles)
+        timer = _PartTimer(model)
+        try:
+            _conversation(Session(model), timer, image, rounds)
+        finally:
+            timer.remove()
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     session = Session(model)
     timer = _PartTimer(model)
     reset = _reset_peak_rss()
@@ -468,7 +482,8 @@ def _run_setting(job: tuple) -> tuple[dict, list[np.ndarray]]:
         setting=setting, dtype=str(dtype).removeprefix("torch."), quantize=quantize, device=str(device), threads=torch.get_num_threads(),
         shape=shape.summary(), build=build, open=opened, rounds=timings, peak_rss_conversation_mb=peak_conv,
         peak_rss_mb=max(_rss_mb("VmHWM") or 0.0, build.peak_rss_build_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        finite=timer.finite, weights_checksum=checksum,
+        finite=timer.finite, weights_checksum=checksum, warmup=warmup,
+        peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else None,
     )
     return result.to_json(), masks
 
@@ -484,7 +499,7 @@ def mask_agreement(masks: dict[str, list[np.ndarray]], reference: str = "bfloat1
 def run_released(
     *, settings: tuple[str, ...] = ("bfloat16", "8bit"), shape: ReleasedShape | None = None, rounds: int = 4, threads: int = 0,
     device: str = "cpu", tokenizer: str | Path | None = None, image: str | Path | None = None, seed: int = 0, isolate: bool = True,
-    on_result: Callable[[dict], None] | None = None, masks_dir: str | Path | None = None,
+    on_result: Callable[[dict], None] | None = None, masks_dir: str | Path | None = None, warmup: int = 0,
 ) -> dict:
     """Run each setting (see :data:`SETTINGS`) on the released shape, each in a fresh process
     (``isolate``; else in this one, for tests), and compare their masks with bfloat16's.
@@ -493,19 +508,23 @@ def run_released(
     ``on_result`` is called with each setting's result as it finishes. With ``masks_dir`` each
     setting's masks are saved there (``{setting}.npz``, with the shape, seed and weights
     checksum), and a setting run earlier with the same ones is compared too: the settings of a
-    7B model can then run one at a time, when the machine has the memory for each.
+    7B model can then run one at a time, when the machine has the memory for each. ``warmup``
+    conversations run untimed before the timed one (1 on a GPU, whose first calls pay CUDA's
+    start-up).
     """
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)}")
     if rounds < 1:
         raise ConfigError(f"rounds must be at least 1, got {rounds}")
+    if warmup < 0:
+        raise ConfigError(f"warmup must be 0 or more conversations, got {warmup}")
     shape = shape or ReleasedShape()
     image = str(image or EXAMPLES / "shapes.png")
     tok = str(tokenizer) if tokenizer is not None else None
     results, masks = [], {}
     for setting in settings:
-        job = (setting, shape, rounds, threads, device, tok, image, seed)
+        job = (setting, shape, rounds, threads, device, tok, image, seed, warmup)
         if isolate:
             with mp.get_context("spawn").Pool(1) as pool:
                 data, m = pool.apply(_run_setting, (job,))

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --released-shape: a tokenizer folder (a LLaMA one, e.g. a released checkpoint's, gives the "
                          "released token counts; default: the bundled model's)")
     bn.add_argument("--image", default=None, help="with --released-shape: the image (default: the bundled shapes.png)")
+    bn.add_argument("--warmup", type=int, default=0,
+                    help="with --released-shape: untimed conversations before the timed one (default 0; 1 on a GPU, whose "
+                         "first calls pay CUDA's start-up)")
     bn.add_argument("--masks-dir", default=None, metavar="DIR",
                     help="with --released-shape: save each setting's masks here and compare with those saved by an earlier "
                          "run of the same shape (so the settings can run one at a time)")

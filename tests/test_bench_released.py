@@ -109,6 +109,20 @@ def test_mask_agreement_and_bad_settings():
         run_released(settings=("int3",), isolate=False)
     with pytest.raises(ConfigError, match="rounds"):
         run_released(rounds=0, isolate=False)
+    with pytest.raises(ConfigError, match="warmup"):
+        run_released(warmup=-1, isolate=False)
+
+
+def test_warmup_conversations_leave_the_timed_one_unchanged(tmp_path):
+    """An untimed warm-up conversation (for a GPU's start-up) runs on the same model and leaves
+    the timed conversation's masks as without it; on a CPU no GPU memory is reported."""
+    runs = [run_released(settings=("bfloat16",), shape=ReleasedShape.tiny(), rounds=2, threads=1, isolate=False, warmup=w,
+                         masks_dir=tmp_path / str(w))
+            for w in (0, 1)]
+    assert [r["results"][0]["warmup"] for r in runs] == [0, 1]
+    assert all(r["results"][0]["peak_gpu_mb"] is None for r in runs)
+    masks = [np.load(tmp_path / str(w) / "bfloat16.npz")["masks"] for w in (0, 1)]
+    assert masks[0].shape[0] == 2 and np.array_equal(masks[0], masks[1])
 
 
 def test_cli_released_shape_defaults_to_the_7b_in_bf16_and_8bit_and_writes_json(tmp_path, monkeypatch):
@@ -129,7 +143,8 @@ def test_cli_released_shape_defaults_to_the_7b_in_bf16_and_8bit_and_writes_json(
     out = tmp_path / "r.json"
     assert main(["bench", "--released-shape", "--threads", "1", "--json", str(out)]) == 0
     assert seen["settings"] == ("bfloat16", "8bit") and seen["rounds"] == 4 and seen["shape"] == ReleasedShape()
+    assert seen["warmup"] == 0
     data = json.loads(out.read_text())
     assert data["meta"]["threads"] == 1 and data["results"][0]["setting"] == "bfloat16" and "mask_iou_vs_bfloat16" in data
-    main(["bench", "--released-shape", "--layers", "3", "--setting", "4bit", "--rounds", "2"])
-    assert seen["shape"].llm_layers == 3 and seen["settings"] == ("4bit",) and seen["rounds"] == 2
+    main(["bench", "--released-shape", "--layers", "3", "--setting", "4bit", "--rounds", "2", "--warmup", "1"])
+    assert seen["shape"].llm_layers == 3 and seen["settings"] == ("4bit",) and seen["rounds"] == 2 and seen["warmup"] == 1
