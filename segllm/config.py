@@ -202,6 +202,14 @@ class LossConfig:
     and the IoU branch ``set_box_iou``. ``set_max_rounds`` > 0 decodes and supervises only that
     many randomly chosen ``<seg>`` per conversation (the release: 2). ``prompt_l2`` adds that
     times the mean square of the decoded prompt tokens (the release: 1e-3).
+
+    ``own_ref_prob`` (a decoder that reads the referenced mask, ``ref_prior``): in training, that
+    share of the ``<seg>`` whose referenced mask an earlier ``<seg>`` of the same conversation
+    answered get, as the decoder's referenced-mask input, the model's own prediction of that mask
+    (a gradient-free decoding of the same step, with the ground truth's history) instead of the
+    ground truth. At inference a round reads the model's own earlier masks, wrong ones included;
+    this teaches the decoder to meet them in training. The LLM's memory tokens keep the ground
+    truth's masks. 0: off (every run before it).
     """
 
     lm: float = 1.0
@@ -226,6 +234,11 @@ class LossConfig:
     prompt_l2: float = 0.0
     dense_weight: float = 1.0  # the dense attribute heads' loss (only with SegLLMConfig.dense.groups)
     select_weight: float = 0.0  # the selection loss (conversations with candidates; see SegLLM.forward)
+    own_ref_prob: float = 0.0  # share of referenced masks replaced by the model's own prediction in training
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.own_ref_prob <= 1.0:
+            raise ConfigError(f"loss.own_ref_prob must lie in [0, 1], got {self.own_ref_prob}")
 
 
 DENSE_FEATURES = ("vision", "decoder", "target")  # what DenseConfig.on may name

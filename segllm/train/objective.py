@@ -9,6 +9,7 @@ decodes; it imports nothing from here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,10 @@ def training_loss(model: SegLLM, batch: Batch) -> LossOutput:
         lm_loss = zero
     if cfg.set_prediction:
         return _set_prediction_loss(model, hidden, batch, lm_loss, zero)
+    if cfg.own_ref_prob and batch.ref_masks is not None and model.training:
+        if decoder_feats is None:  # computed once here, for both decodings
+            decoder_feats = model.encode_decoder_image(batch.decoder_pixels)
+        batch = own_ref_masks(model, hidden, batch, decoder_feats, cfg.own_ref_prob)
     decoded, prompts = model.decode_segs(hidden, batch, feats=decoder_feats)
     if dense:
         dense_loss = _add(dense_loss, _prompt_dense_terms(model, batch, decoded, prompts))
@@ -109,6 +114,36 @@ def training_loss(model: SegLLM, batch: Batch) -> LossOutput:
     if select_loss is not None:
         loss = loss + cfg.select_weight * select_loss
     return LossOutput(loss, lm_loss, m_loss, d_loss, ref_loss, iou_loss, mask_logits, iou, b_loss, dense_loss=dense_loss, select_loss=select_loss)
+
+
+def referenced_seg_rows(encoded: list) -> Tensor:
+    """[S] for each ``<seg>`` of a batch (in ``Batch.seg_pos`` order), the row of the ``<seg>``
+    of the same conversation that answered the mask it refers to; -1 where it refers to none or
+    to a mask no ``<seg>`` answered (``encoded``: the batch's :class:`segllm.processor.Encoded`)."""
+    rows, base = [], 0
+    for e in encoded:
+        answered = {(s.round_index + 1, s.index): base + k for k, s in enumerate(e.segs)}  # (1-indexed round, mask index)
+        rows += [answered.get(tuple(s.ref), -1) if s.ref is not None else -1 for s in e.segs]
+        base += len(e.segs)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def own_ref_masks(model: SegLLM, hidden: Tensor, batch: Batch, feats: Tensor, prob: float) -> Batch:
+    """``batch`` with a share ``prob`` of its referenced masks (``Batch.ref_masks``, [S, h, w] in
+    the decoder's output frame) replaced by the model's own prediction of them: the [SEG] masks
+    (logit > 0) of a gradient-free decoding of the same LLM states, which read the ground
+    truth's earlier masks (see ``LossConfig.own_ref_prob``). Which rows are replaced is drawn
+    from torch's generator, which the trainer seeds per step."""
+    rows = referenced_seg_rows(batch.encoded)
+    use = (rows >= 0) & (torch.rand(len(rows)) < prob)
+    if not use.any():
+        return batch
+    with torch.no_grad():
+        own = model.decode_segs(hidden.detach(), batch, feats=feats.detach())[0].mask_logits[:, SEG] > 0
+    refs = batch.ref_masks.clone()
+    idx = use.nonzero().squeeze(1)
+    refs[idx.to(refs.device)] = own[rows[idx].to(own.device)].to(device=refs.device, dtype=refs.dtype)
+    return dataclasses.replace(batch, ref_masks=refs)
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
