@@ -50,6 +50,10 @@ class Batch:
         ref_masks: [S, h, w] the earlier mask each ``<seg>``'s round refers to (the one [REF]
             describes), soft, in the decoder's output frame, zeros where none: the decoder's
             input for a model whose decoder takes them (``SegLLM.uses_ref_masks``), else ``None``.
+        ref_pick: [S] bool, the round each ``<seg>`` refers to is a pick round (the conversation's
+            ``alternatives`` has it: several objects were valid answers and the ground truth's
+            later rounds assume the recorded one), for training with ``loss.own_ref_prob``; with
+            targets, else ``None``.
         dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] long per-pixel class maps in
             the vision tower's and the decoder's input frames, for the dense auxiliary loss
             (``None`` unless the model has dense heads and every conversation has ``dense``).
@@ -84,6 +88,7 @@ class Batch:
     ref_targets: Tensor | None = None
     has_ref: Tensor | None = None
     ref_masks: Tensor | None = None
+    ref_pick: Tensor | None = None
     dense_vision: Tensor | None = None
     dense_decoder: Tensor | None = None
     seg_attrs: Tensor | None = None
@@ -164,10 +169,11 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
     refs = None
     if targets or model.uses_ref_masks:
         # each <seg>'s referenced earlier mask (zeros where none), in the decoder's output frame
-        ref_t, has_ref = [], []
+        ref_t, has_ref, ref_pick = [], [], []
         for c, e in zip(conversations, encs):
             for item in e.segs:
                 has_ref.append(item.ref is not None)
+                ref_pick.append(item.ref is not None and (item.ref[0] - 1) in (c.alternatives or {}))
                 ref_t.append(torch.tensor(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)) if item.ref is not None
                              else torch.zeros(c.size, dtype=torch.bool))
         refs = _frame_targets(ref_t, per_conv, frames, out) if ref_t else torch.zeros(0, out, out)
@@ -178,6 +184,7 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
         batch.seg_targets = _frame_targets(seg_t, per_conv, frames, out) if seg_t else torch.zeros(0, out, out)
         batch.ref_targets = refs
         batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
+        batch.ref_pick = torch.tensor(ref_pick, dtype=torch.bool)
         if model.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
             batch.dense_vision, batch.dense_decoder = _dense_targets(model, conversations, frames)
             groups = list(model.config.dense.groups)

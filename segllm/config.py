@@ -209,7 +209,8 @@ class LossConfig:
     (a gradient-free decoding of the same step, with the ground truth's history) instead of the
     ground truth. At inference a round reads the model's own earlier masks, wrong ones included;
     this teaches the decoder to meet them in training. The LLM's memory tokens keep the ground
-    truth's masks. 0: off (every run before it).
+    truth's masks, and so does a reference to a pick round (its later targets assume the
+    recorded pick). 0: off (every run before it).
     """
 
     lm: float = 1.0

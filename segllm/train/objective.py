@@ -133,9 +133,14 @@ def own_ref_masks(model: SegLLM, hidden: Tensor, batch: Batch, feats: Tensor, pr
     the decoder's output frame) replaced by the model's own prediction of them: the [SEG] masks
     (logit > 0) of a gradient-free decoding of the same LLM states, which read the ground
     truth's earlier masks (see ``LossConfig.own_ref_prob``). Which rows are replaced is drawn
-    from torch's generator, which the trainer seeds per step."""
+    from torch's generator, which the trainer seeds per step. A row that refers to a pick round
+    (``Batch.ref_pick``) keeps the ground truth: its later rounds' targets assume the recorded
+    pick, and the model's own mask may be another, equally valid object (evaluation's own
+    history feeds such rounds back from the ground truth too)."""
     rows = referenced_seg_rows(batch.encoded)
     use = (rows >= 0) & (torch.rand(len(rows)) < prob)
+    if batch.ref_pick is not None:
+        use &= ~batch.ref_pick.cpu()
     if not use.any():
         return batch
     with torch.no_grad():

@@ -96,8 +96,8 @@ def test_two_process_eval_killed_and_resumed_equals_an_uninterrupted_run(tmp_pat
     run killed with SIGKILL (one worker) and resumed: same report, every record once."""
     out = tmp_path / "summary.json"
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "fault_test_eval.py"), "--chains", "1",
-                          "--kills-per-chain", "1", "--worker-share", "1", "--size", "4", "--protocol", "own",
-                          "--max-delay", "2", "--json", str(out)], capture_output=True, text=True, timeout=1800,
+                          "--kills-per-chain", "1", "--worker-share", "1", "--size", "8", "--protocol", "own",
+                          "--max-delay", "1", "--json", str(out)], capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(out.read_text())

@@ -93,6 +93,15 @@ def test_own_masks_replace_the_ground_truth_for_the_share_asked(ref_model, image
     assert not any(replaced[i] for i in (0, 3, 4))  # rows that refer to no answered mask never change
     assert 0 < sum(replaced[i] for i in (1, 2, 5)) < 3, replaced  # this draw replaces some, not all
 
+    # a reference to a pick round keeps the ground truth (its later targets assume the recorded pick)
+    convs = _conversations(image)
+    convs[0] = dataclasses.replace(convs[0], alternatives={1: [0, 1]})  # round 2 was a pick round
+    picked = ref_model.prepare(convs)
+    assert picked.ref_pick.tolist() == [False, False, True, False, False, False]
+    first, second = _decoder_refs(ref_model, picked)
+    expected[2] = gt[2]
+    assert torch.equal(second, expected)
+
     # in eval mode (inference) the option does nothing
     ref_model.eval()
     (refs,) = _decoder_refs(ref_model, batch)
