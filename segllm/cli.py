@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--masks-dir", default=None, metavar="DIR",
                     help="with --released-shape: save each setting's masks here and compare with those saved by an earlier "
                          "run of the same shape (so the settings can run one at a time)")
-    _model_args(bn, device="cpu", checkpoint=False, revision=False, quantize=False)
+    _model_args(bn, device="cpu", checkpoint=False, revision=False, quantize=False, threads=False)  # its own --threads
     bn.set_defaults(func=_bench)
 
     gen = sub.add_parser("generate", help="multi-round conversations from COCO-style annotations (RefCOCO, PACO-LVIS, any COCO)")
@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if getattr(args, "threads", 0) < 0:
+        print(f"error: --threads must be 0 (torch's default) or more, got {args.threads}", file=sys.stderr)
+        return 2
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (SegLLMError, ValueError) as e:  # bad input or arguments: a message, not a traceback
@@ -265,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: bool = True, revision: bool = True, quantize: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: bool = True, revision: bool = True, quantize: bool = True,
+                threads: bool = True) -> None:
     """The options of every command that loads a model: which one (``--checkpoint``, ``--revision``)
-    and where and in which precision it runs (``--device``, ``--dtype``, ``--quantize``)."""
+    and where and in which precision it runs (``--device``, ``--dtype``, ``--quantize``, ``--threads``)."""
     if checkpoint:
         p.add_argument("--checkpoint", help="model folder, or a Hugging Face hub id org/name[/subfolder][@revision], "
                                             "e.g. Marlo-Z/SegLLM/all_data_checkpoint (default: the bundled model)")
@@ -277,6 +283,10 @@ def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: b
                                                     + (device or "cuda when available, else cpu") + ")")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="precision of the model's weights and compute (default: %(default)s; bfloat16 halves the memory)")
+    if threads:  # main() applies it before the command runs
+        p.add_argument("--threads", type=int, default=0,
+                       help="CPU threads for torch (default 0: torch's default, every core; give 1 to each of several "
+                            "runs side by side, which otherwise slow each other down many times over)")
     if quantize:
         p.add_argument("--quantize", default=None, choices=list(QUANTIZE_MODES),
                        help="weight-only 8-bit or 4-bit LLM layers through bitsandbytes (pip install 'segllm[quant]'); "

@@ -68,3 +68,26 @@ def test_merge_lora_passes_the_model_options(tmp_path, monkeypatch, capsys):
     assert main(["merge-lora", "org/name/sub", str(tmp_path / "o"), "--revision", "v2", "--dtype", "float16"]) == 2
     assert calls == [("org/name/sub", {"revision": "v2", "device": "cpu", "dtype": torch.float16})]
     assert "stop here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_model_command_takes_threads_and_main_applies_them(command, monkeypatch):
+    args = build_parser().parse_args([*COMMANDS[command], "--threads", "1"])
+    assert args.threads == 1 and build_parser().parse_args(COMMANDS[command]).threads == 0
+    seen = []
+    monkeypatch.setattr(segllm.cli.torch, "set_num_threads", seen.append)
+    monkeypatch.setattr(segllm.cli, "build_parser", lambda: _Parsed(args, lambda a: 0))
+    assert main([]) == 0 and seen == [1]
+    args.threads = -1
+    assert main([]) == 2 and seen == [1]  # refused before the command runs
+
+
+class _Parsed:
+    """A parser stand-in that returns fixed arguments with the given command function."""
+
+    def __init__(self, args, func):
+        args.func = func
+        self.args = args
+
+    def parse_args(self, argv):
+        return self.args
