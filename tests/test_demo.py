@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import weakref
 import zipfile
 from pathlib import Path
@@ -23,6 +24,25 @@ from segllm.viz import colour  # noqa: E402
 from tests.helpers import RELEASED_FIXTURES, png_declaring  # noqa: E402
 
 CHROMIUM = os.environ.get("SEGLLM_CHROMIUM", "/usr/bin/chromium")
+
+
+_CLIENT_TEMP = re.compile(r"[0-9a-f]{40}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_client_temp_folders():
+    """gradio_client downloads every file into a new folder <temp>/<40 hex digits> and moves it
+    out, leaving the folder behind (hundreds per run of this module); remove the empty ones this
+    module made."""
+    temp = Path(tempfile.gettempdir())
+    before = {p.name for p in temp.iterdir()}
+    yield
+    for p in temp.iterdir():
+        if p.name not in before and _CLIENT_TEMP.fullmatch(p.name) and p.is_dir():
+            try:
+                p.rmdir()  # only if empty: never anything with content
+            except OSError:
+                pass
 
 
 @pytest.fixture(scope="module")
