@@ -54,9 +54,12 @@ class Batch:
             ``alternatives`` has it: several objects were valid answers and the ground truth's
             later rounds assume the recorded one), for training with ``loss.own_ref_prob``; with
             targets, else ``None``.
-        dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] long per-pixel class maps in
+        dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] int16 per-pixel class maps in
             the vision tower's and the decoder's input frames, for the dense auxiliary loss
-            (``None`` unless the model has dense heads and every conversation has ``dense``).
+            (``None`` unless the model has dense heads and every conversation has ``dense``;
+            ``dense_decoder`` also unless a loss reads it: ``dense.on`` has "decoder" or the
+            decoder matches attributes). int16, not long: a quarter of the bytes that data-loader
+            workers hand over each step; the loss widens the few labels it samples.
         seg_attrs: [S, G] long classes of each ``<seg>``'s target object per dense label group
             (``dense.on`` has "target"; ``IGNORE_LABEL`` where unknown), else ``None``.
         seg_named: [S, G] long classes each ``<seg>``'s question names per dense label group (0:
@@ -165,28 +168,31 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
         encoded=encs,
     )
     out = model.decoder.output_size
-    per_conv = [len(e.segs) for e in encs]
     refs = None
     if targets or model.uses_ref_masks:
-        # each <seg>'s referenced earlier mask (zeros where none), in the decoder's output frame
-        ref_t, has_ref, ref_pick = [], [], []
-        for c, e in zip(conversations, encs):
+        # every mask a <seg> is trained on or refers to, in the decoder's output frame, computed
+        # once per conversation (a round's target is usually a later round's reference too)
+        framed = _round_masks_in_frame(conversations, encs, frames, out, targets=targets)
+        # each <seg>'s referenced earlier mask (zeros where none)
+        has_ref, ref_pick, ref_rows = [], [], []
+        zeros = torch.zeros(out, out)
+        for (c, e), (maps, row) in zip(zip(conversations, encs), framed):
             for item in e.segs:
                 has_ref.append(item.ref is not None)
                 ref_pick.append(item.ref is not None and (item.ref[0] - 1) in (c.alternatives or {}))
-                ref_t.append(torch.tensor(np.asarray(c.rounds[item.ref[0] - 1].masks[item.ref[1]], dtype=bool)) if item.ref is not None
-                             else torch.zeros(c.size, dtype=torch.bool))
-        refs = _frame_targets(ref_t, per_conv, frames, out) if ref_t else torch.zeros(0, out, out)
+                ref_rows.append(maps[row[item.ref[0] - 1, item.ref[1]]] if item.ref is not None else zeros)
+        refs = torch.stack(ref_rows) if ref_rows else torch.zeros(0, out, out)
         if model.uses_ref_masks:
             batch.ref_masks = refs
     if targets:
-        seg_t = [torch.tensor(np.asarray(c.rounds[item.round_index].masks[item.index], dtype=bool)) for c, e in zip(conversations, encs) for item in e.segs]
-        batch.seg_targets = _frame_targets(seg_t, per_conv, frames, out) if seg_t else torch.zeros(0, out, out)
+        seg_rows = [maps[row[item.round_index, item.index]] for e, (maps, row) in zip(encs, framed) for item in e.segs]
+        batch.seg_targets = torch.stack(seg_rows) if seg_rows else torch.zeros(0, out, out)
         batch.ref_targets = refs
         batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
         batch.ref_pick = torch.tensor(ref_pick, dtype=torch.bool)
         if model.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
-            batch.dense_vision, batch.dense_decoder = _dense_targets(model, conversations, frames)
+            need_decoder = "decoder" in model.config.dense.on or bool(getattr(model.config.decoder, "attributes", None))
+            batch.dense_vision, batch.dense_decoder = _dense_targets(model, conversations, frames, decoder=need_decoder)
             groups = list(model.config.dense.groups)
             if getattr(model.config.decoder, "attributes", None) and all(c.named is not None for c in conversations):
                 rows = [[c.named[i.round_index].get(g, 0) for g in groups] for c, e in zip(conversations, encs) for i in e.segs]
@@ -233,49 +239,69 @@ def _selection_targets(model: SegLLM, conversations: Sequence[Conversation], enc
     return cand, torch.stack(rows_pool), torch.stack(rows_valid)
 
 
-def _dense_targets(model: SegLLM, conversations: Sequence[Conversation], frames: list[Frame]) -> tuple[Tensor, Tensor]:
-    """Each conversation's ``dense`` maps placed in the vision tower's and the decoder's input
-    frames (nearest neighbour; padding is IGNORE_LABEL): [B, G, S, S] and [B, G, Sd, Sd]."""
+def _dense_targets(model: SegLLM, conversations: Sequence[Conversation], frames: list[Frame], *,
+                   decoder: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Each conversation's ``dense`` maps placed in the vision tower's and (with ``decoder``) the
+    decoder's input frames (nearest neighbour; padding is IGNORE_LABEL): int16 [B, G, S, S] and
+    [B, G, Sd, Sd] (None without ``decoder``)."""
     groups = list(model.config.dense.groups)
     vis, dec = [], []
     s = model.config.vision.image_size
     for c, fr in zip(conversations, frames):
         try:
-            maps = torch.from_numpy(np.stack([np.asarray(c.dense[g], dtype=np.int64) for g in groups]))
+            maps = torch.from_numpy(np.stack([np.asarray(c.dense[g], dtype=np.int16) for g in groups]))
         except KeyError as e:
             raise ConversationError(f"conversation's dense maps lack the label group {e}; the model needs {groups}") from e
-        x = maps[None].float()
+        x = maps[None].float()  # interpolate works on floats; class ids are exact in float32
         vis.append(_square_labels(x, s, model.config.vision.resize))
-        y = F.interpolate(x, size=(fr.resized_height, fr.resized_width), mode="nearest")
-        dec.append(F.pad(y, (0, fr.size - fr.resized_width, 0, fr.size - fr.resized_height), value=IGNORE_LABEL)[0].long())
-    return torch.stack(vis), torch.stack(dec)
+        if decoder:
+            y = _nearest(x, fr.resized_height, fr.resized_width)
+            dec.append(F.pad(y, (0, fr.size - fr.resized_width, 0, fr.size - fr.resized_height), value=IGNORE_LABEL)[0].to(torch.int16))
+    return torch.stack(vis), (torch.stack(dec) if decoder else None)
+
+
+def _nearest(x: Tensor, h: int, w: int) -> Tensor:
+    """[1, G, H, W] -> [1, G, h, w] nearest-neighbour (the maps themselves at their own size)."""
+    return x if tuple(x.shape[-2:]) == (h, w) else F.interpolate(x, size=(h, w), mode="nearest")
 
 
 def _square_labels(maps: Tensor, s: int, resize: str) -> Tensor:
-    """[1, G, H, W] float class maps -> [G, s, s] long, placed as the vision tower places the
+    """[1, G, H, W] float class maps -> [G, s, s] int16, placed as the vision tower places the
     image (``VisionConfig.resize``), nearest neighbour, IGNORE_LABEL where no pixel lies."""
     h, w = maps.shape[-2:]
     if resize == "squash":
-        return F.interpolate(maps, size=(s, s), mode="nearest")[0].long()
+        return _nearest(maps, s, s)[0].to(torch.int16)
     if resize == "center_crop":
         scale = s / min(h, w)
         nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-        x = F.interpolate(maps, size=(nh, nw), mode="nearest")
+        x = _nearest(maps, nh, nw)
         top, left = (nh - s) // 2, (nw - s) // 2
-        return x[0, :, top : top + s, left : left + s].long()
+        return x[0, :, top : top + s, left : left + s].to(torch.int16)
     scale = s / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = F.interpolate(maps, size=(nh, nw), mode="nearest")
-    return F.pad(x, (0, s - nw, 0, s - nh), value=IGNORE_LABEL)[0].long()
+    x = _nearest(maps, nh, nw)
+    return F.pad(x, (0, s - nw, 0, s - nh), value=IGNORE_LABEL)[0].to(torch.int16)
 
 
-def _frame_targets(masks: list[Tensor], per_conv: list[int], frames: list[Frame], out: int) -> Tensor:
-    res, i = [], 0
-    for n, fr in zip(per_conv, frames):
-        if n:
-            res.append(masks_to_frame(torch.stack(masks[i : i + n]), fr, out))
-        i += n
-    return torch.cat(res)
+def _round_masks_in_frame(conversations: Sequence[Conversation], encs: list[Encoded], frames: list[Frame], out: int, *,
+                          targets: bool) -> list[tuple[Tensor, dict[tuple[int, int], int]]]:
+    """Per conversation: the masks its ``<seg>`` tokens refer to (and, with ``targets``, are
+    trained on) as soft [M, out, out] maps in the decoder's output frame
+    (:func:`masks_to_frame`), and the row of each (round index, mask index), 0-based."""
+    res = []
+    for c, e, fr in zip(conversations, encs, frames):
+        keys = {(item.ref[0] - 1, item.ref[1]) for item in e.segs if item.ref is not None}
+        if targets:
+            keys |= {(item.round_index, item.index) for item in e.segs}
+        keys = sorted(keys)
+        row = {k: n for n, k in enumerate(keys)}
+        if keys:
+            masks = torch.stack([torch.tensor(np.asarray(c.rounds[r].masks[j], dtype=bool)) for r, j in keys])
+            maps = masks_to_frame(masks, fr, out)
+        else:
+            maps = torch.zeros(0, out, out)
+        res.append((maps, row))
+    return res
 
 
 __all__ = ["Batch", "build_batch"]

@@ -91,3 +91,16 @@ def test_tokenizer_without_tokens(tokenizer):
     t = TemplateConfig(seg_token="<segment>")
     with pytest.raises(ConversationError, match="no seg token"):
         Processor(bare, t, MemoryConfig(), num_image_tokens=4, max_length=64)
+
+
+def test_repeated_texts_keep_their_ids_and_their_special_token_handling(tokenizer):
+    p = _processor(tokenizer)
+    typed = p.text_ids("<seg> here")  # a user's text: "<seg>" is split into characters
+    assert p.seg_id not in typed
+    assert p.text_ids("<seg> here", allow_special=True)[0] == p.seg_id  # an answer: one token
+    assert p.text_ids("<seg> here") == typed  # asked again: the same, not the special reading
+    got = p.text_ids("Segment the red circle.")
+    got.append(-5)  # a caller's list is its own
+    assert p.text_ids("Segment the red circle.") == got[:-1]
+    fresh = _processor(tokenizer)
+    assert fresh.text_ids("Segment the red circle.") == got[:-1]

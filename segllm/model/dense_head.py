@@ -56,7 +56,7 @@ class DenseHeads(nn.Module):
         Args:
             name: which feature map ("vision" or "decoder").
             features: [B, g, g, C] channels-last features.
-            labels: [B, G, S, S] long class maps (``IGNORE_LABEL`` where unsupervised) in the same
+            labels: [B, G, S, S] integer class maps (``IGNORE_LABEL`` where unsupervised) in the same
                 square frame as the features; sampled at each cell's centre pixel.
 
         Returns:
@@ -81,7 +81,7 @@ def group_loss(groups: dict[str, int], logits: Tensor, labels: Tensor) -> Tensor
     start = 0
     for i, n in enumerate(groups.values()):
         lg = logits[..., start : start + n].reshape(-1, n).float()
-        tg = labels[..., i].reshape(-1)
+        tg = labels[..., i].reshape(-1).long()  # batches carry int16 maps
         start += n
         if (tg != IGNORE_LABEL).any():
             total = total + F.cross_entropy(lg, tg, ignore_index=IGNORE_LABEL)

@@ -93,6 +93,8 @@ def test_dense_loss_is_part_of_the_loss_and_trains_the_encoders(grounded, three_
     # the 48x80 image is padded at the bottom in the decoder's square frame: unsupervised there
     assert (batch.dense_decoder[0, :, 40:, :] == IGNORE_LABEL).all()
     assert (batch.dense_decoder[0, :, :38, :] != IGNORE_LABEL).all()
+    # small integers, not int64: the maps are most of what a data-loader worker hands over
+    assert batch.dense_vision.dtype == batch.dense_decoder.dtype == torch.int16
     out = training_loss(model, batch)
     assert out.dense_loss is not None and out.dense_loss > 0
     w = model.config.loss
@@ -286,3 +288,19 @@ def _vision_features(model, batch):
     patches = model.vision(batch.image_pixels)
     g = int(round(patches.shape[1] ** 0.5))
     return patches.reshape(patches.shape[0], g, g, -1), batch.dense_vision
+
+
+def test_decoder_maps_are_built_only_where_a_loss_reads_them(tokenizer, grounded, three_rounds):
+    cfg = tiny_grounded(len(tokenizer))
+    cfg.dense = DenseConfig(groups=dict(GROUPS), on=("vision",))
+    torch.manual_seed(0)
+    model = build_segllm(cfg, copy.deepcopy(tokenizer)).train()
+    conv = with_dense(three_rounds)
+    batch = model.prepare([conv])
+    assert batch.dense_decoder is None and batch.dense_vision.shape == (1, 2, 64, 64)
+    # the vision maps do not depend on whether the decoder's are built too
+    both = grounded.prepare([conv])
+    assert both.dense_decoder is not None and torch.equal(batch.dense_vision, both.dense_vision)
+    assert set(batch.dense_vision[0, 0].unique().tolist()) == {0, 1, 2}  # squashed: no padding
+    out = training_loss(model, batch)
+    assert out.dense_loss is not None and torch.isfinite(out.dense_loss) and out.dense_loss > 0

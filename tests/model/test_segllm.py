@@ -230,3 +230,21 @@ def test_box_loss_values():
     assert float(box_loss(b, b, 100)) == pytest.approx(0.0, abs=1e-6)
     far = torch.tensor([[50.0, 50.0, 60.0, 60.0]])
     assert float(box_loss(far, b, 100)) > 1.0
+
+
+def test_mask_targets_are_each_rounds_mask_in_the_output_frame(make_model, three_rounds):
+    from segllm.decoders.base import masks_to_frame
+
+    model = make_model().train()
+    convs = [three_rounds, three_rounds.truncated(2)]
+    batch = model.prepare(convs)
+    out = model.decoder.output_size
+    want_seg, want_ref = [], []
+    for c, fr in zip(convs, batch.frames):
+        for rnd in c.rounds:
+            want_seg.append(masks_to_frame(torch.from_numpy(rnd.masks[0])[None], fr, out)[0])
+            want_ref.append(masks_to_frame(torch.from_numpy(c.rounds[rnd.refs[0] - 1].masks[0])[None], fr, out)[0]
+                            if rnd.refs else torch.zeros(out, out))
+    assert torch.equal(batch.seg_targets, torch.stack(want_seg))
+    assert torch.equal(batch.ref_targets, torch.stack(want_ref))
+    assert batch.has_ref.tolist() == [False, True, True, False, True]
