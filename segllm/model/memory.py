@@ -145,7 +145,8 @@ class MaskMemoryEncoder(nn.Module):
         same size as the image, not empty)."""
         self._check(image, mask)
         x0, y0, x1, y1 = (int(v) for v in box.tolist())
-        crop = (image * mask.to(image.dtype))[:, y0:y1, x0:x1]
+        # zeroed outside the mask within the box only (the same pixels as masking the whole image)
+        crop = image[:, y0:y1, x0:x1] * mask[y0:y1, x0:x1].to(image.dtype)
         side = max(y1 - y0, x1 - x0)
         out = torch.zeros(3, side, side, dtype=image.dtype, device=image.device)
         out[:, : crop.shape[1], : crop.shape[2]] = crop

@@ -107,23 +107,23 @@ class VisionTower(nn.Module):
         s = self.config.image_size
         if self.config.resample == "pil" and self.config.resize == "center_crop":
             return self._clip_processor(image)
-        x = image[None].float() / 255.0
+        # each step below makes a new tensor, so the arithmetic can go in place
+        x = image[None].float().div_(255.0)
         h, w = x.shape[-2:]
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
         if self.config.resize == "squash":
-            x = _resize(x, s, s)
-        elif self.config.resize == "center_crop":
+            return _resize(x, s, s).sub_(mean).div_(std)[0]
+        if self.config.resize == "center_crop":
             scale = s / min(h, w)
             nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
             x = _resize(x, nh, nw)
             top, left = (nh - s) // 2, (nw - s) // 2
-            x = x[..., top : top + s, left : left + s]
-        else:  # pad: longest side to s, pad bottom/right with the mean colour (zero after normalising)
-            scale = s / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            x = _resize(x, nh, nw)
-            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-            return F.pad(x, (0, s - nw, 0, s - nh))[0]
-        return ((x - self.mean.to(x.device)) / self.std.to(x.device))[0]
+            return ((x[..., top : top + s, left : left + s] - mean) / std)[0]  # a contiguous copy of the crop
+        # pad: longest side to s, pad bottom/right with the mean colour (zero after normalising)
+        scale = s / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = _resize(x, nh, nw).sub_(mean).div_(std)
+        return F.pad(x, (0, s - nw, 0, s - nh))[0]
 
     def _clip_processor(self, image: Tensor) -> Tensor:
         """transformers' CLIP preprocessing (PIL bicubic on uint8, centre crop), bit-exact."""
