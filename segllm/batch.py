@@ -252,10 +252,15 @@ def _dense_targets(model: SegLLM, conversations: Sequence[Conversation], frames:
             maps = torch.from_numpy(np.stack([np.asarray(c.dense[g], dtype=np.int16) for g in groups]))
         except KeyError as e:
             raise ConversationError(f"conversation's dense maps lack the label group {e}; the model needs {groups}") from e
-        x = maps[None].float()  # interpolate works on floats; class ids are exact in float32
-        vis.append(_square_labels(x, s, model.config.vision.resize))
+        h, w = maps.shape[-2:]
+        # the maps themselves where a frame takes the image at its own size (the world's square
+        # images); else resized, as floats (class ids are exact in float32)
+        vis.append(maps if (h, w) == (s, s) else _square_labels(maps[None].float(), s, model.config.vision.resize))
         if decoder:
-            y = _nearest(x, fr.resized_height, fr.resized_width)
+            if (h, w) == (fr.resized_height, fr.resized_width) == (fr.size, fr.size):
+                dec.append(maps)
+                continue
+            y = _nearest(maps[None].float(), fr.resized_height, fr.resized_width)
             dec.append(F.pad(y, (0, fr.size - fr.resized_width, 0, fr.size - fr.resized_height), value=IGNORE_LABEL)[0].to(torch.int16))
     return torch.stack(vis), (torch.stack(dec) if decoder else None)
 

@@ -93,7 +93,10 @@ def resize_and_pad(image: Tensor, frame: Frame, *, mode: str = "bilinear") -> Te
         [B, C, size, size]; the area outside the resized image is zero.
     """
     kwargs = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    resized = F.interpolate(image, size=(frame.resized_height, frame.resized_width), mode=mode, **kwargs)
+    size = (frame.resized_height, frame.resized_width)
+    # at its own size an image is left as it is: interpolating would give the same values
+    # (tests/decoders/test_sam.py checks it) at the cost of a pass over every pixel
+    resized = image if tuple(image.shape[-2:]) == size else F.interpolate(image, size=size, mode=mode, **kwargs)
     pad_bottom = frame.size - frame.resized_height
     pad_right = frame.size - frame.resized_width
     return F.pad(resized, (0, pad_right, 0, pad_bottom))

@@ -14,6 +14,7 @@ from segllm.decoders.base import (
     MaskDecoder,
     logits_to_image,
     masks_to_frame,
+    resize_and_pad,
 )
 from segllm.decoders.sam import RandomFourierPositionEncoding, SamMaskDecoder
 from segllm.errors import ConfigError, ImageError
@@ -312,3 +313,18 @@ def test_prompt_splits(k, r):
     out = m(torch.randn(1, D, 8, 8), torch.randn(2, k, D), torch.tensor([0, 0]))
     assert out.mask_logits.shape == (2, 2, 32, 32)
     assert out.iou_scores.shape == (2, 2)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest", "area"])
+def test_an_image_at_its_frame_size_is_placed_unchanged(mode):
+    # resize_and_pad skips interpolating an image already at its frame's size; that is only
+    # right while interpolating to the same size gives the same values (it does today)
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 16, 16)
+    frame = Frame.fit(16, 16, 16)
+    kwargs = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    assert torch.equal(F.interpolate(x, size=(16, 16), mode=mode, **kwargs), x)
+    assert torch.equal(resize_and_pad(x, frame, mode=mode), x)
+    # a smaller image inside a larger frame is still resized and padded
+    placed = resize_and_pad(x[..., :8, :], Frame.fit(8, 16, 32), mode=mode)
+    assert placed.shape == (3, 2, 32, 32) and not placed[..., 16:, :].any()
