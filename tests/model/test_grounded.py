@@ -304,3 +304,21 @@ def test_decoder_maps_are_built_only_where_a_loss_reads_them(tokenizer, grounded
     assert set(batch.dense_vision[0, 0].unique().tolist()) == {0, 1, 2}  # squashed: no padding
     out = training_loss(model, batch)
     assert out.dense_loss is not None and torch.isfinite(out.dense_loss) and out.dense_loss > 0
+
+
+def test_group_loss_is_the_mean_cross_entropy_over_supervised_labels_per_group():
+    from segllm.model.dense_head import group_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3 + 4)
+    labels = torch.tensor([[0, 1], [2, IGNORE_LABEL], [IGNORE_LABEL, 3], [1, 0], [IGNORE_LABEL, IGNORE_LABEL], [0, 2]], dtype=torch.int16)
+    want = []
+    for i, (lo, n) in enumerate([(0, 3), (3, 4)]):
+        keep = labels[:, i] != IGNORE_LABEL
+        want.append(torch.nn.functional.cross_entropy(logits[keep, lo : lo + n], labels[keep, i].long()))
+    assert_close_scaled(group_loss(GROUPS, logits, labels), (want[0] + want[1]) / 2)
+    # a group with no supervised label adds nothing (and no NaN)
+    none = labels.clone()
+    none[:, 1] = IGNORE_LABEL
+    assert_close_scaled(group_loss(GROUPS, logits, none), want[0] / 2)
+    assert group_loss(GROUPS, logits, torch.full_like(labels, IGNORE_LABEL)) == 0
