@@ -197,8 +197,10 @@ class SegLLM(nn.Module):
         if batch.memory_pos.numel():
             mask_feats, box_feats = self.memory.tokens(batch.memory_pixels, batch.memory_boxes, vision=self.vision, projector=self.projector, dtype=self.dtype)
             slots.append((proc.mask_id, batch.memory_batch, batch.memory_pos, mask_feats))
-            has_box = batch.box_pos >= 0
-            slots.append((proc.box_id, batch.memory_batch[has_box], batch.box_pos[has_box], box_feats[has_box]))
+            if proc.memory.use_box:
+                # the processor gives every earlier mask a box token or none does (box_pos -1):
+                # decided by the config, not by reading box_pos back from the device
+                slots.append((proc.box_id, batch.memory_batch, batch.box_pos, box_feats))
         embeds = self.inject(ids, slots, batch.attention_mask)
         if not batch.memory_pos.numel() and self.training and torch.is_grad_enabled():
             # a batch without earlier masks still gives the box encoder a (zero) gradient: sharded

@@ -248,3 +248,24 @@ def test_mask_targets_are_each_rounds_mask_in_the_output_frame(make_model, three
     assert torch.equal(batch.seg_targets, torch.stack(want_seg))
     assert torch.equal(batch.ref_targets, torch.stack(want_ref))
     assert batch.has_ref.tolist() == [False, True, True, False, True]
+
+
+def test_memory_without_box_tokens_injects_only_mask_tokens(tokenizer, three_rounds):
+    import copy
+
+    from segllm.config import MemoryConfig
+    from segllm.model.builder import build_segllm
+    from segllm.presets import tiny_config
+
+    cfg = tiny_config(len(tokenizer))
+    cfg.memory = MemoryConfig(enabled=True, use_box=False)
+    torch.manual_seed(0)
+    model = build_segllm(cfg, copy.deepcopy(tokenizer)).train()
+    batch = model.prepare([three_rounds])
+    assert (batch.box_pos == -1).all() and batch.memory_pos.numel() == 2
+    assert model.processor.box_id not in batch.input_ids.tolist()[0]
+    out = training_loss(model, batch)
+    assert torch.isfinite(out.loss)
+    # the box encoder is not used at all: no box token anywhere in the input
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.memory.box_head.parameters())
