@@ -9,7 +9,7 @@ checkout, measured in the same run.
 Each side runs in its own fresh process (the checkout's own ``segllm`` package, loaded from its
 folder), one thread, on the same conversations (world train split, the bundled recipe's world:
 ``multi_target_prob`` 0.15, up to 8 rounds) with the same model (the bundled default model of that
-checkout). One untimed batch first (caches, first-call costs), then ``--n`` conversations
+checkout). 128 untimed conversations first (caches, first-call costs), then ``--n`` conversations
 generated and prepared in batches of ``--batch``; CPU time of the process (``time.process_time``),
 so other load on the machine slows both alike. With ``--reference`` the two sides alternate,
 ``--repeats`` times each, and every ratio is this checkout's rate over the reference's in the
@@ -47,7 +47,7 @@ n, batch = int(sys.argv[1]), int(sys.argv[2])
 model = load_model()
 model.train()
 data = WorldConversations("train", 10**6, seed=0, config=WorldConfig(multi_target_prob=0.15), max_rounds=8)
-warm = [data[i] for i in range(10**5, 10**5 + min(batch, 32))]
+warm = [data[i] for i in range(10**5, 10**5 + 128)]  # fills the generator's and the processor's caches, as a long run has them
 model.prepare(warm)
 t0 = time.process_time()
 convs = [data[i] for i in range(n)]
