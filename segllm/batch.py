@@ -46,7 +46,12 @@ class Batch:
             and box placeholder position (-1 when boxes are off) of each.
         seg_batch, seg_pos: [S] conversation index and position of each ``<seg>`` token.
         seg_targets, ref_targets: [S, h, w] soft masks in the decoder's output frame
-            (``None`` at inference); ``has_ref``: [S] bool, whether the [REF] half is supervised.
+            (``None`` at inference); ``has_ref``: [S] bool, whether the [REF] half is supervised;
+            ``ref_index``: [R] long, the rows where it is (``has_ref``'s True positions).
+        lm_index: [T] long, the positions (flattened over [B, L-1]) whose next token the LM loss
+            supervises (``labels[:, 1:] != IGNORE``). ``ref_index`` and ``lm_index`` are computed
+            here, on the CPU, so that the loss selects those rows without reading a mask back
+            from the device in the middle of a step.
         ref_masks: [S, h, w] the earlier mask each ``<seg>``'s round refers to (the one [REF]
             describes), soft, in the decoder's output frame, zeros where none: the decoder's
             input for a model whose decoder takes them (``SegLLM.uses_ref_masks``), else ``None``.
@@ -90,6 +95,8 @@ class Batch:
     seg_targets: Tensor | None = None
     ref_targets: Tensor | None = None
     has_ref: Tensor | None = None
+    ref_index: Tensor | None = None
+    lm_index: Tensor | None = None
     ref_masks: Tensor | None = None
     ref_pick: Tensor | None = None
     dense_vision: Tensor | None = None
@@ -189,6 +196,8 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
         batch.seg_targets = torch.stack(seg_rows) if seg_rows else torch.zeros(0, out, out)
         batch.ref_targets = refs
         batch.has_ref = torch.tensor(has_ref, dtype=torch.bool)
+        batch.ref_index = torch.nonzero(batch.has_ref).view(-1)
+        batch.lm_index = torch.nonzero((lab[:, 1:] != IGNORE).reshape(-1)).view(-1)
         batch.ref_pick = torch.tensor(ref_pick, dtype=torch.bool)
         if model.dense_head is not None and conversations and all(c.dense is not None for c in conversations):
             need_decoder = "decoder" in model.config.dense.on or bool(getattr(model.config.decoder, "attributes", None))

@@ -75,11 +75,18 @@ def training_loss(model: SegLLM, batch: Batch) -> LossOutput:
         image_tokens, decoder_feats, dense_loss = _image_dense_terms(model, batch)
     hidden = model.hidden_states(batch, image_tokens=image_tokens)
     labels = batch.labels[:, 1:]
-    sel = labels != IGNORE
     zero = hidden.sum() * 0
-    if sel.any():
-        logits = model.llm.get_output_embeddings()(hidden[:, :-1][sel])
-        lm_loss = F.cross_entropy(logits.float(), labels[sel])
+    if batch.lm_index is not None:
+        # the supervised positions, found on the CPU when the batch was built: the same rows
+        # as labels != IGNORE selects, in the same order, without a read back from the device
+        index = batch.lm_index.to(hidden.device)
+        chosen = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index), labels.reshape(-1).index_select(0, index)
+    else:
+        sel = labels != IGNORE
+        chosen = (hidden[:, :-1][sel], labels[sel]) if sel.any() else None
+    if chosen is not None and chosen[1].numel():
+        logits = model.llm.get_output_embeddings()(chosen[0])
+        lm_loss = F.cross_entropy(logits.float(), chosen[1])
     else:
         lm_loss = zero
     if cfg.set_prediction:
@@ -207,9 +214,15 @@ def _mask_terms(
     m_loss = focal_loss(seg_l, tgt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma) if cfg.mask == "focal" else bce_loss(seg_l, tgt)
     d_loss = dice_loss(seg_l, tgt)
     ref_loss = zero
-    has_ref = batch.has_ref.to(mask_logits.device)
-    if has_ref.any():
-        rl, rt = mask_logits[has_ref, REF], batch.ref_targets.to(mask_logits.device)[has_ref]
+    # the rows whose [REF] half is supervised: found on the CPU when the batch was built (no read
+    # back from the device), or, for a batch made otherwise, from has_ref on the device
+    if batch.ref_index is not None:
+        rows = batch.ref_index.to(mask_logits.device) if batch.ref_index.numel() else None
+    else:
+        has_ref = batch.has_ref.to(mask_logits.device)
+        rows = has_ref.nonzero().view(-1) if has_ref.any() else None
+    if rows is not None:
+        rl, rt = mask_logits[:, REF].index_select(0, rows), batch.ref_targets.to(mask_logits.device).index_select(0, rows)
         ref_loss = (focal_loss(rl, rt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma) if cfg.mask == "focal" else bce_loss(rl, rt)) + dice_loss(rl, rt)
     with torch.no_grad():
         true_iou = mask_iou(seg_l, tgt)

@@ -269,3 +269,20 @@ def test_memory_without_box_tokens_injects_only_mask_tokens(tokenizer, three_rou
     # the box encoder is not used at all: no box token anywhere in the input
     out.loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.memory.box_head.parameters())
+
+
+def test_losses_from_the_batchs_precomputed_rows_equal_the_boolean_selections(make_model, three_rounds):
+    import dataclasses
+
+    model = make_model().train()
+    batch = model.prepare([three_rounds, three_rounds.truncated(2)])
+    assert batch.ref_index.tolist() == [1, 2, 4]
+    from segllm.processor import IGNORE
+
+    assert torch.equal(batch.lm_index, torch.nonzero((batch.labels[:, 1:] != IGNORE).reshape(-1)).view(-1))
+    torch.manual_seed(0)
+    new = training_loss(model, batch)
+    torch.manual_seed(0)
+    old = training_loss(model, dataclasses.replace(batch, ref_index=None, lm_index=None))
+    for name in ("loss", "lm_loss", "ref_loss", "mask_loss"):
+        assert torch.equal(getattr(new, name), getattr(old, name)), name
