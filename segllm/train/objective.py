@@ -76,17 +76,13 @@ def training_loss(model: SegLLM, batch: Batch) -> LossOutput:
     hidden = model.hidden_states(batch, image_tokens=image_tokens)
     labels = batch.labels[:, 1:]
     zero = hidden.sum() * 0
-    if batch.lm_index is not None:
-        # the supervised positions, found on the CPU when the batch was built: the same rows
-        # as labels != IGNORE selects, in the same order, without a read back from the device
-        index = batch.lm_index.to(hidden.device)
-        chosen = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index), labels.reshape(-1).index_select(0, index)
-    else:
-        sel = labels != IGNORE
-        chosen = (hidden[:, :-1][sel], labels[sel]) if sel.any() else None
-    if chosen is not None and chosen[1].numel():
-        logits = model.llm.get_output_embeddings()(chosen[0])
-        lm_loss = F.cross_entropy(logits.float(), chosen[1])
+    # the supervised positions (labels != IGNORE, row-major), found on the CPU when the batch was
+    # built, so selecting them reads nothing back from the device; derived here for a batch without
+    index = batch.lm_index if batch.lm_index is not None else (labels != IGNORE).reshape(-1).nonzero().view(-1)
+    if index.numel():
+        index = index.to(hidden.device)
+        logits = model.llm.get_output_embeddings()(hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index))
+        lm_loss = F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, index))
     else:
         lm_loss = zero
     if cfg.set_prediction:
@@ -215,13 +211,10 @@ def _mask_terms(
     d_loss = dice_loss(seg_l, tgt)
     ref_loss = zero
     # the rows whose [REF] half is supervised: found on the CPU when the batch was built (no read
-    # back from the device), or, for a batch made otherwise, from has_ref on the device
-    if batch.ref_index is not None:
-        rows = batch.ref_index.to(mask_logits.device) if batch.ref_index.numel() else None
-    else:
-        has_ref = batch.has_ref.to(mask_logits.device)
-        rows = has_ref.nonzero().view(-1) if has_ref.any() else None
-    if rows is not None:
+    # back from the device), derived from has_ref for a batch without
+    rows = batch.ref_index if batch.ref_index is not None else batch.has_ref.nonzero().view(-1)
+    if rows.numel():
+        rows = rows.to(mask_logits.device)
         rl, rt = mask_logits[:, REF].index_select(0, rows), batch.ref_targets.to(mask_logits.device).index_select(0, rows)
         ref_loss = (focal_loss(rl, rt, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma) if cfg.mask == "focal" else bce_loss(rl, rt)) + dice_loss(rl, rt)
     with torch.no_grad():
