@@ -58,7 +58,7 @@ class Batch:
         ref_pick: [S] bool, the round each ``<seg>`` refers to is a pick round (the conversation's
             ``alternatives`` has it: several objects were valid answers and the ground truth's
             later rounds assume the recorded one), for training with ``loss.own_ref_prob``; with
-            targets, else ``None``.
+            targets, else ``None``. It stays on the host in :meth:`to` (see ``HOST_FIELDS``).
         dense_vision, dense_decoder: [B, G, S, S] / [B, G, Sd, Sd] int16 per-pixel class maps in
             the vision tower's and the decoder's input frames, for the dense auxiliary loss
             (``None`` unless the model has dense heads and every conversation has ``dense``;
@@ -109,11 +109,15 @@ class Batch:
     seg_valid: Tensor | None = None
     encoded: list[Encoded] = field(default_factory=list)
 
+    # read on the host during a training step (which rows take the model's own masks), so kept
+    # there: a copy back from a GPU would wait for all the work queued before it
+    HOST_FIELDS = frozenset({"ref_pick"})
+
     def to(self, device: torch.device | str) -> Batch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.to(device) if isinstance(v, Tensor) else v
+            out[f.name] = v.to(device) if isinstance(v, Tensor) and f.name not in self.HOST_FIELDS else v
         return Batch(**out)
 
 

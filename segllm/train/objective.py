@@ -140,10 +140,12 @@ def own_ref_masks(model: SegLLM, hidden: Tensor, batch: Batch, feats: Tensor, pr
     (``Batch.ref_pick``) keeps the ground truth: its later rounds' targets assume the recorded
     pick, and the model's own mask may be another, equally valid object (evaluation's own
     history feeds such rounds back from the ground truth too)."""
+    # chosen on the host (the rows, the draw and Batch.ref_pick live there), reading nothing back
+    # from the device
     rows = referenced_seg_rows(batch.encoded)
     use = (rows >= 0) & (torch.rand(len(rows)) < prob)
     if batch.ref_pick is not None:
-        use &= ~batch.ref_pick.cpu()
+        use &= ~batch.ref_pick
     if not use.any():
         return batch
     with torch.no_grad():

@@ -1,0 +1,57 @@
+#!/bin/bash
+# One training stage of the bundled model on a lent GPU machine, as one prepared command
+# (README "The bundled default model", stage 7). Run from the repository root; writes what should
+# come back (the float16 model, the logs, GPU utilisation) to $OUT, at most 8 files.
+#
+#   OUT=/tmp/out TRAIN_S=450 bash scripts/gpu_stage.sh                 # from the bundled model
+#   OUT=/tmp/out INIT=path/to/fp16-model LR=1e-4 TRAIN_S=225 bash scripts/gpu_stage.sh
+#
+# Environment knobs: INIT (model.init; default the bundled model; a model folder that came back from
+# an earlier call will do: the bundled tokenizer files are copied into it), TRAIN_S (training budget, s),
+# HARD_S (hard stop of the train command, s: the last checkpoint is still bundled), BATCH, WORKERS,
+# LR, WARM (warm-up steps), SEED, SAVE (checkpoint every N steps), MEMORY (false: the text-only twin),
+# EXTRA (more --set options), RECIPE, PY (python), WHEELS (a folder of wheels to install first with
+# --no-deps into /tmp/site, for a machine without this package's pinned dependencies: e.g.
+# transformers 4.57, huggingface_hub < 1, tokenizers 0.22, pycocotools).
+set -u
+OUT=${OUT:?set OUT to the folder that comes back}
+mkdir -p "$OUT/model"
+T0=$(date +%s)
+PY=${PY:-python3}
+if [ -n "${WHEELS:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 3
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+echo "set-up done after $(( $(date +%s) - T0 )) s"
+$PY -c "import torch, transformers, segllm; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)" || exit 4
+SMI=
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi dmon -s u -d 5 > "$OUT/smi.log" 2>&1 &
+  SMI=$!
+fi
+INIT=${INIT:-segllm/assets/default_model}
+if [ ! -f "$INIT/tokenizer.json" ]; then  # a model that came back without them: its tokenizer is the bundled one
+  cp segllm/assets/default_model/{tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$INIT/" || exit 5
+fi
+RUN=${RUN:-/tmp/segllm-stage}
+rm -rf "$RUN"
+# eval_every far beyond the run: the trainer still validates once when the time budget ends
+timeout -k 15 "${HARD_S:-520}" $PY -c "import sys; from segllm.cli import main; sys.exit(main())" train "${RECIPE:-configs/direct_refine.toml}" \
+  --set model.init="\"$INIT\"" --set output_dir="\"$RUN\"" \
+  --set model.memory="${MEMORY:-true}" \
+  --set batch_size="${BATCH:-256}" --set workers="${WORKERS:-14}" --set threads=1 \
+  --set eval_every=100000 --set save_every="${SAVE:-40}" --set log_every=10 \
+  --set optim.lr="${LR:-2e-4}" --set optim.warmup_steps="${WARM:-40}" --set time_limit_s="${TRAIN_S:-450}" \
+  --set model.loss.own_ref_prob=0.5 --set seed="${SEED:-7}" ${EXTRA:-} > "$OUT/console.log" 2>&1
+echo "train exit $? after $(( $(date +%s) - T0 )) s"
+[ -n "$SMI" ] && kill "$SMI" 2>/dev/null
+tail -c 600 "$OUT/console.log"
+cp "$RUN/log.jsonl" "$RUN/eval.jsonl" "$RUN/checkpoint-last/trainer_state.json" "$OUT/" 2>/dev/null
+# the tokenizer files are the bundled model's; only what changed comes back
+$PY scripts/bundle_model.py "$RUN/checkpoint-last" --out /tmp/segllm-stage-fp16 \
+  && cp /tmp/segllm-stage-fp16/model.safetensors /tmp/segllm-stage-fp16/segllm.json /tmp/segllm-stage-fp16/config.json "$OUT/model/"
+echo "all done after $(( $(date +%s) - T0 )) s"
+ls -la "$OUT" "$OUT/model"
