@@ -41,7 +41,10 @@ def test_interface_and_shapes():
     assert pixels.shape == (3, 64, 64) and (frame.resized_height, frame.resized_width) == (40, 64)
     assert torch.all(pixels[:, 40:] == 0)  # the padding is the mean colour
     feats = m.encode_image(torch.stack([pixels, pixels.flip(-1)]))
-    assert feats.shape == (2, D, 16, 16)
+    # the encoder's D channels, then the prompt-independent input projection (fuse_dim = 16),
+    # computed once per image
+    assert m.feature_channels == D + 16 and feats.shape == (2, D + 16, 16, 16)
+    assert torch.equal(feats[:, D:], m.in_proj(feats[:, :D]))
     out = m(feats, torch.randn(3, K, D), torch.tensor([0, 1, 1]))
     assert out.mask_logits.shape == (3, 2, 16, 16) and out.iou_scores.shape == (3, 2)
     assert torch.isfinite(out.mask_logits).all()
@@ -108,7 +111,7 @@ def test_bad_configs_and_inputs_are_named():
         build_direct_decoder(config(), PromptHeadConfig(num_tokens=K, num_ref_tokens=R, dim=D + 8))
     m = make()
     with pytest.raises(ValueError, match="tokens per prompt"):
-        m(torch.zeros(1, D, 16, 16), torch.zeros(1, K + 1, D), torch.tensor([0]))
+        m(torch.zeros(1, m.feature_channels, 16, 16), torch.zeros(1, K + 1, D), torch.tensor([0]))
     with pytest.raises(ImageError, match="uint8"):
         m.preprocess(torch.zeros(3, 8, 8))
 
@@ -157,7 +160,9 @@ def test_attribute_outputs_and_their_gradients():
     assert prompts.grad[:, R:].abs().sum() > 0 and prompts.grad[:, :R].abs().sum() == 0
     with pytest.raises(ConfigError, match="class count"):
         make(attributes={"colour": 1})
-    assert make().forward(feats, prompts.detach(), torch.tensor([0, 1, 1])).attributes is None
+    assert torch.equal(feats[:, D + 16 :], m.pixel_attributes(feats[:, :D]))  # the pixels' classes, once per image
+    plain = make()
+    assert plain(plain.encode_image(torch.randn(2, 3, 64, 64)), prompts.detach(), torch.tensor([0, 1, 1])).attributes is None
 
 
 def test_ref_prior_starts_switched_off_and_then_reads_the_referenced_mask():
@@ -247,8 +252,8 @@ def test_refinement_starts_as_the_upsampled_coarse_masks(refine_stride):
     assert missing and all(k.startswith("refiner.") for k in missing)
     pixels = torch.randn(2, 3, 64, 64)
     feats = fine.encode_image(pixels)
-    assert feats.shape == (2, D + 8 * (4 // refine_stride) ** 2, 16, 16)
-    assert_close_scaled(feats[:, :D], coarse.encode_image(pixels), rel=1e-6)
+    assert feats.shape == (2, D + 8 * (4 // refine_stride) ** 2 + 16, 16, 16)  # D, P, then F = 16
+    assert_close_scaled(feats[:, :D], coarse.encode_image(pixels)[:, :D], rel=1e-6)
     prompts, index = torch.randn(3, K, D), torch.tensor([0, 1, 1])
     refs = torch.zeros(3, out, out)
     refs[0, out // 8 : out // 2, out // 8 : out // 2] = 1

@@ -18,7 +18,8 @@ to a finer output grid along the image's edges.
 Shapes: B images, N prompts, K tokens per prompt (the first ``num_ref_tokens`` [REF]), D prompt
 width (``dim``), F ``fuse_dim``, g = image_size / stride feature grid side, c ``context_grid``,
 G = the output side (g, or image_size / refine_stride with refinement), P the refinement's
-packed full-resolution channels (0 without it).
+packed full-resolution channels (0 without it), T the attribute classes of all groups (0 without
+attribute matching).
 """
 
 from __future__ import annotations
@@ -107,9 +108,15 @@ class DirectMaskDecoder(MaskDecoder):
         return self.refiner.out_size if self.refiner is not None else self.grid_size
 
     @property
+    def packed_channels(self) -> int:
+        """P: the refinement's full-resolution channels in :meth:`encode_image`'s output (0 without)."""
+        return self.refiner.packed_channels if self.refiner is not None else 0
+
+    @property
     def feature_channels(self) -> int:
-        """Channels of :meth:`encode_image`'s output: D, plus P with refinement."""
-        return self.prompt_dim + (self.refiner.packed_channels if self.refiner is not None else 0)
+        """Channels of :meth:`encode_image`'s output: D + P + F (+ T with attribute matching)."""
+        attrs = sum(self.config.attributes.values()) if self.config.attributes else 0
+        return self.prompt_dim + self.packed_channels + self.config.fuse_dim + attrs
 
     def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
         """uint8 image [3, H, W] -> normalised float32 input [3, S, S] and its :class:`Frame`.
@@ -120,18 +127,25 @@ class DirectMaskDecoder(MaskDecoder):
         return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
-        """[B, 3, S, S] preprocessed images -> features [B, D + P, g, g]: the encoder's D
-        channels, then (with refinement) the full-resolution features folded onto the grid."""
+        """[B, 3, S, S] preprocessed images -> features [B, D + P + F (+ T), g, g]: the encoder's
+        D channels; with refinement, the full-resolution features folded onto the grid (P); then
+        the decoding steps that do not depend on the prompt, done here once per image rather than
+        once per prompt and round (a session keeps these features for all its rounds): the input
+        projection (F) and, with attribute matching, the pixels' class logits (T)."""
         feats = self.image_encoder(pixels)
-        if self.refiner is None:
-            return feats
-        return torch.cat([feats, self.refiner.encode(pixels).to(feats.dtype)], dim=1)
+        parts = [feats]
+        if self.refiner is not None:
+            parts.append(self.refiner.encode(pixels).to(feats.dtype))
+        parts.append(self.in_proj(feats))
+        if self.config.attributes:
+            parts.append(self.pixel_attributes(feats))
+        return torch.cat(parts, dim=1)
 
     def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor, ref_masks: Tensor | None = None) -> DecoderOutput:
         """Decode N prompts.
 
         Args:
-            image_features: [B, D + P, g, g] from :meth:`encode_image`.
+            image_features: [B, D + P + F (+ T), g, g] from :meth:`encode_image`.
             prompts: [N, K, dim] prompt tokens.
             batch_index: [N] integer, which image each prompt belongs to (in [0, B)).
             ref_masks: [N, G, G] float in [0, 1], the earlier mask each prompt's round refers
@@ -147,9 +161,10 @@ class DirectMaskDecoder(MaskDecoder):
         d, g = self.prompt_dim, self.grid_size
         check_decoder_inputs(image_features, prompts, batch_index, width=d, grid=g, tokens=self.num_prompt_tokens, channels=self.feature_channels)
         dtype = self.film.weight.dtype
-        gathered = image_features.to(dtype).index_select(0, batch_index.long())  # [N, D + P, g, g]
-        feats, packed = gathered[:, :d], gathered[:, d:]
-        image_features = image_features[:, :d]
+        p, f = self.packed_channels, self.config.fuse_dim
+        # what each prompt needs of its image: [N, D + P + F, g, g]
+        gathered = image_features[:, : d + p + f].to(dtype).index_select(0, batch_index.long())
+        feats, packed, projected = gathered.split([d, p, f], dim=1)
         fine_refs = None
         if self.refiner is not None and ref_masks is not None and self.config.ref_prior:
             out = self.output_size
@@ -168,10 +183,12 @@ class DirectMaskDecoder(MaskDecoder):
             film = film + ref_film
         scale, shift = film.chunk(2, dim=-1)  # [N, F] each
 
-        x = self.in_proj(feats) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]  # [N, F, g, g]
+        x = projected * (1 + scale[:, :, None, None]) + shift[:, :, None, None]  # [N, F, g, g]
         if ref_map is not None:
             x = x + ref_map
-        x = self.local(x)
+        # channels-last: the per-prompt convolutions' layout in oneDNN (and on tensor cores), so
+        # they run without reordering every input (about 1.3x faster on the CPU at 32 prompts)
+        x = self.local(x.contiguous(memory_format=torch.channels_last))
         if self.config.context_grid:
             x = x + self._global(x)
         x = self.out_norm(x)
@@ -183,7 +200,7 @@ class DirectMaskDecoder(MaskDecoder):
         masks = (q @ x.flatten(2)).view(n, 2, g, g) / math.sqrt(f) + self.mask_bias.view(1, 2, 1, 1)
         attributes = None
         if self.config.attributes:
-            pixels = self.pixel_attributes(image_features.to(dtype))  # [B, T, g, g]
+            pixels = image_features[:, d + p + f :].to(dtype)  # [B, T, g, g], from encode_image
             named = self.prompt_attributes(summary[:, SEG])  # [N, T]
             match = self.match_scale * self._match(pixels, named, batch_index.long())  # [N, g, g]
             masks = torch.stack([masks[:, REF], masks[:, SEG] + match], dim=1)
@@ -233,7 +250,9 @@ class DirectMaskDecoder(MaskDecoder):
         n, f, g, _ = x.shape
         pooled = F.adaptive_avg_pool2d(x, c).flatten(2).transpose(1, 2) + self.context_pos  # [N, c*c, F]
         mixed = self.context(pooled).transpose(1, 2).reshape(n, f, c, c)
-        return self.context_out(F.interpolate(mixed, size=(g, g), mode="nearest"))
+        # the 1x1 projection on the c x c map, then the copies: the same values as projecting
+        # the g x g copies, at (c / g)^2 of the work
+        return F.interpolate(self.context_out(mixed), size=(g, g), mode="nearest")
 
 
 def build_direct_decoder(config: DirectDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> DirectMaskDecoder:
