@@ -5,6 +5,13 @@
 #
 #   OUT=/tmp/out TRAIN_S=450 bash scripts/gpu_stage.sh                 # from the bundled model
 #   OUT=/tmp/out INIT=path/to/fp16-model LR=1e-4 TRAIN_S=225 bash scripts/gpu_stage.sh
+#   OUT=/tmp/out PAIR=1 TRAIN_S=420 bash scripts/gpu_stage.sh         # memory model and text-only twin
+#
+# PAIR=1 trains two runs side by side with the same settings and seed, half the workers each: the
+# memory model (INIT) and its text-only twin (TWIN_INIT, default INIT, with model.memory = false),
+# the comparison issue 13's memory-lead target needs. Back come $OUT/memory/ and $OUT/twin/
+# (model.safetensors each) and $OUT/rest.tgz (every log, config and GPU sample); one run gives
+# $OUT/model/ and the logs beside it.
 #
 # Environment knobs: INIT (model.init; default the bundled model; a model folder that came back from
 # an earlier call will do: the bundled tokenizer files are copied into it), TRAIN_S (training budget, s),
@@ -36,22 +43,51 @@ INIT=${INIT:-segllm/assets/default_model}
 if [ ! -f "$INIT/tokenizer.json" ]; then  # a model that came back without them: its tokenizer is the bundled one
   cp segllm/assets/default_model/{tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$INIT/" || exit 5
 fi
-RUN=${RUN:-/tmp/segllm-stage}
-rm -rf "$RUN"
-# eval_every far beyond the run: the trainer still validates once when the time budget ends
-timeout -k 15 "${HARD_S:-520}" $PY -c "import sys; from segllm.cli import main; sys.exit(main())" train "${RECIPE:-configs/direct_refine.toml}" \
-  --set model.init="\"$INIT\"" --set output_dir="\"$RUN\"" \
-  --set model.memory="${MEMORY:-true}" \
-  --set batch_size="${BATCH:-256}" --set workers="${WORKERS:-14}" --set threads=1 \
-  --set eval_every=100000 --set save_every="${SAVE:-40}" --set log_every=10 \
-  --set optim.lr="${LR:-2e-4}" --set optim.warmup_steps="${WARM:-40}" --set time_limit_s="${TRAIN_S:-450}" \
-  --set model.loss.own_ref_prob=0.5 --set seed="${SEED:-7}" ${EXTRA:-} > "$OUT/console.log" 2>&1
-echo "train exit $? after $(( $(date +%s) - T0 )) s"
-[ -n "$SMI" ] && kill "$SMI" 2>/dev/null
-tail -c 600 "$OUT/console.log"
-cp "$RUN/log.jsonl" "$RUN/eval.jsonl" "$RUN/checkpoint-last/trainer_state.json" "$OUT/" 2>/dev/null
-# the tokenizer files are the bundled model's; only what changed comes back
-$PY scripts/bundle_model.py "$RUN/checkpoint-last" --out /tmp/segllm-stage-fp16 \
-  && cp /tmp/segllm-stage-fp16/model.safetensors /tmp/segllm-stage-fp16/segllm.json /tmp/segllm-stage-fp16/config.json "$OUT/model/"
+train() {  # $1: run folder, $2: init, $3: model.memory, $4: workers, $5: console log
+  rm -rf "$1"
+  # eval_every far beyond the run: the trainer still validates once when the time budget ends
+  timeout -k 15 "${HARD_S:-520}" $PY -c "import sys; from segllm.cli import main; sys.exit(main())" train "${RECIPE:-configs/direct_refine.toml}" \
+    --set model.init="\"$2\"" --set output_dir="\"$1\"" --set model.memory="$3" \
+    --set batch_size="${BATCH:-256}" --set workers="$4" --set threads=1 \
+    --set eval_every=100000 --set save_every="${SAVE:-40}" --set log_every=10 \
+    --set optim.lr="${LR:-2e-4}" --set optim.warmup_steps="${WARM:-40}" --set time_limit_s="${TRAIN_S:-450}" \
+    --set model.loss.own_ref_prob=0.5 --set seed="${SEED:-7}" ${EXTRA:-} > "$5" 2>&1
+  echo "train $1 exit $? after $(( $(date +%s) - T0 )) s"
+}
+bundle() {  # $1: run folder, $2: where the float16 model goes
+  $PY scripts/bundle_model.py "$1/checkpoint-last" --out "$2"
+}
+W=${WORKERS:-14}
+if [ "${PAIR:-0}" = 1 ]; then
+  TWIN_INIT=${TWIN_INIT:-$INIT}
+  if [ ! -f "$TWIN_INIT/tokenizer.json" ]; then
+    cp segllm/assets/default_model/{tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$TWIN_INIT/" || exit 5
+  fi
+  mkdir -p /tmp/segllm-pair && rm -rf "$OUT/model"
+  train /tmp/segllm-stage-memory "$INIT" true $(( W / 2 )) /tmp/segllm-pair/memory_console.log &
+  P1=$!
+  train /tmp/segllm-stage-twin "$TWIN_INIT" false $(( W - W / 2 )) /tmp/segllm-pair/twin_console.log &
+  P2=$!
+  wait $P1 $P2
+  [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
+  for side in memory twin; do
+    tail -c 400 /tmp/segllm-pair/${side}_console.log
+    for f in log.jsonl eval.jsonl checkpoint-last/trainer_state.json; do
+      cp "/tmp/segllm-stage-$side/$f" "/tmp/segllm-pair/${side}_$(basename "$f")" 2>/dev/null
+    done
+    bundle /tmp/segllm-stage-$side /tmp/segllm-pair/$side && mkdir -p "$OUT/$side" && mv /tmp/segllm-pair/$side/model.safetensors "$OUT/$side/"
+  done
+  [ -f "$OUT/smi.log" ] && mv "$OUT/smi.log" /tmp/segllm-pair/
+  tar -czf "$OUT/rest.tgz" -C /tmp/segllm-pair .
+else
+  RUN=${RUN:-/tmp/segllm-stage}
+  train "$RUN" "$INIT" "${MEMORY:-true}" "$W" "$OUT/console.log"
+  [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
+  tail -c 600 "$OUT/console.log"
+  cp "$RUN/log.jsonl" "$RUN/eval.jsonl" "$RUN/checkpoint-last/trainer_state.json" "$OUT/" 2>/dev/null
+  # the tokenizer files are the bundled model's; only what changed comes back
+  bundle "$RUN" /tmp/segllm-stage-fp16 \
+    && cp /tmp/segllm-stage-fp16/model.safetensors /tmp/segllm-stage-fp16/segllm.json /tmp/segllm-stage-fp16/config.json "$OUT/model/"
+fi
 echo "all done after $(( $(date +%s) - T0 )) s"
-ls -la "$OUT" "$OUT/model"
+ls -laR "$OUT"
