@@ -39,10 +39,11 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi dmon -s u -d 5 > "$OUT/smi.log" 2>&1 &
   SMI=$!
 fi
+with_tokenizer() {  # a model folder that came back without the tokenizer files: its tokenizer is the bundled one
+  [ -f "$1/tokenizer.json" ] || cp segllm/assets/default_model/{tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$1/" || exit 5
+}
 INIT=${INIT:-segllm/assets/default_model}
-if [ ! -f "$INIT/tokenizer.json" ]; then  # a model that came back without them: its tokenizer is the bundled one
-  cp segllm/assets/default_model/{tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$INIT/" || exit 5
-fi
+with_tokenizer "$INIT"
 train() {  # $1: run folder, $2: init, $3: model.memory, $4: workers, $5: console log
   rm -rf "$1"
   # eval_every far beyond the run: the trainer still validates once when the time budget ends
@@ -60,9 +61,7 @@ bundle() {  # $1: run folder, $2: where the float16 model goes
 W=${WORKERS:-14}
 if [ "${PAIR:-0}" = 1 ]; then
   TWIN_INIT=${TWIN_INIT:-$INIT}
-  if [ ! -f "$TWIN_INIT/tokenizer.json" ]; then
-    cp segllm/assets/default_model/{tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$TWIN_INIT/" || exit 5
-  fi
+  with_tokenizer "$TWIN_INIT"
   mkdir -p /tmp/segllm-pair && rm -rf "$OUT/model"
   train /tmp/segllm-stage-memory "$INIT" true $(( W / 2 )) /tmp/segllm-pair/memory_console.log &
   P1=$!
