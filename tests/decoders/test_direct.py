@@ -62,6 +62,21 @@ def test_prompt_uses_its_own_image():
     assert not torch.allclose(both.mask_logits[0], both.mask_logits[1])
 
 
+def test_one_prompt_per_image_in_order_skips_the_gather_with_the_same_masks():
+    # batch segmentation's usual round: prompt n on image n, read from the image features in
+    # place; the same values as gathered copies (here: the same images at other batch positions)
+    m = make(ref_prior=True, refine_stride=2, refine_width=8, attributes={"colour": 3, "shape": 4})
+    feats = m.encode_image(torch.randn(2, 3, 64, 64))
+    prompts, refs = torch.randn(2, K, D), torch.rand(2, 32, 32)
+    in_place = m(feats, prompts, torch.tensor([0, 1]), ref_masks=refs)
+    gathered = m(torch.cat([feats.flip(0), feats]), prompts, torch.tensor([2, 3]), ref_masks=refs)
+    assert torch.equal(in_place.mask_logits, gathered.mask_logits)
+    assert torch.equal(in_place.attributes[1], gathered.attributes[1])
+    before = feats.clone()
+    in_place.mask_logits.sum().backward()
+    assert torch.equal(feats, before)  # the features are read, never written
+
+
 @pytest.mark.parametrize("context_grid", [0, 4])
 def test_the_mask_loss_reaches_the_prompt_at_initialisation(context_grid):
     # the point of the design: a from-scratch prompt gets gradient from the first step

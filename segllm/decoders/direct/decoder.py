@@ -163,7 +163,9 @@ class DirectMaskDecoder(MaskDecoder):
         dtype = self.film.weight.dtype
         p, f = self.packed_channels, self.config.fuse_dim
         # what each prompt needs of its image: [N, D + P + F, g, g]
-        gathered = image_features[:, : d + p + f].to(dtype).index_select(0, batch_index.long())
+        gathered = image_features[:, : d + p + f].to(dtype)
+        if not _is_identity(batch_index, image_features.shape[0]):
+            gathered = gathered.index_select(0, batch_index.long())
         feats, packed, projected = gathered.split([d, p, f], dim=1)
         fine_refs = None
         if self.refiner is not None and ref_masks is not None and self.config.ref_prior:
@@ -237,7 +239,9 @@ class DirectMaskDecoder(MaskDecoder):
         start = 0
         for n in self.config.attributes.values():
             # per image, then per prompt: several prompts share an image
-            logp = F.log_softmax(pixels[:, start : start + n].float(), dim=1)[:, 1:].index_select(0, batch_index)  # [N, n-1, g, g]
+            logp = F.log_softmax(pixels[:, start : start + n].float(), dim=1)[:, 1:]  # [B, n-1, g, g]
+            if not _is_identity(batch_index, pixels.shape[0]):
+                logp = logp.index_select(0, batch_index)  # [N, n-1, g, g]
             p = F.softmax(named[:, start : start + n].float(), dim=-1)[:, 1:]  # [N, n-1]
             total = total + torch.einsum("nc,nchw->nhw", p, logp).to(total.dtype)
             start += n
@@ -253,6 +257,16 @@ class DirectMaskDecoder(MaskDecoder):
         # the 1x1 projection on the c x c map, then the copies: the same values as projecting
         # the g x g copies, at (c / g)^2 of the work
         return F.interpolate(self.context_out(mixed), size=(g, g), mode="nearest")
+
+
+def _is_identity(batch_index: Tensor, images: int) -> bool:
+    """Is ``batch_index`` [N] exactly 0, 1, ..., images - 1 (one prompt per image, in order, as
+    batch segmentation's rounds usually are)? Then the per-prompt gather of the image features
+    would only copy them (about 1 MB a prompt). Checked only for a host tensor: on an accelerator
+    reading the values back would stall the queue, and the copy is cheap there."""
+    if batch_index.device.type != "cpu" or batch_index.shape[0] != images:
+        return False
+    return bool(torch.equal(batch_index, torch.arange(images, dtype=batch_index.dtype)))
 
 
 def build_direct_decoder(config: DirectDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> DirectMaskDecoder:
