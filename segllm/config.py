@@ -286,6 +286,12 @@ class SegLLMConfig:
 
     ``inject``: "replace" puts a feature in place of its placeholder's embedding; "add" adds
     it to the embedding (the released model does this).
+
+    ``mask_region`` (inference only): "all" keeps every pixel of a ``<seg>``'s mask above the
+    threshold; "most_confident" keeps only its 8-connected region with the most probability
+    mass, for a model whose every ``<seg>`` denotes one connected object (the bundled model on
+    the procedural world: where it is unsure between two objects it marks both, and the region
+    it believes more is the better answer; :func:`segllm.decoders.base.most_confident_region`).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -299,6 +305,7 @@ class SegLLMConfig:
     dense: DenseConfig = field(default_factory=DenseConfig)
     trainable: tuple[str, ...] = ("projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder", "dense_head")
     inject: Literal["replace", "add"] = "replace"
+    mask_region: Literal["all", "most_confident"] = "all"
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.trainable if p not in PART_NAMES]

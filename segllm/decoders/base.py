@@ -196,6 +196,38 @@ def logits_to_frame(logits: Tensor, frame: Frame) -> Tensor:
     return F.interpolate(logits[:, None].float(), size=(frame.size, frame.size), mode="bilinear", align_corners=False)[:, 0]
 
 
+def most_confident_region(logits: Tensor) -> Tensor:
+    """Each mask's 8-connected region (of its pixels with logit > 0) with the most probability
+    mass, the sum of sigmoid(logit) over the region.
+
+    Args:
+        logits: [M, H, W] mask logits.
+
+    Returns:
+        [M, H, W] bool: the chosen region of each mask (all False where no pixel is above 0).
+    """
+    m, h, w = logits.shape
+    on = logits > 0
+    if m == 0 or not bool(on.any()):
+        return on
+    # label propagation: every pixel starts with its own number and takes the largest in its
+    # 3 x 3 neighbourhood until nothing changes; the labels then name the regions. Exact in
+    # float32 up to 2**24 pixels, in float64 beyond.
+    dtype = torch.float32 if h * w < 2**24 else torch.float64
+    keep = on[:, None].to(dtype)
+    labels = torch.arange(1, h * w + 1, dtype=dtype, device=logits.device).view(1, 1, h, w) * keep
+    for _ in range(h * w):
+        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * keep
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    labels = labels.view(m, h * w).long()  # 0: background
+    mass = torch.zeros(m, h * w + 1, dtype=torch.float32, device=logits.device)
+    mass.scatter_add_(1, labels, logits.detach().float().sigmoid().view(m, -1) * on.view(m, -1))
+    best = mass[:, 1:].argmax(dim=1) + 1
+    return (labels == best[:, None]).view(m, h, w) & on
+
+
 class MaskDecoder(nn.Module, abc.ABC):
     """A promptable mask decoder: image features + K prompt tokens -> [REF]/[SEG] masks.
 

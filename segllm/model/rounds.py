@@ -36,7 +36,14 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from segllm.conversation import Conversation, Round
-from segllm.decoders.base import SEG, Frame, frame_to_image, logits_to_frame, mask_to_output_frame
+from segllm.decoders.base import (
+    SEG,
+    Frame,
+    frame_to_image,
+    logits_to_frame,
+    mask_to_output_frame,
+    most_confident_region,
+)
 from segllm.errors import ConversationError, SegLLMError
 from segllm.model.memory import mask_boxes
 from segllm.model.prompt_head import PromptHead
@@ -92,11 +99,18 @@ def seg_prompts(head: PromptHead, seg_hidden: Tensor, context: Tensor | None = N
     return head(seg_hidden.to(dtype))
 
 
-def frame_and_image_masks(seg_logits: Tensor, frame: Frame) -> tuple[Tensor, Tensor]:
+def frame_and_image_masks(seg_logits: Tensor, frame: Frame, region: str = "all") -> tuple[Tensor, Tensor]:
     """[S, h, w] [SEG] logits of one image -> (logits [S, Sd, Sd] in the decoder's square input
     frame, bool masks [S, H, W] at the image's resolution); the frame logits are computed once
-    for both resolutions."""
+    for both resolutions. With ``region="most_confident"`` (``SegLLMConfig.mask_region``) the
+    logits outside each mask's most confident region (in the frame) are lowered to at most -1,
+    so that both resolutions, and the memory of later rounds, keep only that region."""
     frame_logits = logits_to_frame(seg_logits, frame)
+    if region == "most_confident":
+        keep = most_confident_region(frame_logits)
+        frame_logits = torch.where(keep, frame_logits, frame_logits.clamp(max=-1.0))
+    elif region != "all":
+        raise ValueError(f"mask region must be 'all' or 'most_confident', got {region!r}")
     return frame_logits, frame_to_image(frame_logits, frame) > 0
 
 
@@ -546,7 +560,7 @@ class RoundEngine:
         """The decoder's [SEG] outputs ``rows`` (a slice or [S] long indices; all in ``frame``) as
         :meth:`decode` returns them: masks [S, H, W], boxes [S, 4] image pixels, scores [S] and
         frame masks [S, Sd, Sd]."""
-        frame_logits, masks = frame_and_image_masks(out.mask_logits[rows, SEG], frame)
+        frame_logits, masks = frame_and_image_masks(out.mask_logits[rows, SEG], frame, self.model.config.mask_region)
         if self.model.config.memory.box_source == "decoder" and out.boxes is not None:
             # the decoder's own box (it can differ from the mask's), back in image pixels
             boxes = out.boxes[rows, SEG].float().cpu() * (max(frame.height, frame.width) / frame.size)
@@ -703,7 +717,7 @@ class RoundEngine:
             fr = batch.frames[b]
             n = len(enc.segs)
             if n:  # every <seg> of the image at once: they share its frame
-                frame_logits, masks = frame_and_image_masks(logits[s : s + n, SEG], fr)
+                frame_logits, masks = frame_and_image_masks(logits[s : s + n, SEG], fr, m.config.mask_region)
             per_round: list[list[list]] = [[[], [], [], []] for _ in conv.rounds]
             for k, item in enumerate(enc.segs):
                 entry = per_round[item.round_index]

@@ -156,3 +156,34 @@ def test_engine_rounds_on_a_dialogue(model, image):
 def conv_with(conv, result):
     last = conv.rounds[-1]
     return Conversation(conv.image, conv.rounds[:-1] + [Round(last.question, last.refs, result.text, list(result.masks))])
+
+
+def _two_objects(module, args, out):
+    # every <seg> marks two squares: the left one at logit 2, the right one (the same size) at 6
+    g = out.mask_logits.shape[-1]
+    top, bottom, a, b, c, d = (int(g * f) for f in (0.1, 0.3, 0.1, 0.3, 0.6, 0.8))
+    logits = torch.full_like(out.mask_logits, -5.0)
+    logits[..., top:bottom, a:b] = 2.0
+    logits[..., top:bottom, c:d] = 6.0
+    out.mask_logits = logits
+    return out
+
+
+def test_most_confident_region_keeps_one_object_through_every_door(make_model, image):
+    model = make_model().eval()
+    model.decoder.register_forward_hook(_two_objects)
+    got = {}
+    for region in ("all", "most_confident"):
+        model.config.mask_region = region
+        inc = _session(model, image, True, answer="<seg>")
+        full = _session(model, image, False, answer="<seg>")
+        segs = model.segment([inc.conversation])[0]
+        for k, (a, b) in enumerate(zip(inc.history, full.history)):
+            np.testing.assert_array_equal(a.masks, b.masks)
+            np.testing.assert_array_equal(segs[k][0], a.masks)
+        got[region] = inc.history[0].masks[0]
+    both, one = got["all"], got["most_confident"]
+    w = image.shape[1]
+    assert both[:, : w // 2].any() and both[:, w // 2 :].any()  # "all": both squares
+    assert one.any() and not one[:, : w // 2].any()  # the surer, right square alone
+    np.testing.assert_array_equal(one, both & (np.arange(w) >= w // 2))
