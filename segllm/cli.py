@@ -19,6 +19,7 @@ from segllm import SegLLM
 from segllm.batch_segment import merge_results, read_items, segment_items
 from segllm.bench import main as bench_main
 from segllm.bench_released import SETTINGS as RELEASED_SETTINGS
+from segllm.config import MASK_REGIONS
 from segllm.conversation import load_image
 from segllm.convert_weights import pickle_to_safetensors
 from segllm.data.benchmark_readers import read_templates
@@ -291,6 +292,11 @@ def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: b
         p.add_argument("--quantize", default=None, choices=list(QUANTIZE_MODES),
                        help="weight-only 8-bit or 4-bit LLM layers through bitsandbytes (pip install 'segllm[quant]'); "
                             "the rest of the model stays in --dtype")
+    if checkpoint:
+        p.add_argument("--mask-region", default=None, choices=list(MASK_REGIONS),
+                       help="which part of each mask to keep: every pixel the model marks (all), or only its connected "
+                            "region with the most probability mass (most_confident; the bundled model's setting); "
+                            "default: the checkpoint's")
 
 
 def _annotation_args(p: argparse.ArgumentParser) -> None:
@@ -376,7 +382,7 @@ def _chat(args: argparse.Namespace) -> int:
             lines = _script_lines(EXAMPLES / "shapes.json")
     interactive = lines is None and sys.stdin.isatty()
     session = Session.from_pretrained(
-        args.checkpoint, image_path, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
+        args.checkpoint, image_path, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize, mask_region=args.mask_region,
         incremental=not args.full_recompute, max_new_tokens=args.max_new_tokens,
     )
     out = Path(args.out)
@@ -445,7 +451,8 @@ def _segment(args: argparse.Namespace) -> int:
     writes its own results file; the main process merges them into ``results.json``."""
     items = read_items(args.images, args.questions)  # bad paths or records: an error before the model loads
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    model = load_model(args.checkpoint, revision=args.revision, device=args.device or str(state.device), dtype=DTYPES[args.dtype], quantize=args.quantize)
+    model = load_model(args.checkpoint, revision=args.revision, device=args.device or str(state.device), dtype=DTYPES[args.dtype], quantize=args.quantize,
+                       mask_region=args.mask_region)
     summary = segment_items(model, items, args.out, batch_size=args.batch_size, resume=args.resume,
                             rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
     state.wait_for_everyone()
@@ -546,7 +553,8 @@ def _eval(args: argparse.Namespace) -> int:
         print("error: --baseline needs object annotations (world data or a dataset folder of this package's format)",
               file=sys.stderr)
         return 2
-    model = load_model(args.checkpoint, revision=args.revision, device=device, dtype=DTYPES[args.dtype], quantize=args.quantize)
+    model = load_model(args.checkpoint, revision=args.revision, device=device, dtype=DTYPES[args.dtype], quantize=args.quantize,
+                       mask_region=args.mask_region)
     out = Path(args.out)
     logs = {p: [out / f"{args.name}.{p}.rank{r}.jsonl" for r in range(state.num_processes)] for p in protocols}
     results = []
@@ -694,7 +702,7 @@ def _demo(args: argparse.Namespace) -> int:
     from segllm.demo import launch  # imports gradio, an optional extra (segllm[demo])
 
     launch(args.checkpoint, revision=args.revision, host=args.host, port=args.port, device=args.device,
-           dtype=DTYPES[args.dtype], quantize=args.quantize, max_side=args.max_side,
+           dtype=DTYPES[args.dtype], quantize=args.quantize, mask_region=args.mask_region, max_side=args.max_side,
            max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, max_upload_mb=args.max_upload_mb)
     return 0
 

@@ -275,6 +275,10 @@ class DenseConfig:
 PART_NAMES = ("vision", "projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder", "dense_head")
 
 
+# SegLLMConfig.mask_region's values: what of each <seg>'s mask inference keeps
+MASK_REGIONS = ("all", "most_confident")
+
+
 @dataclass
 class SegLLMConfig:
     """The whole model. ``trainable`` names the parts that receive gradients.

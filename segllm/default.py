@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from segllm.errors import CheckpointError
+from segllm.config import MASK_REGIONS
+from segllm.errors import CheckpointError, ConfigError
 from segllm.model.loading import load_pretrained
 from segllm.model.segllm import SegLLM
 
@@ -27,6 +28,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     quantize: str | None = None,
+    mask_region: str | None = None,
 ) -> SegLLM:
     """Load ``checkpoint`` (a folder or a hub id such as ``Marlo-Z/SegLLM/all_data_checkpoint``,
     see :mod:`segllm.hub`), or the bundled default model when none is given (never a hub default).
@@ -35,6 +37,8 @@ def load_model(
         revision: the hub revision of a hub id (branch, tag or commit).
         device, dtype: where and in which precision to put the model (default: CPU, float32).
         quantize: "8bit" or "4bit" LLM weights (bitsandbytes; :mod:`segllm.model.quantize`).
+        mask_region: "all" or "most_confident" in place of the checkpoint's
+            ``SegLLMConfig.mask_region`` (None: the checkpoint's).
 
     Raises:
         CheckpointError: the folder is missing or not a checkpoint (for the bundled model: a
@@ -42,4 +46,9 @@ def load_model(
     """
     if checkpoint is None and revision is not None:
         raise CheckpointError("a revision was given without a hub id (--checkpoint org/name[/subfolder])")
-    return load_pretrained(DEFAULT_MODEL if checkpoint is None else checkpoint, revision=revision, device=device, dtype=dtype, quantize=quantize)
+    model = load_pretrained(DEFAULT_MODEL if checkpoint is None else checkpoint, revision=revision, device=device, dtype=dtype, quantize=quantize)
+    if mask_region is not None:
+        if mask_region not in MASK_REGIONS:
+            raise ConfigError(f"mask_region must be one of {list(MASK_REGIONS)}, got {mask_region!r}")
+        model.config.mask_region = mask_region
+    return model

@@ -8,6 +8,8 @@ import torch
 
 import segllm.cli
 from segllm.cli import DTYPES, build_parser, main
+from segllm.default import load_model
+from segllm.errors import ConfigError
 
 # each command that loads a model, with the arguments it needs besides the model options
 COMMANDS = {
@@ -52,9 +54,25 @@ def test_eval_loads_in_bfloat16(tmp_path, monkeypatch, capsys):
                "--device", "cpu", "--dtype", "bfloat16"])
     assert rc == 0, capsys.readouterr().err
     (kwargs, llm_dtype, dtype), = seen
-    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16, "quantize": None}
+    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16, "quantize": None, "mask_region": None}
     assert llm_dtype == dtype == torch.bfloat16
     assert "oracle cIoU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["chat", "eval", "demo", "segment"])
+def test_mask_region_overrides_the_checkpoints_setting(command, capsys):
+    assert build_parser().parse_args(COMMANDS[command]).mask_region is None  # the checkpoint's
+    assert build_parser().parse_args([*COMMANDS[command], "--mask-region", "all"]).mask_region == "all"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*COMMANDS[command], "--mask-region", "largest"])
+    assert "invalid choice: 'largest'" in capsys.readouterr().err
+
+
+def test_load_model_sets_the_mask_region():
+    assert load_model(mask_region="all").config.mask_region == "all"
+    assert load_model(mask_region="most_confident").config.mask_region == "most_confident"
+    with pytest.raises(ConfigError, match="mask_region must be one of"):
+        load_model(mask_region="largest")
 
 
 def test_merge_lora_passes_the_model_options(tmp_path, monkeypatch, capsys):
