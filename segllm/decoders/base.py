@@ -206,26 +206,41 @@ def most_confident_region(logits: Tensor) -> Tensor:
     Returns:
         [M, H, W] bool: the chosen region of each mask (all False where no pixel is above 0).
     """
-    m, h, w = logits.shape
     on = logits > 0
-    if m == 0 or not bool(on.any()):
+    if logits.shape[0] == 0 or not bool(on.any()):
         return on
+    # only the rows and columns where some mask is on: objects are a small part of the frame
+    rows, cols = on.any(dim=(0, 2)).nonzero()[:, 0], on.any(dim=(0, 1)).nonzero()[:, 0]
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    crop = on[:, y0:y1, x0:x1]
+    m, h, w = crop.shape
     # label propagation: every pixel starts with its own number and takes the largest in its
     # 3 x 3 neighbourhood until nothing changes; the labels then name the regions. Exact in
     # float32 up to 2**24 pixels, in float64 beyond.
     dtype = torch.float32 if h * w < 2**24 else torch.float64
-    keep = on[:, None].to(dtype)
-    labels = torch.arange(1, h * w + 1, dtype=dtype, device=logits.device).view(1, 1, h, w) * keep
+    keep = crop.to(dtype)
+    labels = torch.arange(1, h * w + 1, dtype=dtype, device=logits.device).view(1, h, w) * keep
     for _ in range(h * w):
-        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * keep
+        grown = _dilate3(labels) * keep
         if torch.equal(grown, labels):
             break
         labels = grown
     labels = labels.view(m, h * w).long()  # 0: background
     mass = torch.zeros(m, h * w + 1, dtype=torch.float32, device=logits.device)
-    mass.scatter_add_(1, labels, logits.detach().float().sigmoid().view(m, -1) * on.view(m, -1))
+    probs = logits[:, y0:y1, x0:x1].detach().float().sigmoid() * crop
+    mass.scatter_add_(1, labels, probs.reshape(m, -1))
     best = mass[:, 1:].argmax(dim=1) + 1
-    return (labels == best[:, None]).view(m, h, w) & on
+    out = torch.zeros_like(on)
+    out[:, y0:y1, x0:x1] = (labels == best[:, None]).view(m, h, w) & crop
+    return out
+
+
+def _dilate3(x: Tensor) -> Tensor:
+    """[M, H, W] -> the maximum over each pixel's 3 x 3 neighbourhood (zero padded), as two
+    passes of three shifted views: ~10x faster on the CPU than ``max_pool2d`` at this size."""
+    p = F.pad(x, (1, 1, 1, 1))
+    h = torch.maximum(torch.maximum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
+    return torch.maximum(torch.maximum(h[:, :-2], h[:, 1:-1]), h[:, 2:])
 
 
 class MaskDecoder(nn.Module, abc.ABC):

@@ -34,3 +34,10 @@ def test_pixels_touching_at_a_corner_are_one_region_and_a_snake_is_followed_to_i
 
 def test_an_empty_batch():
     assert most_confident_region(torch.zeros(0, 5, 5)).shape == (0, 5, 5)
+
+
+def test_the_3x3_maximum_is_max_pooling():
+    from segllm.decoders.base import _dilate3
+
+    x = torch.rand(2, 9, 13)
+    assert torch.equal(_dilate3(x), torch.nn.functional.max_pool2d(x[:, None], 3, stride=1, padding=1)[:, 0])
