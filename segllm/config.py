@@ -276,7 +276,8 @@ PART_NAMES = ("vision", "projector", "llm", "embeddings", "memory", "prompt_head
 
 
 # SegLLMConfig.mask_region's values: what of each <seg>'s mask inference keeps
-MASK_REGIONS = ("all", "most_confident")
+MaskRegion = Literal["all", "most_confident"]
+MASK_REGIONS: tuple[str, ...] = typing.get_args(MaskRegion)
 
 
 @dataclass
@@ -309,7 +310,7 @@ class SegLLMConfig:
     dense: DenseConfig = field(default_factory=DenseConfig)
     trainable: tuple[str, ...] = ("projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder", "dense_head")
     inject: Literal["replace", "add"] = "replace"
-    mask_region: Literal["all", "most_confident"] = "all"
+    mask_region: MaskRegion = "all"
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.trainable if p not in PART_NAMES]

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from segllm.config import MASK_REGIONS
 from segllm.conversation import Conversation, Round
 from segllm.decoders.base import (
     SEG,
@@ -109,8 +110,8 @@ def frame_and_image_masks(seg_logits: Tensor, frame: Frame, region: str = "all")
     if region == "most_confident":
         keep = most_confident_region(frame_logits)
         frame_logits = torch.where(keep, frame_logits, frame_logits.clamp(max=-1.0))
-    elif region != "all":
-        raise ValueError(f"mask region must be 'all' or 'most_confident', got {region!r}")
+    elif region not in MASK_REGIONS:
+        raise ValueError(f"mask region must be one of {list(MASK_REGIONS)}, got {region!r}")
     return frame_logits, frame_to_image(frame_logits, frame) > 0
 
 
