@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,11 +35,19 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch-size", type=int, nargs="+", default=[16], help="one or more batch sizes, each measured")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--processes", type=int, nargs="+", default=[1],
+                    help="also measure batch segmentation split over this many processes (as under torchrun: every "
+                         "n-th image each, threads / n threads each); 1: in this process")
     ap.add_argument("--repeats", type=int, default=1, help="measure every side this many times, alternating (the load may change)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--worker", nargs=6, metavar=("ITEMS", "OUT", "BATCH", "RANK", "WORLD", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        _worker(*args.worker)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     model = load_model()
     data = WorldConversations("test", args.images, seed=0)
     load_before = os.getloadavg()
@@ -49,15 +59,19 @@ def main() -> None:
             Image.fromarray(conv.image).save(path)
             qs = [r.question + "".join(f" [REF:{k}]" for k in r.refs) for r in conv.rounds]
             items.append(Item(str(i + 1), str(path), qs))
+        items_file = Path(tmp) / "items.json"
+        items_file.write_text(json.dumps([[it.key, it.image, it.questions] for it in items]))
         rounds = sum(len(it.questions) for it in items)
+        # first calls (allocations, kernel choices for new shapes) outside every timing, both sides
+        _sessions(model, items[:4])
         for bs in args.batch_size:
             segment_items(model, items[:bs], Path(tmp) / "warm", batch_size=bs, progress=False)
 
+        batched = [(bs, n) for bs in args.batch_size for n in args.processes]
         single_s: list[float] = []
-        batched_s: dict[int, list[float]] = {bs: [] for bs in args.batch_size}
-        done_rounds: dict[int, int] = {}
+        batched_s: dict[tuple[int, int], list[float]] = {side: [] for side in batched}
         replies: list[list[np.ndarray]] = []
-        sides = ["session"] + list(args.batch_size)
+        sides: list = ["session"] + batched
         for rep in range(args.repeats):
             # alternate the order, so that a load that rises or falls during the run hits every side alike
             for side in sides if rep % 2 == 0 else sides[::-1]:
@@ -66,33 +80,75 @@ def main() -> None:
                     replies = _sessions(model, items)
                     single_s.append(time.perf_counter() - t0)
                     continue
-                out = Path(tmp) / f"out{side}_{rep}"
-                t0 = time.perf_counter()
-                summary = segment_items(model, items, out, batch_size=side, progress=False)
-                batched_s[side].append(time.perf_counter() - t0)
-                done_rounds[side] = summary.rounds
-        masks_identical = {bs: _agreement(Path(tmp) / f"out{bs}_0", items, replies) for bs in args.batch_size}
+                bs, n = side
+                out = Path(tmp) / f"out{bs}x{n}_{rep}"
+                if n == 1:
+                    t0 = time.perf_counter()
+                    segment_items(model, items, out, batch_size=bs, progress=False)
+                    batched_s[side].append(time.perf_counter() - t0)
+                else:
+                    batched_s[side].append(_processes(items_file, out, bs, n, max(1, threads // n)))
+        done = {side: _results(Path(tmp) / f"out{side[0]}x{side[1]}_0") for side in batched}
 
     single = sum(single_s)
     n_single = sum(len(r) for r in replies)
     result = {
-        "images": len(items), "rounds_asked": rounds, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "images": len(items), "rounds_asked": rounds, "threads": threads, "repeats": args.repeats,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "one_session_per_image": {"seconds": _round(single_s), "rounds": n_single, "images_per_s": round(len(items) * args.repeats / single, 2),
                                   "rounds_per_s": round(n_single * args.repeats / single, 2)},
         "batched": [
-            {"batch_size": bs, "seconds": _round(batched_s[bs]), "rounds": done_rounds[bs],
-             "images_per_s": round(len(items) * args.repeats / sum(batched_s[bs]), 2),
-             "rounds_per_s": round(done_rounds[bs] * args.repeats / sum(batched_s[bs]), 2),
-             "speedup": round(single / sum(batched_s[bs]), 2),
-             "speedup_each": [round(s / b, 2) for s, b in zip(single_s, batched_s[bs])],
-             "masks_identical": masks_identical[bs]}
-            for bs in args.batch_size
+            {"batch_size": bs, "processes": n, "threads_each": max(1, threads // n), "seconds": _round(batched_s[bs, n]),
+             "rounds": sum(len(rec["rounds"]) for rec in done[bs, n].values()),
+             "images_per_s": round(len(items) * args.repeats / sum(batched_s[bs, n]), 2),
+             "rounds_per_s": round(sum(len(rec["rounds"]) for rec in done[bs, n].values()) * args.repeats / sum(batched_s[bs, n]), 2),
+             "speedup": round(single / sum(batched_s[bs, n]), 2),
+             "speedup_each": [round(s / b, 2) for s, b in zip(single_s, batched_s[bs, n])],
+             "masks_identical": _agreement(done[bs, n], items, replies)}
+            for bs, n in batched
         ],
     }
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _processes(items_file: Path, out: Path, batch_size: int, n: int, threads_each: int) -> float:
+    """Batch segmentation in n worker processes (each every n-th image, as under torchrun): each
+    loads the model and warms up untimed, then all start together; the wall-clock seconds from
+    the first start to the last finish."""
+    cmd = [sys.executable, __file__, "--worker", str(items_file), str(out), str(batch_size), "", str(n), str(threads_each)]
+    procs = []
+    for rank in range(n):
+        cmd[-3] = str(rank)
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    for p in procs:  # each says "ready" once warm
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"a worker failed to start (exit {p.wait()})")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    stamps = []
+    for p in procs:
+        out_text, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"a worker failed (exit {p.returncode})")
+        stamps.append(json.loads(out_text.strip().splitlines()[-1]))
+    return max(s["end"] for s in stamps) - min(s["start"] for s in stamps)
+
+
+def _worker(items_file: str, out: str, batch_size: str, rank: str, world: str, threads: str) -> None:
+    """One process of :func:`_processes`: what ``segllm segment`` does in one rank under torchrun."""
+    torch.set_num_threads(int(threads))
+    items = [Item(k, img, qs) for k, img, qs in json.loads(Path(items_file).read_text())]
+    model = load_model()
+    bs = int(batch_size)
+    segment_items(model, items[:bs], Path(out + f".warm{rank}"), batch_size=bs, progress=False)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.time()  # wall clock: compared across processes
+    segment_items(model, items, Path(out), batch_size=bs, progress=False, rank=int(rank), world_size=int(world))
+    print(json.dumps({"start": start, "end": time.time()}), flush=True)
 
 
 def _sessions(model, items: list[Item]) -> list[list[np.ndarray]]:
@@ -111,10 +167,14 @@ def _sessions(model, items: list[Item]) -> list[list[np.ndarray]]:
     return replies
 
 
-def _agreement(out: Path, items: list[Item], replies: list[list[np.ndarray]]) -> str:
+def _results(out: Path) -> dict[str, dict]:
+    """Every process's result lines of a run, by image id."""
+    return {rec["id"]: rec for p in sorted(out.glob("results.rank*.jsonl")) for rec in map(json.loads, p.read_text().splitlines())}
+
+
+def _agreement(recs: dict[str, dict], items: list[Item], replies: list[list[np.ndarray]]) -> str:
     """'identical/compared' masks of a batched run against the sessions' (a round that only one
     side answered counts as compared and not identical)."""
-    recs = {rec["id"]: rec for rec in map(json.loads, (out / "results.rank0.jsonl").read_text().splitlines())}
     agree = total = 0
     for it, masks in zip(items, replies):
         got = recs[it.key]["rounds"]

@@ -248,6 +248,9 @@ def _segment_batch(model, engine: RoundEngine, items: Sequence[Item]) -> list[di
                 "masks": [to_rle(m) for m in res.masks], "boxes": res.boxes.round(2).tolist(),
                 "scores": [float(s) for s in res.scores],
             })
+        finished = {row for row in going if r + 1 >= len(items[live[row]].questions)}
+        going -= finished
+        dialogue.end(set(range(len(convs))) - going)  # finished or stopped by an error
     return records
 
 

@@ -154,3 +154,24 @@ def test_item_keys_are_the_order_in_the_list(images, tmp_path):
     items = read_items(listing, _questions(tmp_path))
     assert [(i.key, i.image.endswith(n)) for i, n in zip(items, ["im3.png", "im1.png"])] == [("1", True), ("2", True)]
     assert isinstance(items[0], Item)
+
+
+def test_ended_rows_leave_the_cache_and_cannot_be_asked_again(model, images):
+    from segllm.conversation import Conversation, Round, load_image
+    from segllm.model.rounds import RoundEngine
+
+    engine = RoundEngine(model.eval())
+    imgs = [load_image(p) for p in sorted(images.iterdir())[:3]]
+    dialogue = engine.open_batch(imgs)
+    first = engine.extend_batch(dialogue, {b: Conversation(imgs[b], [Round(QUESTIONS[0], ())]) for b in range(3)}, masks=None)
+    dialogue.end([1])  # a conversation in the middle of the batch is over
+    second = {b: Conversation(imgs[b], [Round(QUESTIONS[0], (), "<seg>", list(first[b].masks)), Round(QUESTIONS[2], ())]) for b in (0, 2)}
+    got = engine.extend_batch(dialogue, second, masks=None)
+    assert sorted(got) == [0, 2] and dialogue.cached == [0, 2]
+    assert dialogue.attention.shape[0] == 2 and dialogue.cache.layers[0].keys.shape[0] == 2
+    for b in (0, 2):  # what a Session asks of the same image
+        s = Session(model, imgs[b])
+        s.ask(QUESTIONS[0], answer="<seg>")
+        np.testing.assert_array_equal(s.ask(QUESTIONS[2], answer="<seg>").masks, got[b].masks)
+    with pytest.raises(ValueError, match="ended"):
+        engine.extend_batch(dialogue, {1: second[0]}, masks=None)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from segllm.config import MASK_REGIONS
 from segllm.conversation import Conversation, Round
@@ -46,6 +47,7 @@ from segllm.decoders.base import (
     most_confident_region,
 )
 from segllm.errors import ConversationError, SegLLMError
+from segllm.model.kv_cache import GrowingCache
 from segllm.model.memory import mask_boxes
 from segllm.model.prompt_head import PromptHead
 from segllm.processor import Encoded, MemoryItem
@@ -113,6 +115,21 @@ def frame_and_image_masks(seg_logits: Tensor, frame: Frame, region: str = "all")
     elif region not in MASK_REGIONS:
         raise ValueError(f"mask region must be one of {list(MASK_REGIONS)}, got {region!r}")
     return frame_logits, frame_to_image(frame_logits, frame) > 0
+
+
+def _chunk_mask(attention: Tensor, width: int) -> Tensor:
+    """The attention of a chunk of ``width`` new tokens appended to a cache: [B, T] (1: a real
+    token, 0: padding; the chunk's tokens last) -> [B, 1, width, T] bool, True where a query
+    may attend (a real key at or before the query's column).
+
+    The LLM would build the same mask from the [B, T] one, but for a padded batch
+    transformers' mask builder runs a ``vmap`` over the mask function (~10 ms a call on the
+    CPU, a tenth of a batch-segmentation round on the bundled model); a 4-D mask goes to the
+    attention as it is."""
+    T = attention.shape[1]
+    keys = torch.arange(T, device=attention.device)
+    queries = torch.arange(T - width, T, device=attention.device)
+    return (attention.bool()[:, None, None, :] & (keys[None, :] <= queries[:, None]))
 
 
 # -- the engine's state ----------------------------------------------------------------------
@@ -189,9 +206,11 @@ class BatchDialogue:
     Attributes:
         images: each row's encoded image.
         features: [B, ...] the decoder's features of the B images.
-        cache: the LLM's key/value cache over every row's tokens so far (padding included).
-        attention: [B, T] 1 for a real token of the cache, 0 for padding.
+        cache: the LLM's key/value cache over the tokens so far (padding included) of the rows
+            in ``cached``, in that order (grown in place: :mod:`segllm.model.kv_cache`).
+        attention: [len(cached), T] 1 for a real token of the cache, 0 for padding.
         lengths: each row's count of real tokens (its next token's position).
+        cached: the rows the cache holds (all B at first; :meth:`end` drops rows).
         memory: (row, round, mask index) -> (mask token [D], box token [D]), encoded once.
         ref_maps: (row, round, mask index) -> that mask in the decoder's output frame [h, w], for
             a decoder that reads referenced masks.
@@ -199,11 +218,33 @@ class BatchDialogue:
 
     images: list[EncodedImage]
     features: Tensor
-    cache: DynamicCache
+    cache: Cache
     attention: Tensor
     lengths: list[int]
+    cached: list[int] = field(default_factory=list)
     memory: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
     ref_maps: dict[tuple[int, int, int], Tensor] = field(default_factory=dict)
+    ending: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.cached:
+            self.cached = list(range(len(self.images)))
+
+    def end(self, rows) -> None:
+        """Conversations ``rows`` are over: the next round's pass leaves them out of the cache
+        (otherwise each would ride along as a row of padding in every later pass; batch
+        segmentation's conversations have 1-8 rounds). An ended row cannot be asked again."""
+        self.ending.update(int(b) for b in rows)
+
+    def _drop_ended(self) -> None:
+        keep = [i for i, b in enumerate(self.cached) if b not in self.ending]
+        if len(keep) == len(self.cached):
+            return
+        # a prefix (batch segmentation orders rows by their number of rounds) is a view
+        index = slice(0, len(keep)) if keep == list(range(len(keep))) else torch.tensor(keep, device=self.attention.device)
+        self.cache.batch_select_indices(index)
+        self.attention = self.attention[index]
+        self.cached = [self.cached[i] for i in keep]
 
 
 @dataclass
@@ -585,7 +626,7 @@ class RoundEngine:
         rows = torch.arange(B, device=m.device).repeat_interleave(N)
         cols = torch.tensor(image_pos, device=m.device).repeat(B)
         embeds = m.inject(torch.tensor([ids] * B, device=m.device), [(m.processor.image_id, rows, cols, tokens.reshape(B * N, -1))])
-        cache = DynamicCache()
+        cache = GrowingCache()  # rounds appended in place, not by a copy of the whole cache
         m.llm.get_decoder()(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         encoded = [EncodedImage(p, tokens[b], features[b : b + 1], d[1]) for b, (p, d) in enumerate(zip(pixels, dec))]
         return BatchDialogue(encoded, features, cache, torch.ones(B, len(ids), dtype=torch.long, device=m.device), [len(ids)] * B)
@@ -609,9 +650,16 @@ class RoundEngine:
         one block per round and rows never see each other's padding. The answer is forced to
         ``"<seg>"`` (one mask, as the released demo asks): no text is generated. A row whose
         round does not fit the context gets its error instead of a result.
+
+        Raises:
+            ValueError: a row that :meth:`BatchDialogue.end` ended is asked.
         """
         m = self.model
         proc, dev = m.processor, m.device
+        if dialogue.ending & convs.keys():
+            raise ValueError(f"rows {sorted(dialogue.ending & convs.keys())} of the batch were ended and cannot be asked again")
+        dialogue._drop_ended()
+        cache_row = {b: i for i, b in enumerate(dialogue.cached)}  # row -> its row of the cache
         answers: dict[int, tuple[list[int], list[MemoryItem], list[int]]] = {}
         results: dict[int, RoundResult | SegLLMError] = {}
         for b, conv in convs.items():
@@ -628,13 +676,13 @@ class RoundEngine:
             answers[b] = (u_ids + a_ids, items, [s.pos - offset for s in segs])
         if not answers:
             return results
-        B = len(dialogue.images)
+        C = len(dialogue.cached)
         width = max(len(ids) for ids, _, _ in answers.values())
         pad = proc.eos_id
-        chunk = torch.full((B, width), pad, dtype=torch.long)
-        att = torch.zeros(B, width, dtype=torch.long)
-        pos = torch.zeros(B, width, dtype=torch.long)
-        mask_slots, box_slots, seg_rows, seg_cols, spans = [], [], [], [], []
+        chunk = torch.full((C, width), pad, dtype=torch.long)
+        att = torch.zeros(C, width, dtype=torch.long)
+        pos = torch.zeros(C, width, dtype=torch.long)
+        mask_slots, box_slots, seg_rows, seg_in_cache, seg_cols, spans = [], [], [], [], [], []
         missing = sorted({(b, it.ref_round, it.mask_index) for b, (_, items, _) in answers.items() for it in items} - dialogue.memory.keys())
         if missing:  # the new memory masks of every row, through the vision tower at once
             given = [masks(b, k, j) for b, k, j in missing]
@@ -643,17 +691,19 @@ class RoundEngine:
             if m.uses_ref_masks:
                 dialogue.ref_maps.update({key: self.ref_map(mb[0], dialogue.images[key[0]].frame) for key, mb in zip(missing, given)})
         for b, (ids, items, seg_pos) in answers.items():
+            c = cache_row[b]
             start = width - len(ids)  # left padding: every row's round ends at the last column
-            chunk[b, start:] = torch.tensor(ids)
-            att[b, start:] = 1
-            pos[b, start:] = torch.arange(dialogue.lengths[b], dialogue.lengths[b] + len(ids))
+            chunk[c, start:] = torch.tensor(ids)
+            att[c, start:] = 1
+            pos[c, start:] = torch.arange(dialogue.lengths[b], dialogue.lengths[b] + len(ids))
             for it in items:
                 mask_tok, box_tok = dialogue.memory[b, it.ref_round, it.mask_index]
-                mask_slots.append((b, start + it.mask_pos - dialogue.lengths[b], mask_tok))
+                mask_slots.append((c, start + it.mask_pos - dialogue.lengths[b], mask_tok))
                 if it.box_pos >= 0:
-                    box_slots.append((b, start + it.box_pos - dialogue.lengths[b], box_tok))
+                    box_slots.append((c, start + it.box_pos - dialogue.lengths[b], box_tok))
             for p in seg_pos:
                 seg_rows.append(b)
+                seg_in_cache.append(c)
                 seg_cols.append(start + p)
                 spans.append((start, start + p))
         slots = [(tid, torch.tensor([s[0] for s in ss], dtype=torch.long, device=dev), torch.tensor([s[1] for s in ss], dtype=torch.long, device=dev),
@@ -661,14 +711,16 @@ class RoundEngine:
         embeds = m.inject(chunk.to(dev), slots, att.to(dev))
         full_att = torch.cat([dialogue.attention, att.to(dev)], dim=1)
         hidden = m.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=full_att, position_ids=pos.to(dev), past_key_values=dialogue.cache, use_cache=True,
+            inputs_embeds=embeds, attention_mask=_chunk_mask(full_att, width), position_ids=pos.to(dev), past_key_values=dialogue.cache,
+            use_cache=True,
         ).last_hidden_state
         dialogue.attention = full_att
         for b, (ids, _, _) in answers.items():
             dialogue.lengths[b] += len(ids)
         rows = torch.tensor(seg_rows, dtype=torch.long, device=dev)
-        seg_hidden = hidden[rows, torch.tensor(seg_cols, device=dev) - 1]  # the states that predicted each <seg>
-        context = round_context(hidden, rows, context_positions(spans).to(dev)) if self._attend else ()
+        in_cache = torch.tensor(seg_in_cache, dtype=torch.long, device=dev)
+        seg_hidden = hidden[in_cache, torch.tensor(seg_cols, device=dev) - 1]  # the states that predicted each <seg>
+        context = round_context(hidden, in_cache, context_positions(spans).to(dev)) if self._attend else ()
         prompts = seg_prompts(m.prompt_head, seg_hidden, *context)
         feats = dialogue.features
         options = {}

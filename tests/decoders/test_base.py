@@ -36,8 +36,52 @@ def test_an_empty_batch():
     assert most_confident_region(torch.zeros(0, 5, 5)).shape == (0, 5, 5)
 
 
-def test_the_3x3_maximum_is_max_pooling():
-    from segllm.decoders.base import _dilate3
+def _flood_fill_reference(logits):
+    """The definition, pixel by pixel: 8-connected regions of logit > 0 by breadth-first search,
+    each mask's region with the largest sum of sigmoid(logit); ties to the region met first in
+    row-major order."""
+    out = torch.zeros(logits.shape, dtype=torch.bool)
+    m, h, w = logits.shape
+    for k in range(m):
+        on = (logits[k] > 0).tolist()
+        p = logits[k].sigmoid().double()
+        seen, best, best_mass = set(), None, -1.0
+        for y in range(h):
+            for x in range(w):
+                if not on[y][x] or (y, x) in seen:
+                    continue
+                region, todo = [], [(y, x)]
+                seen.add((y, x))
+                while todo:
+                    cy, cx = todo.pop()
+                    region.append((cy, cx))
+                    for dy in (-1, 0, 1):
+                        for dx in (-1, 0, 1):
+                            ny, nx = cy + dy, cx + dx
+                            if 0 <= ny < h and 0 <= nx < w and on[ny][nx] and (ny, nx) not in seen:
+                                seen.add((ny, nx))
+                                todo.append((ny, nx))
+                mass = float(sum(p[c] for c in region))
+                if mass > best_mass:
+                    best, best_mass = region, mass
+        for c in best or ():
+            out[k][c] = True
+    return out
 
-    x = torch.rand(2, 9, 13)
-    assert torch.equal(_dilate3(x), torch.nn.functional.max_pool2d(x[:, None], 3, stride=1, padding=1)[:, 0])
+
+def test_equals_a_pixel_by_pixel_flood_fill_on_random_speckle():
+    g = torch.Generator().manual_seed(0)
+    for density in (-1.5, -0.5, 0.3):  # sparse speckle to mostly on, many regions per mask
+        logits = torch.randn(6, 17, 23, generator=g) * 2 + density
+        logits[3] = -1.0  # a mask with nothing on beside others that have regions
+        assert torch.equal(most_confident_region(logits), _flood_fill_reference(logits))
+
+
+def test_regions_do_not_join_across_masks():
+    logits = torch.full((2, 4, 4), -1.0)
+    logits[0, 3, :] = 2.0  # the last row of mask 0, above the first row of mask 1
+    logits[1, 0, :2] = 3.0
+    logits[1, 2:, 3] = 1.0
+    keep = most_confident_region(logits)
+    assert torch.equal(keep[0], logits[0] > 0)
+    assert torch.equal(keep[1], logits[1] == 3.0)
