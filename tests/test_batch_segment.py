@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from segllm.batch_segment import Item, batch_order, merge_results, read_items, segment_items
@@ -175,3 +176,26 @@ def test_ended_rows_leave_the_cache_and_cannot_be_asked_again(model, images):
         np.testing.assert_array_equal(s.ask(QUESTIONS[2], answer="<seg>").masks, got[b].masks)
     with pytest.raises(ValueError, match="ended"):
         engine.extend_batch(dialogue, {1: second[0]}, masks=None)
+
+
+def test_an_llm_with_eager_attention_computes_what_sdpa_computes(model, images, tmp_path):
+    # the 4-D boolean mask is for SDPA only (eager attention adds a float mask): with eager
+    # attention the batch and the session leave the mask to transformers, and every LLM state
+    # of both paths equals SDPA's (eager takes its softmax in float32: float32's tolerance)
+    items = read_items(images, _questions(tmp_path))
+    states = {}
+    for impl in ("sdpa", "eager"):
+        model.llm.set_attn_implementation(impl)
+        got = states[impl] = []
+        hook = model.llm.get_decoder().register_forward_hook(lambda mod, args, out, got=got: got.append(out.last_hidden_state))
+        try:
+            segment_items(model, items, tmp_path / impl, batch_size=5, progress=False)
+            s = Session(model, items[0].image)
+            for q in items[0].questions:
+                s.ask(q, answer="<seg>")
+        finally:
+            hook.remove()
+            model.llm.set_attn_implementation("sdpa")
+    assert len(states["sdpa"]) == len(states["eager"]) > 5
+    for a, b in zip(states["sdpa"], states["eager"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

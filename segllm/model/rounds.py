@@ -120,12 +120,12 @@ def frame_and_image_masks(seg_logits: Tensor, frame: Frame, region: str = "all")
 def _chunk_mask(attention: Tensor, width: int) -> Tensor:
     """The attention of a chunk of ``width`` new tokens appended to a cache: [B, T] (1: a real
     token, 0: padding; the chunk's tokens last) -> [B, 1, width, T] bool, True where a query
-    may attend (a real key at or before the query's column).
+    may attend (a real key at or before the query's column), for the SDPA attention.
 
-    The LLM would build the same mask from the [B, T] one, but for a padded batch
-    transformers' mask builder runs a ``vmap`` over the mask function (~10 ms a call on the
-    CPU, a tenth of a batch-segmentation round on the bundled model); a 4-D mask goes to the
-    attention as it is."""
+    The LLM would build the same mask from the [B, T] one, but on a filled cache transformers'
+    mask builder runs a ``vmap`` over the mask function (~10 ms a call for a padded batch on the
+    CPU, a tenth of a batch-segmentation round on the bundled model; ~1 ms for a Session's
+    round); a 4-D mask goes to the attention as it is."""
     T = attention.shape[1]
     keys = torch.arange(T, device=attention.device)
     queries = torch.arange(T - width, T, device=attention.device)
@@ -301,6 +301,13 @@ class RoundEngine:
     @property
     def _attend(self) -> bool:
         return self.model.config.prompt_head.attend_round
+
+    @property
+    def _sdpa(self) -> bool:
+        """The LLM attends with torch's scaled-dot-product attention, which takes a boolean 4-D
+        mask as it is (:func:`_chunk_mask`); other implementations (eager adds a float mask) get
+        the mask transformers builds."""
+        return getattr(self.model.llm.config, "_attn_implementation", None) == "sdpa"
 
     @property
     def frame_memory(self) -> bool:
@@ -498,7 +505,12 @@ class RoundEngine:
         if cache is None:
             hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
         else:
-            hidden = decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+            past, T = cache.get_seq_length(), embeds.shape[1]
+            # on a filled cache, the causal mask with its offset given directly (see _chunk_mask)
+            att = None
+            if past and T > 1 and self._sdpa:
+                att = _chunk_mask(torch.ones(1, past + T, dtype=torch.long, device=embeds.device), T)
+            hidden = decoder(inputs_embeds=embeds, attention_mask=att, past_key_values=cache, use_cache=True).last_hidden_state
         pos = torch.tensor(seg_pos, dtype=torch.long, device=hidden.device)
         out = _Answer(list(token_ids), hidden[0, pos - 1])
         if self._attend:
@@ -711,7 +723,8 @@ class RoundEngine:
         embeds = m.inject(chunk.to(dev), slots, att.to(dev))
         full_att = torch.cat([dialogue.attention, att.to(dev)], dim=1)
         hidden = m.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=_chunk_mask(full_att, width), position_ids=pos.to(dev), past_key_values=dialogue.cache,
+            inputs_embeds=embeds, attention_mask=_chunk_mask(full_att, width) if self._sdpa else full_att, position_ids=pos.to(dev),
+            past_key_values=dialogue.cache,
             use_cache=True,
         ).last_hidden_state
         dialogue.attention = full_att
