@@ -39,15 +39,23 @@ QUESTIONS = [
 
 
 def _large_model(width: int, layers: int):
-    """The bundled model's parts with a LLaMA of the released model's width (few layers), random."""
+    """The bundled model's parts with a LLaMA of the released model's width (few layers), random.
 
-
-
+    Its random LLM states can give a round an empty mask, which a later round that refers to it
+    cannot use (the session refuses such a reference), so each [SEG] map is shifted to peak at +1
+    (one more elementwise operation per round, the same work otherwise)."""
     base = load_model()
     cfg = copy.deepcopy(base.config)
     cfg.llm.hf_config = llama_config(vocab_size=len(base.tokenizer), hidden=width, layers=layers, heads=32, ffn=11008, context=4096)
     torch.manual_seed(0)
-    return build_segllm(cfg, copy.deepcopy(base.tokenizer))
+    model = build_segllm(cfg, copy.deepcopy(base.tokenizer))
+    model.decoder.register_forward_hook(_never_empty)
+    return model
+
+
+def _never_empty(module, args, out):
+    out.mask_logits = out.mask_logits - out.mask_logits.amax(dim=(-2, -1), keepdim=True) + 1.0
+    return out
 
 
 def _run(args) -> dict:
