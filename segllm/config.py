@@ -243,6 +243,7 @@ class LossConfig:
 
 
 DENSE_FEATURES = ("vision", "decoder", "target")  # what DenseConfig.on may name
+_MAX_DENSE_CLASSES = 2**15  # class ids 0 .. 32,767 in int16
 
 
 @dataclass
@@ -270,6 +271,8 @@ class DenseConfig:
         for name, n in self.groups.items():
             if not isinstance(n, int) or n < 2:
                 raise ConfigError(f"dense.groups[{name!r}] must be a class count >= 2, got {n!r}")
+            if n > _MAX_DENSE_CLASSES:  # batches carry the class maps as int16 (segllm/batch.py)
+                raise ConfigError(f"dense.groups[{name!r}] has {n} classes; at most {_MAX_DENSE_CLASSES} fit the int16 class maps")
 
 
 PART_NAMES = ("vision", "projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder", "dense_head")

@@ -83,6 +83,9 @@ def test_bad_conv_vision_config_names_the_key(tokenizer):
         DenseConfig(groups=GROUPS, on=("llm",))
     with pytest.raises(ConfigError, match="class count"):
         DenseConfig(groups={"colour": 1})
+    DenseConfig(groups={"colour": 2**15})  # ids 0 .. 32,767: the int16 class maps hold them
+    with pytest.raises(ConfigError, match="int16"):
+        DenseConfig(groups={"colour": 2**15 + 1})
 
 
 def test_dense_loss_is_part_of_the_loss_and_trains_the_encoders(grounded, three_rounds):
