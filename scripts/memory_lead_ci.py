@@ -1,0 +1,68 @@
+"""How sure is the memory lead? A paired bootstrap over conversations of "memory minus text-only"
+cIoU on rounds >= 4 (all of them, and those only memory can answer), from two evaluations'
+per-round records (``segllm eval`` writes them to ``OUT/NAME.PROTOCOL.rank0.jsonl``).
+
+    python scripts/memory_lead_ci.py docs/results/memory.own.rank0.jsonl \
+        docs/results/s14_twin_test.own.rank0.jsonl [--resamples 10000] [--seed 0]
+
+Each resample draws the conversations with replacement, the same draw for both models, and
+recomputes each model's cIoU (summed intersections over summed unions) on the drawn rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def read(path: str, min_round: int = 4) -> dict[int, np.ndarray]:
+    """Conversation index -> per-slice sums [[I_all, U_all], [I_notres, U_notres]] of its rounds
+    >= min_round (a record's mask entry: round, intersection, union, ..., text-resolvable last)."""
+    out = {}
+    for line in open(path):
+        rec = json.loads(line)
+        sums = np.zeros((2, 2))
+        for entry in rec["masks"]:
+            rd, inter, union, resolvable = entry[0], entry[1], entry[2], entry[-1]
+            if rd >= min_round:
+                sums[0] += (inter, union)
+                if not resolvable:
+                    sums[1] += (inter, union)
+        out[rec["index"]] = sums
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("memory")
+    ap.add_argument("text_only")
+    ap.add_argument("--resamples", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    a, b = read(args.memory), read(args.text_only)
+    if a.keys() != b.keys():
+        raise SystemExit("the two evaluations cover different conversations")
+    keys = sorted(a)
+    A = np.stack([a[k] for k in keys])  # [C, 2 slices, (I, U)]
+    B = np.stack([b[k] for k in keys])
+    rng = np.random.default_rng(args.seed)
+    draws = rng.integers(0, len(keys), size=(args.resamples, len(keys)))
+
+    def ciou(x: np.ndarray) -> np.ndarray:  # [..., C, 2, 2] -> [..., 2] in percent
+        s = x.sum(axis=-3)
+        return 100 * s[..., 0] / s[..., 1]
+
+    lead = ciou(A) - ciou(B)
+    boot = ciou(A[draws]) - ciou(B[draws])  # [R, 2]
+    for j, name in enumerate(("all rounds >= 4", "rounds >= 4 only memory can answer")):
+        lo, hi = np.percentile(boot[:, j], [2.5, 97.5])
+        below = float((boot[:, j] < 10).mean())
+        print(f"{name}: lead {lead[j]:+.1f} (memory {ciou(A)[j]:.1f}, text-only {ciou(B)[j]:.1f}); "
+              f"95% interval [{lo:+.1f}, {hi:+.1f}]; share of resamples below +10: {below:.2f}")
+    print(f"({len(keys)} conversations, {args.resamples} paired resamples, seed {args.seed})")
+
+
+if __name__ == "__main__":
+    main()
