@@ -6,6 +6,12 @@ checks that they agree and prints images/s and rounds/s of each, and their ratio
 
     python scripts/bench_segment.py --images 64 --batch-size 16 --json docs/results/bench_segment.json
     python scripts/bench_segment.py --images 64 --batch-size 16 32 64 --repeats 2   # alternating, under a changing load
+    python scripts/bench_segment.py --batch-size 16 32 --processes 1 2 --threads 2  # also split over 2 processes
+
+With ``--processes N`` the batched side also runs as ``torchrun --nproc-per-node N`` would split
+it: N worker processes (this script with ``--worker``), each taking every N-th image with
+threads / N torch threads, each loading the model and warming up untimed, then all started
+together; the time is from the first start to the last finish.
 """
 
 from __future__ import annotations
