@@ -215,6 +215,7 @@ def most_confident_region(logits: Tensor) -> Tensor:
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     crop = on[:, y0:y1, x0:x1].cpu().numpy()
     probs = logits[:, y0:y1, x0:x1].detach().float().sigmoid().cpu().numpy().astype(np.float64)
+    probs[~crop] = 0.0  # off pixels weigh nothing (a NaN logit there would spoil its row's sums)
     keep = _best_regions(crop, probs)
     out = torch.zeros_like(on)
     out[:, y0:y1, x0:x1] = torch.from_numpy(keep).to(on.device)

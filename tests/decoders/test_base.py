@@ -85,3 +85,12 @@ def test_regions_do_not_join_across_masks():
     keep = most_confident_region(logits)
     assert torch.equal(keep[0], logits[0] > 0)
     assert torch.equal(keep[1], logits[1] == 3.0)
+
+
+def test_a_nan_logit_off_the_mask_does_not_spoil_the_choice():
+    logits = torch.full((1, 6, 12), -2.0)
+    logits[0, 0, 2:4] = 5.0  # small and sure
+    logits[0, 2:5, 6:11] = 1.0  # larger: more mass, kept
+    logits[0, 2, 5] = float("nan")  # off (NaN > 0 is false), just left of the larger region
+    keep = most_confident_region(logits)
+    assert torch.equal(keep[0], logits[0] == 1.0)
