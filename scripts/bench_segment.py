@@ -95,6 +95,7 @@ def main() -> None:
                 else:
                     batched_s[side].append(_processes(items_file, out, bs, n, max(1, threads // n)))
         done = {side: _results(Path(tmp) / f"out{side[0]}x{side[1]}_0") for side in batched}
+        done_rounds = {side: sum(len(rec["rounds"]) for rec in recs.values()) for side, recs in done.items()}
 
     single = sum(single_s)
     n_single = sum(len(r) for r in replies)
@@ -105,9 +106,9 @@ def main() -> None:
                                   "rounds_per_s": round(n_single * args.repeats / single, 2)},
         "batched": [
             {"batch_size": bs, "processes": n, "threads_each": max(1, threads // n), "seconds": _round(batched_s[bs, n]),
-             "rounds": sum(len(rec["rounds"]) for rec in done[bs, n].values()),
+             "rounds": done_rounds[bs, n],
              "images_per_s": round(len(items) * args.repeats / sum(batched_s[bs, n]), 2),
-             "rounds_per_s": round(sum(len(rec["rounds"]) for rec in done[bs, n].values()) * args.repeats / sum(batched_s[bs, n]), 2),
+             "rounds_per_s": round(done_rounds[bs, n] * args.repeats / sum(batched_s[bs, n]), 2),
              "speedup": round(single / sum(batched_s[bs, n]), 2),
              "speedup_each": [round(s / b, 2) for s, b in zip(single_s, batched_s[bs, n])],
              "masks_identical": _agreement(done[bs, n], items, replies)}

@@ -272,11 +272,11 @@ def _best_regions(on: np.ndarray, probs: np.ndarray) -> np.ndarray:
     masks_of = row_s // h
     # per mask the root with the most mass: sort by (mask, -mass, root) and take each mask's first
     roots = np.nonzero(root == np.arange(n))[0]
-    order = np.lexsort((roots, -region_mass[roots], masks_of[roots]))
-    first = np.ones(len(order), bool)
-    first[1:] = masks_of[roots[order]][1:] != masks_of[roots[order]][:-1]
+    ranked = roots[np.lexsort((roots, -region_mass[roots], masks_of[roots]))]
+    first = np.ones(len(ranked), bool)
+    first[1:] = masks_of[ranked][1:] != masks_of[ranked][:-1]
     chosen = np.zeros(n, bool)
-    chosen[roots[order][first]] = True
+    chosen[ranked[first]] = True
     runs = np.nonzero(chosen[root])[0]
     delta = np.zeros((m * h, w + 1), np.int8)
     np.add.at(delta, (row_s[runs], start[runs]), 1)

@@ -120,7 +120,8 @@ def frame_and_image_masks(seg_logits: Tensor, frame: Frame, region: str = "all")
 def _chunk_mask(attention: Tensor, width: int) -> Tensor:
     """The attention of a chunk of ``width`` new tokens appended to a cache: [B, T] (1: a real
     token, 0: padding; the chunk's tokens last) -> [B, 1, width, T] bool, True where a query
-    may attend (a real key at or before the query's column), for the SDPA attention.
+    may attend (a real key at or before the query's column), for the SDPA attention
+    (:meth:`RoundEngine._chunk_attention`).
 
     The LLM would build the same mask from the [B, T] one, but on a filled cache transformers'
     mask builder runs a ``vmap`` over the mask function (~10 ms a call for a padded batch on the
@@ -302,12 +303,14 @@ class RoundEngine:
     def _attend(self) -> bool:
         return self.model.config.prompt_head.attend_round
 
-    @property
-    def _sdpa(self) -> bool:
-        """The LLM attends with torch's scaled-dot-product attention, which takes a boolean 4-D
-        mask as it is (:func:`_chunk_mask`); other implementations (eager adds a float mask) get
-        the mask transformers builds."""
-        return getattr(self.model.llm.config, "_attn_implementation", None) == "sdpa"
+    def _chunk_attention(self, attention: Tensor, width: int) -> Tensor:
+        """The attention mask to give the LLM for a chunk of ``width`` tokens on a cache, from
+        its [B, T] mask: with torch's scaled-dot-product attention the 4-D boolean mask
+        (:func:`_chunk_mask`), which it takes as it is; other implementations (eager adds a
+        float mask) get the [B, T] mask, from which transformers builds theirs."""
+        if getattr(self.model.llm.config, "_attn_implementation", None) == "sdpa":
+            return _chunk_mask(attention, width)
+        return attention
 
     @property
     def frame_memory(self) -> bool:
@@ -508,8 +511,8 @@ class RoundEngine:
             past, T = cache.get_seq_length(), embeds.shape[1]
             # on a filled cache, the causal mask with its offset given directly (see _chunk_mask)
             att = None
-            if past and T > 1 and self._sdpa:
-                att = _chunk_mask(torch.ones(1, past + T, dtype=torch.long, device=embeds.device), T)
+            if past and T > 1:
+                att = self._chunk_attention(torch.ones(1, past + T, dtype=torch.long, device=embeds.device), T)
             hidden = decoder(inputs_embeds=embeds, attention_mask=att, past_key_values=cache, use_cache=True).last_hidden_state
         pos = torch.tensor(seg_pos, dtype=torch.long, device=hidden.device)
         out = _Answer(list(token_ids), hidden[0, pos - 1])
@@ -723,9 +726,8 @@ class RoundEngine:
         embeds = m.inject(chunk.to(dev), slots, att.to(dev))
         full_att = torch.cat([dialogue.attention, att.to(dev)], dim=1)
         hidden = m.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=_chunk_mask(full_att, width) if self._sdpa else full_att, position_ids=pos.to(dev),
-            past_key_values=dialogue.cache,
-            use_cache=True,
+            inputs_embeds=embeds, attention_mask=self._chunk_attention(full_att, width), position_ids=pos.to(dev),
+            past_key_values=dialogue.cache, use_cache=True,
         ).last_hidden_state
         dialogue.attention = full_att
         for b, (ids, _, _) in answers.items():
