@@ -19,7 +19,7 @@ from segllm.decoders.base import REF, SEG, DecoderOutput, MaskDecoder
 from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig, load_released_hipie
 from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample, multi_scale_deformable_sample_reference
 from segllm.decoders.hipie.fusion import BiMultiHeadAttention
-from segllm.decoders.hipie.transformer import FFN_CHUNK, EncoderLayer, encoder_reference_points
+from segllm.decoders.hipie.transformer import CHUNK, EncoderLayer, encoder_reference_points
 from segllm.errors import CheckpointError
 from tests.helpers import RELEASED_FIXTURES
 from tests.tolerance import assert_close_scaled, scaled_atol
@@ -155,19 +155,20 @@ def test_gather_sampler_in_bfloat16_is_finite_and_close_to_float32():
     assert (half.float() - full).abs().max() < 0.03 * full.abs().max()
 
 
-def test_encoder_layer_ffn_in_chunks_equals_the_whole_ffn():
-    """CPU inference runs the encoder FFN a chunk of tokens at a time; with more tokens than a
-    chunk (and a partial last chunk) it gives the whole FFN's values, as training computes them."""
+def test_encoder_layer_in_chunks_equals_the_whole_layer():
+    """CPU inference runs an encoder layer a chunk of tokens at a time after projecting the values;
+    with more tokens than a chunk (and a partial last chunk) it gives the whole layer's values, as
+    training computes them."""
     torch.manual_seed(3)
     shapes = [(40, 50), (20, 25), (5, 6)]
     s = sum(h * w for h, w in shapes)
-    assert s > 2 * FFN_CHUNK and s % FFN_CHUNK
+    assert s > 2 * CHUNK and s % CHUNK
     layer = EncoderLayer(dim=32, ffn_dim=64, num_levels=len(shapes), num_heads=4, num_points=2).eval()
     src, pos = torch.randn(2, s, 32), torch.randn(2, s, 32)
     reference = encoder_reference_points(shapes, src.device)[:, :, None].expand(-1, -1, len(shapes), -1)
     calls = []
-    in_chunks = layer._ffn_in_chunks
-    layer._ffn_in_chunks = lambda x: calls.append(x.shape) or in_chunks(x)
+    in_chunks = layer._in_chunks
+    layer._in_chunks = lambda x, *rest: calls.append(x.shape) or in_chunks(x, *rest)
     with torch.no_grad():
         chunked = layer(src, pos, reference, shapes)
     whole = layer(src, pos, reference, shapes).detach()  # with gradients on: the whole FFN at once

@@ -25,6 +25,7 @@ Two ways to compute the same thing (``MultiScaleDeformableAttention.reference``)
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,10 @@ __all__ = [
     "MultiScaleDeformableAttention",
     "multi_scale_deformable_sample",
     "multi_scale_deformable_sample_reference",
+    "ValueTable",
     "sample_by_gather",
+    "sample_table",
+    "value_table",
 ]
 
 
@@ -58,6 +62,42 @@ def multi_scale_deformable_sample(
     return sample_by_gather(value.reshape(b, s, m * dh), m, spatial_shapes, locations, weights)
 
 
+class ValueTable(NamedTuple):
+    """The values as :func:`sample_table` gathers them (see :func:`value_table`).
+
+    Attributes:
+        rows: [B * size * M, Dh] one row per (image, padded position, head).
+        starts: the first padded position of each level.
+        size: padded positions per image.
+        images: B.
+        heads: M.
+    """
+
+    rows: Tensor
+    starts: list[int]
+    size: int
+    images: int
+    heads: int
+
+
+def value_table(value: Tensor, num_heads: int, spatial_shapes: list[tuple[int, int]]) -> ValueTable:
+    """[B, S, M * Dh] token-major values (head-major channels, tokens level-major and row-major)
+    -> the table :func:`sample_table` gathers from: every level with one zero row/column before
+    it and two after (where clamped corners land), one row per (image, padded position, head).
+    Built once per layer; several chunks of queries can sample it."""
+    b, s, c = value.shape
+    if s != sum(h * w for h, w in spatial_shapes):
+        raise ValueError(f"value has {s} tokens but the levels {spatial_shapes} hold {sum(h * w for h, w in spatial_shapes)}")
+    padded, starts, start, offset = [], [], 0, 0
+    for h, w in spatial_shapes:
+        level = value[:, offset : offset + h * w].view(b, h, w, c)
+        offset += h * w
+        padded.append(F.pad(level, (0, 0, 1, 2, 1, 2)).reshape(b, -1, c))
+        starts.append(start)
+        start += (h + 3) * (w + 3)
+    return ValueTable(torch.cat(padded, 1).view(b * start * num_heads, c // num_heads), starts, start, b, num_heads)
+
+
 def sample_by_gather(
     value: Tensor, num_heads: int, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
 ) -> Tensor:
@@ -74,22 +114,15 @@ def sample_by_gather(
     Returns:
         [B, Q, M * Dh] in ``value``'s dtype.
     """
-    b, s, c = value.shape
-    m = num_heads
-    dh = c // m
+    return sample_table(value_table(value, num_heads, spatial_shapes), spatial_shapes, locations, weights)
+
+
+def sample_table(table: ValueTable, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
+    """:func:`sample_by_gather` from a built :func:`value_table` (``locations`` [B, Q, M, L, P, 2]
+    and ``weights`` [B, Q, M, L, P] as there, for any Q) -> [B, Q, M * Dh]."""
+    b, m, start = table.images, table.heads, table.size
+    dh = table.rows.shape[1]
     q = locations.shape[1]
-    if s != sum(h * w for h, w in spatial_shapes):
-        raise ValueError(f"value has {s} tokens but the levels {spatial_shapes} hold {sum(h * w for h, w in spatial_shapes)}")
-    # the table: every level with one zero row/column before it and two after (where clamped
-    # corners land), one row per (image, padded position, head)
-    padded, starts, start, offset = [], [], 0, 0
-    for h, w in spatial_shapes:
-        level = value[:, offset : offset + h * w].view(b, h, w, c)
-        offset += h * w
-        padded.append(F.pad(level, (0, 0, 1, 2, 1, 2)).reshape(b, -1, c))
-        starts.append(start)
-        start += (h + 3) * (w + 3)
-    table = torch.cat(padded, 1).view(b * start * m, dh)
     ct = torch.promote_types(locations.dtype, torch.float32)
     dev = locations.device
     wid = torch.tensor([w for _, w in spatial_shapes], dtype=ct, device=dev).view(-1, 1)  # [L, 1]: over (L, P)
@@ -107,7 +140,7 @@ def sample_by_gather(
     fy = y.sub_(y0) if inplace else y - y0
     # the top-left corner's padded position within its image's table; exact in floating point
     # (a table is far below 2^24 positions), then whole numbers from there
-    first = torch.tensor(starts, dtype=ct, device=dev).view(-1, 1) + 1
+    first = torch.tensor(table.starts, dtype=ct, device=dev).view(-1, 1) + 1
     # 32-bit row numbers where the table allows (half the memory traffic of the four corners' rows)
     index_dtype = torch.int32 if b * start * m < 2**31 else torch.long
     pos = y0.add_(1).mul_(wid + 3).add_(x0).add_(first).to(index_dtype)
@@ -124,8 +157,8 @@ def sample_by_gather(
     else:
         top, bottom, gx = a * (1 - fy), a * fy, 1 - fx
     corner_weights = torch.stack([top * gx, top * fx, bottom * gx, bottom * fx], -1).view(b * q * m, -1)
-    out = F.embedding_bag(rows, table, per_sample_weights=corner_weights.to(table.dtype), mode="sum")
-    return out.view(b, q, c)
+    out = F.embedding_bag(rows, table.rows, per_sample_weights=corner_weights.to(table.rows.dtype), mode="sum")
+    return out.view(b, q, m * dh)
 
 
 def multi_scale_deformable_sample_reference(
@@ -204,6 +237,25 @@ class MultiScaleDeformableAttention(nn.Module):
         Returns:
             [B, Q, C].
         """
+        if self.reference:
+            locations, weights = self._points(query, reference, spatial_shapes)
+            b, s = value_input.shape[:2]
+            value = self.value_proj(value_input).view(b, s, self.num_heads, self.dim // self.num_heads)
+            return self.output_proj(multi_scale_deformable_sample_reference(value, spatial_shapes, locations, weights))
+        return self.attend(query, reference, self.value_table(value_input, spatial_shapes), spatial_shapes)
+
+    def value_table(self, value_input: Tensor, spatial_shapes: list[tuple[int, int]]) -> ValueTable:
+        """The fast way's projected values [B, S, C] as a :class:`ValueTable` (once per layer)."""
+        return value_table(self.value_proj(value_input), self.num_heads, spatial_shapes)
+
+    def attend(self, query: Tensor, reference: Tensor, table: ValueTable, spatial_shapes: list[tuple[int, int]]) -> Tensor:
+        """The fast way's :meth:`forward` from a built :meth:`value_table`, for any number of
+        queries (a chunk of them: see ``EncoderLayer``): [B, Q, C] -> [B, Q, C]."""
+        locations, weights = self._points(query, reference, spatial_shapes)
+        return self.output_proj(sample_table(table, spatial_shapes, locations, weights))
+
+    def _points(self, query: Tensor, reference: Tensor, spatial_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """Sampling points [B, Q, M, L, P, 2] and attention weights [B, Q, M, L, P] of ``query``."""
         b, q, _ = query.shape
         m, nl, p = self.num_heads, self.num_levels, self.num_points
         offsets = self.sampling_offsets(query).view(b, q, m, nl, p, 2)
@@ -216,9 +268,4 @@ class MultiScaleDeformableAttention(nn.Module):
             locations = reference[:, :, None, :, None, :2] + offsets / p * reference[:, :, None, :, None, 2:] * 0.5
         else:
             raise ValueError(f"reference must end in 2 or 4 values, got {reference.shape[-1]}")
-        if self.reference:
-            value = self.value_proj(value_input).view(b, value_input.shape[1], m, self.dim // m)
-            out = multi_scale_deformable_sample_reference(value, spatial_shapes, locations, weights)
-        else:
-            out = sample_by_gather(self.value_proj(value_input), m, spatial_shapes, locations, weights)
-        return self.output_proj(out)
+        return locations, weights

@@ -44,30 +44,34 @@ class EncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, reference: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
         """src, pos: [B, S, C]; reference: [B or 1, S, L, 2] -> [B, S, C]."""
+        if src.device.type == "cpu" and not torch.is_grad_enabled() and not self.self_attn.reference:
+            return self._in_chunks(src, pos, reference, spatial_shapes)
         # the sums into the fresh outputs, the ReLU in place: the same values without a further
         # [B, S, C] or [B, S, ffn_dim] tensor each (about 0.1 s a layer at 21,760 tokens on a CPU)
         src = self.norm1(self.self_attn(src + pos, reference, src, spatial_shapes).add_(src))
-        if src.device.type == "cpu" and not torch.is_grad_enabled() and not self.self_attn.reference:
-            return self.norm2(self._ffn_in_chunks(src).add_(src))
         return self.norm2(self.linear2(F.relu(self.linear1(src), inplace=True)).add_(src))
 
-    def _ffn_in_chunks(self, src: Tensor) -> Tensor:
-        """The FFN over [B, S, C] tokens, :data:`FFN_CHUNK` at a time (CPU inference).
+    def _in_chunks(self, src: Tensor, pos: Tensor, reference: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
+        """:meth:`forward` for CPU inference: the values projected once, then everything after
+        them (sampling points, sampling, output projection, norms, FFN) :data:`CHUNK` tokens at
+        a time.
 
-        Why: the [tokens, ffn_dim] hidden state of all 21,760 tokens at 1024 px is 178 MB, so
-        the bias copy, the matrix product, the ReLU and the second product each stream it through
-        memory; a chunk's 8 MB stays in cache. Measured at 2 threads: about 200 ms against
-        240-315 ms a layer. The same arithmetic per token (the matrix products' blocking can
-        round differently, ~5e-7)."""
-        flat = src.reshape(-1, src.shape[-1])
-        out = torch.empty_like(flat)
-        for i in range(0, flat.shape[0], FFN_CHUNK):
-            out[i : i + FFN_CHUNK] = self.linear2(F.relu(self.linear1(flat[i : i + FFN_CHUNK]), inplace=True))
-        return out.view_as(src)
+        Why: at 1024 px every per-token intermediate covers 21,760 tokens (the FFN's hidden state
+        178 MB, the sampler's coordinates and corner rows 11-89 MB each), so each step streams it
+        through memory; a chunk's stay in cache. Measured at 2 threads: the FFN alone about
+        200 ms against 240-315 ms a layer. The same arithmetic per token (matrix products may
+        block, and so round, differently: ~5e-7)."""
+        table = self.self_attn.value_table(src, spatial_shapes)
+        out = torch.empty_like(src)
+        for i in range(0, src.shape[1], CHUNK):
+            x = src[:, i : i + CHUNK]
+            x = self.norm1(self.self_attn.attend(x + pos[:, i : i + CHUNK], reference[:, i : i + CHUNK], table, spatial_shapes).add_(x))
+            out[:, i : i + CHUNK] = self.norm2(self.linear2(F.relu(self.linear1(x), inplace=True)).add_(x))
+        return out
 
 
-# tokens per chunk of the encoder FFN on the CPU (see EncoderLayer._ffn_in_chunks)
-FFN_CHUNK = 1024
+# tokens per chunk of an encoder layer in CPU inference (see EncoderLayer._in_chunks)
+CHUNK = 1024
 
 
 class DecoderLayer(nn.Module):
