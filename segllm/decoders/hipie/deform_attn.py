@@ -36,7 +36,6 @@ __all__ = [
     "multi_scale_deformable_sample",
     "multi_scale_deformable_sample_reference",
     "ValueTable",
-    "sample_by_gather",
     "sample_table",
     "value_table",
 ]
@@ -59,7 +58,7 @@ def multi_scale_deformable_sample(
         [B, Q, M * Dh].
     """
     b, s, m, dh = value.shape
-    return sample_by_gather(value.reshape(b, s, m * dh), m, spatial_shapes, locations, weights)
+    return sample_table(value_table(value.reshape(b, s, m * dh), m, spatial_shapes), spatial_shapes, locations, weights)
 
 
 class ValueTable(NamedTuple):
@@ -98,28 +97,20 @@ def value_table(value: Tensor, num_heads: int, spatial_shapes: list[tuple[int, i
     return ValueTable(torch.cat(padded, 1).view(b * start * num_heads, c // num_heads), starts, start, b, num_heads)
 
 
-def sample_by_gather(
-    value: Tensor, num_heads: int, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
-) -> Tensor:
-    """:func:`multi_scale_deformable_sample` on token-major values (the value projection's output
-    as it comes), by one weighted ``embedding_bag`` (see the module docstring).
+def sample_table(table: ValueTable, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
+    """The fast way's sampling (see the module docstring) from a built :func:`value_table`.
 
     Args:
-        value: [B, S, M * Dh] values, head-major channels (head m is channels m*Dh..(m+1)*Dh),
-            tokens level-major and row-major.
-        num_heads: M.
-        spatial_shapes, locations, weights: as :func:`multi_scale_deformable_sample`. The
-            coordinates are computed in float32 at least (a bfloat16 row index would be inexact).
+        table: the values, from :func:`value_table`.
+        spatial_shapes: (H_l, W_l) of the L levels, as the table was built.
+        locations: [B, Q, M, L, P, 2] sampling points as (x, y) in [0, 1] of each level, for any
+            Q (a chunk of the queries will do); their coordinates are computed in float32 at
+            least (a bfloat16 row number would be inexact).
+        weights: [B, Q, M, L, P] attention weights.
 
     Returns:
-        [B, Q, M * Dh] in ``value``'s dtype.
+        [B, Q, M * Dh] in the table's dtype.
     """
-    return sample_table(value_table(value, num_heads, spatial_shapes), spatial_shapes, locations, weights)
-
-
-def sample_table(table: ValueTable, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
-    """:func:`sample_by_gather` from a built :func:`value_table` (``locations`` [B, Q, M, L, P, 2]
-    and ``weights`` [B, Q, M, L, P] as there, for any Q) -> [B, Q, M * Dh]."""
     b, m, start = table.images, table.heads, table.size
     dh = table.rows.shape[1]
     q = locations.shape[1]
