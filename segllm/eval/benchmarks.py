@@ -44,10 +44,19 @@ _SINGLE = {
     "refcocog": {"val": 72.6, "test": 73.6},
 }
 _REASONSEG = {"val": (57.2, 54.3), "test": (52.4, 48.4)}
-# Not on file: MR-PACO's per-round figures and the RefCOCO figures with LISA's and SESAME's
-# question templates. The paper has tables for both, but their text could not be read where these
-# figures were collected; until they are added here (with their table), those settings print
-# "no published figure" rather than a figure of another setting.
+# SegLLM's (and LISA's) per-round cIoU on MR-PACO (val), rounds 2-5, LISA / GLaMM / SegLLM (GLaMM:
+# none), as the SAMTok project page's Table 2 reports them (zhouyiks.github.io, projects/SAMTok/
+# figures/table2.png, commit 13ce066). The SegLLM paper's own MR-PACO table could not be read here;
+# that table's MR-RefCOCO/+/g columns are the round-by-round means of _MR above to 0.1, so it copies
+# the paper's figures. It does not say which history protocol they were measured with.
+_MR_PACO = {2: (15.5, None, 49.7), 3: (21.3, None, 40.9), 4: (18.7, None, 39.4), 5: (20.5, None, 41.9)}
+_MR_SOURCES = {name: ("SegLLM paper, MR-RefCOCO table (per-round cIoU)", "own-history protocol") for name in _MR}
+_MR_SOURCES["mr-paco"] = ("SegLLM's MR-PACO figures as SAMTok's Table 2 reports them (per-round cIoU)",
+                          "history protocol not stated in the source")
+# Not on file: the RefCOCO figures with LISA's and SESAME's question templates. The paper has a
+# table for them, but its text could not be read where these figures were collected; until they
+# are added here (with their table), those settings print "no published figure" rather than a
+# figure of another setting.
 
 
 @dataclass(frozen=True)
@@ -171,14 +180,17 @@ def default_frame(benchmark: str | None) -> str:
 def published(name: str, split: str = "val", template: str = "segllm") -> dict[str, Any] | None:
     """The published figures of one setting, or None where the paper's tables give none.
 
-    Returns ``{"source": str, "rounds": {round: {"LISA": v, "GLaMM": v, "SegLLM": v}}}`` (per-round
-    cIoU, percent) for the multi-round benchmarks, else ``{"source": str, "SegLLM": {metric: v}}``
+    Returns ``{"source": str, "protocol": str, "rounds": {round: {"LISA": v, "GLaMM": v, "SegLLM": v}}}``
+    (per-round cIoU, percent; ``None`` where a method has no figure; ``protocol``: the history
+    protocol the figures were measured with, as their source says) for the multi-round benchmarks, else ``{"source": str, "SegLLM": {metric: v}}``
     (cIoU; ReasonSeg also gIoU). ``template`` is the question template of a single-round RefCOCO
     run: only SegLLM's own ("segllm") has figures on file.
     """
-    if name in _MR and split == "val":
-        rounds = {k: dict(zip(("LISA", "GLaMM", "SegLLM"), v)) for k, v in _MR[name].items()}
-        return {"source": "SegLLM paper, MR-RefCOCO table (per-round cIoU, own history)", "rounds": rounds}
+    if name in _MR_SOURCES and split == "val":
+        table = _MR_PACO if name == "mr-paco" else _MR[name]
+        rounds = {k: dict(zip(("LISA", "GLaMM", "SegLLM"), v)) for k, v in table.items()}
+        source, protocol = _MR_SOURCES[name]
+        return {"source": source, "protocol": protocol, "rounds": rounds}
     if name in _SINGLE and template == "segllm" and split in _SINGLE[name]:
         return {"source": "SegLLM's single-round cIoU as reported", "SegLLM": {"cIoU": _SINGLE[name][split]}}
     if name == "reasonseg" and split in _REASONSEG:
@@ -273,13 +285,14 @@ def paper_lines(name: str, split: str, results: list[EvalResult], *, template: s
             lines.append(f"{label}: here ({r.protocol}, {frame_label(r.frame)}) {ours}   no published figure")
         return lines
     if "rounds" in figures:
-        lines.append(f"published per-round cIoU on {label} (LISA / GLaMM / SegLLM; own-history protocol):")
+        lines.append(f"published per-round cIoU on {label} (LISA / GLaMM / SegLLM; {figures['protocol']}; "
+                     f"{figures['source']}):")
         for r in results:
             for k, fig in sorted(figures["rounds"].items()):
                 m = r.metrics.get(str(k))
                 ours = f"{m['cIoU']:.1f}" if m else "-"
-                lines.append(f"  round {k}: here ({r.protocol}, {frame_label(r.frame)}) {ours:>5}   "
-                             f"paper {fig['LISA']} / {fig['GLaMM']} / {fig['SegLLM']}")
+                paper = " / ".join("-" if fig[w] is None else f"{fig[w]}" for w in ("LISA", "GLaMM", "SegLLM"))
+                lines.append(f"  round {k}: here ({r.protocol}, {frame_label(r.frame)}) {ours:>5}   paper {paper}")
         return lines
     seg = figures["SegLLM"]
     for r in results:

@@ -217,7 +217,10 @@ def test_published_figures_belong_to_one_setting():
     assert published("refcoco", "testA")["SegLLM"] == {"cIoU": 81.5}
     assert published("refcoco", "val", template="lisa") is None  # never the default template's figure
     assert published("refcocog", "testA") is None  # refcocog has no testA
-    assert published("mr-paco", "val") is None
+    paco = published("mr-paco", "val")  # rounds 2-5 only, no GLaMM figure, the source named
+    assert sorted(paco["rounds"]) == [2, 3, 4, 5] and "SAMTok" in paco["source"]
+    assert paco["rounds"][2] == {"LISA": 15.5, "GLaMM": None, "SegLLM": 49.7}
+    assert published("mr-paco", "test") is None
     assert published("mr-refcoco", "val")["rounds"][2] == {"LISA": 60.6, "GLaMM": 59.5, "SegLLM": 81.9}
     assert published("reasonseg", "test")["SegLLM"] == {"gIoU": 52.4, "cIoU": 48.4}
 
@@ -233,8 +236,10 @@ def test_paper_line_of_a_template_variant_with_and_without_a_figure():
 
 
 def test_paper_lines_of_mr_paco_and_of_the_frame():
-    (paco,) = paper_lines("mr-paco", "val", [_result(all=40.0, **{"1": 50.0, "2": 30.0})])
-    assert paco == "mr-paco val: here (oracle, released frame, as the paper) cIoU 40.0   no published figure"
+    paco = paper_lines("mr-paco", "val", [_result(all=40.0, **{"1": 50.0, "2": 30.0})])
+    assert "history protocol not stated" in paco[0] and "SAMTok" in paco[0]
+    assert paco[1] == "  round 2: here (oracle, released frame, as the paper)  30.0   paper 15.5 / - / 49.7"
+    assert len(paco) == 5 and paco[4].endswith("paper 20.5 / - / 41.9")  # rounds 2-5, round 1 has none
     lines = paper_lines("mr-refcoco", "val", [_result(frame="original", protocol="own", **{"2": 70.0, "all": 70.0})])
     assert lines[1] == "  round 2: here (own, original resolution, not the paper's measurement)  70.0   paper 60.6 / 59.5 / 81.9"
     assert lines[2].split("   paper ")[0].endswith("    -")  # round 3 is not in the data
