@@ -10,7 +10,10 @@ within every repeat so that all see the same load:
 * ``fast``: the default mode, float32; the image encoded once and its prompts decoded in one
   batched call;
 * ``fast_bf16``: the fast mode on a bfloat16 copy of the weights (convolutions channels-last);
-  its masks are compared with the reference's (IoU of the selected [SEG] masks).
+  its masks are compared with the reference's (IoU of the selected [SEG] masks);
+* ``fast_compiled`` (with ``--compile``): the fast mode with ``HipieDecoder.set_compiled``
+  (``torch.compile`` of the image encoding and the encoder layers); its first forward, which
+  compiles, is timed on its own (``compile_first_forward_s``) and not counted.
 
 Every time is the median over ``--repeats`` and is split by stage (image encoding; the fusion
 encoder; two-stage selection + decoder; heads, masks and post-processing). Every ratio divides
@@ -105,6 +108,8 @@ def main() -> None:
     parser.add_argument("--skip-clip", action="store_true", help="time HIPIE only")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--reduced", action="store_true", help="the reduced test configuration at 256 px (a smoke run)")
+    parser.add_argument("--compile", action="store_true", help="also time the fast mode compiled (HipieDecoder.set_compiled)")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out the fast_bf16 mode")
     args = parser.parse_args()
     if args.repeats < 1 or args.prompts < 1:
         parser.error("--repeats and --prompts must be >= 1")
@@ -121,19 +126,21 @@ def main() -> None:
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     reference.set_reference(True)
+    image = torch.randint(0, 256, (3, config.image_size * 3 // 4, config.image_size), dtype=torch.uint8)
+    pixels = reference.preprocess(image)[0][None]
+
     fast = copy.deepcopy(reference).set_reference(False)
-    fast_bf16 = copy.deepcopy(fast).to(torch.bfloat16).to(memory_format=torch.channels_last)
-    decoders = {"reference": reference, "fast": fast, "fast_bf16": fast_bf16}
+    decoders = {"reference": reference, "fast": fast}
+    inputs = {"reference": (pixels, False), "fast": (pixels, False)}
+    if not args.no_bf16:
+        decoders["fast_bf16"] = copy.deepcopy(fast).to(torch.bfloat16).to(memory_format=torch.channels_last)
+        inputs["fast_bf16"] = (pixels.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), False)
+    if args.compile:
+        decoders["fast_compiled"] = copy.deepcopy(fast).set_compiled(True)  # after the copy: a copy is not compiled
+        inputs["fast_compiled"] = (pixels, False)
     clocks = {name: StageClock(d) for name, d in decoders.items()}
 
-    image = torch.randint(0, 256, (3, 768, 1024), dtype=torch.uint8)
-    pixels = reference.preprocess(image)[0][None]
-    all_prompts = torch.randn(args.prompts, 8, 768) * 0.5
-    inputs = {
-        "reference": (pixels, False),
-        "fast": (pixels, False),
-        "fast_bf16": (pixels.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), False),
-    }
+    all_prompts = torch.randn(args.prompts, config.num_prompt_tokens, config.lang_dim) * 0.5
     cases = {"1_prompt": all_prompts[:1], f"{args.prompts}_prompts": all_prompts}
     samples: dict[str, dict[str, list[dict[str, float]]]] = {c: {m: [] for m in decoders} for c in cases}
     masks: dict[str, dict[str, torch.Tensor]] = {}
@@ -143,6 +150,10 @@ def main() -> None:
                 for name, decoder in decoders.items():
                     x, _ = inputs[name]
                     p = prompts.to(x.dtype)
+                    if name == "fast_compiled" and repeat == 0 and case == next(iter(cases)):
+                        t = time.perf_counter()
+                        run_mode(decoder, clocks[name], x, p, per_prompt_image=False)  # compiles
+                        compile_s = time.perf_counter() - t
                     times, outs = run_mode(decoder, clocks[name], x, p, per_prompt_image=name == "reference")
                     if repeat > 0:
                         samples[case][name].append(times)
@@ -182,7 +193,7 @@ def main() -> None:
         for name in decoders:
             entry[name] = {f"{stage}_s": round(medians[name][stage], 3) for stage in STAGES}
             entry[name]["total_s"] = round(totals[name], 3)
-        for name in ("fast", "fast_bf16"):
+        for name in [n for n in decoders if n != "reference"]:
             entry[f"speedup_{name}_vs_reference"] = {
                 **{stage: round(medians["reference"][stage] / medians[name][stage], 2) for stage in STAGES},
                 "total": round(totals["reference"] / totals[name], 2),
@@ -192,6 +203,8 @@ def main() -> None:
             scale = ref_masks.abs().max().item()
             entry[f"{name}_max_mask_logit_diff_over_scale"] = float(f"{(got - ref_masks).abs().max().item() / scale:.2e}")
         result[case] = entry
+    if args.compile:
+        result["compile_first_forward_s"] = round(compile_s, 1)
     if clip_s is not None:
         result["clip_image_plus_crop_s"] = round(clip_s, 3)
         one = result["1_prompt"]["fast"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ from segllm.model.segllm import SegLLM
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "default_model"
 EXAMPLES = ASSETS / "examples"
+
+log = logging.getLogger(__name__)
 
 
 def has_default_model() -> bool:
@@ -29,6 +32,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     quantize: str | None = None,
     mask_region: str | None = None,
+    compile: bool = False,
 ) -> SegLLM:
     """Load ``checkpoint`` (a folder or a hub id such as ``Marlo-Z/SegLLM/all_data_checkpoint``,
     see :mod:`segllm.hub`), or the bundled default model when none is given (never a hub default).
@@ -39,6 +43,8 @@ def load_model(
         quantize: "8bit" or "4bit" LLM weights (bitsandbytes; :mod:`segllm.model.quantize`).
         mask_region: "all" or "most_confident" in place of the checkpoint's
             ``SegLLMConfig.mask_region`` (None: the checkpoint's).
+        compile: compile the mask decoder's heaviest CPU-inference steps (:meth:`SegLLM.set_compiled`;
+            HIPIE, the released decoder, has them; for another decoder a warning says it does nothing).
 
     Raises:
         CheckpointError: the folder is missing or not a checkpoint (for the bundled model: a
@@ -51,4 +57,6 @@ def load_model(
         if mask_region not in MASK_REGIONS:
             raise ConfigError(f"mask_region must be one of {list(MASK_REGIONS)}, got {mask_region!r}")
         model.config.mask_region = mask_region
+    if compile and not model.set_compiled(True):
+        log.warning("compile: the mask decoder (%s) has no compiled mode; it runs as it is", type(model.decoder).__name__)
     return model

@@ -94,13 +94,13 @@ class Session:
     @classmethod
     def from_pretrained(
         cls, path=None, image=None, *, revision: str | None = None, device: str | None = None, dtype=None,
-        quantize: str | None = None, mask_region: str | None = None, **kwargs
+        quantize: str | None = None, mask_region: str | None = None, compile: bool = False, **kwargs
     ) -> Session:
         """A session on the model in folder ``path`` or at hub id ``path`` (``org/name[/subfolder][@revision]``,
         see :mod:`segllm.hub`); default: the bundled model. ``revision``, ``device``, ``dtype``,
-        ``quantize`` and ``mask_region`` go to :func:`segllm.default.load_model`, the other keywords
-        to :class:`Session`."""
-        model = load_model(path, revision=revision, device=device, dtype=dtype, quantize=quantize, mask_region=mask_region)
+        ``quantize``, ``mask_region`` and ``compile`` go to :func:`segllm.default.load_model`, the
+        other keywords to :class:`Session`."""
+        model = load_model(path, revision=revision, device=device, dtype=dtype, quantize=quantize, mask_region=mask_region, compile=compile)
         return cls(model, image, **kwargs)
 
     # -- exporting -------------------------------------------------------------------------

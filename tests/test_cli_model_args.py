@@ -54,7 +54,7 @@ def test_eval_loads_in_bfloat16(tmp_path, monkeypatch, capsys):
                "--device", "cpu", "--dtype", "bfloat16"])
     assert rc == 0, capsys.readouterr().err
     (kwargs, llm_dtype, dtype), = seen
-    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16, "quantize": None, "mask_region": None}
+    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16, "quantize": None, "mask_region": None, "compile": False}
     assert llm_dtype == dtype == torch.bfloat16
     assert "oracle cIoU" in capsys.readouterr().out
 
@@ -109,3 +109,17 @@ class _Parsed:
 
     def parse_args(self, argv):
         return self.args
+
+
+@pytest.mark.parametrize("command", ["chat", "demo", "eval", "segment"])
+def test_commands_that_run_a_model_take_compile(command):
+    assert build_parser().parse_args([*COMMANDS[command], "--compile"]).compile
+    assert not build_parser().parse_args(COMMANDS[command]).compile
+
+
+def test_compile_reaches_a_decoder_that_has_a_compiled_mode_and_warns_for_one_without(caplog, monkeypatch):
+    model = load_model(compile=True)  # the bundled model's direct decoder has none: it runs as it is
+    assert "has no compiled mode" in caplog.text and not hasattr(model.decoder, "set_compiled")
+    seen = []
+    monkeypatch.setattr(type(model.decoder), "set_compiled", lambda self, on: seen.append(on), raising=False)
+    assert model.set_compiled(True) and model.set_compiled(False) and seen == [True, False]

@@ -114,6 +114,16 @@ class SegLLM(nn.Module):
         mask memory is on: a text-only model gets no earlier masks by any route."""
         return bool(self.decoder.takes_ref_masks and self.config.memory.enabled)
 
+    def set_compiled(self, compiled: bool = True) -> bool:
+        """Compile the mask decoder's heaviest steps of CPU inference with ``torch.compile``
+        where the decoder has such a mode (HIPIE: :meth:`HipieDecoder.set_compiled`), or stop
+        (``False``). Returns whether the decoder has one (the others run as they are)."""
+        set_compiled = getattr(self.decoder, "set_compiled", None)
+        if set_compiled is None:
+            return False
+        set_compiled(compiled)
+        return True
+
     def part_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameters of each named part (see ``SegLLMConfig.trainable``), by module ownership."""
         return part_parameters(self)

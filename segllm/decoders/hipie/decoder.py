@@ -24,7 +24,7 @@ tokens 4-7 class 2 ([SEG], the target). Shapes: B = images, N = prompts, Q = que
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,6 +35,7 @@ from segllm.config import PromptHeadConfig
 from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, image_to_frame
 from segllm.decoders.hipie.backbone import BackboneWithPosition
 from segllm.decoders.hipie.common import MLP, FeatureResizer, inverse_sigmoid
+from segllm.decoders.hipie.compiled import FrozenCompiled
 from segllm.decoders.hipie.config import HipieDecoderConfig
 from segllm.decoders.hipie.deform_attn import MultiScaleDeformableAttention
 from segllm.decoders.hipie.fusion import BiMultiHeadAttention
@@ -255,13 +256,19 @@ class HipieImageEncoder(nn.Module):
         self.backbone = backbone
         self.input_proj = input_proj
 
-    def forward(self, pixels: Tensor, *, keep_backbone: bool = False) -> HipieImageFeatures:
-        """[B, 3, S, S] normalised pixels -> :class:`HipieImageFeatures`."""
+    def forward(self, pixels: Tensor, *, keep_backbone: bool = False, maps: Callable[[Tensor], tuple] | None = None) -> HipieImageFeatures:
+        """[B, 3, S, S] normalised pixels -> :class:`HipieImageFeatures`. ``maps``: computes what
+        :meth:`maps` does (its compiled form, see :meth:`HipieDecoder.set_compiled`)."""
+        feats, srcs = (maps or self.maps)(pixels)
+        pos = [self.backbone[1](s) for s in srcs]
+        return HipieImageFeatures(srcs=srcs, pos=pos, backbone=feats if keep_backbone else [])
+
+    def maps(self, pixels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """[B, 3, S, S] -> (res3-res5 maps, the L input levels [B, C, H_l, W_l])."""
         feats = self.backbone(pixels)
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
         srcs.append(self.input_proj[len(feats)](feats[-1]))
-        pos = [self.backbone[1](s) for s in srcs]
-        return HipieImageFeatures(srcs=srcs, pos=pos, backbone=feats if keep_backbone else [])
+        return feats, srcs
 
 
 class HipieDecoder(MaskDecoder):
@@ -299,6 +306,30 @@ class HipieDecoder(MaskDecoder):
         for module in self._mode_modules():
             module.reference = reference
         return self
+
+    def set_compiled(self, compiled: bool = True) -> HipieDecoder:
+        """Compile (``True``) or stop compiling (``False``) the two heaviest steps of CPU
+        inference with ``torch.compile``: the image encoding (ResNet-50 and input projections)
+        and every encoder layer's chunk of 1,024 tokens (:mod:`segllm.decoders.hipie.compiled`).
+
+        Opt-in: the first forward compiles them (tens of seconds on a small CPU; once per process
+        and weights), later forwards are faster (measured in ``scripts/bench_released_parts.py``).
+        Used only where the fast CPU inference path runs (CPU tensors, no gradient, not the
+        reference mode); training, GPUs and the reference mode run as before. The outputs equal
+        the uncompiled fast mode's to float rounding. A copy of the decoder is not compiled.
+        Returns ``self``.
+        """
+        view = self.image_encoder
+        # a plain attribute (FrozenCompiled is not a module): nothing new in the state dict
+        self.__dict__["_compiled_image"] = FrozenCompiled(view.maps, view, "image encoder") if compiled else None
+        for layer in self.detr.detr.transformer.encoder.layers:
+            layer.compiled_chunk = FrozenCompiled(layer.chunk, layer, "encoder layer") if compiled else None
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`set_compiled` is on."""
+        return self.__dict__.get("_compiled_image") is not None
 
     @contextmanager
     def reference_mode(self) -> Iterator[HipieDecoder]:
@@ -351,7 +382,9 @@ class HipieDecoder(MaskDecoder):
         Runs the backbone and the 4 input projections, the part that does not depend on the
         prompt; cache it per image. ``keep_backbone`` also returns the raw res3-res5 maps.
         """
-        return self.image_encoder(pixels, keep_backbone=keep_backbone)
+        compiled = self.__dict__.get("_compiled_image")
+        use = compiled is not None and pixels.device.type == "cpu" and not torch.is_grad_enabled() and not self.reference
+        return self.image_encoder(pixels, keep_backbone=keep_backbone, maps=compiled if use else None)
 
     def forward(  # type: ignore[override]
         self,
