@@ -101,13 +101,22 @@ def test_frozen_compiled_compiles_once_recompiles_after_a_weight_change_and_fall
     torch.testing.assert_close(out, layer(x))
     assert broken.failed and broken(x).shape == (2, 3) and fake.calls == 4  # no second attempt
 
-    # once it has run, an error is the input's and is raised, not hidden by a fallback
+    # once it has run, an error is the input's and is raised, not hidden by a fallback; but the
+    # compiler failing later (a recompilation for a new shape) still falls back
     fake.fail = False
     ok = FrozenCompiled(layer.forward, layer, "test layer")
     ok(x)
     with pytest.raises(RuntimeError):
         ok(torch.randn(2, 5))
     assert not ok.failed
+
+    def compiler_fails(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("inductor crashed"), None)
+
+    ok._compiled = compiler_fails
+    with pytest.warns(RuntimeWarning, match="inductor crashed"):
+        torch.testing.assert_close(ok(x), layer(x))
+    assert ok.failed
 
 
 def test_set_compiled_is_off_in_reference_mode_with_gradients_and_in_copies(monkeypatch):

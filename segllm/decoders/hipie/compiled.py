@@ -17,8 +17,8 @@ changes shape with the prompts and the selected queries.
 Frozen weights are copies baked into the compiled code, so a change of the weights after a
 compilation (an optimizer step, ``load_state_dict``, ``.to()``) would go unnoticed by the compiled
 code; every call therefore checks each weight's storage and version counter and compiles anew when
-one changed. A compilation that fails (no C++ compiler, an unsupported operation) warns once and
-leaves that step uncompiled.
+one changed. A compilation that fails (no C++ compiler, an unsupported operation; at the first
+call, or later when the compiler itself fails) warns once and leaves that step uncompiled.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class FrozenCompiled:
             with torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 out = self._compiled(*args)
         except Exception as e:
-            if self._ran:  # it compiled and ran before: this is an error of the inputs, not of compiling
+            # it compiled and ran before, and this is not the compiler failing (on a new shape, say):
+            # an error of the inputs, which the uncompiled function would raise as well
+            if self._ran and not isinstance(e, torch._dynamo.exc.BackendCompilerFailed):
                 raise
             warnings.warn(f"torch.compile of HIPIE's {self.what} failed ({type(e).__name__}: {e}); it runs uncompiled",
                           RuntimeWarning, stacklevel=2)
