@@ -231,3 +231,22 @@ def test_bfloat16_on_cpu_gives_finite_outputs(photo):
     assert np.isfinite(reply.scores).all() and np.isfinite(reply.boxes).all()
     assert reply.frame_masks[0].any()
     assert session.ask(QUESTIONS[1]).refs == (1,)
+
+
+@pytest.mark.slow
+def test_compiled_hipie_reproduces_the_released_answers(golden, photo):
+    """``compile=True`` through the public loader (``Session.from_pretrained``): the released
+    checkpoint's HIPIE compiled (``HipieDecoder.set_compiled``) still gives the original's masks,
+    boxes and scores in all three rounds."""
+    session = Session.from_pretrained(CKPT, photo, compile=True)
+    assert session.model.decoder.compiled
+    meta = json.loads((TINY / "golden_meta.json").read_text())
+    for i, q in enumerate(QUESTIONS):
+        reply = session.ask(q)
+        assert iou(torch.from_numpy(reply.frame_masks[0]), golden["final.masks"][i].bool()) >= 0.99
+        box_1024 = torch.from_numpy(reply.boxes[0]) * (1024 / max(photo.shape[:2]))
+        torch.testing.assert_close(box_1024, golden[f"round{i + 1}.box_last"], atol=1e-2, rtol=0)
+        assert reply.scores[0] == pytest.approx(meta["rounds"][i]["final_score_last"], abs=1e-4)
+    layers = session.model.decoder.detr.detr.transformer.encoder.layers
+    steps = [session.model.decoder.__dict__["_compiled_image"], *(layer.compiled_chunk for layer in layers)]
+    assert all(step.compilations == 1 and not step.failed for step in steps)  # each ran compiled, compiled once
