@@ -19,6 +19,7 @@ from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig
 from segllm.decoders.hipie import compiled as compiled_mod
 from segllm.decoders.hipie.compiled import FrozenCompiled
 from segllm.decoders.hipie.transformer import CHUNK, EncoderLayer, encoder_reference_points
+from tests.helpers import HAS_CXX
 from tests.tolerance import assert_close_scaled
 
 
@@ -140,6 +141,7 @@ def test_set_compiled_is_off_in_reference_mode_with_gradients_and_in_copies(monk
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for torch.compile")
 def test_compiled_decoder_equals_the_fast_mode_and_follows_weight_changes():
     """For real (TorchInductor, weights frozen): the reduced decoder at 256 px, two prompts on
     one image, the compiled forward == the uncompiled fast mode to float32 rounding of the

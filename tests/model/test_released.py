@@ -22,7 +22,7 @@ from segllm.conversation import Conversation, Round
 from segllm.errors import CheckpointError, MaskError
 from segllm.model.released import IGNORED, is_released_checkpoint, load_released
 from segllm.session import Session
-from tests.helpers import RELEASED_FIXTURES
+from tests.helpers import HAS_CXX, RELEASED_FIXTURES
 from tests.tolerance import assert_close_scaled
 
 FIXTURES = RELEASED_FIXTURES
@@ -234,6 +234,7 @@ def test_bfloat16_on_cpu_gives_finite_outputs(photo):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler for torch.compile")
 def test_compiled_hipie_reproduces_the_released_answers(golden, photo):
     """``compile=True`` through the public loader (``Session.from_pretrained``): the released
     checkpoint's HIPIE compiled (``HipieDecoder.set_compiled``) still gives the original's masks,
