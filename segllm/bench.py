@@ -162,7 +162,7 @@ def released_main(args) -> int:
 
     rep = run_released(settings=settings, shape=shape, rounds=args.rounds or 4, threads=args.threads, device=args.device or "cpu",
                        tokenizer=args.tokenizer, image=args.image, on_result=partial, masks_dir=args.masks_dir,
-                       warmup=args.warmup)
+                       warmup=args.warmup, compile=args.compile)
     write(rep)
     print(released_table(rep))
     return 0

@@ -291,7 +291,8 @@ class ReleasedBenchResult:
     """One setting's run.
 
     Attributes:
-        setting: "bfloat16", "8bit", ... (see :data:`SETTINGS`).
+        setting: "bfloat16", "8bit", ... (see :data:`SETTINGS`), with "+compiled" when HIPIE ran
+            compiled (``compile``).
         peak_rss_conversation_mb: the process's peak resident memory from the end of the build
             to the end of the conversation (None where the peak cannot be reset); peak_rss_mb:
             the whole process's.
@@ -445,7 +446,7 @@ def _checksum(model: SegLLM) -> float:
 def _run_setting(job: tuple) -> tuple[dict, list[np.ndarray]]:
     """One setting in this process: build, (quantize), converse. Returns the result's JSON data
     and the masks (kept out of the JSON)."""
-    setting, shape, rounds, threads, device, tokenizer_path, image_path, seed, warmup = job
+    setting, shape, rounds, threads, device, tokenizer_path, image_path, seed, warmup, compile_ = job
     if threads:
         torch.set_num_threads(threads)
     dtype, quantize = SETTINGS[setting]
@@ -453,6 +454,8 @@ def _run_setting(job: tuple) -> tuple[dict, list[np.ndarray]]:
     t = time.perf_counter()
     model = build_released_shape(shape, tokenizer, dtype=dtype, device=device, quantize=quantize, seed=seed)
     build_s = time.perf_counter() - t
+    if compile_:
+        model.set_compiled(True)  # HIPIE's compiled CPU steps; its first forward compiles (warm up to leave that out)
     checksum = _checksum(model)
     build = BuildInfo(
         build_s=round(build_s, 2),
@@ -479,7 +482,7 @@ def _run_setting(job: tuple) -> tuple[dict, list[np.ndarray]]:
         timer.remove()
     peak_conv = _rss_mb("VmHWM") if reset else None
     result = ReleasedBenchResult(
-        setting=setting, dtype=str(dtype).removeprefix("torch."), quantize=quantize, device=str(device), threads=torch.get_num_threads(),
+        setting=setting + ("+compiled" if compile_ else ""), dtype=str(dtype).removeprefix("torch."), quantize=quantize, device=str(device), threads=torch.get_num_threads(),
         shape=shape.summary(), build=build, open=opened, rounds=timings, peak_rss_conversation_mb=peak_conv,
         peak_rss_mb=max(_rss_mb("VmHWM") or 0.0, build.peak_rss_build_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         finite=timer.finite, weights_checksum=checksum, warmup=warmup,
@@ -500,6 +503,7 @@ def run_released(
     *, settings: tuple[str, ...] = ("bfloat16", "8bit"), shape: ReleasedShape | None = None, rounds: int = 4, threads: int = 0,
     device: str = "cpu", tokenizer: str | Path | None = None, image: str | Path | None = None, seed: int = 0, isolate: bool = True,
     on_result: Callable[[dict], None] | None = None, masks_dir: str | Path | None = None, warmup: int = 0,
+    compile: bool = False,
 ) -> dict:
     """Run each setting (see :data:`SETTINGS`) on the released shape, each in a fresh process
     (``isolate``; else in this one, for tests), and compare their masks with bfloat16's.
@@ -510,7 +514,9 @@ def run_released(
     checksum), and a setting run earlier with the same ones is compared too: the settings of a
     7B model can then run one at a time, when the machine has the memory for each. ``warmup``
     conversations run untimed before the timed one (1 on a GPU, whose first calls pay CUDA's
-    start-up).
+    start-up). ``compile``: HIPIE with :meth:`HipieDecoder.set_compiled` (its results are named
+    "SETTING+compiled", so that their masks compare with an earlier uncompiled run's in
+    ``masks_dir``); give ``warmup`` 1 to leave the compilation out of the timed conversation.
     """
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -524,17 +530,17 @@ def run_released(
     tok = str(tokenizer) if tokenizer is not None else None
     results, masks = [], {}
     for setting in settings:
-        job = (setting, shape, rounds, threads, device, tok, image, seed, warmup)
+        job = (setting, shape, rounds, threads, device, tok, image, seed, warmup, compile)
         if isolate:
             with mp.get_context("spawn").Pool(1) as pool:
                 data, m = pool.apply(_run_setting, (job,))
         else:
             data, m = _run_setting(job)
         results.append(data)
-        masks[setting] = m
+        masks[data["setting"]] = m
         if masks_dir is not None:
             Path(masks_dir).mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(Path(masks_dir) / f"{setting}.npz", masks=np.stack(m), key=np.array(_masks_key(data)))
+            np.savez_compressed(Path(masks_dir) / f"{data['setting']}.npz", masks=np.stack(m), key=np.array(_masks_key(data)))
         if on_result is not None:
             on_result(data)
     if masks_dir is not None and results:

@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--masks-dir", default=None, metavar="DIR",
                     help="with --released-shape: save each setting's masks here and compare with those saved by an earlier "
                          "run of the same shape (so the settings can run one at a time)")
+    bn.add_argument("--compile", action="store_true",
+                    help="with --released-shape: HIPIE's heaviest CPU steps through torch.compile (HipieDecoder.set_compiled); "
+                         "give --warmup 1 to leave the compilation out of the timed conversation")
     _model_args(bn, device="cpu", checkpoint=False, revision=False, quantize=False, threads=False)  # its own --threads
     bn.set_defaults(func=_bench)
 

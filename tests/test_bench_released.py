@@ -125,6 +125,23 @@ def test_warmup_conversations_leave_the_timed_one_unchanged(tmp_path):
     assert masks[0].shape[0] == 2 and np.array_equal(masks[0], masks[1])
 
 
+def test_compiled_hipie_runs_are_named_and_compared_with_the_uncompiled_ones(tmp_path, monkeypatch):
+    """``compile``: HIPIE's compiled steps (here a stand-in compiler that counts its calls, the
+    real one is tested in tests/decoders/test_hipie_compiled.py) run in the conversation; the
+    result is "bfloat16+compiled" and its masks compare with an earlier uncompiled run's."""
+    from segllm.decoders.hipie import compiled as compiled_mod
+
+    compiled_fns = []
+    monkeypatch.setattr(compiled_mod.torch, "compile", lambda fn, **kw: compiled_fns.append(fn) or fn)
+    kw = {"settings": ("bfloat16",), "shape": ReleasedShape.tiny(), "rounds": 2, "threads": 1, "isolate": False, "masks_dir": tmp_path}
+    run_released(**kw)
+    assert not compiled_fns
+    report = run_released(**kw, compile=True)
+    assert len(compiled_fns) == 1 + ReleasedShape.tiny().hipie.enc_layers  # the image step and every encoder layer's chunk
+    assert report["results"][0]["setting"] == "bfloat16+compiled" and (tmp_path / "bfloat16+compiled.npz").exists()
+    assert report["mask_iou_vs_bfloat16"] == {"bfloat16+compiled": [1.0, 1.0]}
+
+
 def test_cli_released_shape_defaults_to_the_7b_in_bf16_and_8bit_and_writes_json(tmp_path, monkeypatch):
     """`segllm bench --released-shape` reaches run_released with the 7B shape, 4 rounds, bf16 and
     8-bit (the run itself replaced: a 7B build is a measurement, not a test)."""
@@ -143,8 +160,10 @@ def test_cli_released_shape_defaults_to_the_7b_in_bf16_and_8bit_and_writes_json(
     out = tmp_path / "r.json"
     assert main(["bench", "--released-shape", "--threads", "1", "--json", str(out)]) == 0
     assert seen["settings"] == ("bfloat16", "8bit") and seen["rounds"] == 4 and seen["shape"] == ReleasedShape()
-    assert seen["warmup"] == 0
+    assert seen["warmup"] == 0 and not seen["compile"]
     data = json.loads(out.read_text())
     assert data["meta"]["threads"] == 1 and data["results"][0]["setting"] == "bfloat16" and "mask_iou_vs_bfloat16" in data
     main(["bench", "--released-shape", "--layers", "3", "--setting", "4bit", "--rounds", "2", "--warmup", "1"])
     assert seen["shape"].llm_layers == 3 and seen["settings"] == ("4bit",) and seen["rounds"] == 2 and seen["warmup"] == 1
+    main(["bench", "--released-shape", "--compile"])
+    assert seen["compile"]
