@@ -11,7 +11,9 @@ checks that they agree and prints images/s and rounds/s of each, and their ratio
 With ``--processes N`` the batched side also runs as ``torchrun --nproc-per-node N`` would split
 it: N worker processes (this script with ``--worker``), each taking every N-th image with
 threads / N torch threads, each loading the model and warming up untimed, then all started
-together; the time is from the first start to the last finish.
+together; the time is from the first start to the last finish. ``--session-processes N`` splits
+the one-``Session``-per-image side the same way (a comparison at equal parallelism: what
+batching adds beyond using every core).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def main() -> None:
     ap.add_argument("--processes", type=int, nargs="+", default=[1],
                     help="also measure batch segmentation split over this many processes (as under torchrun: every "
                          "n-th image each, threads / n threads each); 1: in this process")
+    ap.add_argument("--session-processes", type=int, nargs="+", default=[],
+                    help="also measure one Session per image split over this many processes (every n-th image each, "
+                         "threads / n threads each)")
     ap.add_argument("--repeats", type=int, default=1, help="measure every side this many times, alternating (the load may change)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", nargs=6, metavar=("ITEMS", "OUT", "BATCH", "RANK", "WORLD", "THREADS"), help=argparse.SUPPRESS)
@@ -77,7 +82,8 @@ def main() -> None:
         single_s: list[float] = []
         batched_s: dict[tuple[int, int], list[float]] = {side: [] for side in batched}
         replies: list[list[np.ndarray]] = []
-        sides: list = ["session"] + batched
+        split_s: dict[int, list[float]] = {n: [] for n in args.session_processes}
+        sides: list = ["session"] + batched + [("sessions", n) for n in args.session_processes]
         for rep in range(args.repeats):
             # alternate the order, so that a load that rises or falls during the run hits every side alike
             for side in sides if rep % 2 == 0 else sides[::-1]:
@@ -85,6 +91,9 @@ def main() -> None:
                     t0 = time.perf_counter()
                     replies = _sessions(model, items)
                     single_s.append(time.perf_counter() - t0)
+                    continue
+                if side[0] == "sessions":  # batch size 0: the worker runs one Session per image
+                    split_s[side[1]].append(_processes(items_file, Path(tmp) / f"s{side[1]}_{rep}", 0, side[1], max(1, threads // side[1])))
                     continue
                 bs, n = side
                 out = Path(tmp) / f"out{bs}x{n}_{rep}"
@@ -113,6 +122,12 @@ def main() -> None:
              "speedup_each": [round(s / b, 2) for s, b in zip(single_s, batched_s[bs, n])],
              "masks_identical": _agreement(done[bs, n], items, replies)}
             for bs, n in batched
+        ],
+        "sessions_split": [
+            {"processes": n, "threads_each": max(1, threads // n), "seconds": _round(split_s[n]),
+             "images_per_s": round(len(items) * args.repeats / sum(split_s[n]), 2),
+             "batched_speedup_vs_it": {f"{bs}x{m}": round(sum(split_s[n]) / sum(batched_s[bs, m]), 2) for bs, m in batched}}
+            for n in args.session_processes
         ],
     }
     print(json.dumps(result, indent=2))
@@ -150,11 +165,17 @@ def _worker(items_file: str, out: str, batch_size: str, rank: str, world: str, t
     items = [Item(k, img, qs) for k, img, qs in json.loads(Path(items_file).read_text())]
     model = load_model()
     bs = int(batch_size)
-    segment_items(model, items[:bs], Path(out + f".warm{rank}"), batch_size=bs, progress=False)
+    if bs == 0:  # one Session per image, every world-th image from rank on
+        _sessions(model, items[:2])
+    else:
+        segment_items(model, items[:bs], Path(out + f".warm{rank}"), batch_size=bs, progress=False)
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.time()  # wall clock: compared across processes
-    segment_items(model, items, Path(out), batch_size=bs, progress=False, rank=int(rank), world_size=int(world))
+    if bs == 0:
+        _sessions(model, items[int(rank) :: int(world)])
+    else:
+        segment_items(model, items, Path(out), batch_size=bs, progress=False, rank=int(rank), world_size=int(world))
     print(json.dumps({"start": start, "end": time.time()}), flush=True)
 
 
