@@ -27,7 +27,12 @@ from segllm.data.released.masks import MaskLookup
 from segllm.data.released.refer import load_refs
 from segllm.eval.evaluate import EvalResult
 
-# Published per-round cIoU on MR-RefCOCO/+/g (val), LISA / GLaMM / SegLLM.
+# Published per-round cIoU on MR-RefCOCO/+/g and MR-PACO (val), LISA / GLaMM / SegLLM (None: no
+# figure), with where each benchmark's come from and the history protocol their source states.
+# MR-PACO's (rounds 2-5, no GLaMM) are those Table 2 of the SAMTok project page reports
+# (zhouyiks.github.io, projects/SAMTok/figures/table2.png, commit 13ce066): the SegLLM paper's own
+# MR-PACO table could not be read here; that Table 2's MR-RefCOCO/+/g columns are the round-by-round
+# means of the figures below to 0.1, so it copies the paper's. It does not name a history protocol.
 _MR = {
     "mr-refcoco": {2: (60.6, 59.5, 81.9), 3: (58.9, 61.6, 81.7), 4: (61.3, 59.3, 78.4), 5: (61.0, 62.6, 80.3),
                    6: (60.7, 62.6, 74.5), 7: (54.4, 52.1, 69.3), 8: (51.9, 50.7, 70.5)},
@@ -35,6 +40,11 @@ _MR = {
                     6: (45.6, 54.8, 73.4), 7: (42.8, 48.4, 64.0), 8: (36.9, 43.6, 59.0)},
     "mr-refcocog": {2: (61.3, 65.4, 79.2), 3: (52.1, 57.8, 76.0), 4: (56.0, 55.4, 77.1), 5: (47.5, 49.4, 66.9),
                     6: (39.9, 40.8, 68.9), 7: (55.1, 57.8, 71.0), 8: (36.3, 38.4, 54.9)},
+    "mr-paco": {2: (15.5, None, 49.7), 3: (21.3, None, 40.9), 4: (18.7, None, 39.4), 5: (20.5, None, 41.9)},
+}
+_MR_SOURCES = {
+    **dict.fromkeys(("mr-refcoco", "mr-refcoco+", "mr-refcocog"), ("SegLLM paper, MR-RefCOCO table (per-round cIoU)", "own-history protocol")),
+    "mr-paco": ("SegLLM's MR-PACO figures as SAMTok's Table 2 reports them (per-round cIoU)", "history protocol not stated in the source"),
 }
 # SegLLM's single-round cIoU as reported by others, with SegLLM's own question ("Segment the X.");
 # ReasonSeg (gIoU, cIoU).
@@ -44,15 +54,6 @@ _SINGLE = {
     "refcocog": {"val": 72.6, "test": 73.6},
 }
 _REASONSEG = {"val": (57.2, 54.3), "test": (52.4, 48.4)}
-# SegLLM's (and LISA's) per-round cIoU on MR-PACO (val), rounds 2-5, LISA / GLaMM / SegLLM (GLaMM:
-# none), as the SAMTok project page's Table 2 reports them (zhouyiks.github.io, projects/SAMTok/
-# figures/table2.png, commit 13ce066). The SegLLM paper's own MR-PACO table could not be read here;
-# that table's MR-RefCOCO/+/g columns are the round-by-round means of _MR above to 0.1, so it copies
-# the paper's figures. It does not say which history protocol they were measured with.
-_MR_PACO = {2: (15.5, None, 49.7), 3: (21.3, None, 40.9), 4: (18.7, None, 39.4), 5: (20.5, None, 41.9)}
-_MR_SOURCES = {name: ("SegLLM paper, MR-RefCOCO table (per-round cIoU)", "own-history protocol") for name in _MR}
-_MR_SOURCES["mr-paco"] = ("SegLLM's MR-PACO figures as SAMTok's Table 2 reports them (per-round cIoU)",
-                          "history protocol not stated in the source")
 # Not on file: the RefCOCO figures with LISA's and SESAME's question templates. The paper has a
 # table for them, but its text could not be read where these figures were collected; until they
 # are added here (with their table), those settings print "no published figure" rather than a
@@ -186,9 +187,8 @@ def published(name: str, split: str = "val", template: str = "segllm") -> dict[s
     (cIoU; ReasonSeg also gIoU). ``template`` is the question template of a single-round RefCOCO
     run: only SegLLM's own ("segllm") has figures on file.
     """
-    if name in _MR_SOURCES and split == "val":
-        table = _MR_PACO if name == "mr-paco" else _MR[name]
-        rounds = {k: dict(zip(("LISA", "GLaMM", "SegLLM"), v)) for k, v in table.items()}
+    if name in _MR and split == "val":
+        rounds = {k: dict(zip(("LISA", "GLaMM", "SegLLM"), v)) for k, v in _MR[name].items()}
         source, protocol = _MR_SOURCES[name]
         return {"source": source, "protocol": protocol, "rounds": rounds}
     if name in _SINGLE and template == "segllm" and split in _SINGLE[name]:

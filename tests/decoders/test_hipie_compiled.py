@@ -162,7 +162,7 @@ def test_compiled_decoder_equals_the_fast_mode_and_follows_weight_changes():
             assert_close_scaled(got.transformer.memory, want.transformer.memory)
             assert_close_scaled(got.pred_masks, want.pred_masks)
         layers = compiled.detr.detr.transformer.encoder.layers
-        assert not compiled.__dict__["_compiled_image"].failed and not any(x.compiled_chunk.failed for x in layers)
+        assert not compiled.compiled_image.failed and not any(x.compiled_chunk.failed for x in layers)
         for m in (model, compiled):
             m.detr.detr.transformer.encoder.layers[0].linear2.bias.add_(0.5)
         want = model.forward_raw(model.encode_image(pixels), prompts, batch_index)

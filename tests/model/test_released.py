@@ -249,5 +249,5 @@ def test_compiled_hipie_reproduces_the_released_answers(golden, photo):
         torch.testing.assert_close(box_1024, golden[f"round{i + 1}.box_last"], atol=1e-2, rtol=0)
         assert reply.scores[0] == pytest.approx(meta["rounds"][i]["final_score_last"], abs=1e-4)
     layers = session.model.decoder.detr.detr.transformer.encoder.layers
-    steps = [session.model.decoder.__dict__["_compiled_image"], *(layer.compiled_chunk for layer in layers)]
+    steps = [session.model.decoder.compiled_image, *(layer.compiled_chunk for layer in layers)]
     assert all(step.compilations == 1 and not step.failed for step in steps)  # each ran compiled, compiled once

@@ -275,6 +275,8 @@ class HipieDecoder(MaskDecoder):
     """HIPIE-R50 as SegLLM uses it: prompt tokens in, [REF]/[SEG] masks, scores and boxes out."""
 
     supports_set_prediction = True  # trains with HIPIE's own set-prediction losses
+    # set by set_compiled: the compiled form of the image encoder's maps (a FrozenCompiled)
+    compiled_image = None
 
     def __init__(self, config: HipieDecoderConfig | None = None) -> None:
         super().__init__()
@@ -320,8 +322,8 @@ class HipieDecoder(MaskDecoder):
         Returns ``self``.
         """
         view = self.image_encoder
-        # a plain attribute (FrozenCompiled is not a module): nothing new in the state dict
-        self.__dict__["_compiled_image"] = FrozenCompiled(view.maps, view, "image encoder") if compiled else None
+        # plain attributes (FrozenCompiled is not a module): nothing new in the state dict
+        self.compiled_image = FrozenCompiled(view.maps, view, "image encoder") if compiled else None
         for layer in self.detr.detr.transformer.encoder.layers:
             layer.compiled_chunk = FrozenCompiled(layer.chunk, layer, "encoder layer") if compiled else None
         return self
@@ -329,7 +331,7 @@ class HipieDecoder(MaskDecoder):
     @property
     def compiled(self) -> bool:
         """Whether :meth:`set_compiled` is on."""
-        return self.__dict__.get("_compiled_image") is not None
+        return self.compiled_image is not None
 
     @contextmanager
     def reference_mode(self) -> Iterator[HipieDecoder]:
@@ -382,7 +384,7 @@ class HipieDecoder(MaskDecoder):
         Runs the backbone and the 4 input projections, the part that does not depend on the
         prompt; cache it per image. ``keep_backbone`` also returns the raw res3-res5 maps.
         """
-        compiled = self.__dict__.get("_compiled_image")
+        compiled = self.compiled_image
         use = compiled is not None and pixels.device.type == "cpu" and not torch.is_grad_enabled() and not self.reference
         return self.image_encoder(pixels, keep_backbone=keep_backbone, maps=compiled if use else None)
 
