@@ -190,6 +190,34 @@ def test_config_rounds_and_size() -> None:
         w.sample("nope", 0)
 
 
+def test_family_weights_shift_the_families_and_default_to_the_default_world(world: World, train_samples: list) -> None:
+    def families(samples) -> dict[str, int]:
+        counts = {f: 0 for f in FAMILIES}
+        for s in samples:
+            for rd in s.record["rounds"]:
+                if rd["kind"] == "query":
+                    counts[rd["relation"]] += 1
+        return counts
+
+    # explicit weights of 1 draw the same conversations as no weights at all
+    same = World(WorldConfig(family_weights={"ordinal": 1.0}), seed=SEED)
+    for i in range(10):
+        assert same.sample("train", i).record == train_samples[i].record
+    drilled = World(WorldConfig(family_weights={"ordinal": 4.0, "part-of": 0.0}), seed=SEED)
+    base, more = families(train_samples), families([drilled.sample("train", i) for i in range(120)])
+    share = lambda c: c["ordinal"] / sum(c.values())  # noqa: E731
+    assert share(more) > 1.8 * share(base) > 0
+    assert more["part-of"] == 0 < base["part-of"]
+    assert drilled.config.to_dict()["family_weights"] == {"ordinal": 4.0, "part-of": 0.0}
+    assert WorldConfig.from_dict(drilled.config.to_dict()) == drilled.config
+    with pytest.raises(ConfigError, match="unknown family 'colour'"):
+        WorldConfig(family_weights={"colour": 2.0})
+    with pytest.raises(ConfigError, match="finite number >= 0"):
+        WorldConfig(family_weights={"ordinal": -1.0})
+    with pytest.raises(ConfigError, match="no family to draw from"):
+        WorldConfig(family_weights={f: 0.0 for f in FAMILIES})
+
+
 def test_write_split_roundtrip(tmp_path, world: World) -> None:
     from pycocotools.coco import COCO
 

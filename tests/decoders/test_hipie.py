@@ -231,6 +231,19 @@ def test_fast_mode_equals_reference_mode():
     for name, (a, e) in pairs.items():
         assert_close_scaled(a, e, rel=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert torch.equal(fast.transformer.topk_indices, ref.transformer.topk_indices)
+    # forward(): the fast mode makes only the selected queries' masks, the reference mode all
+    # of them (as the original) and keeps two; the same two masks, scores and boxes
+    with torch.no_grad():
+        lazy = model.forward_raw(features, prompts, batch_index, all_masks=False)
+        got = model(features, prompts, batch_index)
+        with model.reference_mode():
+            want = model(features, prompts, batch_index)
+    assert lazy.pred_masks is None and lazy.mask_features is not None
+    assert got.mask_logits.shape == want.mask_logits.shape == (3, 2, 32, 32)
+    assert_close_scaled(got.mask_logits, want.mask_logits, rel=1e-5)
+    assert_close_scaled(got.mask_logits, model.select(fast).mask_logits, rel=1e-5)
+    assert_close_scaled(got.iou_scores, want.iou_scores, rel=1e-5)
+    assert_close_scaled(got.boxes, want.boxes, rel=1e-5)
 
 
 @pytest.fixture(scope="module")

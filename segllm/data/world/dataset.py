@@ -86,6 +86,10 @@ class WorldConfig:
             when the scene has such a phrase; after one, a later round may ask for one of its
             targets by that order ("the second of instance 2 from the left"). 0 (the default)
             draws nothing for them, so the default world is unchanged.
+        family_weights: multipliers of the relation families' chances (``language.FAMILIES``,
+            e.g. ``{"ordinal": 2.5}``: ordinal rounds 2.5 times as likely as by default, before
+            renormalising), for a recipe that drills the weak families; empty (the default)
+            keeps the default world, conversation for conversation.
     """
 
     image_size: int = 128
@@ -101,6 +105,7 @@ class WorldConfig:
     pick_prob: float = 0.25
     heldout_fraction: float = 0.1
     multi_target_prob: float = 0.0
+    family_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
@@ -122,6 +127,23 @@ class WorldConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {v}")
+        self.family_weights = {str(k): float(v) for k, v in dict(self.family_weights).items()}
+        for k, v in self.family_weights.items():
+            if k not in L.FAMILIES:
+                raise ConfigError(f"family_weights: unknown family {k!r}; expected some of {list(L.FAMILIES)}")
+            if not 0.0 <= v < float("inf"):
+                raise ConfigError(f"family_weights[{k!r}] must be a finite number >= 0, got {v}")
+        for table in (_NO_REF_WEIGHTS, _REF_WEIGHTS):
+            if sum(w * self.family_weights.get(f, 1.0) for f, w in table.items()) <= 0:
+                raise ConfigError(f"family_weights leave no family to draw from among {list(table)}")
+
+    def family_tables(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The families' chances of rounds without a reference and with one, after
+        ``family_weights`` (the module's own tables when it is empty)."""
+        if not self.family_weights:
+            return _NO_REF_WEIGHTS, _REF_WEIGHTS
+        return tuple({f: w * self.family_weights.get(f, 1.0) for f, w in table.items()}
+                     for table in (_NO_REF_WEIGHTS, _REF_WEIGHTS))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -291,8 +313,10 @@ _OFFERED: dict[tuple, tuple[tuple, ...]] = {}
 
 class _Builder:
     def __init__(self, objects: list[WorldObject], rng: Draws,
-                 margins: L.Margins) -> None:
+                 margins: L.Margins, families: tuple[dict[str, float], dict[str, float]] | None = None) -> None:
         self.objects = objects
+        # the families' chances without / with a reference (WorldConfig.family_tables)
+        self.no_ref_weights, self.ref_weights = families or (_NO_REF_WEIGHTS, _REF_WEIGHTS)
         self.index = SceneIndex(objects, margins)
         self.pos = self.index.pos
         self.by_id = {o.id: o for o in objects}
@@ -578,10 +602,10 @@ class _Builder:
         for attempt in range(30):
             ref_now = use_ref and attempt < 22
             if ref_now:
-                family = _weighted(rng, _REF_WEIGHTS)
+                family = _weighted(rng, self.ref_weights)
                 rels = L.REF_RELATIONS[family]
             else:
-                family = _weighted(rng, _NO_REF_WEIGHTS)
+                family = _weighted(rng, self.no_ref_weights)
                 rels = L.NO_REF_RELATIONS[family]
             w = _RELATION_W.get(rels)
             if w is None:
@@ -688,6 +712,7 @@ class World:
         self.seed = int(seed)
         self.heldout_pairs = heldout_pairs(self.config.heldout_fraction)
         self.margins = L.default_margins(self.config.image_size)
+        self._families = self.config.family_tables()  # kept: _weighted caches per table object
         all_colours = list(COLOURS)
         self._colours_seen = {s: [c for c in all_colours if (c, s) not in self.heldout_pairs]
                               for s in SHAPES}
@@ -736,7 +761,7 @@ class World:
             first_ok = None
             if heldout:
                 first_ok = lambda o: (o.colour, o.shape) in self.heldout_pairs  # noqa: E731
-            b = _Builder(scene.objects, rng, self.margins)
+            b = _Builder(scene.objects, rng, self.margins, self._families)
             try:
                 rounds = _build(b, rng, n_rounds, cfg.ref_prob, cfg.memory_prob, cfg.pick_prob,
                                 first_ok, cfg.multi_target_prob)

@@ -162,21 +162,27 @@ class HipieRawOutput:
         pred_logits: [N, Q, T] query x prompt-token logits.
         pred_boxes: [N, Q, 4] (cx, cy, w, h) normalised to the input frame.
         pred_ious: [N, Q, 1] IoU logits.
-        pred_masks: [N, Q, S/4, S/4] mask logits.
+        pred_masks: [N, Q, S/4, S/4] mask logits, or None when only the selected queries'
+            masks are made (``forward_raw(..., all_masks=False)``; :meth:`HipieDecoder.select`
+            makes those from ``mask_features``).
         reference_points: [N, Q, 2] query centres (normalised) used by the mask head.
         instances: per prompt, the post-processed foreground detections.
         transformer: the transformer's intermediate results.
         set_outputs: every layer's predictions for the training losses (when asked for).
+        mask_features: [N, C/32, H_0, W_0] the dynamic mask head's shared input.
+        hs: [N, Q, C] the last decoder layer's query states (they make each query's mask).
     """
 
     pred_logits: Tensor
     pred_boxes: Tensor
     pred_ious: Tensor
-    pred_masks: Tensor
+    pred_masks: Tensor | None
     reference_points: Tensor
     instances: list[Instances]
     transformer: TransformerOutput
     set_outputs: HipieSetOutputs | None = None
+    mask_features: Tensor | None = None
+    hs: Tensor | None = None
 
 
 class DeformableDetr(nn.Module):
@@ -414,7 +420,11 @@ class HipieDecoder(MaskDecoder):
             their instance scores ``sqrt(sigmoid(class) * sigmoid(iou))`` in [0, 1], and ``boxes``
             [N, 2, 4] xyxy in input pixels.
         """
-        raw = self.forward_raw(image_features, prompts, batch_index, denoising=denoising, set_outputs=set_outputs)
+        # the original makes all Q queries' masks and keeps two per prompt; each query's mask is
+        # its own (dynamic convolutions from its state), so the fast mode makes only the two
+        # (on the released size 0.16-0.39 s of a 1024 px forward, against 3 ms)
+        raw = self.forward_raw(image_features, prompts, batch_index, denoising=denoising, set_outputs=set_outputs,
+                               all_masks=self.reference)
         out = self.select(raw)
         out.set_outputs = raw.set_outputs
         return out
@@ -428,6 +438,7 @@ class HipieDecoder(MaskDecoder):
         *,
         denoising: DenoisingQueries | None = None,
         set_outputs: bool = False,
+        all_masks: bool = True,
     ) -> HipieRawOutput:
         """All per-query outputs and the post-processed instances (see :class:`HipieRawOutput`).
 
@@ -437,6 +448,8 @@ class HipieDecoder(MaskDecoder):
             batch_index: [N] long, image of each prompt.
             denoising: see :meth:`forward`.
             set_outputs: fill ``set_outputs`` (see :meth:`forward`).
+            all_masks: make every query's mask (``pred_masks``); False leaves it None and
+                :meth:`select` makes only the selected queries' masks.
         """
         c = self.config
         if prompts.ndim != 3 or prompts.shape[1:] != (c.num_prompt_tokens, c.lang_dim):
@@ -459,7 +472,7 @@ class HipieDecoder(MaskDecoder):
         reference_points = preds.centres[-1]
 
         mask_features = self.mask_features(out.memory, [s.shape[-2:] for s in srcs])
-        pred_masks = self.query_masks(mask_features, hs, reference_points * c.image_size)
+        pred_masks = self.query_masks(mask_features, hs, reference_points * c.image_size) if all_masks else None
 
         fg = slice(c.num_bg_queries, None)
         instances = [
@@ -497,6 +510,8 @@ class HipieDecoder(MaskDecoder):
             instances=instances,
             transformer=out,
             set_outputs=set_out,
+            mask_features=mask_features,
+            hs=hs,
         )
 
     def _predict(
@@ -559,8 +574,8 @@ class HipieDecoder(MaskDecoder):
 
     def select(self, raw: HipieRawOutput) -> DecoderOutput:
         """Pick the best [REF]- and [SEG]-class instance of every prompt (see :meth:`forward`)."""
-        n = raw.pred_masks.shape[0]
-        device = raw.pred_masks.device
+        n = raw.pred_logits.shape[0]
+        device = raw.pred_logits.device
         query = torch.zeros(n, 2, dtype=torch.long, device=device)
         scores = raw.pred_logits.new_zeros(n, 2)
         boxes = raw.pred_logits.new_zeros(n, 2, 4)
@@ -570,7 +585,12 @@ class HipieDecoder(MaskDecoder):
                 query[i, channel] = inst.query_index[k] + self.config.num_bg_queries
                 scores[i, channel] = inst.scores[k]
                 boxes[i, channel] = inst.boxes[k]
-        masks = raw.pred_masks[torch.arange(n, device=device)[:, None], query]
+        rows = torch.arange(n, device=device)[:, None]
+        if raw.pred_masks is not None:
+            masks = raw.pred_masks[rows, query]
+        else:  # only the selected queries' masks: the same dynamic convolutions, 2 of Q per prompt
+            masks = self.query_masks(raw.mask_features, raw.hs[rows, query],
+                                     raw.reference_points[rows, query] * self.config.image_size)
         return DecoderOutput(mask_logits=masks, iou_scores=scores, boxes=boxes)
 
 
