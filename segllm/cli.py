@@ -304,6 +304,14 @@ def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: b
                        help="which part of each mask to keep: every pixel the model marks (all), or only its connected "
                             "region with the most probability mass (most_confident; the bundled model's setting); "
                             "default: the checkpoint's")
+        p.add_argument("--edge-filter", default=None, choices=("on", "off"),
+                       help="each mask's edges filtered along the image's colours (on: the bundled model's setting) "
+                            "or left as the decoder made them (off); default: the checkpoint's")
+
+
+def _edge_filter(args: argparse.Namespace) -> bool | None:
+    """--edge-filter on/off -> True/False; not given -> None (the checkpoint's setting)."""
+    return None if args.edge_filter is None else args.edge_filter == "on"
 
 
 def _annotation_args(p: argparse.ArgumentParser) -> None:
@@ -390,7 +398,7 @@ def _chat(args: argparse.Namespace) -> int:
     interactive = lines is None and sys.stdin.isatty()
     session = Session.from_pretrained(
         args.checkpoint, image_path, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize, mask_region=args.mask_region,
-        compile=args.compile, incremental=not args.full_recompute, max_new_tokens=args.max_new_tokens,
+        compile=args.compile, edge_filter=_edge_filter(args), incremental=not args.full_recompute, max_new_tokens=args.max_new_tokens,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -459,7 +467,7 @@ def _segment(args: argparse.Namespace) -> int:
     items = read_items(args.images, args.questions)  # bad paths or records: an error before the model loads
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     model = load_model(args.checkpoint, revision=args.revision, device=args.device or str(state.device), dtype=DTYPES[args.dtype], quantize=args.quantize,
-                       mask_region=args.mask_region, compile=args.compile)
+                       mask_region=args.mask_region, compile=args.compile, edge_filter=_edge_filter(args))
     summary = segment_items(model, items, args.out, batch_size=args.batch_size, resume=args.resume,
                             rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
     state.wait_for_everyone()
@@ -561,7 +569,7 @@ def _eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     model = load_model(args.checkpoint, revision=args.revision, device=device, dtype=DTYPES[args.dtype], quantize=args.quantize,
-                       mask_region=args.mask_region, compile=args.compile)
+                       mask_region=args.mask_region, compile=args.compile, edge_filter=_edge_filter(args))
     out = Path(args.out)
     logs = {p: [out / f"{args.name}.{p}.rank{r}.jsonl" for r in range(state.num_processes)] for p in protocols}
     results = []
@@ -709,7 +717,8 @@ def _demo(args: argparse.Namespace) -> int:
     from segllm.demo import launch  # imports gradio, an optional extra (segllm[demo])
 
     launch(args.checkpoint, revision=args.revision, host=args.host, port=args.port, device=args.device,
-           dtype=DTYPES[args.dtype], quantize=args.quantize, mask_region=args.mask_region, compile=args.compile, max_side=args.max_side,
+           dtype=DTYPES[args.dtype], quantize=args.quantize, mask_region=args.mask_region, compile=args.compile,
+           edge_filter=_edge_filter(args), max_side=args.max_side,
            max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, max_upload_mb=args.max_upload_mb)
     return 0
 

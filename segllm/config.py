@@ -284,6 +284,32 @@ MASK_REGIONS: tuple[str, ...] = typing.get_args(MaskRegion)
 
 
 @dataclass
+class EdgeFilterConfig:
+    """Inference only: each ``<seg>``'s mask probabilities filtered along the image's colours
+    (:func:`segllm.decoders.edge_filter.colour_guided_filter`: ``iterations`` passes of a joint
+    bilateral filter within ``radius`` pixels, spatial scale ``sigma_space`` pixels, colour
+    scale ``sigma_colour`` in RGB [0, 1], in the box around the mask grown by ``margin``
+    pixels), after ``mask_region``, so that a mask a pixel or two off its object's edge settles
+    onto it. ``iterations = 0`` (the default) leaves masks as the decoder made them."""
+
+    iterations: int = 0
+    radius: int = 3
+    sigma_space: float = 2.5
+    sigma_colour: float = 0.03
+    margin: int = 6
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.radius < 1 or self.margin < 0:
+            raise ConfigError(f"edge_filter needs iterations >= 0, radius >= 1 and margin >= 0, got {self.iterations}, {self.radius}, {self.margin}")
+        if not (self.sigma_space > 0 and self.sigma_colour > 0):
+            raise ConfigError(f"edge_filter's sigma_space and sigma_colour must be > 0, got {self.sigma_space}, {self.sigma_colour}")
+
+    @property
+    def on(self) -> bool:
+        return self.iterations > 0
+
+
+@dataclass
 class SegLLMConfig:
     """The whole model. ``trainable`` names the parts that receive gradients.
 
@@ -300,6 +326,8 @@ class SegLLMConfig:
     mass, for a model whose every ``<seg>`` denotes one connected object (the bundled model on
     the procedural world: where it is unsure between two objects it marks both, and the region
     it believes more is the better answer; :func:`segllm.decoders.base.most_confident_region`).
+
+    ``edge_filter`` (inference only): see :class:`EdgeFilterConfig` (off by default).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -314,6 +342,7 @@ class SegLLMConfig:
     trainable: tuple[str, ...] = ("projector", "llm", "embeddings", "memory", "prompt_head", "decoder_encoder", "decoder", "dense_head")
     inject: Literal["replace", "add"] = "replace"
     mask_region: MaskRegion = "all"
+    edge_filter: EdgeFilterConfig = field(default_factory=EdgeFilterConfig)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.trainable if p not in PART_NAMES]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def has_default_model() -> bool:
     return (DEFAULT_MODEL / "config.json").is_file()
 
 
+DEFAULT_EDGE_PASSES = 10  # the edge filter's passes where --edge-filter on meets a checkpoint without one
+
 def load_model(
     checkpoint: str | Path | None = None,
     *,
@@ -33,6 +36,7 @@ def load_model(
     quantize: str | None = None,
     mask_region: str | None = None,
     compile: bool = False,
+    edge_filter: bool | None = None,
 ) -> SegLLM:
     """Load ``checkpoint`` (a folder or a hub id such as ``Marlo-Z/SegLLM/all_data_checkpoint``,
     see :mod:`segllm.hub`), or the bundled default model when none is given (never a hub default).
@@ -43,6 +47,9 @@ def load_model(
         quantize: "8bit" or "4bit" LLM weights (bitsandbytes; :mod:`segllm.model.quantize`).
         mask_region: "all" or "most_confident" in place of the checkpoint's
             ``SegLLMConfig.mask_region`` (None: the checkpoint's).
+        edge_filter: the edge filter (``SegLLMConfig.edge_filter``) on or off in place of the
+            checkpoint's setting (None: the checkpoint's); on, for a checkpoint without one, with
+            :class:`segllm.config.EdgeFilterConfig`'s defaults and 10 passes.
         compile: compile the mask decoder's heaviest CPU-inference steps (:meth:`SegLLM.set_compiled`;
             HIPIE, the released decoder, has them; for another decoder a warning says it does nothing).
 
@@ -57,6 +64,9 @@ def load_model(
         if mask_region not in MASK_REGIONS:
             raise ConfigError(f"mask_region must be one of {list(MASK_REGIONS)}, got {mask_region!r}")
         model.config.mask_region = mask_region
+    if edge_filter is not None:
+        ef = model.config.edge_filter
+        model.config.edge_filter = dataclasses.replace(ef, iterations=(ef.iterations or DEFAULT_EDGE_PASSES) if edge_filter else 0)
     if compile and not model.set_compiled(True):
         log.warning("compile: the mask decoder (%s) has no compiled mode; it runs as it is", type(model.decoder).__name__)
     return model

@@ -767,12 +767,13 @@ def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max
 
 def launch(
     checkpoint=None, *, revision: str | None = None, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu",
-    dtype: torch.dtype | None = None, quantize: str | None = None, mask_region: str | None = None, compile: bool = False, **kwargs,
+    dtype: torch.dtype | None = None, quantize: str | None = None, mask_region: str | None = None, compile: bool = False,
+    edge_filter: bool | None = None, **kwargs,
 ):
     """Serve the demo on ``host:port`` with the model in ``checkpoint`` (a folder or hub id, see
     :func:`segllm.default.load_model`; default: the bundled model) on ``device`` in ``dtype``
     (``quantize``: "8bit" or "4bit" LLM weights; ``compile``: see :func:`segllm.default.load_model`)."""
     model = load_model(checkpoint, revision=revision, device=device, dtype=dtype, quantize=quantize, mask_region=mask_region,
-                       compile=compile)
+                       compile=compile, edge_filter=edge_filter)
     demo = build_demo(model, **kwargs)
     demo.launch(server_name=host, server_port=port)

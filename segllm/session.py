@@ -94,13 +94,15 @@ class Session:
     @classmethod
     def from_pretrained(
         cls, path=None, image=None, *, revision: str | None = None, device: str | None = None, dtype=None,
-        quantize: str | None = None, mask_region: str | None = None, compile: bool = False, **kwargs
+        quantize: str | None = None, mask_region: str | None = None, compile: bool = False, edge_filter: bool | None = None,
+        **kwargs
     ) -> Session:
         """A session on the model in folder ``path`` or at hub id ``path`` (``org/name[/subfolder][@revision]``,
         see :mod:`segllm.hub`); default: the bundled model. ``revision``, ``device``, ``dtype``,
-        ``quantize``, ``mask_region`` and ``compile`` go to :func:`segllm.default.load_model`, the
+        ``quantize``, ``mask_region``, ``compile`` and ``edge_filter`` go to :func:`segllm.default.load_model`, the
         other keywords to :class:`Session`."""
-        model = load_model(path, revision=revision, device=device, dtype=dtype, quantize=quantize, mask_region=mask_region, compile=compile)
+        model = load_model(path, revision=revision, device=device, dtype=dtype, quantize=quantize, mask_region=mask_region, compile=compile,
+                           edge_filter=edge_filter)
         return cls(model, image, **kwargs)
 
     # -- exporting -------------------------------------------------------------------------

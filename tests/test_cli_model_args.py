@@ -3,12 +3,14 @@ reaches the loader."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import segllm.cli
 from segllm.cli import DTYPES, build_parser, main
-from segllm.default import load_model
+from segllm.default import DEFAULT_EDGE_PASSES, load_model
 from segllm.errors import ConfigError
 
 # each command that loads a model, with the arguments it needs besides the model options
@@ -54,7 +56,8 @@ def test_eval_loads_in_bfloat16(tmp_path, monkeypatch, capsys):
                "--device", "cpu", "--dtype", "bfloat16"])
     assert rc == 0, capsys.readouterr().err
     (kwargs, llm_dtype, dtype), = seen
-    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16, "quantize": None, "mask_region": None, "compile": False}
+    assert kwargs == {"revision": None, "device": "cpu", "dtype": torch.bfloat16, "quantize": None, "mask_region": None, "compile": False,
+                      "edge_filter": None}
     assert llm_dtype == dtype == torch.bfloat16
     assert "oracle cIoU" in capsys.readouterr().out
 
@@ -66,6 +69,35 @@ def test_mask_region_overrides_the_checkpoints_setting(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([*COMMANDS[command], "--mask-region", "largest"])
     assert "invalid choice: 'largest'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["chat", "eval", "demo", "segment"])
+def test_edge_filter_on_or_off_overrides_the_checkpoints_setting(command, capsys):
+    assert build_parser().parse_args(COMMANDS[command]).edge_filter is None  # the checkpoint's
+    assert build_parser().parse_args([*COMMANDS[command], "--edge-filter", "off"]).edge_filter == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*COMMANDS[command], "--edge-filter", "maybe"])
+    assert "invalid choice: 'maybe'" in capsys.readouterr().err
+
+
+def test_load_model_sets_the_edge_filter(monkeypatch):
+    bundled = load_model().config.edge_filter
+    assert bundled.on  # the bundled model's setting
+    assert not load_model(edge_filter=False).config.edge_filter.on
+    assert load_model(edge_filter=True).config.edge_filter == bundled
+    # a checkpoint without one: on with the defaults and DEFAULT_EDGE_PASSES passes
+    import segllm.default
+
+    real = segllm.default.load_pretrained
+
+    def without(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.config.edge_filter = type(bundled)()
+        return model
+
+    monkeypatch.setattr(segllm.default, "load_pretrained", without)
+    assert not load_model().config.edge_filter.on
+    assert load_model(edge_filter=True).config.edge_filter == dataclasses.replace(type(bundled)(), iterations=DEFAULT_EDGE_PASSES)
 
 
 def test_load_model_sets_the_mask_region():

@@ -36,16 +36,18 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from segllm.config import MASK_REGIONS
+from segllm.config import MASK_REGIONS, EdgeFilterConfig
 from segllm.conversation import Conversation, Round
 from segllm.decoders.base import (
     SEG,
     Frame,
     frame_to_image,
+    image_to_frame,
     logits_to_frame,
     mask_to_output_frame,
     most_confident_region,
 )
+from segllm.decoders.edge_filter import colour_guided_filter
 from segllm.errors import ConversationError, SegLLMError
 from segllm.model.kv_cache import GrowingCache
 from segllm.model.memory import mask_boxes
@@ -102,19 +104,36 @@ def seg_prompts(head: PromptHead, seg_hidden: Tensor, context: Tensor | None = N
     return head(seg_hidden.to(dtype))
 
 
-def frame_and_image_masks(seg_logits: Tensor, frame: Frame, region: str = "all") -> tuple[Tensor, Tensor]:
-    """[S, h, w] [SEG] logits of one image -> (logits [S, Sd, Sd] in the decoder's square input
-    frame, bool masks [S, H, W] at the image's resolution); the frame logits are computed once
-    for both resolutions. With ``region="most_confident"`` (``SegLLMConfig.mask_region``) the
-    logits outside each mask's most confident region (in the frame) are lowered to at most -1,
-    so that both resolutions, and the memory of later rounds, keep only that region."""
+def frame_and_image_masks(
+    seg_logits: Tensor, frame: Frame, region: str = "all", *, edges: EdgeFilterConfig | None = None,
+    frame_images: Callable[[], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """[S, h, w] [SEG] logits of one frame size -> (logits [S, Sd, Sd] in the decoder's square
+    input frame, bool masks [S, H, W] at the image's resolution); the frame logits are computed
+    once for both resolutions. With ``region="most_confident"`` (``SegLLMConfig.mask_region``)
+    the logits outside each mask's most confident region (in the frame) are lowered to at most
+    -1, so that both resolutions, and the memory of later rounds, keep only that region. With
+    ``edges`` on (``SegLLMConfig.edge_filter``), each mask is then filtered along its image's
+    colours; ``frame_images()`` gives the image(s) in the frame ([3, Sd, Sd] or [S, 3, Sd, Sd]
+    uint8; called only then)."""
     frame_logits = logits_to_frame(seg_logits, frame)
     if region == "most_confident":
         keep = most_confident_region(frame_logits)
         frame_logits = torch.where(keep, frame_logits, frame_logits.clamp(max=-1.0))
     elif region not in MASK_REGIONS:
         raise ValueError(f"mask region must be one of {list(MASK_REGIONS)}, got {region!r}")
+    if edges is not None and edges.on and frame_logits.shape[0]:
+        if frame_images is None:
+            raise ValueError("the edge filter needs the image in the frame (frame_images)")
+        frame_logits = colour_guided_filter(
+            frame_logits, frame_images(), iterations=edges.iterations, radius=edges.radius,
+            sigma_space=edges.sigma_space, sigma_colour=edges.sigma_colour, margin=edges.margin)
     return frame_logits, frame_to_image(frame_logits, frame) > 0
+
+
+def _image_in_frame(image: np.ndarray, frame: Frame) -> Tensor:
+    """A conversation's image ([H, W, 3] uint8) in the decoder's frame: [3, Sd, Sd] uint8."""
+    return image_to_frame(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), frame)
 
 
 def _chunk_mask(attention: Tensor, width: int) -> Tensor:
@@ -149,6 +168,13 @@ class EncodedImage:
     tokens: Tensor
     features: object
     frame: Frame
+    _in_frame: Tensor | None = field(default=None, init=False, repr=False)
+
+    def in_frame(self) -> Tensor:
+        """The image in the decoder's frame, [3, Sd, Sd] uint8 (made once; for the edge filter)."""
+        if self._in_frame is None:
+            self._in_frame = image_to_frame(self.pixels, self.frame)
+        return self._in_frame
 
 
 @dataclass
@@ -426,7 +452,8 @@ class RoundEngine:
             out = self._teacher_forced(embeds, dialogue.cache, a_ids[:-1], [s.pos - offset for s in segs], round_start=0)
         refs = conv.rounds[i].refs
         ref_map = dialogue.ref_maps.get((refs[0], 0)) if refs else None
-        return self._result(i + 1, out, dialogue.image.features, dialogue.image.frame, self._ref_maps(ref_map, out.seg_hidden.shape[0]))
+        return self._result(i + 1, out, dialogue.image.features, dialogue.image.frame, self._ref_maps(ref_map, out.seg_hidden.shape[0]),
+                            dialogue.image.in_frame)
 
     def _memory(self, dialogue: Dialogue, masks: MaskSource | None, k: int, j: int) -> tuple[Tensor, Tensor]:
         if (k, j) not in dialogue.memory:
@@ -486,7 +513,8 @@ class RoundEngine:
             out = self._teacher_forced(embeds, None, enc.input_ids[start + u_len : -1], seg_pos, round_start=start)
         features = m.encode_decoder_image(batch.decoder_pixels[:1]) if out.seg_hidden.shape[0] else None
         ref_map = self.ref_map(torch.as_tensor(np.asarray(conv.rounds[last.refs[0] - 1].masks[0])), batch.frames[0]) if last.refs and m.uses_ref_masks else None
-        return self._result(n, out, features, batch.frames[0], self._ref_maps(ref_map, out.seg_hidden.shape[0]))
+        return self._result(n, out, features, batch.frames[0], self._ref_maps(ref_map, out.seg_hidden.shape[0]),
+                            lambda: _image_in_frame(conv.image, batch.frames[0]))
 
     # -- the shared steps -------------------------------------------------------------------
     def _with_forced_mask(self, run: Callable[[str | None], RoundResult], answer: str | None, force_mask: bool, rewind: Callable[[], None] | None = None) -> RoundResult:
@@ -579,14 +607,16 @@ class RoundEngine:
         positions = context_positions([(0, e) for e in ends]).to(states.device)
         return round_context(states[None], torch.zeros(len(ends), dtype=torch.long, device=states.device), positions)
 
-    def _result(self, round_number: int, out: _Answer, features, frame: Frame, ref_masks: Tensor | None = None) -> RoundResult:
-        masks, boxes, scores, frame_masks = self.decode(out.seg_hidden, features, frame, out.context, out.context_mask, ref_masks)
+    def _result(self, round_number: int, out: _Answer, features, frame: Frame, ref_masks: Tensor | None = None,
+                frame_image: Callable[[], Tensor] | None = None) -> RoundResult:
+        masks, boxes, scores, frame_masks = self.decode(out.seg_hidden, features, frame, out.context, out.context_mask, ref_masks,
+                                                        frame_image=frame_image)
         return RoundResult(round_number, out.token_ids, self.answer_text(out.token_ids), masks, boxes, scores, frame_masks)
 
     @torch.no_grad()
     def decode(
         self, seg_hidden: Tensor, features, frame: Frame, context: Tensor | None = None, context_mask: Tensor | None = None,
-        ref_masks: Tensor | None = None,
+        ref_masks: Tensor | None = None, *, frame_image: Callable[[], Tensor] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Masks of one image from the LLM states that predicted its ``<seg>`` tokens.
 
@@ -598,6 +628,8 @@ class RoundEngine:
                 with ``prompt_head.attend_round``).
             ref_masks: [S, h, w] the mask each ``<seg>``'s round refers to, in the decoder's
                 output frame (for a decoder that reads them; see :meth:`ref_map`).
+            frame_image: gives the image in the decoder's frame ([3, Sd, Sd] uint8), for the
+                edge filter (``SegLLMConfig.edge_filter``; needed only when it is on).
 
         Returns:
             masks [S, H, W] bool, boxes [S, 4] float32 image pixels, scores [S] float32 and the
@@ -611,13 +643,16 @@ class RoundEngine:
         prompts = seg_prompts(m.prompt_head, seg_hidden, context, context_mask)
         options = {} if ref_masks is None else {"ref_masks": ref_masks.to(features.dtype)}
         out = m.decoder(features, prompts.to(features.dtype), torch.zeros(S, dtype=torch.long, device=features.device), **options)
-        return self._image_outputs(out, slice(None), frame)
+        return self._image_outputs(out, slice(None), frame, frame_image)
 
-    def _image_outputs(self, out, rows: slice | Tensor, frame: Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _image_outputs(self, out, rows: slice | Tensor, frame: Frame, frame_images: Callable[[], Tensor] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The decoder's [SEG] outputs ``rows`` (a slice or [S] long indices; all in ``frame``) as
         :meth:`decode` returns them: masks [S, H, W], boxes [S, 4] image pixels, scores [S] and
-        frame masks [S, Sd, Sd]."""
-        frame_logits, masks = frame_and_image_masks(out.mask_logits[rows, SEG], frame, self.model.config.mask_region)
+        frame masks [S, Sd, Sd]. ``frame_images``: the rows' image(s) in the frame, for the edge
+        filter."""
+        c = self.model.config
+        frame_logits, masks = frame_and_image_masks(out.mask_logits[rows, SEG], frame, c.mask_region, edges=c.edge_filter,
+                                                    frame_images=frame_images)
         if self.model.config.memory.box_source == "decoder" and out.boxes is not None:
             # the decoder's own box (it can differ from the mask's), back in image pixels
             boxes = out.boxes[rows, SEG].float().cpu() * (max(frame.height, frame.width) / frame.size)
@@ -750,7 +785,8 @@ class RoundEngine:
             by_frame.setdefault(dialogue.images[b].frame, []).append(s)
         for frame, ss in by_frame.items():
             index = torch.tensor(ss, dtype=torch.long, device=out.mask_logits.device)
-            masks, boxes, scores, frame_masks = self._image_outputs(out, index, frame)
+            masks, boxes, scores, frame_masks = self._image_outputs(
+                out, index, frame, lambda ss=ss: torch.stack([dialogue.images[seg_rows[s]].in_frame() for s in ss]))
             for n, s in enumerate(ss):
                 b = seg_rows[s]
                 results[b] = RoundResult(len(convs[b].rounds), token_ids, FORCED_ANSWER, masks[n : n + 1], boxes[n : n + 1], scores[n : n + 1], frame_masks[n : n + 1])
@@ -785,7 +821,8 @@ class RoundEngine:
             fr = batch.frames[b]
             n = len(enc.segs)
             if n:  # every <seg> of the image at once: they share its frame
-                frame_logits, masks = frame_and_image_masks(logits[s : s + n, SEG], fr, m.config.mask_region)
+                frame_logits, masks = frame_and_image_masks(logits[s : s + n, SEG], fr, m.config.mask_region, edges=m.config.edge_filter,
+                                                            frame_images=lambda conv=conv, fr=fr: _image_in_frame(conv.image, fr))
             per_round: list[list[list]] = [[[], [], [], []] for _ in conv.rounds]
             for k, item in enumerate(enc.segs):
                 entry = per_round[item.round_index]

@@ -187,3 +187,50 @@ def test_most_confident_region_keeps_one_object_through_every_door(make_model, i
     assert both[:, : w // 2].any() and both[:, w // 2 :].any()  # "all": both squares
     assert one.any() and not one[:, : w // 2].any()  # the surer, right square alone
     np.testing.assert_array_equal(one, both & (np.arange(w) >= w // 2))
+
+
+def test_edge_filter_snaps_masks_to_the_image_through_every_door(make_model):
+    """With ``edge_filter`` on, every door (incremental, full recompute, segment, batch) gives the
+    same masks, and a coarse mask inside a red rectangle settles onto its edges."""
+    from segllm.config import EdgeFilterConfig
+    from segllm.model.rounds import RoundEngine
+
+    h, w = 48, 80
+    image = np.full((h, w, 3), 120, np.uint8)
+    image[12:36, 20:60] = (220, 30, 30)
+    rect = np.zeros((h, w), bool)
+    rect[12:36, 20:60] = True
+    lower = np.full((h, w, 3), 120, np.uint8)  # a second image of the same size: its rectangle lower
+    lower[15:39, 20:60] = (220, 30, 30)
+
+    def inside(module, args, out):
+        # the rectangle in the decoder's output grid (the frame is the image scaled by S/80,
+        # padded below), a cell short of its edges
+        cell = w / out.mask_logits.shape[-1]  # image pixels per output cell
+        logits = torch.full_like(out.mask_logits, -6.0)
+        logits[..., int(12 / cell) + 1: int(36 / cell) - 1, int(20 / cell) + 1: int(60 / cell) - 1] = 6.0
+        out.mask_logits = logits
+        return out
+
+    model = make_model().eval()
+    model.decoder.register_forward_hook(inside)
+    got = {}
+    for on in (False, True):
+        model.config.edge_filter = EdgeFilterConfig(iterations=10 if on else 0)
+        inc = _session(model, image, True, answer="<seg>")
+        full = _session(model, image, False, answer="<seg>")
+        segs = model.segment([inc.conversation])[0]
+        engine = RoundEngine(model)
+        batch = engine.open_batch([image, lower])  # two rows of one frame size, post-processed together
+        first = engine.extend_batch(batch, {0: Conversation(image, [Round(QUESTIONS[0])]),
+                                            1: Conversation(lower, [Round(QUESTIONS[0])])}, None)
+        for k, (a, b) in enumerate(zip(inc.history, full.history)):
+            np.testing.assert_array_equal(a.masks, b.masks)
+            np.testing.assert_array_equal(segs[k][0], a.masks)
+        np.testing.assert_array_equal(first[0].masks, inc.history[0].masks)
+        alone = Session(model, lower, max_new_tokens=8).ask(QUESTIONS[0], answer="<seg>")
+        np.testing.assert_array_equal(first[1].masks, alone.masks)  # each row follows its own image
+        assert on == (not np.array_equal(first[0].masks, first[1].masks))
+        got[on] = inc.history[0].masks[0]
+    iou = {on: (m & rect).sum() / (m | rect).sum() for on, m in got.items()}
+    assert iou[False] < 0.75 and iou[True] > 0.9, iou
