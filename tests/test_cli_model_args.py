@@ -63,21 +63,14 @@ def test_eval_loads_in_bfloat16(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command", ["chat", "eval", "demo", "segment"])
-def test_mask_region_overrides_the_checkpoints_setting(command, capsys):
-    assert build_parser().parse_args(COMMANDS[command]).mask_region is None  # the checkpoint's
-    assert build_parser().parse_args([*COMMANDS[command], "--mask-region", "all"]).mask_region == "all"
+@pytest.mark.parametrize(("flag", "good", "bad"), [("--mask-region", "all", "largest"), ("--edge-filter", "off", "maybe")])
+def test_inference_settings_override_the_checkpoints(command, flag, good, bad, capsys):
+    dest = flag.removeprefix("--").replace("-", "_")
+    assert getattr(build_parser().parse_args(COMMANDS[command]), dest) is None  # the checkpoint's
+    assert getattr(build_parser().parse_args([*COMMANDS[command], flag, good]), dest) == good
     with pytest.raises(SystemExit):
-        build_parser().parse_args([*COMMANDS[command], "--mask-region", "largest"])
-    assert "invalid choice: 'largest'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("command", ["chat", "eval", "demo", "segment"])
-def test_edge_filter_on_or_off_overrides_the_checkpoints_setting(command, capsys):
-    assert build_parser().parse_args(COMMANDS[command]).edge_filter is None  # the checkpoint's
-    assert build_parser().parse_args([*COMMANDS[command], "--edge-filter", "off"]).edge_filter == "off"
-    with pytest.raises(SystemExit):
-        build_parser().parse_args([*COMMANDS[command], "--edge-filter", "maybe"])
-    assert "invalid choice: 'maybe'" in capsys.readouterr().err
+        build_parser().parse_args([*COMMANDS[command], flag, bad])
+    assert f"invalid choice: '{bad}'" in capsys.readouterr().err
 
 
 def test_load_model_sets_the_edge_filter(monkeypatch):
