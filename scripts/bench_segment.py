@@ -51,7 +51,9 @@ def main() -> None:
                          "threads / n threads each)")
     ap.add_argument("--repeats", type=int, default=1, help="measure every side this many times, alternating (the load may change)")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--worker", nargs=6, metavar=("ITEMS", "OUT", "BATCH", "RANK", "WORLD", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--edge-filter", default=None, choices=("on", "off"),
+                    help="the bundled model's edge filter on or off on both sides (default: the model's setting, on)")
+    ap.add_argument("--worker", nargs=7, metavar=("ITEMS", "OUT", "BATCH", "RANK", "WORLD", "THREADS", "EDGE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         _worker(*args.worker)
@@ -59,7 +61,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    model = load_model()
+    model = load_model(edge_filter=_edge(args.edge_filter))
     data = WorldConversations("test", args.images, seed=0)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +95,8 @@ def main() -> None:
                     single_s.append(time.perf_counter() - t0)
                     continue
                 if side[0] == "sessions":  # batch size 0: the worker runs one Session per image
-                    split_s[side[1]].append(_processes(items_file, Path(tmp) / f"s{side[1]}_{rep}", 0, side[1], max(1, threads // side[1])))
+                    split_s[side[1]].append(_processes(items_file, Path(tmp) / f"s{side[1]}_{rep}", 0, side[1], max(1, threads // side[1]),
+                                                          args.edge_filter))
                     continue
                 bs, n = side
                 out = Path(tmp) / f"out{bs}x{n}_{rep}"
@@ -102,7 +105,7 @@ def main() -> None:
                     segment_items(model, items, out, batch_size=bs, progress=False)
                     batched_s[side].append(time.perf_counter() - t0)
                 else:
-                    batched_s[side].append(_processes(items_file, out, bs, n, max(1, threads // n)))
+                    batched_s[side].append(_processes(items_file, out, bs, n, max(1, threads // n), args.edge_filter))
         done = {side: _results(Path(tmp) / f"out{side[0]}x{side[1]}_0") for side in batched}
         done_rounds = {side: sum(len(rec["rounds"]) for rec in recs.values()) for side, recs in done.items()}
 
@@ -110,6 +113,7 @@ def main() -> None:
     n_single = sum(len(r) for r in replies)
     result = {
         "images": len(items), "rounds_asked": rounds, "threads": threads, "repeats": args.repeats,
+        "edge_filter": model.config.edge_filter.on,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "one_session_per_image": {"seconds": _round(single_s), "rounds": n_single, "images_per_s": round(len(items) * args.repeats / single, 2),
                                   "rounds_per_s": round(n_single * args.repeats / single, 2)},
@@ -135,14 +139,19 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _processes(items_file: Path, out: Path, batch_size: int, n: int, threads_each: int) -> float:
+def _edge(flag: str | None) -> bool | None:
+    """--edge-filter on/off -> True/False; not given ("default" in a worker's arguments) -> None."""
+    return None if flag in (None, "default") else flag == "on"
+
+
+def _processes(items_file: Path, out: Path, batch_size: int, n: int, threads_each: int, edge: str | None = None) -> float:
     """Batch segmentation in n worker processes (each every n-th image, as under torchrun): each
     loads the model and warms up untimed, then all start together; the wall-clock seconds from
     the first start to the last finish."""
-    cmd = [sys.executable, __file__, "--worker", str(items_file), str(out), str(batch_size), "", str(n), str(threads_each)]
+    cmd = [sys.executable, __file__, "--worker", str(items_file), str(out), str(batch_size), "", str(n), str(threads_each), edge or "default"]
     procs = []
     for rank in range(n):
-        cmd[-3] = str(rank)
+        cmd[-4] = str(rank)
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     for p in procs:  # each says "ready" once warm
         if p.stdout.readline().strip() != "ready":
@@ -159,11 +168,11 @@ def _processes(items_file: Path, out: Path, batch_size: int, n: int, threads_eac
     return max(s["end"] for s in stamps) - min(s["start"] for s in stamps)
 
 
-def _worker(items_file: str, out: str, batch_size: str, rank: str, world: str, threads: str) -> None:
+def _worker(items_file: str, out: str, batch_size: str, rank: str, world: str, threads: str, edge: str) -> None:
     """One process of :func:`_processes`: what ``segllm segment`` does in one rank under torchrun."""
     torch.set_num_threads(int(threads))
     items = [Item(k, img, qs) for k, img, qs in json.loads(Path(items_file).read_text())]
-    model = load_model()
+    model = load_model(edge_filter=_edge(edge))
     bs = int(batch_size)
     if bs == 0:  # one Session per image, every world-th image from rank on
         _sessions(model, items[:2])
