@@ -53,7 +53,6 @@ def colour_guided_filter(
     offsets = torch.arange(-radius, radius + 1, device=dev)
     dy, dx = offsets.repeat_interleave(len(offsets)), offsets.repeat(len(offsets))  # [k*k] each
     space = ((dy.square() + dx.square()).float() / (2 * sigma_space**2)).view(-1, 1)  # [k*k, 1]
-    colours_all = image.to(dev, torch.float32) / 255.0
     for i in range(m):
         rows, cols = on[i].any(1).nonzero()[:, 0], on[i].any(0).nonzero()[:, 0]
         if rows.numel() == 0:
@@ -66,7 +65,8 @@ def colour_guided_filter(
         ys = (torch.arange(h, device=dev).view(1, h, 1) + dy.view(-1, 1, 1)).clamp_(0, h - 1)
         xs = (torch.arange(w, device=dev).view(1, 1, w) + dx.view(-1, 1, 1)).clamp_(0, w - 1)
         index = (ys * w + xs).view(-1, h * w)  # [k*k, h*w]
-        colours = (colours_all[i] if colours_all.ndim == 4 else colours_all)[:, y0:y1, x0:x1].reshape(3, h * w)
+        # only the box in float (a frame of the released size is 1024 x 1024)
+        colours = (image[i] if image.ndim == 4 else image)[:, y0:y1, x0:x1].to(dev, torch.float32).div_(255.0).reshape(3, h * w)
         colour_d2 = (colours[:, index] - colours[:, None]).square_().sum(0)  # [k*k, h*w]
         weights = torch.exp_(-(space + colour_d2 / (2 * sigma_colour**2)))
         weights /= weights.sum(0, keepdim=True)  # the centre weighs 1 before normalising: never 0 / 0

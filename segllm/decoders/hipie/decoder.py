@@ -169,8 +169,8 @@ class HipieRawOutput:
         instances: per prompt, the post-processed foreground detections.
         transformer: the transformer's intermediate results.
         set_outputs: every layer's predictions for the training losses (when asked for).
-        mask_features: [N, C/32, H_0, W_0] the dynamic mask head's shared input.
-        hs: [N, Q, C] the last decoder layer's query states (they make each query's mask).
+        mask_features: [N, C/32, H_0, W_0] the dynamic mask head's shared input (with the last
+            decoder layer's query states, ``transformer.hs``, it makes each query's mask).
     """
 
     pred_logits: Tensor
@@ -182,7 +182,6 @@ class HipieRawOutput:
     transformer: TransformerOutput
     set_outputs: HipieSetOutputs | None = None
     mask_features: Tensor | None = None
-    hs: Tensor | None = None
 
 
 class DeformableDetr(nn.Module):
@@ -511,7 +510,6 @@ class HipieDecoder(MaskDecoder):
             transformer=out,
             set_outputs=set_out,
             mask_features=mask_features,
-            hs=hs,
         )
 
     def _predict(
@@ -589,7 +587,8 @@ class HipieDecoder(MaskDecoder):
         if raw.pred_masks is not None:
             masks = raw.pred_masks[rows, query]
         else:  # only the selected queries' masks: the same dynamic convolutions, 2 of Q per prompt
-            masks = self.query_masks(raw.mask_features, raw.hs[rows, query],
+            hs = raw.transformer.hs[self.config.dec_layers - 1]  # the states forward_raw's masks come from
+            masks = self.query_masks(raw.mask_features, hs[rows, query],
                                      raw.reference_points[rows, query] * self.config.image_size)
         return DecoderOutput(mask_logits=masks, iou_scores=scores, boxes=boxes)
 
