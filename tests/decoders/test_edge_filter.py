@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from segllm.config import EdgeFilterConfig, SegLLMConfig
+from segllm.decoders import edge_filter
 from segllm.decoders.edge_filter import colour_guided_filter
 from segllm.errors import ConfigError
 
@@ -84,3 +85,63 @@ def test_config_is_off_by_default_checked_and_saved():
     for bad in ({"iterations": -1}, {"radius": 0}, {"sigma_colour": 0.0}, {"margin": -2}):
         with pytest.raises(ConfigError, match="edge_filter"):
             dataclasses.replace(EdgeFilterConfig(), **bad)
+
+
+def _direct(logits, image, *, iterations, radius, sigma_space, sigma_colour, margin):
+    """The filter's definition pixel by pixel (slow; small frames only): each mask's box, its
+    border repeated outward, every pass a weighted mean of the neighbours' probabilities."""
+    out = logits.clone()
+    s = logits.shape[-1]
+    colours = image.double() / 255.0
+    for i in range(logits.shape[0]):
+        ys, xs = (logits[i] > 0).nonzero(as_tuple=True)
+        if ys.numel() == 0:
+            continue
+        y0, y1 = max(0, int(ys.min()) - margin), min(s, int(ys.max()) + 1 + margin)
+        x0, x1 = max(0, int(xs.min()) - margin), min(s, int(xs.max()) + 1 + margin)
+        p = logits[i, y0:y1, x0:x1].double().sigmoid()
+        h, w = p.shape
+        c = colours[:, y0:y1, x0:x1]
+        weights = {}
+        for y in range(h):
+            for x in range(w):
+                row = []
+                for dy in range(-radius, radius + 1):
+                    for dx in range(-radius, radius + 1):
+                        ny, nx = min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)
+                        d2 = float(((c[:, y, x] - c[:, ny, nx]) ** 2).sum())
+                        row.append((ny, nx, torch.exp(torch.tensor(-(dy * dy + dx * dx) / (2 * sigma_space**2) - d2 / (2 * sigma_colour**2)))))
+                total = sum(float(wt) for _, _, wt in row)
+                weights[y, x] = [(ny, nx, float(wt) / total) for ny, nx, wt in row]
+        for _ in range(iterations):
+            p = torch.tensor([[sum(wt * float(p[ny, nx]) for ny, nx, wt in weights[y, x]) for x in range(w)] for y in range(h)], dtype=torch.float64)
+        out[i, y0:y1, x0:x1] = torch.logit(p.clamp(1e-6, 1 - 1e-6)).float()
+    return out
+
+
+def test_equals_the_filters_definition_at_the_frames_borders_and_edges():
+    # masks touching the frame's corner and side (neighbours repeated at the box's border) and
+    # one in the middle, on an image with a colour edge through them
+    g = torch.Generator().manual_seed(3)
+    image = torch.full((3, 20, 20), 90, dtype=torch.uint8)
+    image[:, :, 9:] = torch.tensor([200, 60, 20], dtype=torch.uint8)[:, None, None]
+    image += torch.randint(0, 6, (3, 20, 20), generator=g, dtype=torch.uint8)  # slight texture
+    logits = torch.full((3, 20, 20), -3.0) + torch.randn(3, 20, 20, generator=g)
+    logits[0, :5, :6] = 3.0
+    logits[1, 8:13, 15:] = 2.5
+    logits[2, 7:12, 6:12] = 3.5
+    settings = {**SETTINGS, "iterations": 3, "margin": 2}
+    want, got = _direct(logits, image, **settings), colour_guided_filter(logits, image, **settings)
+    torch.testing.assert_close(got.sigmoid(), want.sigmoid(), rtol=0, atol=1e-5)
+    assert torch.equal(got > 0, want > 0)
+
+
+def test_masks_filtered_in_several_groups_equal_one_group(monkeypatch):
+    image, _ = _scene()
+    logits = torch.full((3, 64, 64), -4.0)
+    logits[0, 22:38, 18:42] = 4.0
+    logits[1, 5:15, 5:15] = 3.0
+    logits[2, 40:60, 30:60] = 2.0
+    whole = colour_guided_filter(logits, image, **SETTINGS)
+    monkeypatch.setattr(edge_filter, "_GROUP_ENTRIES", 1)  # every mask its own sparse matrix
+    torch.testing.assert_close(colour_guided_filter(logits, image, **SETTINGS), whole)
