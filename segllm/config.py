@@ -293,9 +293,9 @@ class EdgeFilterConfig:
     onto it. ``iterations = 0`` (the default) leaves masks as the decoder made them."""
 
     iterations: int = 0
-    radius: int = 3
-    sigma_space: float = 2.5
-    sigma_colour: float = 0.03
+    radius: int = 4
+    sigma_space: float = 3.5
+    sigma_colour: float = 0.015
     margin: int = 6
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ def has_default_model() -> bool:
     return (DEFAULT_MODEL / "config.json").is_file()
 
 
-DEFAULT_EDGE_PASSES = 10  # the edge filter's passes where --edge-filter on meets a checkpoint without one
+DEFAULT_EDGE_PASSES = 20  # the edge filter's passes where --edge-filter on meets a checkpoint without one
 
 def load_model(
     checkpoint: str | Path | None = None,
@@ -49,7 +49,7 @@ def load_model(
             ``SegLLMConfig.mask_region`` (None: the checkpoint's).
         edge_filter: the edge filter (``SegLLMConfig.edge_filter``) on or off in place of the
             checkpoint's setting (None: the checkpoint's); on, for a checkpoint without one, with
-            :class:`segllm.config.EdgeFilterConfig`'s defaults and 10 passes.
+            :class:`segllm.config.EdgeFilterConfig`'s defaults and ``DEFAULT_EDGE_PASSES`` passes.
         compile: compile the mask decoder's heaviest CPU-inference steps (:meth:`SegLLM.set_compiled`;
             HIPIE, the released decoder, has them; for another decoder a warning says it does nothing).
 

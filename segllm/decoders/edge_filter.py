@@ -90,7 +90,7 @@ def colour_guided_filter(
 
 
 # at most this many weights in one sparse matrix (~0.5 GB with their int32 columns): bounds the
-# memory of many large masks (a 1024 x 1024 frame's box has 51M at radius 3) and keeps int32
+# memory of many large masks (a 1024 x 1024 frame's box has 81M at radius 4) and keeps int32
 _GROUP_ENTRIES = 2**26
 
 
