@@ -44,6 +44,18 @@ def test_a_coarse_mask_settles_onto_the_object():
     assert got[28:32, 44].all() and not got[28:32, 46:].any()
 
 
+def test_the_bundled_setting_settles_a_coarse_mask_too():
+    from segllm.default import DEFAULT_EDGE_PASSES
+
+    image, obj = _scene()
+    coarse = torch.zeros(64, 64, dtype=torch.bool)
+    coarse[22:38, 18:42] = True
+    coarse[19, 25:35] = True
+    bundled = dataclasses.asdict(EdgeFilterConfig(iterations=DEFAULT_EDGE_PASSES))
+    got = colour_guided_filter(torch.where(coarse, 4.0, -4.0)[None], image, **bundled)[0] > 0
+    assert _iou(got, obj) > 0.95 and not (got & ~obj).any()
+
+
 def test_only_each_masks_box_changes_and_per_mask_images():
     image, obj = _scene()
     other = torch.full((3, 64, 64), 128, dtype=torch.uint8)  # a plain grey image: nothing to follow

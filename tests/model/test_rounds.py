@@ -216,7 +216,10 @@ def test_edge_filter_snaps_masks_to_the_image_through_every_door(make_model):
     model.decoder.register_forward_hook(inside)
     got = {}
     for on in (False, True):
-        model.config.edge_filter = EdgeFilterConfig(iterations=10 if on else 0)
+        # session 18's narrower setting: this tiny model's output cell is several frame pixels,
+        # more than the bundled setting (chosen on world validation images) closes in its passes;
+        # that one settles a coarse mask in tests/decoders/test_edge_filter.py
+        model.config.edge_filter = EdgeFilterConfig(iterations=10 if on else 0, radius=3, sigma_space=2.5, sigma_colour=0.03)
         inc = _session(model, image, True, answer="<seg>")
         full = _session(model, image, False, answer="<seg>")
         segs = model.segment([inc.conversation])[0]
