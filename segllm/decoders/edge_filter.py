@@ -103,18 +103,28 @@ def _filter_group(out: Tensor, group: list[tuple], pixels: int, per_row: int, it
     probabilities of every box's pixels: a sparse product moves about a third of the memory that
     gathering the neighbours and summing them does (3-4x faster a pass on this CPU)."""
     dev = out.device
-    itype = torch.int32 if pixels * per_row < 2**31 else torch.int64  # int64 only for one huge box
-    with warnings.catch_warnings():  # torch's notes that sparse CSR is "beta" and its input unchecked: ours is built right
-        warnings.simplefilter("ignore", UserWarning)
-        matrix = torch.sparse_csr_tensor(
-            torch.arange(0, pixels * per_row + 1, per_row, device=dev, dtype=itype),
-            torch.cat([g[5] for g in group]).to(itype), torch.cat([g[6] for g in group]), (pixels, pixels))
+    cols, vals = torch.cat([g[5] for g in group]), torch.cat([g[6] for g in group])
     p = torch.cat([g[7] for g in group])
-    for _ in range(iterations):
-        p = torch.mv(matrix, p)
+    if _sparse_ok(dev):
+        itype = torch.int32 if pixels * per_row < 2**31 else torch.int64  # int64 only for one huge box
+        with warnings.catch_warnings():  # torch's notes that sparse CSR is "beta" and its input unchecked: ours is built right
+            warnings.simplefilter("ignore", UserWarning)
+            matrix = torch.sparse_csr_tensor(
+                torch.arange(0, pixels * per_row + 1, per_row, device=dev, dtype=itype), cols.to(itype), vals, (pixels, pixels))
+        for _ in range(iterations):
+            p = torch.mv(matrix, p)
+    else:  # the same sums as a gather (devices without sparse CSR products, e.g. Apple's MPS)
+        cols, vals = cols.view(pixels, per_row), vals.view(pixels, per_row)
+        for _ in range(iterations):
+            p = (p[cols] * vals).sum(1)
     p = torch.logit(p.clamp_(1e-6, 1 - 1e-6))
     start = 0
     for i, y0, y1, x0, x1, *_ in group:
         n = (y1 - y0) * (x1 - x0)
         out[i, y0:y1, x0:x1] = p[start : start + n].view(y1 - y0, x1 - x0).to(out.dtype)
         start += n
+
+
+def _sparse_ok(device: torch.device) -> bool:
+    """Whether sparse CSR matrix-vector products run on ``device`` (CPU and CUDA)."""
+    return device.type in ("cpu", "cuda")

@@ -157,3 +157,14 @@ def test_masks_filtered_in_several_groups_equal_one_group(monkeypatch):
     whole = colour_guided_filter(logits, image, **SETTINGS)
     monkeypatch.setattr(edge_filter, "_GROUP_ENTRIES", 1)  # every mask its own sparse matrix
     torch.testing.assert_close(colour_guided_filter(logits, image, **SETTINGS), whole)
+
+
+def test_the_gather_passes_equal_the_sparse_ones(monkeypatch):
+    # what a device without sparse CSR products (Apple's MPS) runs
+    image, _ = _scene()
+    logits = torch.full((2, 64, 64), -4.0)
+    logits[0, 22:38, 18:42] = 4.0
+    logits[1, 5:15, 5:15] = 3.0
+    sparse = colour_guided_filter(logits, image, **SETTINGS)
+    monkeypatch.setattr(edge_filter, "_sparse_ok", lambda device: False)
+    torch.testing.assert_close(colour_guided_filter(logits, image, **SETTINGS), sparse)
