@@ -18,11 +18,28 @@ colours mark the true edge exactly.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["colour_guided_filter"]
+
+
+class _Box(NamedTuple):
+    """One mask's box to filter: mask index, rows y0:y1 and columns x0:x1 of the frame, each
+    pixel's neighbours as flat indices into its group's pixels [h*w*k*k], their weights
+    [h*w*k*k] and the pixels' probabilities [h*w]."""
+
+    mask: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    columns: Tensor
+    weights: Tensor
+    probs: Tensor
+
 
 def colour_guided_filter(
     logits: Tensor, image: Tensor, *, iterations: int, radius: int, sigma_space: float, sigma_colour: float, margin: int
@@ -54,8 +71,8 @@ def colour_guided_filter(
     dev = logits.device
     offsets = torch.arange(-radius, radius + 1, device=dev)
     dy, dx = offsets.repeat_interleave(len(offsets)), offsets.repeat(len(offsets))  # [k*k] each
-    space = ((dy.square() + dx.square()).float() / (2 * sigma_space**2)).view(-1, 1)  # [k*k, 1]
-    group: list[tuple] = []  # masks filtered together: (mask, y0, y1, x0, x1, columns, weights, probabilities)
+    space = ((dy.square() + dx.square()).float() / (2 * sigma_space**2)).view(1, -1)  # [1, k*k]
+    group: list[_Box] = []  # masks filtered together
     pixels = 0  # pixels of the group's boxes so far
     for i in range(m):
         rows, cols = on[i].any(1).nonzero()[:, 0], on[i].any(0).nonzero()[:, 0]
@@ -79,10 +96,10 @@ def colour_guided_filter(
         # exponents held at -30 and probabilities at 1e-6 and above: a weight below e^-30 is lost
         # against the centre's 1 in float32 anyway, and exp's subnormal results (below e^-87, any
         # clear colour edge) and products with them are ~40x slower on CPUs than normal numbers
-        weights = torch.exp_((space.view(1, -1) + colour_d2 / (2 * sigma_colour**2)).neg_().clamp_(min=-30.0))
+        weights = torch.exp_((space + colour_d2 / (2 * sigma_colour**2)).neg_().clamp_(min=-30.0))
         weights /= weights.sum(1, keepdim=True)  # the centre weighs 1 before normalising: never 0 / 0
         p = logits[i, y0:y1, x0:x1].float().sigmoid().clamp_(min=1e-6).reshape(h * w)
-        group.append((i, y0, y1, x0, x1, index.add_(pixels).view(-1), weights.view(-1), p))
+        group.append(_Box(i, y0, y1, x0, x1, index.add_(pixels).view(-1), weights.view(-1), p))
         pixels += h * w
     if group:
         _filter_group(out, group, pixels, len(dy), iterations)
@@ -94,7 +111,7 @@ def colour_guided_filter(
 _GROUP_ENTRIES = 2**26
 
 
-def _filter_group(out: Tensor, group: list[tuple], pixels: int, per_row: int, iterations: int) -> None:
+def _filter_group(out: Tensor, group: list[_Box], pixels: int, per_row: int, iterations: int) -> None:
     """Every pass of a group of masks' boxes (``pixels`` in all, ``per_row`` neighbours each) at
     once, written into ``out`` [M, S, S] as logits.
 
@@ -103,8 +120,8 @@ def _filter_group(out: Tensor, group: list[tuple], pixels: int, per_row: int, it
     probabilities of every box's pixels: a sparse product moves about a third of the memory that
     gathering the neighbours and summing them does (3-4x faster a pass on this CPU)."""
     dev = out.device
-    cols, vals = torch.cat([g[5] for g in group]), torch.cat([g[6] for g in group])
-    p = torch.cat([g[7] for g in group])
+    cols, vals = torch.cat([b.columns for b in group]), torch.cat([b.weights for b in group])
+    p = torch.cat([b.probs for b in group])
     if _sparse_ok(dev):
         itype = torch.int32 if pixels * per_row < 2**31 else torch.int64  # int64 only for one huge box
         with warnings.catch_warnings():  # torch's notes that sparse CSR is "beta" and its input unchecked: ours is built right
@@ -119,9 +136,10 @@ def _filter_group(out: Tensor, group: list[tuple], pixels: int, per_row: int, it
             p = (p[cols] * vals).sum(1)
     p = torch.logit(p.clamp_(1e-6, 1 - 1e-6))
     start = 0
-    for i, y0, y1, x0, x1, *_ in group:
-        n = (y1 - y0) * (x1 - x0)
-        out[i, y0:y1, x0:x1] = p[start : start + n].view(y1 - y0, x1 - x0).to(out.dtype)
+    for b in group:
+        h, w = b.y1 - b.y0, b.x1 - b.x0
+        n = h * w
+        out[b.mask, b.y0 : b.y1, b.x0 : b.x1] = p[start : start + n].view(h, w).to(out.dtype)
         start += n
 
 
