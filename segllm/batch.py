@@ -40,7 +40,15 @@ class Batch:
         image_pixels: [B, 3, S, S] vision-tower input.
         image_pos: [B, N] positions of the N image placeholders.
         decoder_pixels: [B, 3, Sd, Sd] mask-decoder input; ``frames`` says where each image sits.
-        memory_pixels: [M, 3, S, S] masked crops of the M earlier masks fed back.
+        memory_pixels: [M, 3, S, S] masked crops of the M earlier masks fed back, preprocessed for
+            the vision tower; or ``None`` when ``memory_crops`` holds them (read both through
+            :meth:`memory_inputs`).
+        memory_crops, memory_sides: [M, 3, c, c] uint8 the same crops before preprocessing, each
+            ``memory_crops[i, :, :s_i, :s_i]`` (zero-padded to the largest side c), and [M] their
+            sides s_i (kept on the host by :meth:`to`, where the preprocessing reads them without
+            waiting on the device); the crops are preprocessed on the model's device. ``None`` where the vision tower's
+            preprocessing cannot batch them (the released CLIP's, on the host): then
+            ``memory_pixels`` is given.
         memory_boxes: [M, 4] their normalised boxes.
         memory_batch, memory_pos, box_pos: [M] conversation index, mask placeholder position
             and box placeholder position (-1 when boxes are off) of each.
@@ -85,7 +93,7 @@ class Batch:
     image_pos: Tensor
     decoder_pixels: Tensor
     frames: list[Frame]
-    memory_pixels: Tensor
+    memory_pixels: Tensor | None
     memory_boxes: Tensor
     memory_batch: Tensor
     memory_pos: Tensor
@@ -98,6 +106,8 @@ class Batch:
     ref_index: Tensor | None = None
     lm_index: Tensor | None = None
     ref_masks: Tensor | None = None
+    memory_crops: Tensor | None = None
+    memory_sides: Tensor | None = None
     ref_pick: Tensor | None = None
     dense_vision: Tensor | None = None
     dense_decoder: Tensor | None = None
@@ -111,7 +121,15 @@ class Batch:
 
     # read on the host during a training step (which rows take the model's own masks), so kept
     # there: a copy back from a GPU would wait for all the work queued before it
-    HOST_FIELDS = frozenset({"ref_pick"})
+    HOST_FIELDS = frozenset({"ref_pick", "memory_sides"})
+
+    def memory_inputs(self, vision) -> Tensor:
+        """The vision input of the memory crops, [M, 3, S, S]: ``memory_pixels``, or
+        ``memory_crops`` preprocessed by ``vision`` (the model's
+        :class:`~segllm.model.vision.VisionTower`) on their device."""
+        if self.memory_pixels is not None:
+            return self.memory_pixels
+        return vision.preprocess_crops(self.memory_crops, self.memory_sides)
 
     def to(self, device: torch.device | str) -> Batch:
         out = {}
@@ -153,13 +171,27 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
     for b, (c, e) in enumerate(zip(conversations, encs)):
         for item in e.memory:
             mask = torch.tensor(np.asarray(c.rounds[item.ref_round - 1].masks[item.mask_index], dtype=bool))
-            crop, box = model.memory.inputs(images[b], mask, vision=model.vision)
+            crop, box = model.memory.crop_inputs(images[b], mask)
             crops.append(crop)
             boxes.append(box)
             mb.append(b)
             mp.append(item.mask_pos)
             bp.append(item.box_pos)
     s = model.config.vision.image_size
+    side = max((cr.shape[-1] for cr in crops), default=0)
+    memory_crops = memory_sides = None
+    if crops and model.vision.batches_crops(side):
+        # the small uint8 crops, preprocessed on the model's device (Batch.memory_inputs): a
+        # data-loader worker then hands over ~1/10 of the bytes and skips the resizing
+        memory_crops = torch.zeros(len(crops), 3, side, side, dtype=torch.uint8)
+        for i, cr in enumerate(crops):
+            memory_crops[i, :, : cr.shape[1], : cr.shape[2]] = cr
+        memory_sides = torch.tensor([cr.shape[-1] for cr in crops], dtype=torch.long)
+        memory_pixels = None
+    elif crops:
+        memory_pixels = torch.stack([model.vision.preprocess(cr) for cr in crops])
+    else:
+        memory_pixels = torch.zeros(0, 3, s, s)
     batch = Batch(
         input_ids=ids,
         attention_mask=att,
@@ -168,7 +200,9 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
         image_pos=torch.tensor([e.image_pos for e in encs], dtype=torch.long).view(B, -1),
         decoder_pixels=decoder_pixels,
         frames=frames,
-        memory_pixels=torch.stack(crops) if crops else torch.zeros(0, 3, s, s),
+        memory_pixels=memory_pixels,
+        memory_crops=memory_crops,
+        memory_sides=memory_sides,
         memory_boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
         memory_batch=torch.tensor(mb, dtype=torch.long),
         memory_pos=torch.tensor(mp, dtype=torch.long),

@@ -205,7 +205,7 @@ class SegLLM(nn.Module):
             raise PlaceholderMismatchError(f"the image gives {img.shape[1]} features but has {N} placeholders")
         slots = [(proc.image_id, torch.arange(B, device=ids.device).repeat_interleave(N), batch.image_pos.reshape(-1), img.reshape(B * N, -1))]
         if batch.memory_pos.numel():
-            mask_feats, box_feats = self.memory.tokens(batch.memory_pixels, batch.memory_boxes, vision=self.vision, projector=self.projector, dtype=self.dtype)
+            mask_feats, box_feats = self.memory.tokens(batch.memory_inputs(self.vision), batch.memory_boxes, vision=self.vision, projector=self.projector, dtype=self.dtype)
             slots.append((proc.mask_id, batch.memory_batch, batch.memory_pos, mask_feats))
             if proc.memory.use_box:
                 # the processor gives every earlier mask a box token or none does (box_pos -1):

@@ -15,6 +15,18 @@ def test_mask_boxes_exclusive_end():
     assert mask_boxes(torch.zeros(1, 4, 4, dtype=torch.bool)).tolist() == [[0, 0, 0, 0]]
 
 
+def test_box_of_a_host_mask_is_its_tight_box():
+    """box_of's host path (numpy) gives mask_boxes' box: scattered pixels, one pixel, edges, empty."""
+    enc = MaskMemoryEncoder(MemoryConfig(), 8)
+    rng = np.random.default_rng(3)
+    masks = [torch.from_numpy(rng.random((9, 13)) > 0.93) for _ in range(20)]
+    masks += [torch.zeros(9, 13, dtype=torch.bool), torch.ones(9, 13, dtype=torch.bool)]
+    masks[0] = torch.zeros(9, 13, dtype=torch.bool)
+    masks[0][8, 12] = True
+    for m in masks:
+        assert enc.box_of(m).tolist() == mask_boxes(m[None])[0].tolist()
+
+
 def test_crop_masks_background_and_pads_square():
     enc = MaskMemoryEncoder(MemoryConfig(), 8)
     img = torch.full((3, 10, 12), 200, dtype=torch.uint8)

@@ -14,7 +14,7 @@ def test_training_forward_shapes_and_losses(make_model, three_rounds):
     batch = model.prepare([three_rounds, three_rounds.truncated(1)])
     assert batch.input_ids.shape[0] == 2
     assert batch.image_pos.shape == (2, model.vision.num_tokens)
-    assert batch.memory_pixels.shape == (2, 3, 64, 64)  # two references in the 3-round conversation
+    assert batch.memory_inputs(model.vision).shape == (2, 3, 64, 64)  # two references in the 3-round conversation
     assert batch.seg_targets.shape == (4, model.decoder.output_size, model.decoder.output_size)
     assert batch.has_ref.tolist() == [False, True, True, False]
     out = training_loss(model, batch)
@@ -75,7 +75,7 @@ def test_placeholder_count_mismatch_raises(make_model, three_rounds):
     batch.memory_pos = batch.memory_pos[:1]
     batch.memory_batch = batch.memory_batch[:1]
     batch.box_pos = batch.box_pos[:1]
-    batch.memory_pixels = batch.memory_pixels[:1]
+    batch.memory_pixels = batch.memory_inputs(model.vision)[:1]
     batch.memory_boxes = batch.memory_boxes[:1]
     with pytest.raises(PlaceholderMismatchError):
         model.embed(batch)
@@ -85,6 +85,26 @@ def test_placeholder_count_mismatch_raises(make_model, three_rounds):
         model.embed(batch)
 
 
+def test_memory_crops_go_as_uint8_and_are_preprocessed_as_one_by_one(make_model, three_rounds):
+    """Training batches carry the memory crops small and uint8 and preprocess them together on
+    the model's device; that gives what the vision tower's preprocessing of each crop gives (the
+    path a Session takes), crops of different sides in one product."""
+    model = make_model().eval()
+    later = Round("Segment the one below instance 2.", (2,), "<seg>", [three_rounds.rounds[0].masks[0]])
+    convs = [three_rounds, Conversation(three_rounds.image, [*three_rounds.rounds, later])]  # round 2's mask is larger
+    batch = model.prepare(convs)
+    assert batch.memory_pixels is None and batch.memory_crops.dtype == torch.uint8
+    assert len(set(batch.memory_sides.tolist())) > 1  # crops of several sides, padded to the largest
+    assert batch.memory_crops.shape[-1] == max(batch.memory_sides.tolist()) < model.config.vision.image_size
+    image = torch.tensor(three_rounds.image).permute(2, 0, 1)
+    want = torch.stack([
+        model.memory.inputs(image, torch.tensor(conv.rounds[it.ref_round - 1].masks[it.mask_index]), vision=model.vision)[0]
+        for conv in convs for it in model.processor.encode(conv).memory
+    ])
+    assert_close_scaled(batch.memory_inputs(model.vision), want, rel=1e-5)
+    assert batch.to("cpu").memory_sides is batch.memory_sides  # stays on the host: read there
+
+
 def test_features_land_in_their_slots(make_model, three_rounds):
     model = make_model().eval()
     batch = model.prepare([three_rounds])
@@ -92,7 +112,7 @@ def test_features_land_in_their_slots(make_model, three_rounds):
         embeds = model.embed(batch)
         tokens = model.llm.get_input_embeddings()(batch.input_ids)
         img = model.projector(model.vision(batch.image_pixels))
-        mem = model.projector(model.vision.pool(batch.memory_pixels))
+        mem = model.projector(model.vision.pool(batch.memory_inputs(model.vision)))
         box = model.memory.encode_boxes(batch.memory_boxes)
     torch.testing.assert_close(embeds[0, batch.image_pos[0]], img[0])
     torch.testing.assert_close(embeds[0, batch.memory_pos], mem)
