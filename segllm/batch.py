@@ -309,7 +309,10 @@ def _dense_targets(model: SegLLM, conversations: Sequence[Conversation], frames:
                 continue
             y = _nearest(maps[None].float(), fr.resized_height, fr.resized_width)
             dec.append(F.pad(y, (0, fr.size - fr.resized_width, 0, fr.size - fr.resized_height), value=IGNORE_LABEL)[0].to(torch.int16))
-    return torch.stack(vis), (torch.stack(dec) if decoder else None)
+    vision_maps = torch.stack(vis)
+    if decoder and all(v is d for v, d in zip(vis, dec)):
+        return vision_maps, vision_maps  # both frames hold every image as it is (the world's): one copy, read-only
+    return vision_maps, (torch.stack(dec) if decoder else None)
 
 
 def _nearest(x: Tensor, h: int, w: int) -> Tensor:

@@ -104,3 +104,23 @@ def test_repeated_texts_keep_their_ids_and_their_special_token_handling(tokenize
     assert p.text_ids("Segment the red circle.") == got[:-1]
     fresh = _processor(tokenizer)
     assert fresh.text_ids("Segment the red circle.") == got[:-1]
+
+
+def _bundled_tokenizer():
+    from transformers import AutoTokenizer
+
+    from segllm.default import DEFAULT_MODEL
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+
+
+@pytest.mark.parametrize("which", ["test", "bundled"])
+def test_text_ids_are_the_tokenizers_own(tokenizer, which):
+    """text_ids calls the fast tokenizer's backend directly: the ids its __call__ gives, typed
+    special tokens split or kept, for the test tokenizer and the bundled model's."""
+    p = _processor(tokenizer) if which == "test" else Processor(_bundled_tokenizer(), TemplateConfig(), MemoryConfig(), num_image_tokens=4, max_length=512)
+    texts = ["Segment the red circle.", "<seg> here", "Sure, it is <seg>.", "the <image> and <mask> of instance 3", " two  spaces ",
+             "Ünïcode ümlauts, 'quotes' & digits 12345", "<seg><seg>", "a\nnew line"]
+    for text in texts:
+        for special in (False, True):
+            want = p.tokenizer(text, add_special_tokens=False, split_special_tokens=not special).input_ids
+            assert p.text_ids(text, allow_special=special) == want, (text, special)

