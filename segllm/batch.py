@@ -40,6 +40,11 @@ class Batch:
         image_pixels: [B, 3, S, S] vision-tower input.
         image_pos: [B, N] positions of the N image placeholders.
         decoder_pixels: [B, 3, Sd, Sd] mask-decoder input; ``frames`` says where each image sits.
+        images, image_norms: [B, 3, S, S] uint8 the images themselves, and ((mean, std) of the
+            vision tower, (mean, std) of the decoder), when every image is already at both
+            inputs' size and each input is only normalised: then ``image_pixels`` and
+            ``decoder_pixels`` are ``None`` and the inputs are made on the model's device; read
+            either way through :meth:`vision_input` and :meth:`decoder_input`.
         memory_pixels: [M, 3, S, S] masked crops of the M earlier masks fed back, preprocessed for
             the vision tower; or ``None`` when ``memory_crops`` holds them (read both through
             :meth:`memory_inputs`).
@@ -89,9 +94,9 @@ class Batch:
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
-    image_pixels: Tensor
+    image_pixels: Tensor | None
     image_pos: Tensor
-    decoder_pixels: Tensor
+    decoder_pixels: Tensor | None
     frames: list[Frame]
     memory_pixels: Tensor | None
     memory_boxes: Tensor
@@ -108,6 +113,8 @@ class Batch:
     ref_masks: Tensor | None = None
     memory_crops: Tensor | None = None
     memory_sides: Tensor | None = None
+    images: Tensor | None = None
+    image_norms: tuple | None = None
     ref_pick: Tensor | None = None
     dense_vision: Tensor | None = None
     dense_decoder: Tensor | None = None
@@ -123,6 +130,14 @@ class Batch:
     # there: a copy back from a GPU would wait for all the work queued before it
     HOST_FIELDS = frozenset({"ref_pick", "memory_sides"})
 
+    def vision_input(self) -> Tensor:
+        """[B, 3, S, S] the vision tower's input: ``image_pixels``, or ``images`` normalised."""
+        return self.image_pixels if self.image_pixels is not None else _normalised(self.images, *self.image_norms[0])
+
+    def decoder_input(self) -> Tensor:
+        """[B, 3, Sd, Sd] the mask decoder's input: ``decoder_pixels``, or ``images`` normalised."""
+        return self.decoder_pixels if self.decoder_pixels is not None else _normalised(self.images, *self.image_norms[1])
+
     def memory_inputs(self, vision) -> Tensor:
         """The vision input of the memory crops, [M, 3, S, S]: ``memory_pixels``, or
         ``memory_crops`` preprocessed by ``vision`` (the model's
@@ -137,6 +152,14 @@ class Batch:
             v = getattr(self, f.name)
             out[f.name] = v.to(device) if isinstance(v, Tensor) and f.name not in self.HOST_FIELDS else v
         return Batch(**out)
+
+
+def _normalised(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 [B, 3, H, W] -> float32 (images / 255 - mean) / std, the same operations in the same
+    order as the vision tower's and the decoder's preprocessing (so the same values)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return images.float().div_(255.0).sub_(m).div_(s)
 
 
 def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_last: bool = False, targets: bool = True) -> Batch:
@@ -162,10 +185,21 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
         lab[b, : len(e)] = torch.tensor(e.labels)
         att[b, : len(e)] = 1
     images = [torch.tensor(c.image).permute(2, 0, 1) for c in conversations]  # a copy: inputs may be read-only
-    image_pixels = torch.stack([model.vision.preprocess(im) for im in images])
-    dec = [model.decoder.preprocess(im) for im in images]
-    decoder_pixels = torch.stack([d[0] for d in dec])
-    frames = [d[1] for d in dec]
+    s = model.config.vision.image_size
+    norms = (model.vision.input_normalization(), model.decoder.input_normalization())
+    image_pixels = decoder_pixels = images_u8 = None
+    if None not in norms and s == model.decoder.image_size and all(im.dtype == torch.uint8 and im.shape[1:] == (s, s) for im in images):
+        # every image already at both inputs' size (the world's): they go uint8 and are only
+        # normalised, on the model's device (Batch.vision_input / decoder_input): a quarter of
+        # the bytes a data-loader worker hands over, and no float copies made here
+        images_u8 = torch.stack(images)
+        frames = [Frame.fit(s, s, s)] * B
+    else:
+        image_pixels = torch.stack([model.vision.preprocess(im) for im in images])
+        dec = [model.decoder.preprocess(im) for im in images]
+        decoder_pixels = torch.stack([d[0] for d in dec])
+        frames = [d[1] for d in dec]
+        norms = None
 
     crops, boxes, mb, mp, bp = [], [], [], [], []
     for b, (c, e) in enumerate(zip(conversations, encs)):
@@ -177,7 +211,6 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
             mb.append(b)
             mp.append(item.mask_pos)
             bp.append(item.box_pos)
-    s = model.config.vision.image_size
     side = max((cr.shape[-1] for cr in crops), default=0)
     memory_crops = memory_sides = None
     if crops and model.vision.batches_crops(side):
@@ -203,6 +236,8 @@ def build_batch(model: SegLLM, conversations: Sequence[Conversation], *, open_la
         memory_pixels=memory_pixels,
         memory_crops=memory_crops,
         memory_sides=memory_sides,
+        images=images_u8,
+        image_norms=norms,
         memory_boxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
         memory_batch=torch.tensor(mb, dtype=torch.long),
         memory_pos=torch.tensor(mp, dtype=torch.long),

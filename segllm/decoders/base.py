@@ -333,6 +333,13 @@ class MaskDecoder(nn.Module, abc.ABC):
     def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
         """uint8 image [3, H, W] -> normalised input [3, S, S] (S = image_size) and its frame."""
 
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std) per channel when :meth:`preprocess` of an S x S image is only
+        ``(image / 255 - mean) / std`` (then a training batch may carry the images uint8 and
+        normalise them on the model's device: :meth:`segllm.batch.Batch.decoder_input`); None
+        where it does more (the default)."""
+        return None
+
     @abc.abstractmethod
     def encode_image(self, pixels: Tensor) -> Tensor:
         """[B, 3, S, S] preprocessed images -> image features (cacheable per image), [B, C, h, w]."""

@@ -511,7 +511,7 @@ class RoundEngine:
             u_len = len(m.processor.user_ids(conv, n - 1, start)[0])
             seg_pos = [s.pos for s in enc.segs if s.round_index == n - 1]
             out = self._teacher_forced(embeds, None, enc.input_ids[start + u_len : -1], seg_pos, round_start=start)
-        features = m.encode_decoder_image(batch.decoder_pixels[:1]) if out.seg_hidden.shape[0] else None
+        features = m.encode_decoder_image(batch.decoder_input()[:1]) if out.seg_hidden.shape[0] else None
         ref_map = self.ref_map(torch.as_tensor(np.asarray(conv.rounds[last.refs[0] - 1].masks[0])), batch.frames[0]) if last.refs and m.uses_ref_masks else None
         return self._result(n, out, features, batch.frames[0], self._ref_maps(ref_map, out.seg_hidden.shape[0]),
                             lambda: _image_in_frame(conv.image, batch.frames[0]))

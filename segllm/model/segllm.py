@@ -200,7 +200,7 @@ class SegLLM(nn.Module):
         ids = batch.input_ids
         B, N = batch.image_pos.shape
         proc = self.processor
-        img = self.image_features(batch.image_pixels) if image_tokens is None else image_tokens
+        img = self.image_features(batch.vision_input()) if image_tokens is None else image_tokens
         if img.shape[1] != N:
             raise PlaceholderMismatchError(f"the image gives {img.shape[1]} features but has {N} placeholders")
         slots = [(proc.image_id, torch.arange(B, device=ids.device).repeat_interleave(N), batch.image_pos.reshape(-1), img.reshape(B * N, -1))]
@@ -262,7 +262,7 @@ class SegLLM(nn.Module):
             context = round_context(hidden, seg_batch, positions if index is None else positions[index])
         prompts = seg_prompts(self.prompt_head, seg_hidden, *(context or ()))
         if feats is None:
-            feats = self.encode_decoder_image(batch.decoder_pixels)
+            feats = self.encode_decoder_image(batch.decoder_input())
         if batch.ref_masks is not None:
             refs = batch.ref_masks if index is None else batch.ref_masks[index]
             decoder_options["ref_masks"] = refs.to(device=feats.device, dtype=feats.dtype)

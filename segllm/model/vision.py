@@ -125,6 +125,14 @@ class VisionTower(nn.Module):
         x = _resize(x, nh, nw).sub_(mean).div_(std)
         return F.pad(x, (0, s - nw, 0, s - nh))[0]
 
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std) per channel when :meth:`preprocess` of an S x S image is only
+        ``(image / 255 - mean) / std`` (every resize mode leaves such an image as it is), None
+        for the released CLIP preprocessing (PIL, on the host)."""
+        if self.config.resample == "pil" and self.config.resize == "center_crop":
+            return None
+        return tuple(self.config.mean), tuple(self.config.std)
+
     def batches_crops(self, side: int) -> bool:
         """Can :meth:`preprocess_crops` resize square crops up to ``side`` pixels as one batched
         product (else it preprocesses them one by one)? Not for the released CLIP preprocessing

@@ -89,7 +89,7 @@ def training_loss(model: SegLLM, batch: Batch) -> LossOutput:
         return _set_prediction_loss(model, hidden, batch, lm_loss, zero)
     if cfg.own_ref_prob and batch.ref_masks is not None and model.training:
         if decoder_feats is None:  # computed once here, for both decodings
-            decoder_feats = model.encode_decoder_image(batch.decoder_pixels)
+            decoder_feats = model.encode_decoder_image(batch.decoder_input())
         batch = own_ref_masks(model, hidden, batch, decoder_feats, cfg.own_ref_prob)
     decoded, prompts = model.decode_segs(hidden, batch, feats=decoder_feats)
     if dense:
@@ -168,9 +168,9 @@ def _image_dense_terms(model: SegLLM, batch: Batch) -> tuple[Tensor, Tensor, Ten
     Returns:
         (image tokens [B, N, D], decoder features [B, C, h, w], the mean of the dense terms or None)
     """
-    patches = model.vision(batch.image_pixels)
+    patches = model.vision(batch.vision_input())
     image_tokens = model.projector(patches.to(model.dtype))
-    decoder_feats = model.encode_decoder_image(batch.decoder_pixels)
+    decoder_feats = model.encode_decoder_image(batch.decoder_input())
     terms = []
     if "vision" in model.config.dense.on:
         g = int(round(patches.shape[1] ** 0.5))
@@ -280,7 +280,7 @@ def _set_prediction_loss(model: SegLLM, hidden: Tensor, batch: Batch, lm_loss: T
     else:
         # the image features before the denoising noise: the random draws stay in the order the
         # released training makes them
-        feats = model.encode_decoder_image(batch.decoder_pixels)
+        feats = model.encode_decoder_image(batch.decoder_input())
         denoising = make_denoising_queries(targets) if cfg.set_denoising else None
         out, prompts = model.decode_segs(hidden, batch, keep, feats=feats, denoising=denoising, set_outputs=True)
     terms = dict.fromkeys(("class", "l1", "giou", "mask", "dice", "box_iou", "prompt_l2"), zero)

@@ -288,7 +288,7 @@ def test_the_direct_decoders_attribute_matching_trains_from_dense_and_named_labe
 
 
 def _vision_features(model, batch):
-    patches = model.vision(batch.image_pixels)
+    patches = model.vision(batch.vision_input())
     g = int(round(patches.shape[1] ** 0.5))
     return patches.reshape(patches.shape[0], g, g, -1), batch.dense_vision
 

@@ -105,13 +105,33 @@ def test_memory_crops_go_as_uint8_and_are_preprocessed_as_one_by_one(make_model,
     assert batch.to("cpu").memory_sides is batch.memory_sides  # stays on the host: read there
 
 
+def test_images_at_the_inputs_size_go_as_uint8_and_give_the_same_inputs(make_model, three_rounds):
+    """A batch whose images are all at the vision tower's and the decoder's input size carries
+    them uint8; the inputs made from them are exactly the preprocessed ones (the same operations),
+    and a batch with another size carries the preprocessed inputs as before."""
+    model = make_model().eval()
+    s = model.config.vision.image_size
+    rng = np.random.default_rng(5)
+    convs = [Conversation(rng.integers(0, 256, (s, s, 3), dtype=np.uint8), three_rounds.rounds[:1]) for _ in range(2)]
+    for c in convs:
+        c.rounds[0] = Round(c.rounds[0].question, (), "<seg>", [box_mask(s, s, 5, 20, 10, 30)])
+    batch = model.prepare(convs)
+    assert batch.image_pixels is None and batch.decoder_pixels is None and batch.images.dtype == torch.uint8
+    pixels = [torch.tensor(c.image).permute(2, 0, 1) for c in convs]
+    assert torch.equal(batch.vision_input(), torch.stack([model.vision.preprocess(p) for p in pixels]))
+    assert torch.equal(batch.decoder_input(), torch.stack([model.decoder.preprocess(p)[0] for p in pixels]))
+    assert batch.frames == [model.decoder.preprocess(p)[1] for p in pixels]
+    other = model.prepare([three_rounds])  # 48 x 80: resized and padded on the host
+    assert other.images is None and other.vision_input() is other.image_pixels and other.decoder_input() is other.decoder_pixels
+
+
 def test_features_land_in_their_slots(make_model, three_rounds):
     model = make_model().eval()
     batch = model.prepare([three_rounds])
     with torch.no_grad():
         embeds = model.embed(batch)
         tokens = model.llm.get_input_embeddings()(batch.input_ids)
-        img = model.projector(model.vision(batch.image_pixels))
+        img = model.projector(model.vision(batch.vision_input()))
         mem = model.projector(model.vision.pool(batch.memory_inputs(model.vision)))
         box = model.memory.encode_boxes(batch.memory_boxes)
     torch.testing.assert_close(embeds[0, batch.image_pos[0]], img[0])
@@ -131,7 +151,7 @@ def test_add_injection_mode(make_model, three_rounds):
     with torch.no_grad():
         embeds = model.embed(batch)
         tokens = model.llm.get_input_embeddings()(batch.input_ids)
-        img = model.projector(model.vision(batch.image_pixels))
+        img = model.projector(model.vision(batch.vision_input()))
     torch.testing.assert_close(embeds[0, batch.image_pos[0]], tokens[0, batch.image_pos[0]] + img[0])
 
 

@@ -87,7 +87,7 @@ def test_own_masks_replace_the_ground_truth_for_the_share_asked(ref_model, image
     out = []
     for _ in range(2):
         torch.manual_seed(11)
-        out.append(own_ref_masks(ref_model, hidden, batch, ref_model.encode_decoder_image(batch.decoder_pixels), 0.5).ref_masks)
+        out.append(own_ref_masks(ref_model, hidden, batch, ref_model.encode_decoder_image(batch.decoder_input()), 0.5).ref_masks)
     assert torch.equal(out[0], out[1])
     replaced = [(not torch.equal(out[0][i], gt[i])) for i in range(len(gt))]
     assert not any(replaced[i] for i in (0, 3, 4))  # rows that refer to no answered mask never change

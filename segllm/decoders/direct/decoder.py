@@ -126,6 +126,11 @@ class DirectMaskDecoder(MaskDecoder):
         """
         return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
 
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std): :func:`normalized_frame` of an image already at the frame's size does
+        nothing else."""
+        return tuple(self.config.mean), tuple(self.config.std)
+
     def encode_image(self, pixels: Tensor) -> Tensor:
         """[B, 3, S, S] preprocessed images -> features [B, D + P + F (+ T), g, g]: the encoder's
         D channels; with refinement, the full-resolution features folded onto the grid (P); then

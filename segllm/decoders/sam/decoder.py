@@ -364,6 +364,11 @@ class SamMaskDecoder(SamFamilyDecoder):
         """
         return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
 
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std): :func:`normalized_frame` of an image already at the frame's size does
+        nothing else."""
+        return tuple(self.config.mean), tuple(self.config.std)
+
     # ----------------------------------------------------------------- decoding
 
     def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> DecoderOutput:
