@@ -105,7 +105,7 @@ class VisionTower(nn.Module):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
             raise ImageError(f"vision tower expects a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
         s = self.config.image_size
-        if self.config.resample == "pil" and self.config.resize == "center_crop":
+        if self._clip_path:
             return self._clip_processor(image)
         # each step below makes a new tensor, so the arithmetic can go in place
         x = image[None].float().div_(255.0)
@@ -125,11 +125,16 @@ class VisionTower(nn.Module):
         x = _resize(x, nh, nw).sub_(mean).div_(std)
         return F.pad(x, (0, s - nw, 0, s - nh))[0]
 
+    @property
+    def _clip_path(self) -> bool:
+        """Preprocessing as transformers' CLIP processor does it (PIL on the host, centre crop)."""
+        return self.config.resample == "pil" and self.config.resize == "center_crop"
+
     def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """(mean, std) per channel when :meth:`preprocess` of an S x S image is only
         ``(image / 255 - mean) / std`` (every resize mode leaves such an image as it is), None
         for the released CLIP preprocessing (PIL, on the host)."""
-        if self.config.resample == "pil" and self.config.resize == "center_crop":
+        if self._clip_path:
             return None
         return tuple(self.config.mean), tuple(self.config.std)
 
@@ -137,7 +142,7 @@ class VisionTower(nn.Module):
         """Can :meth:`preprocess_crops` resize square crops up to ``side`` pixels as one batched
         product (else it preprocesses them one by one)? Not for the released CLIP preprocessing
         (PIL's resampling on the host) nor for crops the matrix form does not take."""
-        return not (self.config.resample == "pil" and self.config.resize == "center_crop") and side <= _MATRIX_RESIZE_MAX_SIDE
+        return not self._clip_path and side <= _MATRIX_RESIZE_MAX_SIDE
 
     def preprocess_crops(self, crops: Tensor, sides: Tensor) -> Tensor:
         """Square uint8 crops, zero-padded to one size, [M, 3, c, c], of sides ``sides`` [M]
@@ -161,7 +166,8 @@ class VisionTower(nn.Module):
         for k, s in enumerate(kinds):
             # at its own size a crop is not resized (preprocess leaves it as it is)
             table[k, :, :s] = torch.eye(S, device=crops.device) if s == S else _resize_weights(s, S, crops.device, torch.float32)
-        w = table[torch.tensor([kinds.index(s) for s in side_list], device=crops.device)][:, None]  # [M, 1, S, c]
+        row = {s: k for k, s in enumerate(kinds)}
+        w = table[torch.tensor([row[s] for s in side_list], device=crops.device)][:, None]  # [M, 1, S, c]
         x = crops.float().div_(255.0)
         x = torch.matmul(torch.matmul(w, x), w.transpose(-1, -2)).clamp_(0, 1)
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))

@@ -15,16 +15,21 @@ def test_mask_boxes_exclusive_end():
     assert mask_boxes(torch.zeros(1, 4, 4, dtype=torch.bool)).tolist() == [[0, 0, 0, 0]]
 
 
-def test_box_of_a_host_mask_is_its_tight_box():
-    """box_of's host path (numpy) gives mask_boxes' box: scattered pixels, one pixel, edges, empty."""
-    enc = MaskMemoryEncoder(MemoryConfig(), 8)
+def test_mask_boxes_are_tight_boxes_on_the_host():
+    """mask_boxes' host path (numpy) against the boxes' definition, pixel by pixel: scattered
+    pixels, one pixel at the far corner, full and empty masks, several at once; box_of uses it."""
     rng = np.random.default_rng(3)
-    masks = [torch.from_numpy(rng.random((9, 13)) > 0.93) for _ in range(20)]
-    masks += [torch.zeros(9, 13, dtype=torch.bool), torch.ones(9, 13, dtype=torch.bool)]
-    masks[0] = torch.zeros(9, 13, dtype=torch.bool)
-    masks[0][8, 12] = True
-    for m in masks:
-        assert enc.box_of(m).tolist() == mask_boxes(m[None])[0].tolist()
+    masks = torch.from_numpy(rng.random((22, 9, 13)) > 0.93)
+    masks[0] = False
+    masks[0, 8, 12] = True
+    masks[1], masks[2] = False, True
+    want = []
+    for m in masks.numpy():
+        ys, xs = np.nonzero(m)
+        want.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(ys) else [0, 0, 0, 0])
+    assert mask_boxes(masks).tolist() == want
+    enc = MaskMemoryEncoder(MemoryConfig(), 8)
+    assert [enc.box_of(m).tolist() for m in masks] == want
 
 
 def test_crop_masks_background_and_pads_square():
