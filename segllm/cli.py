@@ -440,11 +440,13 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _boxes_line(reply) -> str:
     """Each mask's box and score; a round with several masks labels them k.1, k.2, ... as the
-    overlay does (and as ``round{k}_mask{j}.png`` numbers them)."""
+    overlay does (and as ``round{k}_mask{j}.png`` numbers them). A mask without pixels says so
+    (its box would read [0, 0, 0, 0]), since a later round cannot refer to it."""
     labels = mask_labels(reply.round, len(reply.boxes))
     several = len(labels) > 1
-    return ", ".join(f"{f'mask {lab} ' if several else ''}[{', '.join(f'{v:.0f}' for v in b)}] score {s:.2f}"
-                     for lab, b, s in zip(labels, reply.boxes, reply.scores))
+    return ", ".join(f"{f'mask {lab} ' if several else ''}"
+                     f"{'empty' if not m.any() else '[' + ', '.join(f'{v:.0f}' for v in b) + ']'} score {s:.2f}"
+                     for lab, m, b, s in zip(labels, reply.masks, reply.boxes, reply.scores))
 
 
 def _chain(first, rest):

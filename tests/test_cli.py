@@ -173,3 +173,18 @@ def test_chat_bad_regions_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "--box takes 4 comma-separated numbers" in err and "outside the 128x128 image" in err and "none.png" in err
+
+
+def test_round_line_says_when_a_mask_is_empty():
+    """An empty mask reads "empty", not as the box [0, 0, 0, 0] (a later round cannot refer to it)."""
+    from types import SimpleNamespace
+
+    from segllm.cli import _boxes_line
+
+    full, empty = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    full[2:5, 1:4] = True
+    boxes = np.array([[1, 2, 4, 5], [0, 0, 0, 0]], np.float32)
+    two = SimpleNamespace(round=3, masks=[full, empty], boxes=boxes, scores=np.array([0.9, 0.4], np.float32))
+    assert _boxes_line(two) == "mask 3.1 [1, 2, 4, 5] score 0.90, mask 3.2 empty score 0.40"
+    one = SimpleNamespace(round=1, masks=[empty], boxes=boxes[1:], scores=np.array([0.5], np.float32))
+    assert _boxes_line(one) == "empty score 0.50"
