@@ -81,3 +81,15 @@ def test_recipe_trains_with_lora(tmp_path):
     assert main(args) == 0
     model = SegLLM.from_pretrained(out / "checkpoint-last" / "model")
     assert has_lora(model.llm) and model.config.llm.lora.r == 4
+
+
+def test_a_model_without_adapters_loads_without_importing_peft():
+    """peft (~2 s to import, with bitsandbytes) is imported only where adapters are made:
+    `segllm chat` on the bundled model does not wait for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from segllm.default import load_model; from segllm.model.lora import has_lora, merge_lora; "
+            "m = load_model(); print(has_lora(m.llm), merge_lora(m.llm), 'peft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "0", "False"]
