@@ -41,6 +41,21 @@ def test_slice_ciou_matches_readme(model, protocol):
     assert result.metrics["all"]["cIoU"] == pytest.approx(expected, abs=2.0)
 
 
+def test_own_protocol_in_batches_equals_one_session_per_conversation(model, tmp_path):
+    """The own protocol's batches (the default) log what one Session per conversation logs, mask
+    for mask, on the bundled model, whose later rounds read their memory: references to pick
+    rounds (which hold the recorded choice), generated answers, several conversations' lengths."""
+    from segllm.data.records import WorldConversations
+    from segllm.eval.evaluate import evaluate
+    from segllm.session import Session
+
+    data = WorldConversations("test", 12, seed=0)
+    evaluate(model, data, protocol="own", batch_size=8, log_path=tmp_path / "batched.jsonl")
+    evaluate(model, data, protocol="own", log_path=tmp_path / "sessions.jsonl", session_factory=Session)
+    batched = (tmp_path / "batched.jsonl").read_text().splitlines()
+    assert len(batched) == 12 and batched == (tmp_path / "sessions.jsonl").read_text().splitlines()
+
+
 def test_readme_quotes_the_pinned_figures():
     text = " ".join(README.read_text().split())  # the sentence may wrap over lines
     sl = FIGURES["slice"]

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from segllm.conversation import Conversation
+from segllm.conversation import Conversation, Round
+from segllm.errors import SegLLMError
 from segllm.eval.metrics import (
     Diagnostics,
     RoundMetrics,
@@ -52,7 +53,8 @@ from segllm.eval.metrics import (
     released_frame_gt,
     score_targets,
 )
-from segllm.session import Session
+from segllm.model.rounds import RoundEngine
+from segllm.session import Reply, Session
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +219,9 @@ def evaluate(
     Args:
         protocol: "oracle" or "own" (see the module docstring).
         limit: evaluate the first ``limit`` conversations.
-        batch_size: conversations per teacher-forced pass (oracle protocol).
+        batch_size: conversations evaluated together: one teacher-forced pass (oracle protocol),
+            or one batch of :meth:`segllm.model.rounds.RoundEngine.extend_batch` rounds (own
+            protocol; the same rounds, answers and masks as one ``Session`` per conversation).
         frame: "original" (metrics at the image's resolution) or "released" (the released
             code's 1024 frame, padding included, IoU = I / (U + 1e-4); see
             :mod:`segllm.eval.metrics`).
@@ -227,7 +231,8 @@ def evaluate(
         rank, world_size: this process evaluates conversations ``i`` with
             ``i % world_size == rank`` (several processes, each with its own log).
         session_factory: builds the :class:`segllm.session.Session` that plays a conversation
-            under the own protocol (default: ``Session``).
+            under the own protocol, one conversation at a time (default: none: conversations
+            are played ``batch_size`` at a time, as ``Session`` plays them).
 
     A dataset may also offer ``ignore(i)``: per round, per mask, a [H, W] bool mask of pixels
     left out of the metrics (or None); ReasonSeg's ignore regions, scored as LISA does; and
@@ -283,16 +288,16 @@ def evaluate(
             if conv is None:
                 record(_Log(i, skipped=tuple(dataset.skipped.items[-1])))
                 continue
-            if protocol == "own":
+            if protocol == "own" and session_factory is not None:
                 record(scorer.own(i, conv, max_new_tokens))
                 continue
             pending.append((i, conv))
             if len(pending) == batch_size:
-                for entry in scorer.oracle(pending):
+                for entry in scorer.batch(pending, protocol, max_new_tokens):
                     record(entry)
                 pending = []
         if pending:
-            for entry in scorer.oracle(pending):
+            for entry in scorer.batch(pending, protocol, max_new_tokens):
                 record(entry)
     finally:
         bar.close()
@@ -424,6 +429,9 @@ class _Scorer:
             rows.append((n, *scores, is_grounded, family, tr))
         return rows, (n, res.union_inter, res.union_union, res.missing, res.extra)
 
+    def batch(self, items: list[tuple[int, Conversation]], protocol: str, max_new_tokens: int) -> list[_Log]:
+        return self.oracle(items) if protocol == "oracle" else self.own_batch(items, max_new_tokens)
+
     def oracle(self, items: list[tuple[int, Conversation]]) -> list[_Log]:
         convs = [c for _, c in items]
         results = self.model.segment(convs, frame=self.frame == "released")
@@ -450,17 +458,92 @@ class _Scorer:
                 entry.no_seg_answers += 1
                 session.undo()
                 reply = session.ask(rnd.question, refs, answer=rnd.answer, exact_refs=True)
-            frame_boxes = None
-            if self.frame == "released":
-                if self.model.config.memory.box_source == "decoder":  # the decoder's own box, back in the frame
-                    frame_boxes = reply.boxes * (self.model.decoder.image_size / max(conv.image.shape[:2]))
-                else:
-                    frame_boxes = np.stack([mask_box(m) for m in reply.frame_masks]).reshape(-1, 4)
-            per_round.append((reply.masks, reply.boxes, reply.frame_masks, frame_boxes))
+            per_round.append((reply.masks, reply.boxes, reply.frame_masks, self._frame_boxes(conv, reply)))
             if scene is not None and n <= len(scene.rounds) and scene.rounds[n - 1].kind == "pick":
                 _assume_recorded(session, rnd.masks)
         entry.masks, entry.multi = self._score(index, conv, per_round, scene)
         return entry
+
+
+    def own_batch(self, items: list[tuple[int, Conversation]], max_new_tokens: int) -> list[_Log]:
+        """:meth:`own` for several conversations at once: each round of every conversation in
+        one :meth:`RoundEngine.extend_batch` (answers generated, one mask forced where an answer
+        has none, as ``Session`` does), with the same rules round by round as :meth:`own`:
+        references to empty masks dropped, a one-target round without a mask asked again with
+        its recorded answer, a pick round's history holding its recorded masks."""
+        engine = RoundEngine(self.model)
+        convs = [c for _, c in items]
+        entries = [_Log(i) for i, _ in items]
+        scenes = [self.scene(i) for i, _ in items]
+        history: list[list[Reply]] = [[] for _ in items]
+        per_round: list[list[tuple]] = [[] for _ in items]
+        dialogue = engine.open_batch([c.image for c in convs])
+        frame_memory = engine.frame_memory
+
+        def referable(b: int, k: int) -> bool:  # as Session.referable
+            reply = history[b][k - 1]
+            ms = reply.frame_masks if frame_memory else reply.masks
+            return len(ms) > 0 and all(x.any() for x in ms)
+
+        def memory_mask(b: int, k: int, j: int):  # as Session._memory_mask
+            reply = history[b][k - 1]
+            return torch.tensor(reply.frame_masks[j] if frame_memory else reply.masks[j]), torch.as_tensor(reply.boxes[j])
+
+        for n in range(1, max(len(c.rounds) for c in convs) + 1):
+            asked, refs_of = {}, {}
+            for b, conv in enumerate(convs):
+                if n > len(conv.rounds):
+                    continue
+                rnd = conv.rounds[n - 1]
+                refs = tuple(k for k in rnd.refs if referable(b, k))
+                if refs != rnd.refs:
+                    entries[b].empty_refs += 1
+                refs_of[b] = refs
+                asked[b] = self._so_far(conv, history[b], Round(rnd.question.strip(), refs))
+            got = engine.extend_batch(dialogue, asked, memory_mask, answers={b: None for b in asked},
+                                      max_new_tokens=max_new_tokens, force_mask=True)
+            retry = [b for b, r in got.items() if not isinstance(r, SegLLMError) and len(convs[b].rounds[n - 1].masks) == 1 and r.masks.shape[0] < 1]
+            if retry:
+                dialogue.undo(retry)
+                for b in retry:
+                    entries[b].no_seg_answers += 1
+                got.update(engine.extend_batch(dialogue, {b: asked[b] for b in retry}, memory_mask,
+                                               answers={b: convs[b].rounds[n - 1].answer for b in retry},
+                                               max_new_tokens=max_new_tokens, force_mask=True))
+            for b, r in got.items():
+                if isinstance(r, SegLLMError):
+                    raise r  # as Session.ask raises it in own()
+                conv, rnd = convs[b], convs[b].rounds[n - 1]
+                history[b].append(Reply(r.round, rnd.question.strip(), refs_of[b], r.text, r.masks, r.boxes, r.scores,
+                                        forced=r.forced, frame_masks=r.frame_masks))
+                per_round[b].append((r.masks, r.boxes, r.frame_masks, self._frame_boxes(conv, r)))
+                scene = scenes[b]
+                if scene is not None and n <= len(scene.rounds) and scene.rounds[n - 1].kind == "pick":
+                    _assume_recorded(_History(history[b]), rnd.masks)
+            dialogue.end({b for b, c in enumerate(convs) if n >= len(c.rounds)})
+        for b, (i, conv) in enumerate(items):
+            entries[b].masks, entries[b].multi = self._score(i, conv, per_round[b], scenes[b])
+        return entries
+
+    @staticmethod
+    def _so_far(conv: Conversation, history: list[Reply], ask: Round) -> Conversation:
+        """The conversation a session holds after ``history``, with ``ask`` open."""
+        return Conversation(conv.image, [Round(r.question, r.refs, r.text, list(r.masks)) for r in history] + [ask])
+
+    def _frame_boxes(self, conv: Conversation, reply) -> np.ndarray | None:
+        """A reply's boxes in the released frame (for ``frame="released"``; else None)."""
+        if self.frame != "released":
+            return None
+        if self.model.config.memory.box_source == "decoder":  # the decoder's own box, back in the frame
+            return reply.boxes * (self.model.decoder.image_size / max(conv.image.shape[:2]))
+        return np.stack([mask_box(m) for m in reply.frame_masks]).reshape(-1, 4)
+
+
+@dataclass
+class _History:
+    """What :func:`_assume_recorded` reads of a session: its history."""
+
+    history: list
 
 
 def _assume_recorded(session, gts: list[np.ndarray]) -> None:

@@ -13,6 +13,9 @@ Every inference path runs its rounds here:
   the encoded memory masks) and calls :meth:`RoundEngine.extend` once per round;
 - full recomputation (:meth:`segllm.model.segllm.SegLLM.predict` and
   ``Session(incremental=False)``) calls :meth:`RoundEngine.recompute`;
+- batch segmentation (:mod:`segllm.batch_segment`) and the own-history evaluation
+  (:mod:`segllm.eval.evaluate`) keep many conversations in one :class:`BatchDialogue` and call
+  :meth:`RoundEngine.extend_batch` once per round for all of them (given or generated answers);
 - teacher-forced evaluation (:meth:`RoundEngine.segment`, every round of a batch of
   conversations in one LLM pass; :meth:`segllm.model.segllm.SegLLM.segment` calls it) and the
   training objective (:mod:`segllm.train.objective`) share :func:`seg_prompts`,
@@ -90,6 +93,16 @@ def round_context(hidden: Tensor, rows: Tensor, positions: Tensor) -> tuple[Tens
     ``rows`` [N] from ``hidden`` [B, L, D]; returns them and the [N, T] bool mask of real ones."""
     mask = positions >= 0
     return hidden[rows[:, None], positions.clamp(min=0)], mask
+
+
+def _cat_contexts(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Round contexts of several groups of ``<seg>`` ([S_i, T_i, D] and mask [S_i, T_i] each) as
+    one [S, T, D] and [S, T], T the longest (padding masked out)."""
+    if len(parts) == 1:
+        return parts[0]
+    t = max(c.shape[1] for c, _ in parts)
+    ctx = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, t - c.shape[1])) for c, _ in parts])
+    return ctx, torch.cat([torch.nn.functional.pad(k, (0, t - k.shape[1])) for _, k in parts])
 
 
 def seg_prompts(head: PromptHead, seg_hidden: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
@@ -252,6 +265,8 @@ class BatchDialogue:
     memory: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
     ref_maps: dict[tuple[int, int, int], Tensor] = field(default_factory=dict)
     ending: set[int] = field(default_factory=set)
+    # row -> (the cache column where its last round began, its length before it), for undo
+    _last_round: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.cached:
@@ -262,6 +277,19 @@ class BatchDialogue:
         (otherwise each would ride along as a row of padding in every later pass; batch
         segmentation's conversations have 1-8 rounds). An ended row cannot be asked again."""
         self.ending.update(int(b) for b in rows)
+
+    def undo(self, rows) -> None:
+        """Take back the last round of ``rows`` (each asked in :meth:`RoundEngine.extend_batch`
+        since it last was undone): its tokens stay in the cache, masked out, and the
+        row's positions continue from before it, so the row can be asked that round again (as a
+        :class:`segllm.session.Session` undoes a round). Memory the round's masks would give is
+        made only when a later round refers to them, so none exists yet."""
+        for b in rows:
+            if b not in self._last_round or b not in self.cached:
+                raise ValueError(f"row {b} was not asked in the last round, or has ended: nothing to undo")
+            col, length = self._last_round.pop(b)
+            self.attention[self.cached.index(b), col:] = 0
+            self.lengths[b] = length
 
     def _drop_ended(self) -> None:
         keep = [i for i, b in enumerate(self.cached) if b not in self.ending]
@@ -309,6 +337,20 @@ class _Answer:
     seg_hidden: Tensor
     context: Tensor | None = None
     context_mask: Tensor | None = None
+
+
+@dataclass
+class _RowPlan:
+    """One row's round in :meth:`RoundEngine.extend_batch`: the tokens that go in one pass (the
+    user turn, and a given answer's tokens with its end token), the memory items, the given
+    answer's ``<seg>`` positions among those tokens and its token ids without the end token (or
+    None and []: the answer is generated, up to ``budget`` tokens)."""
+
+    ids: list[int]
+    items: list[MemoryItem]
+    seg_pos: list[int] | None
+    answer_ids: list[int]
+    budget: int
 
 
 MaskSource = Callable[[int, int], tuple[Tensor, Tensor | None]]
@@ -684,8 +726,10 @@ class RoundEngine:
     @torch.no_grad()
     def extend_batch(
         self, dialogue: BatchDialogue, convs: dict[int, Conversation], masks: Callable[[int, int, int], tuple[Tensor, Tensor | None]],
+        *, answers: dict[int, str | None] | None = None, max_new_tokens: int = 32, force_mask: bool = False,
     ) -> dict[int, RoundResult | SegLLMError]:
-        """Answer the last round of some of the conversations with ``"<seg>"``, in one LLM pass.
+        """Answer the last round of some of the conversations: one LLM pass over their rounds'
+        tokens, then, where rows generate, one pass per token for all of them at once.
 
         Args:
             dialogue: the batch's state; conversation ``b`` holds ``len(convs[b].rounds) - 1``
@@ -694,103 +738,246 @@ class RoundEngine:
                 rounds answered, with the model's masks). Rows not given sit this round out.
             masks: ``(b, k, j)`` -> round k's j-th mask of row b as the memory reads it, and its
                 box (as :data:`MaskSource`, per row).
+            answers: row -> the answer to give it (teacher-forced), or None: generated greedily,
+                token for token as :meth:`extend` generates (the model's fixed answer where it
+                has one). Rows not in ``answers`` (all, by default) answer ``"<seg>"``: one mask,
+                as the released demo asks.
+            max_new_tokens: longest generated answer.
+            force_mask: a row whose answer was not given (None) and has no ``<seg>`` is undone
+                and answered ``"<seg>"`` instead (its result ``forced``), as :meth:`extend` does.
 
         Each row's round is its tokens, left-padded to the longest in the batch (padding is
         masked out and positions continue each row's own count), so the shared cache grows by
-        one block per round and rows never see each other's padding. The answer is forced to
-        ``"<seg>"`` (one mask, as the released demo asks): no text is generated. A row whose
+        one block per round and, where rows generate, one column per token (a row whose answer
+        has ended gets masked padding there); rows never see each other's padding. A row whose
         round does not fit the context gets its error instead of a result.
+        :meth:`BatchDialogue.undo` takes rows' last round back.
 
         Raises:
             ValueError: a row that :meth:`BatchDialogue.end` ended is asked.
         """
+        results = self._extend_batch(dialogue, convs, masks, answers, max_new_tokens)
+        if force_mask:
+            unset = {b for b in convs if answers is not None and b in answers and answers[b] is None}
+            redo = [b for b in sorted(unset) if isinstance(results.get(b), RoundResult) and results[b].masks.shape[0] == 0]
+            if redo:
+                dialogue.undo(redo)
+                again = self._extend_batch(dialogue, {b: convs[b] for b in redo}, masks, {b: FORCED_ANSWER for b in redo}, max_new_tokens)
+                for b, r in again.items():
+                    if isinstance(r, RoundResult):
+                        r.forced = True
+                    results[b] = r
+        return results
+
+    def _extend_batch(self, dialogue: BatchDialogue, convs: dict[int, Conversation], masks, answers: dict[int, str | None] | None,
+                      max_new_tokens: int) -> dict[int, RoundResult | SegLLMError]:
+        """:meth:`extend_batch` without its ``force_mask``."""
         m = self.model
         proc, dev = m.processor, m.device
         if dialogue.ending & convs.keys():
             raise ValueError(f"rows {sorted(dialogue.ending & convs.keys())} of the batch were ended and cannot be asked again")
         dialogue._drop_ended()
         cache_row = {b: i for i, b in enumerate(dialogue.cached)}  # row -> its row of the cache
-        answers: dict[int, tuple[list[int], list[MemoryItem], list[int]]] = {}
+        plans: dict[int, _RowPlan] = {}
         results: dict[int, RoundResult | SegLLMError] = {}
         for b, conv in convs.items():
             i = len(conv.rounds) - 1
             offset = dialogue.lengths[b]
-            forced = _with_answer(conv, FORCED_ANSWER)
+            answer = self.answer_to_use(answers.get(b, FORCED_ANSWER) if answers is not None else FORCED_ANSWER)
             try:
                 u_ids, items = proc.user_ids(conv, i, offset)
-                a_ids, segs = proc.answer_ids(forced, i, offset + len(u_ids))
+                if answer is None:  # as _generate: room for the round and its end token at least
+                    proc.check_length(offset + len(u_ids) + 1, i + 1, reserve=0)
+                    plans[b] = _RowPlan(u_ids, items, None, [], min(max_new_tokens, proc.max_length - offset - len(u_ids) - 1))
+                    continue
+                a_ids, segs = proc.answer_ids(_with_answer(conv, answer), i, offset + len(u_ids))
                 proc.check_length(offset + len(u_ids) + len(a_ids), i + 1, reserve=0)
             except SegLLMError as e:
                 results[b] = e
                 continue
-            answers[b] = (u_ids + a_ids, items, [s.pos - offset for s in segs])
-        if not answers:
+            plans[b] = _RowPlan(u_ids + a_ids, items, [s.pos - offset for s in segs], a_ids[:-1], 0)
+        if not plans:
             return results
         C = len(dialogue.cached)
-        width = max(len(ids) for ids, _, _ in answers.values())
+        width = max(len(p.ids) for p in plans.values())
         pad = proc.eos_id
         chunk = torch.full((C, width), pad, dtype=torch.long)
         att = torch.zeros(C, width, dtype=torch.long)
         pos = torch.zeros(C, width, dtype=torch.long)
-        mask_slots, box_slots, seg_rows, seg_in_cache, seg_cols, spans = [], [], [], [], [], []
-        missing = sorted({(b, it.ref_round, it.mask_index) for b, (_, items, _) in answers.items() for it in items} - dialogue.memory.keys())
+        mask_slots, box_slots = [], []
+        missing = sorted({(b, it.ref_round, it.mask_index) for b, p in plans.items() for it in p.items} - dialogue.memory.keys())
         if missing:  # the new memory masks of every row, through the vision tower at once
             given = [masks(b, k, j) for b, k, j in missing]
             mask_toks, box_toks = self.encode_memories([(dialogue.images[b], *mb) for (b, _, _), mb in zip(missing, given)])
             dialogue.memory.update({key: (mask_toks[n], box_toks[n]) for n, key in enumerate(missing)})
             if m.uses_ref_masks:
                 dialogue.ref_maps.update({key: self.ref_map(mb[0], dialogue.images[key[0]].frame) for key, mb in zip(missing, given)})
-        for b, (ids, items, seg_pos) in answers.items():
+        for b, p in plans.items():
             c = cache_row[b]
-            start = width - len(ids)  # left padding: every row's round ends at the last column
-            chunk[c, start:] = torch.tensor(ids)
+            start = width - len(p.ids)  # left padding: every row's round ends at the last column
+            chunk[c, start:] = torch.tensor(p.ids)
             att[c, start:] = 1
-            pos[c, start:] = torch.arange(dialogue.lengths[b], dialogue.lengths[b] + len(ids))
-            for it in items:
+            pos[c, start:] = torch.arange(dialogue.lengths[b], dialogue.lengths[b] + len(p.ids))
+            for it in p.items:
                 mask_tok, box_tok = dialogue.memory[b, it.ref_round, it.mask_index]
                 mask_slots.append((c, start + it.mask_pos - dialogue.lengths[b], mask_tok))
                 if it.box_pos >= 0:
                     box_slots.append((c, start + it.box_pos - dialogue.lengths[b], box_tok))
-            for p in seg_pos:
-                seg_rows.append(b)
-                seg_in_cache.append(c)
-                seg_cols.append(start + p)
-                spans.append((start, start + p))
         slots = [(tid, torch.tensor([s[0] for s in ss], dtype=torch.long, device=dev), torch.tensor([s[1] for s in ss], dtype=torch.long, device=dev),
                   torch.stack([s[2] for s in ss])) for tid, ss in ((proc.mask_id, mask_slots), (proc.box_id, box_slots)) if ss]
         embeds = m.inject(chunk.to(dev), slots, att.to(dev))
-        full_att = torch.cat([dialogue.attention, att.to(dev)], dim=1)
-        hidden = m.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=self._chunk_attention(full_att, width), position_ids=pos.to(dev),
-            past_key_values=dialogue.cache, use_cache=True,
-        ).last_hidden_state
-        dialogue.attention = full_att
-        for b, (ids, _, _) in answers.items():
-            dialogue.lengths[b] += len(ids)
-        rows = torch.tensor(seg_rows, dtype=torch.long, device=dev)
-        in_cache = torch.tensor(seg_in_cache, dtype=torch.long, device=dev)
-        seg_hidden = hidden[in_cache, torch.tensor(seg_cols, device=dev) - 1]  # the states that predicted each <seg>
-        context = round_context(hidden, in_cache, context_positions(spans).to(dev)) if self._attend else ()
-        prompts = seg_prompts(m.prompt_head, seg_hidden, *context)
+        dialogue._last_round.update({b: (dialogue.attention.shape[1], dialogue.lengths[b]) for b in plans})
+        hidden = self._batch_pass(dialogue, embeds, att.to(dev), pos.to(dev))
+        for b, p in plans.items():
+            dialogue.lengths[b] += len(p.ids)
+
+        # the states that predicted each <seg> (and their round contexts): a given answer's from
+        # the pass above, a generated one's as it is generated
+        seg_rows, seg_states, contexts, token_ids = [], [], [], {}
+        spans, in_cache, cols = [], [], []
+        for b, p in plans.items():
+            if p.seg_pos is None:
+                continue
+            token_ids[b] = p.answer_ids
+            start = width - len(p.ids)
+            for s in p.seg_pos:
+                seg_rows.append(b)
+                in_cache.append(cache_row[b])
+                cols.append(start + s)
+                spans.append((start, start + s))
+        if spans:
+            rows_t = torch.tensor(in_cache, dtype=torch.long, device=dev)
+            seg_states.append(hidden[rows_t, torch.tensor(cols, device=dev) - 1])
+            if self._attend:
+                contexts.append(round_context(hidden, rows_t, context_positions(spans).to(dev)))
+        generating = {b: p for b, p in plans.items() if p.seg_pos is None}
+        if generating:
+            starts = {b: width - len(p.ids) for b, p in generating.items()}
+            for b, (tokens, states, ends) in self._generate_batch(dialogue, hidden, generating, starts, cache_row).items():
+                token_ids[b] = tokens
+                if ends:
+                    seg_rows.extend([b] * len(ends))
+                    seg_states.append(states[torch.tensor(ends, device=dev) - 1])
+                    if self._attend:
+                        contexts.append(self._contexts(states, ends))
+        if not seg_rows:
+            return results | {b: self._empty_result(len(convs[b].rounds), token_ids[b], dialogue.images[b].frame) for b in plans}
+        context = _cat_contexts(contexts) if self._attend else ()
+        prompts = seg_prompts(m.prompt_head, torch.cat(seg_states), *context)
         feats = dialogue.features
         options = {}
         if m.uses_ref_masks:
-            per_row = {b: self._ref_maps(dialogue.ref_maps.get((b, convs[b].rounds[-1].refs[0], 0)) if convs[b].rounds[-1].refs else None, 1) for b in answers}
-            options["ref_masks"] = torch.cat([per_row[b] for b in seg_rows]).to(feats.dtype) if seg_rows else None
+            per_row = {b: self._ref_maps(dialogue.ref_maps.get((b, convs[b].rounds[-1].refs[0], 0)) if convs[b].rounds[-1].refs else None, 1) for b in plans}
+            options["ref_masks"] = torch.cat([per_row[b] for b in seg_rows]).to(feats.dtype)
+        rows = torch.tensor(seg_rows, dtype=torch.long, device=dev)
         out = m.decoder(feats, prompts.to(feats.dtype), rows.to(feats.device), **options)
-        token_ids = proc.text_ids(FORCED_ANSWER, allow_special=True, mid=True)
         # one post-processing call per image size, not per row: rows of one frame resize together
         by_frame: dict[Frame, list[int]] = {}
         for s, b in enumerate(seg_rows):
             by_frame.setdefault(dialogue.images[b].frame, []).append(s)
+        per_seg: dict[int, tuple] = {}
         for frame, ss in by_frame.items():
             index = torch.tensor(ss, dtype=torch.long, device=out.mask_logits.device)
-            masks, boxes, scores, frame_masks = self._image_outputs(
-                out, index, frame, lambda ss=ss: torch.stack([dialogue.images[seg_rows[s]].in_frame() for s in ss]))
-            for n, s in enumerate(ss):
-                b = seg_rows[s]
-                results[b] = RoundResult(len(convs[b].rounds), token_ids, FORCED_ANSWER, masks[n : n + 1], boxes[n : n + 1], scores[n : n + 1], frame_masks[n : n + 1])
+            got = self._image_outputs(out, index, frame, lambda ss=ss: torch.stack([dialogue.images[seg_rows[s]].in_frame() for s in ss]))
+            per_seg.update({s: tuple(x[n : n + 1] for x in got) for n, s in enumerate(ss)})
+        by_row: dict[int, list[tuple]] = {}
+        for s, b in enumerate(seg_rows):
+            by_row.setdefault(b, []).append(per_seg[s])
+        for b in plans:
+            if b not in by_row:
+                results[b] = self._empty_result(len(convs[b].rounds), token_ids[b], dialogue.images[b].frame)
+                continue
+            got = [x[0] if len(by_row[b]) == 1 else np.concatenate(x) for x in zip(*by_row[b])]
+            results[b] = RoundResult(len(convs[b].rounds), token_ids[b], self.answer_text(token_ids[b]), *got)
         return results
+
+    def _batch_pass(self, dialogue: BatchDialogue, embeds: Tensor, att: Tensor, pos: Tensor) -> Tensor:
+        """``embeds`` [C, W, D] (attention ``att`` [C, W]: 1 real, 0 padding; positions ``pos``
+        [C, W]) through the LLM on top of the batch's cache, which it extends: states [C, W, D]."""
+        full_att = torch.cat([dialogue.attention, att], dim=1)
+        hidden = self.model.llm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=self._chunk_attention(full_att, embeds.shape[1]), position_ids=pos,
+            past_key_values=dialogue.cache, use_cache=True,
+        ).last_hidden_state
+        dialogue.attention = full_att
+        return hidden
+
+    def _generate_batch(
+        self, dialogue: BatchDialogue, hidden: Tensor, plans: dict[int, _RowPlan], starts: dict[int, int], cache_row: dict[int, int],
+    ) -> dict[int, tuple[list[int], Tensor, list[int]]]:
+        """Greedy answers of the rows ``plans``, whose round tokens the batch pass that gave
+        ``hidden`` [C, W, D] has just read (row b's from column ``starts[b]``), token for token as
+        :meth:`_generate` answers one: the end token ends an answer, a full budget ends it with one
+        added, and every answer token, the end token included, goes into the cache. One LLM pass
+        per token for every row still generating (the others get masked padding).
+
+        Returns:
+            row -> (the answer's token ids without the end token, the round's states [T, D] an
+            answer reads: its tokens' from ``hidden``, then the state after each generated token
+            that predicted the next; per ``<seg>``, how many of those states precede and include
+            the one that predicted it).
+        """
+        m, proc = self.model, self.model.processor
+        head, emb = m.llm.get_output_embeddings(), m.llm.get_input_embeddings()
+        tokens: dict[int, list[int]] = {b: [] for b in plans}
+        states: dict[int, list[Tensor]] = {b: [hidden[cache_row[b], starts[b] :]] for b in plans}
+        count = {b: hidden.shape[1] - starts[b] for b in plans}  # states so far
+        ends: dict[int, list[int]] = {b: [] for b in plans}
+        feed: dict[int, list[int]] = {}  # row -> its tokens still to go into the cache
+        asks: set[int] = set()  # rows that predict a token after feeding their next one
+
+        def predict(rows: list[int], h: Tensor) -> None:  # h [len(rows), D]: each row's last state
+            for b, t in zip(rows, head(h).argmax(-1).tolist()):
+                tokens[b].append(t)
+                if t == proc.eos_id:
+                    feed[b] = [t]
+                    continue
+                if t == proc.seg_id:
+                    ends[b].append(count[b])
+                if len(tokens[b]) < plans[b].budget:
+                    feed[b] = [t]
+                    asks.add(b)
+                else:  # the budget is spent: the end token is added after it
+                    feed[b] = [t, proc.eos_id]
+
+        first = [b for b in plans if plans[b].budget > 0]
+        for b in plans:
+            if plans[b].budget <= 0:
+                feed[b] = [proc.eos_id]
+        if first:
+            predict(first, hidden[torch.tensor([cache_row[b] for b in first], device=hidden.device), -1])
+        C = len(dialogue.cached)
+        while feed:
+            col = torch.full((C, 1), proc.eos_id, dtype=torch.long)
+            att = torch.zeros(C, 1, dtype=torch.long)
+            pos = torch.zeros(C, 1, dtype=torch.long)
+            for b in list(feed):
+                c = cache_row[b]
+                col[c, 0] = feed[b].pop(0)
+                att[c, 0] = 1
+                pos[c, 0] = dialogue.lengths[b]
+                dialogue.lengths[b] += 1
+                if not feed[b]:
+                    del feed[b]
+            dev = hidden.device
+            h = self._batch_pass(dialogue, emb(col.to(dev)), att.to(dev), pos.to(dev))[:, 0]
+            ready = sorted(b for b in asks if b not in feed)
+            asks.difference_update(ready)
+            for b in ready:
+                states[b].append(h[cache_row[b]][None])
+                count[b] += 1
+            if ready:
+                predict(ready, h[torch.tensor([cache_row[b] for b in ready], device=dev)])
+        out = {}
+        for b in plans:
+            t = tokens[b] if tokens[b] and tokens[b][-1] == proc.eos_id else tokens[b] + [proc.eos_id]
+            out[b] = (t[:-1], torch.cat(states[b]), ends[b])
+        return out
+
+    def _empty_result(self, round_number: int, token_ids: list[int], frame: Frame) -> RoundResult:
+        """A round whose answer has no ``<seg>``: its text and no masks."""
+        return RoundResult(round_number, token_ids, self.answer_text(token_ids), np.zeros((0, frame.height, frame.width), bool),
+                           np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, frame.size, frame.size), bool))
 
     # -- every round at once, teacher-forced (a batch path) ---------------------------------
     @torch.no_grad()

@@ -231,3 +231,23 @@ def test_logs_keep_diagnostics_and_read_old_lines(tmp_path):
     old.write_text('{"index": 0, "masks": [[1, 4, 8, 0.5, true]], "empty_refs": 0, "no_seg_answers": 0}\n')
     res = read_logs([old], protocol="oracle")
     assert res.metrics["1"]["mIoU"] == pytest.approx(50) and res.diagnostics == {}
+
+
+@pytest.mark.parametrize("frame", ["original", "released"])
+def test_own_protocol_in_batches_equals_one_session_per_conversation(confident_model, tmp_path, frame):
+    """The own protocol plays conversations ``batch_size`` at a time (RoundEngine.extend_batch):
+    every logged mask is what one Session per conversation gives (world conversations: pick
+    rounds, references, generated answers, masks forced where an answer has none)."""
+    from segllm.data.records import WorldConversations
+    from segllm.session import Session
+
+    data = WorldConversations("test", 5, seed=0, max_rounds=4)
+    batched = evaluate(confident_model, data, protocol="own", batch_size=3, frame=frame, max_new_tokens=4, log_path=tmp_path / "b.jsonl")
+    single = evaluate(confident_model, data, protocol="own", frame=frame, max_new_tokens=4, log_path=tmp_path / "s.jsonl",
+                      session_factory=Session)
+    lines = (tmp_path / "b.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "s.jsonl").read_text().splitlines() and len(lines) == 5
+    import json  # (NaN where a group is empty: compared as written)
+
+    for part in ("metrics", "diagnostics"):
+        assert json.dumps(getattr(batched, part), sort_keys=True) == json.dumps(getattr(single, part), sort_keys=True)
