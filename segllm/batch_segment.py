@@ -1,10 +1,11 @@
 """Batch segmentation: many images, each with its own conversation, answered in batches.
 
 Each image gets a conversation (the same questions for every image, or its own from a JSONL
-file); round k of every conversation in a batch is answered at once
-(the answer is forced to ``"<seg>"``, as the released demo asks, so a
-round is one batched LLM pass over the round's own tokens on top of one key/value cache shared
-by the batch: :meth:`segllm.model.rounds.RoundEngine.extend_batch`), with the model's own earlier
+file); round k of every conversation in a batch is answered at once (the answer is forced to
+``"<seg>"``, as the released demo asks, so a round is one batched LLM pass over the round's own
+tokens on top of one key/value cache shared by the batch:
+:meth:`segllm.model.rounds.RoundEngine.extend_batch`; with ``generate`` the model writes its
+answers, as ``segllm chat`` does, all rows at once, and may answer with several masks), with the model's own earlier
 masks fed back where a question refers to an earlier round (each encoded once). The images'
 vision tokens and decoder features are computed once per batch.
 
@@ -114,14 +115,16 @@ def read_items(images: str | Path | None, questions: str | Path) -> list[Item]:
 
 def segment_items(
     model, items: Sequence[Item], out: str | Path, *, batch_size: int = 16, resume: bool = False, rank: int = 0,
-    world_size: int = 1, progress: bool = True,
+    world_size: int = 1, progress: bool = True, generate: bool = False, max_new_tokens: int = 32,
 ) -> SegmentSummary:
     """Answer every item's questions; append one JSON line per image to ``OUT/results.rank{rank}.jsonl``.
 
     Each line: ``{"id", "image", "height", "width", "rounds": [{"round", "question", "refs",
     "answer", "masks": [RLE], "boxes": [[x0, y0, x1, y1]], "scores"}]}``, plus ``"error"`` when
     the image or a round could not be done (the rounds before it are kept). With ``resume`` the
-    images already in the file are skipped.
+    images already in the file are skipped. With ``generate`` each answer is the model's own
+    (greedy, at most ``max_new_tokens`` tokens, one mask asked for where it has none: what a
+    ``Session`` answers); otherwise ``"<seg>"``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,7 @@ def segment_items(
     t0 = time.perf_counter()
     with path.open("a") as f:
         for start in range(0, len(todo), batch_size):
-            records = _segment_batch(model, engine, todo[start : start + batch_size])
+            records = _segment_batch(model, engine, todo[start : start + batch_size], generate, max_new_tokens)
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
                 summary.images += 1
@@ -183,7 +186,7 @@ def _done_keys(path: Path) -> set[str]:
 
 
 @torch.no_grad()
-def _segment_batch(model, engine: RoundEngine, items: Sequence[Item]) -> list[dict]:
+def _segment_batch(model, engine: RoundEngine, items: Sequence[Item], generate: bool = False, max_new_tokens: int = 32) -> list[dict]:
     """Every round of a batch of items, round by round over one shared cache; one result record
     per item, in order."""
     records, convs, live = [], [], []
@@ -224,7 +227,7 @@ def _segment_batch(model, engine: RoundEngine, items: Sequence[Item]) -> list[di
                     raise ConversationError(f"round {r + 1}: the question is empty once [REF:k] is removed")
                 trial.validate(allow_open_last=True, check_refs=not engine.frame_memory)
                 for k in refs if engine.frame_memory else ():
-                    if not frame_masks[row, k].any():
+                    if not len(frame_masks[row, k]) or not all(m.any() for m in frame_masks[row, k]):
                         raise ConversationError(f"round {r + 1} refers to round {k}, whose mask is empty (zero area)")
             except SegLLMError as e:
                 rec["error"] = str(e)  # this conversation stops here; its earlier rounds stay
@@ -233,7 +236,8 @@ def _segment_batch(model, engine: RoundEngine, items: Sequence[Item]) -> list[di
             asked[row] = trial
         if not asked:
             break
-        for row, res in engine.extend_batch(dialogue, asked, memory_mask).items():
+        options = dict(answers=dict.fromkeys(asked), max_new_tokens=max_new_tokens, force_mask=True) if generate else {}
+        for row, res in engine.extend_batch(dialogue, asked, memory_mask, **options).items():
             rec = records[live[row]]
             if isinstance(res, SegLLMError):
                 rec["error"] = str(res)

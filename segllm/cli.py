@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     sg.add_argument("--png", action="store_true", help="also write OUT/masks/<id>/round{k}_mask{j}.png")
     sg.add_argument("--resume", action="store_true", help="skip the images an interrupted run already wrote")
+    sg.add_argument("--generate", action="store_true",
+                    help="the model writes its answers (as segllm chat does; several masks where it answers with several) "
+                         "instead of every answer being '<seg>' (one mask)")
+    sg.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, with --generate (default: %(default)s)")
     _model_args(sg, device=None)
     sg.set_defaults(func=_segment)
 
@@ -471,7 +475,8 @@ def _segment(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, revision=args.revision, device=args.device or str(state.device), dtype=DTYPES[args.dtype], quantize=args.quantize,
                        mask_region=args.mask_region, compile=args.compile, edge_filter=_edge_filter(args))
     summary = segment_items(model, items, args.out, batch_size=args.batch_size, resume=args.resume,
-                            rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process)
+                            rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process,
+                            generate=args.generate, max_new_tokens=args.max_new_tokens)
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0

@@ -95,3 +95,18 @@ class ListData:
 
     def get(self, i):
         return self.convs[i]
+
+
+def varied_answers(model, seed: int = 1):
+    """``model`` (a tiny model, changed in place and returned) with answers that vary: its output
+    layer's rows for ``<seg>`` and the end token point along random directions, so some states
+    say ``<seg>``, some end the answer and some say other words (a random model's answers are
+    otherwise never masks)."""
+    import torch
+
+    head, proc = model.llm.get_output_embeddings(), model.processor
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tid in (proc.seg_id, proc.eos_id):
+            head.weight[tid] = torch.randn(head.weight.shape[1], generator=g, dtype=head.weight.dtype) * 4
+    return model

@@ -139,6 +139,10 @@ def test_cli_segment_end_to_end_on_the_bundled_model(tmp_path, capsys):
     assert (rc == 0) == (not data["errors"]) and done + len(data["errors"]) == 6
     assert f"3 image(s), {done} round(s)" in captured.out
     assert len(data["images"]) == 3 and len(list((tmp_path / "o" / "masks").rglob("*.png"))) == done
+    # --generate: the bundled model's own answers ("<seg> is the one." and the like), not "<seg>"
+    assert main(["segment", "--images", str(folder), "--questions", str(q), "--out", str(tmp_path / "g"), "--generate"]) in (0, 1)
+    answers = {a["answer"] for a in json.loads((tmp_path / "g" / "results.json").read_text())["annotations"]}
+    assert answers and answers != {"<seg>"} and all("<seg>" in a for a in answers)
     assert main(["segment", "--images", str(tmp_path / "none"), "--questions", str(_questions(tmp_path)), "--out", str(tmp_path / "o")]) == 2
     assert "images not found" in capsys.readouterr().err
 
@@ -199,3 +203,26 @@ def test_an_llm_with_eager_attention_computes_what_sdpa_computes(model, images, 
     assert len(states["sdpa"]) == len(states["eager"]) > 5
     for a, b in zip(states["sdpa"], states["eager"]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_generated_answers_are_what_sessions_answer(confident_model, images, tmp_path):
+    """--generate: the model writes each answer (one or several masks, one forced where it has
+    none), all rows at once; each image's rounds are what its own Session answers."""
+    import copy
+
+    from tests.helpers import varied_answers
+
+    model = varied_answers(copy.deepcopy(confident_model))
+    items = read_items(images, _questions(tmp_path))
+    segment_items(model, items, tmp_path / "out", batch_size=5, progress=False, generate=True, max_new_tokens=3)
+    recs = {rec["id"]: rec for rec in map(json.loads, (tmp_path / "out" / "results.rank0.jsonl").read_text().splitlines())}
+    counts = set()
+    for it in items:
+        s = Session(model, it.image, max_new_tokens=3)
+        for q, got in zip(it.questions, recs[it.key]["rounds"], strict=True):
+            want = s.ask(q)
+            assert got["answer"] == want.text and len(got["masks"]) == len(want.masks)
+            for rle, mask in zip(got["masks"], want.masks):
+                np.testing.assert_array_equal(from_rle(rle), mask)
+            counts.add(len(want.masks))
+    assert counts >= {1, 3}  # answers with one mask and with three (the budget spent on <seg>)

@@ -12,6 +12,7 @@ import torch
 from segllm.conversation import Conversation, Round
 from segllm.model.rounds import RoundEngine
 from segllm.session import Session
+from tests.helpers import varied_answers
 
 # (question, rounds it refers to); rows stop after 4, 2, 3 and 4 rounds
 QUESTIONS = [("Segment the red circle.", ()), ("Segment the square left of instance 1.", (1,)),
@@ -23,9 +24,8 @@ SIZES = [(48, 80), (64, 64), (30, 50), (48, 80)]
 @pytest.fixture(params=["plain", "ref_prior", "attend_round"])
 def model(request):
     """A confident tiny model (float64: the batch's padding cannot flip a token or a pixel) whose
-    answers vary: its output layer's rows for ``<seg>`` and the end token point along random
-    directions, so some states say ``<seg>``, some end the answer, some say other words. The
-    third reads each ``<seg>``'s round context (prompt_head.attend_round) beside ref_prior."""
+    answers vary (``varied_answers``). The third reads each ``<seg>``'s round context
+    (prompt_head.attend_round) beside ref_prior."""
     import copy
 
     if request.param == "attend_round":
@@ -40,12 +40,7 @@ def model(request):
         m.decoder.register_forward_hook(_confident)
     else:
         m = copy.deepcopy(request.getfixturevalue("confident_model" if request.param == "plain" else "ref_prior_confident_model"))
-    head, proc = m.llm.get_output_embeddings(), m.processor
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for tid in (proc.seg_id, proc.eos_id):
-            head.weight[tid] = torch.randn(head.weight.shape[1], generator=g, dtype=torch.float64) * 4
-    return m
+    return varied_answers(m)
 
 
 @pytest.fixture
