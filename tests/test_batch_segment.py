@@ -226,3 +226,29 @@ def test_generated_answers_are_what_sessions_answer(confident_model, images, tmp
                 np.testing.assert_array_equal(from_rle(rle), mask)
             counts.add(len(want.masks))
     assert counts >= {1, 3}  # answers with one mask and with three (the budget spent on <seg>)
+
+
+@pytest.mark.slow
+def test_the_miniature_released_checkpoint_in_batches(tmp_path):
+    """A released checkpoint (HIPIE, memory crops in its 1024 frame) batches too: the masks are
+    one Session's per image, up to float32 rounding (at most a pixel)."""
+    from segllm.model.segllm import SegLLM
+    from tests.helpers import RELEASED_FIXTURES
+
+    path = RELEASED_FIXTURES / "segllm_tiny/checkpoint"
+    if not (path / "model.safetensors").exists():
+        pytest.skip("released fixture absent")
+    model = SegLLM.from_pretrained(path).eval()
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (h, w) in enumerate([(96, 128), (120, 90)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        items.append(Item(str(i + 1), str(tmp_path / f"{i}.png"), ["Segment the cat.", "Segment the thing near instance 1."]))
+    summary = segment_items(model, items, tmp_path / "out", batch_size=2, progress=False)
+    assert summary.rounds == 4 and not summary.errors
+    recs = {rec["id"]: rec for rec in map(json.loads, (tmp_path / "out" / "results.rank0.jsonl").read_text().splitlines())}
+    for it in items:
+        s = Session(model, it.image)
+        for q, got in zip(it.questions, recs[it.key]["rounds"], strict=True):
+            want = s.ask(q, answer="<seg>").masks[0]
+            assert want.any() and int((from_rle(got["masks"][0]) != want).sum()) <= 1

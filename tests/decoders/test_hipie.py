@@ -479,3 +479,18 @@ def test_released_checkpoint_prefix_and_three_round_answers(run):
         mask = F.interpolate(out.mask_logits[i : i + 1, SEG : SEG + 1], size=(1024, 1024), mode="bilinear")[0, 0] > 0
         expected = golden["final.masks"][i].bool()
         assert (mask & expected).sum() / (mask | expected).sum() >= 0.99
+
+
+def test_image_features_slice_by_image():
+    """A batch's features give each image's own (batch segmentation and the own-protocol
+    evaluation keep one per conversation); the position encodings are shared."""
+    from segllm.decoders.hipie.decoder import HipieImageFeatures
+
+    srcs = [torch.randn(3, 4, 8 // 2**i, 8 // 2**i) for i in range(4)]
+    pos = [torch.randn(1, 4, 8 // 2**i, 8 // 2**i) for i in range(4)]
+    feats = HipieImageFeatures(srcs, pos, [torch.randn(3, 2, 4, 4)])
+    one = feats[1:2]
+    assert len(one) == 1 and one.pos is pos
+    assert all(torch.equal(a, s[1:2]) for a, s in zip(one.srcs, srcs)) and torch.equal(one.backbone[0], feats.backbone[0][1:2])
+    with pytest.raises(TypeError, match="slice"):
+        feats[1]

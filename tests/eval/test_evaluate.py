@@ -251,3 +251,38 @@ def test_own_protocol_in_batches_equals_one_session_per_conversation(confident_m
 
     for part in ("metrics", "diagnostics"):
         assert json.dumps(getattr(batched, part), sort_keys=True) == json.dumps(getattr(single, part), sort_keys=True)
+
+
+@pytest.mark.slow
+def test_own_protocol_in_batches_on_the_miniature_released_checkpoint(tmp_path):
+    """The released checkpoints' path (HIPIE's multi-level image features batched, memory crops
+    in the 1024 frame, the decoder's own boxes) in batches logs what one Session per conversation
+    logs, up to float32 rounding at the 1024 frame (a pixel in half a million)."""
+    import json
+
+    from segllm.model.segllm import SegLLM
+    from segllm.session import Session
+    from tests.helpers import RELEASED_FIXTURES
+
+    path = RELEASED_FIXTURES / "segllm_tiny/checkpoint"
+    if not (path / "model.safetensors").exists():
+        pytest.skip("released fixture absent")
+    model = SegLLM.from_pretrained(path).eval()
+    rng = np.random.default_rng(0)
+    convs = []
+    for h, w in [(96, 128), (120, 90), (96, 128)]:
+        gts = [np.zeros((h, w), bool) for _ in range(3)]
+        gts[0][10:40, 10:50], gts[1][50:80, 20:60], gts[2][5:30, 60:80] = True, True, True
+        convs.append(Conversation(rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                                  [Round("Segment the cat.", (), "<seg>", [gts[0]]), Round("Segment the thing near it.", (1,), "<seg>", [gts[1]]),
+                                   Round("And the one left of instance 2.", (2,), "<seg>", [gts[2]])]))
+    evaluate(model, ListData(convs), protocol="own", batch_size=3, frame="released", max_new_tokens=8, log_path=tmp_path / "b.jsonl")
+    evaluate(model, ListData(convs), protocol="own", frame="released", max_new_tokens=8, log_path=tmp_path / "s.jsonl", session_factory=Session)
+    batched, single = ([json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in ("b.jsonl", "s.jsonl"))
+    assert len(batched) == len(single) == 3
+    for b, s in zip(batched, single):
+        assert len(b["masks"]) == len(s["masks"]) == 3 and b["empty_refs"] == s["empty_refs"]
+        for mb, ms in zip(b["masks"], s["masks"]):
+            assert mb[0] == ms[0]
+            for got, want in zip(mb[1:3], ms[1:3]):  # intersection, union (pixels of the 1024 frame)
+                assert abs(got - want) <= 1e-5 * max(got, want, 1)

@@ -93,6 +93,13 @@ class HipieImageFeatures:
     def __len__(self) -> int:
         return self.srcs[0].shape[0]
 
+    def __getitem__(self, index: slice) -> HipieImageFeatures:
+        """The features of images ``index`` (a slice), as a batch of their own (the position
+        encodings are shared)."""
+        if not isinstance(index, slice):
+            raise TypeError(f"HipieImageFeatures takes a slice of its images, not {type(index).__name__}")
+        return HipieImageFeatures([s[index] for s in self.srcs], self.pos, [b[index] for b in self.backbone])
+
 
 @dataclass
 class DenoisingQueries:
