@@ -110,3 +110,16 @@ def varied_answers(model, seed: int = 1):
         for tid in (proc.seg_id, proc.eos_id):
             head.weight[tid] = torch.randn(head.weight.shape[1], generator=g, dtype=head.weight.dtype) * 4
     return model
+
+
+def miniature_released_model():
+    """The miniature released checkpoint (HIPIE decoder, 1024 frame) loaded for inference, or the
+    test skipped where the fixture is absent."""
+    import pytest
+
+    from segllm.model.segllm import SegLLM
+
+    path = RELEASED_FIXTURES / "segllm_tiny/checkpoint"
+    if not (path / "model.safetensors").exists():
+        pytest.skip("released fixture absent")
+    return SegLLM.from_pretrained(path).eval()

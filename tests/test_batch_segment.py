@@ -232,13 +232,9 @@ def test_generated_answers_are_what_sessions_answer(confident_model, images, tmp
 def test_the_miniature_released_checkpoint_in_batches(tmp_path):
     """A released checkpoint (HIPIE, memory crops in its 1024 frame) batches too: the masks are
     one Session's per image, up to float32 rounding (at most a pixel)."""
-    from segllm.model.segllm import SegLLM
-    from tests.helpers import RELEASED_FIXTURES
+    from tests.helpers import miniature_released_model
 
-    path = RELEASED_FIXTURES / "segllm_tiny/checkpoint"
-    if not (path / "model.safetensors").exists():
-        pytest.skip("released fixture absent")
-    model = SegLLM.from_pretrained(path).eval()
+    model = miniature_released_model()
     rng = np.random.default_rng(0)
     items = []
     for i, (h, w) in enumerate([(96, 128), (120, 90)]):

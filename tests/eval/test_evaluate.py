@@ -260,14 +260,10 @@ def test_own_protocol_in_batches_on_the_miniature_released_checkpoint(tmp_path):
     logs, up to float32 rounding at the 1024 frame (a pixel in half a million)."""
     import json
 
-    from segllm.model.segllm import SegLLM
     from segllm.session import Session
-    from tests.helpers import RELEASED_FIXTURES
+    from tests.helpers import miniature_released_model
 
-    path = RELEASED_FIXTURES / "segllm_tiny/checkpoint"
-    if not (path / "model.safetensors").exists():
-        pytest.skip("released fixture absent")
-    model = SegLLM.from_pretrained(path).eval()
+    model = miniature_released_model()
     rng = np.random.default_rng(0)
     convs = []
     for h, w in [(96, 128), (120, 90), (96, 128)]:
