@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from segllm.conversation import Conversation, Round, load_image, parse_refs
 from segllm.errors import ConversationError, SegLLMError
 from segllm.export import from_rle, to_rle
-from segllm.model.rounds import RoundEngine
+from segllm.model.rounds import RoundEngine, masks_referable
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def _segment_batch(model, engine: RoundEngine, items: Sequence[Item], generate: 
                     raise ConversationError(f"round {r + 1}: the question is empty once [REF:k] is removed")
                 trial.validate(allow_open_last=True, check_refs=not engine.frame_memory)
                 for k in refs if engine.frame_memory else ():
-                    if not len(frame_masks[row, k]) or not all(m.any() for m in frame_masks[row, k]):
+                    if not masks_referable(frame_masks[row, k]):
                         raise ConversationError(f"round {r + 1} refers to round {k}, whose mask is empty (zero area)")
             except SegLLMError as e:
                 rec["error"] = str(e)  # this conversation stops here; its earlier rounds stay

@@ -28,7 +28,7 @@ from segllm.default import load_model
 from segllm.errors import ConversationError, MaskError
 from segllm.export import save_masks, session_to_coco
 from segllm.model.memory import mask_boxes
-from segllm.model.rounds import Dialogue, RoundEngine
+from segllm.model.rounds import Dialogue, RoundEngine, masks_referable
 from segllm.viz import mask_labels, overlay
 
 
@@ -258,8 +258,7 @@ class Session:
         """Whether a later round may refer to round ``k``: its masks, as the memory reads them
         (in the decoder frame or at image resolution), are not all empty."""
         reply = self.history[k - 1]
-        masks = reply.frame_masks if self._frame_memory else reply.masks
-        return len(masks) > 0 and all(m.any() for m in masks)
+        return masks_referable(reply.frame_masks if self._frame_memory else reply.masks)
 
     @property
     def _frame_memory(self) -> bool:

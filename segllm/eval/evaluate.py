@@ -53,7 +53,7 @@ from segllm.eval.metrics import (
     released_frame_gt,
     score_targets,
 )
-from segllm.model.rounds import RoundEngine
+from segllm.model.rounds import RoundEngine, masks_referable
 from segllm.session import Reply, Session
 
 log = logging.getLogger(__name__)
@@ -460,10 +460,9 @@ class _Scorer:
                 reply = session.ask(rnd.question, refs, answer=rnd.answer, exact_refs=True)
             per_round.append((reply.masks, reply.boxes, reply.frame_masks, self._frame_boxes(conv, reply)))
             if scene is not None and n <= len(scene.rounds) and scene.rounds[n - 1].kind == "pick":
-                _assume_recorded(session, rnd.masks)
+                _assume_recorded(session.history, rnd.masks)
         entry.masks, entry.multi = self._score(index, conv, per_round, scene)
         return entry
-
 
     def own_batch(self, items: list[tuple[int, Conversation]], max_new_tokens: int) -> list[_Log]:
         """:meth:`own` for several conversations at once: each round of every conversation in
@@ -482,8 +481,7 @@ class _Scorer:
 
         def referable(b: int, k: int) -> bool:  # as Session.referable
             reply = history[b][k - 1]
-            ms = reply.frame_masks if frame_memory else reply.masks
-            return len(ms) > 0 and all(x.any() for x in ms)
+            return masks_referable(reply.frame_masks if frame_memory else reply.masks)
 
         def memory_mask(b: int, k: int, j: int):  # as Session._memory_mask
             reply = history[b][k - 1]
@@ -519,7 +517,7 @@ class _Scorer:
                 per_round[b].append((r.masks, r.boxes, r.frame_masks, self._frame_boxes(conv, r)))
                 scene = scenes[b]
                 if scene is not None and n <= len(scene.rounds) and scene.rounds[n - 1].kind == "pick":
-                    _assume_recorded(_History(history[b]), rnd.masks)
+                    _assume_recorded(history[b], rnd.masks)
             dialogue.end({b for b, c in enumerate(convs) if n >= len(c.rounds)})
         for b, (i, conv) in enumerate(items):
             entries[b].masks, entries[b].multi = self._score(i, conv, per_round[b], scenes[b])
@@ -539,15 +537,8 @@ class _Scorer:
         return np.stack([mask_box(m) for m in reply.frame_masks]).reshape(-1, 4)
 
 
-@dataclass
-class _History:
-    """What :func:`_assume_recorded` reads of a session: its history."""
-
-    history: list
-
-
-def _assume_recorded(session, gts: list[np.ndarray]) -> None:
-    """Make the session's last round hold the recorded ground-truth masks ``gts`` ([H, W] bool
+def _assume_recorded(history: list[Reply], gts: list[np.ndarray]) -> None:
+    """Make a session's last round (``history[-1]``, replaced in the list) hold the recorded ground-truth masks ``gts`` ([H, W] bool
     each) instead of the model's own, so later rounds refer to the object their ground truth
     assumes (pick rounds). Where the model answered one target with several masks, the one
     closest to it is replaced and the others kept, so the answer and its masks still agree. Its masks in the decoder frame, where the session keeps them, are the
@@ -556,7 +547,7 @@ def _assume_recorded(session, gts: list[np.ndarray]) -> None:
     yet for the replaced one."""
     import dataclasses
 
-    last = session.history[-1]
+    last = history[-1]
     gts = [np.asarray(g, bool) for g in gts]
     own = np.asarray(last.masks, bool)
     if len(gts) == 1 and own.shape[0] > 1:
@@ -577,7 +568,7 @@ def _assume_recorded(session, gts: list[np.ndarray]) -> None:
             frame = np.array(last.frame_masks, copy=True)
             frame[j] = released_frame_gt(gts[0], size)
     boxes = np.stack([mask_box(g) for g in masks]).astype(np.asarray(last.boxes).dtype)
-    session.history[-1] = dataclasses.replace(last, masks=masks, boxes=boxes, frame_masks=frame)
+    history[-1] = dataclasses.replace(last, masks=masks, boxes=boxes, frame_masks=frame)
 
 
 def format_table(results: list[EvalResult], *, title: str = "") -> str:

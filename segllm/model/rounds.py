@@ -95,6 +95,13 @@ def round_context(hidden: Tensor, rows: Tensor, positions: Tensor) -> tuple[Tens
     return hidden[rows[:, None], positions.clamp(min=0)], mask
 
 
+def masks_referable(masks) -> bool:
+    """Whether a later round may refer to a round whose masks (as the memory reads them) are
+    ``masks`` ([S, H, W] bool): it has at least one and none is empty (an empty mask has no crop
+    to encode)."""
+    return len(masks) > 0 and all(m.any() for m in masks)
+
+
 def _cat_contexts(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Round contexts of several groups of ``<seg>`` ([S_i, T_i, D] and mask [S_i, T_i] each) as
     one [S, T, D] and [S, T], T the longest (padding masked out)."""
@@ -946,7 +953,7 @@ class RoundEngine:
                 feed[b] = [proc.eos_id]
         if first:
             predict(first, hidden[torch.tensor([cache_row[b] for b in first], device=hidden.device), -1])
-        C = len(dialogue.cached)
+        C, dev = len(dialogue.cached), hidden.device
         while feed:
             col = torch.full((C, 1), proc.eos_id, dtype=torch.long)
             att = torch.zeros(C, 1, dtype=torch.long)
@@ -959,7 +966,6 @@ class RoundEngine:
                 dialogue.lengths[b] += 1
                 if not feed[b]:
                     del feed[b]
-            dev = hidden.device
             h = self._batch_pass(dialogue, emb(col.to(dev)), att.to(dev), pos.to(dev))[:, 0]
             ready = sorted(b for b in asks if b not in feed)
             asks.difference_update(ready)

@@ -204,7 +204,7 @@ def test_a_pick_round_answered_with_several_masks_keeps_them_with_the_target_ass
     own = np.stack([left, right])
     reply = Reply(2, "Segment one of the red objects.", (), "From left to right: <seg> and <seg>.", own, np.zeros((2, 4)), np.ones(2), frame_masks=own.copy())
     session = SimpleNamespace(history=[reply])
-    _assume_recorded(session, [target])
+    _assume_recorded(session.history, [target])
     got = session.history[-1]
     assert got.masks.shape == (2, 8, 8) and got.text.count("<seg>") == 2
     assert np.array_equal(got.masks[0], left) and np.array_equal(got.masks[1], target)
@@ -212,5 +212,5 @@ def test_a_pick_round_answered_with_several_masks_keeps_them_with_the_target_ass
     # one mask for one target: replaced outright, as before
     one = Reply(2, "q", (), "<seg>", own[:1], np.zeros((1, 4)), np.ones(1))
     session = SimpleNamespace(history=[one])
-    _assume_recorded(session, [target])
+    _assume_recorded(session.history, [target])
     assert np.array_equal(session.history[-1].masks, target[None])
