@@ -42,7 +42,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from segllm.config import HipieDecoderConfig
+from segllm.config import RELEASED_SHAPE_SETTINGS, HipieDecoderConfig
 from segllm.conversation import load_image
 from segllm.default import DEFAULT_MODEL, EXAMPLES
 from segllm.errors import ConfigError
@@ -61,10 +61,7 @@ __all__ = [
 
 # setting name -> (dtype, LLM quantization)
 SETTINGS: dict[str, tuple[torch.dtype, str | None]] = {
-    "bfloat16": (torch.bfloat16, None),
-    "float32": (torch.float32, None),
-    **{mode: (torch.bfloat16, mode) for mode in QUANTIZE_MODES},
-}
+    name: (torch.bfloat16, name) if name in QUANTIZE_MODES else (getattr(torch, name), None) for name in RELEASED_SHAPE_SETTINGS}
 
 QUESTIONS = (
     "Segment the person on the left.",

@@ -1,45 +1,21 @@
-"""The ``segllm`` command."""
+"""The ``segllm`` command: its parser and the dispatch to :mod:`segllm.commands`.
+
+This module imports neither torch nor the model code, so that ``segllm --help``, a command's
+``--help`` and argument errors answer at once; a command's implementation (and torch) is
+imported when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import os
 import sys
-import tomllib
-from pathlib import Path
 
-import numpy as np
-import torch
-from accelerate import PartialState
-
-from segllm import SegLLM
-from segllm.batch_segment import merge_results, read_items, segment_items
-from segllm.bench import main as bench_main
-from segllm.bench_released import SETTINGS as RELEASED_SETTINGS
-from segllm.config import MASK_REGIONS
-from segllm.conversation import load_image
-from segllm.convert_weights import pickle_to_safetensors
-from segllm.data.benchmark_readers import read_templates
-from segllm.data.check import MIXES, DataCheck, DataMissingError, check_mix, check_released_mix, format_checks
-from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_coco
-from segllm.data.records import ConversationFolder, WorldConversations
-from segllm.data.released.configs import parse_annotation_overrides, read_annotation_config, read_conversation_config
-from segllm.data.world import WorldConfig, generate
-from segllm.default import EXAMPLES, load_model
-from segllm.errors import ConfigError, ConversationError, SegLLMError
-from segllm.eval.benchmarks import BENCHMARKS, Roots, check_benchmark, default_frame, open_benchmark, paper_lines
-from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
-from segllm.eval.report import write_reports
-from segllm.eval.suite import RELEASED_CHECKPOINTS, SUITES, checkpoint_path, run_suite, suite_markdown
-from segllm.model.parts import write_parts
-from segllm.model.quantize import QUANTIZE_MODES
-from segllm.session import Session
-from segllm.train.recipe import TrainRecipe
-from segllm.train.trainer import check_data, train
-from segllm.viz import mask_labels
+from segllm.config import DTYPE_NAMES, MASK_REGIONS, QUANTIZE_MODES, RELEASED_SHAPE_SETTINGS
+from segllm.data.check import MIXES
+from segllm.errors import SegLLMError
+from segllm.eval.benchmarks import BENCHMARKS
+from segllm.eval.suite import SUITES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=32)
     chat.add_argument("--full-recompute", action="store_true",
                       help="recompute the whole conversation every round (the released demo's way; slower)")
-    chat.set_defaults(func=_chat)
+    chat.set_defaults(func="chat")
 
     sg = sub.add_parser("segment", help="batch segmentation: every image's questions answered in batches; COCO results JSON")
     sg.add_argument("--images", help="a folder of images, or a text file with one image path per line")
@@ -80,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "instead of every answer being '<seg>' (one mask)")
     sg.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, with --generate (default: %(default)s)")
     _model_args(sg, device=None)
-    sg.set_defaults(func=_segment)
+    sg.set_defaults(func="segment")
 
     world = sub.add_parser("world", help="write splits of the procedural multi-round world to a folder")
     world.add_argument("out", help="output folder (one subfolder per split)")
@@ -91,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--multi-target-prob", type=float, default=0.0,
                        help="chance of a several-target round ('Segment all the red objects.', one <seg> per "
                             "object, left to right) (default: %(default)s: none, the pinned world)")
-    world.set_defaults(func=_world)
+    world.set_defaults(func="world")
 
     tr = sub.add_parser("train", help="train a model from a recipe (a TOML file, e.g. configs/default.toml)")
     tr.add_argument("recipe", help="recipe file")
@@ -105,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the folder the conversation config's files are in (the original's --conversation_folder, "
                          "e.g. conversations_folder/all_data_mix_train)")
     _annotation_args(tr)
-    tr.set_defaults(func=_train)
+    tr.set_defaults(func="train")
 
     ev = sub.add_parser("eval", help="per-round cIoU / mIoU / P@0.5 under the oracle and own history protocols")
     _model_args(ev, device=None)
@@ -154,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoints", default=None, metavar="ROOT",
                     help="--suite: a folder holding mr_refcoco_checkpoint/, mr_paco_checkpoint/ and all_data_checkpoint/, "
                          "or the hub id Marlo-Z/SegLLM (downloads what is not in the cache)")
-    ev.set_defaults(func=_eval)
+    ev.set_defaults(func="eval")
 
     da = sub.add_parser("data", help="data tools: 'segllm data check DATA' says what a data root can run")
     da_sub = da.add_subparsers(dest="data_command", required=True)
@@ -176,23 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the folder a conversation config's files are in (default: DATA/conversations_folder/all_data_mix_val)")
     _annotation_args(dc)
     dc.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
-    dc.set_defaults(func=_data_check)
+    dc.set_defaults(func="data check")
 
     pa = sub.add_parser("parts", help="write the real pretrained parts (SmolLM2 LLM, DINOv2 vision tower, LiteMedSAM decoder) into a folder")
     pa.add_argument("out", help="folder to write llm/, vision/ and decoder/ into (the real-parts recipe expects parts/)")
-    pa.set_defaults(func=_parts)
+    pa.set_defaults(func="parts")
 
     ml = sub.add_parser("merge-lora", help="fold a checkpoint's LoRA adapters into plain LLM weights")
     ml.add_argument("checkpoint", help="a checkpoint folder (or hub id) trained with LoRA")
     ml.add_argument("out", help="folder for the merged checkpoint")
     _model_args(ml, device="cpu", checkpoint=False, quantize=False)
-    ml.set_defaults(func=_merge_lora)
+    ml.set_defaults(func="merge-lora")
 
     cv = sub.add_parser("convert-weights", help="a PyTorch pickle of weights (.pth) -> safetensors (read with the restricted unpickler)")
     cv.add_argument("src", help="the .pth/.pt/.bin file, e.g. HIPIE-R50's r50_parts.pth")
     cv.add_argument("dst", help="the safetensors file to write")
     cv.add_argument("--key", default=None, help="the entry holding the weights (default: 'model' or 'state_dict' if present)")
-    cv.set_defaults(func=_convert_weights)
+    cv.set_defaults(func="convert-weights")
 
     dm = sub.add_parser("demo", help="a web demo (Gradio) on localhost")
     _model_args(dm, device="cpu")
@@ -205,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds after which an idle conversation and its files are dropped (default: %(default)s)")
     dm.add_argument("--max-upload-mb", type=float, default=20,
                     help="uploads over this many MB are refused before they are stored (default: %(default)s)")
-    dm.set_defaults(func=_demo)
+    dm.set_defaults(func="demo")
 
     bn = sub.add_parser("bench", help="per-round latency, incremental vs full recompute (bundled and a large-LLM model); "
                                       "with --released-shape, the released 7B architecture part by part")
@@ -220,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--released-shape", action="store_true",
                     help="build the released SegLLM's architecture at full size (LLaMA-7B, CLIP ViT-L/14, HIPIE-R50) with random "
                          "weights, no download, and time a conversation part by part, each --setting in its own process")
-    bn.add_argument("--setting", action="append", default=None, choices=list(RELEASED_SETTINGS),
+    bn.add_argument("--setting", action="append", default=None, choices=list(RELEASED_SHAPE_SETTINGS),
                     help="with --released-shape: a precision to run (repeatable; default: bfloat16 and 8bit)")
     bn.add_argument("--tokenizer", default=None, metavar="FOLDER",
                     help="with --released-shape: a tokenizer folder (a LLaMA one, e.g. a released checkpoint's, gives the "
@@ -236,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --released-shape: HIPIE's heaviest CPU steps through torch.compile (HipieDecoder.set_compiled); "
                          "give --warmup 1 to leave the compilation out of the timed conversation")
     _model_args(bn, device="cpu", checkpoint=False, revision=False, quantize=False, threads=False)  # its own --threads
-    bn.set_defaults(func=_bench)
+    bn.set_defaults(func="bench")
 
     gen = sub.add_parser("generate", help="multi-round conversations from COCO-style annotations (RefCOCO, PACO-LVIS, any COCO)")
     gen.add_argument("instances", metavar="INSTANCES_JSON", help="COCO instances file (RefCOCO instances.json, PACO-LVIS json, ...)")
@@ -256,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--varied-answers", action="store_true", help="vary the answer text around <seg>")
     gen.add_argument("--copy-images", action="store_true", help="copy the used images into OUT/images/")
     gen.add_argument("--per-image", type=int, default=1, help="conversations per image (default: %(default)s)")
-    gen.set_defaults(func=_generate)
+    gen.set_defaults(func="generate")
     return parser
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,16 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", 0) < 0:
         print(f"error: --threads must be 0 (torch's default) or more, got {args.threads}", file=sys.stderr)
         return 2
+    # the commands' module loads torch and the model code: imported only once a command runs
+    from segllm.commands import COMMANDS, set_threads
+
     if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     try:
-        return args.func(args)
+        return COMMANDS[args.func](args)
     except (SegLLMError, ValueError) as e:  # bad input or arguments: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: bool = True, revision: bool = True, quantize: bool = True,
@@ -290,7 +268,7 @@ def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: b
         p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a hub id checkpoint")
     p.add_argument("--device", default=device, help="torch device, e.g. cpu, cuda, cuda:1 (default: "
                                                     + (device or "cuda when available, else cpu") + ")")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES),
                    help="precision of the model's weights and compute (default: %(default)s; bfloat16 halves the memory)")
     if threads:  # main() applies it before the command runs
         p.add_argument("--threads", type=int, default=0,
@@ -313,11 +291,6 @@ def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: b
                             "or left as the decoder made them (off); default: the checkpoint's")
 
 
-def _edge_filter(args: argparse.Namespace) -> bool | None:
-    """--edge-filter on/off -> True/False; not given -> None (the checkpoint's setting)."""
-    return None if args.edge_filter is None else args.edge_filter == "on"
-
-
 def _annotation_args(p: argparse.ArgumentParser) -> None:
     """Where the released datasets' masks are: the original's annotation config and single overrides."""
     p.add_argument("--annotation-config", metavar="YAML", default=None,
@@ -328,429 +301,11 @@ def _annotation_args(p: argparse.ArgumentParser) -> None:
                         "the config; NAME_eval for evaluation's, e.g. reason_seg_eval=reason_seg/annotations/test (repeatable)")
 
 
-def _annotation_overrides(args: argparse.Namespace) -> dict[str, str]:
-    listed = read_annotation_config(args.annotation_config) if args.annotation_config else {}
-    return {**listed, **parse_annotation_overrides(args.annotation)}
-
-
 class _RegionAction(argparse.Action):
     """Collects --region/--box/--point in the order given (their rounds are numbered so)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         getattr(namespace, self.dest).append(f"region {option_string.lstrip('-').replace('region', 'mask')} {values}")
-
-
-def _region_line(session: Session, line: str):
-    """Run a ``region mask FILE[:LABEL]`` / ``region box X0,Y0,X1,Y1[:LABEL]`` / ``region point
-    X,Y[:LABEL]`` line (command line options and script lines alike)."""
-    parts = line.split(None, 2)
-    if len(parts) < 3 or parts[1] not in ("mask", "box", "point"):
-        raise SegLLMError(f"a region line is 'region mask FILE', 'region box X0,Y0,X1,Y1' or 'region point X,Y' (optionally ':LABEL'), not {line!r}")
-    kind, value = parts[1], parts[2].strip()
-    label = None
-    if kind == "mask":
-        if not Path(value).exists() and ":" in value:
-            value, label = value.rsplit(":", 1)
-        return session.add_region(mask=np.asarray(load_image(value)), label=label)
-    if ":" in value:
-        value, label = value.split(":", 1)
-    try:
-        numbers = [float(v) for v in value.split(",")]
-    except ValueError:
-        numbers = []
-    want = 4 if kind == "box" else 2
-    if len(numbers) != want:
-        raise SegLLMError(f"--{kind} takes {want} comma-separated numbers, not {value!r}")
-    return session.add_region(**{kind: numbers}, label=label)
-
-
-def _script_lines(path: Path) -> list[str]:
-    """The questions of a ``--script`` file: one per line, or a JSON list / ``{"questions": [...]}``.
-
-    Raises:
-        ConversationError: naming the file, for a missing or unreadable file or a JSON file of
-            another shape (a raw KeyError or decode error would say neither which file nor what
-            was expected).
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConversationError(f"cannot read the script {path}: {e}") from e
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ConversationError(f"script {path} is not valid JSON: {e}") from e
-        questions = data.get("questions") if isinstance(data, dict) else data
-        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
-            raise ConversationError(f'script {path}: expected a JSON list of questions or {{"questions": [...]}} of text')
-        return [q.strip() for q in questions]
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-
-
-def _chat(args: argparse.Namespace) -> int:
-    lines: list[str] | None = None
-    if args.script:
-        lines = _script_lines(Path(args.script))
-    elif args.ask:
-        lines = list(args.ask)
-    image_path = args.image
-    if image_path is None:
-        image_path = EXAMPLES / "shapes.png"
-        if lines is None:
-            lines = _script_lines(EXAMPLES / "shapes.json")
-    interactive = lines is None and sys.stdin.isatty()
-    session = Session.from_pretrained(
-        args.checkpoint, image_path, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize, mask_region=args.mask_region,
-        compile=args.compile, edge_filter=_edge_filter(args), incremental=not args.full_recompute, max_new_tokens=args.max_new_tokens,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if interactive:
-        print("Ask a question per round; '[REF:k]' or 'instance k' refers to round k. Commands: undo, clear, exit, "
-              "'region box X0,Y0,X1,Y1[:LABEL]', 'region point X,Y[:LABEL]', 'region mask FILE[:LABEL]'.")
-        lines = _prompt_lines(session)
-    elif lines is None:
-        lines = (line.strip() for line in sys.stdin if line.strip())
-    errors = 0
-    for line in _chain(args.regions, lines):
-        command = line.lower()
-        if command in ("exit", "quit"):
-            break
-        if command == "undo":
-            r = session.undo()
-            print(f"undid round {r.round}" if r else "nothing to undo")
-            continue
-        if command in ("clear", "reset"):
-            session.reset()
-            print("cleared the conversation")
-            continue
-        try:
-            r = _region_line(session, line) if command.startswith("region ") else session.ask(line)
-        except SegLLMError as e:
-            errors += 1
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        session.overlay().save(out / f"round{r.round}_overlay.png")
-        boxes = _boxes_line(r)
-        ref_note = f" (refers to {', '.join(map(str, r.refs))})" if r.refs else ""
-        note = " (your region)" if r.user else " (forced)" if r.forced else ""
-        print(f"round {r.round}{ref_note}: {r.question}\n  -> {r.text!r}{note}  {boxes}")
-    session.save_masks(out)
-    (out / "session.json").write_text(json.dumps(session.to_coco(file_name=Path(image_path).name), indent=1) + "\n")
-    print(f"overlays, masks and session.json written to {out}/")
-    return 1 if errors and not interactive else 0
-
-
-def _boxes_line(reply) -> str:
-    """Each mask's box and score; a round with several masks labels them k.1, k.2, ... as the
-    overlay does (and as ``round{k}_mask{j}.png`` numbers them). A mask without pixels says so
-    (its box would read [0, 0, 0, 0]), since a later round cannot refer to it."""
-    labels = mask_labels(reply.round, len(reply.boxes))
-    several = len(labels) > 1
-    return ", ".join(f"{f'mask {lab} ' if several else ''}"
-                     f"{'empty' if not m.any() else '[' + ', '.join(f'{v:.0f}' for v in b) + ']'} score {s:.2f}"
-                     for lab, m, b, s in zip(labels, reply.masks, reply.boxes, reply.scores))
-
-
-def _chain(first, rest):
-    yield from first
-    yield from rest
-
-
-def _prompt_lines(session):
-    while True:
-        try:
-            yield input(f"round {len(session.history) + 1}> ").strip()
-        except EOFError:
-            print()
-            return
-
-
-def _segment(args: argparse.Namespace) -> int:
-    """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th image and
-    writes its own results file; the main process merges them into ``results.json``."""
-    items = read_items(args.images, args.questions)  # bad paths or records: an error before the model loads
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    model = load_model(args.checkpoint, revision=args.revision, device=args.device or str(state.device), dtype=DTYPES[args.dtype], quantize=args.quantize,
-                       mask_region=args.mask_region, compile=args.compile, edge_filter=_edge_filter(args))
-    summary = segment_items(model, items, args.out, batch_size=args.batch_size, resume=args.resume,
-                            rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process,
-                            generate=args.generate, max_new_tokens=args.max_new_tokens)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return 0
-    path = merge_results(args.out, state.num_processes, png=args.png)
-    rate = summary.images / max(summary.seconds, 1e-9)
-    print(f"{summary.images} image(s), {summary.rounds} round(s) in {summary.seconds:.1f} s ({rate:.2f} images/s on this process)"
-          + (f"; {summary.resumed} done by an earlier run" if summary.resumed else ""))
-    for key, message in summary.errors[:5]:
-        print(f"  {key}: {message}", file=sys.stderr)
-    if summary.errors:
-        print(f"{len(summary.errors)} image(s) with an error (listed in results.json)", file=sys.stderr)
-    print(f"results in {path}")
-    return 1 if summary.errors else 0
-
-
-def _world(args: argparse.Namespace) -> int:
-    counts = {k: getattr(args, k) for k in ("train", "val", "test", "heldout") if getattr(args, k) > 0}
-    try:
-        config = WorldConfig(multi_target_prob=args.multi_target_prob)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    shares = generate(args.out, counts, seed=args.seed, config=config, workers=args.workers)
-    print(f"wrote {', '.join(f'{k}: {v}' for k, v in counts.items())} conversations to {args.out}/")
-    # how much of each split a text-only model could answer (the rest needs the masks)
-    for split, sh in shares.items():
-        if sh["rounds"]:
-            late = (f"{100 * sh['late_share']:.1f}% of {sh['late_rounds']} rounds >= {sh['late_round']}"
-                    if sh["late_rounds"] else f"no rounds >= {sh['late_round']}")
-            print(f"{split}: text-resolvable {100 * sh['share']:.1f}% of {sh['rounds']} rounds, {late}")
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"error: --set wants KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        try:
-            overrides[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key] = value  # a bare string
-    if args.conversation_config:
-        overrides.update({"data.conversation_config": args.conversation_config, "data.mix": []})
-    if args.conversation_folder:
-        overrides["data.conversations"] = args.conversation_folder
-    if args.annotation_config:
-        overrides["data.annotation_config"] = args.annotation_config
-    for name, path in parse_annotation_overrides(args.annotation).items():
-        overrides[f"data.annotation_paths.{name}"] = path
-    recipe = TrainRecipe.load(args.recipe, overrides)
-    summary = train(recipe, resume=args.resume)
-    print(f"trained to step {summary.steps}; checkpoint in {recipe.output_dir}/checkpoint-last/model")
-    return 0
-
-
-def _convert_weights(args: argparse.Namespace) -> int:
-    shapes = pickle_to_safetensors(args.src, args.dst, key=args.key)
-    print(f"wrote {len(shapes)} tensors ({sum(math.prod(s) for s in shapes.values()):,} values) to {args.dst}")
-    return 0
-
-
-def _parts(args: argparse.Namespace) -> int:
-    paths = write_parts(args.out)
-    print(f"wrote the LLM to {paths['llm']}, the vision tower to {paths['vision']} and the decoder to {paths['decoder']}")
-    return 0
-
-
-def _merge_lora(args: argparse.Namespace) -> int:
-    model = SegLLM.from_pretrained(args.checkpoint, revision=args.revision, device=args.device, dtype=DTYPES[args.dtype])
-    if not model.config.llm.lora.r:
-        print(f"error: {args.checkpoint} has no LoRA adapters", file=sys.stderr)
-        return 2
-    n = model.merge_lora()
-    model.save_pretrained(args.out)
-    print(f"merged the adapters of {n} layers; plain checkpoint in {args.out}")
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    """Runs under ``torchrun`` (or ``accelerate launch``) too: each process takes every n-th conversation and
-    writes its own log; the main process merges the logs into the report."""
-    if args.suite:
-        return _eval_suite(args)
-    args.frame = args.frame or default_frame(args.benchmark)
-    if args.baseline and args.frame != "original":
-        print("error: --baseline is scored at the original resolution only (leave --frame as is)", file=sys.stderr)
-        return 2
-    # accelerate runs several CPU processes as one distributed (gloo) job only when told it is on CPU
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    device = args.device or str(state.device)
-    data, where, protocols, split = _eval_data(args)
-    if args.baseline and getattr(data, "scene", None) is None:
-        print("error: --baseline needs object annotations (world data or a dataset folder of this package's format)",
-              file=sys.stderr)
-        return 2
-    model = load_model(args.checkpoint, revision=args.revision, device=device, dtype=DTYPES[args.dtype], quantize=args.quantize,
-                       mask_region=args.mask_region, compile=args.compile, edge_filter=_edge_filter(args))
-    out = Path(args.out)
-    logs = {p: [out / f"{args.name}.{p}.rank{r}.jsonl" for r in range(state.num_processes)] for p in protocols}
-    results = []
-    for p in protocols:
-        res = evaluate(
-            model, data, protocol=p, limit=args.size, batch_size=args.batch_size, progress=state.is_main_process,
-            frame=args.frame, log_path=logs[p][state.process_index], resume=args.resume,
-            rank=state.process_index, world_size=state.num_processes,
-        )
-        results.append(res)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return 0
-    if state.num_processes > 1:
-        results = [read_logs(logs[p], protocol=p, frame=args.frame, dataset=data) for p in protocols]
-    if args.baseline == "union":
-        results.append(evaluate_baseline(data, limit=args.size))
-    size = model.decoder.image_size
-    frame = f"the released code's way: {size}x{size} decoder frame, padding included" if args.frame == "released" else "original resolution"
-    print(format_table(results, title=f"{args.checkpoint or 'bundled model'} on {where} (metrics at {frame})"))
-    if args.benchmark:
-        for line in paper_lines(args.benchmark, split, results, template=args.template):
-            print(line)
-    skipped = max(len(r.skipped) for r in results)
-    if skipped:
-        print(f"skipped {skipped} unusable record(s) (listed in the JSON report)")
-        for w, reason in results[0].skipped[:5]:
-            print(f"  {w}: {reason}")
-    meta = {"checkpoint": args.checkpoint or "bundled", "revision": args.revision, "data": where, "frame": args.frame,
-            "dtype": args.dtype}
-    paths = write_reports(results, args.out, name=args.name, meta=meta)
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
-
-
-def _eval_suite(args: argparse.Namespace) -> int:
-    """``segllm eval --suite paper``: one process; each released checkpoint loads once."""
-    if not args.data_root:
-        print("error: --suite needs --data-root (the released layout)", file=sys.stderr)
-        return 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run and write the whole suite
-        print("error: --suite runs in one process (not under torchrun / accelerate launch)", file=sys.stderr)
-        return 2
-    roots = Roots(Path(args.data_root), Path(args.images) if args.images else None, Path(args.annotations) if args.annotations else None)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoints = {name: checkpoint_path(name, root=args.checkpoints, single=args.checkpoint) for name in RELEASED_CHECKPOINTS}
-    frame = args.frame or "released"
-    entries = run_suite(
-        SUITES[args.suite], roots, args.out, checkpoints=checkpoints.__getitem__,
-        load=lambda ckpt: load_model(ckpt, revision=args.revision, device=device, dtype=DTYPES[args.dtype], compile=args.compile),
-        frame=frame, size=args.size, batch_size=args.batch_size, resume=args.resume, progress=True,
-        meta={"suite": args.suite, "checkpoints": checkpoints, "data_root": args.data_root, "dtype": args.dtype},
-        echo=print,
-    )
-    print(suite_markdown(entries, meta={"frame": frame, "size": args.size}))
-    print(f"wrote {Path(args.out) / 'paper.md'}, {Path(args.out) / 'paper.json'}, {Path(args.out) / 'paper_rounds.png'}")
-    return 0 if any(e.status == "done" for e in entries) else 1
-
-
-def _eval_data(args: argparse.Namespace):
-    """(dataset, description, protocols, split) for ``segllm eval``'s arguments."""
-    if args.benchmark in (None, "world") and args.data == "world":
-        split = args.split or "test"
-        args.size = 500 if args.size is None else args.size
-        config = WorldConfig(multi_target_prob=args.multi_target_prob)
-        data = WorldConversations(split, args.size, seed=args.seed, config=config, max_rounds=args.max_rounds)
-        multi = f", several-target rounds {args.multi_target_prob:g}" if args.multi_target_prob else ""
-        return data, f"world seed {args.seed}, {split} split, {args.size} conversations{multi}", args.protocol or ["oracle", "own"], split
-    if args.benchmark in (None, "world", "folder"):
-        data = ConversationFolder(args.data, max_rounds=args.max_rounds)
-        n = len(data) if args.size is None else min(args.size, len(data))
-        return data, f"{args.data} ({n} conversations)", args.protocol or ["oracle", "own"], ""
-
-    if args.benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {args.benchmark!r}: world or one of {sorted(BENCHMARKS)}")
-    split = args.split or "val"
-    roots = Roots(
-        Path(args.data_root) if args.data_root else None,
-        Path(args.images) if args.images else None,
-        Path(args.annotations) if args.annotations else None,
-    )
-    templates = read_templates(args.template) if BENCHMARKS[args.benchmark].kind == "refcoco" else None
-    conversations = _eval_conversations(args, roots)
-    overrides = _annotation_overrides(args)
-    # the data check first: a missing image set or annotation file stops here, before any model loads
-    check = check_benchmark(args.benchmark, roots, split=split, conversations=conversations, overrides=overrides)
-    if not check.runnable:
-        raise DataMissingError(check)
-    data, where = open_benchmark(args.benchmark, roots, split=split, conversations=conversations,
-                                 templates=templates, max_rounds=args.max_rounds, overrides=overrides)
-    return data, where, args.protocol or [BENCHMARKS[args.benchmark].protocol], split
-
-
-def _eval_conversations(args: argparse.Namespace, roots: Roots) -> str | list[str] | None:
-    """``--conversations``: a conversation file, or the files a conversation config (YAML) lists."""
-    given = args.conversations
-    if given is None or Path(given).suffix.lower() not in (".yaml", ".yml"):
-        return given
-    folder = Path(args.conversation_folder) if args.conversation_folder else roots.get("conversations") / "all_data_mix_val"
-    return [str(folder / name) for name in read_conversation_config(given)]
-
-
-def _data_check(args: argparse.Namespace) -> int:
-    roots = Roots(Path(args.root))
-    overrides = _annotation_overrides(args)
-    checks = []
-    benchmarks = args.benchmark if args.benchmark or args.mix else [
-        b for b in BENCHMARKS if BENCHMARKS[b].kind != "released" or BENCHMARKS[b].conversations or args.conversations]
-    for name in benchmarks:
-        # --conversations is the file of the benchmarks named; checking them all, it is the 'released' one's
-        named = bool(args.benchmark) or name == "released"
-        conversations = _eval_conversations(args, roots) if BENCHMARKS[name].kind == "released" and named else None
-        checks.append(check_benchmark(name, roots, split=args.split, conversations=conversations, overrides=overrides))
-    for mix in args.mix if args.benchmark or args.mix else list(MIXES):
-        checks.append(_mix_check(mix, roots, overrides))
-    if args.json:
-        print(json.dumps({"root": str(roots.root), "runnable": all(c.runnable for c in checks),
-                          "checks": [c.to_dict() for c in checks]}, indent=1))
-    else:
-        print(format_checks(checks, root=roots.root))
-    return 0 if all(c.runnable for c in checks) else 1
-
-
-def _mix_check(mix: str, roots: Roots, overrides: dict[str, str]) -> DataCheck:
-    """The data check of a training mix given to ``segllm data check --mix``."""
-    suffix = Path(mix).suffix.lower()
-    if suffix == ".toml":
-        recipe = TrainRecipe.load(mix)
-        check = check_data(recipe) or DataCheck(mix, "mix", notes=["reads no released conversation files"])
-        check.name = mix
-        return check
-    if suffix in (".yaml", ".yml"):
-        folder = roots.get("conversations") / "all_data_mix_train"
-        files = [folder / name for name in read_conversation_config(mix)]
-        return check_mix(mix, files, None, roots.get("images"), roots.get("annotations"), overrides=overrides)
-    return check_released_mix(mix, roots.get("conversations"), roots.get("images"), roots.get("annotations"),
-                              overrides=overrides)
-
-def _demo(args: argparse.Namespace) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("error: the web demo needs gradio: pip install 'segllm[demo]'", file=sys.stderr)
-        return 2
-    from segllm.demo import launch  # imports gradio, an optional extra (segllm[demo])
-
-    launch(args.checkpoint, revision=args.revision, host=args.host, port=args.port, device=args.device,
-           dtype=DTYPES[args.dtype], quantize=args.quantize, mask_region=args.mask_region, compile=args.compile,
-           edge_filter=_edge_filter(args), max_side=args.max_side,
-           max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, max_upload_mb=args.max_upload_mb)
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    return bench_main(args)
-
-
-def _generate(args: argparse.Namespace) -> int:
-    kind = args.kind or ("refcoco" if args.refs else "coco")
-    out = generate_from_coco(
-        args.instances, args.images, args.out, refs=args.refs, split=args.split, kind=kind, seed=args.seed,
-        max_rounds=args.max_rounds, min_rounds=args.min_rounds, limit=args.limit, min_area=args.min_area,
-        dataset_name=args.dataset_name, images_prefix=args.images_prefix,
-        answers=VARIED_ANSWERS if args.varied_answers else PLAIN_ANSWERS, copy_images=args.copy_images,
-        per_image=args.per_image,
-    )
-    meta = json.loads((out / "meta.json").read_text())
-    counts = meta["counts"]
-    print(f"wrote {counts['conversations']} conversations ({counts['rounds']} rounds) from "
-          f"{counts['images_used']} of {counts['images_considered']} images to {out}/")
-    for scope, reasons in meta["skipped"].items():
-        if reasons:
-            print(f"skipped {sum(reasons.values())} {scope}: " + ", ".join(f"{r}: {n}" for r, n in reasons.items()))
-    return 0
 
 
 if __name__ == "__main__":

@@ -282,6 +282,15 @@ PART_NAMES = ("vision", "projector", "llm", "embeddings", "memory", "prompt_head
 MaskRegion = Literal["all", "most_confident"]
 MASK_REGIONS: tuple[str, ...] = typing.get_args(MaskRegion)
 
+# Names the command line offers as choices, kept here (no torch import) so that building the
+# parser, ``segllm --help`` and the data commands start without loading torch.
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # --dtype: torch dtypes of these names
+QuantizeMode = Literal["8bit", "4bit"]
+QUANTIZE_MODES: tuple[str, ...] = typing.get_args(QuantizeMode)  # weight-only LLM quantization
+# `segllm bench --released-shape --setting`: a dtype for the whole model, or bfloat16 with an
+# LLM quantization mode
+RELEASED_SHAPE_SETTINGS: tuple[str, ...] = ("bfloat16", "float32", *QUANTIZE_MODES)
+
 
 @dataclass
 class EdgeFilterConfig:

@@ -179,7 +179,7 @@ def test_round_line_says_when_a_mask_is_empty():
     """An empty mask reads "empty", not as the box [0, 0, 0, 0] (a later round cannot refer to it)."""
     from types import SimpleNamespace
 
-    from segllm.cli import _boxes_line
+    from segllm.commands import _boxes_line
 
     full, empty = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
     full[2:5, 1:4] = True

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import segllm.cli
-from segllm.cli import DTYPES, build_parser, main
+import segllm.commands
+from segllm.cli import build_parser, main
+from segllm.commands import DTYPES
 from segllm.default import DEFAULT_EDGE_PASSES, load_model
 from segllm.errors import ConfigError
 
@@ -44,14 +46,14 @@ def test_an_unknown_dtype_is_refused(capsys):
 
 def test_eval_loads_in_bfloat16(tmp_path, monkeypatch, capsys):
     seen = []
-    real = segllm.cli.load_model
+    real = segllm.commands.load_model
 
     def spy(*args, **kwargs):
         model = real(*args, **kwargs)
         seen.append((kwargs, model.llm.dtype, model.dtype))
         return model
 
-    monkeypatch.setattr(segllm.cli, "load_model", spy)
+    monkeypatch.setattr(segllm.commands, "load_model", spy)
     rc = main(["eval", "--size", "1", "--split", "val", "--protocol", "oracle", "--out", str(tmp_path), "--name", "t",
                "--device", "cpu", "--dtype", "bfloat16"])
     assert rc == 0, capsys.readouterr().err
@@ -105,9 +107,9 @@ def test_merge_lora_passes_the_model_options(tmp_path, monkeypatch, capsys):
 
     def fake(path, **kwargs):
         calls.append((path, kwargs))
-        raise segllm.cli.SegLLMError("stop here")
+        raise segllm.commands.SegLLMError("stop here")
 
-    monkeypatch.setattr(segllm.cli.SegLLM, "from_pretrained", fake)
+    monkeypatch.setattr(segllm.commands.SegLLM, "from_pretrained", fake)
     assert main(["merge-lora", "org/name/sub", str(tmp_path / "o"), "--revision", "v2", "--dtype", "float16"]) == 2
     assert calls == [("org/name/sub", {"revision": "v2", "device": "cpu", "dtype": torch.float16})]
     assert "stop here" in capsys.readouterr().err
@@ -118,15 +120,17 @@ def test_every_model_command_takes_threads_and_main_applies_them(command, monkey
     args = build_parser().parse_args([*COMMANDS[command], "--threads", "1"])
     assert args.threads == 1 and build_parser().parse_args(COMMANDS[command]).threads == 0
     seen = []
-    monkeypatch.setattr(segllm.cli.torch, "set_num_threads", seen.append)
-    monkeypatch.setattr(segllm.cli, "build_parser", lambda: _Parsed(args, lambda a: 0))
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    monkeypatch.setitem(segllm.commands.COMMANDS, "stand-in", lambda a: 0)
+    monkeypatch.setattr(segllm.cli, "build_parser", lambda: _Parsed(args, "stand-in"))
     assert main([]) == 0 and seen == [1]
     args.threads = -1
     assert main([]) == 2 and seen == [1]  # refused before the command runs
 
 
 class _Parsed:
-    """A parser stand-in that returns fixed arguments with the given command function."""
+    """A parser stand-in that returns fixed arguments naming the given command (a key of
+    :data:`segllm.commands.COMMANDS`)."""
 
     def __init__(self, args, func):
         args.func = func

@@ -2,14 +2,18 @@
 
 An edge A -> B means module A's top level imports module B (``import B``, ``from B import x``,
 or ``from A import B`` naming a submodule). Imports under ``if TYPE_CHECKING:`` and inside
-functions are not edges (the latter are kept for optional extras only). The implicit import of
-a module's parent packages is not an edge either: ``segllm/__init__.py`` imports the public API,
-so counting it would tie every module into one cycle through the root.
+functions are not edges (those are kept for optional extras and for what the command line's
+parser must not load: torch). The implicit import of a module's parent packages is not an edge
+either: ``segllm/__init__.py`` names the public API (imported on first use).
+
+The last test runs the parser in a fresh interpreter and checks what it loaded.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import segllm
@@ -155,3 +159,40 @@ def test_the_model_module_stays_thin():
     selection live in their own modules."""
     lines = (ROOT / "model" / "segllm.py").read_text().count("\n")
     assert lines < 300, f"segllm/model/segllm.py has {lines} lines"
+
+
+def test_the_command_line_parser_loads_neither_torch_nor_transformers():
+    # `segllm --help`, a command's --help and argument errors answer without the ~3-5 s that
+    # importing torch and transformers takes; a command loads them when it runs
+    code = """
+import sys
+import segllm
+import segllm.cli
+segllm.cli.build_parser().parse_args(["eval", "--benchmark", "mr-refcoco", "--dtype", "bfloat16"])
+for argv in (["--help"], ["chat", "--help"], ["bench", "--setting", "int3"]):
+    try:
+        segllm.cli.main(argv)
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "transformers", "segllm.commands", "segllm.model.segllm") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+    assert "usage: segllm" in done.stdout and "invalid choice: 'int3'" in done.stderr
+
+
+def test_the_lazy_public_names_are_the_modules_own():
+    from segllm.model.segllm import SegLLM
+    from segllm.session import Session
+
+    assert segllm.SegLLM is SegLLM and segllm.Session is Session
+    assert set(segllm.__all__) <= set(dir(segllm))
+    for name in segllm.__all__:
+        assert getattr(segllm, name) is not None
+    try:
+        segllm.no_such_name  # noqa: B018
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")

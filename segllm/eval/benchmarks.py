@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segllm.data.benchmark_readers import REFS_FILE, ReasonSegData, RefcocoSentences
 from segllm.data.check import DataCheck, check_conversation_files, image_need, path_need
@@ -25,7 +25,9 @@ from segllm.data.records import RecordError
 from segllm.data.released.convert import ReleasedConversations
 from segllm.data.released.masks import MaskLookup
 from segllm.data.released.refer import load_refs
-from segllm.eval.evaluate import EvalResult
+
+if TYPE_CHECKING:  # evaluate imports torch: this module stays light (the command line's choices)
+    from segllm.eval.evaluate import EvalResult
 
 # Published per-round cIoU on MR-RefCOCO/+/g and MR-PACO (val), LISA / GLaMM / SegLLM (None: no
 # figure), with where each benchmark's come from and the history protocol their source states.

@@ -29,8 +29,6 @@ from segllm.data.records import RecordError
 from segllm.data.released.convert import ReleasedConversations
 from segllm.errors import SegLLMError
 from segllm.eval.benchmarks import Roots, published, setting_label
-from segllm.eval.evaluate import evaluate
-from segllm.eval.report import plot_series
 
 RELEASED_CHECKPOINTS = ("mr_refcoco_checkpoint", "mr_paco_checkpoint", "all_data_checkpoint")
 
@@ -200,6 +198,14 @@ def run_suite(
     return entries
 
 
+def evaluate(*args, **kwargs):
+    """:func:`segllm.eval.evaluate.evaluate`, imported when a suite runs: it loads torch, and this
+    module's :data:`SUITES` is read by the command line's parser, which starts without torch."""
+    from segllm.eval.evaluate import evaluate as run
+
+    return run(*args, **kwargs)
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -299,5 +305,7 @@ def write_suite_report(entries: Sequence[SuiteEntry], out: str | Path, *, meta: 
             label = f"{en.eval.key} (paper)"
             series[label] = {k: v["SegLLM"] for k, v in fig["rounds"].items()}
             dashed.add(label)
+    from segllm.eval.report import plot_series  # imported here: it loads torch (see evaluate)
+
     plot_series(series, png, title="paper suite: cIoU", dashed=dashed)
     return [md, js, png]

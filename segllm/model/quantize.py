@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from segllm.config import QUANTIZE_MODES
+from segllm.config import QuantizeMode as Mode
 from segllm.errors import ConfigError
 
 if TYPE_CHECKING:
     from segllm.model.segllm import SegLLM
 
-QUANTIZE_MODES = ("8bit", "4bit")
-Mode = Literal["8bit", "4bit"]
 
 
 def _bnb():

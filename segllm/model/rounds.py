@@ -153,7 +153,8 @@ def frame_and_image_masks(
 
 def _image_in_frame(image: np.ndarray, frame: Frame) -> Tensor:
     """A conversation's image ([H, W, 3] uint8) in the decoder's frame: [3, Sd, Sd] uint8."""
-    return image_to_frame(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), frame)
+    # (a read-only array, e.g. a decoded image's buffer, is copied: torch warns of those, though only read here)
+    return image_to_frame(torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1), frame)
 
 
 def _chunk_mask(attention: Tensor, width: int) -> Tensor:

@@ -127,7 +127,7 @@ def test_eval_stops_before_the_model_loads(layout, capsys, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr("segllm.cli.load_model", no_model)
+    monkeypatch.setattr("segllm.commands.load_model", no_model)
     rc = main(["eval", "--data-root", str(layout["root"]), "--benchmark", "mr-paco", "--out", str(layout["root"] / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "mr_paco_val.json" in err and "--conversations FILE" in err and "get all_data_mix_val/mr_paco_val.json" in err

@@ -169,7 +169,7 @@ def test_training_reads_the_configs(moved, tmp_path, monkeypatch):
         seen["recipe"] = recipe
         raise Stop
 
-    monkeypatch.setattr("segllm.cli.train", fake_train)
+    monkeypatch.setattr("segllm.commands.train", fake_train)
     with pytest.raises(Stop):
         main(["train", str(toml), "--conversation-config", str(conv_yaml), "--conversation-folder",
               str(moved["convs"].parent), "--annotation-config", str(ann_yaml), "--annotation", "lvis=lvis/x.json"])

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from PIL import Image
 
-import segllm.cli
+import segllm.commands
 import segllm.eval.suite as suite_mod
 from segllm.cli import main
 from segllm.default import DEFAULT_MODEL, load_model
@@ -134,8 +134,8 @@ def test_suite_end_to_end_and_resume_after_an_interruption(released_layout, chec
 
     monkeypatch.setattr(suite_mod, "evaluate", spy)
     loads = []
-    real_load = segllm.cli.load_model
-    monkeypatch.setattr(segllm.cli, "load_model", lambda *a, **kw: loads.append(a[0]) or real_load(*a, **kw))
+    real_load = segllm.commands.load_model
+    monkeypatch.setattr(segllm.commands, "load_model", lambda *a, **kw: loads.append(a[0]) or real_load(*a, **kw))
     assert _run(root, checkpoints_root, part, "--resume") == 0
     assert "mr-refcoco: done in an earlier run" in capsys.readouterr().out
     assert [p.rsplit("/", 1)[1] for p in loads] == ["mr_refcoco_checkpoint", "mr_paco_checkpoint", "all_data_checkpoint"]
