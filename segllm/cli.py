@@ -1,8 +1,9 @@
-"""The ``segllm`` command: its parser and the dispatch to :mod:`segllm.commands`.
+"""The ``segllm`` command: its parser and the dispatch to :mod:`segllm.commands` (the commands
+that load a model) and :mod:`segllm.data_commands` (``world``, ``data check``, ``generate``).
 
 This module imports neither torch nor the model code, so that ``segllm --help``, a command's
-``--help`` and argument errors answer at once; a command's implementation (and torch) is
-imported when it runs.
+``--help`` and argument errors answer at once; a command's implementation is imported when it
+runs, and the data commands never load torch.
 """
 
 from __future__ import annotations
@@ -243,17 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", 0) < 0:
         print(f"error: --threads must be 0 (torch's default) or more, got {args.threads}", file=sys.stderr)
         return 2
-    # the commands' module loads torch and the model code: imported only once a command runs
-    from segllm.commands import COMMANDS, set_threads
+    # a command's implementation is imported when it runs: the data commands' module loads no
+    # torch, the others' (segllm/commands.py) loads torch and the model code
+    from segllm.data_commands import COMMANDS as DATA_COMMANDS
 
-    if getattr(args, "threads", 0):
-        set_threads(args.threads)
     try:
+        if args.func in DATA_COMMANDS:
+            return DATA_COMMANDS[args.func](args)
+        from segllm.commands import COMMANDS, set_threads
+
+        if getattr(args, "threads", 0):
+            set_threads(args.threads)
         return COMMANDS[args.func](args)
     except (SegLLMError, ValueError) as e:  # bad input or arguments: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-
 
 
 def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: bool = True, revision: bool = True, quantize: bool = True,

@@ -22,13 +22,13 @@ from segllm.config import DTYPE_NAMES
 from segllm.conversation import load_image
 from segllm.convert_weights import pickle_to_safetensors
 from segllm.data.benchmark_readers import read_templates
-from segllm.data.check import MIXES, DataCheck, DataMissingError, check_mix, check_released_mix, format_checks
-from segllm.data.generate import PLAIN_ANSWERS, VARIED_ANSWERS, generate_from_coco
+from segllm.data.check import DataMissingError
 from segllm.data.records import ConversationFolder, WorldConversations
-from segllm.data.released.configs import parse_annotation_overrides, read_annotation_config, read_conversation_config
-from segllm.data.world import WorldConfig, generate
+from segllm.data.released.configs import parse_annotation_overrides
+from segllm.data.world import WorldConfig
+from segllm.data_commands import annotation_overrides, eval_conversations
 from segllm.default import EXAMPLES, load_model
-from segllm.errors import ConfigError, ConversationError, SegLLMError
+from segllm.errors import ConversationError, SegLLMError
 from segllm.eval.benchmarks import BENCHMARKS, Roots, check_benchmark, default_frame, open_benchmark, paper_lines
 from segllm.eval.evaluate import evaluate, evaluate_baseline, format_table, read_logs
 from segllm.eval.report import write_reports
@@ -36,7 +36,7 @@ from segllm.eval.suite import RELEASED_CHECKPOINTS, SUITES, checkpoint_path, run
 from segllm.model.parts import write_parts
 from segllm.session import Session
 from segllm.train.recipe import TrainRecipe
-from segllm.train.trainer import check_data, train
+from segllm.train.trainer import train
 from segllm.viz import mask_labels
 
 # --dtype's names -> torch dtypes
@@ -51,11 +51,6 @@ def set_threads(n: int) -> None:
 def _edge_filter(args: argparse.Namespace) -> bool | None:
     """--edge-filter on/off -> True/False; not given -> None (the checkpoint's setting)."""
     return None if args.edge_filter is None else args.edge_filter == "on"
-
-
-def _annotation_overrides(args: argparse.Namespace) -> dict[str, str]:
-    listed = read_annotation_config(args.annotation_config) if args.annotation_config else {}
-    return {**listed, **parse_annotation_overrides(args.annotation)}
 
 
 def _region_line(session: Session, line: str):
@@ -210,24 +205,6 @@ def _segment(args: argparse.Namespace) -> int:
     return 1 if summary.errors else 0
 
 
-def _world(args: argparse.Namespace) -> int:
-    counts = {k: getattr(args, k) for k in ("train", "val", "test", "heldout") if getattr(args, k) > 0}
-    try:
-        config = WorldConfig(multi_target_prob=args.multi_target_prob)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    shares = generate(args.out, counts, seed=args.seed, config=config, workers=args.workers)
-    print(f"wrote {', '.join(f'{k}: {v}' for k, v in counts.items())} conversations to {args.out}/")
-    # how much of each split a text-only model could answer (the rest needs the masks)
-    for split, sh in shares.items():
-        if sh["rounds"]:
-            late = (f"{100 * sh['late_share']:.1f}% of {sh['late_rounds']} rounds >= {sh['late_round']}"
-                    if sh["late_rounds"] else f"no rounds >= {sh['late_round']}")
-            print(f"{split}: text-resolvable {100 * sh['share']:.1f}% of {sh['rounds']} rounds, {late}")
-    return 0
-
-
 def _train(args: argparse.Namespace) -> int:
     overrides = {}
     for item in args.set:
@@ -377,8 +354,8 @@ def _eval_data(args: argparse.Namespace):
         Path(args.annotations) if args.annotations else None,
     )
     templates = read_templates(args.template) if BENCHMARKS[args.benchmark].kind == "refcoco" else None
-    conversations = _eval_conversations(args, roots)
-    overrides = _annotation_overrides(args)
+    conversations = eval_conversations(args, roots)
+    overrides = annotation_overrides(args)
     # the data check first: a missing image set or annotation file stops here, before any model loads
     check = check_benchmark(args.benchmark, roots, split=split, conversations=conversations, overrides=overrides)
     if not check.runnable:
@@ -387,51 +364,6 @@ def _eval_data(args: argparse.Namespace):
                                  templates=templates, max_rounds=args.max_rounds, overrides=overrides)
     return data, where, args.protocol or [BENCHMARKS[args.benchmark].protocol], split
 
-
-def _eval_conversations(args: argparse.Namespace, roots: Roots) -> str | list[str] | None:
-    """``--conversations``: a conversation file, or the files a conversation config (YAML) lists."""
-    given = args.conversations
-    if given is None or Path(given).suffix.lower() not in (".yaml", ".yml"):
-        return given
-    folder = Path(args.conversation_folder) if args.conversation_folder else roots.get("conversations") / "all_data_mix_val"
-    return [str(folder / name) for name in read_conversation_config(given)]
-
-
-def _data_check(args: argparse.Namespace) -> int:
-    roots = Roots(Path(args.root))
-    overrides = _annotation_overrides(args)
-    checks = []
-    benchmarks = args.benchmark if args.benchmark or args.mix else [
-        b for b in BENCHMARKS if BENCHMARKS[b].kind != "released" or BENCHMARKS[b].conversations or args.conversations]
-    for name in benchmarks:
-        # --conversations is the file of the benchmarks named; checking them all, it is the 'released' one's
-        named = bool(args.benchmark) or name == "released"
-        conversations = _eval_conversations(args, roots) if BENCHMARKS[name].kind == "released" and named else None
-        checks.append(check_benchmark(name, roots, split=args.split, conversations=conversations, overrides=overrides))
-    for mix in args.mix if args.benchmark or args.mix else list(MIXES):
-        checks.append(_mix_check(mix, roots, overrides))
-    if args.json:
-        print(json.dumps({"root": str(roots.root), "runnable": all(c.runnable for c in checks),
-                          "checks": [c.to_dict() for c in checks]}, indent=1))
-    else:
-        print(format_checks(checks, root=roots.root))
-    return 0 if all(c.runnable for c in checks) else 1
-
-
-def _mix_check(mix: str, roots: Roots, overrides: dict[str, str]) -> DataCheck:
-    """The data check of a training mix given to ``segllm data check --mix``."""
-    suffix = Path(mix).suffix.lower()
-    if suffix == ".toml":
-        recipe = TrainRecipe.load(mix)
-        check = check_data(recipe) or DataCheck(mix, "mix", notes=["reads no released conversation files"])
-        check.name = mix
-        return check
-    if suffix in (".yaml", ".yml"):
-        folder = roots.get("conversations") / "all_data_mix_train"
-        files = [folder / name for name in read_conversation_config(mix)]
-        return check_mix(mix, files, None, roots.get("images"), roots.get("annotations"), overrides=overrides)
-    return check_released_mix(mix, roots.get("conversations"), roots.get("images"), roots.get("annotations"),
-                              overrides=overrides)
 
 def _demo(args: argparse.Namespace) -> int:
     try:
@@ -452,37 +384,16 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    kind = args.kind or ("refcoco" if args.refs else "coco")
-    out = generate_from_coco(
-        args.instances, args.images, args.out, refs=args.refs, split=args.split, kind=kind, seed=args.seed,
-        max_rounds=args.max_rounds, min_rounds=args.min_rounds, limit=args.limit, min_area=args.min_area,
-        dataset_name=args.dataset_name, images_prefix=args.images_prefix,
-        answers=VARIED_ANSWERS if args.varied_answers else PLAIN_ANSWERS, copy_images=args.copy_images,
-        per_image=args.per_image,
-    )
-    meta = json.loads((out / "meta.json").read_text())
-    counts = meta["counts"]
-    print(f"wrote {counts['conversations']} conversations ({counts['rounds']} rounds) from "
-          f"{counts['images_used']} of {counts['images_considered']} images to {out}/")
-    for scope, reasons in meta["skipped"].items():
-        if reasons:
-            print(f"skipped {sum(reasons.values())} {scope}: " + ", ".join(f"{r}: {n}" for r, n in reasons.items()))
-    return 0
-
-
-# `segllm <command>` -> its implementation (the parser in segllm/cli.py names them)
+# `segllm <command>` -> its implementation, for the commands that load torch (segllm/cli.py
+# dispatches the data commands to segllm/data/commands.py)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chat": _chat,
     "segment": _segment,
-    "world": _world,
     "train": _train,
     "eval": _eval,
-    "data check": _data_check,
     "parts": _parts,
     "merge-lora": _merge_lora,
     "convert-weights": _convert_weights,
     "demo": _demo,
     "bench": _bench,
-    "generate": _generate,
 }

@@ -161,10 +161,11 @@ def test_the_model_module_stays_thin():
     assert lines < 300, f"segllm/model/segllm.py has {lines} lines"
 
 
-def test_the_command_line_parser_loads_neither_torch_nor_transformers():
-    # `segllm --help`, a command's --help and argument errors answer without the ~3-5 s that
-    # importing torch and transformers takes; a command loads them when it runs
-    code = """
+def test_the_command_line_parser_and_data_commands_load_neither_torch_nor_transformers(tmp_path):
+    # `segllm --help`, a command's --help, argument errors and the data commands (world, data
+    # check, generate) answer without the ~3-5 s that importing torch and transformers takes; a
+    # model command loads them when it runs
+    code = f"""
 import sys
 import segllm
 import segllm.cli
@@ -174,12 +175,15 @@ for argv in (["--help"], ["chat", "--help"], ["bench", "--setting", "int3"]):
         segllm.cli.main(argv)
     except SystemExit:
         pass
+assert segllm.cli.main(["world", {str(tmp_path / "w")!r}, "--train", "2", "--val", "0", "--test", "0", "--heldout", "0"]) == 0
+assert segllm.cli.main(["data", "check", {str(tmp_path)!r}, "--benchmark", "mr-refcoco"]) == 1  # nothing there
 print(sorted(m for m in ("torch", "transformers", "segllm.commands", "segllm.model.segllm") if m in sys.modules))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
     assert "usage: segllm" in done.stdout and "invalid choice: 'int3'" in done.stderr
+    assert (tmp_path / "w" / "train").is_dir() and "wrote train: 2 conversations" in done.stdout
 
 
 def test_the_lazy_public_names_are_the_modules_own():
