@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from segllm import __version__
 from segllm.config import DTYPE_NAMES, MASK_REGIONS, QUANTIZE_MODES, RELEASED_SHAPE_SETTINGS
 from segllm.data.check import MIXES
 from segllm.errors import SegLLMError
@@ -22,6 +23,7 @@ from segllm.eval.suite import SUITES
 def build_parser() -> argparse.ArgumentParser:
     """The ``segllm`` command's parser (every subcommand and its options)."""
     parser = argparse.ArgumentParser(prog="segllm", description="Multi-round reasoning segmentation with mask memory.")
+    parser.add_argument("--version", action="version", version=f"segllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="segment objects in an image, round by round (interactive, --ask or --script)")

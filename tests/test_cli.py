@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from segllm.cli import main
@@ -188,3 +189,11 @@ def test_round_line_says_when_a_mask_is_empty():
     assert _boxes_line(two) == "mask 3.1 [1, 2, 4, 5] score 0.90, mask 3.2 empty score 0.40"
     one = SimpleNamespace(round=1, masks=[empty], boxes=boxes[1:], scores=np.array([0.5], np.float32))
     assert _boxes_line(one) == "empty score 0.50"
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"segllm {version('segllm')}"
