@@ -197,3 +197,23 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"segllm {version('segllm')}"
+
+
+def test_every_command_of_the_parser_has_an_implementation():
+    import argparse
+
+    from segllm.cli import build_parser
+    from segllm.commands import COMMANDS
+    from segllm.data_commands import COMMANDS as DATA_COMMANDS
+
+    def funcs(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from funcs(sub)
+        if parser.get_default("func") is not None:
+            yield parser.get_default("func")
+
+    named = list(funcs(build_parser()))
+    assert len(named) == 12 and not set(COMMANDS) & set(DATA_COMMANDS)
+    assert sorted(named) == sorted([*COMMANDS, *DATA_COMMANDS])
