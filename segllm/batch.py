@@ -147,10 +147,16 @@ class Batch:
         return vision.preprocess_crops(self.memory_crops, self.memory_sides)
 
     def to(self, device: torch.device | str) -> Batch:
-        out = {}
+        """The batch on ``device`` (its host fields stay); a tensor two fields share (the dense
+        maps when both frames hold the image as it is) is copied once and stays shared."""
+        out, moved = {}, {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.to(device) if isinstance(v, Tensor) and f.name not in self.HOST_FIELDS else v
+            if isinstance(v, Tensor) and f.name not in self.HOST_FIELDS:
+                if id(v) not in moved:
+                    moved[id(v)] = v.to(device)
+                v = moved[id(v)]
+            out[f.name] = v
         return Batch(**out)
 
 

@@ -1,6 +1,7 @@
 """The grounded design's parts: convolutional encoders, dense attribute heads, per-part clipping."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -325,3 +326,16 @@ def test_group_loss_is_the_mean_cross_entropy_over_supervised_labels_per_group()
     none[:, 1] = IGNORE_LABEL
     assert_close_scaled(group_loss(GROUPS, logits, none), want[0] / 2)
     assert group_loss(GROUPS, logits, torch.full_like(labels, IGNORE_LABEL)) == 0
+
+
+def test_a_dense_map_two_fields_share_moves_once(grounded, three_rounds):
+    # where both frames hold the image as it is (the world's square images) the batch carries one
+    # dense map for both fields (a batch of 256 world conversations: 42 MB); moving the batch
+    # keeps it one
+    batch = grounded.prepare([with_dense(three_rounds)])
+    assert batch.dense_decoder is not batch.dense_vision  # not square here: two maps
+    moved = batch.to("meta")
+    assert moved.dense_decoder is not moved.dense_vision and moved.dense_decoder.shape == batch.dense_decoder.shape
+    shared = dataclasses.replace(batch, dense_decoder=batch.dense_vision).to("meta")
+    assert shared.dense_decoder is shared.dense_vision and shared.dense_vision.device.type == "meta"
+    assert shared.input_ids.device.type == "meta"
