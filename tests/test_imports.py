@@ -192,6 +192,7 @@ def test_the_lazy_public_names_are_the_modules_own():
 
     assert segllm.SegLLM is SegLLM and segllm.Session is Session
     assert set(segllm.__all__) <= set(dir(segllm))
+    assert len(dir(segllm)) == len(set(dir(segllm)))  # a name imported already is listed once
     for name in segllm.__all__:
         assert getattr(segllm, name) is not None
     try:
