@@ -1,4 +1,5 @@
-"""What each ``segllm`` command does (:mod:`segllm.cli` parses the command line and calls these)."""
+"""What each ``segllm`` command that loads a model does (:mod:`segllm.cli` parses the command line
+and calls these; the data commands are in :mod:`segllm.data_commands`)."""
 
 from __future__ import annotations
 
@@ -385,7 +386,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 # `segllm <command>` -> its implementation, for the commands that load torch (segllm/cli.py
-# dispatches the data commands to segllm/data/commands.py)
+# dispatches the data commands to segllm/data_commands.py)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chat": _chat,
     "segment": _segment,
