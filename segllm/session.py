@@ -62,6 +62,15 @@ class Reply:
     frame_masks: np.ndarray | None = None
     user: bool = False
 
+    def memory_masks(self, frame_memory: bool) -> np.ndarray:
+        """The masks as the mask memory reads them: ``frame_masks`` where it crops in the
+        decoder frame (``RoundEngine.frame_memory``, the released memory path), else ``masks``."""
+        return self.frame_masks if frame_memory else self.masks
+
+    def memory_input(self, j: int, frame_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The j-th mask as the memory reads it and its box: what ``RoundEngine.extend`` asks for."""
+        return torch.tensor(self.memory_masks(frame_memory)[j]), torch.as_tensor(self.boxes[j])
+
 
 REGION_QUESTION = "Segment {label}."  # how a user's region round reads in the conversation text
 REGION_LABEL = "the region I marked"
@@ -257,8 +266,7 @@ class Session:
     def referable(self, k: int) -> bool:
         """Whether a later round may refer to round ``k``: its masks, as the memory reads them
         (in the decoder frame or at image resolution), are not all empty."""
-        reply = self.history[k - 1]
-        return masks_referable(reply.frame_masks if self._frame_memory else reply.masks)
+        return masks_referable(self.history[k - 1].memory_masks(self._frame_memory))
 
     @property
     def _frame_memory(self) -> bool:
@@ -266,9 +274,7 @@ class Session:
 
     def _memory_mask(self, k: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Round k's j-th mask as the memory reads it, and its box (see ``RoundEngine.extend``)."""
-        reply = self.history[k - 1]
-        mask = reply.frame_masks[j] if self._frame_memory else reply.masks[j]
-        return torch.tensor(mask), torch.as_tensor(reply.boxes[j])
+        return self.history[k - 1].memory_input(j, self._frame_memory)
 
     def _need_image(self) -> None:
         if self.image is None:

@@ -480,12 +480,10 @@ class _Scorer:
         frame_memory = engine.frame_memory
 
         def referable(b: int, k: int) -> bool:  # as Session.referable
-            reply = history[b][k - 1]
-            return masks_referable(reply.frame_masks if frame_memory else reply.masks)
+            return masks_referable(history[b][k - 1].memory_masks(frame_memory))
 
         def memory_mask(b: int, k: int, j: int):  # as Session._memory_mask
-            reply = history[b][k - 1]
-            return torch.tensor(reply.frame_masks[j] if frame_memory else reply.masks[j]), torch.as_tensor(reply.boxes[j])
+            return history[b][k - 1].memory_input(j, frame_memory)
 
         for n in range(1, max(len(c.rounds) for c in convs) + 1):
             asked, refs_of = {}, {}

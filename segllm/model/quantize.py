@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from segllm.model.segllm import SegLLM
 
 
-
 def _bnb():
     # (segllm/_logging.py quiets bitsandbytes' CPU kernel notice before anything imports it)
     try:
