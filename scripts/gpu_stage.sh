@@ -16,7 +16,9 @@
 # Environment knobs: INIT (model.init; default the bundled model; a model folder that came back from
 # an earlier call will do: the bundled tokenizer files are copied into it), TRAIN_S (training budget, s),
 # HARD_S (hard stop of the train command, s: the last checkpoint is still bundled), BATCH, WORKERS,
-# LR, WARM (warm-up steps), SEED, SAVE (checkpoint every N steps), MEMORY (false: the text-only twin),
+# LR, WARM (warm-up steps), SEED, SAVE (checkpoint every N steps), START (data.start: the first world
+# position read; default 294912, past every position the bundled model's stages 4-7 read, so the
+# stage sees fresh conversations), MEMORY (false: the text-only twin),
 # EXTRA (more --set options), RECIPE, PY (python), WHEELS (a folder of wheels to install first with
 # --no-deps into /tmp/site, for a machine without this package's pinned dependencies: e.g.
 # transformers 4.57, huggingface_hub < 1, tokenizers 0.22, pycocotools).
@@ -52,7 +54,7 @@ train() {  # $1: run folder, $2: init, $3: model.memory, $4: workers, $5: consol
     --set batch_size="${BATCH:-256}" --set workers="$4" --set threads=1 \
     --set eval_every=100000 --set save_every="${SAVE:-40}" --set log_every=10 \
     --set optim.lr="${LR:-2e-4}" --set optim.warmup_steps="${WARM:-40}" --set time_limit_s="${TRAIN_S:-450}" \
-    --set model.loss.own_ref_prob=0.5 --set seed="${SEED:-7}" ${EXTRA:-} > "$5" 2>&1
+    --set model.loss.own_ref_prob=0.5 --set seed="${SEED:-7}" --set data.start="${START:-294912}" ${EXTRA:-} > "$5" 2>&1
   echo "train $1 exit $? after $(( $(date +%s) - T0 )) s"
 }
 bundle() {  # $1: run folder, $2: where the float16 model goes

@@ -120,6 +120,10 @@ class DataRecipe:
     each dataset's masks are under ``annotations`` (``path``; ``path_eval`` for validation);
     ``annotation_paths`` overrides single datasets on top of it (``{lvis = "lvis/mine.json"}``;
     a name with ``_eval`` for validation's file). Unlisted datasets keep the released layout's files.
+    ``start``: the training position a new run (not a resumed one) begins at. Every run reads its
+    training set from position ``start`` on (then wraps around ``train_size``), so a stage that
+    continues another's weights (``model.init``) with ``start`` = 0 reads the same conversations
+    again; give it the earlier stages' conversation count to read fresh ones.
     """
 
     train: str = "world"
@@ -136,8 +140,11 @@ class DataRecipe:
     val_size: int = 200
     max_rounds: int = 8
     world: dict[str, Any] = field(default_factory=dict)
+    start: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.start, int) or self.start < 0:
+            raise ConfigError(f"data.start must be an integer >= 0 (a training position), got {self.start!r}")
         if self.conversation_config and self.mix:
             raise ConfigError("data.conversation_config and data.mix both name the training mix: give one")
         if self.conversation_config and not self.conversations:

@@ -221,6 +221,20 @@ def _start_model(recipe: TrainRecipe, train_set, last: Path, resume: bool):
     return model, 0, 0, {"evals": []}
 
 
+def _data_start(recipe: TrainRecipe, last: Path, resume: bool) -> int:
+    """The training position the run began at (``data.start``): a resumed run keeps the one its
+    checkpoint was made with, so that it continues the same stream of conversations even where
+    the command line that resumes it says otherwise."""
+    start = recipe.data.start
+    state = last / "trainer_state.json"
+    if resume and state.is_file():
+        saved = json.loads(state.read_text()).get("recipe", {}).get("data", {}).get("start", 0)
+        if saved != start:
+            log.warning("resuming: data.start stays %d, the run's own (the recipe says %d)", saved, start)
+        start = saved
+    return start
+
+
 def _part_groups(core) -> list[list[torch.nn.Parameter]]:
     """Each trainable part's parameters, once each (tied weights in the first part that has
     them): the groups that per-part clipping clips separately."""
@@ -261,6 +275,7 @@ class _Run:
         self.train_set, self.val_set = build_datasets(recipe, processes=acc.num_processes)
         self.recipe = recipe = recipe.resolved(getattr(self.train_set, "epoch_size", None) or len(self.train_set), acc.num_processes)
         model, start_step, self.samples_seen, self.history = _start_model(recipe, self.train_set, last, resume)
+        data_start = _data_start(recipe, last, resume)
         if start_step and acc.is_main_process:
             log.info("resuming from %s at step %d", last, start_step)
         model.set_trainable()
@@ -270,7 +285,7 @@ class _Run:
         self.per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
         self.end = min(recipe.steps, stop_after) if stop_after is not None else recipe.steps
         micro_batches = MicroBatches(
-            self.train_set, model.prepare, start=self.samples_seen, batch_size=recipe.batch_size, processes=acc.num_processes,
+            self.train_set, model.prepare, start=data_start + self.samples_seen, batch_size=recipe.batch_size, processes=acc.num_processes,
             rank=acc.process_index, accum=recipe.grad_accum, count=max(0, self.end - start_step) * recipe.grad_accum,
         )
         loader = torch.utils.data.DataLoader(

@@ -207,6 +207,34 @@ def test_data_loader_workers_give_the_same_run(tmp_path):
     assert ahead.losses == pytest.approx(inline.losses, rel=1e-5)
 
 
+def test_data_start_reads_fresh_conversations_and_a_resume_keeps_it(tmp_path, monkeypatch, caplog):
+    """A run from data.start reads the training set from that position on; resumed with another
+    data.start on the command line, it continues its own stream."""
+    from segllm.data.records import WorldConversations
+
+    read = []
+    original = WorldConversations.get
+
+    def get(self, index):
+        if self.split == "train":
+            read.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(WorldConversations, "get", get)
+    r = _recipe(tmp_path, steps=4, eval_every=0, save_every=2, data={"start": 100})
+    train(r, progress=False, stop_after=2)
+    assert read[-4:] == [100, 101, 102, 103]  # 2 steps of 2 from position 100 (before them: the tokenizer's corpus)
+    assert 104 not in read
+    read.clear()
+    again = _recipe(tmp_path, steps=4, eval_every=0, save_every=2, data={"start": 7})
+    with caplog.at_level("WARNING"):
+        train(again, resume=True, progress=False)
+    assert read == [104, 105, 106, 107]
+    assert "data.start stays 100" in caplog.text
+    with pytest.raises(ConfigError, match="data.start"):
+        _recipe(tmp_path, data={"start": -1})
+
+
 def test_time_budget_stops_with_a_checkpoint_and_anneals(tmp_path):
     from segllm.train.trainer import lr_lambda
 
