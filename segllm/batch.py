@@ -146,15 +146,26 @@ class Batch:
             return self.memory_pixels
         return vision.preprocess_crops(self.memory_crops, self.memory_sides)
 
-    def to(self, device: torch.device | str) -> Batch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The batch on ``device`` (its host fields stay); a tensor two fields share (the dense
-        maps when both frames hold the image as it is) is copied once and stays shared."""
+        maps when both frames hold the image as it is) is copied once and stays shared.
+        ``non_blocking``: copies from page-locked memory (:meth:`pin_memory`) do not wait."""
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """The batch with its device-bound tensors in page-locked host memory (a CUDA machine's
+        data loader calls this with ``pin_memory=True``), so that :meth:`to` can copy them to the
+        GPU without the host waiting for the work queued before."""
+        return self._map(lambda v: v.pin_memory())
+
+    def _map(self, fn) -> Batch:
+        """A copy with ``fn`` applied to every tensor field but the host ones, once per tensor."""
         out, moved = {}, {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor) and f.name not in self.HOST_FIELDS:
                 if id(v) not in moved:
-                    moved[id(v)] = v.to(device)
+                    moved[id(v)] = fn(v)
                 v = moved[id(v)]
             out[f.name] = v
         return Batch(**out)

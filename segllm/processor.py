@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from segllm.checks import on_host, require
 from segllm.config import MemoryConfig, TemplateConfig
 from segllm.conversation import SEG, Conversation
 from segllm.errors import ContextTooLongError, ConversationError, PlaceholderMismatchError
@@ -280,20 +281,24 @@ class Processor:
         for tid in placeholder_ids:
             is_ph |= ids == tid
         is_ph &= att.bool()
-        n_tokens, n_feats = int(is_ph.sum()), rows.numel()
-        if n_tokens != n_feats:
-            raise PlaceholderMismatchError(
-                f"{n_tokens} placeholder token(s) in the input but {n_feats} feature(s) to inject "
-                f"({', '.join(f'{n} for token {t}' for t, n in expected)})"
-            )
+        n_feats = rows.numel()
+        kinds = ", ".join(f"{n} for token {t}" for t, n in expected)
+        if on_host(ids):  # the counts named in the message
+            n_tokens = int(is_ph.sum())
+            if n_tokens != n_feats:
+                raise PlaceholderMismatchError(f"{n_tokens} placeholder token(s) in the input but {n_feats} feature(s) to inject ({kinds})")
+        else:  # read nothing back from an accelerator (segllm.checks)
+            require(is_ph.sum() == n_feats, f"the placeholder tokens in the input are not the {n_feats} feature(s) to inject ({kinds})",
+                    PlaceholderMismatchError)
         if not n_feats:
             return
         want = torch.cat([torch.full((n,), tid, dtype=ids.dtype, device=ids.device) for tid, n in expected])
-        if not bool((ids[rows, cols] == want).all()):
-            raise PlaceholderMismatchError("a feature slot points at a position that holds no placeholder token of its kind")
+        require((ids[rows, cols] == want).all(), "a feature slot points at a position that holds no placeholder token of its kind",
+                PlaceholderMismatchError)
+        # how many features each position receives (a scatter: unique() would read its size back)
         flat = rows * ids.shape[1] + cols
-        if flat.unique().numel() != flat.numel():
-            raise PlaceholderMismatchError("two features point at the same placeholder token")
+        hits = torch.zeros(ids.numel(), dtype=torch.int32, device=ids.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        require(hits.max() <= 1, "two features point at the same placeholder token", PlaceholderMismatchError)
 
 
 def _mid_string_tokenizer(tokenizer: PreTrainedTokenizerBase):

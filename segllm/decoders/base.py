@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from segllm.checks import on_host, require
 from segllm.errors import ImageError
 
 REF, SEG = 0, 1  # mask channels of DecoderOutput
@@ -381,10 +382,13 @@ def check_decoder_inputs(image_features: Tensor, prompts: Tensor, batch_index: T
     if batch_index.dtype.is_floating_point or batch_index.dtype.is_complex or batch_index.dtype == torch.bool:
         raise ValueError(f"batch_index must be an integer tensor, got {batch_index.dtype}")
     if batch_index.numel():
-        lo, hi = int(batch_index.min()), int(batch_index.max())
         b = image_features.shape[0]
-        if lo < 0 or hi >= b:
-            raise ValueError(f"batch_index out of range: values in [{lo}, {hi}] but there are {b} images")
+        if on_host(batch_index):  # the values named in the message
+            lo, hi = int(batch_index.min()), int(batch_index.max())
+            if lo < 0 or hi >= b:
+                raise ValueError(f"batch_index out of range: values in [{lo}, {hi}] but there are {b} images")
+        else:  # read nothing back from an accelerator (segllm.checks)
+            require((batch_index.min() >= 0) & (batch_index.max() < b), f"batch_index out of range: there are {b} images")
 
 
 def check_image(image: Tensor) -> tuple[int, int]:

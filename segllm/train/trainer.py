@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -221,6 +222,34 @@ def _start_model(recipe: TrainRecipe, train_set, last: Path, resume: bool):
     return model, 0, 0, {"evals": []}
 
 
+class _PendingTerms:
+    """A step's loss terms (0-dim tensors on the training device) on their way to the host.
+
+    On a CUDA device they are stacked into one tensor and copied into page-locked host memory
+    without waiting (an event marks the copy's end), so the host can queue the next step while
+    the device still works on this one; :meth:`read` waits for that copy alone, not for work
+    queued after it. Elsewhere the values are read when asked.
+    """
+
+    def __init__(self, terms: dict[str, Tensor]) -> None:
+        self.names = list(terms)
+        values = torch.stack(list(terms.values())) if terms else torch.zeros(0)
+        self.event = None
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            values = host
+        self.values = values
+
+    def read(self) -> dict[str, float]:
+        """Each term's value (waits for the copy on CUDA)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return dict(zip(self.names, self.values.tolist()))
+
+
 def _data_start(recipe: TrainRecipe, last: Path, resume: bool) -> int:
     """The training position the run began at (``data.start``): a resumed run keeps the one its
     checkpoint was made with, so that it continues the same stream of conversations even where
@@ -288,9 +317,12 @@ class _Run:
             self.train_set, model.prepare, start=data_start + self.samples_seen, batch_size=recipe.batch_size, processes=acc.num_processes,
             rank=acc.process_index, accum=recipe.grad_accum, count=max(0, self.end - start_step) * recipe.grad_accum,
         )
+        # on a CUDA device the batches arrive in page-locked memory, so that copying one to the
+        # device does not make the host wait for the work queued before it (Batch.pin_memory)
+        self.pinned = acc.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
             micro_batches, batch_size=None, collate_fn=_keep, num_workers=recipe.workers,
-            prefetch_factor=4 if recipe.workers else None,
+            prefetch_factor=4 if recipe.workers else None, pin_memory=self.pinned,
         )
         # started now, while the model is still on the CPU: the workers fork with a CPU copy of the
         # preprocessing it does (and never touch the training device)
@@ -336,15 +368,17 @@ class _Run:
         self.grad_norms: dict[str, float] = {}
         self.part_groups = _part_groups(self.core)
         self.timed_out = False
+        self._pending: tuple | None = None  # the last step's loss terms, not yet read (see log)
 
     def elapsed(self) -> float:
         """Seconds of training so far, resumed runs included (the time budget's clock)."""
         return time.time() - self.t_start
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns each loss term's mean."""
+    def train_step(self) -> _PendingTerms:
+        """One optimizer step over ``grad_accum`` micro-batches; returns each loss term's mean,
+        still on the training device until read (:class:`_PendingTerms`)."""
         r, acc, o = self.recipe, self.acc, self.recipe.optim
-        terms: dict[str, float] = {}
+        terms: dict[str, Tensor] = {}
         for micro in range(r.grad_accum):
             n_convs, batch, skips = next(self.batches)
             if r.workers:  # counted in a worker's copy of the dataset
@@ -352,7 +386,7 @@ class _Run:
             torch.manual_seed(r.seed * 1_000_003 + self.step * 1009 + acc.process_index * 31 + micro)
             if batch is None:
                 continue
-            batch = batch.to(acc.device)
+            batch = batch.to(acc.device, non_blocking=self.pinned)
             with acc.accumulate(self.model):
                 res = self.model(batch, objective=training_loss)
                 acc.backward(res.loss)
@@ -370,32 +404,54 @@ class _Run:
             parts = {k: v for k, v in parts.items() if v is not None}
             parts |= {f"set_{k}": v for k, v in (res.set_terms or {}).items()}  # HIPIE's set-prediction terms
             for name, value in parts.items():
-                terms[name] = terms.get(name, 0.0) + float(value.detach()) / r.grad_accum
+                # kept on the device: reading a value back here would make the host wait for the
+                # accelerator at every step (see _PendingTerms)
+                value = value.detach().float() / r.grad_accum
+                terms[name] = terms[name] + value if name in terms else value
             self.seen0 += n_convs
         self.sched.step()
         self.samples_seen += self.per_step
         self.step += 1
         self.history["elapsed_s"] = self.elapsed()
         if r.time_limit_s:
-            # every process must stop at the same step: the main process's clock decides
-            flag = torch.tensor([float(self.elapsed() >= r.time_limit_s)], device=acc.device)
-            self.timed_out = bool(acc.reduce(flag, reduction="max").item()) if acc.num_processes > 1 else bool(flag.item())
-        return terms
+            timed_out = self.elapsed() >= r.time_limit_s
+            if acc.num_processes > 1:
+                # every process must stop at the same step: the main process's clock decides
+                flag = torch.tensor([float(timed_out)], device=acc.device)
+                timed_out = bool(acc.reduce(flag, reduction="max").item())
+            self.timed_out = timed_out
+        return _PendingTerms(terms)
 
-    def log(self, terms: dict[str, float]) -> None:
-        """Record a step's loss; every ``log_every`` steps, a line of ``log.jsonl`` (the terms,
-        learning rate, conversations per second and each part's gradient norm)."""
+    def log(self, terms: _PendingTerms) -> None:
+        """Record a step's loss terms. They are read one step late: the previous step's are
+        written now, while this step's work may still run on the accelerator, so that the host
+        goes on to the next batch instead of waiting for it (:meth:`flush` writes the last one
+        before a validation, a checkpoint or the end of the run)."""
+        previous = self._pending
+        self._pending = (self.step, self.timed_out, self.sched.get_last_lr()[0], self.grad_norms, terms)
+        if previous is not None:
+            self._write_log(*previous)
+
+    def flush(self) -> None:
+        """Write the loss terms of the last step, if not yet written (waits for them)."""
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            self._write_log(*previous)
+
+    def _write_log(self, step: int, timed_out: bool, lr: float, grad_norms: dict[str, float], pending: _PendingTerms) -> None:
+        """A step's loss into the summary; every ``log_every`` steps, a line of ``log.jsonl``
+        (the terms, learning rate, conversations per second and each part's gradient norm)."""
+        terms = pending.read()
         self.summary.losses.append(terms.get("loss", float("nan")))
         if not self.acc.is_main_process:
             return
         self.bar.update(1)
-        step = self.step
-        if step % self.recipe.log_every == 0 or step == self.recipe.steps or self.timed_out:
+        if step % self.recipe.log_every == 0 or step == self.recipe.steps or timed_out:
             rate = self.seen0 * self.acc.num_processes / max(1e-9, time.time() - self.t0)
             self.bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}", conv_s=f"{rate:.1f}")
-            entry = {"step": step, "lr": self.sched.get_last_lr()[0], "conv_per_s": rate, **terms}
-            if self.grad_norms:
-                entry["grad_norm"] = self.grad_norms
+            entry = {"step": step, "lr": lr, "conv_per_s": rate, **terms}
+            if grad_norms:
+                entry["grad_norm"] = grad_norms
             with (self.out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(entry) + "\n")
             if self.recipe.log_with:
@@ -404,6 +460,7 @@ class _Run:
     def evaluate(self) -> None:
         """Oracle-history cIoU (and, on world data, the grounded rate) per round on the
         validation slice, into ``eval.jsonl`` and the summary."""
+        self.flush()  # the log up to this step first
         acc, core = self.acc, self.core
         if acc.is_main_process or self.sharded:  # sharded: every process takes part in each forward
             with (fsdp.unsharded(core) if self.sharded else contextlib.nullcontext()):
@@ -429,6 +486,7 @@ class _Run:
 
     def save(self) -> None:
         """checkpoint-last, atomically (see :func:`_save`), with the trainer state to resume from."""
+        self.flush()  # log.jsonl holds every step the checkpoint has
         state = {"step": self.step, "samples_seen": self.samples_seen, "recipe": self.recipe.to_dict(), "history": self.history, "processes": self.acc.num_processes}
         _save(self.acc, self.core, self.opt, self.out, state, sharded=self.sharded, deepspeed=self.deepspeed)
         if self.recipe.keep_checkpoints and self.acc.is_main_process:
@@ -436,6 +494,7 @@ class _Run:
 
     def finish(self) -> TrainSummary:
         """Close the run; the summary of what it did."""
+        self.flush()
         self.bar.close()
         acc = self.acc
         if self.timed_out and acc.is_main_process:

@@ -79,3 +79,94 @@ def test_the_host_side_fields_stay_on_the_host():
     moved = batch.to("meta")  # stands for an accelerator: every other tensor goes there
     assert moved.ref_pick.device.type == "cpu" and torch.equal(moved.ref_pick, batch.ref_pick)
     assert moved.seg_targets.device.type == "meta" and moved.labels.device.type == "meta"
+
+
+class _StackedReads(TorchFunctionMode):
+    """Every read of a value (as _CountReads), with the files of its whole stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stacks: list[tuple[str, list[str]]] = []
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if self.paused:
+            pass
+        elif name in _READS or (name in ("__getitem__", "__setitem__") and len(args) > 1 and _is_mask(args[1])):
+            self.stacks.append((name, [f"{f.filename}:{f.name}" for f in traceback.extract_stack(limit=40)[:-1]]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_whole_training_step_on_an_accelerator_reads_back_only_the_llms_mask_check(tmp_path, monkeypatch):
+    """The trainer's step (batch building aside) as it runs on a GPU: the input checks queue
+    assertions instead of reading (segllm/checks.py; the host branch is switched off here, as
+    every tensor would be on the device), the loss terms come back one step late without a wait
+    (trainer._PendingTerms), and the time budget is read from the host's clock. What remains: the
+    optimizer's step counters (host tensors), the own-mask references' choice of rows and the
+    memory crops' sides (host fields), and one read in transformers' attention-mask builder."""
+    import segllm.checks
+    import segllm.decoders.base
+    import segllm.processor
+    from segllm.train import trainer as T
+    from segllm.train.recipe import TrainRecipe
+
+    for module in (segllm.checks, segllm.decoders.base, segllm.processor):
+        monkeypatch.setattr(module, "on_host", lambda t: False)
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, message: None)
+    counter = _StackedReads()
+    step, init = T._Run.train_step, T._Run.__init__
+
+    def counted_step(self):
+        with counter:
+            return step(self)
+
+    def unobserved_batches(self, *args, **kwargs):  # batches are built on the host (data-loader workers)
+        init(self, *args, **kwargs)
+        batches = self.batches
+
+        def building():
+            while True:
+                counter.paused = True
+                try:
+                    item = next(batches)
+                finally:
+                    counter.paused = False
+                yield item
+        self.batches = building()
+
+    monkeypatch.setattr(T._Run, "train_step", counted_step)
+    monkeypatch.setattr(T._Run, "__init__", unobserved_batches)
+    recipe = TrainRecipe.load("configs/direct_refine.toml", {
+        "output_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 4, "log_every": 100, "save_every": 0, "eval_every": 0,
+        "time_limit_s": 1000, "mixed_precision": "no", "workers": 0,
+        "model": {"init": "segllm/assets/default_model", "loss": {"own_ref_prob": 0.5}}})
+    T.train(recipe, progress=False)
+    allowed = ("/torch/optim/", "/transformers/masking_utils.py")
+    host_side = ("own_ref_masks", "preprocess_crops")
+    left = [(name, stack[-1]) for name, stack in counter.stacks
+            if not any(a in f for f in stack for a in allowed) and not any(stack[-1].endswith(h) for h in host_side)]
+    assert not left, left
+    in_transformers = [s for _, s in counter.stacks if any("/transformers/masking_utils.py" in f for f in s)]
+    assert len(in_transformers) <= 2  # one per step
+
+
+def test_batches_are_pinned_for_the_device_once_per_tensor_and_keep_their_host_fields(monkeypatch):
+    """On a CUDA machine the data loader pins each batch (Batch.pin_memory) so that its copy to
+    the GPU need not wait; page-locked memory needs CUDA, so a copy stands for it here."""
+    model = load_model()
+    data = WorldConversations("train", 2, seed=0, max_rounds=4)
+    batch = model.prepare([data[i] for i in range(2)])
+    pinned = []
+
+    def pin(self):
+        pinned.append(self)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    out = batch.pin_memory()
+    assert out.ref_pick is batch.ref_pick and out.memory_sides is batch.memory_sides  # host fields: as they are
+    assert torch.equal(out.seg_targets, batch.seg_targets) and out.seg_targets is not batch.seg_targets
+    assert len({id(t) for t in pinned}) == len(pinned)  # each tensor once, also one two fields share
+    if batch.dense_decoder is not None and batch.dense_decoder is batch.dense_vision:
+        assert out.dense_decoder is out.dense_vision
