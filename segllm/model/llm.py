@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from segllm.config import LLMConfig
@@ -52,3 +54,31 @@ def max_positions(llm: PreTrainedModel) -> int:
         if isinstance(v, int) and v > 0:
             return v
     raise ConfigError("cannot tell the LLM's context length from its config; set template.max_length")
+
+
+def causal_mask(attention: Tensor, width: int) -> Tensor:
+    """The attention of the last ``width`` of T tokens (a chunk appended to a cache, or, with
+    ``width`` = T, a whole batch): [B, T] (1: a real token, 0: padding; the chunk's tokens last)
+    -> [B, 1, width, T] bool, True where a query may attend (a real key at or before the
+    query's column), as torch's scaled-dot-product attention takes it.
+
+    Why build it here when transformers would build the same from the [B, T] mask: on a filled
+    cache its builder runs a ``vmap`` over the mask function (~10 ms a call for a padded batch on
+    the CPU, a tenth of a batch-segmentation round on the bundled model), and over a whole batch
+    it first reads back whether there is any padding (``mask.all()``), which on a GPU makes the
+    host wait for the device in every training step. A 4-D mask goes to the attention as it is."""
+    T = attention.shape[1]
+    keys = torch.arange(T, device=attention.device)
+    queries = torch.arange(T - width, T, device=attention.device)
+    return attention.bool()[:, None, None, :] & (keys[None, :] <= queries[:, None])
+
+
+def attention_mask_for(llm: PreTrainedModel, attention: Tensor, width: int) -> Tensor:
+    """The attention mask to give ``llm`` for its last ``width`` tokens from their [B, T] mask:
+    with torch's scaled-dot-product attention the 4-D boolean :func:`causal_mask`, which it takes
+    as it is; other implementations (eager adds a float mask) get the [B, T] mask, from which
+    transformers builds theirs."""
+    if getattr(llm.config, "_attn_implementation", None) == "sdpa":
+        return causal_mask(attention, width)
+    return attention
+

@@ -53,6 +53,7 @@ from segllm.decoders.base import (
 from segllm.decoders.edge_filter import colour_guided_filter
 from segllm.errors import ConversationError, SegLLMError
 from segllm.model.kv_cache import GrowingCache
+from segllm.model.llm import attention_mask_for
 from segllm.model.memory import mask_boxes
 from segllm.model.prompt_head import PromptHead
 from segllm.processor import Encoded, MemoryItem
@@ -155,22 +156,6 @@ def _image_in_frame(image: np.ndarray, frame: Frame) -> Tensor:
     """A conversation's image ([H, W, 3] uint8) in the decoder's frame: [3, Sd, Sd] uint8."""
     # (a read-only array, e.g. a decoded image's buffer, is copied: torch warns of those, though only read here)
     return image_to_frame(torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1), frame)
-
-
-def _chunk_mask(attention: Tensor, width: int) -> Tensor:
-    """The attention of a chunk of ``width`` new tokens appended to a cache: [B, T] (1: a real
-    token, 0: padding; the chunk's tokens last) -> [B, 1, width, T] bool, True where a query
-    may attend (a real key at or before the query's column), for the SDPA attention
-    (:meth:`RoundEngine._chunk_attention`).
-
-    The LLM would build the same mask from the [B, T] one, but on a filled cache transformers'
-    mask builder runs a ``vmap`` over the mask function (~10 ms a call for a padded batch on the
-    CPU, a tenth of a batch-segmentation round on the bundled model; ~1 ms for a Session's
-    round); a 4-D mask goes to the attention as it is."""
-    T = attention.shape[1]
-    keys = torch.arange(T, device=attention.device)
-    queries = torch.arange(T - width, T, device=attention.device)
-    return (attention.bool()[:, None, None, :] & (keys[None, :] <= queries[:, None]))
 
 
 # -- the engine's state ----------------------------------------------------------------------
@@ -380,13 +365,9 @@ class RoundEngine:
         return self.model.config.prompt_head.attend_round
 
     def _chunk_attention(self, attention: Tensor, width: int) -> Tensor:
-        """The attention mask to give the LLM for a chunk of ``width`` tokens on a cache, from
-        its [B, T] mask: with torch's scaled-dot-product attention the 4-D boolean mask
-        (:func:`_chunk_mask`), which it takes as it is; other implementations (eager adds a
-        float mask) get the [B, T] mask, from which transformers builds theirs."""
-        if getattr(self.model.llm.config, "_attn_implementation", None) == "sdpa":
-            return _chunk_mask(attention, width)
-        return attention
+        """The attention mask to give the LLM for a chunk of ``width`` tokens on a cache, from its
+        [B, T] mask (:func:`segllm.model.llm.attention_mask_for`)."""
+        return attention_mask_for(self.model.llm, attention, width)
 
     @property
     def frame_memory(self) -> bool:
@@ -587,7 +568,7 @@ class RoundEngine:
             hidden = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
         else:
             past, T = cache.get_seq_length(), embeds.shape[1]
-            # on a filled cache, the causal mask with its offset given directly (see _chunk_mask)
+            # on a filled cache, the causal mask with its offset given directly (see attention_mask_for)
             att = None
             if past and T > 1:
                 att = self._chunk_attention(torch.ones(1, past + T, dtype=torch.long, device=embeds.device), T)

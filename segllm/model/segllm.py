@@ -31,6 +31,7 @@ from segllm.conversation import Conversation
 from segllm.decoders.base import DecoderOutput, MaskDecoder
 from segllm.errors import PlaceholderMismatchError
 from segllm.model.dense_head import DenseHeads
+from segllm.model.llm import attention_mask_for
 from segllm.model.lora import add_lora, merge_lora
 from segllm.model.memory import MaskMemoryEncoder
 from segllm.model.prompt_head import PromptHead
@@ -234,7 +235,8 @@ class SegLLM(nn.Module):
         features injected (``image_tokens``: the projected image features [B, N, D] when
         already computed)."""
         embeds = self.embed(batch, image_tokens=image_tokens)
-        return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        attention = attention_mask_for(self.llm, batch.attention_mask, batch.attention_mask.shape[1])
+        return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
 
     def decode_segs(
         self, hidden: Tensor, batch: Batch, index: Tensor | None = None, feats: Tensor | None = None, **decoder_options
