@@ -105,7 +105,7 @@ def capture(model, split: str, n: int) -> list[dict]:
                     ry, rx = np.divmod(np.nonzero(ref > 0.5)[0], side)
                     rc = (rx.mean() / side, ry.mean() / side) if len(rx) else (0.0, 0.0)
                     rows, inter, area = [], [], []
-                    g = b if cap["bidx"] is None else int(cap["bidx"][s + j])
+                    g = int(cap["bidx"][s + j])  # the prompt's image in the batch
                     for reg in _regions(seg[j] > 0):
                         yy, xx = np.divmod(reg, side)
                         m = np.zeros(side * side, np.float32)

@@ -81,4 +81,3 @@ def attention_mask_for(llm: PreTrainedModel, attention: Tensor, width: int) -> T
     if getattr(llm.config, "_attn_implementation", None) == "sdpa":
         return causal_mask(attention, width)
     return attention
-

@@ -303,8 +303,9 @@ class _Run:
             acc.wait_for_everyone()
         self.train_set, self.val_set = build_datasets(recipe, processes=acc.num_processes)
         self.recipe = recipe = recipe.resolved(getattr(self.train_set, "epoch_size", None) or len(self.train_set), acc.num_processes)
+        # a resumed run keeps its own data.start, also in the checkpoints it writes from here on
+        recipe.data.start = _data_start(recipe, last, resume)
         model, start_step, self.samples_seen, self.history = _start_model(recipe, self.train_set, last, resume)
-        data_start = _data_start(recipe, last, resume)
         if start_step and acc.is_main_process:
             log.info("resuming from %s at step %d", last, start_step)
         model.set_trainable()
@@ -314,7 +315,7 @@ class _Run:
         self.per_step = acc.num_processes * recipe.batch_size * recipe.grad_accum
         self.end = min(recipe.steps, stop_after) if stop_after is not None else recipe.steps
         micro_batches = MicroBatches(
-            self.train_set, model.prepare, start=data_start + self.samples_seen, batch_size=recipe.batch_size, processes=acc.num_processes,
+            self.train_set, model.prepare, start=recipe.data.start + self.samples_seen, batch_size=recipe.batch_size, processes=acc.num_processes,
             rank=acc.process_index, accum=recipe.grad_accum, count=max(0, self.end - start_step) * recipe.grad_accum,
         )
         # on a CUDA device the batches arrive in page-locked memory, so that copying one to the

@@ -231,6 +231,9 @@ def test_data_start_reads_fresh_conversations_and_a_resume_keeps_it(tmp_path, mo
         train(again, resume=True, progress=False)
     assert read == [104, 105, 106, 107]
     assert "data.start stays 100" in caplog.text
+    read.clear()  # and its checkpoints keep it: a second resume continues the same stream
+    train(_recipe(tmp_path, steps=6, eval_every=0, save_every=2, data={"start": 7}), resume=True, progress=False)
+    assert read == [108, 109, 110, 111]
     with pytest.raises(ConfigError, match="data.start"):
         _recipe(tmp_path, data={"start": -1})
 
