@@ -118,9 +118,11 @@ def main() -> None:
 
     from segllm.decoders.base import SEG
     from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig
+    from segllm.linear import use_onednn_linears
 
     config = replace(HipieDecoderConfig.reduced(), image_size=256) if args.reduced else HipieDecoderConfig()
     reference = HipieDecoder(config).eval()
+    use_onednn_linears(reference)  # as build_segllm does; the reference mode computes with F.linear all the same
     with torch.no_grad():
         # random but non-trivial sampling offsets and attention weights (their init is zero)
         for p in reference.parameters():
@@ -168,6 +170,7 @@ def main() -> None:
 
             clip_cfg = {k: v for k, v in _KNOWN_VISION["openai/clip-vit-large-patch14"].items() if k != "model_type"}
             clip = CLIPVisionModel(CLIPVisionConfig(**clip_cfg)).eval()
+            use_onednn_linears(clip)
             clip_in = torch.randn(2, 3, 224, 224)  # the image and one mask crop
             clip(pixel_values=clip_in, output_hidden_states=True)
             runs = []

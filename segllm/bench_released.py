@@ -47,6 +47,7 @@ from segllm.conversation import load_image
 from segllm.default import DEFAULT_MODEL, EXAMPLES
 from segllm.errors import ConfigError
 from segllm.eval.metrics import mask_scores
+from segllm.linear import is_plain_linear
 from segllm.model.builder import build_segllm
 from segllm.model.quantize import QUANTIZE_MODES, llm_weight_bytes, quantize_llm
 from segllm.model.released import _KNOWN_VISION, CLIP_MEAN, CLIP_STD, clip_vision_config, released_like_config
@@ -161,7 +162,7 @@ def build_released_shape(
     filler = _Filler(seed, dtype, device)
     decoder = model.llm.get_decoder()
     prefix = next(n for n, m in model.named_modules() if m is decoder) + "."
-    later = {id(m.weight) for m in decoder.modules() if type(m) is nn.Linear} if quantize else set()
+    later = {id(m.weight) for m in decoder.modules() if is_plain_linear(m)} if quantize else set()
     filler.materialise(model, skip=later)
     for module in model.modules():  # the buffers, as model.to(device, dtype) would move them
         for name, b in module._buffers.items():

@@ -24,6 +24,7 @@ from torch import nn
 from segllm.config import QUANTIZE_MODES
 from segllm.config import QuantizeMode as Mode
 from segllm.errors import ConfigError
+from segllm.linear import is_plain_linear
 
 if TYPE_CHECKING:
     from segllm.model.segllm import SegLLM
@@ -67,7 +68,7 @@ def quantize_llm(model: SegLLM, mode: Mode, *, weights: Callable[[str, nn.Linear
     compute = dtype if dtype != torch.float32 else torch.float32
     # names, not modules: each replaced layer's weights are freed as soon as it is swapped, so
     # quantizing a 7B model never holds its bf16 and int8 copies at once
-    targets = [name for name, mod in decoder.named_modules() if type(mod) is nn.Linear]
+    targets = [name for name, mod in decoder.named_modules() if is_plain_linear(mod)]
     for name in targets:
         lin = decoder.get_submodule(name)
         parent = decoder.get_submodule(name.rpartition(".")[0]) if "." in name else decoder

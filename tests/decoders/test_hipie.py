@@ -21,6 +21,7 @@ from segllm.decoders.hipie.deform_attn import multi_scale_deformable_sample, mul
 from segllm.decoders.hipie.fusion import BiMultiHeadAttention
 from segllm.decoders.hipie.transformer import CHUNK, EncoderLayer, encoder_reference_points
 from segllm.errors import CheckpointError
+from segllm.linear import use_onednn_linears
 from tests.helpers import RELEASED_FIXTURES
 from tests.tolerance import assert_close_scaled, scaled_atol
 
@@ -205,6 +206,7 @@ def test_fast_mode_equals_reference_mode():
 
     torch.manual_seed(0)
     model = HipieDecoder(replace(HipieDecoderConfig.reduced(), image_size=128)).eval()
+    use_onednn_linears(model)  # as in a built SegLLM: the fast mode's products through oneDNN
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -23,9 +23,10 @@ tokens 4-7 class 2 ([SEG], the target). Shapes: B = images, N = prompts, Q = que
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,7 @@ from segllm.decoders.hipie.heads import (
 from segllm.decoders.hipie.postprocess import Instances, postprocess, select_best
 from segllm.decoders.hipie.transformer import DeformableTransformer, TransformerOutput
 from segllm.errors import CheckpointError, ConfigError, ImageError
+from segllm.linear import plain_linears
 
 __all__ = [
     "DeformableDetr",
@@ -283,6 +285,17 @@ class HipieImageEncoder(nn.Module):
         return feats, srcs
 
 
+def _mode_linears(method: Callable) -> Callable:
+    """Run a :class:`HipieDecoder` method under its mode's linear layers (``_linears``)."""
+
+    @functools.wraps(method)
+    def run(self: HipieDecoder, *args, **kwargs):
+        with self._linears():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class HipieDecoder(MaskDecoder):
     """HIPIE-R50 as SegLLM uses it: prompt tokens in, [REF]/[SEG] masks, scores and boxes out."""
 
@@ -390,6 +403,7 @@ class HipieDecoder(MaskDecoder):
         std = torch.tensor(self.config.pixel_std, dtype=torch.float32, device=padded.device).view(3, 1, 1)
         return (padded.float() - mean) / std
 
+    @_mode_linears
     def encode_image(self, pixels: Tensor, *, keep_backbone: bool = False) -> HipieImageFeatures:  # type: ignore[override]
         """[B, 3, S, S] normalised pixels -> :class:`HipieImageFeatures` (not a single tensor).
 
@@ -399,6 +413,11 @@ class HipieDecoder(MaskDecoder):
         compiled = self.compiled_image
         use = compiled is not None and pixels.device.type == "cpu" and not torch.is_grad_enabled() and not self.reference
         return self.image_encoder(pixels, keep_backbone=keep_backbone, maps=compiled if use else None)
+
+    def _linears(self) -> AbstractContextManager:
+        """The reference mode's linear layers compute with ``F.linear`` as the original's do
+        (:func:`segllm.linear.plain_linears`); the fast mode's through oneDNN on the CPU."""
+        return plain_linears() if self.reference else nullcontext()
 
     def forward(  # type: ignore[override]
         self,
@@ -436,6 +455,7 @@ class HipieDecoder(MaskDecoder):
         return out
 
     # -- HIPIE specifics ------------------------------------------------------------------
+    @_mode_linears
     def forward_raw(
         self,
         features: HipieImageFeatures,
@@ -577,6 +597,7 @@ class HipieDecoder(MaskDecoder):
         )
         return aligned_bilinear(logits, _MASK_FEATURE_STRIDE // c.mask_out_stride)
 
+    @_mode_linears
     def select(self, raw: HipieRawOutput) -> DecoderOutput:
         """Pick the best [REF]- and [SEG]-class instance of every prompt (see :meth:`forward`)."""
         n = raw.pred_logits.shape[0]

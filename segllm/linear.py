@@ -1,0 +1,117 @@
+"""Linear layers through oneDNN for float32 inference on the CPU.
+
+Why: torch's float32 ``F.linear`` on the CPU is MKL's ``sgemm``, which on some processors runs far
+below what the cores can do (on the AMD EPYC this project is developed on, MKL does not use its
+AVX-512 kernels there: 150-200 GFLOP/s at 2 threads where oneDNN's matrix product, the library
+torch's own convolutions already use, reaches 340-450 GFLOP/s on the same shapes; measured by
+``scripts/bench_linear.py``). So every ``nn.Linear`` of a SegLLM runs its inference products
+through oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor itself emits for
+linear layers), and falls back to ``F.linear`` wherever that does not apply: a gradient is needed
+(the oneDNN kernel has no backward), another device or dtype, a torch without oneDNN, or the
+block is inside :func:`plain_linears` (a reference mode that must compute as the original does).
+
+The values equal ``F.linear``'s up to float32 rounding (another summation order), and a row's
+result does not depend on how many other rows are computed with it (from 2 rows up), so a batch
+gives each of its members the values a single one gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["OneDNNLinear", "available", "is_plain_linear", "linear", "plain_linears", "set_enabled", "use_onednn_linears"]
+
+_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_enabled = True
+_plain: contextvars.ContextVar[bool] = contextvars.ContextVar("segllm_plain_linears", default=False)
+
+
+def available() -> bool:
+    """Whether this torch has oneDNN's linear kernel (and it is not switched off by :func:`set_enabled`)."""
+    return _OP is not None and _enabled
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Switch the oneDNN path on or off for the whole process (e.g. to time both in one run);
+    returns the previous setting."""
+    global _enabled
+    before, _enabled = _enabled, bool(enabled)
+    return before
+
+
+@contextlib.contextmanager
+def plain_linears() -> Iterator[None]:
+    """Inside the block (this thread or task only), every :class:`OneDNNLinear` computes with
+    ``F.linear``: what a reference mode timing the original's arithmetic needs."""
+    token = _plain.set(True)
+    try:
+        yield
+    finally:
+        _plain.reset(token)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, relu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)``: x [..., in] -> [..., out], through oneDNN where it applies
+    (float32 CPU tensors, no gradient needed; see the module's docstring). ``relu``: followed by
+    a ReLU, which oneDNN applies as the product's results are written (bit for bit the same
+    values, one pass over the output fewer)."""
+    if (
+        _OP is None
+        or not _enabled
+        # (dynamo cannot trace a ContextVar; compiled code never runs in a reference mode)
+        or (not torch.compiler.is_compiling() and _plain.get())
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or (bias is not None and bias.dtype != torch.float32)
+        or x.dim() < 2
+        or x.numel() == 0
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+    ):
+        y = F.linear(x, weight, bias)
+        return F.relu(y, inplace=True) if relu else y  # in place on a fresh output (autograd keeps the result)
+    if torch.compiler.is_compiling():
+        # an opaque call for TorchInductor, which would otherwise lower the kernel its own way
+        return torch.ops.segllm.onednn_linear(x, weight, bias, relu)
+    return _OP(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+@torch.library.custom_op("segllm::onednn_linear", mutates_args=())
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+    return _OP(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward is :func:`linear` (same parameters, same state dict)."""
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Linear's own argument name)
+        return linear(input, self.weight, self.bias)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` that is only that (or :class:`OneDNNLinear`, the same layer computing
+    another way), not a library's subclass: what quantization may replace."""
+    return type(module) in (nn.Linear, OneDNNLinear)
+
+
+def use_onednn_linears(module: nn.Module) -> int:
+    """Make every plain ``nn.Linear`` inside ``module`` an :class:`OneDNNLinear` in place (its
+    class changes; parameters, hooks and state-dict keys stay). Subclasses of ``nn.Linear``
+    (quantized layers, LoRA wrappers) are left as they are. Returns how many were changed."""
+    changed = 0
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+            changed += 1
+    return changed

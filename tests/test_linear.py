@@ -1,0 +1,132 @@
+"""segllm.linear: inference products through oneDNN, the same values as F.linear up to rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segllm import linear as lin
+from segllm.linear import OneDNNLinear, linear, plain_linears, use_onednn_linears
+
+needs_onednn = pytest.mark.skipif(not lin.available(), reason="this torch has no oneDNN linear kernel")
+
+
+class _Counting:
+    """Wraps the oneDNN kernel, counting its calls."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    spy = _Counting(lin._OP)
+    monkeypatch.setattr(lin, "_OP", spy)
+    return spy
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    # float32 rounding of a 256-long sum, relative to the values' scale
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 256), (37, 256), (3, 21, 256)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_equals_f_linear_and_runs_through_onednn(counted, shape, with_bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(96, 256)
+    b = torch.randn(96) if with_bias else None
+    y = linear(x, w, b)
+    assert counted.calls == 1
+    assert y.shape == (*shape[:-1], 96)
+    _close(y, F.linear(x, w, b))
+
+
+@needs_onednn
+def test_a_row_gets_the_same_values_whatever_else_is_in_the_batch():
+    # what lets a batch of conversations give each the values it gets alone
+    torch.manual_seed(1)
+    x, w, b = torch.randn(64, 256), torch.randn(768, 256), torch.randn(768)
+    whole = linear(x, w, b)
+    for rows in (2, 5, 16, 37):
+        assert torch.equal(linear(x[:rows], w, b), whole[:rows])
+
+
+@needs_onednn
+def test_falls_back_where_onednn_does_not_apply(counted):
+    torch.manual_seed(2)
+    layer = OneDNNLinear(32, 16)
+    x = torch.randn(8, 32, requires_grad=True)
+    y = layer(x)  # a gradient is needed: F.linear, whose backward exists
+    y.sum().backward()
+    assert counted.calls == 0
+    plain = nn.Linear(32, 16)
+    plain.load_state_dict(layer.state_dict())
+    x2 = x.detach().clone().requires_grad_(True)
+    plain(x2).sum().backward()
+    assert torch.equal(x.grad, x2.grad) and torch.equal(layer.weight.grad, plain.weight.grad)
+
+    with torch.no_grad():
+        layer(x)  # float32, no gradient: oneDNN
+        assert counted.calls == 1
+        layer.double()(x.double())  # another dtype
+        assert counted.calls == 1
+        layer.float()
+        with plain_linears():
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert counted.calls == 1
+        before = lin.set_enabled(False)
+        try:
+            layer(x)
+        finally:
+            lin.set_enabled(before)
+        assert counted.calls == 1
+        layer(torch.empty(0, 32))  # no rows
+        assert counted.calls == 1
+
+
+def test_use_onednn_linears_swaps_plain_linears_only():
+    class Quantized(nn.Linear):  # stands for a library's subclass (8-bit layers, LoRA)
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 3), Quantized(3, 2)))
+    keys = list(model.state_dict())
+    assert use_onednn_linears(model) == 2
+    assert type(model[0]) is OneDNNLinear and type(model[2][0]) is OneDNNLinear and type(model[2][1]) is Quantized
+    assert list(model.state_dict()) == keys
+    assert use_onednn_linears(model) == 0  # already done
+
+
+def test_built_models_use_it(make_model):
+    model = make_model()
+    assert not [m for m in model.modules() if type(m) is nn.Linear]
+    assert any(isinstance(m, OneDNNLinear) for m in model.llm.modules())
+
+
+@needs_onednn
+def test_hipie_reference_mode_computes_with_f_linear(counted):
+    from dataclasses import replace
+
+    from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig
+
+    torch.manual_seed(3)
+    config = replace(HipieDecoderConfig.reduced(), image_size=64)
+    decoder = HipieDecoder(config).eval()
+    use_onednn_linears(decoder)
+    pixels = decoder.preprocess(torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8))[0][None]
+    prompts = torch.randn(1, config.num_prompt_tokens, config.lang_dim)
+    index = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        with decoder.reference_mode():
+            ref = decoder(decoder.encode_image(pixels), prompts, index)
+        assert counted.calls == 0
+        fast = decoder(decoder.encode_image(pixels), prompts, index)
+        assert counted.calls > 0
+    _close(fast.mask_logits, ref.mask_logits)
