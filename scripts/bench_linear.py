@@ -3,8 +3,9 @@ kernel (``segllm.linear``), on the shapes the models run, timed alternately in o
 
     python scripts/bench_linear.py --threads 2 [--repeats 5] [--json docs/results/bench_linear.json]
 
-Prints each shape's GFLOP/s both ways and their ratio, and the largest difference of the two
-results relative to the output's scale (float32 rounding: another summation order).
+Prints each shape's GFLOP/s both ways and their ratio, which of the two ``segllm.linear`` picks
+for it (oneDNN from ``MIN_MACS`` multiply-adds up), and the largest difference of the two results
+relative to the output's scale (float32 rounding: another summation order).
 """
 
 from __future__ import annotations
@@ -59,23 +60,27 @@ def main() -> None:
     if not lin.available():
         raise SystemExit("this torch has no oneDNN linear kernel: nothing to compare")
     torch.manual_seed(0)
+
+    def onednn(x, w, b):
+        return lin._OP(x, w, b, "none", [], "")
+
     rows = []
-    print(f"{'rows x in -> out':>22} | F.linear GFLOP/s | oneDNN GFLOP/s | ratio | max diff / scale | where")
+    print(f"{'rows x in -> out':>22} | F.linear GFLOP/s | oneDNN GFLOP/s | ratio | segllm uses | max diff / scale | where")
     with torch.no_grad():
         for m, k, n, where in SHAPES:
             x, w, b = torch.randn(m, k), torch.randn(n, k) / k**0.5, torch.randn(n)
             plain_s = onednn_s = None
             for _ in range(2):  # alternating: a change in load meets both
                 plain_s = _time(lambda x=x, w=w, b=b: F.linear(x, w, b), args.repeats)
-                onednn_s = _time(lambda x=x, w=w, b=b: lin.linear(x, w, b), args.repeats)
+                onednn_s = _time(lambda x=x, w=w, b=b: onednn(x, w, b), args.repeats)
             ref = F.linear(x, w, b)
-            diff = float((lin.linear(x, w, b) - ref).abs().max() / ref.abs().max())
+            diff = float((onednn(x, w, b) - ref).abs().max() / ref.abs().max())
             flop = 2 * m * k * n
             row = {"rows": m, "in": k, "out": n, "where": where, "f_linear_gflops": round(flop / plain_s / 1e9, 1),
                    "onednn_gflops": round(flop / onednn_s / 1e9, 1), "ratio": round(plain_s / onednn_s, 2),
-                   "max_diff_over_scale": float(f"{diff:.1e}")}
+                   "max_diff_over_scale": float(f"{diff:.1e}"), "segllm_uses": "oneDNN" if m * k * n >= lin.MIN_MACS else "F.linear"}
             rows.append(row)
-            print(f"{m:>6} x {k:>5} -> {n:>5} | {row['f_linear_gflops']:>16} | {row['onednn_gflops']:>14} | {row['ratio']:>5} | {row['max_diff_over_scale']:>16} | {where}")
+            print(f"{m:>6} x {k:>5} -> {n:>5} | {row['f_linear_gflops']:>16} | {row['onednn_gflops']:>14} | {row['ratio']:>5} | {row['segllm_uses']:>11} | {row['max_diff_over_scale']:>16} | {where}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",

@@ -37,15 +37,17 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape", [(1, 256), (37, 256), (3, 21, 256)])
+@pytest.mark.parametrize("shape, onednn", [((16, 256), True), ((3, 21, 256), True), ((1, 4096), True), ((8, 256), False), ((2, 3, 256), False)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_equals_f_linear_and_runs_through_onednn(counted, shape, with_bias):
+def test_equals_f_linear_and_runs_through_onednn_where_large_enough(counted, shape, onednn, with_bias):
     torch.manual_seed(0)
-    x, w = torch.randn(shape), torch.randn(96, 256)
-    b = torch.randn(96) if with_bias else None
+    out = 1024 if shape[-1] == 4096 else 768
+    x, w = torch.randn(shape), torch.randn(out, shape[-1])
+    b = torch.randn(out) if with_bias else None
     y = linear(x, w, b)
-    assert counted.calls == 1
-    assert y.shape == (*shape[:-1], 96)
+    # rows x in x out against MIN_MACS: 16 x 256 x 768 and 4096 x 1024 above it, 8 x 256 x 768 below
+    assert counted.calls == int(onednn)
+    assert y.shape == (*shape[:-1], out)
     _close(y, F.linear(x, w, b))
 
 
@@ -55,19 +57,19 @@ def test_a_row_gets_the_same_values_whatever_else_is_in_the_batch():
     torch.manual_seed(1)
     x, w, b = torch.randn(64, 256), torch.randn(768, 256), torch.randn(768)
     whole = linear(x, w, b)
-    for rows in (2, 5, 16, 37):
+    for rows in (11, 16, 37):  # from 11 rows, 11 x 256 x 768 reaches MIN_MACS
         assert torch.equal(linear(x[:rows], w, b), whole[:rows])
 
 
 @needs_onednn
 def test_falls_back_where_onednn_does_not_apply(counted):
     torch.manual_seed(2)
-    layer = OneDNNLinear(32, 16)
-    x = torch.randn(8, 32, requires_grad=True)
+    layer = OneDNNLinear(256, 512)
+    x = torch.randn(32, 256, requires_grad=True)
     y = layer(x)  # a gradient is needed: F.linear, whose backward exists
     y.sum().backward()
     assert counted.calls == 0
-    plain = nn.Linear(32, 16)
+    plain = nn.Linear(256, 512)
     plain.load_state_dict(layer.state_dict())
     x2 = x.detach().clone().requires_grad_(True)
     plain(x2).sum().backward()
@@ -88,7 +90,7 @@ def test_falls_back_where_onednn_does_not_apply(counted):
         finally:
             lin.set_enabled(before)
         assert counted.calls == 1
-        layer(torch.empty(0, 32))  # no rows
+        layer(torch.empty(0, 256))  # no rows
         assert counted.calls == 1
 
 
