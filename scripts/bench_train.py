@@ -25,14 +25,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the recipe's setting)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (TOML)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--plain-linear", action="store_true",
+                        help="linear layers with F.linear only (segllm.linear off): the baseline of the oneDNN products")
     args = parser.parse_args()
 
     import tomllib
 
     import torch
 
+    from segllm import linear
     from segllm.train.recipe import TrainRecipe
     from segllm.train.trainer import train
+
+    if args.plain_linear:
+        linear.set_enabled(False)
 
     overrides = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (kv.split("=", 1) for kv in args.set)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +65,7 @@ def main() -> None:
         "threads": recipe.threads,
         "device": "cuda" if torch.cuda.is_available() else f"cpu ({platform.machine()})",
         "steps_timed": args.steps,
+        "linear_layers": "F.linear" if args.plain_linear else "oneDNN where it applies (segllm.linear)",
         "conversations_per_s": round(rate, 2),
         "seconds_per_step": round(recipe.batch_size / rate, 3) if rate == rate and rate > 0 else None,
         "wall_s_including_setup": round(total, 1),

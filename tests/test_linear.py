@@ -62,25 +62,44 @@ def test_a_row_gets_the_same_values_whatever_else_is_in_the_batch():
 
 
 @needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape, with_bias, weight_trains", [((32, 256), True, True), ((2, 21, 256), False, True), ((32, 256), True, False)])
+def test_training_products_and_gradients_through_onednn(counted, relu, shape, with_bias, weight_trains):
+    torch.manual_seed(2)
+    w = torch.randn(512, 256, requires_grad=weight_trains)
+    b = torch.randn(512, requires_grad=True) if with_bias else None
+    x = torch.randn(shape, requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 512)
+    y = linear(x, w, b, relu=relu)
+    (y * upstream).sum().backward()
+    assert counted.calls == 2 + int(weight_trains)  # the product, the input's gradient, the weight's
+    got = [y.detach(), x.grad] + ([w.grad] if weight_trains else []) + ([b.grad] if with_bias else [])
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(weight_trains)
+    b2 = b.detach().clone().requires_grad_(True) if with_bias else None
+    y2 = F.linear(x2, w2, b2)
+    y2 = F.relu(y2) if relu else y2
+    (y2 * upstream).sum().backward()
+    expected = [y2.detach(), x2.grad] + ([w2.grad] if weight_trains else []) + ([b2.grad] if with_bias else [])
+    for a, e in zip(got, expected, strict=True):
+        _close(a, e)
+
+
+@needs_onednn
 def test_falls_back_where_onednn_does_not_apply(counted):
     torch.manual_seed(2)
     layer = OneDNNLinear(256, 512)
-    x = torch.randn(32, 256, requires_grad=True)
-    y = layer(x)  # a gradient is needed: F.linear, whose backward exists
-    y.sum().backward()
-    assert counted.calls == 0
-    plain = nn.Linear(256, 512)
-    plain.load_state_dict(layer.state_dict())
-    x2 = x.detach().clone().requires_grad_(True)
-    plain(x2).sum().backward()
-    assert torch.equal(x.grad, x2.grad) and torch.equal(layer.weight.grad, plain.weight.grad)
-
+    x = torch.randn(32, 256)
     with torch.no_grad():
-        layer(x)  # float32, no gradient: oneDNN
+        layer(x)  # float32, large enough: oneDNN
+        assert counted.calls == 1
+        layer(x[:8])  # 8 x 256 x 512 multiply-adds: under MIN_MACS
         assert counted.calls == 1
         layer.double()(x.double())  # another dtype
         assert counted.calls == 1
         layer.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast chooses F.linear's dtype
+            assert layer(x).dtype == torch.bfloat16
+        assert counted.calls == 1
         with plain_linears():
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         assert counted.calls == 1
