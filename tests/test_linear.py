@@ -151,3 +151,10 @@ def test_hipie_reference_mode_computes_with_f_linear(counted):
         fast = decoder(decoder.encode_image(pixels), prompts, index)
         assert counted.calls > 0
     _close(fast.mask_logits, ref.mask_logits)
+
+
+def test_the_kernel_is_used_only_where_it_was_checked(monkeypatch):
+    monkeypatch.setattr(lin.platform, "machine", lambda: "aarch64")  # not measured there: torch's default
+    assert lin._probe() is None
+    monkeypatch.setattr(lin.platform, "machine", lambda: "x86_64")
+    assert (lin._probe() is None) == (not torch.backends.mkldnn.is_available())
