@@ -1,4 +1,4 @@
-"""Linear layers through oneDNN for float32 inference on the CPU.
+"""Linear layers through oneDNN for float32 on the CPU (inference and training).
 
 Why: torch's float32 ``F.linear`` on the CPU is MKL's ``sgemm``, which on some processors runs far
 below what the cores can do (on the AMD EPYC this project is developed on, MKL does not use its
@@ -7,8 +7,9 @@ torch's own convolutions already use, reaches 340-450 GFLOP/s on the same shapes
 ``scripts/bench_linear.py``). So every ``nn.Linear`` of a SegLLM runs its inference products
 through oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor itself emits for
 linear layers), and falls back to ``F.linear`` wherever that does not apply: another device or
-dtype, autocast, a torch without oneDNN, or the block is inside :func:`plain_linears` (a
-reference mode that must compute as the original does). Where a gradient is needed, the backward
+dtype, autocast, a torch without oneDNN or a processor other than x86-64 (where it was not
+measured), or the block is inside :func:`plain_linears` (a reference mode that must compute as
+the original does). Where a gradient is needed, the backward
 products go through oneDNN as well (the kernel has no backward of its own: :class:`_Linear`
 computes the input's and the weight's gradients as two more of its products, 1.2-2.4x faster
 than MKL's here).
@@ -35,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["OneDNNLinear", "available", "is_plain_linear", "linear", "plain_linears", "set_enabled", "use_onednn_linears"]
-
 
 
 def _probe():
@@ -86,9 +86,9 @@ def plain_linears() -> Iterator[None]:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, relu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)``: x [..., in] -> [..., out], through oneDNN where it applies
-    (float32 CPU tensors, products of 2M multiply-adds or more; see the module's docstring). ``relu``: followed by
-    a ReLU, which oneDNN applies as the product's results are written (bit for bit the same
-    values, one pass over the output fewer)."""
+    (float32 CPU tensors, products of 2M multiply-adds or more; see the module's docstring).
+    ``relu``: followed by a ReLU, which oneDNN applies as the product's results are written (bit
+    for bit the same values, one pass over the output fewer)."""
     if (
         _OP is None
         or not _enabled
