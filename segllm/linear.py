@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import platform
 from collections.abc import Iterator
 
@@ -40,8 +41,11 @@ __all__ = ["OneDNNLinear", "available", "is_plain_linear", "linear", "plain_line
 
 def _probe():
     """oneDNN's linear kernel, if this torch has it, this is an x86-64 processor (where it was
-    measured; elsewhere torch's default stays) and one small product through it equals
-    ``F.linear``'s; else None. A few milliseconds, once per process."""
+    measured; elsewhere torch's default stays), the environment does not say
+    ``SEGLLM_ONEDNN_LINEAR=0`` and one small product through it equals ``F.linear``'s; else None.
+    A few milliseconds, once per process."""
+    if os.environ.get("SEGLLM_ONEDNN_LINEAR", "1").strip() == "0":
+        return None
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return None
     try:

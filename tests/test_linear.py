@@ -158,3 +158,5 @@ def test_the_kernel_is_used_only_where_it_was_checked(monkeypatch):
     assert lin._probe() is None
     monkeypatch.setattr(lin.platform, "machine", lambda: "x86_64")
     assert (lin._probe() is None) == (not torch.backends.mkldnn.is_available())
+    monkeypatch.setenv("SEGLLM_ONEDNN_LINEAR", "0")  # the user's switch
+    assert lin._probe() is None
