@@ -18,7 +18,7 @@ import torch
 from segllm.decoders.hipie import HipieDecoder, HipieDecoderConfig
 from segllm.decoders.hipie import compiled as compiled_mod
 from segllm.decoders.hipie.compiled import FrozenCompiled
-from segllm.decoders.hipie.transformer import CHUNK, EncoderLayer, encoder_reference_points
+from segllm.decoders.hipie.transformer import CHUNK, EncoderLayer, compiled_chunk_size, encoder_reference_points
 from tests.helpers import HAS_CXX
 from tests.tolerance import assert_close_scaled
 
@@ -53,13 +53,25 @@ def _layer_inputs(batch: int, shapes: list[tuple[int, int]]):
     return src, pos, reference
 
 
+def test_compiled_chunk_size():
+    # the released size: 21,760 tokens in 22 chunks of 992 (64 tokens of padding, not 768)
+    assert compiled_chunk_size(21760) == 992 and 22 * 992 - 21760 == 64
+    for tokens in (1, 15, 16, 1000, 1024, 1025, 2530, 4096, 21760, 87296):
+        size = compiled_chunk_size(tokens)
+        chunks = -(-tokens // size)
+        assert size % 16 == 0 and size <= CHUNK and chunks == -(-tokens // CHUNK)
+        assert chunks * size - tokens < 16 * chunks  # at most the rounding to 16 per chunk
+
+
 def test_compiled_chunks_equal_the_uncompiled_chunks():
-    """The compiled path's plumbing: every image (prompt) on its own, every chunk exactly CHUNK
-    tokens with the last one zero-padded, the padding dropped: the same values as the plain
-    chunks, for a position embedding per image and one shared by all."""
+    """The compiled path's plumbing: every image (prompt) on its own, every chunk exactly
+    compiled_chunk_size(S) tokens with the last one zero-padded, the padding dropped: the same
+    values as the plain chunks, for a position embedding per image and one shared by all."""
     torch.manual_seed(5)
     shapes = [(40, 50), (20, 25), (5, 6)]
-    assert sum(h * w for h, w in shapes) % CHUNK  # a partial last chunk
+    s = sum(h * w for h, w in shapes)
+    size = compiled_chunk_size(s)  # 2,530 tokens: 3 chunks of 848 (the last one 14 tokens short)
+    assert s % size and size == 848
     layer = EncoderLayer(dim=32, ffn_dim=64, num_levels=len(shapes), num_heads=4, num_points=2).eval()
     src, pos, reference = _layer_inputs(2, shapes)
     seen = []
@@ -75,7 +87,7 @@ def test_compiled_chunks_equal_the_uncompiled_chunks():
             got = layer(src, p, reference, shapes)
             layer.compiled_chunk = None
             assert_close_scaled(got, plain)
-    assert set(seen) == {(1, CHUNK, 32)}  # one shape only: one compilation per layer
+    assert set(seen) == {(1, size, 32)}  # one shape only: one compilation per layer
 
 
 def test_frozen_compiled_compiles_once_recompiles_after_a_weight_change_and_falls_back(monkeypatch):
