@@ -3,14 +3,16 @@
 
 What is compiled: the image encoder's ResNet-50 and input projections (prompt-independent, once
 per image) and one chunk of an encoder layer (sampling points, deformable sampling, output
-projection, norms and FFN over 1,024 tokens). TorchInductor compiles them with the weights frozen
-as constants, which lets it fold the frozen batch norms into the convolutions, pre-pack the
-convolution and linear weights for oneDNN and fuse the elementwise steps. Measured at 2 threads
-(``scripts/bench_released_parts.py``): the image step about 2x faster, the encoder layers about
-1.2x; the outputs equal the eager fast mode's to a few 1e-6 of their scale.
+projection, norms and FFN over about 1,024 tokens). TorchInductor compiles them with the weights
+frozen as constants, which lets it fold the frozen batch norms into the convolutions, pre-pack the
+convolution weights for oneDNN and fuse the elementwise steps; the linear layers are oneDNN calls
+it leaves as they are (:mod:`segllm.linear`). Measured at 2 threads
+(``scripts/bench_released_parts.py``): the image step about 2.8x faster, the encoder layers about
+1.1x; the outputs equal the eager fast mode's to a few 1e-6 of their scale.
 
 Why only these: they are most of a forward's time, and their shapes are fixed for a 1024-pixel
-canvas (an encoder chunk is always [1, 1024, C]: the last chunk is padded, prompts go one by one),
+canvas (an encoder chunk is always [1, 992, C] there, ``transformer.compiled_chunk_size``: the
+last chunk is padded, prompts go one by one),
 so each compiles once per layer and never again; the rest (the decoder, heads, post-processing)
 changes shape with the prompts and the selected queries.
 

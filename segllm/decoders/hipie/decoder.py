@@ -337,7 +337,7 @@ class HipieDecoder(MaskDecoder):
     def set_compiled(self, compiled: bool = True) -> HipieDecoder:
         """Compile (``True``) or stop compiling (``False``) the two heaviest steps of CPU
         inference with ``torch.compile``: the image encoding (ResNet-50 and input projections)
-        and every encoder layer's chunk of 1,024 tokens (:mod:`segllm.decoders.hipie.compiled`).
+        and every encoder layer's chunk of about 1,024 tokens (:mod:`segllm.decoders.hipie.compiled`).
 
         Opt-in: the first forward compiles them (tens of seconds on a small CPU; once per process
         and weights), later forwards are faster (measured in ``scripts/bench_released_parts.py``).
