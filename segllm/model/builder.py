@@ -97,6 +97,6 @@ def build_segllm(
         dense_head=dense_head,
     )
     model.set_trainable()
-    # inference products through oneDNN on the CPU (segllm.linear: about 2x MKL's on some CPUs)
+    # float32 CPU products, inference and training, through oneDNN (segllm.linear: about 2x MKL's on AMD CPUs)
     use_onednn_linears(model)
     return model

@@ -52,8 +52,9 @@ class EncoderLayer(nn.Module):
     def _after_attention(self, src: Tensor, attended: Tensor) -> Tensor:
         """The residual, norms and FFN of tokens ``src`` [B, n, C] given their attention output
         ``attended`` [B, n, C] (a fresh tensor: the sum goes into it). The sums into the fresh
-        outputs and the ReLU in place: the same values without a further [B, n, C] or
-        [B, n, ffn_dim] tensor each (about 0.1 s a layer at 21,760 tokens on a CPU)."""
+        outputs and the ReLU applied as the first product is written (by oneDNN, or in place
+        after ``F.linear``: :func:`segllm.linear.linear`): the same values without a further
+        [B, n, C] or [B, n, ffn_dim] tensor each (about 0.1 s a layer at 21,760 tokens on a CPU)."""
         x = self.norm1(attended.add_(src))
         hidden = linear(x, self.linear1.weight, self.linear1.bias, relu=True)  # the ReLU fused where it can be
         return self.norm2(self.linear2(hidden).add_(x))
