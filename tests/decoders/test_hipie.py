@@ -270,6 +270,10 @@ def test_folded_backbone_equals_the_original_arithmetic(monkeypatch):
     assert all(torch.equal(a.detach(), b) for a, b in zip(trained, plain_srcs))
     assert any(not torch.equal(a, b) for a, b in zip(fast, plain_srcs))  # two different paths
     assert all(s.is_contiguous() for s in fast)
+    # an image's features do not depend on the images that share its batch
+    with torch.no_grad():
+        alone = view.maps_folded(pixels[1:])[1]
+    assert all(torch.equal(a[1:], b) for a, b in zip(folded_srcs, alone))
 
 
 def test_fast_mode_equals_reference_mode():

@@ -288,7 +288,16 @@ class HipieImageEncoder(nn.Module):
     def maps_folded(self, pixels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """:meth:`maps` for inference through :meth:`~segllm.decoders.hipie.backbone.ResNet.forward_folded`
         (the frozen norms folded into the convolutions, channels-last on the CPU); the input
-        levels returned contiguous, as :meth:`maps` returns them."""
+        levels returned contiguous, as :meth:`maps` returns them.
+
+        Several images go one at a time: oneDNN's channels-last convolutions may sum in another
+        order for another batch size, and an image's features should not depend on which images
+        share its batch (batch segmentation and evaluation compare with one Session per image);
+        at 1024 px one image already fills the CPU's kernels, and its maps stay smaller."""
+        if pixels.shape[0] > 1:
+            parts = [self.maps_folded(pixels[i : i + 1]) for i in range(pixels.shape[0])]
+            return ([torch.cat(level) for level in zip(*(f for f, _ in parts))],
+                    [torch.cat(level) for level in zip(*(s for _, s in parts))])
         feats = self.backbone(pixels, folded=True)
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
         srcs.append(self.input_proj[len(feats)](feats[-1]))
