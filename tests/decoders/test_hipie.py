@@ -276,6 +276,42 @@ def test_folded_backbone_equals_the_original_arithmetic(monkeypatch):
     assert all(torch.equal(a[1:], b) for a, b in zip(folded_srcs, alone))
 
 
+def test_fast_cpu_inference_decodes_prompts_one_at_a_time():
+    """In the fast mode's CPU inference the transformer takes several prompts one at a time (no
+    work is shared between them, and their large tensors stay below glibc's mmap threshold): each
+    prompt's results equal its own call's exactly; the reference mode and training keep the
+    batch together."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = HipieDecoder(replace(HipieDecoderConfig.reduced(), image_size=128)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    transformer = model.detr.detr.transformer
+    calls = []
+    transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["lang"].shape[0]) if "lang" in kwargs else calls.append(args[2].shape[0]), with_kwargs=True)
+    pixels = model.preprocess(torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8))[0][None]
+    prompts = torch.randn(2, 8, 768)
+    with torch.no_grad():
+        features = model.encode_image(pixels)
+        both = model.forward_raw(features, prompts, torch.zeros(2, dtype=torch.long))
+        assert calls == [2, 1, 1]
+        second = model.forward_raw(features, prompts[1:], torch.zeros(1, dtype=torch.long))
+        for name in ("memory", "lang", "enc_class", "init_reference", "topk_indices"):
+            assert torch.equal(getattr(both.transformer, name)[1:], getattr(second.transformer, name)), name
+        for name in ("hs", "references"):
+            assert torch.equal(getattr(both.transformer, name)[:, 1:], getattr(second.transformer, name)), name
+        assert torch.equal(both.pred_logits[1:], second.pred_logits)
+        calls.clear()
+        with model.reference_mode():
+            model.forward_raw(features, prompts, torch.zeros(2, dtype=torch.long))
+        assert calls == [2]
+    calls.clear()
+    model.forward_raw(features, prompts, torch.zeros(2, dtype=torch.long))  # with a gradient
+    assert calls == [2]
+
+
 def test_fast_mode_equals_reference_mode():
     """The fast mode == the original's way of computing (``set_reference``), on random weights
     perturbed so that every sampling offset, attention weight and bias is non-trivial: the image
@@ -359,11 +395,16 @@ def run(request, fixture_weights, golden):
     encoder = model.detr.detr.transformer.encoder
     trace = {}
 
+    # the fast mode's CPU inference takes the prompts one at a time: each call's rows appended
+    def keep(key, value):
+        trace[key] = value if key not in trace else torch.cat([trace[key], value])
+
     def after_fusion(module, args, out):
-        trace["after_fusion0.visual"], trace["after_fusion0.lang"] = out
+        keep("after_fusion0.visual", out[0])
+        keep("after_fusion0.lang", out[1])
 
     def after_layer(module, args, out):
-        trace["layer0.visual"] = out
+        keep("layer0.visual", out)
 
     hooks = [encoder.vl_layers[0].register_forward_hook(after_fusion), encoder.layers[0].register_forward_hook(after_layer)]
     with torch.no_grad():
