@@ -33,7 +33,6 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -45,30 +44,41 @@ class StageClock:
     """Marks taken by forward hooks on the transformer's encoder and decoder.
 
     One prompt-dependent call then splits into encoder (fusion + encoder layers), decoder
-    (two-stage selection + decoder layers) and heads (everything after the decoder).
+    (two-stage selection + decoder layers) and heads (everything else: before the encoder and
+    after the decoder). The fast mode's CPU inference runs the transformer once per prompt, so
+    the stages' times are summed over every encoder and decoder call since :meth:`reset`.
     """
 
     def __init__(self, decoder) -> None:
         transformer = decoder.detr.detr.transformer
-        self.marks: dict[str, float] = {}
-        for name, module in (("encoder", transformer.encoder), ("decoder", transformer.decoder)):
-            module.register_forward_pre_hook(self._mark(f"{name}_start"))
-            module.register_forward_hook(self._mark(f"{name}_end"))
+        self.reset()
+        transformer.encoder.register_forward_pre_hook(self._encoder_start)
+        transformer.encoder.register_forward_hook(self._encoder_end)
+        transformer.decoder.register_forward_hook(self._decoder_end)
 
-    def _mark(self, key: str) -> Callable:
-        def hook(*_args) -> None:
-            self.marks[key] = time.perf_counter()
+    def reset(self) -> None:
+        self.sums = {"encoder": 0.0, "decoder": 0.0}
+        self._last = 0.0
 
-        return hook
+    def _encoder_start(self, *_args) -> None:
+        self._last = time.perf_counter()
+
+    def _encoder_end(self, *_args) -> None:
+        now = time.perf_counter()
+        self.sums["encoder"] += now - self._last
+        self._last = now
+
+    def _decoder_end(self, *_args) -> None:
+        # from the encoder's end: the two-stage selection and the decoder layers
+        now = time.perf_counter()
+        self.sums["decoder"] += now - self._last
+        self._last = now
 
     def split(self, start: float, end: float) -> dict[str, float]:
-        """Seconds of encoder, decoder and heads for the call that ran from ``start`` to ``end``."""
-        m = self.marks
-        return {
-            "encoder": m["encoder_end"] - m["encoder_start"],
-            "decoder": m["decoder_end"] - m["encoder_end"],
-            "heads": end - m["decoder_end"] + (m["encoder_start"] - start),
-        }
+        """Seconds of encoder, decoder and heads for the call that ran from ``start`` to ``end``
+        (the marks since the last :meth:`reset`)."""
+        enc, dec = self.sums["encoder"], self.sums["decoder"]
+        return {"encoder": enc, "decoder": dec, "heads": end - start - enc - dec}
 
 
 def run_mode(decoder, clock: StageClock, pixels: torch.Tensor, prompts: torch.Tensor, *, per_prompt_image: bool):
@@ -86,6 +96,7 @@ def run_mode(decoder, clock: StageClock, pixels: torch.Tensor, prompts: torch.Te
             t = time.perf_counter()
             features = decoder.encode_image(pixels)
             times["image"] += time.perf_counter() - t
+        clock.reset()
         start = time.perf_counter()
         outs.append(decoder(features, group, torch.zeros(len(group), dtype=torch.long)))
         for stage, seconds in clock.split(start, time.perf_counter()).items():
