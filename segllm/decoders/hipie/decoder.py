@@ -277,9 +277,10 @@ class HipieImageEncoder(nn.Module):
         pos = [self.backbone[1](s) for s in srcs]
         return HipieImageFeatures(srcs=srcs, pos=pos, backbone=feats if keep_backbone else [])
 
-    def maps(self, pixels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """[B, 3, S, S] -> (res3-res5 maps, the L input levels [B, C, H_l, W_l])."""
-        feats = self.backbone(pixels)
+    def maps(self, pixels: Tensor, *, folded: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+        """[B, 3, S, S] -> (res3-res5 maps, the L input levels [B, C, H_l, W_l]); ``folded``:
+        the backbone through ``ResNet.forward_folded`` (use :meth:`maps_folded`)."""
+        feats = self.backbone(pixels, folded=folded)
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
         srcs.append(self.input_proj[len(feats)](feats[-1]))
         return feats, srcs
@@ -298,9 +299,7 @@ class HipieImageEncoder(nn.Module):
             parts = [self.maps_folded(pixels[i : i + 1]) for i in range(pixels.shape[0])]
             return ([torch.cat(level) for level in zip(*(f for f, _ in parts))],
                     [torch.cat(level) for level in zip(*(s for _, s in parts))])
-        feats = self.backbone(pixels, folded=True)
-        srcs = [proj(f) for proj, f in zip(self.input_proj, feats)]
-        srcs.append(self.input_proj[len(feats)](feats[-1]))
+        feats, srcs = self.maps(pixels, folded=True)
         return feats, [s.contiguous() for s in srcs]
 
 
