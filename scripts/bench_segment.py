@@ -7,13 +7,15 @@ checks that they agree and prints images/s and rounds/s of each, and their ratio
     python scripts/bench_segment.py --images 64 --batch-size 16 --json docs/results/bench_segment.json
     python scripts/bench_segment.py --images 64 --batch-size 16 32 64 --repeats 2   # alternating, under a changing load
     python scripts/bench_segment.py --batch-size 16 32 --processes 1 2 --threads 2  # also split over 2 processes
+    python scripts/bench_segment.py --batch-size 32 --lanes 1 2 --threads 2         # one process, 1 and 2 lanes
 
 With ``--processes N`` the batched side also runs as ``torchrun --nproc-per-node N`` would split
 it: N worker processes (this script with ``--worker``), each taking every N-th image with
 threads / N torch threads, each loading the model and warming up untimed, then all started
 together; the time is from the first start to the last finish. ``--session-processes N`` splits
 the one-``Session``-per-image side the same way (a comparison at equal parallelism: what
-batching adds beyond using every core).
+batching adds beyond using every core). ``--lanes`` measures the one-process batched side with
+that many lanes (``segment_items``' ``lanes``: batches on as many threads of this process).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main() -> None:
     ap.add_argument("--processes", type=int, nargs="+", default=[1],
                     help="also measure batch segmentation split over this many processes (as under torchrun: every "
                          "n-th image each, threads / n threads each); 1: in this process")
+    ap.add_argument("--lanes", type=int, nargs="+", default=[1],
+                    help="lanes of the batched side in one process (segment_items' lanes: batches answered at once on as "
+                         "many threads, the torch threads shared out); each value measured (default: 1)")
     ap.add_argument("--session-processes", type=int, nargs="+", default=[],
                     help="also measure one Session per image split over this many processes (every n-th image each, "
                          "threads / n threads each)")
@@ -78,11 +83,13 @@ def main() -> None:
         # first calls (allocations, kernel choices for new shapes) outside every timing, both sides
         _sessions(model, items[:4])
         for bs in args.batch_size:
-            segment_items(model, items[:bs], Path(tmp) / "warm", batch_size=bs, progress=False)
+            for lanes in args.lanes:
+                segment_items(model, items[: bs * lanes], Path(tmp) / f"warm{lanes}", batch_size=bs, progress=False, lanes=lanes)
 
-        batched = [(bs, n) for bs in args.batch_size for n in args.processes]
+        # (batch size, processes, lanes): lanes in one process; processes of one lane each
+        batched = [(bs, n, lanes) for bs in args.batch_size for n in args.processes for lanes in (args.lanes if n == 1 else [1])]
         single_s: list[float] = []
-        batched_s: dict[tuple[int, int], list[float]] = {side: [] for side in batched}
+        batched_s: dict[tuple[int, int, int], list[float]] = {side: [] for side in batched}
         replies: list[list[np.ndarray]] = []
         split_s: dict[int, list[float]] = {n: [] for n in args.session_processes}
         sides: list = ["session"] + batched + [("sessions", n) for n in args.session_processes]
@@ -98,15 +105,15 @@ def main() -> None:
                     split_s[side[1]].append(_processes(items_file, Path(tmp) / f"s{side[1]}_{rep}", 0, side[1], max(1, threads // side[1]),
                                                           args.edge_filter))
                     continue
-                bs, n = side
-                out = Path(tmp) / f"out{bs}x{n}_{rep}"
+                bs, n, lanes = side
+                out = Path(tmp) / f"out{bs}x{n}x{lanes}_{rep}"
                 if n == 1:
                     t0 = time.perf_counter()
-                    segment_items(model, items, out, batch_size=bs, progress=False)
+                    segment_items(model, items, out, batch_size=bs, progress=False, lanes=lanes)
                     batched_s[side].append(time.perf_counter() - t0)
                 else:
                     batched_s[side].append(_processes(items_file, out, bs, n, max(1, threads // n), args.edge_filter))
-        done = {side: _results(Path(tmp) / f"out{side[0]}x{side[1]}_0") for side in batched}
+        done = {side: _results(Path(tmp) / f"out{side[0]}x{side[1]}x{side[2]}_0") for side in batched}
         done_rounds = {side: sum(len(rec["rounds"]) for rec in recs.values()) for side, recs in done.items()}
 
     single = sum(single_s)
@@ -118,19 +125,20 @@ def main() -> None:
         "one_session_per_image": {"seconds": _round(single_s), "rounds": n_single, "images_per_s": round(len(items) * args.repeats / single, 2),
                                   "rounds_per_s": round(n_single * args.repeats / single, 2)},
         "batched": [
-            {"batch_size": bs, "processes": n, "threads_each": max(1, threads // n), "seconds": _round(batched_s[bs, n]),
-             "rounds": done_rounds[bs, n],
-             "images_per_s": round(len(items) * args.repeats / sum(batched_s[bs, n]), 2),
-             "rounds_per_s": round(done_rounds[bs, n] * args.repeats / sum(batched_s[bs, n]), 2),
-             "speedup": round(single / sum(batched_s[bs, n]), 2),
-             "speedup_each": [round(s / b, 2) for s, b in zip(single_s, batched_s[bs, n])],
-             "masks_identical": _agreement(done[bs, n], items, replies)}
-            for bs, n in batched
+            {"batch_size": bs, "processes": n, "lanes": lanes, "threads_each": max(1, threads // (n * lanes)),
+             "seconds": _round(batched_s[bs, n, lanes]), "rounds": done_rounds[bs, n, lanes],
+             "images_per_s": round(len(items) * args.repeats / sum(batched_s[bs, n, lanes]), 2),
+             "rounds_per_s": round(done_rounds[bs, n, lanes] * args.repeats / sum(batched_s[bs, n, lanes]), 2),
+             "speedup": round(single / sum(batched_s[bs, n, lanes]), 2),
+             "speedup_each": [round(s / b, 2) for s, b in zip(single_s, batched_s[bs, n, lanes])],
+             "masks_identical": _agreement(done[bs, n, lanes], items, replies)}
+            for bs, n, lanes in batched
         ],
         "sessions_split": [
             {"processes": n, "threads_each": max(1, threads // n), "seconds": _round(split_s[n]),
              "images_per_s": round(len(items) * args.repeats / sum(split_s[n]), 2),
-             "batched_speedup_vs_it": {f"{bs}x{m}": round(sum(split_s[n]) / sum(batched_s[bs, m]), 2) for bs, m in batched}}
+             "batched_speedup_vs_it": {f"{bs}x{m}x{lanes}": round(sum(split_s[n]) / sum(batched_s[bs, m, lanes]), 2)
+                                       for bs, m, lanes in batched}}
             for n in args.session_processes
         ],
     }
@@ -177,14 +185,14 @@ def _worker(items_file: str, out: str, batch_size: str, rank: str, world: str, t
     if bs == 0:  # one Session per image, every world-th image from rank on
         _sessions(model, items[:2])
     else:
-        segment_items(model, items[:bs], Path(out + f".warm{rank}"), batch_size=bs, progress=False)
+        segment_items(model, items[:bs], Path(out + f".warm{rank}"), batch_size=bs, progress=False, lanes=1)
     print("ready", flush=True)
     sys.stdin.readline()
     start = time.time()  # wall clock: compared across processes
     if bs == 0:
         _sessions(model, items[int(rank) :: int(world)])
     else:
-        segment_items(model, items, Path(out), batch_size=bs, progress=False, rank=int(rank), world_size=int(world))
+        segment_items(model, items, Path(out), batch_size=bs, progress=False, rank=int(rank), world_size=int(world), lanes=1)
     print(json.dumps({"start": start, "end": time.time()}), flush=True)
 
 

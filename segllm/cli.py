@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model writes its answers (as segllm chat does; several masks where it answers with several) "
                          "instead of every answer being '<seg>' (one mask)")
     sg.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, with --generate (default: %(default)s)")
+    sg.add_argument("--lanes", type=int, default=0,
+                    help="batches answered at once in this process, on as many threads, the torch threads shared out among "
+                         "them (default 0: 2 on a CPU with 2 or more threads, else 1)")
     _model_args(sg, device=None)
     sg.set_defaults(func="segment")
 

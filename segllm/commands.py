@@ -190,7 +190,7 @@ def _segment(args: argparse.Namespace) -> int:
                        mask_region=args.mask_region, compile=args.compile, edge_filter=_edge_filter(args))
     summary = segment_items(model, items, args.out, batch_size=args.batch_size, resume=args.resume,
                             rank=state.process_index, world_size=state.num_processes, progress=state.is_main_process,
-                            generate=args.generate, max_new_tokens=args.max_new_tokens)
+                            generate=args.generate, max_new_tokens=args.max_new_tokens, lanes=args.lanes)
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0

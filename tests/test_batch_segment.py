@@ -55,11 +55,96 @@ def test_conversations_of_different_lengths_answer_as_sessions(model, images, tm
     jsonl.write_text("\n".join(json.dumps({"image": str(images / f"im{i}.png"), "questions": QUESTIONS[:n]})
                                for i, n in enumerate([1, 4, 2, 4, 3])) + "\n")
     items = read_items(None, jsonl)
-    summary = segment_items(model, items, tmp_path / "out", batch_size=5, progress=False)
+    # one lane: the file's lines then come in the batch order
+    summary = segment_items(model, items, tmp_path / "out", batch_size=5, progress=False, lanes=1)
     assert summary.rounds == 14 and not summary.errors
     ids = [json.loads(line)["id"] for line in (tmp_path / "out" / "results.rank0.jsonl").read_text().splitlines()]
     assert ids == ["2", "4", "5", "3", "1"]
     _assert_as_sessions(model, items, tmp_path / "out")
+
+
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_lanes_answer_what_one_lane_answers(model, images, tmp_path, lanes, monkeypatch):
+    import segllm.batch_segment as bs
+
+    items = read_items(images, _questions(tmp_path))
+    segment_items(model, items, tmp_path / "one", batch_size=2, progress=False, lanes=1)
+    seen = []  # (thread name, torch threads, keys) of each batch
+    run_batch = bs._segment_batch
+
+    def spy(model_, engine, batch, *args):
+        import threading
+
+        seen.append((threading.current_thread().name, torch.get_num_threads(), [it.key for it in batch]))
+        return run_batch(model_, engine, batch, *args)
+
+    monkeypatch.setattr(bs, "_segment_batch", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        summary = segment_items(model, items, tmp_path / "lanes", batch_size=2, progress=False, lanes=lanes)
+        assert torch.get_num_threads() == 4  # given back
+    finally:
+        torch.set_num_threads(threads)
+    assert summary.images == 5 and summary.rounds == 20 and not summary.errors
+    assert len({name for name, _, _ in seen}) == lanes and all(name.startswith("segllm-lane") for name, _, _ in seen)
+    assert {n for _, n, _ in seen} == {4 // lanes}  # the torch threads shared out
+    # every lane takes every n-th image of the batch order
+    order = [it.key for it in batch_order(items)]
+    by_lane: dict[str, list[str]] = {}
+    for name, _, keys in seen:
+        by_lane.setdefault(name, []).extend(keys)
+    assert sorted(map(tuple, by_lane.values())) == sorted(tuple(order[i::lanes]) for i in range(lanes))
+    one, many = (_records(tmp_path / d) for d in ("one", "lanes"))
+    assert one.keys() == many.keys()
+    for key in one:
+        for a, b in zip(one[key]["rounds"], many[key]["rounds"], strict=True):
+            assert a["masks"] == b["masks"] and a["boxes"] == b["boxes"] and a["answer"] == b["answer"]
+    _assert_as_sessions(model, items, tmp_path / "lanes")
+
+
+def test_a_failing_lane_raises_and_the_other_lanes_stop(model, images, tmp_path, monkeypatch):
+    import segllm.batch_segment as bs
+
+    items = read_items(images, _questions(tmp_path)) * 4  # 20 items, 10 batches of 2
+    for i, it in enumerate(items):
+        it.key = str(i)
+    calls = []
+
+    def failing(model_, engine, batch, *args):
+        calls.append(batch[0].key)
+        if len(calls) == 2:
+            raise RuntimeError("lane broke")
+        return [{"id": it.key, "image": it.image, "rounds": []} for it in batch]
+
+    monkeypatch.setattr(bs, "_segment_batch", failing)
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="lane broke"):
+        segment_items(model, items, tmp_path / "out", batch_size=2, progress=False, lanes=2)
+    assert torch.get_num_threads() == threads
+    assert len(calls) < 10  # the other lane stopped after its batch in flight
+
+
+def test_default_lanes(model, monkeypatch):
+    import segllm.batch_segment as bs
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert bs._lanes(model, 0) == 2 and bs._lanes(model, 3) == 3
+        monkeypatch.setattr(model.decoder, "compiled", True, raising=False)
+        assert bs._lanes(model, 0) == 1  # a compiled decoder: one lane
+        monkeypatch.undo()
+        torch.set_num_threads(1)
+        assert bs._lanes(model, 0) == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="lanes"):
+        bs._lanes(model, -1)
+
+
+def _records(out):
+    return {rec["id"]: rec for rec in map(json.loads, (out / "results.rank0.jsonl").read_text().splitlines())}
 
 
 def test_batch_order_puts_conversations_of_one_length_together():
@@ -193,7 +278,7 @@ def test_an_llm_with_eager_attention_computes_what_sdpa_computes(model, images, 
         got = states[impl] = []
         hook = model.llm.get_decoder().register_forward_hook(lambda mod, args, out, got=got: got.append(out.last_hidden_state))
         try:
-            segment_items(model, items, tmp_path / impl, batch_size=5, progress=False)
+            segment_items(model, items, tmp_path / impl, batch_size=5, progress=False, lanes=1)  # states in call order
             s = Session(model, items[0].image)
             for q in items[0].questions:
                 s.ask(q, answer="<seg>")
