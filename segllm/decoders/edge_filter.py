@@ -17,6 +17,7 @@ colours mark the true edge exactly.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -27,18 +28,17 @@ __all__ = ["colour_guided_filter"]
 
 
 class _Box(NamedTuple):
-    """One mask's box to filter: mask index, rows y0:y1 and columns x0:x1 of the frame, each
-    pixel's neighbours as flat indices into its group's pixels [h*w*k*k], their weights
-    [h*w*k*k] and the pixels' probabilities [h*w]."""
+    """One mask's box to filter: mask index, rows y0:y1 and columns x0:x1 of the frame."""
 
     mask: int
     y0: int
     y1: int
     x0: int
     x1: int
-    columns: Tensor
-    weights: Tensor
-    probs: Tensor
+
+    @property
+    def pixels(self) -> int:
+        return (self.y1 - self.y0) * (self.x1 - self.x0)
 
 
 def colour_guided_filter(
@@ -67,42 +67,25 @@ def colour_guided_filter(
     if iterations <= 0 or m == 0:
         return logits
     on = logits > 0
-    out = logits.clone()
-    dev = logits.device
-    offsets = torch.arange(-radius, radius + 1, device=dev)
-    dy, dx = offsets.repeat_interleave(len(offsets)), offsets.repeat(len(offsets))  # [k*k] each
-    space = ((dy.square() + dx.square()).float() / (2 * sigma_space**2)).view(1, -1)  # [1, k*k]
-    group: list[_Box] = []  # masks filtered together
-    pixels = 0  # pixels of the group's boxes so far
+    rows_on, cols_on = on.any(2), on.any(1)  # [M, S] each: rows and columns with mask pixels
+    per_row = (2 * radius + 1) ** 2
+    groups: list[list[_Box]] = [[]]  # masks filtered together
+    pixels = 0  # pixels of the last group's boxes so far
     for i in range(m):
-        rows, cols = on[i].any(1).nonzero()[:, 0], on[i].any(0).nonzero()[:, 0]
+        rows, cols = rows_on[i].nonzero()[:, 0], cols_on[i].nonzero()[:, 0]
         if rows.numel() == 0:
             continue
-        y0, y1 = max(0, int(rows[0]) - margin), min(s, int(rows[-1]) + 1 + margin)
-        x0, x1 = max(0, int(cols[0]) - margin), min(s, int(cols[-1]) + 1 + margin)
-        h, w = y1 - y0, x1 - x0
-        if group and (pixels + h * w) * len(dy) > _GROUP_ENTRIES:
-            _filter_group(out, group, pixels, len(dy), iterations)
-            group, pixels = [], 0
-        # each pixel's k*k neighbours in the box (its border repeated outward) as flat indices,
-        # in the order of the offsets (so each pixel's indices never decrease: sorted CSR rows)
-        ys = (torch.arange(h, device=dev).view(h, 1, 1) + dy.view(1, 1, -1)).clamp_(0, h - 1)
-        xs = (torch.arange(w, device=dev).view(1, w, 1) + dx.view(1, 1, -1)).clamp_(0, w - 1)
-        index = (ys * w + xs).view(h * w, -1)  # [h*w, k*k]
-        # only the box in float (a frame of the released size is 1024 x 1024)
-        colours = (image[i] if image.ndim == 4 else image)[:, y0:y1, x0:x1].to(dev, torch.float32).div_(255.0).reshape(3, h * w)
-        d2 = colours.index_select(1, index.view(-1)).view(3, h * w, -1).sub_(colours[:, :, None]).square_()
-        colour_d2 = d2[0].add_(d2[1]).add_(d2[2])  # [h*w, k*k]
-        # exponents held at -30 and probabilities at 1e-6 and above: a weight below e^-30 is lost
-        # against the centre's 1 in float32 anyway, and exp's subnormal results (below e^-87, any
-        # clear colour edge) and products with them are ~40x slower on CPUs than normal numbers
-        weights = torch.exp_((space + colour_d2 / (2 * sigma_colour**2)).neg_().clamp_(min=-30.0))
-        weights /= weights.sum(1, keepdim=True)  # the centre weighs 1 before normalising: never 0 / 0
-        p = logits[i, y0:y1, x0:x1].float().sigmoid().clamp_(min=1e-6).reshape(h * w)
-        group.append(_Box(i, y0, y1, x0, x1, index.add_(pixels).view(-1), weights.view(-1), p))
-        pixels += h * w
-    if group:
-        _filter_group(out, group, pixels, len(dy), iterations)
+        box = _Box(i, max(0, int(rows[0]) - margin), min(s, int(rows[-1]) + 1 + margin),
+                   max(0, int(cols[0]) - margin), min(s, int(cols[-1]) + 1 + margin))
+        if groups[-1] and (pixels + box.pixels) * per_row > _GROUP_ENTRIES:
+            groups.append([])
+            pixels = 0
+        groups[-1].append(box)
+        pixels += box.pixels
+    out = logits.clone()
+    for group in groups:
+        if group:
+            _filter_group(out, logits, image, group, radius, sigma_space, sigma_colour, iterations)
     return out
 
 
@@ -111,27 +94,58 @@ def colour_guided_filter(
 _GROUP_ENTRIES = 2**26
 
 
-def _filter_group(out: Tensor, group: list[_Box], pixels: int, per_row: int, iterations: int) -> None:
-    """Every pass of a group of masks' boxes (``pixels`` in all, ``per_row`` neighbours each) at
-    once, written into ``out`` [M, S, S] as logits.
+def _filter_group(out: Tensor, logits: Tensor, image: Tensor, group: list[_Box], radius: int, sigma_space: float,
+                  sigma_colour: float, iterations: int) -> None:
+    """Every pass of a group of masks' boxes at once, written into ``out`` [M, S, S] as logits.
 
     The passes are one sparse matrix (block diagonal: a row per pixel of every box, its
     neighbours' weights, a neighbour repeated at a box border once more and summed) times the
     probabilities of every box's pixels: a sparse product moves about a third of the memory that
-    gathering the neighbours and summing them does (3-4x faster a pass on this CPU)."""
+    gathering the neighbours and summing them does (3-4x faster a pass on this CPU). Each box's
+    neighbour indices, weights and probabilities are written into the group's arrays in place
+    (no concatenation, no second copy of the indices in int32)."""
     dev = out.device
-    cols, vals = torch.cat([b.columns for b in group]), torch.cat([b.weights for b in group])
-    p = torch.cat([b.probs for b in group])
+    offsets = torch.arange(-radius, radius + 1, device=dev)
+    dy, dx = offsets.repeat_interleave(len(offsets)), offsets.repeat(len(offsets))  # [k*k] each
+    k2 = len(dy)
+    space = ((dy.square() + dx.square()).float() / (2 * sigma_space**2)).view(1, -1)  # [1, k*k]
+    pixels = sum(b.pixels for b in group)
+    itype = torch.int32 if pixels * k2 < 2**31 else torch.int64  # int64 only for one huge box
+    cols = _workspace("cols", pixels * k2, itype, dev)
+    vals = _workspace("vals", pixels * k2, torch.float32, dev)
+    p = torch.empty(pixels, dtype=torch.float32, device=dev)
+    start = 0
+    for b in group:
+        h, w = b.y1 - b.y0, b.x1 - b.x0
+        n = h * w
+        # each pixel's k*k neighbours in the box (its border repeated outward) as flat indices,
+        # in the order of the offsets (so each pixel's indices never decrease: sorted CSR rows)
+        ys = (torch.arange(h, device=dev, dtype=itype).view(h, 1, 1) + dy.view(1, 1, -1)).clamp_(0, h - 1)
+        xs = (torch.arange(w, device=dev, dtype=itype).view(1, w, 1) + dx.view(1, 1, -1)).clamp_(0, w - 1)
+        index = cols[start * k2 : (start + n) * k2]
+        torch.add(ys.mul_(w), xs, out=index.view(h, w, k2))  # [h, w, k*k], local to the box
+        # only the box in float (a frame of the released size is 1024 x 1024)
+        colours = (image[b.mask] if image.ndim == 4 else image)[:, b.y0 : b.y1, b.x0 : b.x1].to(dev, torch.float32).div_(255.0).reshape(3, n)
+        d2 = colours.index_select(1, index).view(3, n, -1).sub_(colours[:, :, None]).square_()
+        colour_d2 = d2[0].add_(d2[1]).add_(d2[2])  # [h*w, k*k]
+        # exponents held at -30 and probabilities at 1e-6 and above: a weight below e^-30 is lost
+        # against the centre's 1 in float32 anyway, and exp's subnormal results (below e^-87, any
+        # clear colour edge) and products with them are ~40x slower on CPUs than normal numbers
+        weights = torch.exp((space + colour_d2 / (2 * sigma_colour**2)).neg_().clamp_(min=-30.0),
+                            out=vals[start * k2 : (start + n) * k2].view(n, k2))
+        weights /= weights.sum(1, keepdim=True)  # the centre weighs 1 before normalising: never 0 / 0
+        torch.sigmoid(logits[b.mask, b.y0 : b.y1, b.x0 : b.x1].float(), out=p[start : start + n].view(h, w)).clamp_(min=1e-6)
+        index += start  # into the group's pixels
+        start += n
     if _sparse_ok(dev):
-        itype = torch.int32 if pixels * per_row < 2**31 else torch.int64  # int64 only for one huge box
         with warnings.catch_warnings():  # torch's notes that sparse CSR is "beta" and its input unchecked: ours is built right
             warnings.simplefilter("ignore", UserWarning)
             matrix = torch.sparse_csr_tensor(
-                torch.arange(0, pixels * per_row + 1, per_row, device=dev, dtype=itype), cols.to(itype), vals, (pixels, pixels))
+                torch.arange(0, pixels * k2 + 1, k2, device=dev, dtype=itype), cols, vals, (pixels, pixels))
         for _ in range(iterations):
             p = torch.mv(matrix, p)
     else:  # the same sums as a gather (devices without sparse CSR products, e.g. Apple's MPS)
-        cols, vals = cols.view(pixels, per_row), vals.view(pixels, per_row)
+        cols, vals = cols.view(pixels, k2), vals.view(pixels, k2)
         for _ in range(iterations):
             p = (p[cols] * vals).sum(1)
     p = torch.logit(p.clamp_(1e-6, 1 - 1e-6))
@@ -141,6 +155,24 @@ def _filter_group(out: Tensor, group: list[_Box], pixels: int, per_row: int, ite
         n = h * w
         out[b.mask, b.y0 : b.y1, b.x0 : b.x1] = p[start : start + n].view(h, w).to(out.dtype)
         start += n
+
+
+def _workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A [numel] tensor for this thread's group arrays, reused from call to call up to
+    ``_WORKSPACE_BYTES``: memory the allocator hands out afresh is faulted in page by page on
+    first use, which cost about as much as computing the weights (larger groups get new memory)."""
+    most = _WORKSPACE_BYTES // torch.empty((), dtype=dtype).element_size()  # elements
+    if device.type != "cpu" or numel > most:
+        return torch.empty(numel, dtype=dtype, device=device)
+    cache = _WORKSPACES.__dict__.setdefault("buffers", {})
+    buf = cache.get((name, dtype))
+    if buf is None or buf.numel() < numel:  # grown by doubling: few new buffers as groups vary
+        buf = cache[name, dtype] = torch.empty(min(most, max(numel, 0 if buf is None else 2 * buf.numel())), dtype=dtype)
+    return buf[:numel]
+
+
+_WORKSPACES = threading.local()  # each thread's own (batch segmentation's lanes filter at once)
+_WORKSPACE_BYTES = 64 * 2**20
 
 
 def _sparse_ok(device: torch.device) -> bool:

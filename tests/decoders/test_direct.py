@@ -52,6 +52,29 @@ def test_interface_and_shapes():
     assert not torch.allclose(out.mask_logits[:, REF], out.mask_logits[:, SEG])
 
 
+@pytest.mark.parametrize("attributes", [None, {"colour": 4}])
+def test_prompts_of_the_leading_images_read_their_features_without_a_gather(attributes, monkeypatch):
+    # batch segmentation's rounds ask the first N images of a batch in order: those prompts read
+    # the first N images' features as they are (no copy); the result is the gather's, bit for bit
+    import segllm.decoders.direct.decoder as direct
+
+    leads = direct._leading
+    assert leads(torch.tensor([0, 1]), 4) and not leads(torch.tensor([1, 2]), 4) and not leads(torch.tensor([0, 1, 2]), 2)
+    m = make(**({"attributes": attributes} if attributes else {})).eval()
+    feats = m.encode_image(torch.randn(4, 3, 64, 64)).detach()
+    p, rows = torch.randn(3, K, D), torch.tensor([0, 1, 2])
+    copies = []
+    real = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda self, *a: copies.append(a) or real(self, *a))
+    with torch.no_grad():
+        leading = m(feats, p, rows)
+        assert not copies  # no gather of the features for leading rows
+        monkeypatch.setattr(direct, "_leading", lambda *a: False)
+        gathered = m(feats, p, rows)
+        assert copies
+    assert torch.equal(leading.mask_logits, gathered.mask_logits) and torch.equal(leading.iou_scores, gathered.iou_scores)
+
+
 def test_prompt_uses_its_own_image():
     m = make()
     feats = m.encode_image(torch.randn(2, 3, 64, 64))

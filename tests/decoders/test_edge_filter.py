@@ -168,3 +168,37 @@ def test_the_gather_passes_equal_the_sparse_ones(monkeypatch):
     sparse = colour_guided_filter(logits, image, **SETTINGS)
     monkeypatch.setattr(edge_filter, "_sparse_ok", lambda device: False)
     torch.testing.assert_close(colour_guided_filter(logits, image, **SETTINGS), sparse)
+
+
+def test_reused_workspaces_give_the_fresh_results_and_are_per_thread(monkeypatch):
+    # the group arrays come from a per-thread workspace: results do not depend on what an earlier
+    # call (of another size) left there, nor on filtering in two threads at once
+    import threading
+
+    image, _ = _scene()
+    small, big = torch.full((1, 64, 64), -4.0), torch.full((2, 64, 64), -4.0)
+    small[0, 30:36, 30:36] = 3.0
+    big[0, 10:50, 10:55] = 4.0
+    big[1, 5:15, 5:15] = 3.0
+    monkeypatch.setattr(edge_filter, "_WORKSPACE_BYTES", 0)  # every call new memory
+    fresh = [colour_guided_filter(x, image, **SETTINGS) for x in (big, small, big)]
+    monkeypatch.undo()
+    edge_filter._WORKSPACES.__dict__.pop("buffers", None)
+    again = [colour_guided_filter(x, image, **SETTINGS) for x in (big, small, big)]  # grows, then reuses
+    for a, b in zip(fresh, again):
+        assert torch.equal(a, b)
+    buffers = edge_filter._WORKSPACES.buffers
+    cols = buffers["cols", torch.int32]
+    assert cols.numel() >= 55 * 52 * 49  # the big mask's box (50 x 57 minus the frame) x 7 x 7
+    got, seen = {}, {}
+
+    def work(name, x):
+        for _ in range(5):
+            got[name] = colour_guided_filter(x, image, **SETTINGS)
+        seen[name] = edge_filter._WORKSPACES.__dict__.get("buffers", {}).get(("cols", torch.int32))
+
+    threads = [threading.Thread(target=work, args=(n, x)) for n, x in (("big", big), ("small", small))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert torch.equal(got["big"], fresh[0]) and torch.equal(got["small"], fresh[1])
+    assert seen["big"] is not None and seen["small"] is not None and seen["big"].data_ptr() != seen["small"].data_ptr() != cols.data_ptr()

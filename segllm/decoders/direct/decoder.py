@@ -169,7 +169,9 @@ class DirectMaskDecoder(MaskDecoder):
         p, f = self.packed_channels, self.config.fuse_dim
         # what each prompt needs of its image: [N, D + P + F, g, g]
         gathered = image_features[:, : d + p + f].to(dtype)
-        if not _is_identity(batch_index, image_features.shape[0]):
+        if _leading(batch_index, image_features.shape[0]):
+            gathered = gathered[: batch_index.shape[0]]
+        else:
             gathered = gathered.index_select(0, batch_index.long())
         feats, packed, projected = gathered.split([d, p, f], dim=1)
         fine_refs = None
@@ -245,7 +247,9 @@ class DirectMaskDecoder(MaskDecoder):
         for n in self.config.attributes.values():
             # per image, then per prompt: several prompts share an image
             logp = F.log_softmax(pixels[:, start : start + n].float(), dim=1)[:, 1:]  # [B, n-1, g, g]
-            if not _is_identity(batch_index, pixels.shape[0]):
+            if _leading(batch_index, pixels.shape[0]):
+                logp = logp[: batch_index.shape[0]]
+            else:
                 logp = logp.index_select(0, batch_index)  # [N, n-1, g, g]
             p = F.softmax(named[:, start : start + n].float(), dim=-1)[:, 1:]  # [N, n-1]
             total = total + torch.einsum("nc,nchw->nhw", p, logp).to(total.dtype)
@@ -264,14 +268,17 @@ class DirectMaskDecoder(MaskDecoder):
         return F.interpolate(self.context_out(mixed), size=(g, g), mode="nearest")
 
 
-def _is_identity(batch_index: Tensor, images: int) -> bool:
-    """Is ``batch_index`` [N] exactly 0, 1, ..., images - 1 (one prompt per image, in order, as
-    batch segmentation's rounds usually are)? Then the per-prompt gather of the image features
-    would only copy them (about 1 MB a prompt). Checked only for a host tensor: on an accelerator
-    reading the values back would stall the queue, and the copy is cheap there."""
-    if batch_index.device.type != "cpu" or batch_index.shape[0] != images:
+def _leading(batch_index: Tensor, images: int) -> bool:
+    """Is ``batch_index`` [N] exactly 0, 1, ..., N - 1 with N <= images (one prompt for each of the
+    first N images, in order, as batch segmentation's rounds usually are: its batches put the
+    longest conversations first, so the rows still asking are the leading ones)? Then the
+    per-prompt gather of the image features would only copy them (about 1 MB a prompt), and the
+    first N images' features serve as they are. Checked only for a host tensor: on an
+    accelerator reading the values back would stall the queue, and the copy is cheap there."""
+    n = batch_index.shape[0]
+    if batch_index.device.type != "cpu" or n > images:
         return False
-    return bool(torch.equal(batch_index, torch.arange(images, dtype=batch_index.dtype)))
+    return bool(torch.equal(batch_index, torch.arange(n, dtype=batch_index.dtype)))
 
 
 def build_direct_decoder(config: DirectDecoderConfig, prompt_head: PromptHeadConfig, *, load_weights: bool = True) -> DirectMaskDecoder:
