@@ -9,6 +9,7 @@ mask logits 5e-4 (values up to ~35; observed 6e-5); boxes in 1024-pixel units 1e
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -274,6 +275,23 @@ def test_folded_backbone_equals_the_original_arithmetic(monkeypatch):
     with torch.no_grad():
         alone = view.maps_folded(pixels[1:])[1]
     assert all(torch.equal(a[1:], b) for a, b in zip(folded_srcs, alone))
+    # float32 compiled (set_compiled on the CPU): the compiled maps; bfloat16 on the CPU: the
+    # folded path, compiled or not, within bfloat16's rounding of the original's maps
+    calls = []
+    monkeypatch.setattr(model, "compiled_image", lambda p: calls.append(p) or view.maps(p), raising=False)
+    with torch.no_grad():
+        model.encode_image(pixels)
+    assert len(calls) == 1
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half_pixels = pixels.bfloat16()
+    with torch.no_grad():
+        want16 = half.image_encoder.maps_folded(half_pixels)[1]
+        got16 = half.encode_image(half_pixels).srcs
+        half.compiled_image = lambda p: pytest.fail("bfloat16 ran the compiled image step")
+        compiled16 = half.encode_image(half_pixels).srcs
+    assert all(torch.equal(a, b) and torch.equal(c, b) for a, b, c in zip(got16, want16, compiled16))
+    for a, b in zip(got16, plain_srcs):
+        assert_close_scaled(a.float(), b, rel=5e-2)
 
 
 def test_fast_cpu_inference_decodes_prompts_one_at_a_time():

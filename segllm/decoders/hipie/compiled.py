@@ -2,7 +2,7 @@
 :meth:`~segllm.decoders.hipie.decoder.HipieDecoder.set_compiled`).
 
 What is compiled: the image encoder's ResNet-50 and input projections (prompt-independent, once
-per image) and one chunk of an encoder layer (sampling points, deformable sampling, output
+per image; float32 weights only, bfloat16 runs the eager folded path, which is faster) and one chunk of an encoder layer (sampling points, deformable sampling, output
 projection, norms and FFN over about 1,024 tokens). TorchInductor compiles them with the weights
 frozen as constants, which lets it fold the frozen batch norms into the convolutions, pre-pack the
 convolution weights for oneDNN and fuse the elementwise steps; the linear layers are oneDNN calls
