@@ -134,8 +134,9 @@ def segment_items(
     torch threads, else 1. Why: this model's operations are small (a round's LLM pass over ~20
     tokens a row, convolutions on 32 x 32 maps), and two of them at once on one thread each use
     two cores better than one at a time on two threads (README, "Batch segmentation"). The
-    results do not depend on it (each row is computed as alone). A compiled HIPIE decoder
-    (``compile``) keeps one lane: its compilation is not made for several threads at once.
+    results do not depend on it (each row is computed as alone). A model of a billion parameters
+    or more (a released 7B SegLLM) and a compiled HIPIE decoder (``compile``: its compilation is
+    not made for several threads at once) keep one lane by default.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +201,13 @@ def _lanes(model, lanes: int) -> int:
         return lanes
     on_cpu = next(model.parameters()).device.type == "cpu"
     compiled = bool(getattr(model.decoder, "compiled", False))
-    return 2 if on_cpu and not compiled and torch.get_num_threads() >= 2 else 1
+    # a large model's operations already fill the cores, and a second lane would double the
+    # activations (a 7B's key/value cache for a batch of 16 conversations is about 2.5 GB)
+    small = sum(p.numel() for p in model.parameters()) < _LANES_MAX_PARAMETERS
+    return 2 if on_cpu and small and not compiled and torch.get_num_threads() >= 2 else 1
+
+
+_LANES_MAX_PARAMETERS = 10**9  # default lanes only below this many parameters
 
 
 def batch_order(items: Sequence[Item]) -> list[Item]:

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, with --generate (default: %(default)s)")
     sg.add_argument("--lanes", type=int, default=0,
                     help="batches answered at once in this process, on as many threads, the torch threads shared out among "
-                         "them (default 0: 2 on a CPU with 2 or more threads, else 1)")
+                         "them (default 0: 2 on a CPU with 2 or more threads for a model under a billion parameters, else 1)")
     _model_args(sg, device=None)
     sg.set_defaults(func="segment")
 

@@ -135,6 +135,9 @@ def test_default_lanes(model, monkeypatch):
         monkeypatch.setattr(model.decoder, "compiled", True, raising=False)
         assert bs._lanes(model, 0) == 1  # a compiled decoder: one lane
         monkeypatch.undo()
+        monkeypatch.setattr(bs, "_LANES_MAX_PARAMETERS", sum(p.numel() for p in model.parameters()))
+        assert bs._lanes(model, 0) == 1  # a large model: one lane
+        monkeypatch.undo()
         torch.set_num_threads(1)
         assert bs._lanes(model, 0) == 1
     finally:
