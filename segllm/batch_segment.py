@@ -182,11 +182,15 @@ def segment_items(
                 with ThreadPoolExecutor(n_lanes, thread_name_prefix="segllm-lane") as pool:
                     # every n-th item of the batch order: each lane gets conversations of every length
                     futures = [pool.submit(run, todo[i::n_lanes]) for i in range(n_lanes)]
-                    first, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                    if any(fut.exception() is not None for fut in first):
-                        stop.set()  # the other lanes end after their batch in flight
-                    for fut in futures:
-                        fut.result()  # raises a lane's error
+                    try:
+                        wait(futures, return_when=FIRST_EXCEPTION)
+                        for fut in futures:
+                            fut.result()  # raises a lane's error
+                    except BaseException:
+                        # a lane failed, or the run was interrupted (Ctrl-C): the other lanes end
+                        # after their batch in flight, whose lines are written
+                        stop.set()
+                        raise
             finally:
                 torch.set_num_threads(threads)
     bar.close()

@@ -125,6 +125,38 @@ def test_a_failing_lane_raises_and_the_other_lanes_stop(model, images, tmp_path,
     assert len(calls) < 10  # the other lane stopped after its batch in flight
 
 
+def test_an_interrupted_run_stops_its_lanes(model, images, tmp_path, monkeypatch):
+    # Ctrl-C while the lanes work: they end after their batch in flight instead of finishing the
+    # whole list (the pool would otherwise wait for them), and the interrupt goes on up
+    import threading
+
+    import segllm.batch_segment as bs
+
+    items = read_items(images, _questions(tmp_path)) * 4
+    for i, it in enumerate(items):
+        it.key = str(i)
+    calls, both = [], threading.Barrier(3)
+
+    def slow(model_, engine, batch, *args):
+        calls.append(batch[0].key)
+        if len(calls) <= 2:
+            both.wait(5)  # both lanes are in their first batch
+            threading.Event().wait(0.3)  # still working when the interrupt comes
+        return [{"id": it.key, "image": it.image, "rounds": []} for it in batch]
+
+    def interrupted(futures, return_when):
+        both.wait(5)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bs, "_segment_batch", slow)
+    monkeypatch.setattr(bs, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        segment_items(model, items, tmp_path / "out", batch_size=2, progress=False, lanes=2)
+    assert len(calls) == 2  # each lane's batch in flight, not the 10 batches
+    lines = (tmp_path / "out" / "results.rank0.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # the batches in flight were written
+
+
 def test_default_lanes(model, monkeypatch):
     import segllm.batch_segment as bs
 
