@@ -100,6 +100,43 @@ def test_one_prompt_per_image_in_order_skips_the_gather_with_the_same_masks():
     assert torch.equal(feats, before)  # the features are read, never written
 
 
+def test_many_prompts_on_the_cpu_are_decoded_in_chunks_with_the_same_outputs_and_gradients(monkeypatch):
+    # a training batch's hundreds of prompts are decoded 32 at a time on the CPU (their maps then
+    # stay in cache); each prompt is decoded on its own, so the outputs and the gradients are those
+    # of one call over all of them
+    import segllm.decoders.direct.decoder as direct
+
+    m = make(ref_prior=True, refine_stride=2, refine_width=8, attributes={"colour": 3, "shape": 4})
+    with torch.no_grad():
+        for q in m.parameters():  # the layers that start at zero (the prior, the refinement) too: every path live
+            q.add_(0.1 * torch.randn_like(q))
+    n = 2 * direct._CPU_PROMPT_CHUNK + 7  # two full chunks and a short one
+    images = torch.randn(3, 3, 64, 64)
+    prompts, refs = torch.randn(n, K, D), torch.rand(n, 32, 32)
+    rows = torch.randint(0, 3, (n,))
+    calls = []
+    real = direct.DirectMaskDecoder._decode
+    monkeypatch.setattr(direct.DirectMaskDecoder, "_decode", lambda self, f, p, *a: calls.append(len(p)) or real(self, f, p, *a))
+    outs, grads = [], []
+    for chunk in (direct._CPU_PROMPT_CHUNK, n):  # in chunks, then all at once
+        monkeypatch.setattr(direct, "_CPU_PROMPT_CHUNK", chunk)
+        m.zero_grad()
+        p = prompts.clone().requires_grad_()
+        out = m(m.encode_image(images), p, rows, ref_masks=refs)
+        (out.mask_logits.square().mean() + out.iou_scores.sum() + out.attributes[1].sum() + out.attributes[0].mean()).backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten()] + [q.grad.flatten() for q in m.parameters()]))
+    assert calls == [32, 32, 7, n]
+    chunked, whole = outs
+    assert_close_scaled(chunked.mask_logits, whole.mask_logits, rel=1e-5)
+    assert_close_scaled(chunked.iou_scores, whole.iou_scores, rel=1e-5)
+    assert_close_scaled(chunked.attributes[1], whole.attributes[1], rel=1e-5)
+    assert torch.equal(chunked.attributes[0], whole.attributes[0])
+    # every gradient against the scale of all of them (some are zero but for rounding: a bias
+    # before a normalisation)
+    assert_close_scaled(grads[0], grads[1], rel=1e-5)
+
+
 @pytest.mark.parametrize("context_grid", [0, 4])
 def test_the_mask_loss_reaches_the_prompt_at_initialisation(context_grid):
     # the point of the design: a from-scratch prompt gets gradient from the first step
@@ -181,7 +218,7 @@ def test_attribute_matching_marks_the_pixels_of_the_named_class():
     named[0, 1] = 20.0  # prompt 0 names colour 1 ...
     named[0, 3] = 20.0  # ... and no shape
     named[1, 0] = named[1, 3] = 20.0  # prompt 1 names nothing
-    match = m._match(pixels, named, torch.tensor([0, 0]))  # both prompts on the one image
+    match = m._match(pixels.expand(2, -1, -1, -1), named)  # both prompts on the one image
     assert match.shape == (2, 2, 2)
     assert (match[0, :, 0] > -1e-3).all() and (match[0, :, 1] < -15).all()  # log p(colour 1): ~0 left, ~-16 right
     assert match[1].abs().max() < 1e-3  # naming nothing changes nothing
