@@ -427,8 +427,10 @@ class _Builder:
         part_rel = relation in ("part_name", "part_extreme", "part_colour")
         is_other = relation == "other"
         per_target = relation == "part_name" or relation == "part_colour"
+        reach = None
         if not per_target:
             memo, answer = index.answers(relation, ref_pos, direction, rank, attr)
+            reach = index.reach(relation, ref_pos, direction, rank, attr)
         if is_other:
             ref_p = pos[targets[refs[0] - 1]]
         n_matching = index.n_matching
@@ -453,6 +455,8 @@ class _Builder:
             # heads_for's draws: every level of two or more heads permuted, fewest attributes
             # first (all drawn before any head is tried)
             orders = shuffled_levels(levels)
+            if reach is not None and tid not in reach:
+                continue  # no head can make it the answer (its draws above are made all the same)
             part_head = t.kind == "part" and not part_rel  # then the head must name the part
             shape = t.shape
             first: tuple | None = None  # the head (a SceneIndex head key) of the question

@@ -46,6 +46,13 @@ def _bits(mask: int) -> list[int]:
     return out
 
 
+def _reaching(fn: Callable[[int], tuple[int, int]], definite: int) -> Callable[[int], tuple[int, int]]:
+    """``fn`` (a relation's candidates -> (possible, definite)) marked with ``reach``: a mask
+    that holds every definite answer it gives for any candidates (see :meth:`SceneIndex.reach`)."""
+    fn.reach = definite
+    return fn
+
+
 class SceneIndex:
     """Answers :func:`~segllm.data.world.language.is_unique`, ``resolve``, ``needs_memory`` and
     ``text_resolvable`` for one scene (``objects``) and margins, as those functions do."""
@@ -84,6 +91,7 @@ class SceneIndex:
         self._n_matching: dict[HeadKey, int] = {}
         self._denoters: dict[tuple, Callable[[HeadKey], tuple[int, int]]] = {}
         self._answers: dict[tuple, dict[HeadKey, int | None]] = {}
+        self._reach: dict[tuple, frozenset[int] | None] = {}  # answers()' keys -> reach()
         self._fns: dict[tuple, Callable[[int], tuple[int, int]]] = {}  # _relation's, by its arguments
         self._levels_at: dict[tuple, list] = {}
         # needs_memory's single-reference loop: each relation's functions by alternative
@@ -98,6 +106,7 @@ class SceneIndex:
         cycle), so that the index is freed as soon as it is no longer used."""
         self._denoters.clear()
         self._answers.clear()
+        self._reach.clear()
         self._fns.clear()
         self._fn_rows.clear()
 
@@ -265,6 +274,9 @@ class SceneIndex:
                 # the denoter's steps inline, remembered by the candidates the head leaves
                 fn = self._relation(rel, refs, direction if direction in self.coord else "bottom",
                                     rank, attr)
+                reach = getattr(fn, "reach", None)
+                if reach is not None:
+                    self._reach[key] = frozenset(ids[i] for i in _bits(reach & self.all_mask))
                 keep = ~self._banned(refs)
                 top, parts = self.top_mask & keep, self.part_mask & keep
                 head_masks, head_mask = self._head_masks, self.head_mask
@@ -286,6 +298,16 @@ class SceneIndex:
                     return u
             got = self._answers[key] = (memo, answer)
         return got
+
+    def reach(self, rel: str, refs: tuple[int, ...], direction: str | None = None,
+              rank: int | None = None, attr: str | None = None) -> frozenset[int] | None:
+        """After :meth:`answers` with the same arguments (no part or colour): the ids of every
+        object some head could make the question's one answer, or None where that is not
+        narrowed down. Known for the relations whose answer always lies in a set fixed by the
+        references ("left of instance 2", "the same colour as instance 1", "bigger than instance
+        3", "the second ... right of instance 2": the set's definite part, whatever the head):
+        a candidate outside it needs no head tried."""
+        return self._reach.get((rel, refs, direction, rank, attr, None, None))
 
     def _answer_once(self, rel: str, refs: tuple[int, ...], direction, rank, attr, part, colour,
                      hk: HeadKey) -> int | None:
@@ -374,22 +396,22 @@ class SceneIndex:
             a = rel.split("_", 1)[1]
             v = getattr(ref, a)
             if v == MIXED:
-                return lambda c: (0, 0)
+                return _reaching(lambda c: (0, 0), 0)
             m = self.attr_masks[a].get(v, 0)
             if not rel.startswith("same_"):
                 m = ~m
-            return lambda c: (c & m, c & m)
+            return _reaching(lambda c: (c & m, c & m), m)
         if rel == "other":
             return lambda c: (c, c)
         if rel == "colour_and_shape":
             a, b = (self.objects[i] for i in refs)
             if a.colour == MIXED or a.id == b.id:
-                return lambda c: (0, 0)
+                return _reaching(lambda c: (0, 0), 0)
             m = self.attr_masks["colour"].get(a.colour, 0) & self.attr_masks["shape"].get(b.shape, 0)
-            return lambda c: (c & m, c & m)
+            return _reaching(lambda c: (c & m, c & m), m)
         if rel in _DIR_OF:
             p, d = self._cone(r, _DIR_OF[rel])
-            return lambda c: (c & p, c & d)
+            return _reaching(lambda c: (c & p, c & d), d)
         if rel in ("nearest", "farthest"):
             dist = self._distances(r)
             keys = dist if rel == "nearest" else [-1.0 * v for v in dist]
@@ -405,13 +427,13 @@ class SceneIndex:
                 if rel == "ordinal_from":
                     return self._ordinal(definite, keys, rank)
                 return self._by_area(definite, rel == "largest_dir")
-            return towards
+            return _reaching(towards, d)  # its answers lie among the definite ones
         if rel in ("bigger", "smaller"):
             same = self.all_mask
             if attr is not None:
                 v = getattr(ref, attr)
                 if v == MIXED:
-                    return lambda c: (0, 0)
+                    return _reaching(lambda c: (0, 0), 0)
                 same = self.attr_masks[attr].get(v, 0)
             ratio, ra = self.margins.ratio, ref.area
             possible = definite = 0
@@ -428,7 +450,7 @@ class SceneIndex:
                         definite |= 1 << i
             possible &= same
             definite &= same
-            return lambda c: (c & possible, c & definite)
+            return _reaching(lambda c: (c & possible, c & definite), definite)
         raise ValueError(f"unknown relation {rel!r}")
 
     def head_levels(self, pos: int, allowed: tuple[str, ...],
