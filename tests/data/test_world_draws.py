@@ -25,8 +25,8 @@ def _ops(r: random.Random) -> list[tuple]:
             ops.append(("perm", r.randint(0, 14)))
         elif x < 0.68:
             ops.append(("shuffled", r.randint(0, 9)))
-        elif x < 0.72:  # several levels in one call, sizes 0 to 7 (heads: 1, 4, 6, 4, 1)
-            ops.append(("levels", tuple(r.randint(0, 7) for _ in range(r.randint(0, 5)))))
+        elif x < 0.72:  # several levels in one call, sizes 0 to 7 (heads: 1, 4, 6, 4, 1), permuted or only drawn
+            ops.append((r.choice(["levels", "skip"]), tuple(r.randint(0, 7) for _ in range(r.randint(0, 5)))))
         elif x < 0.76:
             ops.append(("uniform", r.uniform(-30, 30), r.uniform(30, 200)))
         elif x < 0.84:  # bulk doubles, crossing the buffered block (256 raw outputs)
@@ -52,6 +52,10 @@ def _both(op: tuple, g: np.random.Generator, d: Draws):
         levels = [tuple(f"h{k}.{i}" for i in range(n)) for k, n in enumerate(op[1])]
         want = [lv if len(lv) < 2 else [lv[i] for i in g.permutation(len(lv))] for lv in levels]
         return want, d.shuffled_levels(levels)
+    if kind == "skip":  # the same draws, nothing returned
+        for n in op[1]:
+            g.permutation(n)
+        return None, d.skip_levels([tuple(range(n)) for n in op[1]])
     if kind == "uniform":
         return g.uniform(op[1], op[2]), d.uniform(op[1], op[2])
     if kind == "uniform_size":

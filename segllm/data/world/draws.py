@@ -258,6 +258,32 @@ class Draws:
         self._i, self._has32, self._u32 = j, has, u32
         return out
 
+    def skip_levels(self, levels) -> None:
+        """The draws of :meth:`shuffled_levels` without the permuted lists (a caller that needs
+        only the generator's state after them): numpy's masked rejection, level after level.
+        Its loop is shuffled_levels' without the swaps, kept apart: a flag there would cost each
+        of the generator's most frequent draws a test."""
+        buf, j, end, has, u32 = self._buf, self._i, self._n, self._has32, self._u32
+        for seq in levels:
+            for i in range(len(seq) - 1, 0, -1):
+                mask = _MASKS[i] if i < 64 else (1 << i.bit_length()) - 1
+                while True:
+                    if has:
+                        has = False
+                        if u32 & mask <= i:
+                            break
+                        continue
+                    if j == end:
+                        self._refill()
+                        buf, j, end = self._buf, 0, self._n
+                    raw = buf[j]
+                    j += 1
+                    has = True
+                    u32 = raw >> 32
+                    if raw & mask <= i:
+                        break
+        self._i, self._has32, self._u32 = j, has, u32
+
     def permutation(self, n: int) -> np.ndarray:
         """``Generator.permutation(n)`` for an int n."""
         return np.array(self.perm(n), dtype=np.int64)
