@@ -181,7 +181,7 @@ class DirectMaskDecoder(MaskDecoder):
             # each prompt is decoded on its own, so chunks give the same masks (up to the float
             # rounding of another batch size in the convolutions); split, the chunks' gradients
             # meet in one tensor, where a gather per chunk would give each a full-size one
-            refs = ref_masks.split(c) if ref_masks is not None else [None] * len(rows.split(c))
+            refs = ref_masks.split(c) if ref_masks is not None else [None] * -(-n // c)
             outs = [self._decode(*a) for a in zip(rows.split(c), prompts.split(c), refs)]
             masks, iou = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
             named = torch.cat([o[2] for o in outs]) if self.config.attributes else None
