@@ -59,7 +59,7 @@ def record_to_conversation(record: dict[str, Any], image: np.ndarray, get_mask: 
             raise RecordError(f"round {n} is not an object")
         try:
             question, answer = r["question"], r["answer"]
-            refs = tuple(int(k) for k in r.get("refs", []))
+            refs = tuple(map(int, r.get("refs", ())))
             mask_ids = list(r["mask_ids"])
         except (KeyError, TypeError, ValueError) as e:
             raise RecordError(f"round {n}: missing or malformed field {e}") from e
@@ -78,9 +78,15 @@ def record_to_conversation(record: dict[str, Any], image: np.ndarray, get_mask: 
         rounds.append(Round(question, refs, answer, masks))
     conv = Conversation(image, rounds)
     try:
-        conv.validate()
+        # every mask was found non-empty above, so a reference needs only a round with masks
+        # (validate's own check would count each referenced mask's pixels again)
+        conv.validate(check_refs=False)
     except SegLLMError as e:
         raise RecordError(str(e)) from e
+    for n, rnd in enumerate(rounds, start=1):
+        for k in rnd.refs:
+            if not rounds[k - 1].masks:
+                raise RecordError(f"round {n} refers to round {k}, which has no mask")
     return conv
 
 

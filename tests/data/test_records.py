@@ -90,6 +90,12 @@ def test_record_checks():
         record_to_conversation(bad_ref, img, lambda i: full)
     with pytest.raises(RecordError, match="malformed field"):
         record_to_conversation({"rounds": [{"question": "q"}]}, img, lambda i: full)
+    no_mask = {"rounds": [{"question": "q", "refs": [], "answer": "none here", "mask_ids": []},
+                          {"question": "r", "refs": [1], "answer": "<seg>", "mask_ids": [2]}]}
+    with pytest.raises(RecordError, match="refers to round 1, which has no mask"):
+        record_to_conversation(no_mask, img, lambda i: full)
+    no_mask["rounds"][1]["refs"] = []
+    assert [len(r.masks) for r in record_to_conversation(no_mask, img, lambda i: full).rounds] == [0, 1]
 
 
 def test_round_meta_and_scene_match_between_folder_and_world(folder):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segllm.data.world.scene import CATEGORY_IDS, COLOURS, COMPOSITES, MIXED, SIZES, TEXTURES, WorldObject
+from segllm.data.world.scene import CATEGORY_IDS, COLOURS, COMPOSITES, MIXED, SIZES, TEXTURES, WorldObject, _frozen
 
 COLOUR_CLASSES = {c: i + 1 for i, c in enumerate(COLOURS)}
 SIZE_CLASSES = {s: i + 1 for i, s in enumerate(SIZES)}
@@ -45,23 +45,30 @@ def dense_labels(objects: list[WorldObject], masks: dict[int, np.ndarray]) -> di
     for o in sorted(objects, key=lambda o: o.parent is not None):
         x, y, bw, bh = o.bbox
         box = (slice(y, y + bh), slice(x, x + bw)) if bw > 0 and bh > 0 else (slice(None),) * 2
-        m = masks[o.id][box]
-        if o.parent is None:  # its colour (none for a composite), category, object, texture, size
-            values = [CATEGORY_IDS[o.shape], CATEGORY_IDS[o.shape],
-                      TEXTURE_CLASSES.get(o.texture, 0), SIZE_CLASSES.get(o.size, 0)]
-            first = 1
-            if o.colour != MIXED:
-                values.insert(0, COLOUR_CLASSES[o.colour])
-                first = 0
-        else:  # a part: its colour and category
-            values = [CATEGORY_IDS[o.shape]]
-            first = 1
-            if o.colour != MIXED:
-                values.insert(0, COLOUR_CLASSES[o.colour])
-                first = 0
-        run = planes[first:first + len(values), box[0], box[1]]
-        np.copyto(run, np.array(values, np.int16)[:, None, None], where=m)
+        key = (o.parent is None, o.colour, o.shape, o.texture, o.size)
+        got = _WRITES.get(key)
+        if got is None:
+            got = _WRITES[key] = _writes(*key)
+        first, values = got
+        np.copyto(planes[first:first + len(values), box[0], box[1]], values, where=masks[o.id][box])
     return dict(zip(DENSE_GROUPS, planes))
+
+
+def _writes(whole: bool, colour: str, shape: str, texture: str, size: str) -> tuple[int, np.ndarray]:
+    """What an object writes into dense_labels' planes: (first plane, int16 [k, 1, 1] values of
+    planes first .. first + k - 1). A whole writes its colour (none for a composite), category,
+    object, texture and size; a part its colour and category."""
+    values = [CATEGORY_IDS[shape], CATEGORY_IDS[shape], TEXTURE_CLASSES.get(texture, 0),
+              SIZE_CLASSES.get(size, 0)] if whole else [CATEGORY_IDS[shape]]
+    first = 1
+    if colour != MIXED:
+        values.insert(0, COLOUR_CLASSES[colour])
+        first = 0
+    return first, _frozen(np.array(values, np.int16)[:, None, None])
+
+
+# (whole, colour, shape, texture, size) -> _writes' answer: a world has a few hundred
+_WRITES: dict[tuple, tuple[int, np.ndarray]] = {}
 
 
 def named_labels(head) -> dict[str, int]:
