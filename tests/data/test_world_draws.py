@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from segllm.data.world.draws import Draws, shuffle_steps
+from segllm.data.world.draws import Draws
 
 
 def _ops(r: random.Random) -> list[tuple]:
@@ -55,7 +55,7 @@ def _both(op: tuple, g: np.random.Generator, d: Draws):
     if kind == "skip":  # the same draws, nothing returned
         for n in op[1]:
             g.permutation(n)
-        return None, d.skip_shuffles(shuffle_steps(op[1]))
+        return None, d.shuffled_levels([tuple(range(n)) for n in op[1]], keep=False)
     if kind == "uniform":
         return g.uniform(op[1], op[2]), d.uniform(op[1], op[2])
     if kind == "uniform_size":

@@ -434,7 +434,7 @@ class _Builder:
         if is_other:
             ref_p = pos[targets[refs[0] - 1]]
         n_matching = index.n_matching
-        shuffled, shuffled_levels, skip = rng.shuffled, rng.shuffled_levels, rng.skip_shuffles
+        shuffled, shuffled_levels = rng.shuffled, rng.shuffled_levels
         if not is_other:
             levels_at = index.levels_at(allowed, max_attrs)
         for t in shuffled(cands)[:8]:
@@ -455,7 +455,7 @@ class _Builder:
             # heads_for's draws: every level of two or more heads permuted, fewest attributes
             # first (all drawn before any head is tried)
             if reach is not None and tid not in reach:
-                skip(levels.steps)  # no head can make it the answer: only its draws are made
+                shuffled_levels(levels, keep=False)  # no head can make it the answer: only its draws are made
                 continue
             orders = shuffled_levels(levels)
             part_head = t.kind == "part" and not part_rel  # then the head must name the part

@@ -24,14 +24,6 @@ _BLOCK = 256  # raw outputs taken from the bit generator at a time
 _MASKS = [(1 << i.bit_length()) - 1 for i in range(64)]  # random_interval's mask for max i
 
 
-def shuffle_steps(lengths) -> tuple[tuple[int, int], ...]:
-    """The (position, mask) of every swap numpy's shuffle makes on lists of these lengths, in
-    order (from the last position down, list after list; lists of fewer than 2 items draw
-    nothing): what :meth:`Draws.skip_shuffles` replays."""
-    return tuple((i, _MASKS[i] if i < 64 else (1 << i.bit_length()) - 1)
-                 for n in lengths for i in range(n - 1, 0, -1))
-
-
 class Draws:
     """Draws of a ``numpy.random.Generator`` whose bit generator is ``PCG64``, from its state on.
 
@@ -231,19 +223,21 @@ class Draws:
         a = list(seq)
         return a if len(a) < 2 else self.shuffled_levels((a,))[0]
 
-    def shuffled_levels(self, levels) -> list:
+    def shuffled_levels(self, levels, *, keep: bool = True) -> list | None:
         """``[seq if len(seq) < 2 else self.shuffled(seq) for seq in levels]`` (the same draws,
         level after level) in one call: the world draws a permutation of every level of a
         candidate's heads at once, most of them of 2 to 6 items, where a call per level costs
-        as much as its draws."""
+        as much as its draws. With ``keep=False`` only the draws are made (None is returned): a
+        caller that needs just the generator's state after them builds no lists."""
         buf, j, end, has, u32 = self._buf, self._i, self._n, self._has32, self._u32
-        out = []
+        out = [] if keep else None
         for seq in levels:
             n = len(seq)
             if n < 2:
-                out.append(seq)
+                if keep:
+                    out.append(seq)
                 continue
-            a = list(seq)
+            a = list(seq) if keep else None
             for i in range(n - 1, 0, -1):
                 mask = _MASKS[i] if i < 64 else (1 << i.bit_length()) - 1
                 while True:
@@ -261,34 +255,12 @@ class Draws:
                         v = raw & mask
                     if v <= i:
                         break
-                a[i], a[v] = a[v], a[i]
-            out.append(a)
+                if keep:
+                    a[i], a[v] = a[v], a[i]
+            if keep:
+                out.append(a)
         self._i, self._has32, self._u32 = j, has, u32
         return out
-
-    def skip_shuffles(self, steps: tuple[tuple[int, int], ...]) -> None:
-        """Make the draws of shuffling lists whose :func:`shuffle_steps` are ``steps`` (e.g.
-        :meth:`shuffled_levels` of levels of those lengths) and build nothing: a caller that
-        needs only the generator's state after them. One flat loop over precomputed (position,
-        mask) pairs: the world skips tens of candidates a conversation this way."""
-        buf, j, end, has, u32 = self._buf, self._i, self._n, self._has32, self._u32
-        for i, mask in steps:
-            while True:  # random_interval's masked rejection, as in shuffled_levels
-                if has:
-                    has = False
-                    if (u32 & mask) <= i:
-                        break
-                else:
-                    if j == end:
-                        self._refill()
-                        buf, j, end = self._buf, 0, self._n
-                    raw = buf[j]
-                    j += 1
-                    has = True
-                    u32 = raw >> 32
-                    if (raw & mask) <= i:
-                        break
-        self._i, self._has32, self._u32 = j, has, u32
 
     def permutation(self, n: int) -> np.ndarray:
         """``Generator.permutation(n)`` for an int n."""

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from segllm.data.world.draws import Draws, shuffle_steps
+from segllm.data.world.draws import Draws
 from segllm.data.world.language import _DIR_REL, ATTRS, Margins, Query, _related, resolvability
 from segllm.data.world.scene import MIXED, PARTS, WorldObject
 
@@ -31,17 +31,9 @@ _ATTR_INDEX = {a: i for i, a in enumerate(ATTRS)}
 # itertools.combinations order
 _HEAD_TABLES: dict[tuple, list[tuple[HeadKey, ...]]] = {}
 # (attribute values, attributes a head may name, most attributes) -> head_levels' answer
-_LEVELS: dict[tuple, _Levels] = {}
+_LEVELS: dict[tuple, tuple[tuple[HeadKey, ...], ...]] = {}
 
 HeadKey = tuple  # (size, colour, texture, shape), None where the head does not say
-
-
-class _Levels(tuple):
-    """:meth:`SceneIndex.head_levels`' answer: a tuple of levels, with ``steps``, the
-    :func:`~segllm.data.world.draws.shuffle_steps` of their lengths (what permuting them all
-    draws), kept with it so that a candidate the world skips replays them at no extra cost."""
-
-    steps: tuple[tuple[int, int], ...]
 
 
 def _bits(mask: int) -> list[int]:
@@ -478,8 +470,7 @@ class SceneIndex:
                     tuple(tuple(v if a in combo else None for a, v in zip(ATTRS, vals))
                           for combo in itertools.combinations(avail, n))
                     for n in range(len(avail) + 1)]
-            got = _LEVELS[key] = _Levels(table[: min(max_attrs, len(avail)) + 1])
-            got.steps = shuffle_steps(map(len, got))
+            got = _LEVELS[key] = tuple(table[: min(max_attrs, len(avail)) + 1])
         return got
 
     def levels_at(self, allowed: tuple[str, ...], max_attrs: int = 4) -> list:
