@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from segllm.conversation import Conversation, Round, load_image, parse_refs
 from segllm.errors import ConversationError, SegLLMError
 from segllm.export import from_rle, to_rle
+from segllm.lanes import default_lanes, lane_pool
 from segllm.model.rounds import RoundEngine, masks_referable
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def segment_items(
     todo = batch_order([it for it in mine if it.key not in done])
     summary = SegmentSummary(resumed=len(mine) - len(todo))
     engine = RoundEngine(model.eval())
-    n_lanes = min(_lanes(model, lanes), max(1, len(todo)))
+    n_lanes = min(default_lanes(model, lanes), max(1, len(todo)))
     bar = tqdm(total=len(todo), disable=not progress, unit="img", desc="segment")
     t0 = time.perf_counter()
     lock, stop = threading.Lock(), threading.Event()
@@ -176,42 +177,20 @@ def segment_items(
         if n_lanes == 1:
             run(todo)
         else:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, threads // n_lanes))
-            try:
-                with ThreadPoolExecutor(n_lanes, thread_name_prefix="segllm-lane") as pool:
-                    # every n-th item of the batch order: each lane gets conversations of every length
-                    futures = [pool.submit(run, todo[i::n_lanes]) for i in range(n_lanes)]
-                    try:
-                        wait(futures, return_when=FIRST_EXCEPTION)
-                        for fut in futures:
-                            fut.result()  # raises a lane's error
-                    except BaseException:
-                        # a lane failed, or the run was interrupted (Ctrl-C): the other lanes end
-                        # after their batch in flight, whose lines are written
-                        stop.set()
-                        raise
-            finally:
-                torch.set_num_threads(threads)
+            with lane_pool(n_lanes) as pool:
+                # every n-th item of the batch order: each lane gets conversations of every length
+                futures = [pool.submit(run, todo[i::n_lanes]) for i in range(n_lanes)]
+                try:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                    for fut in futures:
+                        fut.result()  # raises a lane's error
+                except BaseException:
+                    # a lane failed, or the run was interrupted (Ctrl-C): the other lanes end
+                    # after their batch in flight, whose lines are written
+                    stop.set()
+                    raise
     bar.close()
     return summary
-
-
-def _lanes(model, lanes: int) -> int:
-    """The lanes :func:`segment_items` uses: ``lanes``, or for 0 its default."""
-    if lanes < 0:
-        raise ValueError(f"lanes must be 0 (automatic) or more, got {lanes}")
-    if lanes:
-        return lanes
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    compiled = bool(getattr(model.decoder, "compiled", False))
-    # a large model's operations already fill the cores, and a second lane would double the
-    # activations (a 7B's key/value cache for a batch of 16 conversations is about 2.5 GB)
-    small = sum(p.numel() for p in model.parameters()) < _LANES_MAX_PARAMETERS
-    return 2 if on_cpu and small and not compiled and torch.get_num_threads() >= 2 else 1
-
-
-_LANES_MAX_PARAMETERS = 10**9  # default lanes only below this many parameters
 
 
 def batch_order(items: Sequence[Item]) -> list[Item]:

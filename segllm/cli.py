@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--name", default="eval", help="base name of the report files (default: %(default)s)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run from its logs in --out")
     ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--lanes", type=int, default=0,
+                    help="batches evaluated at once in this process, on as many threads, the torch threads shared out among "
+                         "them (default 0: 2 on a CPU with 2 or more threads for a model under a billion parameters, else 1); "
+                         "the results do not depend on it")
     ev.add_argument("--baseline", choices=["union"], default=None,
                     help="also score a question-blind baseline on the same conversations: 'union' predicts the union of "
                          "all top-level objects every round (world data and dataset folders)")

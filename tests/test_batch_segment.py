@@ -158,24 +158,24 @@ def test_an_interrupted_run_stops_its_lanes(model, images, tmp_path, monkeypatch
 
 
 def test_default_lanes(model, monkeypatch):
-    import segllm.batch_segment as bs
+    import segllm.lanes as lanes
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert bs._lanes(model, 0) == 2 and bs._lanes(model, 3) == 3
+        assert lanes.default_lanes(model, 0) == 2 and lanes.default_lanes(model, 3) == 3
         monkeypatch.setattr(model.decoder, "compiled", True, raising=False)
-        assert bs._lanes(model, 0) == 1  # a compiled decoder: one lane
+        assert lanes.default_lanes(model, 0) == 1  # a compiled decoder: one lane
         monkeypatch.undo()
-        monkeypatch.setattr(bs, "_LANES_MAX_PARAMETERS", sum(p.numel() for p in model.parameters()))
-        assert bs._lanes(model, 0) == 1  # a large model: one lane
+        monkeypatch.setattr(lanes, "_LANES_MAX_PARAMETERS", sum(p.numel() for p in model.parameters()))
+        assert lanes.default_lanes(model, 0) == 1  # a large model: one lane
         monkeypatch.undo()
         torch.set_num_threads(1)
-        assert bs._lanes(model, 0) == 1
+        assert lanes.default_lanes(model, 0) == 1
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="lanes"):
-        bs._lanes(model, -1)
+        lanes.default_lanes(model, -1)
 
 
 def _records(out):

@@ -32,8 +32,11 @@ interrupted evaluation resumes where it stopped, and several processes can share
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +56,7 @@ from segllm.eval.metrics import (
     released_frame_gt,
     score_targets,
 )
+from segllm.lanes import default_lanes, lane_pool
 from segllm.model.rounds import RoundEngine, masks_referable
 from segllm.session import Reply, Session
 
@@ -213,6 +217,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     session_factory=None,
+    lanes: int = 1,
 ) -> EvalResult:
     """Evaluate ``model`` on ``dataset`` (anything with ``len`` and ``get(i) -> Conversation | None``).
 
@@ -233,6 +238,11 @@ def evaluate(
         session_factory: builds the :class:`segllm.session.Session` that plays a conversation
             under the own protocol, one conversation at a time (default: none: conversations
             are played ``batch_size`` at a time, as ``Session`` plays them).
+        lanes: batches evaluated at once, each on its own thread, the torch threads shared out
+            among them (:mod:`segllm.lanes`; 0: its default, 2 on a CPU with 2 or more threads
+            for a model under a billion parameters). The logs are the same line for line: the
+            batches are the same, each computed as alone, and recorded in order. Not with
+            ``session_factory``. The dataset is read on the calling thread only.
 
     A dataset may also offer ``ignore(i)``: per round, per mask, a [H, W] bool mask of pixels
     left out of the metrics (or None); ReasonSeg's ignore regions, scored as LISA does; and
@@ -273,6 +283,8 @@ def evaluate(
     todo = [i for i in range(n) if i % world_size == rank and i not in done]
     bar = tqdm(total=len(todo), desc=f"eval ({protocol})", disable=not progress, unit="conv")
     scorer = _Scorer(model, dataset, frame, session_factory)
+    one_by_one = protocol == "own" and session_factory is not None
+    n_lanes = 1 if one_by_one else min(default_lanes(model, lanes), max(1, -(-len(todo) // batch_size)))
 
     def record(entry: _Log) -> None:
         _account(entry, metrics, result, diag)
@@ -281,24 +293,56 @@ def evaluate(
             log_file.flush()
         bar.update(1)
 
-    try:
-        pending: list[tuple[int, Conversation]] = []
-        for i in todo:
-            conv = dataset.get(i)
-            if conv is None:
-                record(_Log(i, skipped=tuple(dataset.skipped.items[-1])))
-                continue
-            if protocol == "own" and session_factory is not None:
-                record(scorer.own(i, conv, max_new_tokens))
-                continue
-            pending.append((i, conv))
-            if len(pending) == batch_size:
-                for entry in scorer.batch(pending, protocol, max_new_tokens):
-                    record(entry)
-                pending = []
-        if pending:
-            for entry in scorer.batch(pending, protocol, max_new_tokens):
+    # outputs in the order of the conversations: a batch's entries, or the future of a batch a
+    # lane is scoring, with the indices read ahead for it; recorded in order, so the log is the
+    # same line for line with or without lanes
+    in_flight: collections.deque = collections.deque()
+    pool = None
+
+    def settle(keep: int) -> None:
+        """Record the oldest outputs until at most ``keep`` remain in flight."""
+        while len(in_flight) > keep:
+            out, indices = in_flight.popleft()
+            entries = out.result() if isinstance(out, Future) else out
+            scorer.forget(indices)
+            for entry in entries:
                 record(entry)
+
+    def submit(batch: list[tuple[int, Conversation]]) -> None:
+        if pool is None:
+            in_flight.append((scorer.batch(batch, protocol, max_new_tokens), ()))
+        else:
+            indices = [i for i, _ in batch]
+            scorer.prefetch(indices)  # the dataset is read on this thread only
+            in_flight.append((pool.submit(scorer.batch, batch, protocol, max_new_tokens), indices))
+        # with lanes, a batch waits for a free lane while the others are scored: two per lane
+        settle(2 * n_lanes - 1 if pool is not None else 0)
+
+    try:
+        with lane_pool(n_lanes) if n_lanes > 1 else contextlib.nullcontext() as pool:
+            pending: list[tuple[int, Conversation]] = []
+            try:
+                for i in todo:
+                    conv = dataset.get(i)
+                    if conv is None:
+                        in_flight.append(([_Log(i, skipped=tuple(dataset.skipped.items[-1]))], ()))
+                        settle(2 * n_lanes - 1 if pool is not None else 0)
+                        continue
+                    if one_by_one:
+                        record(scorer.own(i, conv, max_new_tokens))
+                        continue
+                    pending.append((i, conv))
+                    if len(pending) == batch_size:
+                        submit(pending)
+                        pending = []
+                if pending:
+                    submit(pending)
+                settle(0)
+            except BaseException:
+                for out, _ in in_flight:  # a lane failed or the run was interrupted: start no more
+                    if isinstance(out, Future):
+                        out.cancel()
+                raise
     finally:
         bar.close()
         if log_file is not None:
@@ -348,13 +392,34 @@ class _Scorer:
         self.model, self.dataset, self.frame = model, dataset, frame
         self.eps = 1e-4 if frame == "released" else 0.0
         self.session_factory = session_factory or Session
+        self._fetched: dict[int, tuple] = {}  # index -> (scene, ignore), read ahead for the lanes
+
+    def prefetch(self, indices: list[int]) -> None:
+        """Read the scenes and ignore regions of ``indices`` now (on the calling thread), for a
+        :meth:`batch` call on another thread: a dataset need not be thread-safe (the world keeps
+        its last sample)."""
+        for i in indices:
+            self._fetched[i] = (self._read_scene(i), self._read_ignore(i))
+
+    def forget(self, indices) -> None:
+        """Drop what :meth:`prefetch` read for ``indices``."""
+        for i in indices:
+            self._fetched.pop(i, None)
 
     def _ignore(self, index: int) -> list[list[np.ndarray | None]] | None:
-        fn = getattr(self.dataset, "ignore", None)
-        return fn(index) if fn is not None else None
+        got = self._fetched.get(index)
+        return got[1] if got is not None else self._read_ignore(index)
 
     def scene(self, index: int):
         """The dataset's :class:`segllm.data.records.SceneAnnotations` of ``index``, or None."""
+        got = self._fetched.get(index)
+        return got[0] if got is not None else self._read_scene(index)
+
+    def _read_ignore(self, index: int):
+        fn = getattr(self.dataset, "ignore", None)
+        return fn(index) if fn is not None else None
+
+    def _read_scene(self, index: int):
         fn = getattr(self.dataset, "scene", None)
         return fn(index) if fn is not None else None
 

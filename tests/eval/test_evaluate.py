@@ -253,6 +253,39 @@ def test_own_protocol_in_batches_equals_one_session_per_conversation(confident_m
         assert json.dumps(getattr(batched, part), sort_keys=True) == json.dumps(getattr(single, part), sort_keys=True)
 
 
+@pytest.mark.parametrize("protocol", ["own", "oracle"])
+def test_lanes_log_what_one_lane_logs(confident_model, tmp_path, protocol, monkeypatch):
+    """Two lanes (batches on two threads at once) log the same lines in the same order as one,
+    and read the dataset on the calling thread only (the world keeps its last sample)."""
+    import json
+    import threading
+
+    from segllm.data.records import WorldConversations
+
+    data = WorldConversations("test", 7, seed=0, max_rounds=3)
+    main, readers = threading.get_ident(), set()
+    get, scene = data.get, data.scene
+
+    def read(i):  # conversation 3 unusable: its line keeps its place among the batches in flight
+        readers.add(threading.get_ident())
+        if i == 3:
+            data.skipped.add(data.where(i), "broken on purpose")
+            return None
+        return get(i)
+    monkeypatch.setattr(data, "get", read)
+    monkeypatch.setattr(data, "scene", lambda i: (readers.add(threading.get_ident()), scene(i))[1])
+    one = evaluate(confident_model, data, protocol=protocol, batch_size=2, max_new_tokens=4, log_path=tmp_path / "1.jsonl")
+    two = evaluate(confident_model, data, protocol=protocol, batch_size=2, max_new_tokens=4, log_path=tmp_path / "2.jsonl",
+                   lanes=2)
+    lines = (tmp_path / "1.jsonl").read_text().splitlines()
+    assert (tmp_path / "2.jsonl").read_text().splitlines() == lines and len(lines) == 7
+    got = {json.loads(x)["index"]: json.loads(x) for x in lines}
+    assert sorted(got) == list(range(7)) and "skipped" in got[3] and "masks" in got[2]
+    for part in ("metrics", "diagnostics", "skipped"):
+        assert json.dumps(getattr(one, part), sort_keys=True) == json.dumps(getattr(two, part), sort_keys=True)
+    assert readers == {main}
+
+
 @pytest.mark.slow
 def test_own_protocol_in_batches_on_the_miniature_released_checkpoint(tmp_path):
     """The released checkpoints' path (HIPIE's multi-level image features batched, memory crops
