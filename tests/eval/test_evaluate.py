@@ -1,7 +1,10 @@
+import json
+
 import numpy as np
 import pytest
 
 from segllm.conversation import Conversation, Round
+from segllm.errors import SegLLMError
 from segllm.eval.evaluate import evaluate, format_table, read_logs
 from segllm.eval.report import write_reports
 from segllm.session import Reply
@@ -284,6 +287,29 @@ def test_lanes_log_what_one_lane_logs(confident_model, tmp_path, protocol, monke
     for part in ("metrics", "diagnostics", "skipped"):
         assert json.dumps(getattr(one, part), sort_keys=True) == json.dumps(getattr(two, part), sort_keys=True)
     assert readers == {main}
+
+
+def test_a_lanes_error_reaches_the_caller_and_earlier_lines_stay(confident_model, tmp_path, monkeypatch):
+    """A batch that fails on a lane raises in ``evaluate`` (as it would with one lane); the
+    batches before it are logged, so ``resume`` continues from there."""
+    from segllm.data.records import WorldConversations
+    from segllm.eval import evaluate as ev
+
+    data = WorldConversations("test", 8, seed=0, max_rounds=2)
+    orig = ev._Scorer.batch
+
+    def batch(self, items, protocol, max_new_tokens):
+        if items[0][0] == 4:
+            raise SegLLMError("batch 3 broke")
+        return orig(self, items, protocol, max_new_tokens)
+    monkeypatch.setattr(ev._Scorer, "batch", batch)
+    log = tmp_path / "l.jsonl"
+    with pytest.raises(SegLLMError, match="batch 3 broke"):
+        evaluate(confident_model, data, protocol="oracle", batch_size=2, log_path=log, lanes=2)
+    assert [json.loads(x)["index"] for x in log.read_text().splitlines()] == [0, 1, 2, 3]
+    monkeypatch.undo()
+    res = evaluate(confident_model, data, protocol="oracle", batch_size=2, log_path=log, lanes=2, resume=True)
+    assert res.metrics["all"]["n"] > 0 and len(log.read_text().splitlines()) == 8
 
 
 @pytest.mark.slow
