@@ -58,11 +58,18 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--edge-filter", default=None, choices=("on", "off"),
                     help="the bundled model's edge filter on or off on both sides (default: the model's setting, on)")
+    ap.add_argument("--generate", action="store_true",
+                    help="both sides let the model write its answers (segment_items' generate, as segllm segment --generate; "
+                         "a Session's own answers) instead of answering every round '<seg>'; in this process only")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, with --generate (default: %(default)s)")
     ap.add_argument("--worker", nargs=7, metavar=("ITEMS", "OUT", "BATCH", "RANK", "WORLD", "THREADS", "EDGE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         _worker(*args.worker)
         return
+    if args.generate and (any(n > 1 for n in args.processes) or args.session_processes):
+        ap.error("--generate is measured in this process only (no --processes above 1, no --session-processes)")
+    gen = dict(generate=args.generate, max_new_tokens=args.max_new_tokens)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -81,10 +88,10 @@ def main() -> None:
         items_file.write_text(json.dumps([[it.key, it.image, it.questions] for it in items]))
         rounds = sum(len(it.questions) for it in items)
         # first calls (allocations, kernel choices for new shapes) outside every timing, both sides
-        _sessions(model, items[:4])
+        _sessions(model, items[:4], **gen)
         for bs in args.batch_size:
             for lanes in args.lanes:
-                segment_items(model, items[: bs * lanes], Path(tmp) / f"warm{lanes}", batch_size=bs, progress=False, lanes=lanes)
+                segment_items(model, items[: bs * lanes], Path(tmp) / f"warm{lanes}", batch_size=bs, progress=False, lanes=lanes, **gen)
 
         # (batch size, processes, lanes): lanes in one process; processes of one lane each
         batched = [(bs, n, lanes) for bs in args.batch_size for n in args.processes for lanes in (args.lanes if n == 1 else [1])]
@@ -98,7 +105,7 @@ def main() -> None:
             for side in sides if rep % 2 == 0 else sides[::-1]:
                 if side == "session":
                     t0 = time.perf_counter()
-                    replies = _sessions(model, items)
+                    replies = _sessions(model, items, **gen)
                     single_s.append(time.perf_counter() - t0)
                     continue
                 if side[0] == "sessions":  # batch size 0: the worker runs one Session per image
@@ -109,7 +116,7 @@ def main() -> None:
                 out = Path(tmp) / f"out{bs}x{n}x{lanes}_{rep}"
                 if n == 1:
                     t0 = time.perf_counter()
-                    segment_items(model, items, out, batch_size=bs, progress=False, lanes=lanes)
+                    segment_items(model, items, out, batch_size=bs, progress=False, lanes=lanes, **gen)
                     batched_s[side].append(time.perf_counter() - t0)
                 else:
                     batched_s[side].append(_processes(items_file, out, bs, n, max(1, threads // n), args.edge_filter))
@@ -196,16 +203,17 @@ def _worker(items_file: str, out: str, batch_size: str, rank: str, world: str, t
     print(json.dumps({"start": start, "end": time.time()}), flush=True)
 
 
-def _sessions(model, items: list[Item]) -> list[list[np.ndarray]]:
-    """One Session per item, every round answered ``"<seg>"``: each item's masks, round by round
-    (stopping, as the batch does, at a reference to an empty mask)."""
+def _sessions(model, items: list[Item], generate: bool = False, max_new_tokens: int = 32) -> list[list[np.ndarray]]:
+    """One Session per item, every round answered ``"<seg>"`` (or, with ``generate``, as the
+    model writes it): each item's masks, round by round ([k, H, W] each; k = 1 for ``"<seg>"``),
+    stopping, as the batch does, at a reference to an empty mask."""
     replies = []
     for it in items:
-        s = Session(model, it.image)
+        s = Session(model, it.image, max_new_tokens=max_new_tokens)
         masks = []
         for q in it.questions:
             try:
-                masks.append(s.ask(q, answer="<seg>").masks[0])
+                masks.append(s.ask(q).masks if generate else s.ask(q, answer="<seg>").masks)
             except ValueError:  # a reference to an empty mask: the batch stopped there too
                 break
         replies.append(masks)
@@ -224,7 +232,8 @@ def _agreement(recs: dict[str, dict], items: list[Item], replies: list[list[np.n
     for it, masks in zip(items, replies):
         got = recs[it.key]["rounds"]
         total += max(len(got), len(masks))
-        agree += sum(bool(np.array_equal(from_rle(g["masks"][0]), want)) for g, want in zip(got, masks))
+        agree += sum(len(g["masks"]) == len(want) and all(np.array_equal(from_rle(r), w) for r, w in zip(g["masks"], want))
+                     for g, want in zip(got, masks))
     return f"{agree}/{total}"
 
 
