@@ -298,6 +298,8 @@ def evaluate(
     # same line for line with or without lanes
     in_flight: collections.deque = collections.deque()
     pool = None
+    # with lanes, a batch waits for a free lane while the others are scored: two per lane
+    window = 2 * n_lanes - 1 if n_lanes > 1 else 0
 
     def settle(keep: int) -> None:
         """Record the oldest outputs until at most ``keep`` remain in flight."""
@@ -315,8 +317,7 @@ def evaluate(
             indices = [i for i, _ in batch]
             scorer.prefetch(indices)  # the dataset is read on this thread only
             in_flight.append((pool.submit(scorer.batch, batch, protocol, max_new_tokens), indices))
-        # with lanes, a batch waits for a free lane while the others are scored: two per lane
-        settle(2 * n_lanes - 1 if pool is not None else 0)
+        settle(window)
 
     try:
         with lane_pool(n_lanes) if n_lanes > 1 else contextlib.nullcontext() as pool:
@@ -326,7 +327,7 @@ def evaluate(
                     conv = dataset.get(i)
                     if conv is None:
                         in_flight.append(([_Log(i, skipped=tuple(dataset.skipped.items[-1]))], ()))
-                        settle(2 * n_lanes - 1 if pool is not None else 0)
+                        settle(window)
                         continue
                     if one_by_one:
                         record(scorer.own(i, conv, max_new_tokens))
