@@ -294,8 +294,9 @@ def evaluate(
         bar.update(1)
 
     # outputs in the order of the conversations: a batch's entries, or the future of a batch a
-    # lane is scoring, with the indices read ahead for it; recorded in order, so the log is the
-    # same line for line with or without lanes
+    # lane is scoring, with the indices read ahead for it and the unusable records read among
+    # its conversations; recorded in index order, so the log is the same line for line with or
+    # without lanes
     in_flight: collections.deque = collections.deque()
     pool = None
     # with lanes, a batch waits for a free lane while the others are scored: two per lane
@@ -304,43 +305,50 @@ def evaluate(
     def settle(keep: int) -> None:
         """Record the oldest outputs until at most ``keep`` remain in flight."""
         while len(in_flight) > keep:
-            out, indices = in_flight.popleft()
+            out, indices, skips = in_flight.popleft()
             entries = out.result() if isinstance(out, Future) else out
             scorer.forget(indices)
-            for entry in entries:
+            for entry in sorted([*entries, *skips], key=lambda e: e.index):
                 record(entry)
 
-    def submit(batch: list[tuple[int, Conversation]]) -> None:
-        if pool is None:
-            in_flight.append((scorer.batch(batch, protocol, max_new_tokens), ()))
+    def submit(batch: list[tuple[int, Conversation]], skips: list[_Log]) -> None:
+        """Score ``batch``; ``skips`` (records read among its conversations and unusable) are
+        logged with it, each at its index's place."""
+        if not batch:
+            in_flight.append(([], (), skips))
+        elif pool is None:
+            in_flight.append((scorer.batch(batch, protocol, max_new_tokens), (), skips))
         else:
             indices = [i for i, _ in batch]
             scorer.prefetch(indices)  # the dataset is read on this thread only
-            in_flight.append((pool.submit(scorer.batch, batch, protocol, max_new_tokens), indices))
+            in_flight.append((pool.submit(scorer.batch, batch, protocol, max_new_tokens), indices, skips))
         settle(window)
 
     try:
         with lane_pool(n_lanes) if n_lanes > 1 else contextlib.nullcontext() as pool:
             pending: list[tuple[int, Conversation]] = []
+            skips: list[_Log] = []  # unusable records read since the last batch went out
             try:
                 for i in todo:
                     conv = dataset.get(i)
                     if conv is None:
-                        in_flight.append(([_Log(i, skipped=tuple(dataset.skipped.items[-1]))], ()))
-                        settle(window)
+                        skips.append(_Log(i, skipped=tuple(dataset.skipped.items[-1])))
+                        if not pending:  # nothing before it waits to be scored
+                            submit([], skips)
+                            skips = []
                         continue
                     if one_by_one:
                         record(scorer.own(i, conv, max_new_tokens))
                         continue
                     pending.append((i, conv))
                     if len(pending) == batch_size:
-                        submit(pending)
-                        pending = []
-                if pending:
-                    submit(pending)
+                        submit(pending, skips)
+                        pending, skips = [], []
+                if pending or skips:
+                    submit(pending, skips)
                 settle(0)
             except BaseException:
-                for out, _ in in_flight:  # a lane failed or the run was interrupted: start no more
+                for out, *_ in in_flight:  # a lane failed or the run was interrupted: start no more
                     if isinstance(out, Future):
                         out.cancel()
                 raise
