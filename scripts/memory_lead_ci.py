@@ -12,25 +12,25 @@ recomputes each model's cIoU (summed intersections over summed unions) on the dr
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
+
+from segllm.eval.evaluate import log_rows
 
 
 def read(path: str, min_round: int = 4) -> dict[int, np.ndarray]:
     """Conversation index -> per-slice sums [[I_all, U_all], [I_notres, U_notres]] of its rounds
-    >= min_round (a record's mask entry: round, intersection, union, ..., text-resolvable last)."""
+    >= min_round (unusable records and lines cut short left out, as ``segllm eval`` reads its
+    logs)."""
     out = {}
-    for line in open(path):
-        rec = json.loads(line)
+    for index, rows in log_rows([path]).items():
         sums = np.zeros((2, 2))
-        for entry in rec["masks"]:
-            rd, inter, union, resolvable = entry[0], entry[1], entry[2], entry[-1]
+        for rd, inter, union, *_, resolvable in rows:
             if rd >= min_round:
                 sums[0] += (inter, union)
-                if not resolvable:
+                if resolvable is False:
                     sums[1] += (inter, union)
-        out[rec["index"]] = sums
+        out[index] = sums
     return out
 
 

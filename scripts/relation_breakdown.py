@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from segllm.data.world import World, WorldConfig
-from segllm.eval.evaluate import _read_log
+from segllm.eval.evaluate import log_rows
 
 
 def breakdown(rows_by_index: dict[int, list[tuple]], relations_of) -> dict[str, dict[str, dict]]:
@@ -65,13 +65,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the table here")
     args = ap.parse_args()
-    rows: dict[int, list[tuple]] = {}
-    for path in args.logs:
-        if not Path(path).is_file():
-            raise SystemExit(f"no evaluation log at {path}")
-        for entry in _read_log(Path(path)):
-            if entry.skipped is None:
-                rows.setdefault(entry.index, entry.masks)
+    try:
+        rows = log_rows(args.logs)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     if not rows:
         raise SystemExit("no scored conversation in the log(s)")
     world = World(WorldConfig(), seed=args.seed)

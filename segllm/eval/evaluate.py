@@ -139,6 +139,29 @@ class _Log:
         return cls(int(d["index"]), masks, None, int(d.get("empty_refs", 0)), int(d.get("no_seg_answers", 0)), multi)
 
 
+def log_rows(paths) -> dict[int, list[tuple]]:
+    """The scored conversations of evaluation logs (``segllm eval``'s ``NAME.PROTOCOL.rankR.jsonl``;
+    several processes' files together), for analyses of single rounds.
+
+    Returns:
+        conversation index -> its rows, one per ground-truth mask: (round, intersection,
+        union (pixels), IoU, box hit, grounded, family, text-resolvable), the last three None
+        where the log does not hold them. Unusable records and lines a run killed mid-write cut
+        short are left out; a conversation logged twice keeps its first line.
+
+    Raises:
+        FileNotFoundError: a path that is not a file.
+    """
+    rows: dict[int, list[tuple]] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no evaluation log at {path}")
+        for entry in _read_log(Path(path)):
+            if entry.skipped is None:
+                rows.setdefault(entry.index, entry.masks)
+    return rows
+
+
 def read_logs(paths, *, protocol: str, frame: Frame = "original", dataset=None) -> EvalResult:
     """An :class:`EvalResult` from evaluation logs (one or several processes' files).
 

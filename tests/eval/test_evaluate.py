@@ -344,3 +344,23 @@ def test_own_protocol_in_batches_on_the_miniature_released_checkpoint(tmp_path):
             assert mb[0] == ms[0]
             for got, want in zip(mb[1:3], ms[1:3]):  # intersection, union (pixels of the 1024 frame)
                 assert abs(got - want) <= 1e-5 * max(got, want, 1)
+
+
+def test_log_rows_reads_scored_conversations_only(tmp_path):
+    """``log_rows``: unusable records and a line cut short are left out, a conversation logged
+    twice keeps its first line, older rows are padded with None, a missing file is named."""
+    from segllm.eval.evaluate import log_rows
+
+    a, b = tmp_path / "a.rank0.jsonl", tmp_path / "a.rank1.jsonl"
+    a.write_text('{"index": 0, "masks": [[1, 5, 10, 0.5, true, true, "attribute", false]]}\n'
+                 '{"index": 1, "skipped": ["convs.jsonl:2", "broken"]}\n'
+                 '{"index": 2, "masks": [[1, 3, 4, 0.75, true]]}\n'
+                 '{"index": 4, "masks": [[1, 1')
+    b.write_text('{"index": 0, "masks": [[1, 0, 9, 0.0, false, false, "attribute", false]]}\n'
+                 '{"index": 3, "masks": []}\n')
+    rows = log_rows([a, b])
+    assert sorted(rows) == [0, 2, 3]
+    assert rows[0] == [(1, 5, 10, 0.5, True, True, "attribute", False)]
+    assert rows[2] == [(1, 3, 4, 0.75, True, None, None, None)] and rows[3] == []
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        log_rows([tmp_path / "missing.jsonl"])
