@@ -304,6 +304,28 @@ def _best_regions(on: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return (np.cumsum(delta[:, :w], axis=1) > 0).reshape(m, h, w)
 
 
+class MeanStdInput:
+    """``preprocess`` and ``input_normalization`` of a :class:`MaskDecoder` whose input is the
+    image in its square frame normalised by its config's ``mean`` and ``std``
+    (:func:`normalized_frame`): SAM's and the direct decoder's. Listed before ``MaskDecoder``
+    among the bases."""
+
+    image_size: int
+
+    def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
+        """uint8 image [3, H, W] -> normalised float32 input [3, S, S] and its :class:`Frame`.
+
+        Raises:
+            ImageError: if ``image`` is not a uint8 tensor of shape [3, H, W] with H, W >= 1.
+        """
+        return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
+
+    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std): :func:`normalized_frame` of an image already at the frame's size does
+        nothing else."""
+        return tuple(self.config.mean), tuple(self.config.std)
+
+
 class MaskDecoder(nn.Module, abc.ABC):
     """A promptable mask decoder: image features + K prompt tokens -> [REF]/[SEG] masks.
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segllm.config import PromptHeadConfig
-from segllm.decoders.base import REF, SEG, DecoderOutput, Frame, MaskDecoder, check_decoder_inputs, normalized_frame
+from segllm.decoders.base import REF, SEG, DecoderOutput, MaskDecoder, MeanStdInput, check_decoder_inputs
 from segllm.decoders.convnet import ConvBackbone, ResidualBlock
 from segllm.decoders.direct.config import DirectDecoderConfig
 from segllm.decoders.direct.refine import MaskRefiner
@@ -42,7 +42,7 @@ from segllm.errors import ConfigError
 __all__ = ["DirectMaskDecoder", "build_direct_decoder"]
 
 
-class DirectMaskDecoder(MaskDecoder):
+class DirectMaskDecoder(MeanStdInput, MaskDecoder):
     """Image + N prompts of K tokens -> [N, 2, G, G] mask logits ([REF], [SEG]) and [N, 2] IoU.
 
     Parameters under ``image_encoder.`` form the image encoder (the "decoder_encoder" part);
@@ -117,19 +117,6 @@ class DirectMaskDecoder(MaskDecoder):
         """Channels of :meth:`encode_image`'s output: D + P + F (+ T with attribute matching)."""
         attrs = sum(self.config.attributes.values()) if self.config.attributes else 0
         return self.prompt_dim + self.packed_channels + self.config.fuse_dim + attrs
-
-    def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
-        """uint8 image [3, H, W] -> normalised float32 input [3, S, S] and its :class:`Frame`.
-
-        Raises:
-            ImageError: if ``image`` is not a uint8 tensor of shape [3, H, W] with H, W >= 1.
-        """
-        return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
-
-    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std): :func:`normalized_frame` of an image already at the frame's size does
-        nothing else."""
-        return tuple(self.config.mean), tuple(self.config.std)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         """[B, 3, S, S] preprocessed images -> features [B, D + P + F (+ T), g, g]: the encoder's

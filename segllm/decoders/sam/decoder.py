@@ -34,10 +34,9 @@ from segllm.decoders.base import (
     REF,
     SEG,
     DecoderOutput,
-    Frame,
     MaskDecoder,
+    MeanStdInput,
     check_decoder_inputs,
-    normalized_frame,
 )
 from segllm.decoders.convnet import ConvBackbone
 from segllm.decoders.layers import MLP
@@ -288,7 +287,7 @@ class SamFamilyDecoder(MaskDecoder):
         check_decoder_inputs(image_features, prompts, batch_index, width=self.prompt_dim, grid=self.grid_size, tokens=self.num_prompt_tokens)
 
 
-class SamMaskDecoder(SamFamilyDecoder):
+class SamMaskDecoder(MeanStdInput, SamFamilyDecoder):
     """SAM-style decoder: image + N prompts of K tokens -> [N, 2, 4g, 4g] mask logits, [N, 2] IoU.
 
     Args:
@@ -355,19 +354,6 @@ class SamMaskDecoder(SamFamilyDecoder):
         nn.init.normal_(self.half_embed, std=0.02)
 
     # ------------------------------------------------------------------ images
-
-    def preprocess(self, image: Tensor) -> tuple[Tensor, Frame]:
-        """uint8 image [3, H, W] -> normalised float32 input [3, S, S] and its :class:`Frame`.
-
-        Raises:
-            ImageError: if ``image`` is not a uint8 tensor of shape [3, H, W] with H, W >= 1.
-        """
-        return normalized_frame(image, self.image_size, self.config.mean, self.config.std)
-
-    def input_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std): :func:`normalized_frame` of an image already at the frame's size does
-        nothing else."""
-        return tuple(self.config.mean), tuple(self.config.std)
 
     # ----------------------------------------------------------------- decoding
 
