@@ -5,6 +5,9 @@ per-round records (``segllm eval`` writes them to ``OUT/NAME.PROTOCOL.rank0.json
     python scripts/memory_lead_ci.py docs/results/memory.own.rank0.jsonl \
         docs/results/s14_twin_test.own.rank0.jsonl [--resamples 10000] [--seed 0]
 
+With ``--min-round 1 --names new bundled`` it compares any two models evaluated on the same
+conversations (e.g. a training run's checkpoint against the bundled model) over all rounds.
+
 Each resample draws the conversations with replacement, the same draw for both models, and
 recomputes each model's cIoU (summed intersections over summed unions) on the drawn rounds.
 """
@@ -40,8 +43,10 @@ def main() -> None:
     ap.add_argument("text_only")
     ap.add_argument("--resamples", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-round", type=int, default=4, help="rounds from this one on (4: issue 13's memory lead)")
+    ap.add_argument("--names", nargs=2, default=("memory", "text-only"), help="what to call the two models")
     args = ap.parse_args()
-    a, b = read(args.memory), read(args.text_only)
+    a, b = read(args.memory, args.min_round), read(args.text_only, args.min_round)
     if a.keys() != b.keys():
         raise SystemExit("the two evaluations cover different conversations")
     keys = sorted(a)
@@ -56,11 +61,12 @@ def main() -> None:
 
     lead = ciou(A) - ciou(B)
     boot = ciou(A[draws]) - ciou(B[draws])  # [R, 2]
-    for j, name in enumerate(("all rounds >= 4", "rounds >= 4 only memory can answer")):
+    r, (na, nb) = args.min_round, args.names
+    for j, name in enumerate((f"all rounds >= {r}", f"rounds >= {r} only memory can answer")):
         lo, hi = np.percentile(boot[:, j], [2.5, 97.5])
-        below = float((boot[:, j] < 10).mean())
-        print(f"{name}: lead {lead[j]:+.1f} (memory {ciou(A)[j]:.1f}, text-only {ciou(B)[j]:.1f}); "
-              f"95% interval [{lo:+.1f}, {hi:+.1f}]; share of resamples below +10: {below:.2f}")
+        below, worse = float((boot[:, j] < 10).mean()), float((boot[:, j] < 0).mean())
+        print(f"{name}: lead {lead[j]:+.1f} ({na} {ciou(A)[j]:.1f}, {nb} {ciou(B)[j]:.1f}); "
+              f"95% interval [{lo:+.1f}, {hi:+.1f}]; share of resamples below +10: {below:.2f}, below 0: {worse:.2f}")
     print(f"({len(keys)} conversations, {args.resamples} paired resamples, seed {args.seed})")
 
 
