@@ -35,8 +35,8 @@ from segllm.data.records import ConversationFolder, WorldConversations
 from segllm.data.released.convert import ReleasedConversations
 from segllm.data.world import WorldConfig
 from segllm.decoders.hipie import HipieDecoderConfig
-from segllm.errors import CheckpointError, ConfigError
-from segllm.eval.evaluate import evaluate
+from segllm.errors import CheckpointError, ConfigError, SegLLMError
+from segllm.eval.evaluate import evaluate, evaluate_baseline
 from segllm.model.builder import build_segllm
 from segllm.model.llava import segllm_from_llava15
 from segllm.model.loading import load_pretrained, load_with_decoder_changes
@@ -459,8 +459,10 @@ class _Run:
                 self.acc.log(_flat({k: v for k, v in entry.items() if k != "step"}, prefix="train/"), step=step)
 
     def evaluate(self) -> None:
-        """Oracle-history cIoU (and, on world data, the grounded rate) per round on the
-        validation slice, into ``eval.jsonl`` and the summary."""
+        """Oracle-history cIoU per round on the validation slice, into ``eval.jsonl`` and the
+        summary; on world data also the grounded rate and the IoU given grounded per round, all
+        three per question family, and the question-blind cIoU of the same slice (issue 13's
+        diagnostics; ``segllm eval`` gives the same and more on any split)."""
         self.flush()  # the log up to this step first
         acc, core = self.acc, self.core
         if acc.is_main_process or self.sharded:  # sharded: every process takes part in each forward
@@ -469,8 +471,14 @@ class _Run:
             rounds = {k: round(v["cIoU"], 2) for k, v in res_eval.metrics.items()}
             entry = {"step": self.step, "oracle_cIoU": rounds}
             per_round = res_eval.diagnostics.get("per_round", {})
-            if per_round:  # world data: the share of predictions on the right object
-                entry["oracle_grounded"] = {k: round(v["grounded"], 1) for k, v in per_round.items()}
+            if per_round:  # world data: the share of predictions on the right object, and how well those fit
+                entry["oracle_grounded"] = {k: _pct(v["grounded"], 1) for k, v in per_round.items()}
+                entry["oracle_iou_given_grounded"] = {k: _pct(v["IoU|grounded"], 1) for k, v in per_round.items()}
+                entry["oracle_by_family"] = {f: {"cIoU": _pct(v["cIoU"]), "grounded": _pct(v["grounded"], 1), "iou_given_grounded": _pct(v["IoU|grounded"], 1)}
+                                             for f, v in res_eval.diagnostics.get("per_family", {}).items()}
+                blind = self.question_blind()
+                if blind is not None:
+                    entry["question_blind_cIoU"] = blind
             if res_eval.multi_target:  # rounds with several targets (world multi_target_prob)
                 m = res_eval.multi_target
                 entry["oracle_multi_target"] = {"matched_cIoU": round(m["matched cIoU"], 2), "union_cIoU": round(m["union cIoU"], 2)}
@@ -484,6 +492,18 @@ class _Run:
                 self.bar.write(f"step {self.step}: val cIoU per round {rounds}")
         acc.wait_for_everyone()
         core.train()
+
+    def question_blind(self) -> dict[str, float] | None:
+        """cIoU per round of the question-blind answer (every round the union of all objects of
+        its image) on the validation slice, computed once per run: what a model that ignores the
+        question scores there. None where the data has no object annotations."""
+        if not hasattr(self, "_question_blind"):
+            try:
+                res = evaluate_baseline(self.val_set, limit=self.recipe.eval_size)
+                self._question_blind = {k: _pct(v["cIoU"]) for k, v in res.metrics.items()}
+            except SegLLMError:
+                self._question_blind = None
+        return self._question_blind
 
     def save(self) -> None:
         """checkpoint-last, atomically (see :func:`_save`), with the trainer state to resume from."""
@@ -530,6 +550,11 @@ def check_trackers(names: tuple[str, ...] | list[str]) -> None:
                 f"log_with = {list(names)} asks for {name}, but no {' or '.join(packages)} package is installed: "
                 f"pip install {packages[0]} (or pip install 'segllm[{name}]'), or leave {name} out of log_with"
             )
+
+
+def _pct(x: float, digits: int = 2) -> float | None:
+    """A percentage for the logs, rounded; None for NaN (a slice without masks), which JSON lacks."""
+    return None if x != x else round(x, digits)
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, float | int | str | bool]:

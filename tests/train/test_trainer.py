@@ -295,6 +295,16 @@ def test_validation_logs_the_grounded_rate_on_world_data(tmp_path):
     assert "1" in grounded and "all" in grounded
     assert all(0.0 <= v <= 100.0 for v in grounded.values())
     assert set(grounded) == set(entry["oracle_cIoU"])
+    given = entry["oracle_iou_given_grounded"]
+    assert set(given) == set(grounded) and all(v is None or 0.0 <= v <= 100.0 for v in given.values())
+    families = entry["oracle_by_family"]
+    assert families and all(set(f) == {"cIoU", "grounded", "iou_given_grounded"} for f in families.values())
+    # the question-blind answer of the same four conversations, as segllm eval --baseline union scores it
+    from segllm.eval.evaluate import evaluate_baseline
+    from segllm.train.trainer import build_datasets
+
+    blind = evaluate_baseline(build_datasets(_recipe(tmp_path))[1], limit=4)
+    assert entry["question_blind_cIoU"] == {k: round(v["cIoU"], 2) for k, v in blind.metrics.items()}
 
 
 def test_init_with_decoder_changes_starts_from_the_checkpoint_with_fresh_layers(tmp_path, tokenizer, three_rounds):
