@@ -10,6 +10,7 @@ from (seed, step, rank), so nothing else needs saving.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -476,7 +477,7 @@ class _Run:
                 entry["oracle_iou_given_grounded"] = {k: _pct(v["IoU|grounded"], 1) for k, v in per_round.items()}
                 entry["oracle_by_family"] = {f: {"cIoU": _pct(v["cIoU"]), "grounded": _pct(v["grounded"], 1), "iou_given_grounded": _pct(v["IoU|grounded"], 1)}
                                              for f, v in res_eval.diagnostics.get("per_family", {}).items()}
-                blind = self.question_blind()
+                blind = self.question_blind
                 if blind is not None:
                     entry["question_blind_cIoU"] = blind
             if res_eval.multi_target:  # rounds with several targets (world multi_target_prob)
@@ -493,17 +494,16 @@ class _Run:
         acc.wait_for_everyone()
         core.train()
 
+    @functools.cached_property
     def question_blind(self) -> dict[str, float] | None:
         """cIoU per round of the question-blind answer (every round the union of all objects of
         its image) on the validation slice, computed once per run: what a model that ignores the
         question scores there. None where the data has no object annotations."""
-        if not hasattr(self, "_question_blind"):
-            try:
-                res = evaluate_baseline(self.val_set, limit=self.recipe.eval_size)
-                self._question_blind = {k: _pct(v["cIoU"]) for k, v in res.metrics.items()}
-            except SegLLMError:
-                self._question_blind = None
-        return self._question_blind
+        try:
+            res = evaluate_baseline(self.val_set, limit=self.recipe.eval_size)
+        except SegLLMError:
+            return None
+        return {k: _pct(v["cIoU"]) for k, v in res.metrics.items()}
 
     def save(self) -> None:
         """checkpoint-last, atomically (see :func:`_save`), with the trainer state to resume from."""
