@@ -12,9 +12,10 @@
 # the batch: at 1e-4 the validation cIoU fell from 71.2 to 65.2 in 250 steps (session 29).
 #
 #   RUN=/work/runs/cpu8a TRAIN_S=6300 bash scripts/cpu_stage.sh   # starts, or resumes RUN where it stopped
-#   kill -STOP -$(cat RUN/pid); kill -CONT -$(cat RUN/pid)        # pause for a measurement, go on
+#   pkill -STOP -f -- RUN; pkill -CONT -f -- RUN                   # pause for a measurement, go on
 #
-# Each start appends to RUN/console.log and writes the process group's id to RUN/pid. A session
+# Each start appends to RUN/console.log and writes the launcher's process id to RUN/pid (torchrun
+# starts each worker in a process group of its own, so pause and stop by RUN, as above). A session
 # that ends kills it; the next resumes from RUN/checkpoint-last (saved every SAVE steps, so at most
 # that much is lost). Validation (oracle history, the same 64 conversations as every stage) every
 # EVAL steps goes to RUN/eval.jsonl; python scripts/bundle_model.py RUN/checkpoint-last makes the
@@ -37,4 +38,4 @@ setsid nice -n 5 "$PY" -m torch.distributed.run --nproc-per-node "${PROCS:-2}" -
   --set seed="${SEED:-29}" --set data.start="${START:-2000000}" --set save_every="${SAVE:-25}" \
   --set eval_every="${EVAL:-250}" --set eval_size=64 --set keep_checkpoints=3 >> "$RUN/console.log" 2>&1 &
 echo $! > "$RUN/pid"
-echo "training in $RUN (process group $(cat "$RUN/pid")${RESUME:+, resumed})"
+echo "training in $RUN (launcher $(cat "$RUN/pid")${RESUME:+, resumed})"
