@@ -46,7 +46,10 @@ def main() -> None:
     ap.add_argument("--min-round", type=int, default=4, help="rounds from this one on (4: issue 13's memory lead)")
     ap.add_argument("--names", nargs=2, default=("memory", "text-only"), help="what to call the two models")
     args = ap.parse_args()
-    a, b = read(args.memory, args.min_round), read(args.text_only, args.min_round)
+    try:
+        a, b = read(args.memory, args.min_round), read(args.text_only, args.min_round)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     if a.keys() != b.keys():
         raise SystemExit("the two evaluations cover different conversations")
     keys = sorted(a)
