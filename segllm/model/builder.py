@@ -18,6 +18,7 @@ from segllm.model.projector import build_projector
 from segllm.model.prompt_head import PromptHead
 from segllm.model.segllm import SegLLM
 from segllm.model.vision import VisionTower, build_vision_model
+from segllm.precision import guard_convolutions
 from segllm.processor import Processor
 from segllm.tokenizer import add_segllm_tokens
 
@@ -99,4 +100,6 @@ def build_segllm(
     model.set_trainable()
     # float32 CPU products, inference and training, through oneDNN (segllm.linear: about 2x MKL's on AMD CPUs)
     use_onednn_linears(model)
+    # bfloat16 convolutions on a CPU without native bfloat16 computed in float32 (segllm.precision)
+    guard_convolutions(model)
     return model

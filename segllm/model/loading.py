@@ -20,6 +20,7 @@ from segllm.model.builder import build_decoder, build_segllm
 from segllm.model.quantize import quantize_llm
 from segllm.model.released import is_released_checkpoint, load_released
 from segllm.model.segllm import SegLLM
+from segllm.precision import warn_if_slow_bfloat16
 
 
 def load_pretrained(
@@ -61,6 +62,9 @@ def load_pretrained(
         model.eval()
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
+    if dtype == torch.bfloat16:
+        warn_if_slow_bfloat16(device, "dtype bfloat16", "convolutions and linear layers are computed in float32 "
+                              "(the weights keep bfloat16's memory), the rest emulated; float32 is faster where memory allows")
     if quantize:
         quantize_llm(model, quantize)
     return model

@@ -41,6 +41,7 @@ from segllm.eval.evaluate import evaluate, evaluate_baseline
 from segllm.model.builder import build_segllm
 from segllm.model.llava import segllm_from_llava15
 from segllm.model.loading import load_pretrained, load_with_decoder_changes
+from segllm.precision import warn_if_slow_bfloat16
 from segllm.tokenizer import train_bpe_tokenizer
 from segllm.train import fsdp
 from segllm.train.objective import training_loss
@@ -286,6 +287,9 @@ class _Run:
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         check_trackers(recipe.log_with)  # before anything is built: a missing package is a message, at once
+        if recipe.mixed_precision == "bf16" and not torch.cuda.is_available():
+            warn_if_slow_bfloat16("cpu", 'mixed_precision = "bf16"', "autocast runs emulated, many times slower than "
+                                  'float32 (a step of configs/direct_refine.toml: 9x in session 30); mixed_precision = "no" is faster')
         self.acc = acc = Accelerator(
             # accelerate treats several CPU processes as distributed (gloo) only when told it runs on CPU
             cpu=not torch.cuda.is_available(),

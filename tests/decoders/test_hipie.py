@@ -292,6 +292,16 @@ def test_folded_backbone_equals_the_original_arithmetic(monkeypatch):
     assert all(torch.equal(a, b) and torch.equal(c, b) for a, b, c in zip(got16, want16, compiled16))
     for a, b in zip(got16, plain_srcs):
         assert_close_scaled(a.float(), b, rel=5e-2)
+    # a CPU without native bfloat16 (AVX2 only, where oneDNN's fused bfloat16 kernel raises):
+    # the residual sums in three steps, within bfloat16's rounding of the original's maps
+    import segllm.decoders.hipie.backbone as backbone_module
+
+    monkeypatch.setattr(backbone_module, "cpu_bfloat16_is_native", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise_", None)  # must not be reached
+    with torch.no_grad():
+        emulated16 = half.image_encoder.maps_folded(half_pixels)[1]
+    for a, b in zip(emulated16, plain_srcs):
+        assert_close_scaled(a.float(), b, rel=5e-2)
 
 
 def test_fast_cpu_inference_decodes_prompts_one_at_a_time():

@@ -1,5 +1,6 @@
 import copy
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from segllm import precision
 from segllm.errors import CheckpointError, ConfigError
 from segllm.model.builder import build_segllm
 from segllm.model.loading import load_with_decoder_changes
@@ -337,3 +339,20 @@ def test_every_shipped_recipe_reads(path):
     # the README and the recipes' own comments give these as commands: they must at least parse
     recipe = TrainRecipe.load(path)
     assert recipe.batch_size >= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about bfloat16 on the CPU")
+def test_bf16_autocast_on_a_cpu_without_bfloat16_warns_and_still_trains(tmp_path, monkeypatch, caplog):
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(precision, "cpu_bfloat16_is_native", lambda: False)
+    monkeypatch.setattr(precision, "_warned", set())
+    # accelerate keeps one precision a process: the other tests' runs set float32
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="segllm.precision"):
+            summary = train(_recipe(tmp_path, mixed_precision="bf16", steps=1), progress=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert summary.steps == 1
+    assert ['mixed_precision = "bf16"' in r.getMessage() for r in caplog.records if r.name == "segllm.precision"] == [True]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segllm.decoders.hipie.config import HipieDecoderConfig
+from segllm.precision import cpu_bfloat16_is_native, emulated
 
 __all__ = [
     "Backbone",
@@ -76,23 +77,32 @@ class ConvNorm(nn.Conv2d):
 
     def forward_folded(self, x: Tensor, weights: dict[ConvNorm, tuple[Tensor, Tensor]], relu: bool = False) -> Tensor:
         """:meth:`forward` (then ReLU, with ``relu``) from ``weights[self]`` (:meth:`folded`)."""
-        w, b = weights[self]
-        y = F.conv2d(x, w, b, self.stride, self.padding)
+        y = self._conv_folded(x, weights)
         return y.relu_() if relu else y
+
+    def _conv_folded(self, x: Tensor, weights: dict[ConvNorm, tuple[Tensor, Tensor]]) -> Tensor:
+        """The folded convolution of ``x``; bfloat16 on a CPU without native bfloat16 computed in
+        float32 and rounded back (:mod:`segllm.precision`)."""
+        w, b = weights[self]
+        if emulated(x):
+            return F.conv2d(x.float(), w.float(), b.float(), self.stride, self.padding).to(x.dtype)
+        return F.conv2d(x, w, b, self.stride, self.padding)
 
     def add_relu_folded_(self, other: Tensor, x: Tensor, weights: dict[ConvNorm, tuple[Tensor, Tensor]]) -> Tensor:
         """``relu(other + self(x))`` written into ``other`` (returned), from ``weights[self]``.
 
-        On the CPU in float32 or bfloat16 one oneDNN call adds the convolution's output to
-        ``other`` and applies the ReLU as it writes (the kernel TorchInductor emits for this
-        pattern): no new tensor for the block's output, whose fresh pages (a 1024 px image's
-        res2 maps are 64 MiB, above glibc's largest mmap threshold, so each is faulted in anew)
-        cost more than the addition; elsewhere the same three steps."""
+        On the CPU in float32 (and in bfloat16 where the CPU computes it natively: oneDNN has no
+        bfloat16 kernel for this on an AVX2-only CPU and raises) one oneDNN call adds the
+        convolution's output to ``other`` and applies the ReLU as it writes (the kernel
+        TorchInductor emits for this pattern): no new tensor for the block's output, whose fresh
+        pages (a 1024 px image's res2 maps are 64 MiB, above glibc's largest mmap threshold, so
+        each is faulted in anew) cost more than the addition; elsewhere the same three steps."""
         w, b = weights[self]
-        if other.device.type == "cpu" and other.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+        if (other.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                and (other.dtype == torch.float32 or (other.dtype == torch.bfloat16 and cpu_bfloat16_is_native()))):
             return torch.ops.mkldnn._convolution_pointwise_.binary(
                 other, x, w, b, list(self.padding), list(self.stride), list(self.dilation), self.groups, "add", None, "relu", [], None)
-        return other.add_(F.conv2d(x, w, b, self.stride, self.padding)).relu_()
+        return other.add_(self._conv_folded(x, weights)).relu_()
 
 
 class Stem(nn.Module):
