@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segllm.decoders.hipie.config import HipieDecoderConfig
-from segllm.precision import cpu_bfloat16_is_native, emulated
+from segllm.precision import Float32Conv2d, cpu_bfloat16_is_native, emulated
 
 __all__ = [
     "Backbone",
@@ -54,7 +54,7 @@ class FrozenBatchNorm2d(nn.Module):
         )
 
 
-class ConvNorm(nn.Conv2d):
+class ConvNorm(Float32Conv2d):
     """A bias-free convolution followed by its frozen batch norm (kept as the ``norm`` child)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, padding: int = 0):
