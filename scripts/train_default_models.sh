@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train the bundled default model (configs/default.toml) and its baseline without mask memory
-# (configs/no_memory.toml) side by side on one machine, as the README's table was made.
+# Train the previous bundled model (configs/default.toml; the bundled model now is the direct preset of
+# README "The bundled default model", stages 1-7) and its baseline without mask memory
+# (configs/no_memory.toml) side by side on one machine, as that model's table was made.
 #
 #   scripts/train_default_models.sh OUT_DIR [--set KEY=VALUE ...]
 #
