@@ -19,7 +19,7 @@
 # LR, WARM (warm-up steps), SEED, SAVE (checkpoint every N steps), START (data.start: the first world
 # position read; default 294912, past every position the bundled model's stages 4-7 read, so the
 # stage sees fresh conversations), MEMORY (false: the text-only twin),
-# EXTRA (more --set options), RECIPE, PY (python), WHEELS (a folder of wheels to install first with
+# EXTRA (more --set options), RECIPE, PY (python), SCRATCH (where the runs are written, default /tmp; no spaces), WHEELS (a folder of wheels to install first with
 # --no-deps into /tmp/site, for a machine without this package's pinned dependencies: e.g.
 # transformers 4.57, huggingface_hub < 1, tokenizers 0.22, pycocotools).
 set -u
@@ -44,6 +44,7 @@ fi
 with_tokenizer() {  # a model folder that came back without the tokenizer files: its tokenizer is the bundled one
   [ -f "$1/tokenizer.json" ] || cp segllm/assets/default_model/{tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$1/" || exit 5
 }
+S=${SCRATCH:-/tmp}  # the runs and what is gathered before it goes to $OUT
 INIT=${INIT:-segllm/assets/default_model}
 with_tokenizer "$INIT"
 train() {  # $1: run folder, $2: init, $3: model.memory, $4: workers, $5: console log
@@ -64,31 +65,31 @@ W=${WORKERS:-14}
 if [ "${PAIR:-0}" = 1 ]; then
   TWIN_INIT=${TWIN_INIT:-$INIT}
   with_tokenizer "$TWIN_INIT"
-  mkdir -p /tmp/segllm-pair && rm -rf "$OUT/model"
-  train /tmp/segllm-stage-memory "$INIT" true $(( W / 2 )) /tmp/segllm-pair/memory_console.log &
+  mkdir -p $S/segllm-pair && rm -rf "$OUT/model"
+  train $S/segllm-stage-memory "$INIT" true $(( W / 2 )) $S/segllm-pair/memory_console.log &
   P1=$!
-  train /tmp/segllm-stage-twin "$TWIN_INIT" false $(( W - W / 2 )) /tmp/segllm-pair/twin_console.log &
+  train $S/segllm-stage-twin "$TWIN_INIT" false $(( W - W / 2 )) $S/segllm-pair/twin_console.log &
   P2=$!
   wait $P1 $P2
   [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
   for side in memory twin; do
-    tail -c 400 /tmp/segllm-pair/${side}_console.log
+    tail -c 400 $S/segllm-pair/${side}_console.log
     for f in log.jsonl eval.jsonl checkpoint-last/trainer_state.json; do
-      cp "/tmp/segllm-stage-$side/$f" "/tmp/segllm-pair/${side}_$(basename "$f")" 2>/dev/null
+      cp "$S/segllm-stage-$side/$f" "$S/segllm-pair/${side}_$(basename "$f")" 2>/dev/null
     done
-    bundle /tmp/segllm-stage-$side /tmp/segllm-pair/$side && mkdir -p "$OUT/$side" && mv /tmp/segllm-pair/$side/model.safetensors "$OUT/$side/"
+    bundle $S/segllm-stage-$side $S/segllm-pair/$side && mkdir -p "$OUT/$side" && mv $S/segllm-pair/$side/model.safetensors "$OUT/$side/"
   done
-  [ -f "$OUT/smi.log" ] && mv "$OUT/smi.log" /tmp/segllm-pair/
-  tar -czf "$OUT/rest.tgz" -C /tmp/segllm-pair .
+  [ -f "$OUT/smi.log" ] && mv "$OUT/smi.log" $S/segllm-pair/
+  tar -czf "$OUT/rest.tgz" -C $S/segllm-pair .
 else
-  RUN=${RUN:-/tmp/segllm-stage}
+  RUN=${RUN:-$S/segllm-stage}
   train "$RUN" "$INIT" "${MEMORY:-true}" "$W" "$OUT/console.log"
   [ -n "$SMI" ] && kill "$SMI" 2>/dev/null
   tail -c 600 "$OUT/console.log"
   cp "$RUN/log.jsonl" "$RUN/eval.jsonl" "$RUN/checkpoint-last/trainer_state.json" "$OUT/" 2>/dev/null
   # the tokenizer files are the bundled model's; only what changed comes back
-  bundle "$RUN" /tmp/segllm-stage-fp16 \
-    && cp /tmp/segllm-stage-fp16/model.safetensors /tmp/segllm-stage-fp16/segllm.json /tmp/segllm-stage-fp16/config.json "$OUT/model/"
+  bundle "$RUN" $S/segllm-stage-fp16 \
+    && cp $S/segllm-stage-fp16/model.safetensors $S/segllm-stage-fp16/segllm.json $S/segllm-stage-fp16/config.json "$OUT/model/"
 fi
 echo "all done after $(( $(date +%s) - T0 )) s"
 ls -laR "$OUT"
