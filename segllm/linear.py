@@ -4,7 +4,9 @@ Why: torch's float32 ``F.linear`` on the CPU is MKL's ``sgemm``, which on some p
 below what the cores can do (on the AMD EPYC this project is developed on, MKL does not use its
 AVX-512 kernels there: 150-200 GFLOP/s at 2 threads where oneDNN's matrix product, the library
 torch's own convolutions already use, reaches 340-450 GFLOP/s on the same shapes; measured by
-``scripts/bench_linear.py``). So every ``nn.Linear`` of a SegLLM runs its inference products
+``scripts/bench_linear.py``; on an AVX2-only EPYC it is the other way round, MKL 176-182
+against oneDNN's 146-161 GFLOP/s on the large shapes, but oneDNN stays: its rows do not depend
+on the batch (below), and batch segmentation end to end was no faster with MKL). So every ``nn.Linear`` of a SegLLM runs its inference products
 through oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor itself emits for
 linear layers), and falls back to ``F.linear`` wherever that does not apply: another device or
 dtype, autocast, a torch without oneDNN or a processor other than x86-64 (where it was not
