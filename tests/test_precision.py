@@ -108,3 +108,27 @@ def test_built_models_guard_their_convolutions(make_model):
     model = make_model()
     convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     assert convs and all(type(m) in (precision.Float32Conv2d, precision.Float32ConvTranspose2d) for m in convs)
+
+
+def test_large_emulated_bfloat16_weights_are_multiplied_block_by_block(monkeypatch):
+    from segllm import linear as lin
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 7, 48), torch.randn(100, 48) * 0.1, torch.randn(100)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    want = torch.nn.functional.linear(xb.float(), wb.float(), bb.float()).relu().bfloat16()
+    monkeypatch.setattr(precision, "cpu_bfloat16_is_native", lambda: False)
+    monkeypatch.setattr(lin, "_BLOCK_ELEMENTS", 48 * 16)  # blocks of 16 output rows: 7 blocks, the last of 4
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: copies.append(tuple(src.shape)) or real_copy(self, src, *a, **k))
+    got = lin.linear(xb, wb, bb, relu=True)
+    monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
+    assert copies == [(16, 48)] * 6 + [(4, 48)]  # the weight converted a block at a time
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 7, 100)
+    torch.testing.assert_close(got, want)  # float32 products, rounded once (up to summation order)
+    # a product that needs gradients converts the whole weight, as before
+    wg = wb.clone().requires_grad_(True)
+    out = lin.linear(xb, wg, bb)
+    out.float().sum().backward()
+    assert wg.grad is not None and wg.grad.shape == wg.shape
