@@ -1,6 +1,6 @@
 """scripts/gpu_stage.sh, the one prepared command a lent GPU machine runs (README "The bundled
 default model", stages 6-7), end to end on the CPU at a toy budget: a GPU session cannot afford to
-find it broken. Slow (two short trainings of the bundled model, about 80 s on 2 cores)."""
+find it broken. Slow (short trainings of the bundled model, about 45-55 s on 2 cores)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def _run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     full = {**os.environ, "OUT": str(out), "SCRATCH": str(scratch), "PY": sys.executable,
-            "TRAIN_S": "8", "HARD_S": "240", "BATCH": "2", "SAVE": "1", "OMP_NUM_THREADS": "1",
+            "TRAIN_S": "3", "HARD_S": "240", "BATCH": "2", "SAVE": "1", "OMP_NUM_THREADS": "1",
             # float32: bfloat16 autocast is emulated (many times slower) on a CPU without it
-            "EXTRA": '--set mixed_precision="no"', **env}
+            "EXTRA": '--set mixed_precision="no" --set eval_size=2', **env}
     return subprocess.run(["bash", "scripts/gpu_stage.sh"], cwd=ROOT, env=full, capture_output=True, text=True, timeout=400)
 
 
