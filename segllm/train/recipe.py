@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from segllm import presets
 from segllm.checkpoint import load_config
-from segllm.config import LoraConfig, LossConfig, SegLLMConfig, from_dict
+from segllm.config import PART_NAMES, LoraConfig, LossConfig, SegLLMConfig, from_dict
 from segllm.data.released.configs import read_annotation_config, read_conversation_config
 from segllm.data.released.masks import DATASETS, EVAL_SUFFIX
 from segllm.decoders.hipie import HipieDecoderConfig
@@ -66,6 +66,10 @@ class ModelRecipe:
         decoder: overrides of the decoder's options (its config's keys, e.g. ``{ref_prior =
             true}``), for a new model or one started from ``init``; weights the change adds
             start from their initialisation, the rest come from the checkpoint.
+        trainable: the parts that train (:data:`segllm.config.PART_NAMES`), in place of the
+            model's own ``trainable`` (empty: the model's), e.g. ``["decoder", "prompt_head"]``
+            to train the decoder alone on a frozen LLM and image encoders: each step then skips
+            the frozen parts' weight gradients. Recorded in the checkpoints' config.
     """
 
     preset: Literal["tiny", "small", "grounded", "direct"] = "small"
@@ -77,8 +81,13 @@ class ModelRecipe:
     max_length: int = 0
     loss: dict[str, Any] = field(default_factory=dict)
     decoder: dict[str, Any] = field(default_factory=dict)
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.trainable = tuple(self.trainable)
+        unknown = [p for p in self.trainable if p not in PART_NAMES]
+        if unknown:
+            raise ConfigError(f"model.trainable names unknown part(s) {unknown}; parts are {list(PART_NAMES)}")
         try:
             from_dict(LossConfig, self.loss)
         except ConfigError as e:

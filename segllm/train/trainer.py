@@ -217,6 +217,8 @@ def _start_model(recipe: TrainRecipe, train_set, last: Path, resume: bool):
         torch.manual_seed(recipe.seed)
         model = build_segllm(recipe.model_config(len(tokenizer)), tokenizer)
     model.config.memory.enabled = recipe.model.memory
+    if recipe.model.trainable:
+        model.config.trainable = recipe.model.trainable
     if recipe.model.loss:  # also for a model started from a checkpoint (model.init)
         model.config.loss = recipe.model_loss(model.config.loss)
     if recipe.model.max_length:

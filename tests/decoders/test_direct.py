@@ -270,6 +270,31 @@ def test_ref_prior_starts_switched_off_and_then_reads_the_referenced_mask():
         prior(feats, prompts, index, ref_masks=torch.zeros(3, 8, 8))
 
 
+def test_a_deeper_global_branch_starts_as_the_one_block_decoder_and_then_trains():
+    one, two = make(), make(context_depth=2)
+    added = set(two.state_dict()) - set(one.state_dict())
+    assert added and all(k.startswith("context_more.0.") for k in added)
+    assert set(one.state_dict()) <= set(two.state_dict())  # a one-block checkpoint's keys are kept
+    two.load_state_dict(one.state_dict(), strict=False)
+    with torch.no_grad():
+        one.context_out.weight.normal_(std=0.1)  # a trained global branch (its output starts at zero)
+        two.context_out.weight.copy_(one.context_out.weight)
+    feats = one.encode_image(torch.randn(2, 3, 64, 64))
+    prompts, index = torch.randn(3, K, D), torch.tensor([0, 1, 1])
+    base = one(feats, prompts, index).mask_logits
+    assert_close_scaled(two(feats, prompts, index).mask_logits, base, rel=1e-6)  # the added block adds nothing yet
+    out = two(feats, prompts, index)
+    F.binary_cross_entropy_with_logits(out.mask_logits[:, SEG], torch.ones(3, 16, 16)).backward()
+    block = two.context_more[0]
+    assert block.proj.weight.grad.abs().sum() > 0 and block.mlp[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():  # trained (here: random), it changes the masks
+        block.proj.weight.normal_(std=0.5)
+        block.mlp[-1].weight.normal_(std=0.5)
+    assert not torch.allclose(two(feats, prompts, index).mask_logits, base)
+    with pytest.raises(ConfigError, match="context_depth"):
+        make(context_depth=0)
+
+
 @pytest.mark.parametrize("ref_prior", [True, False], ids=["with_map", "without"])
 def test_the_prior_learns_to_copy_and_to_step_right_of_the_referent(ref_prior):
     # the direct path memory opens: "instance k again" and "the object right of instance k",

@@ -334,6 +334,21 @@ def test_init_with_decoder_changes_starts_from_the_checkpoint_with_fresh_layers(
         _recipe(tmp_path, **{"model.decoder": {"ref_prior": True}}).model_config(400)
 
 
+def test_recipe_trainable_parts_train_alone_and_are_recorded(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    start = build_segllm(tiny_config(len(tokenizer)), copy.deepcopy(tokenizer))
+    start.save_pretrained(tmp_path / "start")
+    recipe = _recipe(tmp_path, **{"model.init": str(tmp_path / "start"), "model.trainable": ["decoder", "prompt_head"], "steps": 2, "save_every": 0})
+    train(recipe, progress=False)
+    after = SegLLM.from_pretrained(tmp_path / "run" / "checkpoint-last" / "model")
+    assert after.config.trainable == ("decoder", "prompt_head")
+    before, now = start.state_dict(), after.state_dict()
+    moved = {k.split(".")[0] for k, v in now.items() if not torch.equal(v, before[k])}
+    assert "decoder" in moved and moved <= {"decoder", "prompt_head"}  # the LLM, vision tower and memory stayed
+    with pytest.raises(ConfigError, match="model.trainable"):
+        _recipe(tmp_path, **{"model.trainable": ["decodr"]})
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.toml")), ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_every_shipped_recipe_reads(path):
     # the README and the recipes' own comments give these as commands: they must at least parse

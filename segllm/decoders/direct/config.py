@@ -27,6 +27,11 @@ class DirectDecoderConfig:
             context: "left-most", "largest", "left of instance 1"); 0 turns it off. Must divide
             the feature grid.
         heads: attention heads of that block.
+        context_depth: self-attention blocks in that global branch (1: one, as the bundled model).
+            The blocks after the first start as the identity (their attention and MLP outputs at
+            zero), so raising it on a trained model (``model.decoder`` with ``model.init``)
+            changes nothing until they train: more room for relations over the whole image
+            ("the second red star from the left").
         attributes: attribute matching (empty: off): label groups and their class counts (class
             0: background, or "not named" for a prompt), the same as ``SegLLMConfig.dense.groups``.
             Each pixel's classes are predicted from the encoder's features and each prompt's
@@ -60,6 +65,7 @@ class DirectDecoderConfig:
     fuse_depth: int = 1
     context_grid: int = 8
     heads: int = 4
+    context_depth: int = 1
     attributes: dict[str, int] = field(default_factory=dict)
     ref_prior: bool = False
     refine_stride: int = 0

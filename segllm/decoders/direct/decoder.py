@@ -68,6 +68,8 @@ class DirectMaskDecoder(MeanStdInput, MaskDecoder):
         if config.context_grid:
             self.context_pos = nn.Parameter(torch.zeros(config.context_grid**2, f))
             self.context = EncoderBlock(f, config.heads)
+            # further blocks apart from the first, so that a one-block checkpoint's keys stay as they were
+            self.context_more = nn.ModuleList(EncoderBlock(f, config.heads) for _ in range(config.context_depth - 1))
             self.context_out = nn.Conv2d(f, f, 1)
         self.out_norm = nn.GroupNorm(1, f)
         self.queries = nn.ModuleList(nn.Linear(d, f) for _ in range(2))  # REF, SEG
@@ -98,6 +100,10 @@ class DirectMaskDecoder(MeanStdInput, MaskDecoder):
             nn.init.trunc_normal_(self.context_pos, std=0.02)
             nn.init.zeros_(self.context_out.weight)  # the global branch starts switched off
             nn.init.zeros_(self.context_out.bias)
+            for block in self.context_more:  # residual blocks that add nothing at first
+                for layer in (block.proj, block.mlp[-1]):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
         if self.config.ref_prior:
             # switched off at first: turning the option on for a trained model changes nothing
             for layer in (self.ref_map, self.ref_film, self.ref_query):
@@ -259,12 +265,15 @@ class DirectMaskDecoder(MeanStdInput, MaskDecoder):
         return total
 
     def _global(self, x: Tensor) -> Tensor:
-        """[N, F, g, g] -> [N, F, g, g]: one self-attention block over the c x c average-pooled map,
-        brought back to g x g (nearest)."""
+        """[N, F, g, g] -> [N, F, g, g]: ``context_depth`` self-attention blocks over the c x c
+        average-pooled map, brought back to g x g (nearest)."""
         c = self.config.context_grid
         n, f, g, _ = x.shape
         pooled = F.adaptive_avg_pool2d(x, c).flatten(2).transpose(1, 2) + self.context_pos  # [N, c*c, F]
-        mixed = self.context(pooled).transpose(1, 2).reshape(n, f, c, c)
+        mixed = self.context(pooled)
+        for block in self.context_more:
+            mixed = block(mixed)
+        mixed = mixed.transpose(1, 2).reshape(n, f, c, c)
         # the 1x1 projection on the c x c map, then the copies: the same values as projecting
         # the g x g copies, at (c / g)^2 of the work
         return F.interpolate(self.context_out(mixed), size=(g, g), mode="nearest")
@@ -311,6 +320,8 @@ def _check_config(config: DirectDecoderConfig, num_prompt_tokens: int, num_ref_t
     g = config.image_size // config.stride
     if config.context_grid and g % config.context_grid:
         raise ConfigError(f"decoder.context_grid {config.context_grid} must divide the feature grid ({g})")
+    if config.context_depth < 1:
+        raise ConfigError(f"decoder.context_depth must be >= 1, got {config.context_depth}")
     if config.context_grid and config.fuse_dim % config.heads:
         raise ConfigError(f"decoder.fuse_dim {config.fuse_dim} is not divisible by decoder.heads {config.heads}")
     for name, n in config.attributes.items():
