@@ -307,8 +307,11 @@ def test_folded_backbone_equals_the_original_arithmetic(monkeypatch):
 def test_fast_cpu_inference_decodes_prompts_one_at_a_time():
     """In the fast mode's CPU inference the transformer takes several prompts one at a time (no
     work is shared between them, and their large tensors stay below glibc's mmap threshold): each
-    prompt's results equal its own call's exactly; the reference mode and training keep the
-    batch together."""
+    prompt's transformer results equal its own call's exactly; the reference mode and training keep
+    the batch together. The heads after the transformer take the prompts as one batch, so their
+    outputs equal a single prompt's only to rounding: oneDNN may block a matrix product of two rows
+    differently from one (on an AMX Xeon, CI's machine of session 34, the logits differed in the
+    last bits)."""
     from dataclasses import replace
 
     torch.manual_seed(0)
@@ -330,7 +333,8 @@ def test_fast_cpu_inference_decodes_prompts_one_at_a_time():
             assert torch.equal(getattr(both.transformer, name)[1:], getattr(second.transformer, name)), name
         for name in ("hs", "references"):
             assert torch.equal(getattr(both.transformer, name)[:, 1:], getattr(second.transformer, name)), name
-        assert torch.equal(both.pred_logits[1:], second.pred_logits)
+        for name in ("pred_logits", "pred_boxes", "pred_ious"):
+            assert_close_scaled(getattr(both, name)[1:], getattr(second, name), rel=1e-5, msg=name)
         calls.clear()
         with model.reference_mode():
             model.forward_raw(features, prompts, torch.zeros(2, dtype=torch.long))
