@@ -25,7 +25,10 @@
 # machine), float32 elsewhere: on an AVX2-only CPU bf16 is emulated and a step took about 6x longer
 # than in float32 (session 30, segllm/precision.py). MP=bf16|no overrides the choice.
 #
-# Knobs: RUN, TRAIN_S (6300), MP (auto), PROCS (2), THREADS (1 per process), BATCH (16 per process), LR (3.5e-5),
+# ACCUM micro-batches per optimizer step (1): ACCUM=8 LR=1e-4 is stage 7's batch of 256 at its rate, with
+# 8x fewer steps for the same conversations (not yet tried on the CPU; session 35's note).
+#
+# Knobs: RUN, TRAIN_S (6300), MP (auto), PROCS (2), THREADS (1 per process), BATCH (16 per process), ACCUM (1), LR (3.5e-5),
 # WARM (50 steps), SAVE (25), EVAL (250), START (2000000), SEED (29), INIT (segllm/assets/default_model: the weights
 # the run started from; a resumed run reads its checkpoint instead), PY (python).
 set -eu
@@ -39,7 +42,7 @@ MP=${MP:-auto}
 [ "$MP" = auto ] && MP=$("$PY" -c 'from segllm.precision import cpu_bfloat16_is_native as native; print("bf16" if native() else "no")')
 setsid nice -n 5 "$PY" -m torch.distributed.run --nproc-per-node "${PROCS:-2}" -m segllm.cli train configs/direct_refine.toml $RESUME \
   --set model.init="\"${INIT:-segllm/assets/default_model}\"" --set output_dir="\"$RUN\"" \
-  --set steps=1000000 --set time_limit_s="${TRAIN_S:-6300}" --set batch_size="${BATCH:-16}" --set threads="${THREADS:-1}" \
+  --set steps=1000000 --set time_limit_s="${TRAIN_S:-6300}" --set batch_size="${BATCH:-16}" --set grad_accum="${ACCUM:-1}" --set threads="${THREADS:-1}" \
   --set optim.lr="${LR:-3.5e-5}" --set optim.warmup_steps="${WARM:-50}" --set model.loss.own_ref_prob=0.5 --set mixed_precision="\"$MP\"" \
   --set seed="${SEED:-29}" --set data.start="${START:-2000000}" --set save_every="${SAVE:-25}" \
   --set eval_every="${EVAL:-250}" --set eval_size=64 --set keep_checkpoints=3 >> "$RUN/console.log" 2>&1 &
