@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,11 +360,6 @@ class _Run:
             ds_config["gradient_clipping"] = o.grad_clip
         if not sharded:  # FSDP shards above; accelerate would wrap the model in DDP
             model, opt = acc.prepare(model, opt)
-            # The direct decoder runs its convolutions channels-last, so autograd gives a 1x1
-            # convolution's weight [C, C, 1, 1] the gradient strides (C, 1, C, C) against the
-            # parameter's (C, 1, 1, 1): the same memory (the two differ only on dimensions of
-            # size 1), but DDP compares strides and warns on every run.
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         if deepspeed and start_step:
             acc.load_state(str(last / "deepspeed"))
         self.model, self.opt = model, opt

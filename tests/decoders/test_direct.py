@@ -151,6 +151,20 @@ def test_the_mask_loss_reaches_the_prompt_at_initialisation(context_grid):
         assert prompts.grad[:, other].abs().sum() == 0
 
 
+@pytest.mark.parametrize("refine", [0, 2])
+def test_every_gradient_has_its_parameters_strides(refine):
+    # DDP copies gradients into buckets laid out like the parameters and warns on every step when
+    # a gradient's strides differ (the convolutions run channels-last; session 36 saw it from the
+    # global branch's 1x1 output projection)
+    m = make(context_grid=4, refine_stride=refine)
+    feats = m.encode_image(torch.randn(2, 3, 64, 64))
+    out = m(feats, torch.randn(3, K, D), torch.tensor([0, 1, 1]))
+    out.mask_logits.square().mean().backward()
+    for name, p in m.named_parameters():
+        if p.grad is not None:
+            assert p.grad.stride() == p.stride(), name
+
+
 def test_two_prompts_learn_two_different_masks():
     # one image, two objects; prompt A must give the left one, prompt B the right one
     m = make()

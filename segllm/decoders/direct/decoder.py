@@ -273,10 +273,14 @@ class DirectMaskDecoder(MeanStdInput, MaskDecoder):
         mixed = self.context(pooled)
         for block in self.context_more:
             mixed = block(mixed)
+        # context_out, a 1x1 convolution, applied as the linear map it is on the c*c tokens: a
+        # convolution on the channels-last view of the tokens would give its weight a gradient
+        # with strides other than the parameter's, which DDP warns about on every step
+        mixed = F.linear(mixed, self.context_out.weight.flatten(1), self.context_out.bias)  # [N, c*c, F]
         mixed = mixed.transpose(1, 2).reshape(n, f, c, c)
-        # the 1x1 projection on the c x c map, then the copies: the same values as projecting
-        # the g x g copies, at (c / g)^2 of the work
-        return F.interpolate(self.context_out(mixed), size=(g, g), mode="nearest")
+        # the projection on the c x c map, then the copies: the same values as projecting the
+        # g x g copies, at (c / g)^2 of the work
+        return F.interpolate(mixed, size=(g, g), mode="nearest")
 
 
 # Prompts decoded at once on the CPU. A chunk's per-prompt maps ([32, 64, 32, 32] and [32, 16, 64, 64]
