@@ -1,6 +1,7 @@
 """Batch segmentation answers what one Session per image answers, resumes, and reports errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 from segllm.batch_segment import Item, batch_order, merge_results, read_items, segment_items
 from segllm.cli import main
-from segllm.default import EXAMPLES
+from segllm.default import EXAMPLES, load_model
 from segllm.errors import ConversationError
 from segllm.export import from_rle
 from segllm.session import Session
@@ -259,10 +260,20 @@ def test_cli_segment_end_to_end_on_the_bundled_model(tmp_path, capsys):
     assert (rc == 0) == (not data["errors"]) and done + len(data["errors"]) == 6
     assert f"3 image(s), {done} round(s)" in captured.out
     assert len(data["images"]) == 3 and len(list((tmp_path / "o" / "masks").rglob("*.png"))) == done
-    # --generate: the bundled model's own answers ("<seg> is the one." and the like), not "<seg>"
+    # --generate: the bundled model's own answers ("<seg> is the one." and the like, or "<seg>"),
+    # each what `segllm chat` (one Session) answers on that image
     assert main(["segment", "--images", str(folder), "--questions", str(q), "--out", str(tmp_path / "g"), "--generate"]) in (0, 1)
-    answers = {a["answer"] for a in json.loads((tmp_path / "g" / "results.json").read_text())["annotations"]}
-    assert answers and answers != {"<seg>"} and all("<seg>" in a for a in answers)
+    gen = json.loads((tmp_path / "g" / "results.json").read_text())
+    files = {im["id"]: im["file_name"] for im in gen["images"]}
+    answers: dict[str, dict[int, str]] = {}
+    for a in gen["annotations"]:
+        answers.setdefault(files[a["image_id"]], {})[a["round"]] = a["answer"]
+    assert answers and all("<seg>" in a for rounds in answers.values() for a in rounds.values())
+    model = load_model()
+    for name, rounds in answers.items():
+        s = Session(model, str(folder / Path(name).name))
+        for k, question in enumerate(q.read_text().splitlines()[: max(rounds)], start=1):
+            assert s.ask(question).text == rounds[k], (name, k)
     assert main(["segment", "--images", str(tmp_path / "none"), "--questions", str(_questions(tmp_path)), "--out", str(tmp_path / "o")]) == 2
     assert "images not found" in capsys.readouterr().err
 
