@@ -248,27 +248,29 @@ def test_bad_work_lists(tmp_path, content, message):
 def test_cli_segment_end_to_end_on_the_bundled_model(tmp_path, capsys):
     folder = tmp_path / "scenes"
     folder.mkdir()
-    for i in range(3):  # the bundled example scene, turned: the bundled model finds objects there
-        Image.open(EXAMPLES / "shapes.png").rotate(90 * i).save(folder / f"s{i}.png")
-    q = tmp_path / "q.txt"
-    q.write_text("Segment the red circle.\nSegment the shape left of instance 1.\n")
+    for i in range(3):  # a bundled example scene, turned: the bundled model finds objects there
+        Image.open(EXAMPLES / "scene2.png").rotate(90 * i).save(folder / f"s{i}.png")
+    q = tmp_path / "q.txt"  # its first three questions; the third refers to round 2
+    q.write_text("\n".join(json.loads((EXAMPLES / "scene2.json").read_text())["questions"][:3]) + "\n")
     rc = main(["segment", "--images", str(folder), "--questions", str(q), "--out", str(tmp_path / "o"), "--batch-size", "2", "--png"])
     captured = capsys.readouterr()
     data = json.loads((tmp_path / "o" / "results.json").read_text())
     done = len(data["annotations"])
     # a round that refers to an empty mask is an error for that image (named), not a crash
-    assert (rc == 0) == (not data["errors"]) and done + len(data["errors"]) == 6
+    assert (rc == 0) == (not data["errors"]) and done + len(data["errors"]) == 9
     assert f"3 image(s), {done} round(s)" in captured.out
     assert len(data["images"]) == 3 and len(list((tmp_path / "o" / "masks").rglob("*.png"))) == done
-    # --generate: the bundled model's own answers ("<seg> is the one." and the like, or "<seg>"),
-    # each what `segllm chat` (one Session) answers on that image
+    # --generate: the bundled model's own answers ("Sure, <seg>.", "<seg> is the one." and the like:
+    # on these questions not a bare "<seg>", so an ignored --generate fails), each what `segllm chat`
+    # (one Session) answers on that image
     assert main(["segment", "--images", str(folder), "--questions", str(q), "--out", str(tmp_path / "g"), "--generate"]) in (0, 1)
     gen = json.loads((tmp_path / "g" / "results.json").read_text())
     files = {im["id"]: im["file_name"] for im in gen["images"]}
     answers: dict[str, dict[int, str]] = {}
     for a in gen["annotations"]:
         answers.setdefault(files[a["image_id"]], {})[a["round"]] = a["answer"]
-    assert answers and all("<seg>" in a for rounds in answers.values() for a in rounds.values())
+    said = [a for rounds in answers.values() for a in rounds.values()]
+    assert said and all("<seg>" in a for a in said) and any(a != "<seg>" for a in said)
     model = load_model()
     for name, rounds in answers.items():
         s = Session(model, str(folder / Path(name).name))
