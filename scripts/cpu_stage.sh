@@ -28,10 +28,17 @@
 # ACCUM micro-batches per optimizer step (1): ACCUM=8 LR=1e-4 is stage 7's batch of 256 at its rate, with
 # 8x fewer steps for the same conversations (not yet tried on the CPU; session 35's note).
 #
-# Knobs: RUN, TRAIN_S (6300), MP (auto), PROCS (2), THREADS (1 per process), BATCH (16 per process), ACCUM (1), LR (3.5e-5),
+# WORLD replaces the recipe's data.world table (a TOML inline table), e.g. to drill the weak relation families:
+#   WORLD='{multi_target_prob = 0.15, family_weights = {ordinal = 2.5, comparison = 1.5, attribute = 0.6}}'
+# (the in-training validation then draws from that world too, so its figures are not comparable with other runs';
+# segllm eval --split uses the default world).
+#
+# Knobs: RUN, TRAIN_S (6300), WORLD (the recipe's), MP (auto), PROCS (2), THREADS (1 per process), BATCH (16 per process), ACCUM (1), LR (3.5e-5),
 # WARM (50 steps), SAVE (25), EVAL (250), START (2000000), SEED (29), INIT (segllm/assets/default_model: the weights
 # the run started from; a resumed run reads its checkpoint instead), PY (python).
 set -eu
+WORLD_SET=()
+[ -n "${WORLD:-}" ] && WORLD_SET=(--set data.world="$WORLD")
 RUN=${RUN:?set RUN to the run folder}
 PY=${PY:-python}
 mkdir -p "$RUN"
@@ -45,6 +52,6 @@ setsid nice -n 5 "$PY" -m torch.distributed.run --nproc-per-node "${PROCS:-2}" -
   --set steps=1000000 --set time_limit_s="${TRAIN_S:-6300}" --set batch_size="${BATCH:-16}" --set grad_accum="${ACCUM:-1}" --set threads="${THREADS:-1}" \
   --set optim.lr="${LR:-3.5e-5}" --set optim.warmup_steps="${WARM:-50}" --set model.loss.own_ref_prob=0.5 --set mixed_precision="\"$MP\"" \
   --set seed="${SEED:-29}" --set data.start="${START:-2000000}" --set save_every="${SAVE:-25}" \
-  --set eval_every="${EVAL:-250}" --set eval_size=64 --set keep_checkpoints=3 >> "$RUN/console.log" 2>&1 &
+  --set eval_every="${EVAL:-250}" --set eval_size=64 --set keep_checkpoints=3 "${WORLD_SET[@]}" >> "$RUN/console.log" 2>&1 &
 echo $! > "$RUN/pid"
 echo "training in $RUN (launcher $(cat "$RUN/pid"), mixed_precision $MP${RESUME:+, resumed})"
