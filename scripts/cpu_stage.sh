@@ -26,7 +26,7 @@
 # than in float32 (session 30, segllm/precision.py). MP=bf16|no overrides the choice.
 #
 # ACCUM micro-batches per optimizer step (1): ACCUM=8 LR=1e-4 is stage 7's batch of 256 at its rate, with
-# 8x fewer steps for the same conversations (not yet tried on the CPU; session 35's note).
+# 8x fewer steps for the same conversations (session 36's third cycle: level with session 35's batches of 32).
 #
 # WORLD replaces the recipe's data.world table (a TOML inline table), e.g. to drill the weak relation families:
 #   WORLD='{multi_target_prob = 0.15, family_weights = {ordinal = 2.5, comparison = 1.5, attribute = 0.6}}'
