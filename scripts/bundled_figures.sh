@@ -9,7 +9,7 @@
 #   NAME.{json,csv,own.rank0.jsonl,oracle.rank0.jsonl}          test split, 200 conversations, with the
 #                                                                question-blind baseline (the table)
 #   heldout_NAME.*                                               heldout split, 200 conversations
-#   s19_NAME_{test,heldout}1000.*                                1,000 conversations, own history
+#   s19_NAME_{test,heldout}1000.*                                1,000 conversations, own and oracle history
 #   lead_{test,heldout}{,1000}.txt                               the memory lead against the text-only
 #                                                                twin (TWIN_*: its logs), paired bootstrap
 #   examples.txt (and EXAMPLES_FIGURE, default OUT/examples.png)  the bundled examples, round by round
@@ -35,8 +35,8 @@ eval_() {  # split size name [more segllm eval options]
 }
 eval_ test 200 "$NAME" --protocol own oracle --baseline union
 eval_ heldout 200 "heldout_$NAME" --protocol own oracle
-eval_ test 1000 "s19_${NAME}_test1000" --protocol own
-eval_ heldout 1000 "s19_${NAME}_heldout1000" --protocol own
+eval_ test 1000 "s19_${NAME}_test1000" --protocol own oracle        # oracle too: scripts/compare_cycle.sh reads both
+eval_ heldout 1000 "s19_${NAME}_heldout1000" --protocol own oracle
 lead() {  # memory-log twin-log out
   if [ -f "$2" ]; then $PY scripts/memory_lead_ci.py "$1" "$2" > "$3"; cat "$3"; else echo "no twin log at $2: $3 not written"; fi
 }
