@@ -34,7 +34,7 @@ for split in test heldout; do
     base="${BASE}_${split}${SIZE}.$protocol.rank0.jsonl"
     echo "== $split, $protocol history"
     if [ -f "$base" ]; then
-      "$PY" scripts/memory_lead_ci.py "$OUT/cand_$split.$protocol.rank0.jsonl" "$base" --min-round 1 --names candidate bundled | head -1
+      "$PY" scripts/memory_lead_ci.py "$OUT/cand_$split.$protocol.rank0.jsonl" "$base" --min-round 1 --names candidate bundled | sed -n 1p  # (head would close the pipe on its later lines)
     else
       echo "no bundled log at $base (bash scripts/bundled_figures.sh writes it)"
     fi

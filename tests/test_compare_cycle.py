@@ -35,6 +35,7 @@ def test_the_bundled_model_against_its_own_logs_is_level(tmp_path):
     leads = re.findall(r"lead ([+-]\d+\.\d)", done.stdout)
     assert len(leads) == 4 and all(float(x) == 0.0 for x in leads), done.stdout
     assert (tmp_path / "cmp" / "comparison.txt").read_text() == done.stdout
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
 def test_a_missing_baseline_is_named(tmp_path):
