@@ -1,6 +1,6 @@
 """scripts/compare_cycle.sh, the comparison that decides whether a CPU cycle becomes the bundled
 model (issue 13), end to end at a toy size: the bundled model against its own logs must come out
-exactly level, and a missing baseline must be named. Slow (six evaluations' start-ups, ~30 s)."""
+exactly level, and a missing baseline must be named. Slow (three evaluations, ~25 s)."""
 
 from __future__ import annotations
 
@@ -25,20 +25,15 @@ def _compare(tmp_path: Path, base: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_the_bundled_model_against_its_own_logs_is_level(tmp_path):
-    for split in ("test", "heldout"):
-        subprocess.run([sys.executable, "-m", "segllm.cli", "eval", "--split", split, "--size", "3", "--protocol",
-                        "own", "oracle", "--threads", "1", "--out", str(tmp_path), "--name", f"base_{split}3"],
-                       cwd=ROOT, check=True, capture_output=True, timeout=120)
+def test_the_bundled_model_against_its_own_logs_is_level_and_a_missing_log_is_named(tmp_path):
+    # the bundled model's own logs of the test split only: the heldout split has no baseline
+    subprocess.run([sys.executable, "-m", "segllm.cli", "eval", "--split", "test", "--size", "3", "--protocol",
+                    "own", "oracle", "--threads", "1", "--out", str(tmp_path), "--name", "base_test3"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
     done = _compare(tmp_path, tmp_path / "base")
     assert done.returncode == 0, done.stderr[-2000:]
     leads = re.findall(r"lead ([+-]\d+\.\d)", done.stdout)
-    assert len(leads) == 4 and all(float(x) == 0.0 for x in leads), done.stdout
+    assert len(leads) == 2 and all(float(x) == 0.0 for x in leads), done.stdout
+    assert done.stdout.count("no bundled log at") == 2 and "base_heldout3.own.rank0.jsonl" in done.stdout
     assert (tmp_path / "cmp" / "comparison.txt").read_text() == done.stdout
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
-
-
-def test_a_missing_baseline_is_named(tmp_path):
-    done = _compare(tmp_path, tmp_path / "nowhere")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("no bundled log at") == 4 and "nowhere_test3.own.rank0.jsonl" in done.stdout
