@@ -18,19 +18,15 @@ BUNDLED = ROOT / "segllm" / "assets" / "default_model"
 pytestmark = pytest.mark.slow
 
 
-def _compare(tmp_path: Path, base: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MODEL": str(BUNDLED), "OUT": str(tmp_path / "cmp"), "SIZE": "3", "BASE": str(base),
-           "THREADS": "1", "PY": sys.executable}
-    return subprocess.run(["bash", "scripts/compare_cycle.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_the_bundled_model_against_its_own_logs_is_level_and_a_missing_log_is_named(tmp_path):
     # the bundled model's own logs of the test split only: the heldout split has no baseline
     subprocess.run([sys.executable, "-m", "segllm.cli", "eval", "--split", "test", "--size", "3", "--protocol",
                     "own", "oracle", "--threads", "1", "--out", str(tmp_path), "--name", "base_test3"],
                    cwd=ROOT, check=True, capture_output=True, timeout=120)
-    done = _compare(tmp_path, tmp_path / "base")
+    env = {**os.environ, "MODEL": str(BUNDLED), "OUT": str(tmp_path / "cmp"), "SIZE": "3",
+           "BASE": str(tmp_path / "base"), "THREADS": "1", "PY": sys.executable}
+    done = subprocess.run(["bash", "scripts/compare_cycle.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     leads = re.findall(r"lead ([+-]\d+\.\d)", done.stdout)
     assert len(leads) == 2 and all(float(x) == 0.0 for x in leads), done.stdout
