@@ -8,7 +8,7 @@
 # the width of 1,000's (session 39, docs/bundled_model_log.md). About 4 minutes on 2 cores.
 #
 #   bash scripts/compare_cycle.sh /work/runs/cycle7           # RUN/checkpoint-last -> RUN/fp16 -> RUN/compare
-#   MODEL=training/cycles/s38 OUT=/tmp/cmp bash scripts/compare_cycle.sh   # a model folder instead of a run
+#   MODEL=/tmp/gpu-model OUT=/tmp/cmp bash scripts/compare_cycle.sh   # a model folder instead of a run
 #
 # Knobs: MODEL (RUN/fp16, made from RUN/checkpoint-last when absent), OUT (RUN/compare), SIZE (1000),
 # BASE (docs/results/s19_memory: the bundled model's logs), THREADS (2), PY (python).

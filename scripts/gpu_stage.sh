@@ -21,7 +21,10 @@
 # stage sees fresh conversations), MEMORY (false: the text-only twin),
 # EXTRA (more --set options), RECIPE, PY (python), SCRATCH (where the runs are written, default /tmp; no spaces), WHEELS (a folder of wheels to install first with
 # --no-deps into /tmp/site, for a machine without this package's pinned dependencies: e.g.
-# transformers 4.57, huggingface_hub < 1, tokenizers 0.22, pycocotools).
+# transformers 4.57, huggingface_hub < 1, tokenizers 0.22, pycocotools), SITE (instead of WHEELS: a folder
+# where an earlier call on the same, still warm, machine installed them, /tmp/site: nothing installed. The
+# repository, the wheels (16 MB) and a model that came back (11 MB) are over a call's 64 MiB together, so a
+# second run from the first one's model carries the model and not the wheels; session 40's stage 10).
 set -u
 OUT=${OUT:?set OUT to the folder that comes back}
 mkdir -p "$OUT/model"
@@ -29,10 +32,9 @@ T0=$(date +%s)
 PY=${PY:-python3}
 if [ -n "${WHEELS:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 3
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
+  SITE=/tmp/site
 fi
+export PYTHONPATH=${SITE:+$SITE:}$PWD
 export PYTHONUNBUFFERED=1
 echo "set-up done after $(( $(date +%s) - T0 )) s"
 $PY -c "import torch, transformers, segllm; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)" || exit 4
