@@ -372,6 +372,11 @@ class _Run:
             # one tracker run per output folder; hyperparameters as flat scalars/strings (what every tracker takes)
             acc.init_trackers(out.name or "segllm", config=_flat(recipe.to_dict()))
         self.t0, self.seen0 = time.time(), 0
+        # seconds the loop has waited for its next batch, and where the last log line left it:
+        # the share of each logged interval spent waiting says whether the batch builders (near 1)
+        # or the model's steps (near 0) set the pace, on a GPU too, where the host runs ahead
+        self.data_wait_s = 0.0
+        self._logged_at = (self.t0, 0.0)
         self.step = start_step
         self.grad_norms: dict[str, float] = {}
         self.part_groups = _part_groups(self.core)
@@ -388,7 +393,9 @@ class _Run:
         r, acc, o = self.recipe, self.acc, self.recipe.optim
         terms: dict[str, Tensor] = {}
         for micro in range(r.grad_accum):
+            waited = time.perf_counter()
             n_convs, batch, skips = next(self.batches)
+            self.data_wait_s += time.perf_counter() - waited
             if r.workers:  # counted in a worker's copy of the dataset
                 self.train_set.skipped.items.extend(skips)
             torch.manual_seed(r.seed * 1_000_003 + self.step * 1009 + acc.process_index * 31 + micro)
@@ -436,7 +443,8 @@ class _Run:
         goes on to the next batch instead of waiting for it (:meth:`flush` writes the last one
         before a validation, a checkpoint or the end of the run)."""
         previous = self._pending
-        self._pending = (self.step, self.timed_out, self.sched.get_last_lr()[0], self.grad_norms, terms)
+        # when the step ended and how long the loop had waited for batches by then
+        self._pending = (self.step, self.timed_out, self.sched.get_last_lr()[0], self.grad_norms, terms, time.time(), self.data_wait_s)
         if previous is not None:
             self._write_log(*previous)
 
@@ -446,9 +454,12 @@ class _Run:
         if previous is not None:
             self._write_log(*previous)
 
-    def _write_log(self, step: int, timed_out: bool, lr: float, grad_norms: dict[str, float], pending: _PendingTerms) -> None:
+    def _write_log(self, step: int, timed_out: bool, lr: float, grad_norms: dict[str, float], pending: _PendingTerms,
+                   ended: float, waited: float) -> None:
         """A step's loss into the summary; every ``log_every`` steps, a line of ``log.jsonl``
-        (the terms, learning rate, conversations per second and each part's gradient norm)."""
+        (the terms, learning rate, conversations per second since the run started, the share of
+        the wall time since the last line that the loop spent waiting for batches, and each part's
+        gradient norm)."""
         terms = pending.read()
         self.summary.losses.append(terms.get("loss", float("nan")))
         if not self.acc.is_main_process:
@@ -456,8 +467,10 @@ class _Run:
         self.bar.update(1)
         if step % self.recipe.log_every == 0 or step == self.recipe.steps or timed_out:
             rate = self.seen0 * self.acc.num_processes / max(1e-9, time.time() - self.t0)
+            (then, wait_then), self._logged_at = self._logged_at, (ended, waited)
+            data_wait_share = min(1.0, (waited - wait_then) / max(1e-9, ended - then))
             self.bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.3f}", conv_s=f"{rate:.1f}")
-            entry = {"step": step, "lr": lr, "conv_per_s": rate, **terms}
+            entry = {"step": step, "lr": lr, "conv_per_s": rate, "data_wait_share": round(data_wait_share, 4), **terms}
             if grad_norms:
                 entry["grad_norm"] = grad_norms
             with (self.out / "log.jsonl").open("a") as f:

@@ -371,3 +371,29 @@ def test_bf16_autocast_on_a_cpu_without_bfloat16_warns_and_still_trains(tmp_path
         AcceleratorState._reset_state(reset_partial_state=True)
     assert summary.steps == 1
     assert ['mixed_precision = "bf16"' in r.getMessage() for r in caplog.records if r.name == "segllm.precision"] == [True]
+
+
+def test_log_says_how_much_of_the_time_the_loop_waits_for_batches(tmp_path, monkeypatch):
+    """``data_wait_share``: the part of each logged interval spent waiting for the next batch.
+    Batch builders made slow (0.1 s more per conversation) must show as a loop that mostly waits."""
+    import time
+
+    from segllm.data.records import WorldConversations
+
+    def shares(run):
+        return [json.loads(line)["data_wait_share"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+    train(_recipe(tmp_path / "plain", steps=6), progress=False)
+    plain = shares(tmp_path / "plain" / "run")
+    original = WorldConversations.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.1)
+        return original(self, index)
+
+    monkeypatch.setattr(WorldConversations, "__getitem__", slow)
+    train(_recipe(tmp_path / "slow", steps=6), progress=False)
+    waited = shares(tmp_path / "slow" / "run")
+    assert all(0.0 <= s <= 1.0 for s in plain + waited)
+    # the first line's interval includes the model's first, slowest step; the later ones are steady
+    assert min(waited[1:]) > 0.5 and sum(waited[1:]) / 5 > sum(plain[1:]) / 5 + 0.2, (plain, waited)
