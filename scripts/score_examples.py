@@ -48,36 +48,48 @@ def _cell(image: np.ndarray, masks: list[np.ndarray], rnd: int, caption: str, co
     return out
 
 
+def score(model: SegLLM, name: str, world: World | None = None) -> list[tuple[float | None, list[np.ndarray], np.ndarray]]:
+    """Each round of the bundled example ``name`` asked as ``segllm chat`` does (own history): the
+    best IoU of its first mask against the round's valid answers (None: the round was refused, e.g.
+    it refers to an earlier round whose mask is empty), the round's masks [H, W] (bool), and the
+    ground truth it is scored against [H, W] (bool)."""
+    world = world or World(WorldConfig(), seed=0)
+    spec = json.loads((EXAMPLES / f"{name}.json").read_text())
+    sample = world.sample("test", int(spec["source"].rsplit(" ", 1)[1]))
+    image = np.asarray(Image.open(EXAMPLES / f"{name}.png").convert("RGB"))
+    session = Session(model, image)
+    rounds = []
+    for question, rec in zip(spec["questions"], sample.record["rounds"]):
+        valid = rec.get("alternatives") or rec["mask_ids"]
+        try:
+            reply = session.ask(question)
+        except SegLLMError:
+            rounds.append((None, [], sample.masks[valid[0]]))
+            continue
+        pred = reply.masks[0] if len(reply.masks) else np.zeros(image.shape[:2], bool)
+        best_id = max(valid, key=lambda t: iou(pred, sample.masks[t]))
+        rounds.append((iou(pred, sample.masks[best_id]), list(reply.masks), sample.masks[best_id]))
+    return rounds
+
+
 def main(checkpoint: str | None, figure: str | None = None) -> None:
     model = SegLLM.from_pretrained(checkpoint).eval() if checkpoint else load_model()
     world = World(WorldConfig(), seed=0)
     right = total = 0
     rows: list[list[Image.Image]] = []
     for name in NAMES:
-        spec = json.loads((EXAMPLES / f"{name}.json").read_text())
-        sample = world.sample("test", int(spec["source"].rsplit(" ", 1)[1]))
         image = np.asarray(Image.open(EXAMPLES / f"{name}.png").convert("RGB"))
-        session = Session(model, image)
-        cells = []
-        truth_row: list[Image.Image] = []
-        model_row: list[Image.Image] = []
-        for k, (question, rec) in enumerate(zip(spec["questions"], sample.record["rounds"]), start=1):
+        cells, truth_row, model_row = [], [], []
+        for k, (best, masks, truth) in enumerate(score(model, name, world), start=1):
             total += 1
-            valid = rec.get("alternatives") or rec["mask_ids"]
-            try:
-                reply = session.ask(question)
-            except SegLLMError:  # e.g. a reference to an earlier round whose own mask is empty
+            truth_row.append(_cell(image, [truth], k, f"{name} {k}: truth", TRUTH))
+            if best is None:
                 cells.append(f"r{k}:refused")
-                truth_row.append(_cell(image, [sample.masks[valid[0]]], k, f"{name} {k}: truth", TRUTH))
                 model_row.append(_cell(image, [], k, f"{k}: refused"))
                 continue
-            pred = reply.masks[0] if len(reply.masks) else np.zeros(image.shape[:2], bool)
-            best_id = max(valid, key=lambda t: iou(pred, sample.masks[t]))
-            best = iou(pred, sample.masks[best_id])
             right += best >= 0.5
             cells.append(f"r{k}:{best:.2f}")
-            truth_row.append(_cell(image, [sample.masks[best_id]], k, f"{name} {k}: truth", TRUTH))
-            model_row.append(_cell(image, list(reply.masks), k, f"{k}: IoU {best:.2f}" + (" ok" if best >= 0.5 else "")))
+            model_row.append(_cell(image, masks, k, f"{k}: IoU {best:.2f}" + (" ok" if best >= 0.5 else "")))
         rows += [truth_row, model_row]
         print(name, " ".join(cells))
     print(f"rounds with IoU >= 0.5: {right}/{total}")
