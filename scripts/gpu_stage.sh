@@ -22,9 +22,9 @@
 # EXTRA (more --set options), RECIPE, PY (python), SCRATCH (where the runs are written, default /tmp; no spaces), WHEELS (a folder of wheels to install first with
 # --no-deps into /tmp/site, for a machine without this package's pinned dependencies: e.g.
 # transformers 4.57, huggingface_hub < 1, tokenizers 0.22, pycocotools), SITE (instead of WHEELS: a folder
-# where an earlier call on the same, still warm, machine installed them, /tmp/site: nothing installed. The
-# repository, the wheels (16 MB) and a model that came back (11 MB) are over a call's 64 MiB together, so a
-# second run from the first one's model carries the model and not the wheels; session 40's stage 10).
+# where an earlier call on the same, still warm, machine installed them, /tmp/site: nothing installed; in
+# session 40, the repository then 49 MB, it and the wheels (16 MB) and a model that came back (11 MB) were
+# over a call's 64 MiB, so stage 10's second run carried the model and not the wheels).
 set -u
 OUT=${OUT:?set OUT to the folder that comes back}
 mkdir -p "$OUT/model"
