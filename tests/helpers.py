@@ -22,6 +22,16 @@ HAS_CXX = any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "
 # (see shared/fixtures/released); tests that need them skip where they are absent
 RELEASED_FIXTURES = Path(os.environ.get("SEGLLM_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared/fixtures/released"))
 
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def with_ref_prior(cfg):
     """``cfg`` (a tiny config) with a direct decoder that reads the mask each round refers to."""
     from segllm.decoders.direct import DirectDecoderConfig

@@ -117,21 +117,14 @@ def test_bundled_examples_are_what_the_world_writes_today(name):
         assert q.startswith(r["question"]), (q, r["question"])
 
 
-def _score_examples():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("score_examples", ROOT / "scripts" / "score_examples.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_examples_score_what_the_committed_results_say(model):
     """Issue 13: `segllm chat` on the README's example (`shapes`, the first command's) answers every
     round right (IoU >= 0.5 against the world's ground truth), and every example round scores what
     docs/results/examples.txt (written by scripts/score_examples.py, drawn in docs/examples.png)
     records, refusals included."""
-    scores = _score_examples()
+    from tests.helpers import load_script
+
+    scores = load_script("score_examples")
     recorded = {}
     for line in (ROOT / "docs" / "results" / "examples.txt").read_text().splitlines():
         name, *cells = line.split()

@@ -393,9 +393,9 @@ class _Run:
         r, acc, o = self.recipe, self.acc, self.recipe.optim
         terms: dict[str, Tensor] = {}
         for micro in range(r.grad_accum):
-            waited = time.perf_counter()
+            asked = time.perf_counter()
             n_convs, batch, skips = next(self.batches)
-            self.data_wait_s += time.perf_counter() - waited
+            self.data_wait_s += time.perf_counter() - asked
             if r.workers:  # counted in a worker's copy of the dataset
                 self.train_set.skipped.items.extend(skips)
             torch.manual_seed(r.seed * 1_000_003 + self.step * 1009 + acc.process_index * 31 + micro)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 SCRIPT = Path(__file__).parents[2] / "scripts" / "learning_curve.py"
-_spec = importlib.util.spec_from_file_location("learning_curve", SCRIPT)
-learning_curve = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(learning_curve)
+learning_curve = load_script("learning_curve")
 
 
 def test_a_line_in_log_conversations_is_recovered_with_where_it_reaches_a_target():

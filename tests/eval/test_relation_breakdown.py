@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from segllm.data.world import World, WorldConfig
+from tests.helpers import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "relation_breakdown", Path(__file__).parents[2] / "scripts" / "relation_breakdown.py")
-relation_breakdown = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(relation_breakdown)
+relation_breakdown = load_script("relation_breakdown")
 
 
 def test_rows_are_counted_under_their_rounds_relation():
