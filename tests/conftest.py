@@ -24,6 +24,13 @@ from tests.released_layout import build_released_layout
 _NORMAL_EXIT = os.environ.get("SEGLLM_TEST_NORMAL_EXIT") == "1"
 _exit_status: list[int] = []
 
+# pytest-xdist runs the suite in one worker process per core (pyproject's addopts): one torch
+# thread each, so that the workers do not oversubscribe the cores. On session 41's 2-core machine
+# two workers of two threads each took the README's command from 272 s (one process) to 227 s,
+# of one thread each to 167 s.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_sessionfinish(session, exitstatus):
     _exit_status[:] = [int(exitstatus)]
