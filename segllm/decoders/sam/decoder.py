@@ -353,8 +353,6 @@ class SamMaskDecoder(MeanStdInput, SamFamilyDecoder):
         # small, so that what tells prompts apart (the LLM's content) is not drowned by what they share
         nn.init.normal_(self.half_embed, std=0.02)
 
-    # ------------------------------------------------------------------ images
-
     # ----------------------------------------------------------------- decoding
 
     def forward(self, image_features: Tensor, prompts: Tensor, batch_index: Tensor) -> DecoderOutput:
