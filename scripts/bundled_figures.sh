@@ -13,6 +13,7 @@
 #   lead_{test,heldout}{,1000}.txt                               the memory lead against the text-only
 #                                                                twin (TWIN_*: its logs), paired bootstrap
 #   examples.txt (and EXAMPLES_FIGURE, default OUT/examples.png)  the bundled examples, round by round
+#   NAME_tables.md                                               the README's two tables (scripts/bundled_tables.py)
 # and, for the bundled model only, docs/results/bundled_slice.json (the figures tests pin).
 # About 5 minutes on this 2-core CPU.
 set -eu
@@ -46,3 +47,4 @@ lead "$OUT/s19_${NAME}_test1000.own.rank0.jsonl" "$TWIN_TEST1000" "$OUT/lead_tes
 lead "$OUT/s19_${NAME}_heldout1000.own.rank0.jsonl" "$TWIN_HELDOUT1000" "$OUT/lead_heldout1000.txt"
 $PY scripts/score_examples.py ${MODEL:+"$MODEL"} --figure "${EXAMPLES_FIGURE:-$OUT/examples.png}" | tee "$OUT/examples.txt"
 if [ -z "$MODEL" ]; then $PY scripts/bundled_slice.py; fi
+$PY scripts/bundled_tables.py --results "$OUT" --name "$NAME" | tee "$OUT/${NAME}_tables.md"   # the README's two tables
