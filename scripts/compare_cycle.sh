@@ -3,7 +3,7 @@
 # of the test and heldout splits, both protocols, and compared record for record with the bundled
 # model's logs of the same conversations (docs/results/s19_memory_{test,heldout}1000.{own,oracle}.rank0.jsonl,
 # written by scripts/bundled_figures.sh) by a paired bootstrap over conversations
-# (scripts/memory_lead_ci.py --min-round 1, all rounds). Why 1,000: a CPU cycle's gain, about a
+# (scripts/memory_lead_ci.py --min-round 1: all rounds; and round 1 alone, own history). Why 1,000: a CPU cycle's gain, about a
 # point, is under the noise of 200 conversations (95% intervals of about +-2) and about twice
 # the width of 1,000's (session 39, docs/bundled_model_log.md). About 4 minutes on 2 cores.
 #
@@ -35,6 +35,10 @@ for split in test heldout; do
     echo "== $split, $protocol history"
     if [ -f "$base" ]; then
       "$PY" scripts/memory_lead_ci.py "$OUT/cand_$split.$protocol.rank0.jsonl" "$base" --min-round 1 --names candidate bundled | sed -n 1p  # (head would close the pipe on its later lines)
+      # round 1 alone as well (issue 13's first target), own history only
+      if [ "$protocol" = own ]; then
+        "$PY" scripts/memory_lead_ci.py "$OUT/cand_$split.$protocol.rank0.jsonl" "$base" --min-round 1 --max-round 1 --names candidate bundled | sed -n 1p
+      fi
     else
       echo "no bundled log at $base (bash scripts/bundled_figures.sh writes it)"
     fi

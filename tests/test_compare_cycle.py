@@ -28,8 +28,9 @@ def test_the_bundled_model_against_its_own_logs_is_level_and_a_missing_log_is_na
     done = subprocess.run(["bash", "scripts/compare_cycle.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    leads = re.findall(r"lead ([+-]\d+\.\d)", done.stdout)
-    assert len(leads) == 2 and all(float(x) == 0.0 for x in leads), done.stdout
+    leads = re.findall(r"lead ([+-]\d+\.\d)", done.stdout)  # all rounds, own and oracle; round 1, own
+    assert len(leads) == 3 and all(float(x) == 0.0 for x in leads), done.stdout
+    assert "round 1: lead" in done.stdout, done.stdout
     assert done.stdout.count("no bundled log at") == 2 and "base_heldout3.own.rank0.jsonl" in done.stdout
     assert (tmp_path / "cmp" / "comparison.txt").read_text() == done.stdout
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
