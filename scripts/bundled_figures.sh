@@ -10,6 +10,7 @@
 #                                                                question-blind baseline (the table)
 #   heldout_NAME.*                                               heldout split, 200 conversations
 #   s19_NAME_{test,heldout}1000.*                                1,000 conversations, own and oracle history
+#   multi_target_NAME.*                                          40 test conversations, half the rounds asking for several objects
 #   lead_{test,heldout}{,1000}.txt                               the memory lead against the text-only
 #                                                                twin (TWIN_*: its logs), paired bootstrap
 #   examples.txt (and EXAMPLES_FIGURE, default OUT/examples.png)  the bundled examples, round by round
@@ -38,6 +39,7 @@ eval_ test 200 "$NAME" --protocol own oracle --baseline union
 eval_ heldout 200 "heldout_$NAME" --protocol own oracle
 eval_ test 1000 "s19_${NAME}_test1000" --protocol own oracle        # oracle too: scripts/compare_cycle.sh reads both
 eval_ heldout 1000 "s19_${NAME}_heldout1000" --protocol own oracle
+eval_ test 40 "multi_target_$NAME" --protocol own oracle --multi-target-prob 0.5   # README "Several targets in one answer"
 lead() {  # memory-log twin-log out
   if [ -f "$2" ]; then $PY scripts/memory_lead_ci.py "$1" "$2" > "$3"; cat "$3"; else echo "no twin log at $2: $3 not written"; fi
 }

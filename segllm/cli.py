@@ -295,7 +295,7 @@ def _model_args(p: argparse.ArgumentParser, *, device: str | None, checkpoint: b
     if checkpoint:
         p.add_argument("--compile", action="store_true",
                        help="compile the mask decoder's heaviest CPU steps with torch.compile (the released HIPIE decoder: "
-                            "about 1.5x faster a forward after a first one that compiles for about a minute; others: no effect)")
+                            "a few percent faster a forward than without, after a first one that compiles for 20-60 s; others: no effect)")
         p.add_argument("--mask-region", default=None, choices=list(MASK_REGIONS),
                        help="which part of each mask to keep: every pixel the model marks (all), or only its connected "
                             "region with the most probability mass (most_confident; the bundled model's setting); "
