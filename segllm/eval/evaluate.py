@@ -232,7 +232,7 @@ def evaluate(
     protocol: Protocol = "oracle",
     limit: int | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 32,  # a Session's default; the world's longest answer (four targets) is 26 tokens
     progress: bool = False,
     frame: Frame = "original",
     log_path: str | Path | None = None,

@@ -4,6 +4,8 @@ number is counted by hand from the masks below."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -214,3 +216,22 @@ def test_a_pick_round_answered_with_several_masks_keeps_them_with_the_target_ass
     session = SimpleNamespace(history=[one])
     _assume_recorded(session.history, [target])
     assert np.array_equal(session.history[-1].masks, target[None])
+
+
+def test_the_longest_world_answer_fits_the_generation_budget():
+    # under the own protocol the model writes its answer; a budget shorter than an answer with
+    # four <seg> cut the fourth off (session 43: 16 tokens, where such an answer takes up to 26)
+    import inspect
+
+    from transformers import AutoTokenizer
+
+    from segllm.data.world.language import MAX_TARGETS, all_answer
+    from segllm.session import Session
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[2] / "segllm" / "assets" / "default_model")
+    answers = {all_answer(MAX_TARGETS, np.random.default_rng(seed)) for seed in range(64)}
+    assert len(answers) >= 3 and all(a.count("<seg>") == MAX_TARGETS for a in answers)
+    longest = max(len(tok(a, add_special_tokens=False).input_ids) for a in answers) + 1  # and the end token
+    for budget in (inspect.signature(evaluate).parameters["max_new_tokens"].default,
+                   inspect.signature(Session.__init__).parameters["max_new_tokens"].default):
+        assert longest <= budget, (longest, budget)
