@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--twin-heldout", type=Path, default=Path("docs/results/s14_twin_heldout"))
     args = ap.parse_args()
     name, heldout = args.results / args.name, args.results / f"heldout_{args.name}"
-    print(round_table(name.with_suffix(".json"), args.twin.with_suffix(".json")))
+    print(round_table(name.with_name(f"{name.name}.json"), args.twin.with_name(f"{args.twin.name}.json")))  # (a name may hold dots)
     print()
     print(lead_table(name, args.twin, heldout, args.twin_heldout))
 
