@@ -12,6 +12,7 @@
 #
 # Knobs: MODEL (RUN/fp16, made from RUN/checkpoint-last when absent), OUT (RUN/compare), SIZE (1000),
 # BASE (docs/results/s19_memory: the bundled model's logs), THREADS (2), PY (python).
+# Also scores the three bundled examples (OUT/examples.png), about 15 s more.
 set -eu
 RUN=${1:-}
 PY=${PY:-python}
@@ -44,3 +45,9 @@ for split in test heldout; do
     fi
   done
 done | tee "$OUT/comparison.txt"
+# the three bundled examples, round by round, as segllm chat plays them (issue 13: the README's `shapes` must
+# stay right in every round of a model that is bundled); the figure beside them
+{
+  echo "== the bundled examples (IoU per round; scripts/score_examples.py)"
+  "$PY" scripts/score_examples.py "$MODEL" --figure "$OUT/examples.png" | grep -v '^wrote '
+} | tee -a "$OUT/comparison.txt"

@@ -33,4 +33,6 @@ def test_the_bundled_model_against_its_own_logs_is_level_and_a_missing_log_is_na
     assert "round 1: lead" in done.stdout, done.stdout
     assert done.stdout.count("no bundled log at") == 2 and "base_heldout3.own.rank0.jsonl" in done.stdout
     assert (tmp_path / "cmp" / "comparison.txt").read_text() == done.stdout
+    assert re.search(r"^shapes( r\d:(\d\.\d\d|refused))+$", done.stdout, re.M), done.stdout  # the examples, round by round
+    assert (tmp_path / "cmp" / "examples.png").stat().st_size > 0
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
