@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--name", default="eval", help="base name of the report files (default: %(default)s)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run from its logs in --out")
     ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=32,
+                    help="longest answer the model writes under the own protocol (default: %(default)s, as segllm chat)")
     ev.add_argument("--lanes", type=int, default=0,
                     help="batches evaluated at once in this process, on as many threads, the torch threads shared out among "
                          "them (default 0: 2 on a CPU with 2 or more threads for a model under a billion parameters, else 1); "

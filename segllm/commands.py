@@ -280,7 +280,7 @@ def _eval(args: argparse.Namespace) -> int:
         res = evaluate(
             model, data, protocol=p, limit=args.size, batch_size=args.batch_size, progress=state.is_main_process,
             frame=args.frame, log_path=logs[p][state.process_index], resume=args.resume,
-            rank=state.process_index, world_size=state.num_processes, lanes=args.lanes,
+            rank=state.process_index, world_size=state.num_processes, lanes=args.lanes, max_new_tokens=args.max_new_tokens,
         )
         results.append(res)
     state.wait_for_everyone()

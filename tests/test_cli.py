@@ -82,6 +82,19 @@ def test_eval_writes_table_and_reports(tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} == {"t.json", "t.csv", "t_ciou.png", "t.oracle.rank0.jsonl", "t.own.rank0.jsonl"}
 
 
+def test_eval_max_new_tokens_bounds_the_answers_the_model_writes(tmp_path, capsys):
+    # several-target rounds answer "From left to right: <seg>, <seg> ...": 8 tokens hold one <seg>
+    # at most, so targets go without a mask that the default budget gives one
+    def missing(budget):
+        assert main(["eval", "--size", "2", "--split", "test", "--multi-target-prob", "1.0", "--protocol", "own",
+                     "--out", str(tmp_path), "--name", f"m{budget}", "--max-new-tokens", str(budget)]) == 0
+        return json.loads((tmp_path / f"m{budget}.json").read_text())["results"][0]["multi_target"]["missing"]
+
+    short, default = missing(8), missing(32)
+    capsys.readouterr()
+    assert short > default, (short, default)
+
+
 def test_eval_resumes_without_redoing_finished_conversations(tmp_path, capsys):
     args = ["eval", "--size", "3", "--split", "val", "--out", str(tmp_path), "--name", "r", "--protocol", "own"]
     assert main(args) == 0
