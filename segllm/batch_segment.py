@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from segllm.config import MAX_NEW_TOKENS
 from segllm.conversation import Conversation, Round, load_image, parse_refs
 from segllm.errors import ConversationError, SegLLMError
 from segllm.export import from_rle, to_rle
@@ -118,7 +119,7 @@ def read_items(images: str | Path | None, questions: str | Path) -> list[Item]:
 
 def segment_items(
     model, items: Sequence[Item], out: str | Path, *, batch_size: int = 16, resume: bool = False, rank: int = 0,
-    world_size: int = 1, progress: bool = True, generate: bool = False, max_new_tokens: int = 32, lanes: int = 0,
+    world_size: int = 1, progress: bool = True, generate: bool = False, max_new_tokens: int = MAX_NEW_TOKENS, lanes: int = 0,
 ) -> SegmentSummary:
     """Answer every item's questions; append one JSON line per image to ``OUT/results.rank{rank}.jsonl``.
 
@@ -224,7 +225,7 @@ def _done_keys(path: Path) -> set[str]:
 
 
 @torch.no_grad()
-def _segment_batch(model, engine: RoundEngine, items: Sequence[Item], generate: bool = False, max_new_tokens: int = 32) -> list[dict]:
+def _segment_batch(model, engine: RoundEngine, items: Sequence[Item], generate: bool = False, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """Every round of a batch of items, round by round over one shared cache; one result record
     per item, in order."""
     records, convs, live = [], [], []

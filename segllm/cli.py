@@ -13,7 +13,7 @@ import logging
 import sys
 
 from segllm import __version__
-from segllm.config import DTYPE_NAMES, MASK_REGIONS, QUANTIZE_MODES, RELEASED_SHAPE_SETTINGS
+from segllm.config import DTYPE_NAMES, MASK_REGIONS, MAX_NEW_TOKENS, QUANTIZE_MODES, RELEASED_SHAPE_SETTINGS
 from segllm.data.check import MIXES
 from segllm.errors import SegLLMError
 from segllm.eval.benchmarks import BENCHMARKS
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "before the questions; a question refers to it as 'instance k'")
     chat.add_argument("--out", default="segllm-out", help="folder for overlays, masks and session.json (default: %(default)s)")
     _model_args(chat, device="cpu")
-    chat.add_argument("--max-new-tokens", type=int, default=32)
+    chat.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     chat.add_argument("--full-recompute", action="store_true",
                       help="recompute the whole conversation every round (the released demo's way; slower)")
     chat.set_defaults(func="chat")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--generate", action="store_true",
                     help="the model writes its answers (as segllm chat does; several masks where it answers with several) "
                          "instead of every answer being '<seg>' (one mask)")
-    sg.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, with --generate (default: %(default)s)")
+    sg.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest generated answer, with --generate (default: %(default)s)")
     sg.add_argument("--lanes", type=int, default=0,
                     help="batches answered at once in this process, on as many threads, the torch threads shared out among "
                          "them (default 0: 2 on a CPU with 2 or more threads for a model under a billion parameters, else 1)")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--name", default="eval", help="base name of the report files (default: %(default)s)")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run from its logs in --out")
     ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--max-new-tokens", type=int, default=32,
+    ev.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                     help="longest answer the model writes under the own protocol (default: %(default)s, as segllm chat)")
     ev.add_argument("--lanes", type=int, default=0,
                     help="batches evaluated at once in this process, on as many threads, the torch threads shared out among "

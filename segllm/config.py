@@ -285,6 +285,10 @@ MASK_REGIONS: tuple[str, ...] = typing.get_args(MaskRegion)
 # Names the command line offers as choices, kept here (no torch import) so that building the
 # parser, ``segllm --help`` and the data commands start without loading torch.
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # --dtype: torch dtypes of these names
+# the longest answer a model writes in a round, in tokens, wherever it generates (chat, sessions,
+# evaluation's own protocol, batch segmentation, the demo): one figure, since an evaluation that
+# allowed fewer cut the world's longest answers short (four targets: up to 26 tokens; session 43)
+MAX_NEW_TOKENS = 32
 QuantizeMode = Literal["8bit", "4bit"]
 QUANTIZE_MODES: tuple[str, ...] = typing.get_args(QuantizeMode)  # weight-only LLM quantization
 # `segllm bench --released-shape --setting`: a dtype for the whole model, or bfloat16 with an

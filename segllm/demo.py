@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from segllm.config import MAX_NEW_TOKENS
 from segllm.conversation import load_image
 from segllm.default import EXAMPLES, load_model
 from segllm.errors import MaskError, SegLLMError
@@ -522,7 +523,7 @@ class _Demo(gr.Blocks):
                 store.close()
 
 
-def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = 32, max_sessions: int = MAX_SESSIONS,
+def build_demo(model, *, max_side: int = MAX_SIDE, max_new_tokens: int = MAX_NEW_TOKENS, max_sessions: int = MAX_SESSIONS,
                idle_timeout: float = IDLE_TIMEOUT, max_upload_mb: float | None = MAX_UPLOAD_MB):
     """The Gradio Blocks app for ``model``.
 

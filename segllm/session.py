@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from segllm.config import MAX_NEW_TOKENS
 from segllm.conversation import Conversation, Round, load_image, parse_refs
 from segllm.decoders.base import mask_to_frame
 from segllm.default import load_model
@@ -88,7 +89,7 @@ class Session:
             the released demo always does).
     """
 
-    def __init__(self, model, image=None, *, incremental: bool = True, max_new_tokens: int = 32, force_mask: bool = True) -> None:
+    def __init__(self, model, image=None, *, incremental: bool = True, max_new_tokens: int = MAX_NEW_TOKENS, force_mask: bool = True) -> None:
         self.model = model.eval()
         self.incremental = incremental
         self.max_new_tokens = max_new_tokens

@@ -32,6 +32,14 @@ def load_script(name: str):
     return module
 
 
+def write_eval_log(path: Path, conversations) -> Path:
+    """An evaluation log as ``segllm eval`` writes it (``NAME.PROTOCOL.rankR.jsonl``): conversation
+    i's rows, each (round, intersection, union, IoU, box hit, grounded, family, text-resolvable)."""
+    path.write_text("".join(json.dumps({"index": i, "masks": [list(r) for r in rows], "empty_refs": 0, "no_seg_answers": 0}) + "\n"
+                            for i, rows in enumerate(conversations)))
+    return path
+
+
 def with_ref_prior(cfg):
     """``cfg`` (a tiny config) with a direct decoder that reads the mask each round refers to."""
     from segllm.decoders.direct import DirectDecoderConfig

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from segllm.config import MAX_NEW_TOKENS
 from segllm.conversation import Conversation, Round
 from segllm.errors import SegLLMError
 from segllm.eval.metrics import (
@@ -232,7 +233,7 @@ def evaluate(
     protocol: Protocol = "oracle",
     limit: int | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 32,  # a Session's default; the world's longest answer (four targets) is 26 tokens
+    max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = False,
     frame: Frame = "original",
     log_path: str | Path | None = None,

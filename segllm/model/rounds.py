@@ -39,7 +39,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from segllm.config import MASK_REGIONS, EdgeFilterConfig
+from segllm.config import MASK_REGIONS, MAX_NEW_TOKENS, EdgeFilterConfig
 from segllm.conversation import Conversation, Round
 from segllm.decoders.base import (
     SEG,
@@ -427,7 +427,7 @@ class RoundEngine:
     @torch.no_grad()
     def extend(
         self, dialogue: Dialogue, conv: Conversation, masks: MaskSource | None, *, answer: str | None = None,
-        max_new_tokens: int = 32, force_mask: bool = False,
+        max_new_tokens: int = MAX_NEW_TOKENS, force_mask: bool = False,
     ) -> RoundResult:
         """Answer the last round of ``conv`` on top of ``dialogue``, which holds its earlier rounds.
 
@@ -513,7 +513,7 @@ class RoundEngine:
 
     # -- one round, from scratch ------------------------------------------------------------
     @torch.no_grad()
-    def recompute(self, conv: Conversation, *, answer: str | None = None, max_new_tokens: int = 32, force_mask: bool = False) -> RoundResult:
+    def recompute(self, conv: Conversation, *, answer: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS, force_mask: bool = False) -> RoundResult:
         """Answer the last round of ``conv`` running the whole conversation through the LLM.
 
         Earlier rounds must have their answers and masks; the last round's answer is ``answer``,
@@ -715,7 +715,7 @@ class RoundEngine:
     @torch.no_grad()
     def extend_batch(
         self, dialogue: BatchDialogue, convs: dict[int, Conversation], masks: Callable[[int, int, int], tuple[Tensor, Tensor | None]],
-        *, answers: dict[int, str | None] | None = None, max_new_tokens: int = 32, force_mask: bool = False,
+        *, answers: dict[int, str | None] | None = None, max_new_tokens: int = MAX_NEW_TOKENS, force_mask: bool = False,
     ) -> dict[int, RoundResult | SegLLMError]:
         """Answer the last round of some of the conversations: one LLM pass over their rounds'
         tokens, then, where rows generate, one pass per token for all of them at once.

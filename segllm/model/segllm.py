@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 from segllm.batch import Batch, build_batch
 from segllm.checkpoint import save_pretrained
-from segllm.config import LoraConfig, SegLLMConfig
+from segllm.config import MAX_NEW_TOKENS, LoraConfig, SegLLMConfig
 from segllm.conversation import Conversation
 from segllm.decoders.base import DecoderOutput, MaskDecoder
 from segllm.errors import PlaceholderMismatchError
@@ -279,7 +279,7 @@ class SegLLM(nn.Module):
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, conversation: Conversation, *, max_new_tokens: int = 32, answer: str | None = None) -> Prediction:
+    def predict(self, conversation: Conversation, *, max_new_tokens: int = MAX_NEW_TOKENS, answer: str | None = None) -> Prediction:
         """Answer the last round of ``conversation``.
 
         Earlier rounds must have their answers and masks (ground truth or earlier predictions);

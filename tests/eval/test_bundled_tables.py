@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import load_script
+from tests.helpers import load_script, write_eval_log
 
 ROOT = Path(__file__).resolve().parents[2]
 NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*")
@@ -43,19 +43,13 @@ def test_readme_rows_hold_the_printed_numbers(capsys, monkeypatch):
         assert _first_numbers(readme[row[0]][1:]) == _first_numbers(row[1:]), row[0]
 
 
-def _log(path: Path, conversations: list[list[tuple]]) -> None:
-    path.write_text("".join(json.dumps({"index": i, "masks": [list(r) for r in rows], "empty_refs": 0, "no_seg_answers": 0}) + "\n"
-                            for i, rows in enumerate(conversations)))
-
-
 def test_slices_sum_intersections_over_unions(tmp_path):
     script = load_script("bundled_tables")
     # (round, intersection, union, IoU, box hit, grounded, family, text-resolvable)
-    _log(tmp_path / "m.own.rank0.jsonl", [
+    log = write_eval_log(tmp_path / "m.own.rank0.jsonl", [
         [(1, 10, 20, 0.5, True, True, "attribute", True), (4, 30, 30, 1.0, True, True, "attribute", False)],
         [(4, 0, 50, 0.0, False, False, "ordinal", True), (5, 20, 20, 1.0, True, True, "attribute", False)],
     ])
-    log = tmp_path / "m.own.rank0.jsonl"
     assert script.ciou(log, script.SLICES["all rounds"]) == pytest.approx((100 * 60 / 120, 4))
     assert script.ciou(log, script.SLICES["all rounds >= 4"]) == pytest.approx((100 * 50 / 100, 3))
     assert script.ciou(log, script.SLICES["rounds >= 4 that only memory can answer"]) == pytest.approx((100.0, 2))

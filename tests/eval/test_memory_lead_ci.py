@@ -3,19 +3,15 @@ against the bundled model (issue 13): its slices and its verdicts on logs of kno
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
-from tests.helpers import load_script
+from tests.helpers import load_script, write_eval_log
 
 
 def _log(path, conversations):
-    # each row: (round, intersection, union, IoU, box hit, grounded, family, text-resolvable)
-    path.write_text("".join(json.dumps({"index": i, "masks": rows, "empty_refs": 0, "no_seg_answers": 0}) + "\n"
-                            for i, rows in enumerate(conversations)))
-    return str(path)
+    return str(write_eval_log(path, conversations))
 
 
 def _conversations(hit: int, n: int = 40):
