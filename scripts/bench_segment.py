@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from segllm.batch_segment import Item, segment_items
+from segllm.config import MAX_NEW_TOKENS
 from segllm.data.records import WorldConversations
 from segllm.default import load_model
 from segllm.export import from_rle
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--generate", action="store_true",
                     help="both sides let the model write its answers (segment_items' generate, as segllm segment --generate; "
                          "a Session's own answers) instead of answering every round '<seg>'; in this process only")
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer, with --generate (default: %(default)s)")
+    ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest generated answer, with --generate (default: %(default)s)")
     ap.add_argument("--worker", nargs=7, metavar=("ITEMS", "OUT", "BATCH", "RANK", "WORLD", "THREADS", "EDGE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -203,7 +204,7 @@ def _worker(items_file: str, out: str, batch_size: str, rank: str, world: str, t
     print(json.dumps({"start": start, "end": time.time()}), flush=True)
 
 
-def _sessions(model, items: list[Item], generate: bool = False, max_new_tokens: int = 32) -> list[list[np.ndarray]]:
+def _sessions(model, items: list[Item], generate: bool = False, max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[np.ndarray]]:
     """One Session per item, every round answered ``"<seg>"`` (or, with ``generate``, as the
     model writes it): each item's masks, round by round ([k, H, W] each; k = 1 for ``"<seg>"``),
     stopping, as the batch does, at a reference to an empty mask."""

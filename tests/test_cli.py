@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from segllm.cli import main
+from segllm.config import MAX_NEW_TOKENS
 from segllm.default import EXAMPLES
 from tests.helpers import png_declaring
 
@@ -90,7 +91,7 @@ def test_eval_max_new_tokens_bounds_the_answers_the_model_writes(tmp_path, capsy
                      "--out", str(tmp_path), "--name", f"m{budget}", "--max-new-tokens", str(budget)]) == 0
         return json.loads((tmp_path / f"m{budget}.json").read_text())["results"][0]["multi_target"]["missing"]
 
-    short, default = missing(8), missing(32)
+    short, default = missing(8), missing(MAX_NEW_TOKENS)
     capsys.readouterr()
     assert short > default, (short, default)
 
